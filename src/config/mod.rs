@@ -1,0 +1,350 @@
+//! Configuration in two stages, ripgrep style: raw values (TOML file, recipe, `--set`
+//! overrides) deserialised into [`RunConfig`], then a validated [`Plan`] with the derived numbers
+//! that is printed at start-up and saved with the run.
+//!
+//! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
+//! the file's own values, then `--set section.key=value` overrides.
+pub mod recipes;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::advantage::AdvantageConfig;
+use crate::error::{Error, Result};
+use crate::loss::LossConfig;
+use crate::rollout::SamplingParams;
+use crate::task::ArithmeticConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; the run directory is `<output_dir>/<name>` (suffixed -2, -3, ... if taken).
+    pub name: String,
+    /// One seed drives initialisation, prompt order and sampling.
+    pub seed: u64,
+    /// A named preset of the values below (see `grove recipes`); the file's values win.
+    pub recipe: Option<String>,
+    /// Folder that holds run directories.
+    pub output_dir: String,
+    pub model: ModelConfig,
+    pub task: ArithmeticConfig,
+    pub warmup: WarmupConfig,
+    pub rollout: RolloutConfig,
+    pub advantage: AdvantageConfig,
+    pub loss: LossConfig,
+    pub train: TrainConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "quickstart".into(),
+            seed: 0,
+            recipe: None,
+            output_dir: "runs".into(),
+            model: ModelConfig::default(),
+            task: ArithmeticConfig::default(),
+            warmup: WarmupConfig::default(),
+            rollout: RolloutConfig::default(),
+            advantage: AdvantageConfig::default(),
+            loss: LossConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// The policy: the built-in tiny Llama (shape given here) or an HF model folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// "builtin" or a path to an HF model folder (config.json + safetensors).
+    pub source: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub intermediate_size: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            source: "builtin".into(),
+            hidden_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 4,
+            intermediate_size: 352,
+        }
+    }
+}
+
+/// Supervised warm-up on generated solutions, stopped on a held-out accuracy rule: below
+/// ≈15% the RL reward carries too little signal (DESIGN.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmupConfig {
+    /// Stop once greedy held-out accuracy reaches this fraction.
+    pub target_acc: f64,
+    /// Hard cap on warm-up steps.
+    pub max_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Check the stop rule every this many steps.
+    pub eval_every: usize,
+    /// Held-out problems used by the stop rule (the first ones of the split).
+    pub eval_size: usize,
+}
+
+impl Default for WarmupConfig {
+    fn default() -> Self {
+        WarmupConfig { target_acc: 0.2, max_steps: 4000, batch_size: 64, lr: 1e-3, eval_every: 50, eval_size: 200 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    pub prompts_per_step: usize,
+    /// G: responses per prompt.
+    pub group_size: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig { prompts_per_step: 32, group_size: 8, temperature: 1.0, top_p: 1.0, max_new_tokens: 4 }
+    }
+}
+
+impl RolloutConfig {
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_p: self.top_p, max_new_tokens: self.max_new_tokens }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// RL steps (one optimizer update per step).
+    pub steps: usize,
+    pub lr: f64,
+    /// Linear learning-rate warm-up over this many RL steps.
+    pub lr_warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    pub grad_clip: f64,
+    /// Greedy held-out evaluation every this many steps (also at step 0 and at the end).
+    pub eval_every: usize,
+    /// Held-out problems evaluated (the first ones of the split; 0 = all).
+    pub eval_size: usize,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Prompts per step whose responses are written to samples.jsonl.
+    pub log_samples: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 300,
+            lr: 1e-4,
+            lr_warmup_steps: 10,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            eval_every: 25,
+            eval_size: 0,
+            checkpoint_every: 50,
+            log_samples: 2,
+        }
+    }
+}
+
+/// Sets `path` (dotted) in a TOML table to `value`, parsed as a TOML value when it parses
+/// (numbers, booleans, arrays, quoted strings) and as a bare string otherwise.
+pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    let (path, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::config("--set", format!("`{spec}` is not of the form section.key=value")))?;
+    let path = path.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(Error::config("--set", format!("`{path}` is not a valid dotted key")));
+    }
+    let mut table = doc;
+    for k in &keys[..keys.len() - 1] {
+        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config("--set", format!("`{k}` in `{path}` is a value, not a section")))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Deep-merges `over` into `base` (tables merge key by key; other values replace).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn deserialize(table: toml::Table, source: &str) -> Result<RunConfig> {
+    let text = toml::to_string(&table).map_err(|e| Error::config(source, e.to_string()))?;
+    toml::from_str(&text).map_err(|e| Error::config(source, e.message().to_string()))
+}
+
+/// Reads a run config: `file` (None = quickstart defaults), its recipe, then overrides.
+pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+    let (source, file_table) = match file {
+        Some(p) => {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            // First pass on the text itself, so errors carry the file's line and column.
+            if let Err(e) = toml::from_str::<RunConfig>(&text) {
+                return Err(Error::config(&name, e.to_string().trim_end().to_string()));
+            }
+            let t: toml::Table = toml::from_str(&text).map_err(|e| Error::config(&name, e.to_string()))?;
+            (name, t)
+        }
+        None => ("built-in quickstart".to_string(), toml::Table::new()),
+    };
+    let mut over = file_table;
+    for o in overrides {
+        apply_override(&mut over, o)?;
+    }
+    let recipe = over.get("recipe").and_then(|v| v.as_str()).map(String::from);
+    let mut table = match &recipe {
+        Some(name) => recipes::table(name).map_err(|m| Error::config(&source, m))?,
+        None => toml::Table::new(),
+    };
+    merge(&mut table, over);
+    let src = if overrides.is_empty() { source.clone() } else { format!("{source} with --set overrides") };
+    let cfg = deserialize(table, &src)?;
+    cfg.validate(&src)?;
+    Ok(cfg)
+}
+
+impl RunConfig {
+    /// Checks every section; messages name the field and what was expected.
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let err = |m: String| Err(Error::config(source, m));
+        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+            return err(format!("name {:?} must be non-empty and contain no path separator", self.name));
+        }
+        self.task.validate().map_err(|m| Error::config(source, m))?;
+        self.rollout.sampling().validate().map_err(|m| Error::config(source, format!("rollout: {m}")))?;
+        self.advantage.validate().map_err(|e| Error::config(source, format!("advantage: {e}")))?;
+        self.loss.validate().map_err(|e| Error::config(source, format!("loss: {e}")))?;
+        let r = &self.rollout;
+        if r.prompts_per_step == 0 || r.group_size == 0 {
+            return err("rollout.prompts_per_step and rollout.group_size must be positive".into());
+        }
+        let t = &self.train;
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return err(format!("train.lr must be positive, found {}", t.lr));
+        }
+        if t.grad_clip < 0.0 {
+            return err(format!("train.grad_clip must be >= 0, found {}", t.grad_clip));
+        }
+        if t.eval_every == 0 || t.checkpoint_every == 0 {
+            return err("train.eval_every and train.checkpoint_every must be positive".into());
+        }
+        let w = &self.warmup;
+        if w.batch_size == 0 || w.eval_every == 0 || w.eval_size == 0 {
+            return err("warmup.batch_size, warmup.eval_every and warmup.eval_size must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&w.target_acc) {
+            return err(format!("warmup.target_acc must be in [0, 1], found {}", w.target_acc));
+        }
+        if self.model.source != "builtin" {
+            return err(format!(
+                "model.source {:?}: the built-in arithmetic task trains the built-in tokenizer's model; \
+                 HF folders are loaded by `grove eval`/`grove bench`",
+                self.model.source
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Derived numbers of a run, printed at start and saved as plan.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub recipe: String,
+    pub estimator: String,
+    pub loss: String,
+    pub aggregation: String,
+    pub model_params: usize,
+    pub prompts_per_step: usize,
+    pub samples_per_step: usize,
+    /// Upper bound of tokens per step: samples × (prompt + max new tokens).
+    pub max_tokens_per_step: usize,
+    pub rl_steps: usize,
+    pub total_samples: usize,
+    pub warmup_max_steps: usize,
+    pub warmup_target_acc: f64,
+    pub heldout_size: usize,
+    pub seed: u64,
+}
+
+impl Plan {
+    pub fn new(cfg: &RunConfig, model_params: usize, prompt_tokens: usize) -> Self {
+        let samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size;
+        Plan {
+            recipe: cfg.recipe.clone().unwrap_or_else(|| "quickstart".into()),
+            estimator: cfg.advantage.estimator.name().to_string(),
+            loss: cfg.loss.loss.name().to_string(),
+            aggregation: cfg.loss.agg.name().to_string(),
+            model_params,
+            prompts_per_step: cfg.rollout.prompts_per_step,
+            samples_per_step: samples,
+            max_tokens_per_step: samples * (prompt_tokens + cfg.rollout.max_new_tokens),
+            rl_steps: cfg.train.steps,
+            total_samples: samples * cfg.train.steps,
+            warmup_max_steps: cfg.warmup.max_steps,
+            warmup_target_acc: cfg.warmup.target_acc,
+            heldout_size: cfg.task.heldout_size,
+            seed: cfg.seed,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "plan: recipe {} | {} advantage, {} loss, {} | model {} params | {} prompts x {} = {} samples/step, \
+             <= {} tokens/step | {} RL steps ({} samples) | warm-up until held-out acc >= {:.0}% (max {} steps) | \
+             held-out {} | seed {}",
+            self.recipe,
+            self.estimator,
+            self.loss,
+            self.aggregation,
+            self.model_params,
+            self.prompts_per_step,
+            self.samples_per_step / self.prompts_per_step.max(1),
+            self.samples_per_step,
+            self.max_tokens_per_step,
+            self.rl_steps,
+            self.total_samples,
+            self.warmup_target_acc * 100.0,
+            self.warmup_max_steps,
+            self.heldout_size,
+            self.seed
+        )
+    }
+}

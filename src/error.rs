@@ -1,0 +1,47 @@
+//! The library's error type. Every variant says what was wrong and where (file, field, shape),
+//! so the CLI can print it as is.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {file}: {msg}")]
+    Config { file: String, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("task: {0}")]
+    Task(String),
+    #[error("run directory {path}: {msg}")]
+    RunDir { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Advantage(#[from] crate::advantage::AdvantageError),
+    #[error(transparent)]
+    Loss(#[from] crate::loss::LossError),
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn config(file: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { file: file.into(), msg: msg.into() }
+    }
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint { path: path.into(), msg: msg.into() }
+    }
+}

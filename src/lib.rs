@@ -1,0 +1,19 @@
+//! grove: reinforcement-learning post-training of language models, in Rust.
+//!
+//! The modules follow the data flow (DESIGN.md §1):
+//! `task → sampling → rollout → reward → advantage → loss → train`, with `config` turning
+//! files into a validated plan and `report` writing what a run leaves behind.
+pub mod advantage;
+pub mod bench;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod report;
+pub mod reward;
+pub mod rollout;
+pub mod task;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,148 @@
+//! The `grove` command line: a thin layer over the library.
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "grove", version, about = "Reinforcement-learning post-training of language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a policy. With no CONFIG, runs the built-in quickstart recipe.
+    Train {
+        /// A TOML run config (see configs/ and `grove recipes`).
+        config: Option<PathBuf>,
+        /// Override a value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue the run in RUN_DIR from its latest checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "set"])]
+        resume: Option<PathBuf>,
+        /// Stop after this RL step (a checkpoint is written), as if interrupted.
+        #[arg(long, value_name = "STEP")]
+        stop_after: Option<usize>,
+        /// No plan, progress bar or summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the recipes: named presets of config values, with their papers.
+    Recipes,
+    /// Advantage calculator: reads {"groups": [[r, ...], ...]} on stdin, prints advantages.
+    Advantage {
+        #[arg(long)]
+        estimator: String,
+        /// key=value for an advantage config field (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Loss calculator: reads {"logp": [[...]], "logp_old": [[...]], "adv": [...]} on stdin,
+    /// prints the aggregated loss and its gradient w.r.t. each token log-prob.
+    Loss {
+        #[arg(long)]
+        loss: String,
+        #[arg(long)]
+        agg: Option<String>,
+        /// key=value for a loss config field (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Sampling and training throughput of a model shape, as one JSON line.
+    Bench {
+        /// An HF config.json giving the shape, or "builtin" for the quickstart policy.
+        #[arg(long, default_value = "builtin")]
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        sample_batch: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        train_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        train_seq: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn stdin_text() -> Result<String> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+    Ok(s)
+}
+
+fn train(config: Option<PathBuf>, set: Vec<String>, resume: Option<PathBuf>, stop_after: Option<usize>, quiet: bool) -> Result<()> {
+    let cfg = match &resume {
+        Some(dir) => {
+            let p = dir.join("config.toml");
+            if !p.exists() {
+                bail!("{}: not a run directory (no config.toml)", dir.display());
+            }
+            grove::config::load(Some(&p), &[])?
+        }
+        None => grove::config::load(config.as_deref(), &set)?,
+    };
+    let opts = grove::train::TrainOptions { resume, stop_after, quiet };
+    let s = grove::train::run(cfg, &opts)?;
+    if !quiet {
+        println!(
+            "held-out accuracy: {:.1}% after warm-up ({} steps) -> {:.1}% after {} RL steps ({:+.1} points) in {:.0} s",
+            s.acc_after_warmup * 100.0,
+            s.warmup_steps,
+            s.acc_final * 100.0,
+            s.rl_steps_done,
+            (s.acc_final - s.acc_after_warmup) * 100.0,
+            s.wall_s
+        );
+        println!("run directory: {}", s.run_dir.display());
+    }
+    Ok(())
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Command::Train { config, set, resume, stop_after, quiet } => train(config, set, resume, stop_after, quiet)?,
+        Command::Recipes => {
+            for r in grove::config::recipes::RECIPES {
+                println!("{:<20} {}  [{}]", r.name, r.description, r.source);
+            }
+        }
+        Command::Advantage { estimator, params } => {
+            println!("{}", grove::advantage::run_calculator(&stdin_text()?, &estimator, &params)?);
+        }
+        Command::Loss { loss, agg, params } => {
+            println!("{}", grove::loss::run_calculator(&stdin_text()?, &loss, agg.as_deref(), &params)?);
+        }
+        Command::Bench { model, sample_batch, new_tokens, train_batch, train_seq, reps } => {
+            let cfg = if model == "builtin" {
+                let c = grove::config::RunConfig::default();
+                grove::train::builtin_shape(&c, grove::model::Tokenizer::builtin_arithmetic().vocab_size())
+            } else {
+                grove::model::Config::from_file(std::path::Path::new(&model))?
+            };
+            let opts = grove::bench::BenchOptions { sample_batch, new_tokens, train_batch, train_seq, reps, ..Default::default() };
+            let r = grove::bench::run(&cfg, &opts)?;
+            let mut v = serde_json::to_value(&r)?;
+            v["model"] = serde_json::Value::String(model);
+            println!("{}", serde_json::to_string(&v)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! A Llama / Qwen2-family decoder on candle, differentiable end to end.
+//!
+//! Weight names mirror the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`,
+//! ...), so safetensors files move between grove and `transformers` unchanged. RMSNorm, softmax
+//! and RoPE are composed from differentiable ops: candle-nn's fused kernels have no backward and
+//! would silently detach most parameters (DESIGN.md §3).
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The subset of an HF `config.json` that shapes the network. Unknown keys are ignored and
+/// `null` values read as absent, because real configs carry dozens of unrelated fields
+/// (`sliding_window: null`, `rope_parameters`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers ≥ 5 moves `rope_theta` here.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// Llama's name for q/k/v biases; Qwen2 has them without saying so.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+}
+
+impl Config {
+    /// Parses an HF `config.json`; `file` names the source in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        let cfg: Config = serde_json::from_str(text)
+            .map_err(|e| Error::config(file, format!("not a valid model config.json: {e}")))?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Shape invariants the forward pass relies on.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let err = |m: String| Err(Error::config(file, m));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ] {
+            if v == 0 {
+                return err(format!("field `{name}` must be positive, found 0"));
+            }
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" && act != "swish" {
+                return err(format!("hidden_act `{act}` is not supported (expected \"silu\")"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    pub fn rms_eps(&self) -> f64 {
+        self.rms_norm_eps.unwrap_or(1e-6)
+    }
+    pub fn rope_theta(&self) -> f64 {
+        if let Some(t) = self.rope_theta {
+            return t;
+        }
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10_000.0)
+    }
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings.unwrap_or(4096)
+    }
+    pub fn tied(&self) -> bool {
+        self.tie_word_embeddings.unwrap_or(false)
+    }
+    /// q/k/v projections carry biases (Qwen2 always; Llama when `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias
+            .unwrap_or(matches!(self.model_type.as_deref(), Some("qwen2")))
+    }
+
+    /// The built-in policy of the quickstart: a 2-layer, d=128 Llama over a tiny vocabulary.
+    pub fn builtin_tiny(vocab_size: usize) -> Self {
+        Config {
+            model_type: Some("llama".into()),
+            vocab_size,
+            hidden_size: 128,
+            intermediate_size: 352,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(4),
+            head_dim: None,
+            rms_norm_eps: Some(1e-5),
+            rope_theta: Some(10_000.0),
+            rope_parameters: None,
+            max_position_embeddings: Some(64),
+            tie_word_embeddings: Some(true),
+            attention_bias: Some(false),
+            bos_token_id: None,
+            eos_token_id: None,
+            hidden_act: Some("silu".into()),
+            architectures: Some(vec!["LlamaForCausalLM".into()]),
+            torch_dtype: Some("float32".into()),
+        }
+    }
+}
+
+/// The expected name and shape of every parameter, in a fixed order.
+pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h]));
+        if cfg.qkv_bias() {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![nh * hd]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![nkv * hd]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![nkv * hd]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tied() {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+struct Layer {
+    ln1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    o: Tensor,
+    ln2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: (0..n_layers).map(|_| None).collect() }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub cfg: Config,
+    params: Vec<(String, Var)>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // Flatten leading dims into one 2-D GEMM: faster forward and backward than batched matmul.
+    let dims = x.dims().to_vec();
+    let (lead, last) = dims.split_at(dims.len() - 1);
+    let n: usize = lead.iter().product();
+    let mut y = x.reshape((n, last[0]))?.matmul(&w.t()?)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out = lead.to_vec();
+    out.push(w.dims()[0]);
+    Ok(y.reshape(out)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?.broadcast_mul(w)?)
+}
+
+impl Llama {
+    /// A freshly initialised model: N(0, 0.02) matrices, unit norms, zero biases, drawn from a
+    /// ChaCha RNG so the same seed gives the same weights on every machine.
+    pub fn init(cfg: &Config, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate("model config")?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).map_err(|e| Error::Model(e.to_string()))?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in parameter_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        }
+        Self::from_tensors(cfg, tensors, device, "initialisation")
+    }
+
+    /// Builds the model from named tensors (any float dtype; converted to trainable f32).
+    /// `source` names the file in errors. Extra keys are rejected so that a checkpoint of a
+    /// different architecture cannot load half-way.
+    pub fn from_tensors(
+        cfg: &Config,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+        source: &str,
+    ) -> Result<Self> {
+        cfg.validate(source)?;
+        if cfg.tied() {
+            // HF keeps a copy of the tied head in some checkpoints; it is the embedding.
+            tensors.remove("lm_head.weight");
+        }
+        let mut params = Vec::new();
+        let mut by_name: HashMap<String, Tensor> = HashMap::new();
+        for (name, shape) in parameter_shapes(cfg) {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                Error::checkpoint(source, format!("missing tensor `{name}` (expected shape {shape:?})"))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::checkpoint(
+                    source,
+                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                ));
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
+            let var = Var::from_tensor(&t)?;
+            by_name.insert(name.clone(), var.as_tensor().clone());
+            params.push((name, var));
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(Error::checkpoint(
+                source,
+                format!(
+                    "unexpected tensor `{extra}` ({} extra in all) for this config",
+                    tensors.len()
+                ),
+            ));
+        }
+        let take = |n: &str| by_name[n].clone();
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let qkv_bias = cfg.qkv_bias().then(|| {
+                (
+                    take(&format!("{p}.self_attn.q_proj.bias")),
+                    take(&format!("{p}.self_attn.k_proj.bias")),
+                    take(&format!("{p}.self_attn.v_proj.bias")),
+                )
+            });
+            layers.push(Layer {
+                ln1: take(&format!("{p}.input_layernorm.weight")),
+                q: take(&format!("{p}.self_attn.q_proj.weight")),
+                k: take(&format!("{p}.self_attn.k_proj.weight")),
+                v: take(&format!("{p}.self_attn.v_proj.weight")),
+                qkv_bias,
+                o: take(&format!("{p}.self_attn.o_proj.weight")),
+                ln2: take(&format!("{p}.post_attention_layernorm.weight")),
+                gate: take(&format!("{p}.mlp.gate_proj.weight")),
+                up: take(&format!("{p}.mlp.up_proj.weight")),
+                down: take(&format!("{p}.mlp.down_proj.weight")),
+            });
+        }
+        let embed = take("model.embed_tokens.weight");
+        let lm_head = if cfg.tied() { embed.clone() } else { take("lm_head.weight") };
+        let (cos, sin) = rope_tables(cfg, device)?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            params,
+            embed,
+            layers,
+            norm: take("model.norm.weight"),
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable parameters in checkpoint-key order.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Named weights for saving (shares storage with the live parameters).
+    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
+        self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// An independent copy of the weights: the behaviour policy of lagged/async modes, which
+    /// must not move when the trainer updates in place.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for (n, v) in &self.params {
+            tensors.insert(n.clone(), v.as_tensor().detach().copy()?);
+        }
+        Self::from_tensors(&self.cfg, tensors, &self.device, "in-memory copy")
+    }
+
+    /// Overwrites this model's weights with `other`'s (same config), keeping the Vars.
+    pub fn copy_weights_from(&self, other: &Llama) -> Result<()> {
+        for ((n, dst), (_, src)) in self.params.iter().zip(other.params.iter()) {
+            dst.set(&src.as_tensor().detach().copy()?)
+                .map_err(|e| Error::Model(format!("copy of `{n}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Final-norm hidden states (b, t, hidden).
+    ///
+    /// `ids`, `pos`: (b, t) u32; `pos` holds absolute positions (left padding shifts them).
+    /// `mask`: additive (b, 1, t, cached + t), 0 where a query may attend, a large negative
+    /// where not. With a cache, keys/values of this call are appended to it.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let flat_pos = pos.flatten_all()?;
+        let cos = self.cos.index_select(&flat_pos, 0)?.reshape((b, 1, t, hd / 2))?;
+        let sin = self.sin.index_select(&flat_pos, 0)?.reshape((b, 1, t, hd / 2))?;
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.ln1, cfg.rms_eps())?;
+            let (qb, kb, vb) = match &layer.qkv_bias {
+                Some((q, k, v)) => (Some(q), Some(k), Some(v)),
+                None => (None, None, None),
+            };
+            let q = linear(&h, &layer.q, qb)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+            let k = linear(&h, &layer.k, kb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let v = linear(&h, &layer.v, vb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let slot = c
+                        .layers
+                        .get_mut(li)
+                        .ok_or_else(|| Error::Model("kv cache has fewer layers than the model".into()))?;
+                    let (k, v) = match slot.take() {
+                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+                        None => (k.contiguous()?, v.contiguous()?),
+                    };
+                    *slot = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+                None => (k.contiguous()?, v.contiguous()?),
+            };
+            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+            let att = att.broadcast_add(mask)?;
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + linear(&y, &layer.o, None)?)?;
+            let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
+            let g = linear(&h, &layer.gate, None)?.silu()?;
+            let u = linear(&h, &layer.up, None)?;
+            x = (x + linear(&(g * u)?, &layer.down, None)?)?;
+        }
+        rms_norm(&x, &self.norm, cfg.rms_eps())
+    }
+
+    /// Logits (…, vocab) from hidden states (…, hidden).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head, None)
+    }
+}
+
+fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let theta = cfg.rope_theta();
+    let n = cfg.max_positions();
+    let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    let mut cos = Vec::with_capacity(n * hd / 2);
+    let mut sin = Vec::with_capacity(n * hd / 2);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, hd / 2), device)?,
+        Tensor::from_vec(sin, (n, hd / 2), device)?,
+    ))
+}
+
+/// HF "rotate half" RoPE: x·cos + rotate_half(x)·sin, with cos/sin (b, 1, t, hd).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, s, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.contiguous()?.reshape((b, nkv * rep, s, hd))?)
+}
+
+/// Additive attention mask (b, 1, t, offset + t) for queries at columns offset..offset+t.
+/// A query sees a key when the key is not after it and the key is a real token.
+/// Masked entries get −1e9, not −inf, so rows of padding queries stay finite.
+pub fn attention_mask(key_valid: &[Vec<bool>], offset: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let b = key_valid.len();
+    let s = offset + t;
+    let mut m = Vec::with_capacity(b * t * s);
+    for row in key_valid {
+        if row.len() != s {
+            return Err(Error::Model(format!(
+                "attention mask: key_valid row has {} entries, expected offset + t = {s}",
+                row.len()
+            )));
+        }
+        for i in 0..t {
+            for (j, &valid) in row.iter().enumerate() {
+                m.push(if j <= offset + i && valid { 0.0f32 } else { -1e9 });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, s), device)?)
+}

@@ -1,0 +1,7 @@
+//! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
+pub mod io;
+pub mod llama;
+pub mod tokenizer;
+
+pub use llama::{attention_mask, Config, KvCache, Llama};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,130 @@
+//! Tokenizers through the HF `tokenizers` crate. The built-in task's character vocabulary is
+//! itself a `tokenizer.json` built in code, so every model goes through the same interface.
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Characters of the built-in arithmetic vocabulary, after the special tokens.
+pub const BUILTIN_CHARS: &str = "0123456789+-*= ";
+pub const BUILTIN_SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    json: String,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    pub pad: u32,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`; special tokens are looked up by name and must exist.
+    pub fn from_json(json: String, source: &str, bos: Option<&str>, eos: &str, pad: Option<&str>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| Error::Tokenizer(format!("{source}: not a valid tokenizer.json: {e}")))?;
+        let id = |tok: &str| {
+            inner
+                .token_to_id(tok)
+                .ok_or_else(|| Error::Tokenizer(format!("{source}: special token `{tok}` is not in the vocabulary")))
+        };
+        let eos_id = id(eos)?;
+        let bos_id = bos.map(id).transpose()?;
+        let pad_id = match pad {
+            Some(p) => id(p)?,
+            None => eos_id,
+        };
+        Ok(Tokenizer { inner, json, bos: bos_id, eos: eos_id, pad: pad_id })
+    }
+
+    pub fn from_file(path: &Path, bos: Option<&str>, eos: &str, pad: Option<&str>) -> Result<Self> {
+        let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(json, &path.display().to_string(), bos, eos, pad)
+    }
+
+    /// The character-level vocabulary of the built-in arithmetic task.
+    pub fn builtin_arithmetic() -> Self {
+        let json = builtin_tokenizer_json();
+        // The JSON is generated here and covered by tests; failure would be a programming error.
+        Self::from_json(json, "built-in tokenizer", Some("<bos>"), "<eos>", Some("<pad>"))
+            .expect("built-in tokenizer.json is valid")
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    /// The tokenizer.json text, saved next to checkpoints.
+    pub fn to_json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// HF `tokenizer.json` for the built-in vocabulary: WordLevel over single characters.
+pub fn builtin_tokenizer_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, s) in BUILTIN_SPECIALS.iter().enumerate() {
+        vocab.insert(s.to_string(), i.into());
+        added.push(serde_json::json!({
+            "id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+    }
+    for (i, c) in BUILTIN_CHARS.chars().enumerate() {
+        vocab.insert(c.to_string(), (BUILTIN_SPECIALS.len() + i).into());
+    }
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    serde_json::to_string_pretty(&doc).expect("json serialisation of a literal")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_round_trip() {
+        let t = Tokenizer::builtin_arithmetic();
+        assert_eq!(t.vocab_size(), 4 + BUILTIN_CHARS.len());
+        let ids = t.encode("37+48=85").unwrap();
+        // '3' is the 4th digit: 4 specials + 3 = 7
+        assert_eq!(ids[0], 7);
+        assert_eq!(ids.len(), 8);
+        assert_eq!(t.decode(&ids).unwrap(), "37+48=85");
+        let mut with_eos = ids.clone();
+        with_eos.push(t.eos);
+        assert_eq!(t.decode(&with_eos).unwrap(), "37+48=85");
+    }
+
+    #[test]
+    fn unknown_special_is_an_error() {
+        let err = Tokenizer::from_json(builtin_tokenizer_json(), "x.json", None, "</s>", None)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("`</s>`"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! What a run leaves for people to read: metrics.jsonl (one line a step; names are the
+//! contract of DESIGN.md §7 and docs/metrics.md), samples.jsonl, and the progress bar.
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Metrics of one step: name → value, written sorted by name after `step` and `phase`.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Appends JSON lines and flushes each one, so a crash loses at most the line being written.
+pub struct JsonlWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl JsonlWriter {
+    pub fn open_append(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        Ok(JsonlWriter { path: path.to_path_buf(), file })
+    }
+
+    pub fn write<T: serde::Serialize>(&mut self, value: &T) -> Result<()> {
+        let mut line = serde_json::to_string(value)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// One metrics line: `{"step": N, "phase": "rl", "reward/mean": ...}`.
+pub fn metrics_line(step: usize, phase: &str, m: &Metrics) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("step".into(), step.into());
+    obj.insert("phase".into(), phase.into());
+    for (k, v) in m {
+        let v = if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+        obj.insert(k.clone(), v);
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// Reads metrics.jsonl back (for resume truncation, comparisons and plots).
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(&line).map_err(|e| Error::RunDir {
+            path: path.to_path_buf(),
+            msg: format!("line {}: not valid JSON: {e}", i + 1),
+        })?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// Keeps only lines whose `step` is at most `max_step` (or whose phase is not `phase`):
+/// a resumed run rewrites the steps after its checkpoint, so the file matches an
+/// uninterrupted run. Written to a temporary file, then renamed.
+pub fn truncate_after(path: &Path, phase: &str, max_step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let lines = read_jsonl(path)?;
+    let tmp = path.with_extension("jsonl.tmp");
+    {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        for v in lines {
+            let keep = v.get("phase").and_then(|p| p.as_str()) != Some(phase)
+                || v.get("step").and_then(|s| s.as_u64()).map(|s| s as usize <= max_step).unwrap_or(true);
+            if keep {
+                writeln!(f, "{}", serde_json::to_string(&v)?).map_err(|e| Error::io(&tmp, e))?;
+            }
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
