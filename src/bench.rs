@@ -28,7 +28,14 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { sample_batch: 64, prompt_len: 8, new_tokens: 32, train_batch: 8, train_seq: 256, reps: 3 }
+        BenchOptions {
+            sample_batch: 64,
+            prompt_len: 8,
+            new_tokens: 32,
+            train_batch: 8,
+            train_seq: 256,
+            reps: 3,
+        }
     }
 }
 
@@ -45,7 +52,9 @@ pub struct BenchResult {
 
 /// Peak resident memory of this process (VmHWM), in GiB; 0 where /proc is unavailable.
 pub fn peak_rss_gb() -> f64 {
-    let Ok(st) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+    let Ok(st) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
     st.lines()
         .find(|l| l.starts_with("VmHWM"))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -59,10 +68,15 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
     let model = Llama::init(cfg, 0, &dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> =
-        (0..opts.sample_batch).map(|_| (0..opts.prompt_len).map(|_| rng.gen_range(0..v)).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..opts.sample_batch)
+        .map(|_| (0..opts.prompt_len).map(|_| rng.gen_range(0..v)).collect())
+        .collect();
     // EOS outside the vocabulary: every sequence generates the full budget.
-    let params = SamplingParams { temperature: 1.0, top_p: 1.0, max_new_tokens: opts.new_tokens };
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: opts.new_tokens,
+    };
     let mut sample_s = f64::INFINITY;
     for _ in 0..opts.reps + 1 {
         let t = Instant::now();
@@ -73,9 +87,16 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
     let sampled = (opts.sample_batch * opts.new_tokens) as f64;
 
     let half = (opts.train_seq / 2).max(1);
-    let tp: Vec<Vec<u32>> = (0..opts.train_batch).map(|_| (0..half).map(|_| rng.gen_range(0..v)).collect()).collect();
-    let tr: Vec<Vec<u32>> =
-        (0..opts.train_batch).map(|_| (0..opts.train_seq - half).map(|_| rng.gen_range(0..v)).collect()).collect();
+    let tp: Vec<Vec<u32>> = (0..opts.train_batch)
+        .map(|_| (0..half).map(|_| rng.gen_range(0..v)).collect())
+        .collect();
+    let tr: Vec<Vec<u32>> = (0..opts.train_batch)
+        .map(|_| {
+            (0..opts.train_seq - half)
+                .map(|_| rng.gen_range(0..v))
+                .collect()
+        })
+        .collect();
     let b = batch::build(&tp, &tr, 0, &dev)?;
     let mut opt = AdamW::new(model.params(), AdamWParams::default());
     let mut step_s = f64::INFINITY;

@@ -26,6 +26,8 @@ pub enum Error {
     Advantage(#[from] crate::advantage::AdvantageError),
     #[error(transparent)]
     Loss(#[from] crate::loss::LossError),
+    #[error(transparent)]
+    Plot(#[from] crate::report::plot::PlotError),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("json: {0}")]
@@ -36,12 +38,21 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn config(file: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), msg: msg.into() }
+        Error::Config {
+            file: file.into(),
+            msg: msg.into(),
+        }
     }
     pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.into(), msg: msg.into() }
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! files into a validated plan and `report` writing what a run leaves behind.
 pub mod advantage;
 pub mod bench;
+pub mod buffer;
 pub mod config;
 pub mod error;
 pub mod eval;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod report;
 pub mod reward;
 pub mod rollout;
+pub mod sampling;
 pub mod task;
 pub mod train;
 

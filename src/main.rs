@@ -7,7 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "grove", version, about = "Reinforcement-learning post-training of language models")]
+#[command(
+    name = "grove",
+    version,
+    about = "Reinforcement-learning post-training of language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -73,11 +77,19 @@ enum Command {
 
 fn stdin_text() -> Result<String> {
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading stdin")?;
     Ok(s)
 }
 
-fn train(config: Option<PathBuf>, set: Vec<String>, resume: Option<PathBuf>, stop_after: Option<usize>, quiet: bool) -> Result<()> {
+fn train(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    resume: Option<PathBuf>,
+    stop_after: Option<usize>,
+    quiet: bool,
+) -> Result<()> {
     let cfg = match &resume {
         Some(dir) => {
             let p = dir.join("config.toml");
@@ -88,7 +100,11 @@ fn train(config: Option<PathBuf>, set: Vec<String>, resume: Option<PathBuf>, sto
         }
         None => grove::config::load(config.as_deref(), &set)?,
     };
-    let opts = grove::train::TrainOptions { resume, stop_after, quiet };
+    let opts = grove::train::TrainOptions {
+        resume,
+        stop_after,
+        quiet,
+    };
     let s = grove::train::run(cfg, &opts)?;
     if !quiet {
         println!(
@@ -108,26 +124,55 @@ fn train(config: Option<PathBuf>, set: Vec<String>, resume: Option<PathBuf>, sto
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Command::Train { config, set, resume, stop_after, quiet } => train(config, set, resume, stop_after, quiet)?,
+        Command::Train {
+            config,
+            set,
+            resume,
+            stop_after,
+            quiet,
+        } => train(config, set, resume, stop_after, quiet)?,
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {
                 println!("{:<20} {}  [{}]", r.name, r.description, r.source);
             }
         }
         Command::Advantage { estimator, params } => {
-            println!("{}", grove::advantage::run_calculator(&stdin_text()?, &estimator, &params)?);
+            println!(
+                "{}",
+                grove::advantage::run_calculator(&stdin_text()?, &estimator, &params)?
+            );
         }
         Command::Loss { loss, agg, params } => {
-            println!("{}", grove::loss::run_calculator(&stdin_text()?, &loss, agg.as_deref(), &params)?);
+            println!(
+                "{}",
+                grove::loss::run_calculator(&stdin_text()?, &loss, agg.as_deref(), &params)?
+            );
         }
-        Command::Bench { model, sample_batch, new_tokens, train_batch, train_seq, reps } => {
+        Command::Bench {
+            model,
+            sample_batch,
+            new_tokens,
+            train_batch,
+            train_seq,
+            reps,
+        } => {
             let cfg = if model == "builtin" {
                 let c = grove::config::RunConfig::default();
-                grove::train::builtin_shape(&c, grove::model::Tokenizer::builtin_arithmetic().vocab_size())
+                grove::train::builtin_shape(
+                    &c,
+                    grove::model::Tokenizer::builtin_arithmetic().vocab_size(),
+                )
             } else {
                 grove::model::Config::from_file(std::path::Path::new(&model))?
             };
-            let opts = grove::bench::BenchOptions { sample_batch, new_tokens, train_batch, train_seq, reps, ..Default::default() };
+            let opts = grove::bench::BenchOptions {
+                sample_batch,
+                new_tokens,
+                train_batch,
+                train_seq,
+                reps,
+                ..Default::default()
+            };
             let r = grove::bench::run(&cfg, &opts)?;
             let mut v = serde_json::to_value(&r)?;
             v["model"] = serde_json::Value::String(model);

@@ -4,7 +4,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn grove(args: &[&str], cwd: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_grove")).args(args).current_dir(cwd).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -45,15 +49,29 @@ fn unknown_key_wrong_type_and_missing_file_are_named() {
     let dir = tmp.path();
     let before = existing_run(dir);
 
-    std::fs::write(dir.join("bad_key.toml"), "seed = 1\n[train]\nsteps = 3\nlearning_rate = 0.1\n").unwrap();
+    std::fs::write(
+        dir.join("bad_key.toml"),
+        "seed = 1\n[train]\nsteps = 3\nlearning_rate = 0.1\n",
+    )
+    .unwrap();
     let (code, _, err) = grove(&["train", "bad_key.toml"], dir);
     assert_ne!(code, 0);
-    assert!(err.contains("bad_key.toml") && err.contains("learning_rate") && err.contains("line 4"), "{err}");
+    assert!(
+        err.contains("bad_key.toml") && err.contains("learning_rate") && err.contains("line 4"),
+        "{err}"
+    );
 
-    std::fs::write(dir.join("bad_type.toml"), "[rollout]\ngroup_size = \"eight\"\n").unwrap();
+    std::fs::write(
+        dir.join("bad_type.toml"),
+        "[rollout]\ngroup_size = \"eight\"\n",
+    )
+    .unwrap();
     let (code, _, err) = grove(&["train", "bad_type.toml"], dir);
     assert_ne!(code, 0);
-    assert!(err.contains("bad_type.toml") && err.contains("group_size") && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("bad_type.toml") && err.contains("group_size") && err.contains("line 2"),
+        "{err}"
+    );
 
     let (code, _, err) = grove(&["train", "nope.toml"], dir);
     assert_ne!(code, 0);
@@ -65,13 +83,20 @@ fn unknown_key_wrong_type_and_missing_file_are_named() {
 
     let (code, _, err) = grove(&["train", "--set", "advantage.estimator=gpro"], dir);
     assert_ne!(code, 0);
-    assert!(err.contains("gpro") && err.contains("grpo"), "unknown name should list the known ones: {err}");
+    assert!(
+        err.contains("gpro") && err.contains("grpo"),
+        "unknown name should list the known ones: {err}"
+    );
 
     let (code, _, err) = grove(&["train", "--set", "loss.eps_low=1.5"], dir);
     assert_ne!(code, 0);
     assert!(err.contains("eps_low"), "{err}");
 
-    assert_eq!(before, snapshot(dir), "an existing run directory was modified");
+    assert_eq!(
+        before,
+        snapshot(dir),
+        "an existing run directory was modified"
+    );
 }
 
 #[test]
@@ -80,21 +105,41 @@ fn corrupt_checkpoint_on_resume_is_named_and_run_is_untouched() {
     let dir = tmp.path();
     let (code, _, err) = grove(
         &[
-            "train", "--quiet", "--set", "warmup.max_steps=4", "--set", "warmup.target_acc=1.0",
-            "--set", "train.steps=2", "--set", "train.eval_size=32", "--set", "rollout.prompts_per_step=4",
+            "train",
+            "--quiet",
+            "--set",
+            "warmup.max_steps=4",
+            "--set",
+            "warmup.target_acc=1.0",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.eval_size=32",
+            "--set",
+            "rollout.prompts_per_step=4",
         ],
         dir,
     );
     assert_eq!(code, 0, "{err}");
     let run = dir.join("runs").join("quickstart");
-    let model = run.join("checkpoints").join("step-2").join("model.safetensors");
+    let model = run
+        .join("checkpoints")
+        .join("step-2")
+        .join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
     let before = snapshot(dir);
     let (code, _, err) = grove(&["train", "--resume", run.to_str().unwrap()], dir);
     assert_ne!(code, 0);
-    assert!(err.contains("step-2/model.safetensors") && err.contains("truncated or corrupt"), "{err}");
-    assert_eq!(before, snapshot(dir), "a failed resume modified the run directory");
+    assert!(
+        err.contains("step-2/model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        snapshot(dir),
+        "a failed resume modified the run directory"
+    );
 
     let (code, _, err) = grove(&["train", "--resume", "runs/missing"], dir);
     assert_ne!(code, 0);
@@ -107,6 +152,9 @@ fn recipes_are_listed_with_sources() {
     let (code, out, _) = grove(&["recipes"], tmp.path());
     assert_eq!(code, 0);
     for name in ["quickstart", "grpo"] {
-        assert!(out.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(name)),
+            "{name} missing from:\n{out}"
+        );
     }
 }

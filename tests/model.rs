@@ -30,7 +30,14 @@ fn objective(model: &Llama, ids: &[u32], targets: &[u32], b: usize, t: usize) ->
     // Weighted so that every position matters differently (a plain sum hides sign errors less well).
     let w: Vec<f32> = (0..b * t).map(|i| 1.0 + 0.1 * i as f32).collect();
     let w = Tensor::from_vec(w, (b, t), &dev).unwrap();
-    (lsm.gather(&tg, D::Minus1).unwrap().squeeze(D::Minus1).unwrap() * w).unwrap().sum_all().unwrap()
+    (lsm.gather(&tg, D::Minus1)
+        .unwrap()
+        .squeeze(D::Minus1)
+        .unwrap()
+        * w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
 }
 
 #[test]
@@ -51,9 +58,14 @@ fn gradients_match_finite_differences() {
         let grads = objective(&model, &ids, &targets, b, t).backward().unwrap();
         let mut checked = 0;
         for (name, var) in model.params() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached {name}"));
             let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(g.iter().any(|x| x.abs() > 0.0), "{name}: gradient is all zero");
+            assert!(
+                g.iter().any(|x| x.abs() > 0.0),
+                "{name}: gradient is all zero"
+            );
             let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             // Three entries per tensor: first, middle, last.
             for &k in &[0, base.len() / 2, base.len() - 1] {
@@ -61,12 +73,18 @@ fn gradients_match_finite_differences() {
                 let f = |delta: f32| {
                     let mut w = base.clone();
                     w[k] += delta;
-                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap()).unwrap();
-                    let v = objective(&model, &ids, &targets, b, t).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    let v = objective(&model, &ids, &targets, b, t)
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
                     v
                 };
                 let fd = (f(eps) - f(-eps)) / (2.0 * eps as f64);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let an = g[k] as f64;
                 assert!(
                     (fd - an).abs() <= 5e-3 + 3e-2 * an.abs(),
@@ -86,7 +104,13 @@ fn logits_of(model: &Llama, ids: &[u32]) -> Vec<f32> {
     let pos_t = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &dev).unwrap();
     let mask = attention_mask(&[vec![true; t]], 0, t, &dev).unwrap();
     let h = model.forward_hidden(&ids_t, &pos_t, &mask, None).unwrap();
-    model.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    model
+        .logits(&h)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -100,7 +124,13 @@ fn saved_then_loaded_checkpoint_gives_identical_logits() {
 
         let path = dir.path().join(format!("m-{bias}-{tied}.safetensors"));
         save_safetensors(&model.named_tensors(), &path).unwrap();
-        let loaded = Llama::from_tensors(&cfg, load_safetensors(&path, &Device::Cpu).unwrap(), &Device::Cpu, "t").unwrap();
+        let loaded = Llama::from_tensors(
+            &cfg,
+            load_safetensors(&path, &Device::Cpu).unwrap(),
+            &Device::Cpu,
+            "t",
+        )
+        .unwrap();
         assert_eq!(before, logits_of(&loaded, &ids));
 
         let hf = dir.path().join(format!("hf-{bias}-{tied}"));
@@ -121,25 +151,47 @@ fn corrupt_and_mismatched_checkpoints_are_clear_errors() {
 
     let trunc = dir.path().join("trunc.safetensors");
     std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
-    let e = load_safetensors(&trunc, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("trunc.safetensors") && e.contains("truncated or corrupt"), "{e}");
+    let e = load_safetensors(&trunc, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("trunc.safetensors") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
 
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
-    let e = load_safetensors(&garbage, &Device::Cpu).err().unwrap().to_string();
+    let e = load_safetensors(&garbage, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("garbage.safetensors"), "{e}");
 
     let mut other = cfg.clone();
     other.hidden_size = 32;
-    let e = Llama::from_tensors(&other, load_safetensors(&path, &Device::Cpu).unwrap(), &Device::Cpu, "m.safetensors")
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("m.safetensors") && e.contains("model.embed_tokens.weight") && e.contains("expected"), "{e}");
+    let e = Llama::from_tensors(
+        &other,
+        load_safetensors(&path, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+        "m.safetensors",
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("m.safetensors")
+            && e.contains("model.embed_tokens.weight")
+            && e.contains("expected"),
+        "{e}"
+    );
 
     let mut missing: HashMap<String, Tensor> = model.named_tensors();
     missing.remove("model.norm.weight");
-    let e = Llama::from_tensors(&cfg, missing, &Device::Cpu, "x").err().unwrap().to_string();
+    let e = Llama::from_tensors(&cfg, missing, &Device::Cpu, "x")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("missing tensor `model.norm.weight`"), "{e}");
 }
 
@@ -161,8 +213,14 @@ fn cached_left_padded_decoding_matches_full_forward() {
     let pos = Tensor::from_slice(&[0u32, 1, 2, 0, 0, 0], (2, p), &dev).unwrap();
     let mut valid = vec![vec![true, true, true], vec![false, false, true]];
     let mask = attention_mask(&valid, 0, p, &dev).unwrap();
-    let h = model.forward_hidden(&ids, &pos, &mask, Some(&mut cache)).unwrap();
-    let mut last: Vec<Vec<f32>> = model.logits(&h.narrow(1, p - 1, 1).unwrap().squeeze(1).unwrap()).unwrap().to_vec2().unwrap();
+    let h = model
+        .forward_hidden(&ids, &pos, &mask, Some(&mut cache))
+        .unwrap();
+    let mut last: Vec<Vec<f32>> = model
+        .logits(&h.narrow(1, p - 1, 1).unwrap().squeeze(1).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let full_a = logits_of(&model, &a);
     let full_b = logits_of(&model, &bseq);
     let v = cfg.vocab_size;
@@ -177,10 +235,22 @@ fn cached_left_padded_decoding_matches_full_forward() {
             row.push(true);
         }
         let mask = attention_mask(&valid, cache.len(), 1, &dev).unwrap();
-        let h = model.forward_hidden(&ids, &pos, &mask, Some(&mut cache)).unwrap();
-        last = model.logits(&h.squeeze(1).unwrap()).unwrap().to_vec2().unwrap();
-        assert!(close(&last[0], &full_a[(3 + step) * v..(4 + step) * v]), "A step {step}");
-        assert!(close(&last[1], &full_b[(1 + step) * v..(2 + step) * v]), "B step {step}");
+        let h = model
+            .forward_hidden(&ids, &pos, &mask, Some(&mut cache))
+            .unwrap();
+        last = model
+            .logits(&h.squeeze(1).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(
+            close(&last[0], &full_a[(3 + step) * v..(4 + step) * v]),
+            "A step {step}"
+        );
+        assert!(
+            close(&last[1], &full_b[(1 + step) * v..(2 + step) * v]),
+            "B step {step}"
+        );
     }
 }
 
@@ -194,8 +264,17 @@ fn config_json_is_parsed_tolerantly_and_checked() {
     assert_eq!(c.rope_theta(), 1e6);
     assert!(c.qkv_bias());
     let bad = text.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
-    let e = Config::from_json(&bad, "config.json").err().unwrap().to_string();
-    assert!(e.contains("config.json") && e.contains("num_key_value_heads 3"), "{e}");
-    let e = Config::from_json("{\"vocab_size\": \"many\"}", "c.json").err().unwrap().to_string();
+    let e = Config::from_json(&bad, "config.json")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("num_key_value_heads 3"),
+        "{e}"
+    );
+    let e = Config::from_json("{\"vocab_size\": \"many\"}", "c.json")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("c.json"), "{e}");
 }

@@ -41,49 +41,155 @@ fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
 fn run_directory_has_the_documented_contents() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = small(tmp.path(), 3, &[]);
-    let s = run(cfg, &TrainOptions { quiet: true, ..Default::default() }).unwrap();
+    let s = run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(s.rl_steps_done, 3);
     for f in ["config.toml", "plan.json", "metrics.jsonl", "samples.jsonl"] {
         assert!(s.run_dir.join(f).exists(), "{f} missing");
     }
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json", "tokenizer.json", "config.json"] {
-        assert!(s.run_dir.join("checkpoints/step-3").join(f).exists(), "checkpoint {f} missing");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+        "tokenizer.json",
+        "config.json",
+    ] {
+        assert!(
+            s.run_dir.join("checkpoints/step-3").join(f).exists(),
+            "checkpoint {f} missing"
+        );
     }
     let lines = rl_lines(&s.run_dir);
-    assert_eq!(lines.len(), 4, "step 0 (eval after warm-up) and steps 1..=3");
+    assert_eq!(
+        lines.len(),
+        4,
+        "step 0 (eval after warm-up) and steps 1..=3"
+    );
     assert!(lines[0]["acc/eval"].is_number());
     assert!(lines[3]["acc/eval"].is_number(), "evaluated at the end");
     for key in [
-        "reward/mean", "reward/std", "reward/frac_zero_std", "acc/train", "adv/mean", "adv/abs_mean",
-        "loss/policy", "loss/kl", "loss/clipfrac", "loss/masked_frac", "is/ratio_mean", "is/ratio_max",
-        "kl/k3", "entropy", "len/mean", "len/truncated_frac", "staleness/mean", "staleness/dropped",
-        "grad/norm", "lr",
+        "reward/mean",
+        "reward/std",
+        "reward/frac_zero_std",
+        "acc/train",
+        "adv/mean",
+        "adv/abs_mean",
+        "loss/policy",
+        "loss/kl",
+        "loss/clipfrac",
+        "loss/masked_frac",
+        "is/ratio_mean",
+        "is/ratio_max",
+        "kl/k3",
+        "entropy",
+        "len/mean",
+        "len/truncated_frac",
+        "staleness/mean",
+        "staleness/dropped",
+        "grad/norm",
+        "lr",
     ] {
-        assert!(lines[1][key].is_number(), "metric {key} missing: {}", lines[1]);
+        assert!(
+            lines[1][key].is_number(),
+            "metric {key} missing: {}",
+            lines[1]
+        );
     }
     // On-policy: the behaviour log-probs are the current policy's, so the ratio is 1.
     let r = lines[1]["is/ratio_mean"].as_f64().unwrap();
     assert!((r - 1.0).abs() < 1e-3, "on-policy ratio {r}");
     // A second run with the same name gets a new directory.
-    let s2 = run(small(tmp.path(), 1, &[]), &TrainOptions { quiet: true, ..Default::default() }).unwrap();
+    let s2 = run(
+        small(tmp.path(), 1, &[]),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_ne!(s.run_dir, s2.run_dir);
 }
 
 #[test]
 fn stopped_and_resumed_run_equals_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = run(small(&tmp.path().join("a"), 5, &[]), &TrainOptions { quiet: true, ..Default::default() }).unwrap();
+    let a = run(
+        small(&tmp.path().join("a"), 5, &[]),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let b_cfg = small(&tmp.path().join("b"), 5, &[]);
-    let b = run(b_cfg, &TrainOptions { quiet: true, stop_after: Some(3), ..Default::default() }).unwrap();
+    let b = run(
+        b_cfg,
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(b.rl_steps_done, 3);
     // Resume reads the run's saved config, as `grove train --resume` does.
     let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
-    let b2 = run(cfg, &TrainOptions { quiet: true, resume: Some(b.run_dir.clone()), ..Default::default() }).unwrap();
+    let b2 = run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(b.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(b2.rl_steps_done, 5);
     let (la, lb) = (rl_lines(&a.run_dir), rl_lines(&b.run_dir));
     assert_eq!(la.len(), 6);
-    assert_eq!(la, lb, "metrics differ between the uninterrupted and the resumed run");
+    assert_eq!(
+        la, lb,
+        "metrics differ between the uninterrupted and the resumed run"
+    );
     let wa = std::fs::read(a.run_dir.join("checkpoints/step-5/model.safetensors")).unwrap();
     let wb = std::fs::read(b.run_dir.join("checkpoints/step-5/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn every_recipe_runs_three_rl_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    for r in grove::config::recipes::RECIPES {
+        let cfg = small(
+            tmp.path(),
+            3,
+            &[
+                &format!("recipe={:?}", r.name),
+                "warmup.max_steps=10",
+                "rollout.prompts_per_step=4",
+                &format!("name={:?}", r.name),
+            ],
+        );
+        let s = run(
+            cfg,
+            &TrainOptions {
+                quiet: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("recipe {} failed: {e}", r.name));
+        assert_eq!(s.rl_steps_done, 3, "recipe {}", r.name);
+        let lines = rl_lines(&s.run_dir);
+        assert!(
+            lines[3]["loss/policy"].is_number(),
+            "recipe {}: {}",
+            r.name,
+            lines[3]
+        );
+    }
 }

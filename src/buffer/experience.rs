@@ -249,11 +249,18 @@ pub(super) mod tests {
         let mut g = sample_group(1, 0, 2);
         g.experiences[1].logprobs[2] = f32::NEG_INFINITY;
         let message = g.validate().unwrap_err().to_string();
-        assert!(message.contains("experiences[1].logprobs[2] is -inf"), "{message}");
+        assert!(
+            message.contains("experiences[1].logprobs[2] is -inf"),
+            "{message}"
+        );
 
         let mut g = sample_group(1, 0, 1);
         g.experiences[0].reward = f64::NAN;
-        assert!(g.validate().unwrap_err().to_string().contains(".reward is NaN"));
+        assert!(g
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains(".reward is NaN"));
 
         let mut g = sample_group(1, 0, 1);
         g.experiences[0]

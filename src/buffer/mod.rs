@@ -66,13 +66,28 @@ pub enum BufferError {
         #[source]
         source: rusqlite::Error,
     },
-    /// `url` has its password replaced by `***`.
-    #[error("postgres {url}: {source}")]
+    /// `url` has its password replaced by `***`; the message includes the error's causes.
+    #[error("postgres {url}: {}", error_chain(.source))]
     Postgres {
         url: String,
         #[source]
         source: ::postgres::Error,
     },
+}
+
+/// An error and its causes, joined by ": " (the postgres client keeps the cause, such as
+/// "connection refused", out of its own message).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.ends_with(&inner_text) {
+            text = format!("{text}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// What one `take` returned.
@@ -207,12 +222,9 @@ pub fn open_with_mode(
     Ok(match parse_url(url)? {
         Location::Memory => Box::new(MemoryBuffer::new(capacity, mode)?),
         Location::Sqlite(path) => Box::new(SqliteBuffer::open(path, capacity, mode)?),
-        Location::Postgres(url) => Box::new(PostgresBuffer::connect(
-            url,
-            DEFAULT_TABLE,
-            capacity,
-            mode,
-        )?),
+        Location::Postgres(url) => {
+            Box::new(PostgresBuffer::connect(url, DEFAULT_TABLE, capacity, mode)?)
+        }
     })
 }
 
@@ -280,8 +292,14 @@ mod tests {
     #[test]
     fn urls_dispatch_on_scheme() {
         assert_eq!(parse_url("memory").unwrap(), Location::Memory);
-        assert_eq!(parse_url("sqlite:runs/a.db").unwrap(), Location::Sqlite("runs/a.db"));
-        assert_eq!(parse_url("sqlite:///tmp/a.db").unwrap(), Location::Sqlite("/tmp/a.db"));
+        assert_eq!(
+            parse_url("sqlite:runs/a.db").unwrap(),
+            Location::Sqlite("runs/a.db")
+        );
+        assert_eq!(
+            parse_url("sqlite:///tmp/a.db").unwrap(),
+            Location::Sqlite("/tmp/a.db")
+        );
         let pg = "postgres://postgres@localhost:5432/grove_test";
         assert_eq!(parse_url(pg).unwrap(), Location::Postgres(pg));
         let pg = "postgresql://u:p@h/db";
@@ -296,7 +314,10 @@ mod tests {
             "buffer URL \"redis://localhost\": unknown scheme, expected one of: memory, \
              sqlite:PATH, postgres://USER[:PASSWORD]@HOST:PORT/DB (or postgresql://)"
         );
-        assert!(matches!(open("mem", 4), Err(BufferError::UnknownScheme { .. })));
+        assert!(matches!(
+            open("mem", 4),
+            Err(BufferError::UnknownScheme { .. })
+        ));
     }
 
     #[test]
@@ -307,7 +328,7 @@ mod tests {
 
     #[test]
     fn open_memory_gives_an_empty_fifo_buffer() {
-        let mut buffer = open("memory", 2).unwrap();
+        let mut buffer = open("memory", 4).unwrap();
         assert_eq!(buffer.len().unwrap(), 0);
         assert!(buffer.is_empty().unwrap());
         contract::fifo_order(buffer.as_mut());
@@ -351,6 +372,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("unknown field `capacty`"), "{message}");
+    }
+
+    #[test]
+    fn error_chain_appends_causes_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other("connection refused");
+        assert_eq!(error_chain(&Outer(inner)), "outer: connection refused");
+        let plain = std::io::Error::other("x");
+        assert_eq!(error_chain(&plain), "x");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::advantage::AdvantageConfig;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::rollout::SamplingParams;
+use crate::sampling::SamplingConfig;
 use crate::task::ArithmeticConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,8 @@ pub struct RunConfig {
     pub task: ArithmeticConfig,
     pub warmup: WarmupConfig,
     pub rollout: RolloutConfig,
+    pub sampling: SamplingConfig,
+    pub reward: RewardConfig,
     pub advantage: AdvantageConfig,
     pub loss: LossConfig,
     pub train: TrainConfig,
@@ -47,6 +50,8 @@ impl Default for RunConfig {
             task: ArithmeticConfig::default(),
             warmup: WarmupConfig::default(),
             rollout: RolloutConfig::default(),
+            sampling: SamplingConfig::default(),
+            reward: RewardConfig::default(),
             advantage: AdvantageConfig::default(),
             loss: LossConfig::default(),
             train: TrainConfig::default(),
@@ -99,7 +104,14 @@ pub struct WarmupConfig {
 
 impl Default for WarmupConfig {
     fn default() -> Self {
-        WarmupConfig { target_acc: 0.2, max_steps: 4000, batch_size: 64, lr: 1e-3, eval_every: 50, eval_size: 200 }
+        WarmupConfig {
+            target_acc: 0.2,
+            max_steps: 4000,
+            batch_size: 64,
+            lr: 1e-3,
+            eval_every: 50,
+            eval_size: 200,
+        }
     }
 }
 
@@ -116,14 +128,35 @@ pub struct RolloutConfig {
 
 impl Default for RolloutConfig {
     fn default() -> Self {
-        RolloutConfig { prompts_per_step: 32, group_size: 8, temperature: 1.0, top_p: 1.0, max_new_tokens: 4 }
+        RolloutConfig {
+            prompts_per_step: 32,
+            group_size: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 4,
+        }
     }
 }
 
 impl RolloutConfig {
     pub fn sampling(&self) -> SamplingParams {
-        SamplingParams { temperature: self.temperature, top_p: self.top_p, max_new_tokens: self.max_new_tokens }
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+        }
     }
+}
+
+/// Where rewards come from beyond the task's verifier.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// Experiments with noisy verifiers: flip a correct (1) observed reward to 0 with
+    /// probability `noise_rho1` and an incorrect one to 1 with `noise_rho0` (seeded).
+    /// `acc/train` stays the clean accuracy; `reward/mean` is what the learner saw.
+    pub noise_rho0: f64,
+    pub noise_rho1: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,24 +199,37 @@ impl Default for TrainConfig {
 /// Sets `path` (dotted) in a TOML table to `value`, parsed as a TOML value when it parses
 /// (numbers, booleans, arrays, quoted strings) and as a bare string otherwise.
 pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
-    let (path, raw) = spec
-        .split_once('=')
-        .ok_or_else(|| Error::config("--set", format!("`{spec}` is not of the form section.key=value")))?;
+    let (path, raw) = spec.split_once('=').ok_or_else(|| {
+        Error::config(
+            "--set",
+            format!("`{spec}` is not of the form section.key=value"),
+        )
+    })?;
     let path = path.trim();
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let keys: Vec<&str> = path.split('.').collect();
     if keys.iter().any(|k| k.is_empty()) {
-        return Err(Error::config("--set", format!("`{path}` is not a valid dotted key")));
+        return Err(Error::config(
+            "--set",
+            format!("`{path}` is not a valid dotted key"),
+        ));
     }
     let mut table = doc;
     for k in &keys[..keys.len() - 1] {
-        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| Error::config("--set", format!("`{k}` in `{path}` is a value, not a section")))?;
+        let entry = table
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            Error::config(
+                "--set",
+                format!("`{k}` in `{path}` is a value, not a section"),
+            )
+        })?;
     }
     table.insert(keys[keys.len() - 1].to_string(), value);
     Ok(())
@@ -216,7 +262,8 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
             if let Err(e) = toml::from_str::<RunConfig>(&text) {
                 return Err(Error::config(&name, e.to_string().trim_end().to_string()));
             }
-            let t: toml::Table = toml::from_str(&text).map_err(|e| Error::config(&name, e.to_string()))?;
+            let t: toml::Table =
+                toml::from_str(&text).map_err(|e| Error::config(&name, e.to_string()))?;
             (name, t)
         }
         None => ("built-in quickstart".to_string(), toml::Table::new()),
@@ -225,49 +272,98 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
     for o in overrides {
         apply_override(&mut over, o)?;
     }
-    let recipe = over.get("recipe").and_then(|v| v.as_str()).map(String::from);
+    let recipe = over
+        .get("recipe")
+        .and_then(|v| v.as_str())
+        .map(String::from);
     let mut table = match &recipe {
         Some(name) => recipes::table(name).map_err(|m| Error::config(&source, m))?,
         None => toml::Table::new(),
     };
     merge(&mut table, over);
-    let src = if overrides.is_empty() { source.clone() } else { format!("{source} with --set overrides") };
-    let cfg = deserialize(table, &src)?;
+    let src = if overrides.is_empty() {
+        source.clone()
+    } else {
+        format!("{source} with --set overrides")
+    };
+    let mut cfg = deserialize(table, &src)?;
+    cfg.derive_defaults();
     cfg.validate(&src)?;
     Ok(cfg)
 }
 
 impl RunConfig {
+    /// Values derived from others when not given: `loss.max_len` (Dr. GRPO's fixed L_max) is
+    /// the generation budget `rollout.max_new_tokens`.
+    pub fn derive_defaults(&mut self) {
+        if self.loss.agg == crate::loss::Aggregation::SeqMeanTokenSumNorm
+            && self.loss.max_len.is_none()
+        {
+            self.loss.max_len = Some(self.rollout.max_new_tokens);
+        }
+    }
+
     /// Checks every section; messages name the field and what was expected.
     pub fn validate(&self, source: &str) -> Result<()> {
         let err = |m: String| Err(Error::config(source, m));
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
-            return err(format!("name {:?} must be non-empty and contain no path separator", self.name));
+            return err(format!(
+                "name {:?} must be non-empty and contain no path separator",
+                self.name
+            ));
         }
         self.task.validate().map_err(|m| Error::config(source, m))?;
-        self.rollout.sampling().validate().map_err(|m| Error::config(source, format!("rollout: {m}")))?;
-        self.advantage.validate().map_err(|e| Error::config(source, format!("advantage: {e}")))?;
-        self.loss.validate().map_err(|e| Error::config(source, format!("loss: {e}")))?;
+        self.rollout
+            .sampling()
+            .validate()
+            .map_err(|m| Error::config(source, format!("rollout: {m}")))?;
+        self.advantage
+            .validate()
+            .map_err(|e| Error::config(source, format!("advantage: {e}")))?;
+        self.loss
+            .validate()
+            .map_err(|e| Error::config(source, format!("loss: {e}")))?;
         let r = &self.rollout;
         if r.prompts_per_step == 0 || r.group_size == 0 {
             return err("rollout.prompts_per_step and rollout.group_size must be positive".into());
+        }
+        let rw = &self.reward;
+        if !(0.0..1.0).contains(&rw.noise_rho0)
+            || !(0.0..1.0).contains(&rw.noise_rho1)
+            || rw.noise_rho0 + rw.noise_rho1 >= 1.0
+        {
+            return err(format!(
+                "reward.noise_rho0 ({}) and reward.noise_rho1 ({}) must each be in [0, 1) with a sum below 1",
+                rw.noise_rho0, rw.noise_rho1
+            ));
+        }
+        if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
+            return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }
         let t = &self.train;
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return err(format!("train.lr must be positive, found {}", t.lr));
         }
         if t.grad_clip < 0.0 {
-            return err(format!("train.grad_clip must be >= 0, found {}", t.grad_clip));
+            return err(format!(
+                "train.grad_clip must be >= 0, found {}",
+                t.grad_clip
+            ));
         }
         if t.eval_every == 0 || t.checkpoint_every == 0 {
             return err("train.eval_every and train.checkpoint_every must be positive".into());
         }
         let w = &self.warmup;
         if w.batch_size == 0 || w.eval_every == 0 || w.eval_size == 0 {
-            return err("warmup.batch_size, warmup.eval_every and warmup.eval_size must be positive".into());
+            return err(
+                "warmup.batch_size, warmup.eval_every and warmup.eval_size must be positive".into(),
+            );
         }
         if !(0.0..=1.0).contains(&w.target_acc) {
-            return err(format!("warmup.target_acc must be in [0, 1], found {}", w.target_acc));
+            return err(format!(
+                "warmup.target_acc must be in [0, 1], found {}",
+                w.target_acc
+            ));
         }
         if self.model.source != "builtin" {
             return err(format!(

@@ -12,22 +12,281 @@ pub struct Recipe {
 pub const RECIPES: &[Recipe] = &[
     Recipe {
         name: "quickstart",
-        description: "GRPO on the built-in arithmetic task: grpo advantage, ppo-clip, token-mean",
-        source: "DeepSeekMath (GRPO), DESIGN.md §5",
-        toml: "",
+        description: "GRPO on the built-in arithmetic task (the default of `grove train`)",
+        source: "DeepSeekMath (Shao et al. 2024); DESIGN.md §5",
+        toml: r#""#,
     },
     Recipe {
         name: "grpo",
-        description: "group z-scored advantage, PPO-style clipped ratio, token-mean",
+        description: "group z-scored advantage, PPO clipped ratio, token-mean",
         source: "Shao et al. 2024, DeepSeekMath",
-        toml: "[advantage]\nestimator = \"grpo\"\n[loss]\nloss = \"ppo-clip\"\nagg = \"token-mean\"\n",
+        toml: r#"[advantage]
+estimator = "grpo"
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+"#,
+    },
+    Recipe {
+        name: "dr-grpo",
+        description: "mean-centred advantage without std, token sums over a fixed L_max",
+        source: "Liu et al. 2025, Understanding R1-Zero-Like Training (Dr. GRPO)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "ppo-clip"
+agg = "seq-mean-token-sum-norm"
+"#,
+    },
+    Recipe {
+        name: "rloo",
+        description: "leave-one-out baseline, REINFORCE on sequence log-probs",
+        source: "Ahmadian et al. 2024, Back to Basics (RLOO)",
+        toml: r#"[advantage]
+estimator = "rloo"
+[loss]
+loss = "reinforce"
+agg = "seq-mean-token-sum"
+"#,
+    },
+    Recipe {
+        name: "reinforce",
+        description: "plain REINFORCE: A = r, no baseline, no clipping",
+        source: "Williams 1992",
+        toml: r#"[advantage]
+estimator = "reinforce"
+[loss]
+loss = "reinforce"
+agg = "token-mean"
+"#,
+    },
+    Recipe {
+        name: "rec-oneside-is",
+        description: "REC: importance weight ρ, one-side clipping mask",
+        source: "Yao et al. 2025, Group-relative REINFORCE is secretly an off-policy algorithm (REC)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "rec"
+rec_weight = "is"
+rec_mask = "one-side"
+"#,
+    },
+    Recipe {
+        name: "rec-oneside-nois",
+        description: "REC: no importance weight, one-side clipping mask",
+        source: "Yao et al. 2025 (REC)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "rec"
+rec_weight = "none"
+rec_mask = "one-side"
+"#,
+    },
+    Recipe {
+        name: "rec-twoside-is",
+        description: "REC: importance weight ρ, two-side mask 1−ε ≤ ρ ≤ 1+ε",
+        source: "Yao et al. 2025 (REC)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "rec"
+rec_weight = "is"
+rec_mask = "two-side"
+"#,
+    },
+    Recipe {
+        name: "rec-ring-nois",
+        description: "REC: no importance weight, ring mask (two-side plus loose outer ring 0.6/2.0)",
+        source: "Yao et al. 2025 (REC)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "rec"
+rec_weight = "none"
+rec_mask = "ring"
+"#,
+    },
+    Recipe {
+        name: "rec-seq-nois",
+        description: "REC: no importance weight, sequence-level one-side mask (3e-4/4e-4)",
+        source: "Yao et al. 2025 (REC); GSPO-style sequence ratio",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "rec"
+rec_weight = "none"
+rec_mask = "seq-one-side"
+"#,
+    },
+    Recipe {
+        name: "asymre",
+        description: "REINFORCE with the baseline lowered by c = 0.1 (tilts toward positives)",
+        source: "Arnal et al. 2025, Asymmetric REINFORCE (AsymRE)",
+        toml: r#"[advantage]
+estimator = "asymre"
+[loss]
+loss = "rec"
+"#,
+    },
+    Recipe {
+        name: "opmd",
+        description: "online policy mirror descent: softmax baseline τ·log mean exp(r/τ), plus c·Δ² regulariser",
+        source: "Kimi k1.5 (OPMD); Yao et al. 2025",
+        toml: r#"[advantage]
+estimator = "opmd"
+[loss]
+loss = "rec"
+rec_reg = "opmd"
+"#,
+    },
+    Recipe {
+        name: "red-drop",
+        description: "GRPO with RED-Drop: drop random negatives until they no longer outnumber positives",
+        source: "RED (Reinforce with Exploration by Dropping) — unverified naming, ALGORITHMS.md §4",
+        toml: r#"[advantage]
+estimator = "grpo"
+[sampling]
+red_drop = true
+"#,
+    },
+    Recipe {
+        name: "red-weight",
+        description: "GRPO with RED-Weight: effective advantage A·exp(A/τ), τ = 1",
+        source: "ALGORITHMS.md §1.3 (RED-Weight)",
+        toml: r#"[advantage]
+estimator = "grpo"
+[advantage.red_weight]
+enabled = true
+"#,
+    },
+    Recipe {
+        name: "topr",
+        description: "TOPR: positives at full weight, negatives with truncated ratio clamp(ρ, 0, 1), per-sequence mean",
+        source: "Roux et al. 2025, Tapered Off-Policy REINFORCE (TOPR)",
+        toml: r#"[advantage]
+estimator = "group-mean"
+[loss]
+loss = "topr"
+agg = "seq-mean-token-mean"
+"#,
+    },
+    Recipe {
+        name: "bnpo",
+        description: "Beta-normalised advantages with batch-fitted α, β",
+        source: "Xiao et al. 2025, BNPO",
+        toml: r#"[advantage]
+estimator = "bnpo"
+[loss]
+loss = "ppo-clip"
+"#,
+    },
+    Recipe {
+        name: "psr",
+        description: "positive-sample reinforcement only (A = +1 on correct)",
+        source: "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement (PSR)",
+        toml: r#"[advantage]
+estimator = "psr"
+[loss]
+loss = "reinforce"
+"#,
+    },
+    Recipe {
+        name: "nsr",
+        description: "negative-sample reinforcement only (A = −1 on incorrect)",
+        source: "Zhu et al. 2025 (NSR)",
+        toml: r#"[advantage]
+estimator = "nsr"
+[loss]
+loss = "reinforce"
+"#,
+    },
+    Recipe {
+        name: "w-reinforce",
+        description: "weighted REINFORCE: +λ on correct (λ = 0.1), −1 on incorrect",
+        source: "Zhu et al. 2025 (W-REINFORCE)",
+        toml: r#"[advantage]
+estimator = "w-reinforce"
+w_lambda = 0.1
+[loss]
+loss = "reinforce"
+"#,
+    },
+    Recipe {
+        name: "apo",
+        description: "GRPO with STCR length-aware scaling of wrong answers and DADS difficulty-weighted KL",
+        source: "APO — ALGORITHMS.md §1.3, §2 (STCR base unverified)",
+        toml: r#"[advantage]
+estimator = "grpo"
+[advantage.stcr]
+enabled = true
+[loss]
+loss = "ppo-clip"
+dads = true
+"#,
+    },
+    Recipe {
+        name: "stable-reinforce",
+        description: "PPO-clip with pre-clipped log-ratio plus the batch advantage filter",
+        source: "StableReinforce (R1-Reward, Zhang et al. 2025)",
+        toml: r#"[advantage]
+estimator = "grpo"
+[advantage.stable_filter]
+enabled = true
+[loss]
+loss = "stable-reinforce"
+"#,
+    },
+    Recipe {
+        name: "tempsamp",
+        description: "TempSamp: soft reward shaping, ground-truth injection, anchored advantages",
+        source: "TempSamp-R1 — ALGORITHMS.md §1.3, §4",
+        toml: r#"[advantage]
+estimator = "grpo"
+[advantage.tempsamp_shaping]
+enabled = true
+[advantage.tempsamp_anchor]
+enabled = true
+[sampling]
+inject_ground_truth = true
+"#,
+    },
+    Recipe {
+        name: "noisy-forward",
+        description: "forward correction for false negatives (ρ₁ = 0.2): A = r̃ − (1 − ρ₁), no centring",
+        source: "Noisy-verifier corrections — ALGORITHMS.md §1.2",
+        toml: r#"[advantage]
+estimator = "noisy-forward"
+[advantage.noisy]
+rho0 = 0.0
+rho1 = 0.2
+[loss]
+loss = "reinforce"
+"#,
+    },
+    Recipe {
+        name: "noisy-backward",
+        description: "backward correction r̂ = (r̃ − ρ₀)/(1 − ρ₀ − ρ₁) with a leave-one-out baseline (ρ₀ = 0.1, ρ₁ = 0.2)",
+        source: "Noisy-verifier corrections — ALGORITHMS.md §1.2",
+        toml: r#"[advantage]
+estimator = "noisy-backward"
+[advantage.noisy]
+rho0 = 0.1
+rho1 = 0.2
+[loss]
+loss = "reinforce"
+"#,
     },
 ];
 
 pub fn find(name: &str) -> Result<&'static Recipe, String> {
     RECIPES.iter().find(|r| r.name == name).ok_or_else(|| {
         let known: Vec<&str> = RECIPES.iter().map(|r| r.name).collect();
-        format!("unknown recipe {name:?}; known recipes: {}", known.join(", "))
+        format!(
+            "unknown recipe {name:?}; known recipes: {}",
+            known.join(", ")
+        )
     })
 }
 
@@ -38,4 +297,29 @@ pub fn table(name: &str) -> Result<toml::Table, String> {
         toml::from_str(r.toml).map_err(|e| format!("recipe {name:?} is not valid TOML: {e}"))?;
     t.insert("recipe".into(), toml::Value::String(name.into()));
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recipe_is_valid_toml_and_validates() {
+        for r in RECIPES {
+            let t = table(r.name).unwrap();
+            assert_eq!(t["recipe"].as_str(), Some(r.name));
+            let cfg = crate::config::load(None, &[format!("recipe={:?}", r.name)])
+                .unwrap_or_else(|e| panic!("recipe {} does not validate: {e}", r.name));
+            assert_eq!(cfg.recipe.as_deref(), Some(r.name));
+        }
+    }
+
+    #[test]
+    fn unknown_recipe_lists_the_known_ones() {
+        let e = find("grpp").err().unwrap();
+        assert!(
+            e.contains("grpp") && e.contains("rec-oneside-nois") && e.contains("topr"),
+            "{e}"
+        );
+    }
 }

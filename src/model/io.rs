@@ -14,7 +14,10 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::checkpoint(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+        Error::checkpoint(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
     })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -41,10 +44,16 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            Error::checkpoint(&index, "field `weight_map` missing or not an object")
-        })?;
-        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                Error::checkpoint(&index, "field `weight_map` missing or not an object")
+            })?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
         shards.sort();
         shards.dedup();
         shards.into_iter().map(|s| dir.join(s)).collect()

@@ -98,11 +98,16 @@ impl Config {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                return err(format!("hidden_act `{act}` is not supported (expected \"silu\")"));
+                return err(format!(
+                    "hidden_act `{act}` is not supported (expected \"silu\")"
+                ));
             }
         }
         Ok(())
@@ -112,7 +117,8 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
     pub fn rms_eps(&self) -> f64 {
         self.rms_norm_eps.unwrap_or(1e-6)
@@ -215,7 +221,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: (0..n_layers).map(|_| None).collect() }
+        KvCache {
+            layers: (0..n_layers).map(|_| None).collect(),
+        }
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
@@ -257,7 +265,8 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?.broadcast_mul(w)?)
+    Ok(x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?
+        .broadcast_mul(w)?)
 }
 
 impl Llama {
@@ -300,12 +309,18 @@ impl Llama {
         let mut by_name: HashMap<String, Tensor> = HashMap::new();
         for (name, shape) in parameter_shapes(cfg) {
             let t = tensors.remove(&name).ok_or_else(|| {
-                Error::checkpoint(source, format!("missing tensor `{name}` (expected shape {shape:?})"))
+                Error::checkpoint(
+                    source,
+                    format!("missing tensor `{name}` (expected shape {shape:?})"),
+                )
             })?;
             if t.dims() != shape.as_slice() {
                 return Err(Error::checkpoint(
                     source,
-                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    ),
                 ));
             }
             let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
@@ -347,7 +362,11 @@ impl Llama {
             });
         }
         let embed = take("model.embed_tokens.weight");
-        let lm_head = if cfg.tied() { embed.clone() } else { take("lm_head.weight") };
+        let lm_head = if cfg.tied() {
+            embed.clone()
+        } else {
+            take("lm_head.weight")
+        };
         let (cos, sin) = rope_tables(cfg, device)?;
         Ok(Llama {
             cfg: cfg.clone(),
@@ -377,7 +396,10 @@ impl Llama {
 
     /// Named weights for saving (shares storage with the live parameters).
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
-        self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// An independent copy of the weights: the behaviour policy of lagged/async modes, which
@@ -415,31 +437,48 @@ impl Llama {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let flat_pos = pos.flatten_all()?;
-        let cos = self.cos.index_select(&flat_pos, 0)?.reshape((b, 1, t, hd / 2))?;
-        let sin = self.sin.index_select(&flat_pos, 0)?.reshape((b, 1, t, hd / 2))?;
+        let cos = self
+            .cos
+            .index_select(&flat_pos, 0)?
+            .reshape((b, 1, t, hd / 2))?;
+        let sin = self
+            .sin
+            .index_select(&flat_pos, 0)?
+            .reshape((b, 1, t, hd / 2))?;
         let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
         let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.ln1, cfg.rms_eps())?;
             let (qb, kb, vb) = match &layer.qkv_bias {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
-            let q = linear(&h, &layer.q, qb)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-            let k = linear(&h, &layer.k, kb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let v = linear(&h, &layer.v, vb)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let q = linear(&h, &layer.q, qb)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?;
+            let k = linear(&h, &layer.k, kb)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let v = linear(&h, &layer.v, vb)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
-                    let slot = c
-                        .layers
-                        .get_mut(li)
-                        .ok_or_else(|| Error::Model("kv cache has fewer layers than the model".into()))?;
+                    let slot = c.layers.get_mut(li).ok_or_else(|| {
+                        Error::Model("kv cache has fewer layers than the model".into())
+                    })?;
                     let (k, v) = match slot.take() {
-                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+                        Some((pk, pv)) => (
+                            Tensor::cat(&[&pk, &k], 2)?,
+                            Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
+                        ),
                         None => (k.contiguous()?, v.contiguous()?),
                     };
                     *slot = Some((k.clone(), v.clone()));
@@ -471,7 +510,9 @@ fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let theta = cfg.rope_theta();
     let n = cfg.max_positions();
-    let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    let inv: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
     let mut cos = Vec::with_capacity(n * hd / 2);
     let mut sin = Vec::with_capacity(n * hd / 2);
     for p in 0..n {
@@ -501,13 +542,21 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, nkv, s, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.contiguous()?.reshape((b, nkv * rep, s, hd))?)
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, nkv, rep, s, hd))?
+        .contiguous()?
+        .reshape((b, nkv * rep, s, hd))?)
 }
 
 /// Additive attention mask (b, 1, t, offset + t) for queries at columns offset..offset+t.
 /// A query sees a key when the key is not after it and the key is a real token.
 /// Masked entries get −1e9, not −inf, so rows of padding queries stay finite.
-pub fn attention_mask(key_valid: &[Vec<bool>], offset: usize, t: usize, device: &Device) -> Result<Tensor> {
+pub fn attention_mask(
+    key_valid: &[Vec<bool>],
+    offset: usize,
+    t: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let b = key_valid.len();
     let s = offset + t;
     let mut m = Vec::with_capacity(b * t * s);
@@ -520,7 +569,11 @@ pub fn attention_mask(key_valid: &[Vec<bool>], offset: usize, t: usize, device: 
         }
         for i in 0..t {
             for (j, &valid) in row.iter().enumerate() {
-                m.push(if j <= offset + i && valid { 0.0f32 } else { -1e9 });
+                m.push(if j <= offset + i && valid {
+                    0.0f32
+                } else {
+                    -1e9
+                });
             }
         }
     }

@@ -1,4 +1,5 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
+pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod tokenizer;

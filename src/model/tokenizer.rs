@@ -18,13 +18,21 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     /// Loads a `tokenizer.json`; special tokens are looked up by name and must exist.
-    pub fn from_json(json: String, source: &str, bos: Option<&str>, eos: &str, pad: Option<&str>) -> Result<Self> {
+    pub fn from_json(
+        json: String,
+        source: &str,
+        bos: Option<&str>,
+        eos: &str,
+        pad: Option<&str>,
+    ) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| Error::Tokenizer(format!("{source}: not a valid tokenizer.json: {e}")))?;
         let id = |tok: &str| {
-            inner
-                .token_to_id(tok)
-                .ok_or_else(|| Error::Tokenizer(format!("{source}: special token `{tok}` is not in the vocabulary")))
+            inner.token_to_id(tok).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{source}: special token `{tok}` is not in the vocabulary"
+                ))
+            })
         };
         let eos_id = id(eos)?;
         let bos_id = bos.map(id).transpose()?;
@@ -32,7 +40,13 @@ impl Tokenizer {
             Some(p) => id(p)?,
             None => eos_id,
         };
-        Ok(Tokenizer { inner, json, bos: bos_id, eos: eos_id, pad: pad_id })
+        Ok(Tokenizer {
+            inner,
+            json,
+            bos: bos_id,
+            eos: eos_id,
+            pad: pad_id,
+        })
     }
 
     pub fn from_file(path: &Path, bos: Option<&str>, eos: &str, pad: Option<&str>) -> Result<Self> {
@@ -44,8 +58,14 @@ impl Tokenizer {
     pub fn builtin_arithmetic() -> Self {
         let json = builtin_tokenizer_json();
         // The JSON is generated here and covered by tests; failure would be a programming error.
-        Self::from_json(json, "built-in tokenizer", Some("<bos>"), "<eos>", Some("<pad>"))
-            .expect("built-in tokenizer.json is valid")
+        Self::from_json(
+            json,
+            "built-in tokenizer",
+            Some("<bos>"),
+            "<eos>",
+            Some("<pad>"),
+        )
+        .expect("built-in tokenizer.json is valid")
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -1,5 +1,7 @@
 //! What a run leaves for people to read: metrics.jsonl (one line a step; names are the
 //! contract of DESIGN.md §7 and docs/metrics.md), samples.jsonl, and the progress bar.
+pub mod plot;
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -18,14 +20,23 @@ pub struct JsonlWriter {
 
 impl JsonlWriter {
     pub fn open_append(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-        Ok(JsonlWriter { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(JsonlWriter {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write<T: serde::Serialize>(&mut self, value: &T) -> Result<()> {
         let mut line = serde_json::to_string(value)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))
     }
 }
@@ -36,7 +47,11 @@ pub fn metrics_line(step: usize, phase: &str, m: &Metrics) -> serde_json::Value 
     obj.insert("step".into(), step.into());
     obj.insert("phase".into(), phase.into());
     for (k, v) in m {
-        let v = if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+        let v = if v.is_finite() {
+            serde_json::json!(v)
+        } else {
+            serde_json::Value::Null
+        };
         obj.insert(k.clone(), v);
     }
     serde_json::Value::Object(obj)
@@ -73,7 +88,10 @@ pub fn truncate_after(path: &Path, phase: &str, max_step: usize) -> Result<()> {
         let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         for v in lines {
             let keep = v.get("phase").and_then(|p| p.as_str()) != Some(phase)
-                || v.get("step").and_then(|s| s.as_u64()).map(|s| s as usize <= max_step).unwrap_or(true);
+                || v.get("step")
+                    .and_then(|s| s.as_u64())
+                    .map(|s| s as usize <= max_step)
+                    .unwrap_or(true);
             if keep {
                 writeln!(f, "{}", serde_json::to_string(&v)?).map_err(|e| Error::io(&tmp, e))?;
             }
@@ -88,9 +106,11 @@ pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb
 }

@@ -15,7 +15,11 @@ pub fn exact_answer(text: &str, ended_with_eos: bool, answer: &str) -> Verdict {
     } else {
         (1.0, format!("correct: {answer}"))
     };
-    Verdict { score, reason, extracted: Some(text.to_string()) }
+    Verdict {
+        score,
+        reason,
+        extracted: Some(text.to_string()),
+    }
 }
 
 #[cfg(test)]

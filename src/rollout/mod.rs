@@ -23,17 +23,28 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_p: 1.0, max_new_tokens: 4 }
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 4,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, max_new_tokens }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            max_new_tokens,
+        }
     }
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, found {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, found {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], found {}", self.top_p));
@@ -90,7 +101,9 @@ pub fn generate<R: Rng>(
         return Ok(vec![]);
     }
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::Model(format!("prompt {i} is empty: nothing to condition on")));
+        return Err(Error::Model(format!(
+            "prompt {i} is empty: nothing to condition on"
+        )));
     }
     let dev: &Device = model.device();
     let (ids, pos, mut key_valid, p) = left_pad(prompts, pad);
@@ -109,8 +122,13 @@ pub fn generate<R: Rng>(
     let hidden = model.forward_hidden(&ids_t, &pos_t, &mask, Some(&mut cache))?;
     let mut logits = model.logits(&hidden.narrow(1, p - 1, 1)?.squeeze(1)?)?;
 
-    let mut out: Vec<Generation> =
-        (0..b).map(|_| Generation { tokens: vec![], logprobs: vec![], finished: false }).collect();
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation {
+            tokens: vec![],
+            logprobs: vec![],
+            finished: false,
+        })
+        .collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|x| x.len() as u32).collect();
     let mut scratch = Vec::new();
     for step in 0..params.max_new_tokens {
@@ -194,7 +212,12 @@ pub fn sample_token<R: Rng>(
     }
     // Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
     scratch.clear();
-    scratch.extend(logits.iter().enumerate().map(|(i, &x)| (((x as f64 - max) / t).exp() / z, i as u32)));
+    scratch.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (((x as f64 - max) / t).exp() / z, i as u32)),
+    );
     scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut mass = 0.0;
     let mut keep = 0;
@@ -225,7 +248,12 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_with_its_logprob() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let (tok, lp) = sample_token(&[0.0, 2.0, 1.0], &SamplingParams::greedy(1), &mut rng, &mut vec![]);
+        let (tok, lp) = sample_token(
+            &[0.0, 2.0, 1.0],
+            &SamplingParams::greedy(1),
+            &mut rng,
+            &mut vec![],
+        );
         assert_eq!(tok, 1);
         // log softmax: 2 − ln(e^0 + e^2 + e^1) = 2 − 2.40761 = −0.40761
         assert!((lp as f64 + 0.407606).abs() < 1e-5);
@@ -235,9 +263,15 @@ mod tests {
     fn sampling_frequencies_follow_probabilities() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0, max_new_tokens: 1 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 1,
+        };
         let n = 20000;
-        let ones = (0..n).filter(|_| sample_token(&logits, &params, &mut rng, &mut vec![]).0 == 1).count();
+        let ones = (0..n)
+            .filter(|_| sample_token(&logits, &params, &mut rng, &mut vec![]).0 == 1)
+            .count();
         let f = ones as f64 / n as f64;
         assert!((f - 0.75).abs() < 0.015, "frequency {f}");
     }
@@ -247,7 +281,11 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         // p ≈ [0.665, 0.245, 0.090]; top_p 0.8 keeps tokens 0 and 1 only.
         let logits = [2.0f32, 1.0, 0.0];
-        let params = SamplingParams { temperature: 1.0, top_p: 0.8, max_new_tokens: 1 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            max_new_tokens: 1,
+        };
         for _ in 0..2000 {
             assert_ne!(sample_token(&logits, &params, &mut rng, &mut vec![]).0, 2);
         }

@@ -26,7 +26,11 @@ pub struct ArithmeticConfig {
 
 impl Default for ArithmeticConfig {
     fn default() -> Self {
-        ArithmeticConfig { digits: 2, ops: vec!["+".into()], heldout_size: 500 }
+        ArithmeticConfig {
+            digits: 2,
+            ops: vec!["+".into()],
+            heldout_size: 500,
+        }
     }
 }
 
@@ -45,14 +49,19 @@ pub struct ArithmeticTask {
 impl ArithmeticConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=4).contains(&self.digits) {
-            return Err(format!("task.digits must be in 1..=4, found {}", self.digits));
+            return Err(format!(
+                "task.digits must be in 1..=4, found {}",
+                self.digits
+            ));
         }
         if self.ops.is_empty() {
             return Err("task.ops is empty: give at least one of \"+\", \"-\", \"*\"".into());
         }
         for op in &self.ops {
             if !matches!(op.as_str(), "+" | "-" | "*") {
-                return Err(format!("task.ops: unknown operator {op:?} (known: \"+\", \"-\", \"*\")"));
+                return Err(format!(
+                    "task.ops: unknown operator {op:?} (known: \"+\", \"-\", \"*\")"
+                ));
             }
         }
         let span = self.span();
@@ -83,7 +92,10 @@ fn render(a: u64, b: u64, op: char) -> Problem {
         '-' => a as i64 - b as i64,
         _ => (a * b) as i64,
     };
-    Problem { prompt: format!("{a}{op}{b}="), answer: ans.to_string() }
+    Problem {
+        prompt: format!("{a}{op}{b}="),
+        answer: ans.to_string(),
+    }
 }
 
 impl ArithmeticTask {
@@ -98,13 +110,20 @@ impl ArithmeticTask {
                 heldout.push(render(key.0, key.1, key.2));
             }
         }
-        Ok(ArithmeticTask { cfg, heldout, heldout_keys: keys })
+        Ok(ArithmeticTask {
+            cfg,
+            heldout,
+            heldout_keys: keys,
+        })
     }
 
     fn draw_key<R: Rng>(cfg: &ArithmeticConfig, rng: &mut R) -> (u64, u64, char) {
         let a = cfg.lo() + rng.gen_range(0..cfg.span());
         let b = cfg.lo() + rng.gen_range(0..cfg.span());
-        let op = cfg.ops[rng.gen_range(0..cfg.ops.len())].chars().next().unwrap_or('+');
+        let op = cfg.ops[rng.gen_range(0..cfg.ops.len())]
+            .chars()
+            .next()
+            .unwrap_or('+');
         (a, b, op)
     }
 
@@ -128,7 +147,9 @@ impl ArithmeticTask {
         let mut m = 0;
         for op in &self.cfg.ops {
             let c = op.chars().next().unwrap_or('+');
-            m = m.max(render(hi, hi, c).answer.len()).max(render(self.cfg.lo(), hi, c).answer.len());
+            m = m
+                .max(render(hi, hi, c).answer.len())
+                .max(render(self.cfg.lo(), hi, c).answer.len());
         }
         m
     }
@@ -140,7 +161,13 @@ mod tests {
 
     #[test]
     fn problems_are_exact() {
-        assert_eq!(render(37, 48, '+'), Problem { prompt: "37+48=".into(), answer: "85".into() });
+        assert_eq!(
+            render(37, 48, '+'),
+            Problem {
+                prompt: "37+48=".into(),
+                answer: "85".into()
+            }
+        );
         assert_eq!(render(12, 30, '-').answer, "-18");
         assert_eq!(render(12, 30, '*').answer, "360");
     }
@@ -160,9 +187,19 @@ mod tests {
 
     #[test]
     fn bad_config_is_rejected_with_the_field() {
-        let e = ArithmeticConfig { ops: vec!["/".into()], ..Default::default() }.validate().unwrap_err();
+        let e = ArithmeticConfig {
+            ops: vec!["/".into()],
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("task.ops") && e.contains("\"/\""), "{e}");
-        let e = ArithmeticConfig { digits: 9, ..Default::default() }.validate().unwrap_err();
+        let e = ArithmeticConfig {
+            digits: 9,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("task.digits"), "{e}");
     }
 }

@@ -21,7 +21,12 @@ pub struct SeqBatch {
     pub resp_len: usize,
 }
 
-pub fn build(prompts: &[Vec<u32>], responses: &[Vec<u32>], pad: u32, dev: &Device) -> Result<SeqBatch> {
+pub fn build(
+    prompts: &[Vec<u32>],
+    responses: &[Vec<u32>],
+    pad: u32,
+    dev: &Device,
+) -> Result<SeqBatch> {
     if prompts.len() != responses.len() || prompts.is_empty() {
         return Err(Error::Model(format!(
             "batch: {} prompts for {} responses (need the same, non-zero number)",
@@ -55,7 +60,11 @@ pub fn build(prompts: &[Vec<u32>], responses: &[Vec<u32>], pad: u32, dev: &Devic
         }
         key_valid.push(kv);
         targets.extend((0..r).map(|j| resp.get(j).copied().unwrap_or(pad)));
-        valid.push((0..r).map(|j| if j < resp.len() { 1.0 } else { 0.0 }).collect());
+        valid.push(
+            (0..r)
+                .map(|j| if j < resp.len() { 1.0 } else { 0.0 })
+                .collect(),
+        );
     }
     Ok(SeqBatch {
         ids: Tensor::from_vec(ids, (b, t), dev)?,
@@ -71,7 +80,11 @@ pub fn build(prompts: &[Vec<u32>], responses: &[Vec<u32>], pad: u32, dev: &Devic
 /// Per-token log-probs (b, r) of the response tokens under `model` at `temperature`
 /// (1 for SFT; the sampling temperature for RL so ratios compare like with like), and the
 /// logits' log-softmax for entropy.
-pub fn response_logprobs(model: &Llama, batch: &SeqBatch, temperature: f64) -> Result<(Tensor, Tensor)> {
+pub fn response_logprobs(
+    model: &Llama,
+    batch: &SeqBatch,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
     let hidden = model.forward_hidden(&batch.ids, &batch.pos, &batch.mask, None)?;
     let h = hidden.narrow(1, batch.prompt_len - 1, batch.resp_len)?;
     let mut logits = model.logits(&h)?;
@@ -79,14 +92,23 @@ pub fn response_logprobs(model: &Llama, batch: &SeqBatch, temperature: f64) -> R
         logits = (logits / temperature)?;
     }
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let lp = lsm.gather(&batch.targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)?;
+    let lp = lsm
+        .gather(
+            &batch.targets.unsqueeze(D::Minus1)?.contiguous()?,
+            D::Minus1,
+        )?
+        .squeeze(D::Minus1)?;
     Ok((lp, lsm))
 }
 
 /// Mean token entropy over valid tokens, as a tensor with gradient: −Σ p log p.
 pub fn entropy(lsm: &Tensor, valid: &Tensor) -> Result<Tensor> {
     let ent = (lsm.exp()? * lsm)?.sum(D::Minus1)?.neg()?;
-    let n = valid.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+    let n = valid
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
     Ok(((ent * valid)?.sum_all()? / n)?)
 }
 

@@ -23,7 +23,11 @@ pub struct RngState {
 impl RngState {
     pub fn of(rng: &ChaCha8Rng) -> Self {
         let seed: String = rng.get_seed().iter().map(|b| format!("{b:02x}")).collect();
-        RngState { seed, stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+        RngState {
+            seed,
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
     }
 
     pub fn restore(&self, source: &Path) -> Result<ChaCha8Rng> {
@@ -34,17 +38,22 @@ impl RngState {
         }
         let mut seed = [0u8; 32];
         for (i, s) in seed.iter_mut().enumerate() {
-            *s = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16).map_err(|_| bad("seed is not hex"))?;
+            *s = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16)
+                .map_err(|_| bad("seed is not hex"))?;
         }
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(self.stream);
-        rng.set_word_pos(self.word_pos.parse().map_err(|_| bad("word_pos is not an integer"))?);
+        rng.set_word_pos(
+            self.word_pos
+                .parse()
+                .map_err(|_| bad("word_pos is not an integer"))?,
+        );
         Ok(rng)
     }
 }
 
 /// Everything besides tensors that a resumed run needs to continue bit for bit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainState {
     /// RL steps completed (0: right after the warm-up).
     pub step: usize,
@@ -57,6 +66,7 @@ pub struct TrainState {
     pub warmup_steps: usize,
     pub acc_after_warmup: f64,
     pub adv_state: crate::advantage::AdvantageState,
+    pub noise: Option<crate::reward::noise::NoiseInjector>,
 }
 
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
@@ -64,7 +74,13 @@ pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically (temporary directory, then rename).
-pub fn save(run_dir: &Path, model: &Llama, opt: &AdamW, tok: &Tokenizer, state: &TrainState) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    model: &Llama,
+    opt: &AdamW,
+    tok: &Tokenizer,
+    state: &TrainState,
+) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = final_dir.parent().unwrap_or(run_dir).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
@@ -100,8 +116,15 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
         let entry = entry.map_err(|e| Error::io(&dir, e))?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-        if entry.path().join("state.json").exists() && best.as_ref().map(|b| n > b.0).unwrap_or(true) {
+        let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join("state.json").exists()
+            && best.as_ref().map(|b| n > b.0).unwrap_or(true)
+        {
             best = Some((n, entry.path()));
         }
     }
@@ -111,14 +134,20 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
 pub fn read_state(ckpt: &Path) -> Result<TrainState> {
     let p = ckpt.join("state.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::checkpoint(&p, format!("invalid state.json: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&p, format!("invalid state.json: {e}")))
 }
 
 /// Loads model weights and optimizer moments from a checkpoint into existing objects.
 pub fn restore(ckpt: &Path, model: &Llama, opt: &mut AdamW, state: &TrainState) -> Result<()> {
     let weights_path = ckpt.join("model.safetensors");
     let weights = load_safetensors(&weights_path, model.device())?;
-    let loaded = Llama::from_tensors(&model.cfg, weights, model.device(), &weights_path.display().to_string())?;
+    let loaded = Llama::from_tensors(
+        &model.cfg,
+        weights,
+        model.device(),
+        &weights_path.display().to_string(),
+    )?;
     model.copy_weights_from(&loaded)?;
     let opt_path = ckpt.join("optimizer.safetensors");
     let st = load_safetensors(&opt_path, &candle_core::Device::Cpu)?;

@@ -23,8 +23,10 @@ use crate::loss::{self, SeqInput};
 use crate::model::{Config as ModelShape, Llama, Tokenizer};
 use crate::report::{self, JsonlWriter, Metrics};
 use crate::reward::exact::exact_answer;
+use crate::reward::noise::NoiseInjector;
 use crate::reward::Verdict;
 use crate::rollout::{generate, Generation, SamplingParams};
+use crate::sampling;
 use crate::task::{ArithmeticTask, Problem};
 use checkpoint::{RngState, TrainState};
 use optim::{AdamW, AdamWParams};
@@ -74,7 +76,11 @@ pub fn builtin_shape(cfg: &RunConfig, vocab: usize) -> ModelShape {
 pub fn create_run_dir(output_dir: &Path, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     for i in 1.. {
-        let cand = if i == 1 { output_dir.join(name) } else { output_dir.join(format!("{name}-{i}")) };
+        let cand = if i == 1 {
+            output_dir.join(name)
+        } else {
+            output_dir.join(format!("{name}-{i}"))
+        };
         match std::fs::create_dir(&cand) {
             Ok(()) => return Ok(cand),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -106,7 +112,12 @@ fn response_text(tok: &Tokenizer, g: &Generation) -> Result<String> {
 }
 
 /// Greedy held-out accuracy of `model` on `problems`.
-pub fn evaluate(model: &Llama, tok: &Tokenizer, problems: &[Problem], max_new_tokens: usize) -> Result<f64> {
+pub fn evaluate(
+    model: &Llama,
+    tok: &Tokenizer,
+    problems: &[Problem],
+    max_new_tokens: usize,
+) -> Result<f64> {
     if problems.is_empty() {
         return Ok(0.0);
     }
@@ -115,7 +126,10 @@ pub fn evaluate(model: &Llama, tok: &Tokenizer, problems: &[Problem], max_new_to
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut correct = 0usize;
     for chunk in problems.chunks(512) {
-        let prompts = chunk.iter().map(|p| encode_prompt(tok, &p.prompt)).collect::<Result<Vec<_>>>()?;
+        let prompts = chunk
+            .iter()
+            .map(|p| encode_prompt(tok, &p.prompt))
+            .collect::<Result<Vec<_>>>()?;
         let gens = generate(model, &prompts, tok.eos, tok.pad, &params, &mut rng)?;
         for (g, p) in gens.iter().zip(chunk) {
             if exact_answer(&response_text(tok, g)?, g.finished, &p.answer).score > 0.5 {
@@ -143,6 +157,8 @@ pub struct Trainer {
     pub acc_after_warmup: f64,
     /// Running statistics of the advantage estimators (noisy-backward's EMA scale).
     pub adv_state: advantage::AdvantageState,
+    /// Reward-noise injector of noisy-verifier experiments (None when both rates are 0).
+    pub noise: Option<NoiseInjector>,
     metrics: JsonlWriter,
     samples: JsonlWriter,
 }
@@ -170,26 +186,39 @@ impl Trainer {
             warmup_steps: self.warmup_steps,
             acc_after_warmup: self.acc_after_warmup,
             adv_state: self.adv_state.clone(),
+            noise: self.noise.clone(),
         }
     }
 
     fn checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.run_dir, &self.model, &self.opt, &self.tok, &self.state())
+        checkpoint::save(
+            &self.run_dir,
+            &self.model,
+            &self.opt,
+            &self.tok,
+            &self.state(),
+        )
     }
 
     /// Supervised warm-up on generated solutions until the held-out stop rule fires.
     fn warmup(&mut self, pb: &indicatif::ProgressBar) -> Result<()> {
         let w = self.cfg.warmup.clone();
         let mut opt = AdamW::new(self.model.params(), AdamWParams::default());
-        let eval_set: Vec<Problem> = self.task.heldout()[..w.eval_size.min(self.task.heldout().len())].to_vec();
+        let eval_set: Vec<Problem> =
+            self.task.heldout()[..w.eval_size.min(self.task.heldout().len())].to_vec();
         let mut acc = 0.0;
         let mut steps = 0;
         pb.set_prefix("warm-up");
         pb.set_length(w.max_steps as u64);
         for step in 1..=w.max_steps {
             steps = step;
-            let problems: Vec<Problem> = (0..w.batch_size).map(|_| self.task.sample_train(&mut self.prompt_rng)).collect();
-            let prompts = problems.iter().map(|p| encode_prompt(&self.tok, &p.prompt)).collect::<Result<Vec<_>>>()?;
+            let problems: Vec<Problem> = (0..w.batch_size)
+                .map(|_| self.task.sample_train(&mut self.prompt_rng))
+                .collect();
+            let prompts = problems
+                .iter()
+                .map(|p| encode_prompt(&self.tok, &p.prompt))
+                .collect::<Result<Vec<_>>>()?;
             let answers = problems
                 .iter()
                 .map(|p| {
@@ -211,8 +240,13 @@ impl Trainer {
                 let mut m = Metrics::new();
                 m.insert("loss/sft".into(), loss.to_scalar::<f32>()? as f64);
                 m.insert("acc/eval".into(), acc);
-                self.metrics.write(&report::metrics_line(step, "warmup", &m))?;
-                pb.set_message(format!("sft loss {:.3} | held-out acc {:.1}%", m["loss/sft"], acc * 100.0));
+                self.metrics
+                    .write(&report::metrics_line(step, "warmup", &m))?;
+                pb.set_message(format!(
+                    "sft loss {:.3} | held-out acc {:.1}%",
+                    m["loss/sft"],
+                    acc * 100.0
+                ));
                 if acc >= w.target_acc {
                     break;
                 }
@@ -230,17 +264,44 @@ impl Trainer {
         let t_start = Instant::now();
 
         // 1. Prompts and rollouts with the behaviour policy (here: the current weights).
-        let problems: Vec<Problem> = (0..np).map(|_| self.task.sample_train(&mut self.prompt_rng)).collect();
+        let problems: Vec<Problem> = (0..np)
+            .map(|_| self.task.sample_train(&mut self.prompt_rng))
+            .collect();
         let mut prompts = Vec::with_capacity(np * g);
         for p in &problems {
             let ids = encode_prompt(&self.tok, &p.prompt)?;
             prompts.extend(std::iter::repeat(ids).take(g));
         }
-        let gens = generate(&self.model, &prompts, self.tok.eos, self.tok.pad, &cfg.rollout.sampling(), &mut self.sample_rng)?;
+        let gens = generate(
+            &self.model,
+            &prompts,
+            self.tok.eos,
+            self.tok.pad,
+            &cfg.rollout.sampling(),
+            &mut self.sample_rng,
+        )?;
         let generate_s = t_start.elapsed().as_secs_f64();
         let t_train = Instant::now();
 
-        // 2. Rewards from the verifier.
+        // 2. TempSamp ground-truth injection: the last sample of each group becomes the
+        //    reference solution; its behaviour log-probs are filled in from the current policy.
+        let mut gens = gens;
+        let mut ground_truth = vec![false; gens.len()];
+        if cfg.sampling.inject_ground_truth {
+            for (p, prob) in problems.iter().enumerate() {
+                let i = p * g + g - 1;
+                let mut tokens = self.tok.encode(&prob.answer)?;
+                tokens.push(self.tok.eos);
+                gens[i] = Generation {
+                    logprobs: vec![0.0; tokens.len()],
+                    tokens,
+                    finished: true,
+                };
+                ground_truth[i] = true;
+            }
+        }
+
+        // 3. Rewards from the verifier (then, in noise experiments, corrupted as observed).
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(gens.len());
         let mut texts = Vec::with_capacity(gens.len());
         for (i, gen) in gens.iter().enumerate() {
@@ -248,54 +309,119 @@ impl Trainer {
             verdicts.push(exact_answer(&text, gen.finished, &problems[i / g].answer));
             texts.push(text);
         }
+        let correct: Vec<bool> = verdicts.iter().map(|v| v.score > 0.5).collect();
         let mut rewards: Vec<f64> = verdicts.iter().map(|v| v.score).collect();
+        if let Some(inj) = self.noise.as_mut() {
+            for r in rewards.iter_mut() {
+                *r = inj
+                    .flip(*r)
+                    .map_err(|e| Error::Task(format!("noise injector: {e}")))?;
+            }
+        }
 
-        // 3. Current-policy log-probs (with gradient) and, when KL is used, the reference's.
+        // 4. Current-policy log-probs (with gradient) and, when KL is used, the reference's.
         let responses: Vec<Vec<u32>> = gens.iter().map(|x| x.tokens.clone()).collect();
         let dev = self.model.device().clone();
         let b = batch::build(&prompts, &responses, self.tok.pad, &dev)?;
-        let temp = if cfg.rollout.temperature > 0.0 { cfg.rollout.temperature } else { 1.0 };
+        let temp = if cfg.rollout.temperature > 0.0 {
+            cfg.rollout.temperature
+        } else {
+            1.0
+        };
         let (lp, lsm) = batch::response_logprobs(&self.model, &b, temp)?;
         let lp_rows = batch::to_f64_rows(&lp)?;
         let ref_rows = match &self.reference {
-            Some(r) => Some(batch::to_f64_rows(&batch::response_logprobs(r, &b, temp)?.0)?),
+            Some(r) => Some(batch::to_f64_rows(
+                &batch::response_logprobs(r, &b, temp)?.0,
+            )?),
             None => None,
         };
         let len = |i: usize| gens[i].tokens.len();
-        if cfg.loss.kl_in_reward {
+        let behaviour = |i: usize| -> Vec<f64> {
+            if ground_truth[i] {
+                lp_rows[i][..len(i)].to_vec()
+            } else {
+                gens[i].logprobs.iter().map(|&x| x as f64).collect()
+            }
+        };
+        let reward_raw_mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
+        let mut kl_penalty_mean = 0.0;
+        if cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0 {
             if let Some(rr) = &ref_rows {
                 for (i, r) in rewards.iter_mut().enumerate() {
-                    let old: Vec<f64> = gens[i].logprobs.iter().map(|&x| x as f64).collect();
-                    *r -= loss::kl_reward_penalty(&cfg.loss, &old, &rr[i][..len(i)], &vec![1.0; len(i)]);
+                    let pen = loss::kl_reward_penalty(
+                        &cfg.loss,
+                        &behaviour(i),
+                        &rr[i][..len(i)],
+                        &vec![1.0; len(i)],
+                    );
+                    kl_penalty_mean += pen / gens.len() as f64;
+                    *r -= pen;
                 }
             }
         }
 
-        // 4. Advantages per group.
-        let groups: Vec<Group> = (0..np)
-            .map(|p| {
-                let idx = p * g..(p + 1) * g;
-                let mut grp = Group::from_rewards(rewards[idx.clone()].to_vec());
-                grp.correct = Some(verdicts[idx.clone()].iter().map(|v| v.score > 0.5).collect());
-                grp.lengths = Some(idx.map(len).collect());
+        // 5. Which samples count (RED-Drop, zero-variance filter), then advantages per group.
+        let mut keep = vec![true; gens.len()];
+        let mut zero_std_groups = 0usize;
+        for p in 0..np {
+            let idx = p * g..(p + 1) * g;
+            if sampling::is_zero_std(&rewards[idx.clone()]) {
+                zero_std_groups += 1;
+                if cfg.sampling.filter_zero_std {
+                    keep[idx.clone()].iter_mut().for_each(|k| *k = false);
+                }
+            }
+            if cfg.sampling.red_drop {
+                let k = sampling::red_drop_keep(&rewards[idx.clone()], &mut self.sample_rng);
+                for (slot, kk) in keep[idx].iter_mut().zip(k) {
+                    *slot &= kk;
+                }
+            }
+        }
+        let members: Vec<Vec<usize>> = (0..np)
+            .map(|p| (p * g..(p + 1) * g).filter(|&i| keep[i]).collect())
+            .collect();
+        let live: Vec<usize> = (0..np).filter(|&p| !members[p].is_empty()).collect();
+        let groups: Vec<Group> = live
+            .iter()
+            .map(|&p| {
+                let m = &members[p];
+                let mut grp = Group::from_rewards(m.iter().map(|&i| rewards[i]).collect());
+                grp.correct = Some(m.iter().map(|&i| correct[i]).collect());
+                grp.lengths = Some(m.iter().map(|&i| len(i)).collect());
+                grp.all_rewards = Some(rewards[p * g..(p + 1) * g].to_vec());
+                if cfg.sampling.inject_ground_truth {
+                    grp.ground_truth = Some(m.iter().map(|&i| ground_truth[i]).collect());
+                }
                 grp
             })
             .collect();
-        let adv = advantage::compute_with_state(&cfg.advantage, &groups, &mut self.adv_state)?;
+        let adv_out = advantage::compute_with_state(&cfg.advantage, &groups, &mut self.adv_state)?;
+        let mut adv = vec![0.0f64; gens.len()];
+        for (gi, &p) in live.iter().enumerate() {
+            for (k, &i) in members[p].iter().enumerate() {
+                adv[i] = adv_out.advantages[gi][k];
+            }
+        }
 
-        // 5. Loss and its gradient w.r.t. each response token's log-prob.
+        // 6. Loss and its gradient w.r.t. each response token's log-prob.
         let seqs: Vec<SeqInput> = (0..gens.len())
             .map(|i| {
-                let (p, j) = (i / g, i % g);
-                let a = adv.advantages[p][j];
-                let n_correct = verdicts[p * g..(p + 1) * g].iter().filter(|v| v.score > 0.5).count();
+                let p = i / g;
+                let a = adv[i];
+                let n_correct = correct[p * g..(p + 1) * g].iter().filter(|&&c| c).count();
                 SeqInput {
                     logp: lp_rows[i][..len(i)].to_vec(),
-                    logp_old: gens[i].logprobs.iter().map(|&x| x as f64).collect(),
+                    logp_old: behaviour(i),
                     logp_ref: ref_rows.as_ref().map(|r| r[i][..len(i)].to_vec()),
-                    mask: vec![1.0; len(i)],
+                    mask: vec![if keep[i] { 1.0 } else { 0.0 }; len(i)],
                     adv: vec![a; len(i)],
-                    kl_weight: if cfg.loss.dads { loss::dads_weight(a > 0.0, n_correct, g) } else { 1.0 },
+                    kl_weight: if cfg.loss.dads {
+                        loss::dads_weight(a > 0.0, n_correct, g)
+                    } else {
+                        1.0
+                    },
                     expert: false,
                 }
             })
@@ -317,7 +443,11 @@ impl Trainer {
         let grads = surrogate.backward()?;
         let gnorm = self.opt.grad_norm(&grads)?;
         let clip = cfg.train.grad_clip;
-        let scale = if clip > 0.0 && gnorm > clip { clip / gnorm } else { 1.0 };
+        let scale = if clip > 0.0 && gnorm > clip {
+            clip / gnorm
+        } else {
+            1.0
+        };
         let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
         self.opt.step(&grads, lr, scale)?;
         self.version += 1;
@@ -327,15 +457,37 @@ impl Trainer {
         let n = rewards.len() as f64;
         let mean = rewards.iter().sum::<f64>() / n;
         let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let flat_adv: Vec<f64> = adv.advantages.iter().flatten().copied().collect();
+        let flat_adv = &adv;
         let gen_tokens: usize = gens.iter().map(|x| x.tokens.len()).sum();
         let mut m = Metrics::new();
         m.insert("reward/mean".into(), mean);
         m.insert("reward/std".into(), std);
-        m.insert("reward/frac_zero_std".into(), adv.frac_zero_std);
-        m.insert("acc/train".into(), verdicts.iter().filter(|v| v.score > 0.5).count() as f64 / n);
+        m.insert(
+            "reward/frac_zero_std".into(),
+            zero_std_groups as f64 / np as f64,
+        );
+        m.insert(
+            "acc/train".into(),
+            correct.iter().filter(|&&c| c).count() as f64 / n,
+        );
+        if self.noise.is_some() || cfg.loss.kl_in_reward {
+            m.insert("reward/raw_mean".into(), reward_raw_mean);
+            m.insert("reward/kl_penalty_mean".into(), kl_penalty_mean);
+        }
+        if cfg.sampling.red_drop || cfg.sampling.filter_zero_std {
+            m.insert(
+                "sampling/dropped_frac".into(),
+                keep.iter().filter(|&&k| !k).count() as f64 / n,
+            );
+        }
+        if adv_out.filtered > 0 || cfg.advantage.stable_filter.enabled {
+            m.insert("adv/filtered".into(), adv_out.filtered as f64);
+        }
         m.insert("adv/mean".into(), flat_adv.iter().sum::<f64>() / n);
-        m.insert("adv/abs_mean".into(), flat_adv.iter().map(|a| a.abs()).sum::<f64>() / n);
+        m.insert(
+            "adv/abs_mean".into(),
+            flat_adv.iter().map(|a| a.abs()).sum::<f64>() / n,
+        );
         m.insert("loss/policy".into(), out.metrics.policy_loss);
         m.insert("loss/kl".into(), out.metrics.kl_loss);
         m.insert("loss/clipfrac".into(), out.metrics.clipfrac);
@@ -345,14 +497,20 @@ impl Trainer {
         m.insert("kl/k3".into(), out.metrics.kl_k3);
         m.insert("entropy".into(), entropy_t.to_scalar::<f32>()? as f64);
         m.insert("len/mean".into(), gen_tokens as f64 / n);
-        m.insert("len/truncated_frac".into(), gens.iter().filter(|x| !x.finished).count() as f64 / n);
+        m.insert(
+            "len/truncated_frac".into(),
+            gens.iter().filter(|x| !x.finished).count() as f64 / n,
+        );
         m.insert("staleness/mean".into(), 0.0);
         m.insert("staleness/dropped".into(), 0.0);
         m.insert("grad/norm".into(), gnorm);
         m.insert("lr".into(), lr);
         m.insert("timing/generate_s".into(), generate_s);
         m.insert("timing/train_s".into(), train_s);
-        m.insert("throughput/tokens_per_s".into(), gen_tokens as f64 / t_start.elapsed().as_secs_f64().max(1e-9));
+        m.insert(
+            "throughput/tokens_per_s".into(),
+            gen_tokens as f64 / t_start.elapsed().as_secs_f64().max(1e-9),
+        );
 
         for p in 0..cfg.train.log_samples.min(np) {
             let responses: Vec<serde_json::Value> = (p * g..(p + 1) * g)
@@ -380,7 +538,12 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let task = ArithmeticTask::new(cfg.task.clone()).map_err(|m| Error::config("task", m))?;
     let shape = builtin_shape(&cfg, tok.vocab_size());
     let model = Llama::init(&shape, cfg.seed, &dev)?;
-    let prompt_tokens = 1 + task.heldout().iter().map(|p| p.prompt.len()).max().unwrap_or(0);
+    let prompt_tokens = 1 + task
+        .heldout()
+        .iter()
+        .map(|p| p.prompt.len())
+        .max()
+        .unwrap_or(0);
     let plan = Plan::new(&cfg, model.num_params(), prompt_tokens);
 
     let (run_dir, ckpt) = match &opts.resume {
@@ -402,8 +565,15 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     }
     let metrics_path = run_dir.join("metrics.jsonl");
     let samples_path = run_dir.join("samples.jsonl");
-    let mut opt = AdamW::new(model.params(), AdamWParams { weight_decay: cfg.train.weight_decay, ..Default::default() });
-    let use_ref = cfg.loss.kl_coef > 0.0;
+    let mut opt = AdamW::new(
+        model.params(),
+        AdamWParams {
+            weight_decay: cfg.train.weight_decay,
+            ..Default::default()
+        },
+    );
+    // A reference policy is needed for a KL term in the loss (incl. DADS) or in the reward.
+    let use_ref = cfg.loss.loss_kl().is_some() || (cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0);
     // Resume: load and check everything from the checkpoint before touching any file of the
     // run, so a corrupt checkpoint leaves the directory exactly as it was.
     let resumed = match &ckpt {
@@ -415,7 +585,12 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
                 // The reference policy is the warm-up result, kept as checkpoint step-0.
                 let p0 = checkpoint::step_dir(&run_dir, 0).join("model.safetensors");
                 let w = crate::model::io::load_safetensors(&p0, &dev)?;
-                Some(Llama::from_tensors(&model.cfg, w, &dev, &p0.display().to_string())?)
+                Some(Llama::from_tensors(
+                    &model.cfg,
+                    w,
+                    &dev,
+                    &p0.display().to_string(),
+                )?)
             } else {
                 None
             };
@@ -450,7 +625,15 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         warmup_steps: 0,
         acc_after_warmup: 0.0,
         adv_state: Default::default(),
+        noise: None,
     };
+    let rw = &tr.cfg.reward;
+    if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
+        tr.noise = Some(
+            NoiseInjector::new(rw.noise_rho0, rw.noise_rho1, tr.cfg.seed ^ 0x6e6f_6973)
+                .map_err(|e| Error::config("reward", e.to_string()))?,
+        );
+    }
     let pb = report::progress_bar(tr.cfg.warmup.max_steps as u64, opts.quiet);
     match resumed {
         Some((st, (prompt_rng, sample_rng), reference)) => {
@@ -462,6 +645,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
             tr.warmup_steps = st.warmup_steps;
             tr.acc_after_warmup = st.acc_after_warmup;
             tr.adv_state = st.adv_state;
+            tr.noise = st.noise;
         }
         None => {
             tr.warmup(&pb)?;
@@ -511,6 +695,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         }
     }
     pb.finish_and_clear();
+    report::plot::plot_run(&run_dir)?;
     Ok(Summary {
         run_dir,
         warmup_steps: tr.warmup_steps,

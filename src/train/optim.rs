@@ -24,7 +24,12 @@ pub struct AdamWParams {
 
 impl Default for AdamWParams {
     fn default() -> Self {
-        AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -64,17 +69,36 @@ impl InplaceOp2 for FusedUpdate<'_> {
     fn name(&self) -> &'static str {
         "fused-adamw"
     }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("fused adamw: f32 parameters and gradients only")
         };
-        let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("non-contiguous param".into()))?;
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("non-contiguous param".into()))?;
         let p = &mut p[a..b];
         let g = contiguous(g, l2)?;
-        let mut m = self.m.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let mut v = self.v.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut m = self
+            .m
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut v = self
+            .v
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         if p.len() != g.len() || m.len() != p.len() {
-            candle_core::bail!("fused adamw: length mismatch p {} g {} m {}", p.len(), g.len(), m.len());
+            candle_core::bail!(
+                "fused adamw: length mismatch p {} g {} m {}",
+                p.len(),
+                g.len(),
+                m.len()
+            );
         }
         let u = self;
         p.par_chunks_mut(CHUNK)
@@ -97,9 +121,21 @@ impl InplaceOp2 for FusedUpdate<'_> {
 
 impl AdamW {
     pub fn new(params: &[(String, Var)], hp: AdamWParams) -> Self {
-        let m = params.iter().map(|(_, p)| vec![0.0; p.elem_count()]).collect();
-        let v = params.iter().map(|(_, p)| vec![0.0; p.elem_count()]).collect();
-        AdamW { params: params.to_vec(), m, v, hp, t: 0 }
+        let m = params
+            .iter()
+            .map(|(_, p)| vec![0.0; p.elem_count()])
+            .collect();
+        let v = params
+            .iter()
+            .map(|(_, p)| vec![0.0; p.elem_count()])
+            .collect();
+        AdamW {
+            params: params.to_vec(),
+            m,
+            v,
+            hp,
+            t: 0,
+        }
     }
 
     /// Global L2 norm of the gradients of all parameters.
@@ -107,7 +143,11 @@ impl AdamW {
         let mut sq = 0.0f64;
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())
@@ -121,7 +161,9 @@ impl AdamW {
         let bc1 = 1.0 - hp.beta1.powi(self.t as i32);
         let bc2 = 1.0 - hp.beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
             let g = g.contiguous()?;
             match p.device() {
                 Device::Cpu => {
@@ -163,27 +205,45 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (n, p)) in self.params.iter().enumerate() {
-            out.insert(format!("{n}.exp_avg"), Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?);
-            out.insert(format!("{n}.exp_avg_sq"), Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?);
+            out.insert(
+                format!("{n}.exp_avg"),
+                Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?,
+            );
+            out.insert(
+                format!("{n}.exp_avg_sq"),
+                Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?,
+            );
         }
         Ok(out)
     }
 
     /// Restores moments saved by [`state_tensors`]; every parameter must be present.
-    pub fn load_state(&mut self, mut st: HashMap<String, Tensor>, t: u64, source: &std::path::Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        mut st: HashMap<String, Tensor>,
+        t: u64,
+        source: &std::path::Path,
+    ) -> Result<()> {
         for (i, (n, p)) in self.params.iter().enumerate() {
             for (suffix, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
                 let key = format!("{n}.{suffix}");
-                let t = st
-                    .remove(&key)
-                    .ok_or_else(|| Error::checkpoint(source, format!("missing optimizer tensor `{key}`")))?;
+                let t = st.remove(&key).ok_or_else(|| {
+                    Error::checkpoint(source, format!("missing optimizer tensor `{key}`"))
+                })?;
                 if t.elem_count() != p.elem_count() {
                     return Err(Error::checkpoint(
                         source,
-                        format!("optimizer tensor `{key}` has {} elements, expected {}", t.elem_count(), p.elem_count()),
+                        format!(
+                            "optimizer tensor `{key}` has {} elements, expected {}",
+                            t.elem_count(),
+                            p.elem_count()
+                        ),
                     ));
                 }
-                *slot = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                *slot = t
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
             }
         }
         self.t = t;
@@ -202,7 +262,10 @@ mod tests {
         let dev = Device::Cpu;
         let p = Var::from_slice(&[1.0f32, -2.0], 2, &dev).unwrap();
         let params = vec![("p".to_string(), p.clone())];
-        let hp = AdamWParams { weight_decay: 0.01, ..Default::default() };
+        let hp = AdamWParams {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(&params, hp);
         let (mut m, mut v, mut x) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
         for (t, g) in [[0.5f64, -1.0], [0.1, 0.2]].iter().enumerate() {

@@ -1,0 +1,506 @@
+//! The store for several machines: `grove explore --buffer postgres://...` processes put,
+//! `grove train --buffer postgres://...` takes. Same semantics as the SQLite store; `take` locks
+//! the rows it returns with `FOR UPDATE SKIP LOCKED`, so concurrent trainers skip each other's
+//! rows instead of waiting or receiving them twice. Puts serialize on an advisory lock so the
+//! capacity check and the insert cannot interleave. Connections use no TLS (a trusted network).
+use super::sql::{self, StoredRow};
+use super::{check_capacity, Buffer, BufferError, ExperienceGroup, TakeMode, Taken};
+use ::postgres::{Client, NoTls, Transaction};
+use std::cell::RefCell;
+
+/// The table `open` uses; pass another to [`PostgresBuffer::connect`] to keep runs apart.
+pub const DEFAULT_TABLE: &str = "grove_experience_groups";
+
+pub struct PostgresBuffer {
+    // `len(&self)` must query, and the client needs `&mut`; a buffer is used by one thread.
+    client: RefCell<Client>,
+    /// The URL with its password hidden, for error messages.
+    url: String,
+    table: String,
+    capacity: usize,
+    mode: TakeMode,
+}
+
+impl std::fmt::Debug for PostgresBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBuffer")
+            .field("url", &self.url)
+            .field("table", &self.table)
+            .field("capacity", &self.capacity)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl PostgresBuffer {
+    /// Connects and creates `table` if it is missing.
+    pub fn connect(
+        url: &str,
+        table: &str,
+        capacity: usize,
+        mode: TakeMode,
+    ) -> Result<Self, BufferError> {
+        check_capacity(capacity)?;
+        mode.validate()?;
+        check_table_name(table)?;
+        let shown = redact_password(url);
+        let error = |source| BufferError::Postgres {
+            url: shown.clone(),
+            source,
+        };
+        let mut client = Client::connect(url, NoTls).map_err(error)?;
+        create_table(&mut client, table).map_err(error)?;
+        Ok(PostgresBuffer {
+            client: RefCell::new(client),
+            url: shown,
+            table: table.to_string(),
+            capacity,
+            mode,
+        })
+    }
+
+    fn error(&self, source: ::postgres::Error) -> BufferError {
+        BufferError::Postgres {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    fn location(&self) -> String {
+        format!("postgres {} table {}", self.url, self.table)
+    }
+
+    fn put_row(&self, group: &ExperienceGroup, body: &str) -> Result<(), BufferError> {
+        let group_id = sql::to_i64("group_id", group.group_id)?;
+        let version = sql::to_i64("policy_version", group.policy_version)?;
+        let error = |source| self.error(source);
+        let table = &self.table;
+        let mut client = self.client.borrow_mut();
+        let mut tx = client.transaction().map_err(error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&lock_key("put", table)],
+        )
+        .map_err(error)?;
+        let stored: i64 = tx
+            .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+            .map_err(error)?
+            .try_get(0)
+            .map_err(error)?;
+        if usize::try_from(stored).map_or(true, |stored| stored >= self.capacity) {
+            return Err(BufferError::Full {
+                capacity: self.capacity,
+            });
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} (group_id, policy_version, use_count, body)
+                 VALUES ($1, $2, $3, $4)"
+            ),
+            &[&group_id, &version, &i64::from(group.use_count()), &body],
+        )
+        .map_err(error)?;
+        tx.commit().map_err(error)
+    }
+
+    fn take_rows(&self, n: usize, min_version: i64) -> Result<Taken, BufferError> {
+        let error = |source| self.error(source);
+        let table = &self.table;
+        let location = self.location();
+        let mut client = self.client.borrow_mut();
+        let mut tx = client.transaction().map_err(error)?;
+        // Stale rows another trainer has locked are left to that trainer, which drops them.
+        let dropped = tx
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table}
+                     WHERE policy_version < $1 FOR UPDATE SKIP LOCKED)"
+                ),
+                &[&min_version],
+            )
+            .map_err(error)?;
+        let rows =
+            select_rows(&mut tx, table, &self.mode, sql::limit(n), min_version).map_err(error)?;
+        let mut groups = Vec::with_capacity(rows.len());
+        let (mut leaving, mut staying) = (Vec::new(), Vec::new());
+        for row in &rows {
+            // On a corrupt row `?` returns and the dropped transaction rolls back.
+            let (group, uses) = sql::decode_taken(&location, row)?;
+            if sql::leaves_after_take(&self.mode, uses) {
+                leaving.push(row.seq);
+            } else {
+                staying.push(row.seq);
+            }
+            groups.push(group);
+        }
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE seq = ANY($1)"),
+            &[&leaving],
+        )
+        .map_err(error)?;
+        tx.execute(
+            &format!("UPDATE {table} SET use_count = use_count + 1 WHERE seq = ANY($1)"),
+            &[&staying],
+        )
+        .map_err(error)?;
+        tx.commit().map_err(error)?;
+        Ok(Taken {
+            groups,
+            dropped: usize::try_from(dropped).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+impl Buffer for PostgresBuffer {
+    fn put(&mut self, group: ExperienceGroup) -> Result<(), BufferError> {
+        group.validate()?;
+        let body = sql::encode(&group)?;
+        self.put_row(&group, &body)
+    }
+
+    fn take(&mut self, n: usize, min_version: u64) -> Result<Taken, BufferError> {
+        let min_version = sql::to_i64("min_version", min_version)?;
+        self.take_rows(n, min_version)
+    }
+
+    fn len(&self) -> Result<usize, BufferError> {
+        let stored: i64 = self
+            .client
+            .borrow_mut()
+            .query_one(&format!("SELECT COUNT(*) FROM {}", self.table), &[])
+            .map_err(|e| self.error(e))?
+            .try_get(0)
+            .map_err(|e| self.error(e))?;
+        Ok(usize::try_from(stored).unwrap_or(0))
+    }
+}
+
+/// The next groups to hand out, locked for this transaction; rows locked by another trainer are
+/// skipped. Replay order is the same expression as `super::priority`, in doubles.
+fn select_rows(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    mode: &TakeMode,
+    limit: i64,
+    min_version: i64,
+) -> Result<Vec<StoredRow>, ::postgres::Error> {
+    let rows = match mode {
+        TakeMode::Fifo => tx.query(
+            &format!(
+                "SELECT seq, use_count, body FROM {table} WHERE policy_version >= $2
+                 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            &[&limit, &min_version],
+        )?,
+        TakeMode::PriorityReplay(replay) => tx.query(
+            &format!(
+                "SELECT seq, use_count, body FROM {table} WHERE policy_version >= $2
+                 ORDER BY policy_version - $3::float8 * use_count DESC, seq ASC
+                 LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            &[&limit, &min_version, &replay.decay],
+        )?,
+    };
+    // try_get: a same-named table with other column types must give an error, not a panic.
+    rows.iter()
+        .map(|row| {
+            Ok(StoredRow {
+                seq: row.try_get(0)?,
+                use_count: row.try_get(1)?,
+                body: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Creates the table under an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` from
+/// several processes can otherwise fail on the type catalogue's unique index.
+fn create_table(client: &mut Client, table: &str) -> Result<(), ::postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&lock_key("create", table)],
+    )?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+             seq            BIGSERIAL PRIMARY KEY,
+             group_id       BIGINT NOT NULL,
+             policy_version BIGINT NOT NULL,
+             use_count      BIGINT NOT NULL DEFAULT 0,
+             body           TEXT   NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS {table}_version ON {table} (policy_version);"
+    ))?;
+    tx.commit()
+}
+
+/// Table names are spliced into SQL, so only plain lower-case identifiers are accepted.
+fn check_table_name(table: &str) -> Result<(), BufferError> {
+    let mut chars = table.chars();
+    let starts_well = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    // 63 bytes is PostgreSQL's identifier limit; leave room for the "_version" index suffix.
+    if starts_well && rest_ok && table.len() <= 55 {
+        Ok(())
+    } else {
+        Err(BufferError::Config {
+            field: "table",
+            msg: format!("{table:?} is not a plain identifier, expected [a-z_][a-z0-9_]{{0,54}}"),
+        })
+    }
+}
+
+/// A stable 64-bit advisory-lock key per purpose and table (FNV-1a).
+fn lock_key(purpose: &str, table: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("grove:{purpose}:{table}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for error messages.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract;
+    use super::super::experience::tests::sample_group;
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    const DEFAULT_TEST_URL: &str = "postgres://postgres@localhost:5432/grove_test";
+
+    fn in_ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+    }
+
+    /// The test server's URL, or None (with a loud message) when it is unreachable outside CI.
+    /// In CI an unreachable server fails the test: `.ci/postgres.sh` must have started it.
+    fn test_url() -> Option<String> {
+        let url =
+            std::env::var("GROVE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.into());
+        match Client::connect(&url, NoTls) {
+            Ok(_) => Some(url),
+            Err(e) if in_ci() => panic!(
+                "PostgreSQL at {} is unreachable in CI ({e}); run .ci/postgres.sh first",
+                redact_password(&url)
+            ),
+            Err(e) => {
+                eprintln!(
+                    "\n******** SKIPPED: no PostgreSQL at {} ({e}); run .ci/postgres.sh \
+                     or set GROVE_TEST_POSTGRES_URL ********\n",
+                    redact_password(&url)
+                );
+                None
+            }
+        }
+    }
+
+    /// A per-test table, dropped before use (leftovers of a crashed run) and after.
+    struct TestTable {
+        url: String,
+        name: String,
+    }
+
+    impl TestTable {
+        fn new(url: &str, test: &str) -> Self {
+            let table = TestTable {
+                url: url.to_string(),
+                name: format!("grove_test_{test}_{}", std::process::id()),
+            };
+            table.drop_table();
+            table
+        }
+
+        fn buffer(&self, capacity: usize, mode: TakeMode) -> PostgresBuffer {
+            PostgresBuffer::connect(&self.url, &self.name, capacity, mode).unwrap()
+        }
+
+        fn drop_table(&self) {
+            if let Ok(mut client) = Client::connect(&self.url, NoTls) {
+                let _ = client.batch_execute(&format!("DROP TABLE IF EXISTS {}", self.name));
+            }
+        }
+    }
+
+    impl Drop for TestTable {
+        fn drop(&mut self) {
+            self.drop_table();
+        }
+    }
+
+    /// Runs `body` against a fresh table, or skips.
+    fn with_table(test: &str, body: impl FnOnce(&TestTable)) {
+        if let Some(url) = test_url() {
+            body(&TestTable::new(&url, test));
+        }
+    }
+
+    #[test]
+    fn fifo_order() {
+        with_table("fifo", |t| {
+            contract::fifo_order(&mut t.buffer(8, TakeMode::Fifo))
+        });
+    }
+
+    #[test]
+    fn stale_groups_are_dropped_and_counted() {
+        with_table("stale", |t| {
+            contract::drops_stale(&mut t.buffer(8, TakeMode::Fifo))
+        });
+    }
+
+    #[test]
+    fn full_at_capacity() {
+        with_table("full", |t| {
+            contract::full_at_capacity(&mut t.buffer(contract::SMALL_CAPACITY, TakeMode::Fifo))
+        });
+    }
+
+    #[test]
+    fn replay_priorities_and_eviction() {
+        with_table("replay", |t| {
+            contract::replay_priorities(&mut t.buffer(8, contract::replay_mode()))
+        });
+    }
+
+    #[test]
+    fn content_round_trips() {
+        with_table("content", |t| {
+            contract::content_round_trips(&mut t.buffer(8, TakeMode::Fifo))
+        });
+    }
+
+    #[test]
+    fn invalid_groups_are_refused() {
+        with_table("invalid", |t| {
+            contract::invalid_groups_are_refused(&mut t.buffer(8, TakeMode::Fifo))
+        });
+    }
+
+    #[test]
+    fn concurrent_explorers_and_trainers_never_share_a_group() {
+        const PER_PRODUCER: u64 = 30;
+        with_table("concurrent", |t| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            // Every party has its own connection, as separate processes would; all four
+            // connect (and create the table) at once.
+            let buffers: Vec<PostgresBuffer> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| t.buffer(8, TakeMode::Fifo)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            std::thread::scope(|s| {
+                for (index, mut buffer) in buffers.into_iter().enumerate() {
+                    let seen = Arc::clone(&seen);
+                    let producer = index as u64; // 0, 1 produce; 2, 3 consume
+                    s.spawn(move || {
+                        if producer < 2 {
+                            for i in 0..PER_PRODUCER {
+                                let id = producer * 1000 + i;
+                                contract::put_waiting(&mut buffer, sample_group(id, 0, 1));
+                            }
+                        } else {
+                            let total = 2 * PER_PRODUCER as usize;
+                            contract::drain_until(&mut buffer, &seen, total);
+                        }
+                    });
+                }
+            });
+            let seen = seen.lock().unwrap();
+            let distinct: BTreeSet<u64> = seen.iter().copied().collect();
+            assert_eq!(
+                seen.len(),
+                2 * PER_PRODUCER as usize,
+                "a group was delivered twice"
+            );
+            let expected: BTreeSet<u64> =
+                (0..PER_PRODUCER).chain(1000..1000 + PER_PRODUCER).collect();
+            assert_eq!(distinct, expected);
+        });
+    }
+
+    #[test]
+    fn opened_through_the_url() {
+        let Some(url) = test_url() else { return };
+        // `open` uses the shared default table: only check that it connects and counts.
+        let buffer = super::super::open(&url, 4).unwrap();
+        buffer.len().unwrap();
+    }
+
+    #[test]
+    fn unreachable_server_names_the_url_without_password() {
+        let url = "postgres://grove:hunter2@127.0.0.1:1/none?connect_timeout=2";
+        let message = PostgresBuffer::connect(url, DEFAULT_TABLE, 4, TakeMode::Fifo)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("postgres postgres://grove:***@127.0.0.1:1/none"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(message.contains("refused"), "the cause is shown: {message}");
+    }
+
+    #[test]
+    fn table_names_must_be_plain_identifiers() {
+        assert!(check_table_name("grove_run_7").is_ok());
+        for bad in [
+            "",
+            "7runs",
+            "Runs",
+            "a;drop table x",
+            "a-b",
+            &"x".repeat(56),
+        ] {
+            assert!(check_table_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_password("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_password("postgres://postgres@localhost/grove_test"),
+            "postgres://postgres@localhost/grove_test"
+        );
+        // '@' inside the password: the host starts after the last '@'.
+        assert_eq!(
+            redact_password("postgresql://u:p@ss@h/db"),
+            "postgresql://u:***@h/db"
+        );
+        assert_eq!(
+            redact_password("postgres://h/db?x=a@b"),
+            "postgres://h/db?x=a@b"
+        );
+    }
+
+    #[test]
+    fn lock_keys_differ_by_purpose_and_table() {
+        assert_ne!(lock_key("put", "a"), lock_key("create", "a"));
+        assert_ne!(lock_key("put", "a"), lock_key("put", "b"));
+        assert_eq!(lock_key("put", "a"), lock_key("put", "a"));
+    }
+}
