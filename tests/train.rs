@@ -193,3 +193,130 @@ fn every_recipe_runs_three_rl_steps() {
         );
     }
 }
+
+#[test]
+fn async_with_zero_staleness_equals_on_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run(
+        small(&tmp.path().join("a"), 4, &[]),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = run(
+        small(
+            &tmp.path().join("b"),
+            4,
+            &[
+                "sync.mode=\"async\"",
+                "sync.max_staleness=0",
+                "sync.interval=1",
+            ],
+        ),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(rl_lines(&a.run_dir), rl_lines(&b.run_dir));
+}
+
+#[test]
+fn async_with_staleness_trains_on_older_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = run(
+        small(
+            tmp.path(),
+            6,
+            &[
+                "sync.mode=\"async\"",
+                "sync.max_staleness=2",
+                "sync.interval=2",
+                "sync.capacity=24",
+            ],
+        ),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let lines = rl_lines(&b.run_dir);
+    assert_eq!(lines.len(), 7);
+    for l in &lines[1..] {
+        let s = l["staleness/mean"].as_f64().unwrap();
+        assert!(
+            (0.0..=2.0).contains(&s),
+            "staleness {s} outside [0, max_staleness]"
+        );
+    }
+}
+
+#[test]
+fn lagged_mode_trains_on_genuinely_older_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = run(
+        small(
+            tmp.path(),
+            6,
+            &["sync.mode=\"lagged\"", "sync.interval=3", "sync.offset=1"],
+        ),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let lines = rl_lines(&s.run_dir);
+    let stale: f64 = lines[1..]
+        .iter()
+        .map(|l| l["staleness/mean"].as_f64().unwrap())
+        .sum();
+    assert!(stale > 0.0, "staleness should be positive in lagged mode");
+    // Step 1 trains on version-0 data with version-0 weights (ratio 1); later steps do not.
+    let off: Vec<f64> = lines[2..]
+        .iter()
+        .map(|l| (l["is/ratio_mean"].as_f64().unwrap() - 1.0).abs())
+        .collect();
+    assert!(
+        off.iter().any(|&d| d > 1e-4),
+        "importance ratios stayed at 1: {off:?}"
+    );
+}
+
+#[test]
+fn lagged_mode_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["sync.mode=\"lagged\"", "sync.interval=2", "sync.offset=1"];
+    let a = run(
+        small(&tmp.path().join("a"), 5, &extra),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = run(
+        small(&tmp.path().join("b"), 5, &extra),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(b.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(rl_lines(&a.run_dir), rl_lines(&b.run_dir));
+}

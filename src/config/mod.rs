@@ -37,6 +37,7 @@ pub struct RunConfig {
     pub advantage: AdvantageConfig,
     pub loss: LossConfig,
     pub train: TrainConfig,
+    pub sync: SyncConfig,
 }
 
 impl Default for RunConfig {
@@ -55,6 +56,7 @@ impl Default for RunConfig {
             advantage: AdvantageConfig::default(),
             loss: LossConfig::default(),
             train: TrainConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -144,6 +146,62 @@ impl RolloutConfig {
             temperature: self.temperature,
             top_p: self.top_p,
             max_new_tokens: self.max_new_tokens,
+        }
+    }
+}
+
+/// How rollouts reach the learner (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// Each step samples with the current weights.
+    #[default]
+    OnPolicy,
+    /// Rollouts come from a separate copy of the weights refreshed every `interval` steps,
+    /// generated `offset` steps ahead of the learner.
+    Lagged,
+    /// An explorer thread fills a bounded buffer while the learner consumes it; weights are
+    /// published every `interval` steps; the explorer runs at most `max_staleness` versions ahead.
+    Async,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub mode: SyncMode,
+    /// Refresh (lagged) or publish (async, buffer) the rollout weights every this many steps.
+    pub interval: usize,
+    /// Lagged mode: rollouts run this many steps ahead of the learner.
+    pub offset: usize,
+    /// Experiences more than this many versions older than the learner are dropped and
+    /// counted in `staleness/dropped` (async and buffer modes; unset = keep everything).
+    pub max_staleness: Option<u64>,
+    /// Async mode: buffer capacity in groups (0 = 4 steps' worth).
+    pub capacity: usize,
+    /// Train from experiences in this buffer (`sqlite:PATH`, `postgres://...`) written by
+    /// `grove explore` processes, instead of sampling.
+    pub buffer: Option<String>,
+    /// With `buffer`: folder where the learner publishes versioned weights for explorers.
+    pub publish_dir: Option<String>,
+    /// Train from an experience JSONL file (see docs/experience-schema.md); stops when the
+    /// file is exhausted.
+    pub offline: Option<String>,
+    /// Buffer mode: give up after waiting this many seconds for experiences.
+    pub wait_timeout_s: f64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            mode: SyncMode::OnPolicy,
+            interval: 1,
+            offset: 0,
+            max_staleness: None,
+            capacity: 0,
+            buffer: None,
+            publish_dir: None,
+            offline: None,
+            wait_timeout_s: 600.0,
         }
     }
 }
@@ -339,6 +397,39 @@ impl RunConfig {
         }
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
+        }
+        let sy = &self.sync;
+        if sy.interval == 0 {
+            return err("sync.interval must be positive, found 0".into());
+        }
+        if sy.mode != SyncMode::Lagged && sy.offset > 0 {
+            return err(format!(
+                "sync.offset = {} only applies to sync.mode = \"lagged\"",
+                sy.offset
+            ));
+        }
+        if sy.mode == SyncMode::Async {
+            if let Some(s) = sy.max_staleness {
+                if (s as usize) + 1 < sy.interval {
+                    return err(format!(
+                        "sync.max_staleness = {s} with sync.interval = {}: the explorer would only ever hold \
+                         weights older than allowed (need max_staleness >= interval - 1)",
+                        sy.interval
+                    ));
+                }
+            }
+        }
+        if sy.buffer.is_some() && sy.offline.is_some() {
+            return err("sync.buffer and sync.offline are exclusive: train from one source".into());
+        }
+        if sy.buffer.is_some() && sy.publish_dir.is_none() {
+            return err(
+                "sync.buffer needs sync.publish_dir: explorers read the learner's weights from it"
+                    .into(),
+            );
+        }
+        if (sy.buffer.is_some() || sy.offline.is_some()) && sy.mode != SyncMode::OnPolicy {
+            return err("sync.mode applies to built-in rollouts; leave it \"on-policy\" with sync.buffer or sync.offline".into());
         }
         let t = &self.train;
         if !(t.lr > 0.0 && t.lr.is_finite()) {

@@ -4,53 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use rand_chacha::ChaCha8Rng;
+
+use crate::buffer::ExperienceGroup;
+use crate::train::explore::ExploreState;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::io::{load_safetensors, save_safetensors};
 use crate::model::{Llama, Tokenizer};
 use crate::train::optim::AdamW;
-
-/// Exact position of a ChaCha stream: seed, stream and word position.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RngState {
-    pub seed: String,
-    pub stream: u64,
-    /// u128 as a decimal string: JSON numbers cannot hold it.
-    pub word_pos: String,
-}
-
-impl RngState {
-    pub fn of(rng: &ChaCha8Rng) -> Self {
-        let seed: String = rng.get_seed().iter().map(|b| format!("{b:02x}")).collect();
-        RngState {
-            seed,
-            stream: rng.get_stream(),
-            word_pos: rng.get_word_pos().to_string(),
-        }
-    }
-
-    pub fn restore(&self, source: &Path) -> Result<ChaCha8Rng> {
-        use rand::SeedableRng;
-        let bad = |m: &str| Error::checkpoint(source, format!("state.json rng: {m}"));
-        if self.seed.len() != 64 {
-            return Err(bad("seed must be 64 hex characters"));
-        }
-        let mut seed = [0u8; 32];
-        for (i, s) in seed.iter_mut().enumerate() {
-            *s = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16)
-                .map_err(|_| bad("seed is not hex"))?;
-        }
-        let mut rng = ChaCha8Rng::from_seed(seed);
-        rng.set_stream(self.stream);
-        rng.set_word_pos(
-            self.word_pos
-                .parse()
-                .map_err(|_| bad("word_pos is not an integer"))?,
-        );
-        Ok(rng)
-    }
-}
 
 /// Everything besides tensors that a resumed run needs to continue bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,12 +23,28 @@ pub struct TrainState {
     pub optimizer_t: u64,
     /// Policy version: increments with every update.
     pub version: u64,
-    pub prompt_rng: RngState,
-    pub sample_rng: RngState,
+    /// The trainer's own explorer (prompt and sample streams, noise injector).
+    pub explore: ExploreState,
+    pub learn_rng: ChaCha8Rng,
     pub warmup_steps: usize,
     pub acc_after_warmup: f64,
     pub adv_state: crate::advantage::AdvantageState,
-    pub noise: Option<crate::reward::noise::NoiseInjector>,
+    /// Lagged mode: the behaviour copy's version and the next batch index to generate.
+    /// Its weights are `behaviour.safetensors` and queued batches `pending.jsonl`.
+    pub lagged: Option<LaggedState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaggedState {
+    pub behaviour_version: u64,
+    pub next_batch: usize,
+}
+
+/// Mode-specific things a checkpoint carries besides the policy and optimizer.
+#[derive(Default)]
+pub struct Extras<'a> {
+    pub behaviour: Option<&'a Llama>,
+    pub pending: Vec<ExperienceGroup>,
 }
 
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
@@ -80,6 +58,7 @@ pub fn save(
     opt: &AdamW,
     tok: &Tokenizer,
     state: &TrainState,
+    extras: &Extras,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = final_dir.parent().unwrap_or(run_dir).to_path_buf();
@@ -98,6 +77,13 @@ pub fn save(
     write("state.json", &serde_json::to_string_pretty(state)?)?;
     write("config.json", &serde_json::to_string_pretty(&model.cfg)?)?;
     write("tokenizer.json", tok.to_json())?;
+    if let Some(b) = extras.behaviour {
+        save_safetensors(&b.named_tensors(), &tmp.join("behaviour.safetensors"))?;
+    }
+    if !extras.pending.is_empty() {
+        crate::buffer::jsonl::write_groups(&tmp.join("pending.jsonl"), &extras.pending)
+            .map_err(|e| Error::checkpoint(&tmp, e.to_string()))?;
+    }
     if final_dir.exists() {
         // Re-running a step after resume: replace the old copy.
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;

@@ -1,0 +1,166 @@
+//! The explorer: prompts → responses with behaviour log-probs → verified rewards, packed as
+//! experience groups tagged with the policy version that produced them. The same function
+//! serves every mode: on-policy (the trainer's own weights), lagged (an older copy), async
+//! (a thread with its own copy) and separate `grove explore` processes.
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::{Experience, ExperienceGroup};
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::model::{Llama, Tokenizer};
+use crate::reward::exact::exact_answer;
+use crate::reward::noise::NoiseInjector;
+use crate::rollout::{generate, Generation};
+use crate::task::ArithmeticTask;
+
+/// What every stage reads and nobody changes: the config, tokenizer and task.
+pub struct Env {
+    pub cfg: RunConfig,
+    pub tok: Tokenizer,
+    pub task: ArithmeticTask,
+}
+
+impl Env {
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        let task = ArithmeticTask::new(cfg.task.clone()).map_err(|m| Error::config("task", m))?;
+        Ok(Env {
+            cfg,
+            tok: Tokenizer::builtin_arithmetic(),
+            task,
+        })
+    }
+}
+
+/// RNG streams of one run: fixed numbers so every mode draws the same numbers.
+pub const STREAM_PROMPTS: u64 = 1;
+pub const STREAM_SAMPLES: u64 = 2;
+pub const STREAM_LEARN: u64 = 3;
+pub const STREAM_WARMUP: u64 = 4;
+/// Explorer processes `k = 1, 2, ...` use streams offset by this much times k.
+pub const STREAM_EXPLORER_STRIDE: u64 = 16;
+
+pub fn rng_stream(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(stream);
+    r
+}
+
+/// The explorer's mutable state; saved with checkpoints so a resumed run draws the same
+/// prompts and samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExploreState {
+    pub prompt_rng: ChaCha8Rng,
+    pub sample_rng: ChaCha8Rng,
+    /// Reward-noise injector of noisy-verifier experiments (None when both rates are 0).
+    pub noise: Option<NoiseInjector>,
+    pub next_group_id: u64,
+}
+
+impl ExploreState {
+    /// `explorer` 0 is the trainer's own explorer; separate processes use 1, 2, ...
+    pub fn new(cfg: &RunConfig, explorer: u64) -> Result<Self> {
+        let off = explorer * STREAM_EXPLORER_STRIDE;
+        let rw = &cfg.reward;
+        let noise = if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
+            Some(
+                NoiseInjector::new(rw.noise_rho0, rw.noise_rho1, cfg.seed ^ 0x6e6f_6973 ^ off)
+                    .map_err(|e| Error::config("reward", e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Ok(ExploreState {
+            prompt_rng: rng_stream(cfg.seed, STREAM_PROMPTS + off),
+            sample_rng: rng_stream(cfg.seed, STREAM_SAMPLES + off),
+            noise,
+            // Explorer k numbers its groups from k·2⁴⁸ so ids never collide across processes.
+            next_group_id: explorer << 48,
+        })
+    }
+}
+
+pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let mut ids = Vec::with_capacity(text.len() + 1);
+    if let Some(b) = tok.bos {
+        ids.push(b);
+    }
+    ids.extend(tok.encode(text)?);
+    Ok(ids)
+}
+
+/// Decoded response text without the EOS.
+pub fn response_text(tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
+    let body: Vec<u32> = tokens.iter().copied().filter(|&t| t != tok.eos).collect();
+    tok.decode(&body)
+}
+
+/// One batch of `rollout.prompts_per_step` groups of `rollout.group_size` responses sampled
+/// from `model`, which is policy version `version`.
+pub fn collect(
+    env: &Env,
+    model: &Llama,
+    version: u64,
+    st: &mut ExploreState,
+) -> Result<Vec<ExperienceGroup>> {
+    let r = &env.cfg.rollout;
+    let (np, g) = (r.prompts_per_step, r.group_size);
+    let problems: Vec<_> = (0..np)
+        .map(|_| env.task.sample_train(&mut st.prompt_rng))
+        .collect();
+    let mut prompts = Vec::with_capacity(np * g);
+    let mut prompt_ids = Vec::with_capacity(np);
+    for p in &problems {
+        let ids = encode_prompt(&env.tok, &p.prompt)?;
+        prompts.extend(std::iter::repeat(ids.clone()).take(g));
+        prompt_ids.push(ids);
+    }
+    let gens: Vec<Generation> = generate(
+        model,
+        &prompts,
+        env.tok.eos,
+        env.tok.pad,
+        &r.sampling(),
+        &mut st.sample_rng,
+    )?;
+    let mut out = Vec::with_capacity(np);
+    for (p, prob) in problems.iter().enumerate() {
+        let group_id = st.next_group_id;
+        st.next_group_id += 1;
+        let mut experiences = Vec::with_capacity(g);
+        for gen in &gens[p * g..(p + 1) * g] {
+            let text = response_text(&env.tok, &gen.tokens)?;
+            let clean = exact_answer(&text, gen.finished, &prob.answer).score;
+            let observed = match st.noise.as_mut() {
+                Some(inj) => inj
+                    .flip(clean)
+                    .map_err(|e| Error::Task(format!("noise injector: {e}")))?,
+                None => clean,
+            };
+            let mut components = BTreeMap::new();
+            components.insert("correct".to_string(), clean);
+            experiences.push(Experience {
+                group_id,
+                prompt: prob.prompt.clone(),
+                prompt_ids: prompt_ids[p].clone(),
+                response_ids: gen.tokens.clone(),
+                logprobs: gen.logprobs.clone(),
+                reward: observed,
+                components,
+                answer: prob.answer.clone(),
+                finished: gen.finished,
+                policy_version: version,
+                use_count: 0,
+            });
+        }
+        out.push(ExperienceGroup {
+            group_id,
+            policy_version: version,
+            experiences,
+        });
+    }
+    Ok(out)
+}

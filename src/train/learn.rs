@@ -1,0 +1,325 @@
+//! The learner: experience groups in, one policy-gradient update out.
+//!
+//! Read top to bottom it is the algorithm: ground-truth injection → KL-in-reward → which
+//! samples count → advantages → per-token loss and its gradient → backward through the
+//! model → clipped AdamW step. The loss library returns dL/dℓ for every response token
+//! (`loss::compute`); backpropagating the surrogate Σ g·ℓ gives exactly the loss's gradient.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use crate::advantage::{self, Group};
+use crate::buffer::ExperienceGroup;
+use crate::error::Result;
+use crate::loss::{self, SeqInput};
+use crate::model::Llama;
+use crate::report::{JsonlWriter, Metrics};
+use crate::sampling;
+use crate::train::batch;
+use crate::train::explore::{response_text, Env};
+use crate::train::optim::AdamW;
+
+pub struct Learner {
+    pub model: Llama,
+    /// Frozen reference policy for KL terms (None when no KL is used).
+    pub reference: Option<Llama>,
+    pub opt: AdamW,
+    /// Policy version: the number of updates taken.
+    pub version: u64,
+    /// Draws of the learner itself (RED-Drop).
+    pub learn_rng: ChaCha8Rng,
+    /// Running statistics of the advantage estimators (noisy-backward's EMA scale).
+    pub adv_state: advantage::AdvantageState,
+    pub metrics: JsonlWriter,
+    pub samples: JsonlWriter,
+    pub run_dir: PathBuf,
+}
+
+fn valid_tensor(valid: &[Vec<f64>], dev: &Device) -> Result<Tensor> {
+    let r = valid.first().map(|v| v.len()).unwrap_or(0);
+    let flat: Vec<f32> = valid.iter().flatten().map(|&x| x as f32).collect();
+    Ok(Tensor::from_vec(flat, (valid.len(), r), dev)?)
+}
+
+impl Learner {
+    /// One update from `groups`. `generate_s` is the sampling time that produced them (0 when
+    /// they came from elsewhere) and `dropped` the groups discarded as too stale.
+    pub fn learn(
+        &mut self,
+        env: &Env,
+        groups: &[ExperienceGroup],
+        step: usize,
+        generate_s: f64,
+        dropped: usize,
+    ) -> Result<Metrics> {
+        let cfg = &env.cfg;
+        let tok = &env.tok;
+        let t_train = Instant::now();
+        // Flatten: sample i belongs to group owner[i]; group p spans ranges[p].
+        let mut ranges = Vec::with_capacity(groups.len());
+        let mut exps = Vec::new();
+        for grp in groups {
+            let start = exps.len();
+            exps.extend(grp.experiences.iter().cloned());
+            ranges.push(start..exps.len());
+        }
+        let n = exps.len();
+
+        // 1. TempSamp ground-truth injection: the last sample of each group becomes the
+        //    reference solution; its behaviour log-probs are the current policy's (below).
+        let mut ground_truth = vec![false; n];
+        if cfg.sampling.inject_ground_truth {
+            for r in &ranges {
+                if r.len() < 2 {
+                    continue;
+                }
+                let i = r.end - 1;
+                let mut tokens = tok.encode(&exps[i].answer)?;
+                tokens.push(tok.eos);
+                let e = &mut exps[i];
+                e.logprobs = vec![0.0; tokens.len()];
+                e.response_ids = tokens;
+                e.finished = true;
+                e.reward = 1.0;
+                e.components.insert("correct".into(), 1.0);
+                ground_truth[i] = true;
+            }
+        }
+        let correct: Vec<bool> = exps
+            .iter()
+            .map(|e| e.components.get("correct").copied().unwrap_or(e.reward) > 0.5)
+            .collect();
+        let mut rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
+        let reward_observed_mean = rewards.iter().sum::<f64>() / n.max(1) as f64;
+
+        // 2. Current-policy log-probs (with gradient) and, when KL is used, the reference's.
+        let prompts: Vec<Vec<u32>> = exps.iter().map(|e| e.prompt_ids.clone()).collect();
+        let responses: Vec<Vec<u32>> = exps.iter().map(|e| e.response_ids.clone()).collect();
+        let dev = self.model.device().clone();
+        let b = batch::build(&prompts, &responses, tok.pad, &dev)?;
+        let temp = if cfg.rollout.temperature > 0.0 {
+            cfg.rollout.temperature
+        } else {
+            1.0
+        };
+        let (lp, lsm) = batch::response_logprobs(&self.model, &b, temp)?;
+        let lp_rows = batch::to_f64_rows(&lp)?;
+        let ref_rows = match &self.reference {
+            Some(r) => Some(batch::to_f64_rows(
+                &batch::response_logprobs(r, &b, temp)?.0,
+            )?),
+            None => None,
+        };
+        let len = |i: usize| exps[i].response_ids.len();
+        let behaviour: Vec<Vec<f64>> = (0..n)
+            .map(|i| {
+                if ground_truth[i] {
+                    lp_rows[i][..len(i)].to_vec()
+                } else {
+                    exps[i].logprobs.iter().map(|&x| x as f64).collect()
+                }
+            })
+            .collect();
+        let mut kl_penalty_mean = 0.0;
+        if cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0 {
+            if let Some(rr) = &ref_rows {
+                for (i, r) in rewards.iter_mut().enumerate() {
+                    let pen = loss::kl_reward_penalty(
+                        &cfg.loss,
+                        &behaviour[i],
+                        &rr[i][..len(i)],
+                        &vec![1.0; len(i)],
+                    );
+                    kl_penalty_mean += pen / n as f64;
+                    *r -= pen;
+                }
+            }
+        }
+
+        // 3. Which samples count (RED-Drop, zero-variance filter), then advantages per group.
+        let mut keep = vec![true; n];
+        let mut zero_std_groups = 0usize;
+        for r in &ranges {
+            if sampling::is_zero_std(&rewards[r.clone()]) {
+                zero_std_groups += 1;
+                if cfg.sampling.filter_zero_std {
+                    keep[r.clone()].iter_mut().for_each(|k| *k = false);
+                }
+            }
+            if cfg.sampling.red_drop {
+                let k = sampling::red_drop_keep(&rewards[r.clone()], &mut self.learn_rng);
+                for (slot, kk) in keep[r.clone()].iter_mut().zip(k) {
+                    *slot &= kk;
+                }
+            }
+        }
+        let members: Vec<Vec<usize>> = ranges
+            .iter()
+            .map(|r| r.clone().filter(|&i| keep[i]).collect())
+            .collect();
+        let live: Vec<usize> = (0..ranges.len())
+            .filter(|&p| !members[p].is_empty())
+            .collect();
+        let adv_groups: Vec<Group> = live
+            .iter()
+            .map(|&p| {
+                let m = &members[p];
+                let mut grp = Group::from_rewards(m.iter().map(|&i| rewards[i]).collect());
+                grp.correct = Some(m.iter().map(|&i| correct[i]).collect());
+                grp.lengths = Some(m.iter().map(|&i| len(i)).collect());
+                grp.all_rewards = Some(rewards[ranges[p].clone()].to_vec());
+                if cfg.sampling.inject_ground_truth {
+                    grp.ground_truth = Some(m.iter().map(|&i| ground_truth[i]).collect());
+                }
+                grp
+            })
+            .collect();
+        let adv_out =
+            advantage::compute_with_state(&cfg.advantage, &adv_groups, &mut self.adv_state)?;
+        let mut adv = vec![0.0f64; n];
+        for (gi, &p) in live.iter().enumerate() {
+            for (k, &i) in members[p].iter().enumerate() {
+                adv[i] = adv_out.advantages[gi][k];
+            }
+        }
+
+        // 4. Loss and its gradient w.r.t. each response token's log-prob.
+        let mut seqs = Vec::with_capacity(n);
+        for (p, r) in ranges.iter().enumerate() {
+            let n_correct = r.clone().filter(|&i| correct[i]).count();
+            for i in r.clone() {
+                let _ = p;
+                seqs.push(SeqInput {
+                    logp: lp_rows[i][..len(i)].to_vec(),
+                    logp_old: behaviour[i].clone(),
+                    logp_ref: ref_rows.as_ref().map(|rr| rr[i][..len(i)].to_vec()),
+                    mask: vec![if keep[i] { 1.0 } else { 0.0 }; len(i)],
+                    adv: vec![adv[i]; len(i)],
+                    kl_weight: if cfg.loss.dads {
+                        loss::dads_weight(adv[i] > 0.0, n_correct, r.len())
+                    } else {
+                        1.0
+                    },
+                    expert: false,
+                });
+            }
+        }
+        let out = loss::compute(&cfg.loss, &seqs)?;
+        let rl = b.resp_len;
+        let mut gflat = Vec::with_capacity(n * rl);
+        for row in &out.grad_logp {
+            gflat.extend(row.iter().map(|&x| x as f32));
+            gflat.extend(std::iter::repeat(0.0f32).take(rl - row.len()));
+        }
+        let gt = Tensor::from_vec(gflat, (n, rl), &dev)?;
+        let valid = valid_tensor(&b.valid, &dev)?;
+        let entropy_t = batch::entropy(&lsm, &valid)?;
+        let mut surrogate = (&lp * &gt)?.sum_all()?;
+        if cfg.loss.entropy_coef > 0.0 {
+            surrogate = (surrogate - (&entropy_t * cfg.loss.entropy_coef)?)?;
+        }
+
+        // 5. Backward, clip, update.
+        let grads = surrogate.backward()?;
+        let gnorm = self.opt.grad_norm(&grads)?;
+        let clip = cfg.train.grad_clip;
+        let scale = if clip > 0.0 && gnorm > clip {
+            clip / gnorm
+        } else {
+            1.0
+        };
+        let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
+        self.opt.step(&grads, lr, scale)?;
+        self.version += 1;
+        let train_s = t_train.elapsed().as_secs_f64();
+
+        // 6. Metrics (names: DESIGN.md §7, docs/metrics.md).
+        let nf = n.max(1) as f64;
+        let mean = rewards.iter().sum::<f64>() / nf;
+        let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / nf).sqrt();
+        let gen_tokens: usize = (0..n).map(len).sum();
+        let staleness: Vec<f64> = groups
+            .iter()
+            .map(|g| self.version.saturating_sub(1 + g.policy_version) as f64)
+            .collect();
+        let mut m = Metrics::new();
+        m.insert("reward/mean".into(), mean);
+        m.insert("reward/std".into(), std);
+        m.insert(
+            "reward/frac_zero_std".into(),
+            zero_std_groups as f64 / ranges.len().max(1) as f64,
+        );
+        m.insert(
+            "reward/correct/mean".into(),
+            correct.iter().filter(|&&c| c).count() as f64 / nf,
+        );
+        m.insert(
+            "acc/train".into(),
+            correct.iter().filter(|&&c| c).count() as f64 / nf,
+        );
+        if cfg.reward.noise_rho0 > 0.0 || cfg.reward.noise_rho1 > 0.0 || cfg.loss.kl_in_reward {
+            m.insert("reward/observed_mean".into(), reward_observed_mean);
+            m.insert("reward/kl_penalty_mean".into(), kl_penalty_mean);
+        }
+        if cfg.sampling.red_drop || cfg.sampling.filter_zero_std {
+            m.insert(
+                "sampling/dropped_frac".into(),
+                keep.iter().filter(|&&k| !k).count() as f64 / nf,
+            );
+        }
+        if cfg.advantage.stable_filter.enabled {
+            m.insert("adv/filtered".into(), adv_out.filtered as f64);
+        }
+        m.insert("adv/mean".into(), adv.iter().sum::<f64>() / nf);
+        m.insert(
+            "adv/abs_mean".into(),
+            adv.iter().map(|a| a.abs()).sum::<f64>() / nf,
+        );
+        m.insert("loss/policy".into(), out.metrics.policy_loss);
+        m.insert("loss/kl".into(), out.metrics.kl_loss);
+        m.insert("loss/clipfrac".into(), out.metrics.clipfrac);
+        m.insert("loss/masked_frac".into(), out.metrics.masked_frac);
+        m.insert("is/ratio_mean".into(), out.metrics.ratio_mean);
+        m.insert("is/ratio_max".into(), out.metrics.ratio_max);
+        m.insert("kl/k3".into(), out.metrics.kl_k3);
+        m.insert("entropy".into(), entropy_t.to_scalar::<f32>()? as f64);
+        m.insert("len/mean".into(), gen_tokens as f64 / nf);
+        m.insert(
+            "len/truncated_frac".into(),
+            exps.iter().filter(|e| !e.finished).count() as f64 / nf,
+        );
+        m.insert(
+            "staleness/mean".into(),
+            staleness.iter().sum::<f64>() / staleness.len().max(1) as f64,
+        );
+        m.insert("staleness/dropped".into(), dropped as f64);
+        m.insert("grad/norm".into(), gnorm);
+        m.insert("lr".into(), lr);
+        m.insert("timing/generate_s".into(), generate_s);
+        m.insert("timing/train_s".into(), train_s);
+        m.insert(
+            "throughput/tokens_per_s".into(),
+            gen_tokens as f64 / (generate_s + train_s).max(1e-9),
+        );
+
+        for (p, r) in ranges.iter().enumerate().take(cfg.train.log_samples) {
+            let mut rs = Vec::with_capacity(r.len());
+            for i in r.clone() {
+                rs.push(serde_json::json!({
+                    "text": response_text(tok, &exps[i].response_ids)?,
+                    "reward": rewards[i],
+                    "correct": correct[i],
+                    "advantage": adv[i],
+                    "ground_truth": ground_truth[i],
+                }));
+            }
+            self.samples.write(&serde_json::json!({
+                "step": step, "phase": "rl", "policy_version": groups[p].policy_version,
+                "prompt": exps[r.start].prompt, "answer": exps[r.start].answer, "responses": rs
+            }))?;
+        }
+        Ok(m)
+    }
+}
