@@ -32,7 +32,44 @@ enum Command {
         /// Stop after this RL step (a checkpoint is written), as if interrupted.
         #[arg(long, value_name = "STEP")]
         stop_after: Option<usize>,
+        /// Train from experiences in this buffer (sqlite:PATH or postgres://...[#table]),
+        /// written by `grove explore` processes (sets sync.buffer).
+        #[arg(long, value_name = "URL")]
+        buffer: Option<String>,
+        /// With --buffer: publish versioned weights here for explorers (sets sync.publish_dir).
+        #[arg(long, value_name = "DIR")]
+        publish_dir: Option<String>,
+        /// Train from an experience JSONL file (sets sync.offline).
+        #[arg(long, value_name = "FILE")]
+        offline: Option<String>,
         /// No plan, progress bar or summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Sample experience groups into a shared buffer (for `grove train --buffer`) or a JSONL file.
+    Explore {
+        /// A TOML run config (the same one the learner uses).
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Write groups to this JSONL file (offline data).
+        #[arg(long, value_name = "FILE", conflicts_with = "buffer")]
+        out: Option<PathBuf>,
+        /// Put groups into this buffer URL.
+        #[arg(long, value_name = "URL")]
+        buffer: Option<String>,
+        /// Follow the learner's published weights in this folder.
+        #[arg(long, value_name = "DIR")]
+        weights: Option<PathBuf>,
+        /// Sample with the weights of a grove checkpoint (runs/NAME/checkpoints/step-N).
+        #[arg(long, value_name = "CKPT_DIR", conflicts_with = "weights")]
+        policy: Option<PathBuf>,
+        /// Stop after this many groups.
+        #[arg(long)]
+        groups: Option<usize>,
+        /// Explorer number 1, 2, ...: separate explorers draw different prompts.
+        #[arg(long, default_value_t = 1)]
+        explorer_id: u64,
         #[arg(long)]
         quiet: bool,
     },
@@ -121,16 +158,61 @@ fn train(
     Ok(())
 }
 
+/// A TOML string literal for `--set` (paths may contain characters TOML would misread).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Command::Train {
             config,
-            set,
+            mut set,
             resume,
             stop_after,
+            buffer,
+            publish_dir,
+            offline,
             quiet,
-        } => train(config, set, resume, stop_after, quiet)?,
+        } => {
+            for (key, v) in [
+                ("buffer", buffer),
+                ("publish_dir", publish_dir),
+                ("offline", offline),
+            ] {
+                if let Some(v) = v {
+                    set.push(format!("sync.{key}={}", toml_string(&v)));
+                }
+            }
+            train(config, set, resume, stop_after, quiet)?
+        }
+        Command::Explore {
+            config,
+            set,
+            out,
+            buffer,
+            weights,
+            policy,
+            groups,
+            explorer_id,
+            quiet,
+        } => {
+            let cfg = grove::config::load(config.as_deref(), &set)?;
+            let opts = grove::train::explorer::ExploreOptions {
+                out,
+                buffer,
+                weights,
+                policy,
+                groups,
+                explorer_id,
+                quiet,
+            };
+            let n = grove::train::explorer::run_explorer(cfg, &opts)?;
+            if !quiet {
+                println!("{n} groups written");
+            }
+        }
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {
                 println!("{:<20} {}  [{}]", r.name, r.description, r.source);

@@ -223,7 +223,24 @@ pub fn open_with_mode(
         Location::Memory => Box::new(MemoryBuffer::new(capacity, mode)?),
         Location::Sqlite(path) => Box::new(SqliteBuffer::open(path, capacity, mode)?),
         Location::Postgres(url) => {
-            Box::new(PostgresBuffer::connect(url, DEFAULT_TABLE, capacity, mode)?)
+            // "postgres://...#name" selects a table other than the default.
+            let (url, table) = match url.split_once('#') {
+                Some((u, t)) => (u, t),
+                None => (url, DEFAULT_TABLE),
+            };
+            if table.is_empty()
+                || !table
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(BufferError::Config {
+                    field: "url",
+                    msg: format!(
+                        "table name {table:?} after '#' must be lowercase letters, digits and '_'"
+                    ),
+                });
+            }
+            Box::new(PostgresBuffer::connect(url, table, capacity, mode)?)
         }
     })
 }

@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod explore;
+pub mod explorer;
 pub mod learn;
 pub mod optim;
 pub mod publish;

@@ -1,0 +1,216 @@
+//! Learner and explorer as separate processes: through a PostgreSQL buffer (the several-machine
+//! setup) and through an offline JSONL file.
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn grove() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_grove"))
+}
+
+const SMALL: [&str; 14] = [
+    "--set",
+    "warmup.max_steps=300",
+    "--set",
+    "rollout.prompts_per_step=16",
+    "--set",
+    "train.eval_size=200",
+    "--set",
+    "train.eval_every=10",
+    "--set",
+    "train.lr=3e-4",
+    "--set",
+    "sync.wait_timeout_s=120",
+    "--set",
+    "train.checkpoint_every=100",
+];
+
+fn rl_acc(run: &Path) -> Vec<(u64, f64)> {
+    grove::report::read_jsonl(&run.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|v| v["phase"] == "rl" && v["acc/eval"].is_number())
+        .map(|v| (v["step"].as_u64().unwrap(), v["acc/eval"].as_f64().unwrap()))
+        .collect()
+}
+
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("GROVE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@localhost:5432/grove_test".to_string());
+    match postgres::Client::connect(&url, postgres::NoTls) {
+        Ok(_) => Some(url),
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("PostgreSQL at {url} is required in CI (run .ci/postgres.sh): {e}");
+            }
+            eprintln!(
+                "******** SKIPPED: no PostgreSQL at {url} ({e}); run .ci/postgres.sh ********"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn explorer_and_learner_processes_through_postgres() {
+    let Some(base) = postgres_url() else { return };
+    let table = format!("grove_e2e_{}", std::process::id());
+    let url = format!("{base}#{table}");
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("weights");
+    let out = tmp.path().join("runs");
+
+    let mut explorer = grove()
+        .args([
+            "explore",
+            "--buffer",
+            &url,
+            "--weights",
+            weights.to_str().unwrap(),
+        ])
+        .args(SMALL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The explorer reports "explorer 1: N groups written" after each committed batch.
+    let stderr = explorer.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+            .collect::<Vec<String>>()
+    });
+    let learner = grove()
+        .args([
+            "train",
+            "--quiet",
+            "--buffer",
+            &url,
+            "--publish-dir",
+            weights.to_str().unwrap(),
+        ])
+        .args(SMALL)
+        .args([
+            "--set",
+            "train.steps=30",
+            "--set",
+            &format!("output_dir={:?}", out.display().to_string()),
+        ])
+        .output()
+        .unwrap();
+    // Kill the explorer mid-run (it samples forever).
+    explorer.kill().unwrap();
+    let _ = explorer.wait();
+    let committed: usize = reader
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix("explorer 1: ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        learner.status.success(),
+        "learner failed: {}",
+        String::from_utf8_lossy(&learner.stderr)
+    );
+
+    let acc = rl_acc(&out.join("quickstart"));
+    let (first, last) = (acc.first().unwrap().1, acc.last().unwrap().1);
+    assert!(
+        last > first + 0.05,
+        "held-out accuracy did not rise through the buffer: {acc:?}"
+    );
+    let lines = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl")).unwrap();
+    assert!(lines
+        .iter()
+        .any(|v| v["staleness/mean"].as_f64().unwrap_or(0.0) >= 0.0));
+
+    // Whatever the explorer committed before it was killed is still there, minus what was used.
+    let mut b = grove::buffer::open(&url, 1 << 30).unwrap();
+    let left = b.len().unwrap();
+    let consumed = 30 * 16;
+    let taken = b.take(left, 0).unwrap();
+    assert_eq!(taken.groups.len(), left);
+    let mut client = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .unwrap();
+    assert!(
+        committed >= consumed,
+        "explorer reported {committed} groups, learner used {consumed}"
+    );
+    assert!(
+        consumed + left >= committed,
+        "lost experiences: {committed} committed, {consumed} consumed, {left} left in the buffer"
+    );
+}
+
+#[test]
+fn offline_file_from_explore_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("exp.jsonl");
+    let out = tmp.path().join("runs");
+    let ex = grove()
+        .args([
+            "explore",
+            "--quiet",
+            "--out",
+            data.to_str().unwrap(),
+            "--groups",
+            "32",
+        ])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert!(
+        ex.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ex.stderr)
+    );
+    let groups = grove::buffer::jsonl::read_groups(&data).unwrap();
+    assert_eq!(groups.len(), 32);
+    assert!(groups
+        .iter()
+        .all(|g| g.experiences.len() == 8 && g.policy_version == 0));
+    let tr = grove()
+        .args(["train", "--quiet", "--offline", data.to_str().unwrap()])
+        .args(SMALL)
+        .args([
+            "--set",
+            "train.steps=5",
+            "--set",
+            &format!("output_dir={:?}", out.display().to_string()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        tr.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tr.stderr)
+    );
+    // 32 groups at 16 per step: the file is exhausted after 2 of the 5 steps.
+    let steps: Vec<u64> = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|v| v["phase"] == "rl")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![0, 1, 2]);
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"group_id\": 1}\n").unwrap();
+    let tr = grove()
+        .args(["train", "--quiet", "--offline", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!tr.status.success());
+    let err = String::from_utf8_lossy(&tr.stderr);
+    assert!(err.contains("bad.jsonl") && err.contains("line 1"), "{err}");
+}
