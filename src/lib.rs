@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod loss;
 pub mod model;
 pub mod report;

@@ -73,6 +73,22 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run a small-scale reproduction (e.g. rec-offpolicy): table and plot under docs/experiments/.
+    Experiment {
+        name: String,
+        /// Seeds, comma-separated.
+        #[arg(long, default_value = "0,1,2")]
+        seeds: String,
+        /// Overrides applied to every run (e.g. --set train.steps=200).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Where the runs go.
+        #[arg(long, default_value = "runs/experiments")]
+        runs_dir: PathBuf,
+        /// Where the table and plot go.
+        #[arg(long, default_value = "docs/experiments")]
+        out: PathBuf,
+    },
     /// List the recipes: named presets of config values, with their papers.
     Recipes,
     /// Advantage calculator: reads {"groups": [[r, ...], ...]} on stdin, prints advantages.
@@ -212,6 +228,37 @@ fn real_main() -> Result<()> {
             if !quiet {
                 println!("{n} groups written");
             }
+        }
+        Command::Experiment {
+            name,
+            seeds,
+            set,
+            runs_dir,
+            out,
+        } => {
+            let exp = grove::experiment::find(&name)?;
+            let seeds: Vec<u64> = seeds
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse::<u64>()
+                        .with_context(|| format!("--seeds: {s:?} is not an integer"))
+                })
+                .collect::<Result<_>>()?;
+            let mut command = format!(
+                "grove experiment {name} --seeds {}",
+                seeds
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            for s in &set {
+                command.push_str(&format!(" --set {s}"));
+            }
+            let path =
+                grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command)?;
+            println!("wrote {}", path.display());
         }
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {

@@ -158,3 +158,72 @@ fn recipes_are_listed_with_sources() {
         );
     }
 }
+
+fn grove_stdin(args: &[&str], input: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn advantage_calculator_prints_the_library_values() {
+    let (code, out, err) = grove_stdin(
+        &["advantage", "--estimator", "grpo"],
+        r#"{"groups": [[1, 0], [1, 1, 1]]}"#,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // G=2, rewards [1, 0]: mean 0.5, sample std 0.70711 → ±0.5/0.70711 = ±0.70711; all-equal → 0.
+    let a = v["advantages"].as_array().unwrap();
+    assert!((a[0][0].as_f64().unwrap() - 0.707106).abs() < 1e-5);
+    assert!((a[0][1].as_f64().unwrap() + 0.707106).abs() < 1e-5);
+    assert_eq!(a[1], serde_json::json!([0.0, 0.0, 0.0]));
+    let lib = grove::advantage::grpo(&[1.0, 0.0], grove::advantage::StdKind::Sample, 1e-6);
+    assert_eq!(a[0][0].as_f64().unwrap(), lib[0]);
+
+    let (code, _, err) = grove_stdin(
+        &["advantage", "--estimator", "grpo"],
+        r#"{"groups": [[1, "x"]]}"#,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("groups[0][1]"), "{err}");
+    let (code, _, err) = grove_stdin(
+        &["advantage", "--estimator", "nope"],
+        r#"{"groups": [[1]]}"#,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("nope") && err.contains("rloo"), "{err}");
+}
+
+#[test]
+fn loss_calculator_prints_loss_and_gradient() {
+    let input = r#"{"logp": [[-1.0, -2.0]], "logp_old": [[-1.0, -2.0]], "adv": [2.0]}"#;
+    let (code, out, err) = grove_stdin(&["loss", "--loss", "reinforce"], input);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // token-mean of −A·ℓ = −2·(−1 − 2)/2 = 3; d/dℓ_t = −A/2 = −1 for each token.
+    assert!((v["loss"].as_f64().unwrap() - 3.0).abs() < 1e-12);
+    assert_eq!(v["grad_logp"], serde_json::json!([[-1.0, -1.0]]));
+
+    let ragged = r#"{"logp": [[-1.0, -2.0]], "logp_old": [[-1.0]], "adv": [2.0]}"#;
+    let (code, _, err) = grove_stdin(&["loss", "--loss", "ppo-clip"], ragged);
+    assert_ne!(code, 0);
+    assert!(err.contains("logp_old[0]"), "{err}");
+}

@@ -188,6 +188,9 @@ pub struct SyncConfig {
     pub offline: Option<String>,
     /// Buffer mode: give up after waiting this many seconds for experiences.
     pub wait_timeout_s: f64,
+    /// Buffer mode: priority replay instead of FIFO — groups stay after use, priority =
+    /// policy version − decay × use count, evicted after `max_uses` uses.
+    pub replay: Option<crate::buffer::ReplayConfig>,
 }
 
 impl Default for SyncConfig {
@@ -202,6 +205,7 @@ impl Default for SyncConfig {
             publish_dir: None,
             offline: None,
             wait_timeout_s: 600.0,
+            replay: None,
         }
     }
 }
@@ -418,6 +422,13 @@ impl RunConfig {
                     ));
                 }
             }
+        }
+        if let Some(r) = &sy.replay {
+            if sy.buffer.is_none() {
+                return err("sync.replay applies to a shared buffer: set sync.buffer too".into());
+            }
+            r.validate()
+                .map_err(|e| Error::config(source, format!("sync.replay: {e}")))?;
         }
         if sy.buffer.is_some() && sy.offline.is_some() {
             return err("sync.buffer and sync.offline are exclusive: train from one source".into());

@@ -505,7 +505,11 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     };
 
     let mut source = if let Some(url) = &cfg.sync.buffer {
-        let buffer = buffer::open(url, usize::MAX / 2)
+        let mode = match &cfg.sync.replay {
+            Some(r) => TakeMode::PriorityReplay(*r),
+            None => TakeMode::Fifo,
+        };
+        let buffer = buffer::open_with_mode(url, usize::MAX / 2, mode)
             .map_err(|e| Error::Task(format!("sync.buffer: {e}")))?;
         let dir = PathBuf::from(cfg.sync.publish_dir.clone().unwrap_or_default());
         publish::publish(&dir, learner.version, &learner.model)?;

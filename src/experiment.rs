@@ -1,0 +1,167 @@
+//! `grove experiment NAME`: small-scale reproductions of the seed papers' claims, one command
+//! each, writing a table and a plot under docs/experiments/.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::config;
+use crate::error::{Error, Result};
+use crate::report::plot::{line_chart, load_rl_metric, Series};
+use crate::train::{run, TrainOptions};
+
+pub struct Variant {
+    pub label: &'static str,
+    pub sets: &'static [&'static str],
+}
+
+pub struct Experiment {
+    pub name: &'static str,
+    pub claim: &'static str,
+    /// Settings shared by every variant.
+    pub common: &'static [&'static str],
+    pub variants: &'static [Variant],
+}
+
+pub const EXPERIMENTS: &[Experiment] = &[Experiment {
+    name: "rec-offpolicy",
+    claim: "REC (Yao et al. 2025): with stale data (rollout weights synced every 8 steps), REC-OneSide \
+            without importance sampling is about as good as GRPO; unclipped REINFORCE degrades; loose \
+            clipping (0.6, 2.0) learns faster.",
+    common: &["sync.mode=\"lagged\"", "sync.interval=8"],
+    variants: &[
+        Variant { label: "grpo", sets: &["recipe=\"grpo\""] },
+        Variant { label: "rec-oneside-nois", sets: &["recipe=\"rec-oneside-nois\""] },
+        Variant { label: "rec-oneside-is", sets: &["recipe=\"rec-oneside-is\""] },
+        Variant {
+            label: "rec-oneside-nois-loose",
+            sets: &["recipe=\"rec-oneside-nois\"", "loss.eps_low=0.6", "loss.eps_high=2.0"],
+        },
+        Variant {
+            label: "reinforce-noclip",
+            sets: &["advantage.estimator=\"group-mean\"", "loss.loss=\"rec\"", "loss.rec_weight=\"none\"", "loss.rec_mask=\"none\""],
+        },
+    ],
+}];
+
+pub fn find(name: &str) -> Result<&'static Experiment> {
+    EXPERIMENTS.iter().find(|e| e.name == name).ok_or_else(|| {
+        let known: Vec<&str> = EXPERIMENTS.iter().map(|e| e.name).collect();
+        Error::config(
+            "grove experiment",
+            format!("unknown experiment {name:?}; known: {}", known.join(", ")),
+        )
+    })
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let sd = if xs.len() > 1 {
+        (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (m, sd)
+}
+
+/// Runs every variant for every seed and writes `<out>/<name>.md` and `<out>/<name>.png`.
+/// `extra` are `--set` overrides applied to all runs (e.g. a shorter `train.steps`).
+pub fn run_experiment(
+    exp: &Experiment,
+    seeds: &[u64],
+    extra: &[String],
+    runs_dir: &Path,
+    out: &Path,
+    command: &str,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut rows = Vec::new();
+    let mut series = Vec::new();
+    for v in exp.variants {
+        let mut finals = Vec::new();
+        let mut curves: Vec<Vec<(f64, f64)>> = Vec::new();
+        let mut t0s = Vec::new();
+        for &seed in seeds {
+            let mut sets: Vec<String> = exp
+                .common
+                .iter()
+                .chain(v.sets)
+                .map(|s| s.to_string())
+                .collect();
+            sets.push(format!("seed={seed}"));
+            sets.push(format!("name=\"{}-{}-s{seed}\"", exp.name, v.label));
+            sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
+            sets.extend(extra.iter().cloned());
+            let cfg = config::load(None, &sets)?;
+            eprintln!("[{}] {} seed {seed}", exp.name, v.label);
+            let s = run(
+                cfg,
+                &TrainOptions {
+                    quiet: true,
+                    ..Default::default()
+                },
+            )?;
+            finals.push(s.acc_final);
+            t0s.push(s.acc_after_warmup);
+            curves.push(load_rl_metric(&s.run_dir, "acc/eval")?);
+        }
+        // Mean curve over seeds (the eval steps are the same for every seed).
+        let n = curves.iter().map(|c| c.len()).min().unwrap_or(0);
+        let mean_curve: Vec<(f64, f64)> = (0..n)
+            .map(|k| {
+                (
+                    curves[0][k].0,
+                    curves.iter().map(|c| c[k].1).sum::<f64>() / curves.len() as f64,
+                )
+            })
+            .collect();
+        let (m, sd) = mean_sd(&finals);
+        let (m0, _) = mean_sd(&t0s);
+        rows.push((v.label, m0, m, sd, finals.clone()));
+        series.push(Series {
+            label: v.label.to_string(),
+            points: mean_curve,
+        });
+    }
+    let png = out.join(format!("{}.png", exp.name));
+    line_chart(
+        &png,
+        &format!(
+            "{}: held-out accuracy (mean over {} seeds)",
+            exp.name,
+            seeds.len()
+        ),
+        "RL step",
+        "accuracy",
+        &series,
+    )?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Experiment `{}`\n\nClaim: {}\n", exp.name, exp.claim);
+    let _ = writeln!(md, "Command:\n\n```sh\n{command}\n```\n");
+    let _ = writeln!(
+        md,
+        "Shared settings: `{}` on the quickstart task; seeds {:?}; extra: `{}`.\n",
+        exp.common.join(" "),
+        seeds,
+        extra.join(" ")
+    );
+    let _ = writeln!(
+        md,
+        "| variant | held-out acc after warm-up | final held-out acc (mean ± sd) | per seed |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for (label, m0, m, sd, finals) in &rows {
+        let per: Vec<String> = finals.iter().map(|f| format!("{:.1}", f * 100.0)).collect();
+        let _ = writeln!(
+            md,
+            "| {label} | {:.1}% | {:.1}% ± {:.1} | {} |",
+            m0 * 100.0,
+            m * 100.0,
+            sd * 100.0,
+            per.join(", ")
+        );
+    }
+    let _ = writeln!(md, "\n![accuracy]({}.png)", exp.name);
+    let path = out.join(format!("{}.md", exp.name));
+    std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
+}
