@@ -500,6 +500,11 @@ impl Llama {
         rms_norm(&x, &self.norm, cfg.rms_eps())
     }
 
+    /// The output matrix (vocab, hidden): the embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Logits (…, vocab) from hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         linear(hidden, &self.lm_head, None)
