@@ -96,6 +96,13 @@ enum Command {
         #[arg(long)]
         no_last_number: bool,
     },
+    /// Write a model (HF folder, .gguf file or grove checkpoint) as an HF folder that
+    /// `transformers` loads: config.json, model.safetensors (f32), tokenizer files.
+    Export {
+        model: PathBuf,
+        /// The output folder (created).
+        out: PathBuf,
+    },
     /// Sample n responses per question from a model and report pass@k, mean@n and maj@n.
     Eval {
         /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
@@ -250,6 +257,17 @@ fn real_main() -> Result<()> {
             data,
             no_last_number,
         } => verify(task, responses, pairs, data, no_last_number)?,
+        Command::Export { model, out } => {
+            let dev = grove::train::device();
+            let (m, tok) = grove::model::io::load_pretrained(&model, &dev)?;
+            grove::model::io::save_pretrained(&m, &tok, &out)?;
+            println!(
+                "{} ({} parameters) -> {}",
+                model.display(),
+                m.num_params(),
+                out.display()
+            );
+        }
         Command::Eval {
             model,
             task,

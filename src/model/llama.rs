@@ -481,7 +481,10 @@ impl Llama {
                         ),
                         None => (k.contiguous()?, v.contiguous()?),
                     };
-                    *slot = Some((k.clone(), v.clone()));
+                    // Cached keys/values are detached: the cache serves decoding only, and an
+                    // attached cache would keep every earlier step's autograd graph (all its
+                    // activations) alive through the chain of concatenations.
+                    *slot = Some((k.detach(), v.detach()));
                     (k, v)
                 }
                 None => (k.contiguous()?, v.contiguous()?),
