@@ -24,6 +24,8 @@ pub struct BenchOptions {
     pub train_seq: usize,
     /// Timed repetitions (after one warm-up repetition).
     pub reps: usize,
+    /// How the training step computes token log-probs (chunked above 4096 tokens by default).
+    pub logprobs: batch::LogprobImpl,
 }
 
 impl Default for BenchOptions {
@@ -35,6 +37,7 @@ impl Default for BenchOptions {
             train_batch: 8,
             train_seq: 256,
             reps: 3,
+            logprobs: batch::LogprobImpl::Auto,
         }
     }
 }
@@ -102,7 +105,7 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
     let mut step_s = f64::INFINITY;
     for _ in 0..opts.reps + 1 {
         let t = Instant::now();
-        let (lp, _) = batch::response_logprobs(&model, &b, 1.0)?;
+        let (lp, _) = batch::response_logprobs_with(&model, &b, 1.0, opts.logprobs)?;
         let loss = lp.mean_all()?.neg()?;
         let grads = loss.backward()?;
         opt.step(&grads, 1e-5, 1.0)?;

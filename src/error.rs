@@ -28,6 +28,8 @@ pub enum Error {
     Loss(#[from] crate::loss::LossError),
     #[error(transparent)]
     Plot(#[from] crate::report::plot::PlotError),
+    #[error(transparent)]
+    Gguf(#[from] crate::model::gguf::GgufError),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("json: {0}")]

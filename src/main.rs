@@ -112,9 +112,14 @@ enum Command {
     },
     /// Sampling and training throughput of a model shape, as one JSON line.
     Bench {
-        /// An HF config.json giving the shape, or "builtin" for the quickstart policy.
+        /// An HF config.json, model folder or GGUF file giving the shape (weights are random),
+        /// or "builtin" for the quickstart policy.
         #[arg(long, default_value = "builtin")]
         model: String,
+        /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
+        /// (full log-softmax) or chunked.
+        #[arg(long, default_value = "auto")]
+        logprobs: String,
         #[arg(long, default_value_t = 64)]
         sample_batch: usize,
         #[arg(long, default_value_t = 32)]
@@ -125,6 +130,73 @@ enum Command {
         train_seq: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+    /// Score existing model outputs with the math verifier and print the accuracy.
+    Verify {
+        /// gsm8k or math500: judge --responses against this dataset's reference answers.
+        #[arg(long, requires = "responses")]
+        task: Option<String>,
+        /// JSONL with `index` (dataset row) and `response` on each line.
+        #[arg(long, value_name = "FILE.jsonl", requires = "task")]
+        responses: Option<PathBuf>,
+        /// JSONL with `response` and `reference` on each line; prints every verdict as JSONL.
+        #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["task", "responses", "data"])]
+        pairs: Option<PathBuf>,
+        /// The dataset file (default: ../shared/data/<task>/test.jsonl).
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// Do not fall back to the last number when a response marks no answer.
+        #[arg(long)]
+        no_last_number: bool,
+    },
+    /// Write a model (HF folder, .gguf file or grove checkpoint) as an HF folder that
+    /// `transformers` loads: config.json, model.safetensors (f32), tokenizer files.
+    Export {
+        model: PathBuf,
+        /// The output folder (created).
+        out: PathBuf,
+    },
+    /// Sample n responses per question from a model and report pass@k, mean@n and maj@n.
+    Eval {
+        /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
+        model: PathBuf,
+        /// gsm8k, math500 or builtin (the arithmetic task's held-out split).
+        #[arg(long)]
+        task: String,
+        /// Samples per question.
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+        /// The k of pass@k, comma-separated, each at most n (default: 1 and n).
+        #[arg(long)]
+        k: Option<String>,
+        /// Only the first L questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Default: 512 (gsm8k), 1024 (math500), longest answer + 1 (builtin).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Per-question results as JSONL.
+        #[arg(long, value_name = "FILE.jsonl")]
+        out: Option<PathBuf>,
+        /// The dataset file (default: ../shared/data/<task>/test.jsonl).
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// base or chat (default: chat when the model has a chat template).
+        #[arg(long)]
+        prompt_style: Option<String>,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -177,6 +249,36 @@ fn train(
 /// A TOML string literal for `--set` (paths may contain characters TOML would misread).
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
+}
+
+fn verify(
+    task: Option<String>,
+    responses: Option<PathBuf>,
+    pairs: Option<PathBuf>,
+    data: Option<PathBuf>,
+    no_last_number: bool,
+) -> Result<()> {
+    use grove::eval::verify as v;
+    let verifier = grove::reward::math::MathVerifier {
+        last_number_fallback: !no_last_number,
+        ..Default::default()
+    };
+    let summary = match (task, responses, pairs) {
+        (_, _, Some(pairs)) => {
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            v::verify_pairs(&pairs, &verifier, &mut lock)?
+        }
+        (Some(task), Some(responses), None) => {
+            let kind = v::parse_dataset(&task)?;
+            let data = data.unwrap_or_else(|| v::default_data_path(kind));
+            let problems = v::load_dataset(kind, &data)?;
+            v::verify_responses(&problems, &data, &responses, &verifier)?
+        }
+        _ => bail!("give --task gsm8k|math500 with --responses FILE.jsonl, or --pairs FILE.jsonl"),
+    };
+    println!("{summary}");
+    Ok(())
 }
 
 fn real_main() -> Result<()> {
@@ -277,8 +379,77 @@ fn real_main() -> Result<()> {
                 grove::loss::run_calculator(&stdin_text()?, &loss, agg.as_deref(), &params)?
             );
         }
+        Command::Verify {
+            task,
+            responses,
+            pairs,
+            data,
+            no_last_number,
+        } => verify(task, responses, pairs, data, no_last_number)?,
+        Command::Export { model, out } => {
+            let dev = grove::train::device();
+            let (m, tok) = grove::model::io::load_pretrained(&model, &dev)?;
+            grove::model::io::save_pretrained(&m, &tok, &out)?;
+            println!(
+                "{} ({} parameters) -> {}",
+                model.display(),
+                m.num_params(),
+                out.display()
+            );
+        }
+        Command::Eval {
+            model,
+            task,
+            n,
+            k,
+            limit,
+            temperature,
+            top_p,
+            max_new_tokens,
+            out,
+            data,
+            prompt_style,
+            batch_size,
+            seed,
+            quiet,
+        } => {
+            use grove::eval::runner::{parse_ks, run_eval, EvalOptions};
+            use grove::task::datasets::PromptStyle;
+            let ks = match k {
+                Some(k) => parse_ks(&k)?,
+                None if n > 1 => vec![1, n],
+                None => vec![1],
+            };
+            let prompt_style = match prompt_style.as_deref() {
+                None => None,
+                Some("base") => Some(PromptStyle::Base),
+                Some("chat") => Some(PromptStyle::Chat),
+                Some(other) => bail!("--prompt-style {other:?}: expected base or chat"),
+            };
+            let opts = EvalOptions {
+                task: task.parse().map_err(anyhow::Error::msg)?,
+                n,
+                ks,
+                limit,
+                temperature,
+                top_p,
+                max_new_tokens,
+                data,
+                out: out.clone(),
+                prompt_style,
+                batch_size,
+                seed,
+                progress: !quiet,
+            };
+            let report = run_eval(&model, &opts)?;
+            println!("{report}");
+            if let Some(out) = out {
+                println!("per-question results: {}", out.display());
+            }
+        }
         Command::Bench {
             model,
+            logprobs,
             sample_batch,
             new_tokens,
             train_batch,
@@ -292,7 +463,7 @@ fn real_main() -> Result<()> {
                     grove::model::Tokenizer::builtin_arithmetic().vocab_size(),
                 )
             } else {
-                grove::model::Config::from_file(std::path::Path::new(&model))?
+                grove::model::io::load_config(std::path::Path::new(&model))?
             };
             let opts = grove::bench::BenchOptions {
                 sample_batch,
@@ -300,6 +471,7 @@ fn real_main() -> Result<()> {
                 train_batch,
                 train_seq,
                 reps,
+                logprobs: logprobs.parse().map_err(anyhow::Error::msg)?,
                 ..Default::default()
             };
             let r = grove::bench::run(&cfg, &opts)?;

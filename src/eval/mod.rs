@@ -6,6 +6,9 @@
 //! the best estimate available); `k = 0` scores 0. Slices that should have equal lengths are
 //! zipped (the shorter decides) except in [`deception_score`], which returns `None`.
 
+pub mod runner;
+pub mod verify;
+
 use std::collections::HashMap;
 
 /// Unbiased pass@k for one prompt with `n` samples of which `c` are correct:

@@ -481,7 +481,10 @@ impl Llama {
                         ),
                         None => (k.contiguous()?, v.contiguous()?),
                     };
-                    *slot = Some((k.clone(), v.clone()));
+                    // Cached keys/values are detached: the cache serves decoding only, and an
+                    // attached cache would keep every earlier step's autograd graph (all its
+                    // activations) alive through the chain of concatenations.
+                    *slot = Some((k.detach(), v.detach()));
                     (k, v)
                 }
                 None => (k.contiguous()?, v.contiguous()?),
@@ -498,6 +501,11 @@ impl Llama {
             x = (x + linear(&(g * u)?, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
+    }
+
+    /// The output matrix (vocab, hidden): the embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// Logits (…, vocab) from hidden states (…, hidden).

@@ -1,8 +1,11 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
+pub mod chat;
 pub mod gguf;
 pub mod io;
 pub mod llama;
+pub mod logprob;
 pub mod tokenizer;
 
+pub use chat::ChatTemplate;
 pub use llama::{attention_mask, Config, KvCache, Llama};
 pub use tokenizer::Tokenizer;

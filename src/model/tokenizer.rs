@@ -11,9 +11,14 @@ pub const BUILTIN_SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     json: String,
+    /// Prepended to every prompt (None: the model's tokenizer adds no BOS).
     pub bos: Option<u32>,
     pub eos: u32,
     pub pad: u32,
+    /// Text of the BOS token for chat templates (`bos_token`), also when none is prepended.
+    pub bos_token: Option<String>,
+    /// Jinja chat template of the model (`tokenizer_config.json` or GGUF metadata).
+    pub chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -46,7 +51,63 @@ impl Tokenizer {
             bos: bos_id,
             eos: eos_id,
             pad: pad_id,
+            bos_token: bos.map(String::from),
+            chat_template: None,
         })
+    }
+
+    /// Loads a `tokenizer.json` with special tokens given by id; ids must be in the vocabulary.
+    pub fn from_json_ids(
+        json: String,
+        source: &str,
+        bos: Option<u32>,
+        eos: u32,
+        pad: Option<u32>,
+    ) -> Result<Self> {
+        let inner = parse(&json, source)?;
+        Self::from_parsed(inner, json, source, bos, eos, pad)
+    }
+
+    /// As [`Tokenizer::from_json_ids`], for a `tokenizer.json` already parsed by the caller.
+    pub(crate) fn from_parsed(
+        inner: tokenizers::Tokenizer,
+        json: String,
+        source: &str,
+        bos: Option<u32>,
+        eos: u32,
+        pad: Option<u32>,
+    ) -> Result<Self> {
+        let check = |what: &str, id: u32| {
+            inner.id_to_token(id).map(|_| id).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{source}: {what} token id {id} is not in the vocabulary of {} tokens",
+                    inner.get_vocab_size(true)
+                ))
+            })
+        };
+        let eos = check("eos", eos)?;
+        let bos = bos.map(|b| check("bos", b)).transpose()?;
+        let pad = pad.map(|p| check("pad", p)).transpose()?.unwrap_or(eos);
+        let bos_token = bos.and_then(|b| inner.id_to_token(b));
+        Ok(Tokenizer {
+            inner,
+            json,
+            bos,
+            eos,
+            pad,
+            bos_token,
+            chat_template: None,
+        })
+    }
+
+    /// The token text of an id, special tokens included.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of a token text, special tokens included.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     pub fn from_file(path: &Path, bos: Option<&str>, eos: &str, pad: Option<&str>) -> Result<Self> {
@@ -92,6 +153,12 @@ impl Tokenizer {
     pub fn to_json(&self) -> &str {
         &self.json
     }
+}
+
+/// Parses a `tokenizer.json`; errors name `source`.
+pub(crate) fn parse(json: &str, source: &str) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        .map_err(|e| Error::Tokenizer(format!("{source}: not a valid tokenizer.json: {e}")))
 }
 
 /// HF `tokenizer.json` for the built-in vocabulary: WordLevel over single characters.

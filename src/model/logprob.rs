@@ -1,0 +1,413 @@
+//! Token log-probs and entropies over a large vocabulary, computed in vocabulary chunks with a
+//! hand-written backward (DESIGN.md §3).
+//!
+//! The composed path (`log_softmax(h·Wᵀ/T)` then `gather`) keeps several (N, V) tensors alive
+//! for the backward pass: the logits, the log-softmax and its gradient. With a 152k vocabulary
+//! and N = 2048 response tokens each one is 1.2 GB in f32. Here the vocabulary is visited in
+//! chunks of `chunk` rows of the output matrix W (V, H), and only one (N, chunk) block exists at
+//! a time, forward and backward:
+//!
+//! forward, per row n with z = h_n·Wᵀ/T: an online logsumexp over chunks gives
+//!   log Z = m + ln s,  s = Σ_v e^{z_v − m},  and  a = Σ_v e^{z_v − m}(z_v − m),
+//!   so  log p(y) = z_y − log Z  and the entropy  H = log Z − E_p[z] = ln s − a/s;
+//!   when the running max m moves to m', s ← s·e^{m−m'} + …, a ← e^{m−m'}(a + s(m − m')) + ….
+//! backward, with incoming gradients g (for log p(y)) and e (for H):
+//!   ∂log p(y)/∂z_v = 1[v = y] − p_v,   ∂H/∂z_v = −p_v (z_v − E_p[z]),
+//!   so  ∂L/∂z_v = g·1[v = y] − p_v (g + e (z_v − E_p[z])),
+//!   ∂L/∂h = Σ_chunks (∂L/∂z)·W_c / T   and   ∂L/∂W_c = (∂L/∂z)ᵀ·h / T,
+//!   recomputing each chunk's logits from h and W (one extra matmul instead of storing them).
+//!
+//! The op is a candle [`CustomOp3`] over (hidden, lm_head, stats): the chunked forward runs first
+//! on detached tensors (candle's `cpu_fwd`/`cuda_fwd` only see raw storages, and tensor ops let
+//! one implementation serve every device), the op passes its (N, 2) result through and carries
+//! the backward above. The result has no gradient path other than this backward.
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+use crate::error::{Error, Result};
+
+/// Vocabulary rows per chunk.
+pub const DEFAULT_CHUNK: usize = 4096;
+/// `train::batch::response_logprobs` uses the chunked op above this vocabulary size.
+pub const CHUNKED_MIN_VOCAB: usize = 4096;
+
+fn err(msg: String) -> Error {
+    Error::Model(format!("chunked token log-probs: {msg}"))
+}
+
+/// Checks shapes and returns (N, H, V).
+fn check(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<(usize, usize, usize)> {
+    let (n, h) = hidden
+        .dims2()
+        .map_err(|_| err(format!("hidden must be (N, H), found {:?}", hidden.dims())))?;
+    let (v, h2) = lm_head.dims2().map_err(|_| {
+        err(format!(
+            "lm_head must be (V, H), found {:?}",
+            lm_head.dims()
+        ))
+    })?;
+    if h != h2 {
+        return Err(err(format!(
+            "hidden size {h} of hidden {:?} differs from lm_head {:?}",
+            hidden.dims(),
+            lm_head.dims()
+        )));
+    }
+    if targets.dims() != [n] || targets.dtype() != DType::U32 {
+        return Err(err(format!(
+            "targets must be ({n},) u32, found {:?} {:?}",
+            targets.dims(),
+            targets.dtype()
+        )));
+    }
+    if chunk == 0 {
+        return Err(err("chunk must be positive, found 0".into()));
+    }
+    Ok((n, h, v))
+}
+
+/// Per-token log p(target) and entropy of softmax(hidden·lm_headᵀ / temperature), as (N, 2):
+/// column 0 the log-prob, column 1 the entropy. Differentiable with respect to `hidden` and
+/// `lm_head`; never holds more than one (N, chunk) block of logits. `temperature` ≤ 0 means 1.
+pub fn chunked_token_stats(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (n, _, v) = check(hidden, lm_head, targets, chunk)?;
+    if n == 0 {
+        return Ok(Tensor::zeros((0, 2), DType::F32, hidden.device())?);
+    }
+    let inv_t = if temperature > 0.0 {
+        1.0 / temperature
+    } else {
+        1.0
+    };
+    let targets = targets.contiguous()?;
+    let hd = hidden.detach().to_dtype(DType::F32)?.contiguous()?;
+    let wd = lm_head.detach().to_dtype(DType::F32)?;
+    let max_target = targets.max(0)?.to_scalar::<u32>()? as usize;
+    if max_target >= v {
+        return Err(err(format!(
+            "target id {max_target} is outside the vocabulary of {v}"
+        )));
+    }
+    // Running max m, sum s = Σ e^{z−m} and a = Σ e^{z−m}(z−m), each (N, 1).
+    let mut run: Option<(Tensor, Tensor, Tensor)> = None;
+    for v0 in (0..v).step_by(chunk) {
+        let c = chunk.min(v - v0);
+        let z = (hd.matmul(&wd.narrow(0, v0, c)?.t()?)? * inv_t)?;
+        let cm = z.max_keepdim(D::Minus1)?;
+        run = Some(match run {
+            None => {
+                let zc = z.broadcast_sub(&cm)?;
+                let e = zc.exp()?;
+                let s = e.sum_keepdim(D::Minus1)?;
+                let a = (&e * &zc)?.sum_keepdim(D::Minus1)?;
+                (cm, s, a)
+            }
+            Some((m, s, a)) => {
+                let m2 = m.maximum(&cm)?;
+                let shift = (&m - &m2)?; // ≤ 0
+                let scale = shift.exp()?;
+                let zc = z.broadcast_sub(&m2)?;
+                let e = zc.exp()?;
+                let s2 = ((&s * &scale)? + e.sum_keepdim(D::Minus1)?)?;
+                let a2 =
+                    (((a + (&s * &shift)?)? * &scale)? + (&e * &zc)?.sum_keepdim(D::Minus1)?)?;
+                (m2, s2, a2)
+            }
+        });
+    }
+    let (m, s, a) = run.ok_or_else(|| err("the vocabulary is empty".into()))?;
+    let log_s = s.log()?;
+    let log_z = (&m + &log_s)?;
+    let mean_z = (&m + (&a / &s)?)?;
+    let ent = (log_s - (&a / &s)?)?;
+    let z_y = ((&hd * wd.index_select(&targets, 0)?)?.sum_keepdim(D::Minus1)? * inv_t)?;
+    let lp = (z_y - &log_z)?;
+    let stats = Tensor::cat(&[&lp, &ent], 1)?.contiguous()?;
+    if !hidden.track_op() && !lm_head.track_op() {
+        return Ok(stats);
+    }
+    let op = ChunkedLogprobOp {
+        targets,
+        log_z,
+        mean_z,
+        inv_t,
+        chunk,
+    };
+    Ok(hidden.apply_op3(lm_head, &stats, op)?)
+}
+
+/// Per-token log p(target) (N) under softmax(hidden·lm_headᵀ / temperature), computed in
+/// vocabulary chunks with its own backward; see the module docs.
+pub fn chunked_token_logprobs(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    Ok(
+        chunked_token_stats(hidden, lm_head, targets, temperature, chunk)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?,
+    )
+}
+
+/// The composed reference: full log-softmax then gather; returns (N, 2) like
+/// [`chunked_token_stats`]. Materialises (N, V) tensors; for tests and small vocabularies.
+pub fn composed_token_stats(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    check(hidden, lm_head, targets, 1)?;
+    let mut logits = hidden.matmul(&lm_head.t()?)?;
+    if temperature > 0.0 && temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
+    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let lp = lsm.gather(&targets.contiguous()?.unsqueeze(1)?, D::Minus1)?;
+    let ent = (lsm.exp()? * &lsm)?.sum_keepdim(D::Minus1)?.neg()?;
+    Ok(Tensor::cat(&[&lp, &ent], 1)?)
+}
+
+/// The backward of [`chunked_token_stats`]; the forward passes the precomputed stats through.
+struct ChunkedLogprobOp {
+    targets: Tensor,
+    /// log Z and E_p[z] per row, (N, 1), from the forward pass.
+    log_z: Tensor,
+    mean_z: Tensor,
+    inv_t: f64,
+    chunk: usize,
+}
+
+impl CustomOp3 for ChunkedLogprobOp {
+    fn name(&self) -> &'static str {
+        "chunked-token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        stats: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let data = stats.as_slice::<f32>()?;
+        let out = match layout.contiguous_offsets() {
+            Some((start, end)) => data[start..end].to_vec(),
+            None => candle_core::bail!("chunked-token-logprobs: stats must be contiguous"),
+        };
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        stats: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("chunked-token-logprobs: stats must be contiguous from offset 0");
+        }
+        Ok((stats.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        lm_head: &Tensor,
+        _stats: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = hidden.detach().to_dtype(DType::F32)?.contiguous()?;
+        let w = lm_head.detach().to_dtype(DType::F32)?;
+        let (v, _) = w.dims2()?;
+        let g = grad_res.to_dtype(DType::F32)?;
+        let g_lp = g.narrow(1, 0, 1)?.contiguous()?;
+        let g_ent = g.narrow(1, 1, 1)?.contiguous()?;
+        let tg = self.targets.unsqueeze(1)?;
+        let mut grad_h = h.zeros_like()?;
+        let grad_w = Tensor::zeros(w.dims(), DType::F32, w.device())?;
+        for v0 in (0..v).step_by(self.chunk) {
+            let c = self.chunk.min(v - v0);
+            let wc = w.narrow(0, v0, c)?;
+            let z = (h.matmul(&wc.t()?)? * self.inv_t)?;
+            let p = z.broadcast_sub(&self.log_z)?.exp()?;
+            let coef = z
+                .broadcast_sub(&self.mean_z)?
+                .broadcast_mul(&g_ent)?
+                .broadcast_add(&g_lp)?;
+            let ids = Tensor::arange(v0 as u32, (v0 + c) as u32, w.device())?.unsqueeze(0)?;
+            let onehot = tg.broadcast_eq(&ids)?.to_dtype(DType::F32)?;
+            let gz = ((onehot.broadcast_mul(&g_lp)? - (p * coef)?)? * self.inv_t)?;
+            grad_h = (grad_h + gz.matmul(&wc)?)?;
+            grad_w.slice_set(&gz.t()?.matmul(&h)?.contiguous()?, 0, v0)?;
+        }
+        let grad_h = grad_h.to_dtype(hidden.dtype())?;
+        let grad_w = grad_w.to_dtype(lm_head.dtype())?;
+        Ok((Some(grad_h), Some(grad_w), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rand_tensor(rng: &mut ChaCha8Rng, shape: (usize, usize), scale: f32) -> Tensor {
+        let n = shape.0 * shape.1;
+        let data: Vec<f32> = (0..n)
+            .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn hand_computed_two_token_vocabulary() {
+        // h = [1], W = [[0], [ln 3]]: logits [0, ln 3], p = [1/4, 3/4].
+        // log p(1) = ln 0.75 = −0.287682; H = −(¼ ln ¼ + ¾ ln ¾) = 0.562335.
+        let dev = Device::Cpu;
+        let h = Tensor::new(&[[1.0f32]], &dev).unwrap();
+        let w = Tensor::new(&[[0.0f32], [3.0f32.ln()]], &dev).unwrap();
+        let y = Tensor::new(&[1u32], &dev).unwrap();
+        for chunk in [1, 2, 5] {
+            let s = chunked_token_stats(&h, &w, &y, 1.0, chunk)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert!((s[0][0] + 0.287682).abs() < 1e-5, "{s:?}");
+            assert!((s[0][1] - 0.562335).abs() < 1e-5, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn values_and_gradients_match_the_composed_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (n, hs, v) = (7, 5, 23);
+        for (temperature, chunk) in [(1.0, 4), (0.7, 23), (1.3, 1), (1.0, 100), (0.0, 6)] {
+            let h = Var::from_tensor(&rand_tensor(&mut rng, (n, hs), 2.0)).unwrap();
+            let w = Var::from_tensor(&rand_tensor(&mut rng, (v, hs), 2.0)).unwrap();
+            let ids: Vec<u32> = (0..n).map(|_| rng.gen_range(0..v as u32)).collect();
+            let y = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
+            // Distinct weights per output so that a transposed or misplaced gradient shows.
+            let wl = rand_tensor(&mut rng, (n, 1), 1.0);
+            let we = rand_tensor(&mut rng, (n, 1), 1.0);
+            let objective = |s: &Tensor| {
+                let lp = s.narrow(1, 0, 1).unwrap();
+                let ent = s.narrow(1, 1, 1).unwrap();
+                ((lp * &wl).unwrap().sum_all().unwrap() + (ent * &we).unwrap().sum_all().unwrap())
+                    .unwrap()
+            };
+            let fast =
+                chunked_token_stats(h.as_tensor(), w.as_tensor(), &y, temperature, chunk).unwrap();
+            let slow = composed_token_stats(h.as_tensor(), w.as_tensor(), &y, temperature).unwrap();
+            assert!(
+                max_abs_diff(&fast, &slow) < 1e-5,
+                "values T={temperature} chunk={chunk}"
+            );
+            let gf = objective(&fast).backward().unwrap();
+            let gs = objective(&slow).backward().unwrap();
+            for var in [&h, &w] {
+                let a = gf.get(var.as_tensor()).unwrap();
+                let b = gs.get(var.as_tensor()).unwrap();
+                let d = max_abs_diff(a, b);
+                assert!(d < 1e-4, "gradient T={temperature} chunk={chunk}: {d}");
+                // Not trivially zero.
+                assert!(
+                    b.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 1e-2
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn logprobs_only_objective_and_extreme_logits() {
+        // Large logits: exp would overflow without the running max.
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (n, hs, v) = (4, 3, 50);
+        let h = Var::from_tensor(&rand_tensor(&mut rng, (n, hs), 40.0)).unwrap();
+        let w = Var::from_tensor(&rand_tensor(&mut rng, (v, hs), 40.0)).unwrap();
+        let y = Tensor::new(&[0u32, 49, 17, 17], &Device::Cpu).unwrap();
+        let fast = chunked_token_logprobs(h.as_tensor(), w.as_tensor(), &y, 1.0, 7).unwrap();
+        let slow = composed_token_stats(h.as_tensor(), w.as_tensor(), &y, 1.0)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        assert!(fast.to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        let scale = slow
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        assert!(max_abs_diff(&fast, &slow) / scale < 1e-5);
+        let gf = fast.sum_all().unwrap().backward().unwrap();
+        let gs = slow.sum_all().unwrap().backward().unwrap();
+        for var in [&h, &w] {
+            let a = gf.get(var.as_tensor()).unwrap();
+            let b = gs.get(var.as_tensor()).unwrap();
+            assert!(max_abs_diff(a, b) < 1e-3, "{}", max_abs_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_targets_are_errors() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
+        let y = Tensor::new(&[0u32, 5], &dev).unwrap();
+        let e = chunked_token_logprobs(&h, &w, &y, 1.0, 2).unwrap_err();
+        assert!(e.to_string().contains("target id 5"), "{e}");
+        let w4 = Tensor::zeros((5, 4), DType::F32, &dev).unwrap();
+        let e = chunked_token_logprobs(&h, &w4, &Tensor::new(&[0u32, 1], &dev).unwrap(), 1.0, 2)
+            .unwrap_err();
+        assert!(e.to_string().contains("hidden size 3"), "{e}");
+        let e = chunked_token_logprobs(&h, &w, &Tensor::new(&[0u32, 1], &dev).unwrap(), 1.0, 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("chunk"), "{e}");
+    }
+}
