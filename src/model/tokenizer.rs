@@ -88,6 +88,16 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
     }
 
+    /// The id of a vocabulary entry (added tokens included), if it is one.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary entry of an id (for example `Ġthe` in byte-level BPE), if it exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The tokenizer.json text, saved next to checkpoints.
     pub fn to_json(&self) -> &str {
         &self.json
