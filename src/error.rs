@@ -20,6 +20,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("task: {0}")]
     Task(String),
+    /// A remote rollout server (or `grove serve`) failed or answered something unusable.
+    #[error("remote rollout: {0}")]
+    Remote(String),
     #[error("run directory {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
     #[error(transparent)]

@@ -64,6 +64,10 @@ enum Command {
         /// Sample with the weights of a grove checkpoint (runs/NAME/checkpoints/step-N).
         #[arg(long, value_name = "CKPT_DIR", conflicts_with = "weights")]
         policy: Option<PathBuf>,
+        /// Sample through this OpenAI-compatible completions server (vLLM, SGLang, llama.cpp,
+        /// `grove serve`) instead of local weights (sets remote.url; see [remote] in the README).
+        #[arg(long, value_name = "URL", conflicts_with_all = ["weights", "policy"])]
+        remote: Option<String>,
         /// Stop after this many groups.
         #[arg(long)]
         groups: Option<usize>,
@@ -88,6 +92,24 @@ enum Command {
         /// Where the table and plot go.
         #[arg(long, default_value = "docs/experiments")]
         out: PathBuf,
+    },
+    /// Serve a model on an OpenAI-compatible completions endpoint (POST /v1/completions with
+    /// per-token log-probs, GET /v1/models), for `grove explore --remote`.
+    Serve {
+        /// A grove checkpoint (runs/NAME/checkpoints/step-N) or an HF model folder, each with
+        /// config.json, model.safetensors and tokenizer.json.
+        model: PathBuf,
+        /// TCP port; 0 picks a free one. The first stdout line is "listening on HOST:PORT".
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The model name clients send (default: MODEL as given).
+        #[arg(long)]
+        name: Option<String>,
+        /// No per-request log lines on stderr.
+        #[arg(long)]
+        quiet: bool,
     },
     /// List the recipes: named presets of config values, with their papers.
     Recipes,
@@ -307,15 +329,19 @@ fn real_main() -> Result<()> {
         }
         Command::Explore {
             config,
-            set,
+            mut set,
             out,
             buffer,
             weights,
             policy,
+            remote,
             groups,
             explorer_id,
             quiet,
         } => {
+            if let Some(url) = remote {
+                set.push(format!("remote.url={}", toml_string(&url)));
+            }
             let cfg = grove::config::load(config.as_deref(), &set)?;
             let opts = grove::train::explorer::ExploreOptions {
                 out,
@@ -361,6 +387,21 @@ fn real_main() -> Result<()> {
             let path =
                 grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command)?;
             println!("wrote {}", path.display());
+        }
+        Command::Serve {
+            model,
+            port,
+            host,
+            name,
+            quiet,
+        } => {
+            let opts = grove::rollout::serve::ServeOptions {
+                host,
+                port,
+                name,
+                quiet,
+            };
+            grove::rollout::serve::run(&model, &opts)?;
         }
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {

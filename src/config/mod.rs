@@ -38,6 +38,9 @@ pub struct RunConfig {
     pub loss: LossConfig,
     pub train: TrainConfig,
     pub sync: SyncConfig,
+    /// `grove explore` samples through this OpenAI-compatible completions server instead of
+    /// its own weights (`--remote URL` sets `remote.url`); other commands ignore it.
+    pub remote: Option<crate::rollout::remote::RemoteConfig>,
 }
 
 impl Default for RunConfig {
@@ -57,6 +60,7 @@ impl Default for RunConfig {
             loss: LossConfig::default(),
             train: TrainConfig::default(),
             sync: SyncConfig::default(),
+            remote: None,
         }
     }
 }
@@ -441,6 +445,10 @@ impl RunConfig {
         }
         if (sy.buffer.is_some() || sy.offline.is_some()) && sy.mode != SyncMode::OnPolicy {
             return err("sync.mode applies to built-in rollouts; leave it \"on-policy\" with sync.buffer or sync.offline".into());
+        }
+        if let Some(r) = &self.remote {
+            r.validate()
+                .map_err(|m| Error::config(source, format!("remote: {m}")))?;
         }
         let t = &self.train;
         if !(t.lr > 0.0 && t.lr.is_finite()) {

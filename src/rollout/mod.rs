@@ -3,6 +3,9 @@
 //! The local engine decodes a whole batch at once with a KV cache. Prompts are left-padded so
 //! every sequence's next token sits in the same column; positions count real tokens only and
 //! the attention mask hides the padding, so a padded prompt decodes exactly like an unpadded one.
+pub mod remote;
+pub mod serve;
+
 use candle_core::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};

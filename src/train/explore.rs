@@ -106,26 +106,49 @@ pub fn collect(
     version: u64,
     st: &mut ExploreState,
 ) -> Result<Vec<ExperienceGroup>> {
+    collect_with(env, version, st, |prompts, g, rng| {
+        let repeated: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), g))
+            .collect();
+        generate(
+            model,
+            &repeated,
+            env.tok.eos,
+            env.tok.pad,
+            &env.cfg.rollout.sampling(),
+            rng,
+        )
+    })
+}
+
+/// [`collect`] with another sampler: `sample(prompts, g, sample_rng)` returns `g` generations
+/// per prompt, prompt-major (a remote server, for example).
+pub fn collect_with<F>(
+    env: &Env,
+    version: u64,
+    st: &mut ExploreState,
+    sample: F,
+) -> Result<Vec<ExperienceGroup>>
+where
+    F: FnOnce(&[Vec<u32>], usize, &mut ChaCha8Rng) -> Result<Vec<Generation>>,
+{
     let r = &env.cfg.rollout;
     let (np, g) = (r.prompts_per_step, r.group_size);
     let problems: Vec<_> = (0..np)
         .map(|_| env.task.sample_train(&mut st.prompt_rng))
         .collect();
-    let mut prompts = Vec::with_capacity(np * g);
     let mut prompt_ids = Vec::with_capacity(np);
     for p in &problems {
-        let ids = encode_prompt(&env.tok, &p.prompt)?;
-        prompts.extend(std::iter::repeat(ids.clone()).take(g));
-        prompt_ids.push(ids);
+        prompt_ids.push(encode_prompt(&env.tok, &p.prompt)?);
     }
-    let gens: Vec<Generation> = generate(
-        model,
-        &prompts,
-        env.tok.eos,
-        env.tok.pad,
-        &r.sampling(),
-        &mut st.sample_rng,
-    )?;
+    let gens: Vec<Generation> = sample(&prompt_ids, g, &mut st.sample_rng)?;
+    if gens.len() != np * g {
+        return Err(Error::Task(format!(
+            "sampler returned {} responses for {np} prompts × {g}",
+            gens.len()
+        )));
+    }
     let mut out = Vec::with_capacity(np);
     for (p, prob) in problems.iter().enumerate() {
         let group_id = st.next_group_id;

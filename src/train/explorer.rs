@@ -1,14 +1,19 @@
 //! `grove explore`: a separate process that samples experience groups and writes them to a
 //! shared buffer (for a learner started with `sync.buffer`) or to a JSONL file (offline data).
+//! With a `[remote]` server (`--remote URL`) it samples through that server and tags groups
+//! with the policy version the server reports (`grove serve`) or 0.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use rand::Rng;
 
 use crate::buffer::{self, BufferError};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::JsonlWriter;
-use crate::train::explore::{collect, Env, ExploreState};
+use crate::rollout::remote::RemoteEngine;
+use crate::train::explore::{collect, collect_with, Env, ExploreState};
 use crate::train::{builtin_shape, checkpoint, device, publish, warmup};
 
 #[derive(Debug, Clone, Default)]
@@ -28,15 +33,16 @@ pub struct ExploreOptions {
     pub quiet: bool,
 }
 
-/// Runs an explorer until `groups` groups are written; returns how many were.
-pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
-    if opts.out.is_some() == opts.buffer.is_some() {
-        return Err(Error::config(
-            "grove explore",
-            "give exactly one of --out FILE.jsonl or --buffer URL",
-        ));
-    }
-    let env = Env::new(cfg)?;
+/// What the explorer samples with: its own copy of the weights, or a completions server
+/// (`[remote]` / `--remote URL`).
+enum Sampler {
+    Local(Box<Llama>),
+    Remote(RemoteEngine),
+}
+
+/// The local policy: the learner's published weights, a checkpoint, or the deterministic
+/// warm-up a training run starts with. Returns it with its policy version.
+fn local_policy(env: &Env, opts: &ExploreOptions) -> Result<(Llama, u64)> {
     let dev = device();
     let model = Llama::init(
         &builtin_shape(&env.cfg, env.tok.vocab_size()),
@@ -71,10 +77,39 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
             std::env::temp_dir().join(format!("grove-explore-warmup-{}.jsonl", std::process::id()));
         let mut sink = JsonlWriter::open_append(&tmp)?;
         let pb = crate::report::progress_bar(env.cfg.warmup.max_steps as u64, opts.quiet);
-        warmup(&env, &model, &mut sink, &pb)?;
+        warmup(env, &model, &mut sink, &pb)?;
         pb.finish_and_clear();
         let _ = std::fs::remove_file(tmp);
     }
+    Ok((model, version))
+}
+
+/// Runs an explorer until `groups` groups are written; returns how many were.
+pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
+    if opts.out.is_some() == opts.buffer.is_some() {
+        return Err(Error::config(
+            "grove explore",
+            "give exactly one of --out FILE.jsonl or --buffer URL",
+        ));
+    }
+    let env = Env::new(cfg)?;
+    let mut version = 0u64;
+    let sampler = match &env.cfg.remote {
+        Some(rc) => {
+            if opts.weights.is_some() || opts.policy.is_some() {
+                return Err(Error::config(
+                    "grove explore",
+                    "--remote samples through a server: leave out --weights and --policy",
+                ));
+            }
+            Sampler::Remote(RemoteEngine::new(rc.clone())?)
+        }
+        None => {
+            let (model, v) = local_policy(&env, opts)?;
+            version = v;
+            Sampler::Local(Box::new(model))
+        }
+    };
     let limit = opts.groups.unwrap_or(if opts.out.is_some() {
         env.cfg.rollout.prompts_per_step
     } else {
@@ -89,15 +124,27 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
     };
     let mut written = 0usize;
     while written < limit {
-        if let Some(dir) = &opts.weights {
-            if let Some((v, path)) = publish::latest(dir)? {
-                if v > version {
-                    publish::load_into(&model, &path)?;
-                    version = v;
+        let groups = match &sampler {
+            Sampler::Local(model) => {
+                if let Some(dir) = &opts.weights {
+                    if let Some((v, path)) = publish::latest(dir)? {
+                        if v > version {
+                            publish::load_into(model, &path)?;
+                            version = v;
+                        }
+                    }
                 }
+                collect(&env, model, version, &mut st)?
             }
-        }
-        let groups = collect(&env, &model, version, &mut st)?;
+            Sampler::Remote(engine) => {
+                // `grove serve` reports its checkpoint's policy version; other servers: 0.
+                version = engine.policy_version()?.unwrap_or(0);
+                let params = env.cfg.rollout.sampling();
+                collect_with(&env, version, &mut st, |prompts, g, rng| {
+                    engine.generate(&env.tok, prompts, g, &params, rng.gen())
+                })?
+            }
+        };
         let take = (limit - written).min(groups.len());
         let groups = &groups[..take];
         match (&mut store, &opts.out) {

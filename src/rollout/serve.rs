@@ -1,0 +1,843 @@
+//! `grove serve`: grove's own engine behind the OpenAI-compatible completions endpoint that
+//! [`super::remote`] reads, so one machine can sample rollouts for explorers elsewhere.
+//!
+//! Endpoints:
+//! - `POST /v1/completions`: `prompt` (a string, a list of strings, a list of token ids or a list
+//!   of token-id lists), `max_tokens` (16), `temperature` (1), `top_p` (1), `n` (1), `logprobs`
+//!   (null: none; an integer: the sampled tokens' log-probs, `top_logprobs` is not computed
+//!   and is null), `seed`, `return_tokens_as_token_ids` (false: tokens are vocabulary strings).
+//!   All prompts × `n` samples are decoded as one batch by [`crate::rollout::generate`] with a
+//!   KV cache; choice `i·n + j` is sample `j` of prompt `i`. Text prompts are encoded with the
+//!   BOS prepended, as `grove train` does; token-id prompts are used as given. A response that
+//!   ends with EOS keeps it among its tokens (with its log-prob) and has `finish_reason` "stop";
+//!   its `text` leaves it out. With a `seed` the answer is a function of the request alone.
+//!   `stream`, `echo`, `stop`, `suffix`, `logit_bias` and penalties are refused with HTTP 400;
+//!   other unknown fields are ignored, as OpenAI-compatible servers do.
+//! - `GET /v1/models`: the served model, with `max_model_len` and, for a grove checkpoint,
+//!   `grove_policy_version` (the policy version in its `state.json`).
+//! - `GET /health`: 200.
+//!
+//! Requests are answered one at a time (the model is one batch decoder), in arrival order.
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::{Llama, Tokenizer};
+use crate::rollout::{generate, SamplingParams};
+
+/// Requests with more samples than this (prompts × n) are refused.
+pub const MAX_BATCH: usize = 4096;
+/// Request bodies larger than this are refused.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0: any free port (the first stdout line says which).
+    pub port: u16,
+    /// The model name clients send; default: MODEL as given on the command line.
+    pub name: Option<String>,
+    /// No per-request log lines on stderr.
+    pub quiet: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            name: None,
+            quiet: false,
+        }
+    }
+}
+
+/// A model with its tokenizer, as served.
+pub struct ServedModel {
+    pub model: Llama,
+    pub tok: Tokenizer,
+    pub name: String,
+    /// Policy version of a grove checkpoint (`state.json`), None for an HF folder.
+    pub version: Option<u64>,
+}
+
+/// A special token's content from `tokenizer_config.json` (a string or `{"content": ...}`).
+fn config_token(cfg: &Value, key: &str) -> Option<String> {
+    match cfg.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+/// A token id from `config.json` (`eos_token_id` may be a number or a list of numbers).
+fn config_id(v: &Option<Value>) -> Option<u32> {
+    match v.as_ref()? {
+        Value::Number(n) => n.as_u64().map(|x| x as u32),
+        Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
+        _ => None,
+    }
+}
+
+impl ServedModel {
+    /// Loads a grove checkpoint (`runs/NAME/checkpoints/step-N`) or an HF model folder: both
+    /// hold `config.json`, `model.safetensors` (or shards) and `tokenizer.json`. Special tokens
+    /// come from `tokenizer_config.json`, else `config.json`'s `bos_token_id`/`eos_token_id`,
+    /// else the built-in vocabulary's `<bos>`, `<eos>`, `<pad>`.
+    pub fn load(dir: &Path, name: Option<String>, device: &candle_core::Device) -> Result<Self> {
+        if !dir.join("config.json").exists() {
+            return Err(Error::checkpoint(
+                dir,
+                "no config.json: expected a grove checkpoint (runs/NAME/checkpoints/step-N) \
+                 or an HF model folder",
+            ));
+        }
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(Error::checkpoint(
+                dir,
+                "no tokenizer.json: grove serve needs the tokenizer to read text prompts and \
+                 name tokens",
+            ));
+        }
+        let model = crate::model::io::load_hf_folder(dir, device)?;
+        let json = std::fs::read_to_string(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
+        let raw = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            Error::Tokenizer(format!(
+                "{}: not a valid tokenizer.json: {e}",
+                tok_path.display()
+            ))
+        })?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: Value = if tc_path.exists() {
+            let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::checkpoint(&tc_path, format!("not valid JSON: {e}")))?
+        } else {
+            Value::Null
+        };
+        let by_id = |v: &Option<Value>| config_id(v).and_then(|id| raw.id_to_token(id));
+        let builtin = |s: &str| raw.token_to_id(s).map(|_| s.to_string());
+        let bos = config_token(&tc, "bos_token")
+            .or_else(|| by_id(&model.cfg.bos_token_id))
+            .or_else(|| builtin("<bos>"));
+        let eos = config_token(&tc, "eos_token")
+            .or_else(|| by_id(&model.cfg.eos_token_id))
+            .or_else(|| builtin("<eos>"))
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: no EOS token: none in tokenizer_config.json (`eos_token`), config.json \
+                     (`eos_token_id`) or the vocabulary (`<eos>`)",
+                    dir.display()
+                ))
+            })?;
+        let pad = config_token(&tc, "pad_token").or_else(|| builtin("<pad>"));
+        let tok = Tokenizer::from_json(
+            json,
+            &tok_path.display().to_string(),
+            bos.as_deref(),
+            &eos,
+            pad.as_deref(),
+        )?;
+        if tok.vocab_size() > model.cfg.vocab_size {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "tokenizer.json has {} tokens but config.json's vocab_size is {}",
+                    tok.vocab_size(),
+                    model.cfg.vocab_size
+                ),
+            ));
+        }
+        let state = dir.join("state.json");
+        let version = if state.exists() {
+            let text = std::fs::read_to_string(&state).map_err(|e| Error::io(&state, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::checkpoint(&state, format!("not valid JSON: {e}")))?;
+            v.get("version").and_then(|x| x.as_u64())
+        } else {
+            None
+        };
+        Ok(ServedModel {
+            model,
+            tok,
+            name: name.unwrap_or_else(|| dir.display().to_string()),
+            version,
+        })
+    }
+}
+
+/// An error answer: HTTP status, message and the request field it concerns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    fn field(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+    fn status(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+    /// OpenAI's error body.
+    pub fn to_json(&self) -> Value {
+        let kind = match self.status {
+            400 => "invalid_request_error",
+            404 => "not_found_error",
+            _ => "server_error",
+        };
+        json!({"error": {"message": self.message, "type": kind, "param": self.param,
+                         "code": self.status}})
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// A validated completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub prompts: Vec<Vec<u32>>,
+    pub params: SamplingParams,
+    pub n: usize,
+    pub logprobs: bool,
+    pub seed: Option<u64>,
+    pub token_ids: bool,
+}
+
+/// The request handler, without the HTTP transport (tested directly).
+pub struct Handler {
+    pub served: ServedModel,
+    /// Draws the seeds of requests that give none.
+    rng: ChaCha8Rng,
+    counter: u64,
+    created: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn opt<'a>(req: &'a Value, key: &str) -> Option<&'a Value> {
+    req.get(key).filter(|v| !v.is_null())
+}
+
+fn get_uint(req: &Value, key: &str, default: u64, min: u64, max: u64) -> ApiResult<u64> {
+    match opt(req, key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|x| (min..=max).contains(x))
+            .ok_or_else(|| {
+                let range = if max >= u32::MAX as u64 {
+                    format!("an integer >= {min}")
+                } else {
+                    format!("an integer in {min}..={max}")
+                };
+                ApiError::field(key, format!("field `{key}` must be {range}, found {v}"))
+            }),
+    }
+}
+
+fn get_f64(req: &Value, key: &str, default: f64) -> ApiResult<f64> {
+    match opt(req, key) {
+        None => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| {
+            ApiError::field(key, format!("field `{key}` must be a number, found {v}"))
+        }),
+    }
+}
+
+fn get_bool(req: &Value, key: &str) -> ApiResult<bool> {
+    match opt(req, key) {
+        None => Ok(false),
+        Some(v) => v.as_bool().ok_or_else(|| {
+            ApiError::field(
+                key,
+                format!("field `{key}` must be true or false, found {v}"),
+            )
+        }),
+    }
+}
+
+impl Handler {
+    pub fn new(served: ServedModel) -> Self {
+        Handler {
+            served,
+            rng: ChaCha8Rng::from_entropy(),
+            counter: 0,
+            created: unix_now(),
+        }
+    }
+
+    /// Answers one HTTP request: (status, JSON body).
+    pub fn handle(&mut self, method: &str, url: &str, body: &[u8]) -> (u16, Value) {
+        let path = url.split('?').next().unwrap_or("");
+        let path = path.trim_end_matches('/');
+        let r = match (method, path) {
+            ("POST", "/v1/completions") => self.completions(body),
+            ("GET", "/v1/models") => Ok(self.models()),
+            ("GET", "/health") => Ok(json!({"status": "ok"})),
+            (_, "/v1/completions") | (_, "/v1/models") | (_, "/health") => Err(
+                ApiError::status(405, format!("method {method} is not allowed on {path}")),
+            ),
+            _ => Err(ApiError::status(
+                404,
+                format!("no endpoint {path}: grove serve answers POST /v1/completions, GET /v1/models and GET /health"),
+            )),
+        };
+        match r {
+            Ok(v) => (200, v),
+            Err(e) => (e.status, e.to_json()),
+        }
+    }
+
+    pub fn models(&self) -> Value {
+        let mut m = json!({
+            "id": self.served.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "grove",
+            "max_model_len": self.served.model.cfg.max_positions(),
+        });
+        if let Some(v) = self.served.version {
+            m["grove_policy_version"] = json!(v);
+        }
+        json!({"object": "list", "data": [m]})
+    }
+
+    fn encode_text(&self, text: &str, field: &str) -> ApiResult<Vec<u32>> {
+        let tok = &self.served.tok;
+        let mut ids: Vec<u32> = tok.bos.into_iter().collect();
+        ids.extend(
+            tok.encode(text)
+                .map_err(|e| ApiError::field(field, format!("`{field}`: {e}")))?,
+        );
+        if ids.is_empty() {
+            return Err(ApiError::field(
+                field,
+                format!("`{field}` encodes to no tokens"),
+            ));
+        }
+        Ok(ids)
+    }
+
+    fn ids(&self, v: &[Value], field: &str) -> ApiResult<Vec<u32>> {
+        let vocab = self.served.model.cfg.vocab_size;
+        if v.is_empty() {
+            return Err(ApiError::field(
+                "prompt",
+                format!("`{field}` is an empty token list"),
+            ));
+        }
+        v.iter()
+            .enumerate()
+            .map(|(j, x)| {
+                x.as_u64()
+                    .filter(|&t| (t as usize) < vocab)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| {
+                        ApiError::field(
+                            "prompt",
+                            format!(
+                                "`{field}[{j}]` = {x} is not a token id (an integer below the \
+                                 vocabulary size {vocab})"
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    fn prompts(&self, v: Option<&Value>) -> ApiResult<Vec<Vec<u32>>> {
+        const SHAPE: &str = "a string, a list of strings, a list of token ids or a list of \
+                             token-id lists";
+        let v = v.ok_or_else(|| ApiError::field("prompt", "field `prompt` is required"))?;
+        match v {
+            Value::String(s) => Ok(vec![self.encode_text(s, "prompt")?]),
+            Value::Array(a) if a.is_empty() => {
+                Err(ApiError::field("prompt", "field `prompt` is an empty list"))
+            }
+            Value::Array(a) if a.iter().all(|x| x.is_number()) => Ok(vec![self.ids(a, "prompt")?]),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    let f = format!("prompt[{i}]");
+                    match x {
+                        Value::String(s) => self.encode_text(s, &f),
+                        Value::Array(ids) => self.ids(ids, &f),
+                        other => Err(ApiError::field(
+                            "prompt",
+                            format!("`{f}` is {other}; `prompt` must be {SHAPE}"),
+                        )),
+                    }
+                })
+                .collect(),
+            other => Err(ApiError::field(
+                "prompt",
+                format!("field `prompt` is {other}; it must be {SHAPE}"),
+            )),
+        }
+    }
+
+    /// Validates a completions request body.
+    pub fn parse_request(&self, body: &[u8]) -> ApiResult<CompletionRequest> {
+        let req: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::status(400, format!("the request body is not valid JSON: {e}"))
+        })?;
+        if !req.is_object() {
+            return Err(ApiError::status(
+                400,
+                format!("the request body must be a JSON object, found {req}"),
+            ));
+        }
+        if let Some(m) = opt(&req, "model") {
+            if m.as_str() != Some(self.served.name.as_str()) {
+                return Err(ApiError {
+                    status: 404,
+                    message: format!(
+                        "model {m} is not served here; this server serves {:?}",
+                        self.served.name
+                    ),
+                    param: Some("model".into()),
+                });
+            }
+        }
+        for key in ["stream", "echo"] {
+            if get_bool(&req, key)? {
+                return Err(ApiError::field(
+                    key,
+                    format!("field `{key}`: true is not supported by grove serve"),
+                ));
+            }
+        }
+        let unsupported = |key: &str, empty: bool| -> ApiResult<()> {
+            if !empty {
+                return Err(ApiError::field(
+                    key,
+                    format!("field `{key}` is not supported by grove serve"),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(s) = opt(&req, "stop") {
+            unsupported("stop", s.as_array().map(|a| a.is_empty()).unwrap_or(false))?;
+        }
+        if let Some(s) = opt(&req, "suffix") {
+            unsupported("suffix", s.as_str() == Some(""))?;
+        }
+        if let Some(b) = opt(&req, "logit_bias") {
+            unsupported(
+                "logit_bias",
+                b.as_object().map(|o| o.is_empty()).unwrap_or(false),
+            )?;
+        }
+        for key in ["presence_penalty", "frequency_penalty"] {
+            unsupported(key, get_f64(&req, key, 0.0)? == 0.0)?;
+        }
+        let prompts = self.prompts(req.get("prompt"))?;
+        let max_pos = self.served.model.cfg.max_positions() as u64;
+        let max_tokens = get_uint(&req, "max_tokens", 16, 1, u32::MAX as u64)? as usize;
+        let temperature = get_f64(&req, "temperature", 1.0)?;
+        let top_p = get_f64(&req, "top_p", 1.0)?;
+        let n = get_uint(&req, "n", 1, 1, MAX_BATCH as u64)? as usize;
+        if let Some(b) = opt(&req, "best_of") {
+            if b.as_u64() != Some(n as u64) {
+                return Err(ApiError::field(
+                    "best_of",
+                    format!("field `best_of` = {b}: only best_of = n ({n}) is supported"),
+                ));
+            }
+        }
+        let logprobs = match opt(&req, "logprobs") {
+            None => false,
+            Some(v) => {
+                get_uint(&req, "logprobs", 0, 0, 20)?;
+                v.as_u64().is_some()
+            }
+        };
+        let seed = match opt(&req, "seed") {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                ApiError::field(
+                    "seed",
+                    format!("field `seed` must be a non-negative integer, found {v}"),
+                )
+            })?),
+        };
+        let token_ids = get_bool(&req, "return_tokens_as_token_ids")?;
+        let params = SamplingParams {
+            temperature,
+            top_p,
+            max_new_tokens: max_tokens,
+        };
+        if let Err(m) = params.validate() {
+            let field = if m.starts_with("temperature") {
+                "temperature"
+            } else {
+                "top_p"
+            };
+            return Err(ApiError::field(field, format!("field `{field}`: {m}")));
+        }
+        if prompts.len() * n > MAX_BATCH {
+            return Err(ApiError::field(
+                "n",
+                format!(
+                    "{} prompts × n = {n} is more than {MAX_BATCH} samples in one request",
+                    prompts.len()
+                ),
+            ));
+        }
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if longest as u64 + max_tokens as u64 > max_pos {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!(
+                    "field `max_tokens` = {max_tokens} plus the longest prompt's {longest} tokens \
+                     exceeds the model's {max_pos} positions"
+                ),
+            ));
+        }
+        Ok(CompletionRequest {
+            prompts,
+            params,
+            n,
+            logprobs,
+            seed,
+            token_ids,
+        })
+    }
+
+    fn completions(&mut self, body: &[u8]) -> ApiResult<Value> {
+        let req = self.parse_request(body)?;
+        let seed = req.seed.unwrap_or_else(|| rand::Rng::gen(&mut self.rng));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let batch: Vec<Vec<u32>> = req
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), req.n))
+            .collect();
+        let tok = &self.served.tok;
+        let gens = generate(
+            &self.served.model,
+            &batch,
+            tok.eos,
+            tok.pad,
+            &req.params,
+            &mut rng,
+        )
+        .map_err(|e| ApiError::status(500, format!("generation failed: {e}")))?;
+        let mut choices = Vec::with_capacity(gens.len());
+        let mut completion_tokens = 0;
+        for (index, g) in gens.iter().enumerate() {
+            completion_tokens += g.tokens.len();
+            let text = tok
+                .decode(
+                    &g.tokens
+                        .iter()
+                        .copied()
+                        .filter(|&t| t != tok.eos)
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|e| ApiError::status(500, e.to_string()))?;
+            let logprobs = if req.logprobs {
+                let names: Vec<String> = g
+                    .tokens
+                    .iter()
+                    .map(|&t| match (req.token_ids, tok.id_to_token(t)) {
+                        (false, Some(s)) => s,
+                        _ => format!("token_id:{t}"),
+                    })
+                    .collect();
+                json!({"tokens": names, "token_logprobs": g.logprobs, "top_logprobs": null})
+            } else {
+                Value::Null
+            };
+            choices.push(json!({
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": if g.finished { "stop" } else { "length" },
+            }));
+        }
+        self.counter += 1;
+        let prompt_tokens: usize = req.prompts.iter().map(|p| p.len()).sum();
+        Ok(json!({
+            "id": format!("cmpl-grove-{}", self.counter),
+            "object": "text_completion",
+            "created": unix_now(),
+            "model": self.served.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "grove_seed": seed,
+        }))
+    }
+}
+
+/// Loads MODEL, binds, prints `listening on HOST:PORT` as the first stdout line, then answers
+/// requests until the process is stopped.
+pub fn run(model_dir: &Path, opts: &ServeOptions) -> Result<()> {
+    let dev = crate::train::device();
+    let served = ServedModel::load(model_dir, opts.name.clone(), &dev)?;
+    let listener = TcpListener::bind((opts.host.as_str(), opts.port))
+        .map_err(|e| Error::Remote(format!("cannot listen on {}:{}: {e}", opts.host, opts.port)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Remote(format!("listening socket: {e}")))?;
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| Error::Remote(format!("cannot serve on {addr}: {e}")))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening on {addr}")
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::Remote(format!("stdout: {e}")))?;
+    if !opts.quiet {
+        eprintln!(
+            "serving {:?} ({} parameters{}) at http://{addr}/v1",
+            served.name,
+            served.model.num_params(),
+            served
+                .version
+                .map(|v| format!(", policy version {v}"))
+                .unwrap_or_default()
+        );
+    }
+    let mut handler = Handler::new(served);
+    for mut request in server.incoming_requests() {
+        let t = Instant::now();
+        let method = request.method().as_str().to_string();
+        let url = request.url().to_string();
+        let mut body = Vec::new();
+        let read = request
+            .as_reader()
+            .take(MAX_BODY_BYTES as u64 + 1)
+            .read_to_end(&mut body);
+        let (status, answer) = match read {
+            Err(e) => (
+                400,
+                ApiError::status(400, format!("cannot read the request body: {e}")).to_json(),
+            ),
+            Ok(_) if body.len() > MAX_BODY_BYTES => (
+                413,
+                ApiError::status(413, format!("request body over {MAX_BODY_BYTES} bytes"))
+                    .to_json(),
+            ),
+            Ok(_) => handler.handle(&method, &url, &body),
+        };
+        if !opts.quiet {
+            let detail = if status == 200 {
+                String::new()
+            } else {
+                format!(": {}", answer["error"]["message"].as_str().unwrap_or(""))
+            };
+            eprintln!(
+                "{method} {url} {status} in {:.0} ms{detail}",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+            .map_err(|_| Error::Remote("content-type header".into()))?;
+        let response = tiny_http::Response::from_string(answer.to_string())
+            .with_status_code(status)
+            .with_header(header);
+        if let Err(e) = request.respond(response) {
+            if !opts.quiet {
+                eprintln!("{method} {url}: could not send the answer: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::Config;
+
+    fn handler() -> Handler {
+        let tok = Tokenizer::builtin_arithmetic();
+        let cfg = Config::builtin_tiny(tok.vocab_size());
+        let model = Llama::init(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+        Handler::new(ServedModel {
+            model,
+            tok,
+            name: "tiny".into(),
+            version: Some(7),
+        })
+    }
+
+    fn post(h: &mut Handler, body: &str) -> (u16, Value) {
+        h.handle("POST", "/v1/completions", body.as_bytes())
+    }
+
+    #[test]
+    fn bad_requests_are_400_naming_the_field() {
+        let mut h = handler();
+        let (s, v) = post(&mut h, "{\"prompt\": \"1+1=\", ");
+        assert_eq!(s, 400);
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"));
+        for (body, field, text) in [
+            ("{}", "prompt", "field `prompt` is required"),
+            ("{\"prompt\": 5}", "prompt", "field `prompt` is 5"),
+            (
+                "{\"prompt\": [[1, 99]]}",
+                "prompt",
+                "`prompt[0][1]` = 99 is not a token id",
+            ),
+            (
+                "{\"prompt\": \"1\", \"max_tokens\": \"4\"}",
+                "max_tokens",
+                "field `max_tokens` must be an integer",
+            ),
+            (
+                "{\"prompt\": \"1\", \"temperature\": -1}",
+                "temperature",
+                "temperature must be >= 0",
+            ),
+            (
+                "{\"prompt\": \"1\", \"top_p\": 0}",
+                "top_p",
+                "top_p must be in (0, 1]",
+            ),
+            (
+                "{\"prompt\": \"1\", \"n\": 0}",
+                "n",
+                "field `n` must be an integer in 1..=4096",
+            ),
+            (
+                "{\"prompt\": \"1\", \"stream\": true}",
+                "stream",
+                "not supported",
+            ),
+            (
+                "{\"prompt\": \"1\", \"stop\": [\"=\"]}",
+                "stop",
+                "not supported",
+            ),
+            (
+                "{\"prompt\": \"1\", \"seed\": -3}",
+                "seed",
+                "non-negative integer",
+            ),
+        ] {
+            let (s, v) = post(&mut h, body);
+            assert_eq!(s, 400, "{body}");
+            assert_eq!(v["error"]["param"], field, "{body}: {v}");
+            let m = v["error"]["message"].as_str().unwrap();
+            assert!(m.contains(text), "{body}: {m}");
+        }
+        let (s, v) = post(&mut h, "{\"prompt\": \"1\", \"model\": \"other\"}");
+        assert_eq!(s, 404);
+        assert!(v["error"]["message"].as_str().unwrap().contains("\"tiny\""));
+        assert_eq!(h.handle("GET", "/nope", b"").0, 404);
+        assert_eq!(h.handle("GET", "/v1/completions", b"").0, 405);
+    }
+
+    #[test]
+    fn n_samples_per_prompt_deterministic_given_seed() {
+        let mut h = handler();
+        let body = r#"{"model": "tiny", "prompt": ["1+2=", [1, 5, 14, 6]], "n": 3,
+                       "max_tokens": 4, "logprobs": 1, "seed": 11,
+                       "return_tokens_as_token_ids": true}"#;
+        let (s, a) = post(&mut h, body);
+        assert_eq!(s, 200, "{a}");
+        let choices = a["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 6, "2 prompts × n = 3");
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], i);
+            let toks = c["logprobs"]["tokens"].as_array().unwrap();
+            let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+            assert_eq!(toks.len(), lps.len());
+            assert!(!toks.is_empty() && toks.len() <= 4);
+            assert!(toks[0].as_str().unwrap().starts_with("token_id:"));
+            assert!(lps.iter().all(|x| x.as_f64().unwrap() <= 0.0));
+        }
+        // Text "1+2=" is BOS 1, '1' 5, '+' 14, '2' 6, '=' 17: prompt 1 is a prefix of it, so
+        // the two prompts differ, yet the same request gives the same answer.
+        let (_, b) = post(&mut h, body);
+        assert_eq!(a["choices"], b["choices"]);
+        let (_, c) = post(&mut h, &body.replace("\"seed\": 11", "\"seed\": 12"));
+        assert_ne!(a["choices"], c["choices"], "another seed, other samples");
+        // Without logprobs the field is null, as in OpenAI's API.
+        let (_, d) = post(&mut h, r#"{"prompt": "1+2=", "max_tokens": 2}"#);
+        assert!(d["choices"][0]["logprobs"].is_null());
+        assert_eq!(d["usage"]["prompt_tokens"], 5);
+    }
+
+    #[test]
+    fn special_tokens_come_from_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let tok = Tokenizer::builtin_arithmetic();
+        let mut cfg = Config::builtin_tiny(tok.vocab_size());
+        let model = Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let e = ServedModel::load(dir, None, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no config.json"), "{e}");
+        crate::model::io::save_hf_folder(&model, dir).unwrap();
+        let e = ServedModel::load(dir, None, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no tokenizer.json"), "{e}");
+        std::fs::write(dir.join("tokenizer.json"), tok.to_json()).unwrap();
+        // Built-in names: <bos> 1, <eos> 2, <pad> 0; no state.json, so no version.
+        let s = ServedModel::load(dir, Some("m".into()), &dev).unwrap();
+        assert_eq!((s.tok.bos, s.tok.eos, s.tok.pad), (Some(1), 2, 0));
+        assert_eq!((s.name.as_str(), s.version), ("m", None));
+        // config.json's eos_token_id (a list: its first) wins over the built-in name: '=' is 17.
+        cfg.eos_token_id = Some(serde_json::json!([17, 2]));
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string(&cfg).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ServedModel::load(dir, None, &dev).unwrap().tok.eos, 17);
+        // tokenizer_config.json wins over both; tokens may be objects with "content".
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": {"content": "+"}, "bos_token": null, "pad_token": "<unk>"}"#,
+        )
+        .unwrap();
+        let s = ServedModel::load(dir, None, &dev).unwrap();
+        assert_eq!((s.tok.bos, s.tok.eos, s.tok.pad), (Some(1), 14, 3));
+    }
+
+    #[test]
+    fn models_lists_the_served_model() {
+        let mut h = handler();
+        let (s, v) = h.handle("GET", "/v1/models", b"");
+        assert_eq!(s, 200);
+        assert_eq!(v["data"][0]["id"], "tiny");
+        assert_eq!(v["data"][0]["grove_policy_version"], 7);
+    }
+}
