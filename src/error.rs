@@ -20,6 +20,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("task: {0}")]
     Task(String),
+    /// A reward component failed (external command, reward model, pipeline input).
+    #[error("reward: {0}")]
+    Reward(String),
     #[error("run directory {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
     #[error(transparent)]

@@ -2,6 +2,7 @@
 pub mod gguf;
 pub mod io;
 pub mod llama;
+pub mod reward_model;
 pub mod tokenizer;
 
 pub use llama::{attention_mask, Config, KvCache, Llama};
