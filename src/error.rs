@@ -23,6 +23,10 @@ pub enum Error {
     /// A remote rollout server (or `grove serve`) failed or answered something unusable.
     #[error("remote rollout: {0}")]
     Remote(String),
+
+    /// A reward component failed (external command, reward model, pipeline input).
+    #[error("reward: {0}")]
+    Reward(String),
     #[error("run directory {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
     #[error(transparent)]

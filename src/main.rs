@@ -132,6 +132,54 @@ enum Command {
         #[arg(long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
     },
+    /// Write a preference set from the built-in arithmetic task: correct answer preferred to a
+    /// perturbed one, strength 1–3 by how wrong (JSONL for `grove rm-train`).
+    RmData {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4000)]
+        pairs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Operand digits of the problems (as task.digits).
+        #[arg(long, default_value_t = 2)]
+        digits: u32,
+    },
+    /// Train a reward model (scalar head on the policy architecture) on pairwise preferences.
+    RmTrain {
+        /// JSONL: prompt, chosen, rejected, optional strength (1-3) and chosen/rejected_rating.
+        #[arg(long)]
+        data: PathBuf,
+        /// bt, margin-bt, scaled-bt, regression or regression-then-scaled-bt.
+        #[arg(long, default_value = "bt")]
+        loss: String,
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Output folder: config.json, model.safetensors (head: score.weight), tokenizer.json.
+        #[arg(long, default_value = "rm")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// regression-then-scaled-bt: regression steps before the switch.
+        #[arg(long, default_value_t = 200)]
+        switch_step: u64,
+        #[arg(long, default_value_t = 0.1)]
+        heldout_frac: f64,
+        #[arg(long, default_value_t = 100)]
+        eval_every: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight of an auxiliary language-modelling loss on the chosen responses (0: off).
+        #[arg(long, default_value_t = 1.0)]
+        lm_coef: f64,
+        /// Start the body from a model folder (e.g. a grove checkpoint) instead of scratch.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Sampling and training throughput of a model shape, as one JSON line.
     Bench {
         /// An HF config.json, model folder or GGUF file giving the shape (weights are random),
@@ -300,6 +348,50 @@ fn verify(
         _ => bail!("give --task gsm8k|math500 with --responses FILE.jsonl, or --pairs FILE.jsonl"),
     };
     println!("{summary}");
+    Ok(())
+}
+
+fn rm_train(
+    data: PathBuf,
+    loss: &str,
+    out: PathBuf,
+    init: Option<PathBuf>,
+    quiet: bool,
+    set: impl FnOnce(&mut grove::reward::rm_train::RmTrainOptions),
+) -> Result<()> {
+    use grove::reward::rm_train::{train_reward_model, RmTrainOptions};
+    let loss =
+        serde_json::from_value(serde_json::Value::String(loss.to_string())).map_err(|_| {
+            anyhow::anyhow!(
+                "--loss {loss:?}: expected one of bt, margin-bt, scaled-bt, regression, \
+             regression-then-scaled-bt"
+            )
+        })?;
+    let mut opts = RmTrainOptions::new(data, out);
+    opts.loss = loss;
+    opts.init = init;
+    set(&mut opts);
+    let report = train_reward_model(&opts, &grove::train::device(), |p| {
+        if let (Some(acc), false) = (p.heldout_accuracy, quiet) {
+            println!(
+                "step {:>5}  loss {:.4}  batch acc {:5.1}%  held-out acc {:5.1}%",
+                p.step,
+                p.loss,
+                p.train_batch_accuracy * 100.0,
+                acc * 100.0
+            );
+        }
+    })?;
+    println!(
+        "held-out pairwise accuracy: {:.1}% -> {:.1}% ({} held-out pairs, {} training pairs, {} steps, {:.0} s); reward model written to {}",
+        report.heldout_accuracy_start * 100.0,
+        report.heldout_accuracy * 100.0,
+        report.heldout_pairs,
+        report.train_pairs,
+        report.steps,
+        report.wall_s,
+        report.out.display()
+    );
     Ok(())
 }
 
@@ -488,6 +580,53 @@ fn real_main() -> Result<()> {
                 println!("per-question results: {}", out.display());
             }
         }
+
+        Command::RmData {
+            out,
+            pairs,
+            seed,
+            digits,
+        } => {
+            let task = grove::task::ArithmeticTask::new(grove::task::ArithmeticConfig {
+                digits,
+                ..Default::default()
+            })
+            .map_err(anyhow::Error::msg)?;
+            let set = grove::reward::rm_train::arithmetic_preferences(&task, pairs, seed);
+            grove::reward::rm_train::write_pairs(&out, &set)?;
+            println!("wrote {} preference pairs to {}", set.len(), out.display());
+        }
+        Command::RmTrain {
+            data,
+            loss,
+            steps,
+            out,
+            batch_size,
+            lr,
+            switch_step,
+            heldout_frac,
+            eval_every,
+            seed,
+            lm_coef,
+            init,
+            quiet,
+        } => rm_train(
+            data,
+            &loss,
+            out,
+            init,
+            quiet,
+            |o: &mut grove::reward::rm_train::RmTrainOptions| {
+                o.steps = steps;
+                o.batch_size = batch_size;
+                o.lr = lr;
+                o.switch_step = switch_step;
+                o.heldout_frac = heldout_frac;
+                o.eval_every = eval_every;
+                o.seed = seed;
+                o.lm_coef = lm_coef;
+            },
+        )?,
         Command::Bench {
             model,
             logprobs,

@@ -19,7 +19,7 @@ const SMALL: [&str; 14] = [
     "--set",
     "train.lr=3e-4",
     "--set",
-    "sync.wait_timeout_s=120",
+    "sync.wait_timeout_s=900",
     "--set",
     "train.checkpoint_every=100",
 ];

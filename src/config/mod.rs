@@ -223,6 +223,10 @@ pub struct RewardConfig {
     /// `acc/train` stays the clean accuracy; `reward/mean` is what the learner saw.
     pub noise_rho0: f64,
     pub noise_rho1: f64,
+    /// A composable reward pipeline (`[reward.pipeline]`, docs/rewards.md); None: the task's
+    /// verifier alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<crate::reward::pipeline::PipelineConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,6 +406,10 @@ impl RunConfig {
                 "reward.noise_rho0 ({}) and reward.noise_rho1 ({}) must each be in [0, 1) with a sum below 1",
                 rw.noise_rho0, rw.noise_rho1
             ));
+        }
+        if let Some(p) = &rw.pipeline {
+            p.validate()
+                .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
         }
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());

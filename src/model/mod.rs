@@ -4,6 +4,8 @@ pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod logprob;
+
+pub mod reward_model;
 pub mod tokenizer;
 
 pub use chat::ChatTemplate;

@@ -1,10 +1,15 @@
 //! Verifiers, reward shaping and reward models: where a response's scalar reward comes from
 //! and how it is transformed before the advantage (ALGORITHMS.md §3, §5).
 pub mod exact;
+pub mod external;
 pub mod gates;
 pub mod math;
 pub mod noise;
+pub mod pipeline;
+pub mod policy;
 pub mod rm_loss;
+pub mod rm_scorer;
+pub mod rm_train;
 pub mod sar;
 pub mod shaping;
 
