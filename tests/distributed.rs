@@ -91,9 +91,8 @@ fn explorer_and_learner_processes_through_postgres() {
             weights.to_str().unwrap(),
         ])
         .args(SMALL)
+        .args(["--set", "train.steps=40", "--set", "sync.max_staleness=2"])
         .args([
-            "--set",
-            "train.steps=30",
             "--set",
             &format!("output_dir={:?}", out.display().to_string()),
         ])
@@ -128,14 +127,26 @@ fn explorer_and_learner_processes_through_postgres() {
         "held-out accuracy did not rise through the buffer: {acc:?}"
     );
     let lines = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl")).unwrap();
-    assert!(lines
+    let rl: Vec<_> = lines
         .iter()
-        .any(|v| v["staleness/mean"].as_f64().unwrap_or(0.0) >= 0.0));
+        .filter(|v| v["phase"] == "rl" && v["step"].as_u64().unwrap() > 0)
+        .collect();
+    assert_eq!(rl.len(), 40);
+    let mut dropped = 0usize;
+    for v in &rl {
+        let s = v["staleness/mean"].as_f64().unwrap();
+        assert!(
+            (0.0..=2.0).contains(&s),
+            "staleness {s} beyond sync.max_staleness = 2: {v}"
+        );
+        dropped += v["staleness/dropped"].as_f64().unwrap() as usize;
+    }
 
     // Whatever the explorer committed before it was killed is still there, minus what was used.
     let mut b = grove::buffer::open(&url, 1 << 30).unwrap();
     let left = b.len().unwrap();
-    let consumed = 30 * 16;
+    // Taken from the buffer: the groups trained on plus the stale ones dropped.
+    let consumed = 40 * 16 + dropped;
     let taken = b.take(left, 0).unwrap();
     assert_eq!(taken.groups.len(), left);
     let mut client = postgres::Client::connect(&base, postgres::NoTls).unwrap();

@@ -507,7 +507,7 @@ mod tests {
 
     fn cfg(command: Vec<String>, on_error: OnError) -> ExternalConfig {
         ExternalConfig {
-            timeout_s: 1.0,
+            timeout_s: 3.0,
             on_error,
             ..ExternalConfig::new(command)
         }

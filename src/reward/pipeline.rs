@@ -1316,7 +1316,17 @@ mod tests {
              [[reward.pipeline.components]]\nname = \"len\"\nkind = \"length-penalty\"\n",
         )
         .unwrap();
-        let cfg = crate::config::load(Some(&file), &[]).unwrap();
+        // `grove train` refuses the section until the explorer calls the pipeline...
+        let e = crate::config::load(Some(&file), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("run.toml") && e.contains("not used by `grove train` yet"),
+            "{e}"
+        );
+        // ...but it deserialises and round-trips as a config value.
+        let text = std::fs::read_to_string(&file).unwrap();
+        let cfg: crate::config::RunConfig = toml::from_str(&text).unwrap();
         let p = cfg.reward.pipeline.as_ref().unwrap();
         assert_eq!(p.components.len(), 2);
         assert_eq!(p.shaping, ShapingConfig::Centered);
