@@ -805,6 +805,12 @@ mod tests {
             .validate()
             .is_ok());
         assert!(RemoteConfig::new("localhost:8000").validate().is_err());
+        let https = RemoteConfig::new("https://h:1").validate();
+        if cfg!(feature = "remote-tls") {
+            assert!(https.is_ok());
+        } else {
+            assert!(https.unwrap_err().contains("--features remote-tls"));
+        }
         let mut c = RemoteConfig::new("http://h:1");
         c.timeout_s = 0.0;
         assert!(c.validate().unwrap_err().contains("timeout_s"));
