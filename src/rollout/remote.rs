@@ -317,18 +317,20 @@ impl RemoteEngine {
             }
         });
         let slots = slots.into_inner().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = slots.iter().flatten().find_map(|r| r.as_ref().err()) {
-            return Err(Error::Remote(e.to_string()));
-        }
         let mut out = Vec::with_capacity(prompts.len() * n);
+        let mut missing = None;
         for (k, slot) in slots.into_iter().enumerate() {
             match slot {
                 Some(Ok(g)) => out.extend(g),
-                // Unreachable without an error above; reported rather than assumed.
-                _ => return Err(Error::Remote(format!("request {k} was not completed"))),
+                Some(Err(e)) => return Err(e),
+                // Skipped after another request failed; that error is returned above.
+                None => missing = missing.or(Some(k)),
             }
         }
-        Ok(out)
+        match missing {
+            None => Ok(out),
+            Some(k) => Err(Error::Remote(format!("request {k} was not completed"))),
+        }
     }
 
     /// One completions request for `n` samples of one prompt.
@@ -619,10 +621,15 @@ pub fn parse_completion(
                 ))
             })?;
             let id = token_id(tok, s).ok_or_else(|| {
+                let hint = if s.is_empty() {
+                    " (servers that drop partial UTF-8 send byte tokens such as <0xE5> as \"\")"
+                } else {
+                    ""
+                };
                 bad(format!(
                     "`choices[{k}].logprobs.tokens[{t}]` = {s:?} is not in grove's tokenizer \
-                     vocabulary ({vocab} entries): serve a model with the same tokenizer, or \
-                     one whose server returns token ids (vLLM: return_tokens_as_token_ids)"
+                     vocabulary ({vocab} entries){hint}: serve a model with the same tokenizer, \
+                     or use a server that returns token ids (vLLM: return_tokens_as_token_ids)"
                 ))
             })?;
             if id as usize >= vocab {
@@ -732,6 +739,15 @@ mod tests {
             "{e}"
         );
         let resp = json!({"choices": [{"finish_reason": "length",
+            "logprobs": {"tokens": ["1", ""], "token_logprobs": [-1.0, -2.0]}}]});
+        let e = parse_completion(&resp, 1, &t, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`choices[0].logprobs.tokens[1]` = \"\"") && e.contains("<0xE5>"),
+            "{e}"
+        );
+        let resp = json!({"choices": [{"finish_reason": "length",
             "logprobs": {"tokens": ["token_id:99"], "token_logprobs": [-1.0]}}]});
         let e = parse_completion(&resp, 1, &t, true)
             .unwrap_err()
@@ -789,6 +805,12 @@ mod tests {
             .validate()
             .is_ok());
         assert!(RemoteConfig::new("localhost:8000").validate().is_err());
+        let https = RemoteConfig::new("https://h:1").validate();
+        if cfg!(feature = "remote-tls") {
+            assert!(https.is_ok());
+        } else {
+            assert!(https.unwrap_err().contains("--features remote-tls"));
+        }
         let mut c = RemoteConfig::new("http://h:1");
         c.timeout_s = 0.0;
         assert!(c.validate().unwrap_err().contains("timeout_s"));
