@@ -50,7 +50,40 @@ pub struct BenchResult {
     pub sample_s: f64,
     pub train_tokens_per_s: f64,
     pub train_step_s: f64,
+    /// Best-of-reps phase times of the training step (each the minimum over repetitions, so
+    /// they need not add up to `train_step_s` exactly).
+    pub train_forward_s: f64,
+    pub train_backward_s: f64,
+    pub train_optimizer_s: f64,
+    /// Matmul FLOPs of the phase (counted from the shapes, `train_matmul_flops`) per second
+    /// of the whole phase: a lower bound on the GEMMs' own rate.
+    pub forward_matmul_gflops: f64,
+    pub backward_matmul_gflops: f64,
     pub peak_rss_gb: f64,
+}
+
+/// Matmul FLOPs (forward, backward) of one training step over `batch` sequences of `seq`
+/// tokens of which the last `resp` reach the output layer: 2·m·n·k per product; attention
+/// counted over the full t×t score matrix as computed; backward = 2 × forward (one product
+/// for the input gradient, one for the weight gradient).
+pub fn train_matmul_flops(cfg: &Config, batch: usize, seq: usize, resp: usize) -> (f64, f64) {
+    let (h, i, v) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+    );
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_kv_heads() as f64,
+        cfg.head_dim() as f64,
+    );
+    let tokens = (batch * seq) as f64;
+    let per_token_layer = 2.0 * (h * nh * hd + 2.0 * h * nkv * hd + nh * hd * h + 3.0 * h * i);
+    let attention = 2.0 * 2.0 * (batch as f64) * nh * (seq as f64) * (seq as f64) * hd;
+    let layers = cfg.num_hidden_layers as f64;
+    let head = 2.0 * (batch * resp) as f64 * h * v;
+    let fwd = layers * (tokens * per_token_layer + attention) + head;
+    (fwd, 2.0 * fwd)
 }
 
 /// Peak resident memory of this process (VmHWM), in GiB; 0 where /proc is unavailable.
@@ -102,16 +135,26 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
         .collect();
     let b = batch::build(&tp, &tr, 0, &dev)?;
     let mut opt = AdamW::new(model.params(), AdamWParams::default());
-    let mut step_s = f64::INFINITY;
+    let mut best = [f64::INFINITY; 4]; // step, forward, backward, optimizer
     for _ in 0..opts.reps + 1 {
         let t = Instant::now();
         let (lp, _) = batch::response_logprobs_with(&model, &b, 1.0, opts.logprobs)?;
         let loss = lp.mean_all()?.neg()?;
+        let _ = loss.to_scalar::<f32>()?;
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward()?;
+        let t_bwd = t.elapsed().as_secs_f64();
         opt.step(&grads, 1e-5, 1.0)?;
-        let _ = Tensor::zeros(1, candle_core::DType::F32, &dev)?;
-        step_s = step_s.min(t.elapsed().as_secs_f64());
+        let total = t.elapsed().as_secs_f64();
+        for (slot, v) in best
+            .iter_mut()
+            .zip([total, t_fwd, t_bwd - t_fwd, total - t_bwd])
+        {
+            *slot = slot.min(v);
+        }
     }
+    let step_s = best[0];
+    let flops = train_matmul_flops(cfg, opts.train_batch, opts.train_seq, opts.train_seq - half);
     Ok(BenchResult {
         params: model.num_params(),
         threads: rayon::current_num_threads(),
@@ -119,6 +162,377 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
         sample_s,
         train_tokens_per_s: (opts.train_batch * opts.train_seq) as f64 / step_s,
         train_step_s: step_s,
+        train_forward_s: best[1],
+        train_backward_s: best[2],
+        train_optimizer_s: best[3],
+        forward_matmul_gflops: flops.0 / best[1] / 1e9,
+        backward_matmul_gflops: flops.1 / best[2] / 1e9,
         peak_rss_gb: peak_rss_gb(),
     })
+}
+
+/// Named model shapes of the performance targets (docs/performance.md): random weights, HF
+/// config semantics.
+pub const PRESETS: &[&str] = &["anchor", "spike", "qwen2.5-0.5b"];
+
+/// `anchor`: the TRL GRPO anchor (Qwen2, hidden 256, 4 layers, 4/2 heads, FFN 704, tied,
+/// GPT-2 vocabulary 50257); `spike`: the same body over an 8192 vocabulary (the training-step
+/// target); `qwen2.5-0.5b`: Qwen2.5-0.5B's shapes.
+pub fn preset(name: &str) -> Option<Config> {
+    let qwen2 = |vocab, hidden, layers, heads, kv, ffn, max_pos| Config {
+        model_type: Some("qwen2".into()),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv),
+        head_dim: None,
+        rms_norm_eps: Some(1e-6),
+        rope_theta: Some(1_000_000.0),
+        rope_parameters: None,
+        max_position_embeddings: Some(max_pos),
+        tie_word_embeddings: Some(true),
+        attention_bias: None,
+        bos_token_id: None,
+        eos_token_id: None,
+        hidden_act: Some("silu".into()),
+        architectures: Some(vec!["Qwen2ForCausalLM".into()]),
+        torch_dtype: Some("float32".into()),
+    };
+    match name {
+        "anchor" => Some(qwen2(50257, 256, 4, 4, 2, 704, 512)),
+        "spike" => Some(qwen2(8192, 256, 4, 4, 2, 704, 512)),
+        "qwen2.5-0.5b" => Some(qwen2(151936, 896, 24, 14, 2, 4864, 32768)),
+        _ => None,
+    }
+}
+
+/// What the RL-step benchmark reports: medians over the timed steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct RlStepResult {
+    pub params: usize,
+    pub threads: usize,
+    pub steps_timed: usize,
+    pub step_s: f64,
+    pub generate_s: f64,
+    pub train_s: f64,
+    pub sampled_tokens_per_step: f64,
+    pub reward_mean: f64,
+    pub peak_rss_gb: f64,
+}
+
+/// The reward of the anchor task: 1 when the completion, trimmed, starts with the sum;
+/// `partial` also gives 0.5 to a completion containing any digit (TRL anchor's sanity
+/// variant, which makes advantages non-zero for a random model).
+pub fn sum_reward(completion: &str, answer: &str, partial: bool) -> f64 {
+    let c = completion.trim();
+    if c.starts_with(answer) {
+        1.0
+    } else if partial && c.chars().any(|ch| ch.is_ascii_digit()) {
+        0.5
+    } else {
+        0.0
+    }
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => 0.5 * (xs[n / 2 - 1] + xs[n / 2]),
+    }
+}
+
+/// Full GRPO steps of grove's own learner on the TRL anchor work: `prompts` prompts
+/// "a+b=" (a, b < 100) × `group` samples, up to `new_tokens` tokens at temperature 1, the
+/// sum reward, GRPO advantages, PPO-clip with token-mean aggregation (TRL's `dapo`), lr 1e-5,
+/// no KL, AdamW with gradient clipping at 1. Steps 3..=`steps` are timed (TRL anchor: median
+/// of steps 3–10).
+pub fn rl_step(
+    model_cfg: &Config,
+    tokenizer: crate::model::Tokenizer,
+    steps: usize,
+    prompts: usize,
+    group: usize,
+    new_tokens: usize,
+    partial_reward: bool,
+) -> Result<RlStepResult> {
+    use crate::buffer::{Experience, ExperienceGroup};
+    use crate::train::explore::{response_text, Env};
+    use crate::train::learn::Learner;
+    use std::collections::BTreeMap;
+
+    let dev = crate::train::device();
+    let model = Llama::init(model_cfg, 0, &dev)?;
+    let params = model.num_params();
+    let mut cfg = crate::config::RunConfig::default();
+    cfg.rollout.prompts_per_step = prompts;
+    cfg.rollout.group_size = group;
+    cfg.rollout.max_new_tokens = new_tokens;
+    cfg.rollout.temperature = 1.0;
+    cfg.rollout.top_p = 1.0;
+    cfg.advantage = Default::default(); // grpo
+    cfg.loss = crate::loss::LossConfig::default();
+    cfg.sampling = Default::default();
+    cfg.train.lr = 1e-5;
+    cfg.train.lr_warmup_steps = 0;
+    cfg.train.grad_clip = 1.0;
+    cfg.train.log_samples = 0;
+    let env = Env {
+        task: crate::task::ArithmeticTask::new(cfg.task.clone())
+            .map_err(|m| crate::error::Error::config("task", m))?,
+        cfg,
+        tok: tokenizer,
+    };
+    let scratch = std::env::temp_dir().join(format!("grove-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| crate::error::Error::io(&scratch, e))?;
+    let opt = AdamW::new(model.params(), AdamWParams::default());
+    let mut learner = Learner {
+        metrics: crate::report::JsonlWriter::open_append(&scratch.join("metrics.jsonl"))?,
+        samples: crate::report::JsonlWriter::open_append(&scratch.join("samples.jsonl"))?,
+        model,
+        reference: None,
+        opt,
+        version: 0,
+        learn_rng: crate::train::explore::rng_stream(0, crate::train::explore::STREAM_LEARN),
+        adv_state: Default::default(),
+        run_dir: scratch.clone(),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let problems: Vec<(String, String)> = (0..256)
+        .map(|_| {
+            let (a, b) = (rng.gen_range(0..100u32), rng.gen_range(0..100u32));
+            (format!("{a}+{b}="), (a + b).to_string())
+        })
+        .collect();
+    let sampling = env.cfg.rollout.sampling();
+    let (mut gen_s, mut train_s, mut tot_s) = (vec![], vec![], vec![]);
+    let (mut tokens, mut reward_sum, mut reward_n) = (0usize, 0f64, 0usize);
+    for step in 1..=steps {
+        let batch: Vec<&(String, String)> = (0..prompts)
+            .map(|k| &problems[((step - 1) * prompts + k) % problems.len()])
+            .collect();
+        let t = Instant::now();
+        let mut prompt_ids = Vec::with_capacity(prompts);
+        for (p, _) in &batch {
+            prompt_ids.push(crate::train::explore::encode_prompt(&env.tok, p)?);
+        }
+        let repeated: Vec<Vec<u32>> = prompt_ids
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), group))
+            .collect();
+        let gens = generate(
+            &learner.model,
+            &repeated,
+            env.tok.eos,
+            env.tok.pad,
+            &sampling,
+            &mut rng,
+        )?;
+        let mut groups = Vec::with_capacity(prompts);
+        for (p, (prompt, answer)) in batch.iter().enumerate() {
+            let mut experiences = Vec::with_capacity(group);
+            for gen in &gens[p * group..(p + 1) * group] {
+                let text = response_text(&env.tok, &gen.tokens)?;
+                let reward = sum_reward(&text, answer, partial_reward);
+                let mut components = BTreeMap::new();
+                components.insert("correct".to_string(), (reward == 1.0) as u8 as f64);
+                tokens += gen.tokens.len();
+                reward_sum += reward;
+                reward_n += 1;
+                experiences.push(Experience {
+                    group_id: p as u64,
+                    prompt: prompt.clone(),
+                    prompt_ids: prompt_ids[p].clone(),
+                    response_ids: gen.tokens.clone(),
+                    logprobs: gen.logprobs.clone(),
+                    reward,
+                    components,
+                    answer: answer.clone(),
+                    finished: gen.finished,
+                    policy_version: learner.version,
+                    use_count: 0,
+                });
+            }
+            groups.push(ExperienceGroup {
+                group_id: p as u64,
+                policy_version: learner.version,
+                experiences,
+            });
+        }
+        let g = t.elapsed().as_secs_f64();
+        learner.learn(&env, &groups, step, g, 0)?;
+        let total = t.elapsed().as_secs_f64();
+        if step >= 3 || steps < 3 {
+            gen_s.push(g);
+            train_s.push(total - g);
+            tot_s.push(total);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(RlStepResult {
+        params,
+        threads: rayon::current_num_threads(),
+        steps_timed: tot_s.len(),
+        step_s: median(&mut tot_s),
+        generate_s: median(&mut gen_s),
+        train_s: median(&mut train_s),
+        sampled_tokens_per_step: tokens as f64 / steps.max(1) as f64,
+        reward_mean: reward_sum / reward_n.max(1) as f64,
+        peak_rss_gb: peak_rss_gb(),
+    })
+}
+
+/// One operation of the per-operation profile: best-of-reps forward and backward seconds of
+/// grove's fused kernel and of the composed reference, at one layer's training shapes.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTiming {
+    pub op: String,
+    pub shape: String,
+    pub fused_fwd_s: f64,
+    pub fused_bwd_s: f64,
+    pub composed_fwd_s: f64,
+    pub composed_bwd_s: f64,
+}
+
+/// A matmul of the training step timed alone: (m × k) · (k × n).
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmTiming {
+    pub what: String,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub seconds: f64,
+    pub gflops: f64,
+}
+
+fn best_of<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn rand_tensor(shape: &[usize], rng: &mut ChaCha8Rng, dev: &candle_core::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+/// Per-operation profile of one decoder layer at `batch` × `seq` tokens: each fused op against
+/// its composed reference (forward, and backward of Σ y ⊙ r), and the step's GEMM shapes
+/// timed alone (GFLOP/s against the machine's peak).
+pub fn ops_profile(
+    cfg: &Config,
+    batch: usize,
+    seq: usize,
+    reps: usize,
+) -> Result<(Vec<OpTiming>, Vec<GemmTiming>)> {
+    use crate::model::fused;
+    use candle_core::Var;
+    let dev = crate::train::device();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (h, nh, hd, inter) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+        cfg.intermediate_size,
+    );
+    type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+    let mut ops: Vec<(String, String, Vec<Vec<usize>>, OpFn, OpFn)> = vec![];
+    ops.push((
+        "rms_norm".into(),
+        format!("({batch}, {seq}, {h})"),
+        vec![vec![batch, seq, h], vec![h]],
+        Box::new(|t: &[Tensor]| fused::rms_norm(&t[0], &t[1], 1e-6)),
+        Box::new(|t: &[Tensor]| fused::rms_norm_composed(&t[0], &t[1], 1e-6)),
+    ));
+    ops.push((
+        "rope".into(),
+        format!("({batch}, {nh}, {seq}, {hd})"),
+        vec![
+            vec![batch, nh, seq, hd],
+            vec![batch, seq, hd / 2],
+            vec![batch, seq, hd / 2],
+        ],
+        Box::new(|t: &[Tensor]| fused::rope(&t[0], &t[1], &t[2])),
+        Box::new(|t: &[Tensor]| fused::rope_composed(&t[0], &t[1], &t[2])),
+    ));
+    let valid = vec![vec![true; seq]; batch];
+    let mask = crate::model::attention_mask(&valid, 0, seq, &dev)?;
+    let (m1, m2) = (mask.clone(), mask.clone());
+    let scale = 1.0 / (hd as f64).sqrt();
+    ops.push((
+        "masked_softmax".into(),
+        format!("({batch}, {nh}, {seq}, {seq})"),
+        vec![vec![batch, nh, seq, seq]],
+        Box::new(move |t: &[Tensor]| fused::masked_softmax(&t[0], &m1, scale)),
+        Box::new(move |t: &[Tensor]| fused::masked_softmax_composed(&t[0], &m2, scale)),
+    ));
+    ops.push((
+        "swiglu".into(),
+        format!("({batch}, {seq}, {inter})"),
+        vec![vec![batch, seq, inter], vec![batch, seq, inter]],
+        Box::new(|t: &[Tensor]| fused::swiglu(&t[0], &t[1])),
+        Box::new(|t: &[Tensor]| fused::swiglu_composed(&t[0], &t[1])),
+    ));
+    let mut out = vec![];
+    for (name, shape, shapes, fused_f, composed_f) in ops {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .map(|s| Ok(Var::from_tensor(&rand_tensor(s, &mut rng, &dev)?)?))
+            .collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let r = rand_tensor(&shapes[0], &mut rng, &dev)?;
+        let mut timings = [0f64; 4];
+        for (k, f) in [&fused_f, &composed_f].into_iter().enumerate() {
+            timings[2 * k] = best_of(reps, || {
+                let _ = f(&ts)?;
+                Ok(())
+            })?;
+            let y = f(&ts)?;
+            let loss = (&y * &r)?.sum_all()?;
+            timings[2 * k + 1] = best_of(reps, || {
+                let _ = loss.backward()?;
+                Ok(())
+            })?;
+        }
+        out.push(OpTiming {
+            op: name,
+            shape,
+            fused_fwd_s: timings[0],
+            fused_bwd_s: timings[1],
+            composed_fwd_s: timings[2],
+            composed_bwd_s: timings[3],
+        });
+    }
+    let tokens = batch * seq;
+    let mut gemms = vec![];
+    for (what, m, k, n) in [
+        ("q_proj", tokens, h, nh * hd),
+        ("gate_proj", tokens, h, inter),
+        ("down_proj", tokens, inter, h),
+        ("square 2048", 2048, 2048, 2048),
+    ] {
+        let a = rand_tensor(&[m, k], &mut rng, &dev)?;
+        let w = rand_tensor(&[n, k], &mut rng, &dev)?;
+        let secs = best_of(reps, || {
+            let _ = a.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        gemms.push(GemmTiming {
+            what: what.into(),
+            m,
+            k,
+            n,
+            seconds: secs,
+            gflops: 2.0 * (m * k * n) as f64 / secs / 1e9,
+        });
+    }
+    Ok((out, gemms))
 }

@@ -183,9 +183,25 @@ enum Command {
     /// Sampling and training throughput of a model shape, as one JSON line.
     Bench {
         /// An HF config.json, model folder or GGUF file giving the shape (weights are random),
-        /// or "builtin" for the quickstart policy.
+        /// "builtin" for the quickstart policy, or a preset of docs/performance.md: anchor,
+        /// spike, qwen2.5-0.5b.
         #[arg(long, default_value = "builtin")]
         model: String,
+        /// Time full GRPO steps of the TRL anchor work instead (needs --tokenizer).
+        #[arg(long)]
+        rl_step: bool,
+        /// tokenizer.json for --rl-step (the anchor uses GPT-2's).
+        #[arg(long, value_name = "tokenizer.json")]
+        tokenizer: Option<PathBuf>,
+        /// RL steps for --rl-step; steps 3.. are timed.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Reward for --rl-step: exact (starts with the sum) or partial (also 0.5 for a digit).
+        #[arg(long, default_value = "exact")]
+        reward: String,
+        /// Per-operation profile instead: fused vs composed ops and GEMM GFLOP/s.
+        #[arg(long, conflicts_with = "rl_step")]
+        ops: bool,
         /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
         /// (full log-softmax) or chunked.
         #[arg(long, default_value = "auto")]
@@ -635,8 +651,15 @@ fn real_main() -> Result<()> {
             train_batch,
             train_seq,
             reps,
+            rl_step,
+            tokenizer,
+            steps,
+            reward,
+            ops,
         } => {
-            let cfg = if model == "builtin" {
+            let cfg = if let Some(c) = grove::bench::preset(&model) {
+                c
+            } else if model == "builtin" {
                 let c = grove::config::RunConfig::default();
                 grove::train::builtin_shape(
                     &c,
@@ -645,6 +668,40 @@ fn real_main() -> Result<()> {
             } else {
                 grove::model::io::load_config(std::path::Path::new(&model))?
             };
+            if rl_step {
+                let path = tokenizer.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--rl-step needs --tokenizer tokenizer.json (the anchor uses GPT-2's)"
+                    )
+                })?;
+                let partial = match reward.as_str() {
+                    "exact" => false,
+                    "partial" => true,
+                    other => anyhow::bail!("--reward {other:?}: expected exact or partial"),
+                };
+                let tok = grove::model::Tokenizer::from_file(
+                    &path,
+                    None,
+                    "<|endoftext|>",
+                    Some("<|endoftext|>"),
+                )?;
+                let r = grove::bench::rl_step(&cfg, tok, steps, 8, 8, new_tokens, partial)?;
+                let mut v = serde_json::to_value(&r)?;
+                v["model"] = serde_json::Value::String(model);
+                v["reward"] = serde_json::Value::String(reward);
+                println!("{}", serde_json::to_string(&v)?);
+                return Ok(());
+            }
+            if ops {
+                let (op_t, gemm_t) = grove::bench::ops_profile(&cfg, train_batch, train_seq, reps)?;
+                for o in op_t {
+                    println!("{}", serde_json::to_string(&o)?);
+                }
+                for g in gemm_t {
+                    println!("{}", serde_json::to_string(&g)?);
+                }
+                return Ok(());
+            }
             let opts = grove::bench::BenchOptions {
                 sample_batch,
                 new_tokens,

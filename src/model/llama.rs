@@ -1,12 +1,13 @@
 //! A Llama / Qwen2-family decoder on candle, differentiable end to end.
 //!
 //! Weight names mirror the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`,
-//! ...), so safetensors files move between grove and `transformers` unchanged. RMSNorm, softmax
-//! and RoPE are composed from differentiable ops: candle-nn's fused kernels have no backward and
-//! would silently detach most parameters (DESIGN.md §3).
+//! ...), so safetensors files move between grove and `transformers` unchanged. RMSNorm, RoPE,
+//! the masked softmax and SwiGLU are grove's own fused kernels with hand-written backward
+//! passes (`model::fused`): candle-nn's fused kernels have no backward and would silently
+//! detach most parameters (DESIGN.md §3).
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -264,9 +265,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?
-        .broadcast_mul(w)?)
+    super::fused::rms_norm(x, w, eps)
 }
 
 impl Llama {
@@ -437,16 +436,15 @@ impl Llama {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let flat_pos = pos.flatten_all()?;
+        // Half tables (b, t, hd/2), one row per absolute position.
         let cos = self
             .cos
             .index_select(&flat_pos, 0)?
-            .reshape((b, 1, t, hd / 2))?;
+            .reshape((b, t, hd / 2))?;
         let sin = self
             .sin
             .index_select(&flat_pos, 0)?
-            .reshape((b, 1, t, hd / 2))?;
-        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
-        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+            .reshape((b, t, hd / 2))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self
             .embed
@@ -467,8 +465,8 @@ impl Llama {
             let v = linear(&h, &layer.v, vb)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = apply_rope(&k, &cos, &sin)?;
+            let q = super::fused::rope(&q, &cos, &sin)?;
+            let k = super::fused::rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let slot = c.layers.get_mut(li).ok_or_else(|| {
@@ -489,16 +487,26 @@ impl Llama {
                 }
                 None => (k.contiguous()?, v.contiguous()?),
             };
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-            let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-            let att = att.broadcast_add(mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            // Grouped-query attention without copying keys/values per query head: the `rep`
+            // query heads of one KV head are stacked along the query axis, (b, nkv, rep·t, hd),
+            // which is the same memory as (b, nh, t, hd) (HF's repeat_kv maps query head h to
+            // KV head h / rep).
+            let rep = nh / nkv;
+            let s_len = k.dim(2)?;
+            let qg = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+            let att = qg.matmul(&k.t()?)?.reshape((b, nh, t, s_len))?;
+            let att = super::fused::masked_softmax(&att, mask, scale)?;
+            let y = att
+                .reshape((b, nkv, rep * t, s_len))?
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
             x = (x + linear(&y, &layer.o, None)?)?;
             let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let g = linear(&h, &layer.gate, None)?.silu()?;
+            let g = linear(&h, &layer.gate, None)?;
             let u = linear(&h, &layer.up, None)?;
-            x = (x + linear(&(g * u)?, &layer.down, None)?)?;
+            x = (x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
     }
@@ -534,26 +542,6 @@ fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec(cos, (n, hd / 2), device)?,
         Tensor::from_vec(sin, (n, hd / 2), device)?,
     ))
-}
-
-/// HF "rotate half" RoPE: x·cos + rotate_half(x)·sin, with cos/sin (b, 1, t, hd).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, nkv, s, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, nkv, rep, s, hd))?
-        .contiguous()?
-        .reshape((b, nkv * rep, s, hd))?)
 }
 
 /// Additive attention mask (b, 1, t, offset + t) for queries at columns offset..offset+t.

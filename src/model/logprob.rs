@@ -17,6 +17,11 @@
 //!   ∂L/∂h = Σ_chunks (∂L/∂z)·W_c / T   and   ∂L/∂W_c = (∂L/∂z)ᵀ·h / T,
 //!   recomputing each chunk's logits from h and W (one extra matmul instead of storing them).
 //!
+//! On the CPU the element-wise part of each chunk (the fold above, and ∂L/∂z) is one fused,
+//! multi-threaded pass, and when all N·V logits fit in [`CACHE_LOGITS_MAX_BYTES`] the forward
+//! keeps its chunks for the backward, which then skips the recomputing matmul (one of four
+//! output-layer GEMMs); above that budget only one (N, chunk) block exists at a time.
+//!
 //! The op is a candle [`CustomOp3`] over (hidden, lm_head, stats): the chunked forward runs first
 //! on detached tensors (candle's `cpu_fwd`/`cuda_fwd` only see raw storages, and tensor ops let
 //! one implementation serve every device), the op passes its (N, 2) result through and carries
@@ -24,9 +29,12 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::model::fused::{fast_exp, lane_max};
 
 /// Vocabulary rows per chunk.
 pub const DEFAULT_CHUNK: usize = 4096;
+/// Logits up to this size (N·V·4 bytes) are kept from the forward pass for the backward.
+pub const CACHE_LOGITS_MAX_BYTES: usize = 1 << 30;
 /// `train::batch::response_logprobs` uses the chunked op above this vocabulary size.
 pub const CHUNKED_MIN_VOCAB: usize = 4096;
 
@@ -80,6 +88,25 @@ pub fn chunked_token_stats(
     temperature: f64,
     chunk: usize,
 ) -> Result<Tensor> {
+    chunked_token_stats_with_cache(
+        hidden,
+        lm_head,
+        targets,
+        temperature,
+        chunk,
+        CACHE_LOGITS_MAX_BYTES,
+    )
+}
+
+/// [`chunked_token_stats`] with an explicit logit-cache budget in bytes (0: always recompute).
+pub fn chunked_token_stats_with_cache(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk: usize,
+    cache_bytes: usize,
+) -> Result<Tensor> {
     let (n, _, v) = check(hidden, lm_head, targets, chunk)?;
     if n == 0 {
         return Ok(Tensor::zeros((0, 2), DType::F32, hidden.device())?);
@@ -99,6 +126,66 @@ pub fn chunked_token_stats(
         )));
     }
     // Running max m, sum s = Σ e^{z−m} and a = Σ e^{z−m}(z−m), each (N, 1).
+    let keep_logits = hd.device().is_cpu()
+        && (hidden.track_op() || lm_head.track_op())
+        && n.saturating_mul(v).saturating_mul(4) <= cache_bytes;
+    let mut cached = Vec::new();
+    let run = if hd.device().is_cpu() {
+        // One fused, multi-threaded pass per chunk folds the chunk into (m, s, a).
+        let mut state =
+            Tensor::from_vec([f32::NEG_INFINITY, 0.0, 0.0].repeat(n), (n, 3), hd.device())?;
+        for v0 in (0..v).step_by(chunk) {
+            let c = chunk.min(v - v0);
+            let z = hd.matmul(&wd.narrow(0, v0, c)?.t()?)?;
+            state = z.apply_op2_no_bwd(
+                &state,
+                &ChunkFold {
+                    inv_t: inv_t as f32,
+                },
+            )?;
+            if keep_logits {
+                cached.push(z);
+            }
+        }
+        Some((
+            state.narrow(1, 0, 1)?,
+            state.narrow(1, 1, 1)?,
+            state.narrow(1, 2, 1)?,
+        ))
+    } else {
+        chunked_fold_composed(&hd, &wd, v, chunk, inv_t)?
+    };
+    let (m, s, a) = run.ok_or_else(|| err("the vocabulary is empty".into()))?;
+    let log_s = s.log()?;
+    let log_z = (&m + &log_s)?;
+    let mean_z = (&m + (&a / &s)?)?;
+    let ent = (log_s - (&a / &s)?)?;
+    let z_y = ((&hd * wd.index_select(&targets, 0)?)?.sum_keepdim(D::Minus1)? * inv_t)?;
+    let lp = (z_y - &log_z)?;
+    let stats = Tensor::cat(&[&lp, &ent], 1)?.contiguous()?;
+    if !hidden.track_op() && !lm_head.track_op() {
+        return Ok(stats);
+    }
+    let op = ChunkedLogprobOp {
+        cached: keep_logits.then_some(cached),
+        targets,
+        log_z,
+        mean_z,
+        inv_t,
+        chunk,
+    };
+    Ok(hidden.apply_op3(lm_head, &stats, op)?)
+}
+
+/// The running (max, sum, a) of the module docs over all chunks, from candle tensor ops (any
+/// device).
+fn chunked_fold_composed(
+    hd: &Tensor,
+    wd: &Tensor,
+    v: usize,
+    chunk: usize,
+    inv_t: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let mut run: Option<(Tensor, Tensor, Tensor)> = None;
     for v0 in (0..v).step_by(chunk) {
         let c = chunk.min(v - v0);
@@ -125,25 +212,132 @@ pub fn chunked_token_stats(
             }
         });
     }
-    let (m, s, a) = run.ok_or_else(|| err("the vocabulary is empty".into()))?;
-    let log_s = s.log()?;
-    let log_z = (&m + &log_s)?;
-    let mean_z = (&m + (&a / &s)?)?;
-    let ent = (log_s - (&a / &s)?)?;
-    let z_y = ((&hd * wd.index_select(&targets, 0)?)?.sum_keepdim(D::Minus1)? * inv_t)?;
-    let lp = (z_y - &log_z)?;
-    let stats = Tensor::cat(&[&lp, &ent], 1)?.contiguous()?;
-    if !hidden.track_op() && !lm_head.track_op() {
-        return Ok(stats);
+    Ok(run)
+}
+
+/// Folds one chunk of logits z (N, c), scaled by `inv_t`, into the running state (N, 3) =
+/// (m, s, a): m' = max(m, max z), s' = s·e^{m−m'} + Σ e^{z−m'},
+/// a' = e^{m−m'}·(a + s·(m − m')) + Σ e^{z−m'}·(z − m'). Rows in parallel, one pass.
+struct ChunkFold {
+    inv_t: f32,
+}
+
+impl candle_core::CustomOp2 for ChunkFold {
+    fn name(&self) -> &'static str {
+        "chunked-logprob-fold"
     }
-    let op = ChunkedLogprobOp {
-        targets,
-        log_z,
-        mean_z,
-        inv_t,
-        chunk,
-    };
-    Ok(hidden.apply_op3(lm_head, &stats, op)?)
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (Some((z0, z1)), Some((t0, t1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("chunked-logprob-fold: inputs must be contiguous")
+        };
+        let z = &s1.as_slice::<f32>()?[z0..z1];
+        let st = &s2.as_slice::<f32>()?[t0..t1];
+        let (_, c) = l1.shape().dims2()?;
+        let inv_t = self.inv_t;
+        let mut out = st.to_vec();
+        out.par_chunks_mut(3)
+            .zip(z.par_chunks(c))
+            .with_min_len((1 << 14) / c.max(1) + 1)
+            .for_each(|(o, zr)| {
+                let (m, s, a) = (o[0], o[1], o[2]);
+                let cm = lane_max(zr) * inv_t;
+                let m2 = m.max(cm);
+                // Eight independent accumulators so the loop vectorises.
+                let (mut cs8, mut ca8) = ([0f32; 8], [0f32; 8]);
+                let blocks = zr.chunks_exact(8);
+                let rest = blocks.remainder();
+                for b in blocks {
+                    for k in 0..8 {
+                        let d = b[k] * inv_t - m2;
+                        let e = fast_exp(d);
+                        cs8[k] += e;
+                        ca8[k] += e * d;
+                    }
+                }
+                let (mut cs, mut ca): (f32, f32) = (cs8.iter().sum(), ca8.iter().sum());
+                for &zv in rest {
+                    let d = zv * inv_t - m2;
+                    let e = fast_exp(d);
+                    cs += e;
+                    ca += e * d;
+                }
+                if s > 0.0 {
+                    let scale = fast_exp(m - m2);
+                    o[1] = s * scale + cs;
+                    o[2] = scale * (a + s * (m - m2)) + ca;
+                } else {
+                    o[1] = cs;
+                    o[2] = ca;
+                }
+                o[0] = m2;
+            });
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+}
+
+/// ∂L/∂z of one chunk (N, c) from its logits z, the targets (N) and per-row
+/// (log Z, E_p[z], g, e) (N, 4): inv_t·(g·1[v = y] − p_v·(g + e·(z_v − E_p[z]))) with z scaled
+/// by inv_t and p_v = e^{z_v − log Z}. Rows in parallel, one pass.
+struct ChunkGrad {
+    v0: usize,
+    inv_t: f32,
+}
+
+impl CustomOp3 for ChunkGrad {
+    fn name(&self) -> &'static str {
+        "chunked-logprob-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (Some((z0, z1)), Some((y0, y1)), Some((r0, r1))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("chunked-logprob-grad: inputs must be contiguous")
+        };
+        let z = &s1.as_slice::<f32>()?[z0..z1];
+        let ys = &s2.as_slice::<u32>()?[y0..y1];
+        let rows = &s3.as_slice::<f32>()?[r0..r1];
+        let (_, c) = l1.shape().dims2()?;
+        let (v0, inv_t) = (self.v0, self.inv_t);
+        let mut out = vec![0f32; z.len()];
+        out.par_chunks_mut(c)
+            .zip(z.par_chunks(c))
+            .zip(ys.par_iter().zip(rows.par_chunks(4)))
+            .with_min_len((1 << 14) / c.max(1) + 1)
+            .for_each(|((o, zr), (&y, r))| {
+                let (log_z, mean_z, g, e) = (r[0], r[1], r[2], r[3]);
+                for (ov, &zv) in o.iter_mut().zip(zr) {
+                    let zz = zv * inv_t;
+                    let p = fast_exp(zz - log_z);
+                    *ov = -inv_t * p * (g + e * (zz - mean_z));
+                }
+                let y = y as usize;
+                if y >= v0 && y < v0 + c {
+                    o[y - v0] += inv_t * g;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// Per-token log p(target) (N) under softmax(hidden·lm_headᵀ / temperature), computed in
@@ -183,6 +377,8 @@ pub fn composed_token_stats(
 
 /// The backward of [`chunked_token_stats`]; the forward passes the precomputed stats through.
 struct ChunkedLogprobOp {
+    /// The forward's unscaled logit chunks, when they fit the cache budget.
+    cached: Option<Vec<Tensor>>,
     targets: Tensor,
     /// log Z and E_p[z] per row, (N, 1), from the forward pass.
     log_z: Tensor,
@@ -244,21 +440,44 @@ impl CustomOp3 for ChunkedLogprobOp {
         let g = grad_res.to_dtype(DType::F32)?;
         let g_lp = g.narrow(1, 0, 1)?.contiguous()?;
         let g_ent = g.narrow(1, 1, 1)?.contiguous()?;
-        let tg = self.targets.unsqueeze(1)?;
         let mut grad_h = h.zeros_like()?;
         let grad_w = Tensor::zeros(w.dims(), DType::F32, w.device())?;
-        for v0 in (0..v).step_by(self.chunk) {
+        let fused = h.device().is_cpu();
+        let rows = if fused {
+            Some(Tensor::cat(&[&self.log_z, &self.mean_z, &g_lp, &g_ent], 1)?.contiguous()?)
+        } else {
+            None
+        };
+        let tg = self.targets.unsqueeze(1)?;
+        for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(v - v0);
             let wc = w.narrow(0, v0, c)?;
-            let z = (h.matmul(&wc.t()?)? * self.inv_t)?;
-            let p = z.broadcast_sub(&self.log_z)?.exp()?;
-            let coef = z
-                .broadcast_sub(&self.mean_z)?
-                .broadcast_mul(&g_ent)?
-                .broadcast_add(&g_lp)?;
-            let ids = Tensor::arange(v0 as u32, (v0 + c) as u32, w.device())?.unsqueeze(0)?;
-            let onehot = tg.broadcast_eq(&ids)?.to_dtype(DType::F32)?;
-            let gz = ((onehot.broadcast_mul(&g_lp)? - (p * coef)?)? * self.inv_t)?;
+            let gz = match &rows {
+                Some(rows) => match self.cached.as_ref().and_then(|cs| cs.get(k)) {
+                    Some(z) => z.clone(),
+                    None => h.matmul(&wc.t()?)?,
+                }
+                .apply_op3_no_bwd(
+                    &self.targets,
+                    rows,
+                    &ChunkGrad {
+                        v0,
+                        inv_t: self.inv_t as f32,
+                    },
+                )?,
+                None => {
+                    let z = (h.matmul(&wc.t()?)? * self.inv_t)?;
+                    let p = z.broadcast_sub(&self.log_z)?.exp()?;
+                    let coef = z
+                        .broadcast_sub(&self.mean_z)?
+                        .broadcast_mul(&g_ent)?
+                        .broadcast_add(&g_lp)?;
+                    let ids =
+                        Tensor::arange(v0 as u32, (v0 + c) as u32, w.device())?.unsqueeze(0)?;
+                    let onehot = tg.broadcast_eq(&ids)?.to_dtype(DType::F32)?;
+                    ((onehot.broadcast_mul(&g_lp)? - (p * coef)?)? * self.inv_t)?
+                }
+            };
             grad_h = (grad_h + gz.matmul(&wc)?)?;
             grad_w.slice_set(&gz.t()?.matmul(&h)?.contiguous()?, 0, v0)?;
         }
@@ -332,30 +551,40 @@ mod tests {
                 ((lp * &wl).unwrap().sum_all().unwrap() + (ent * &we).unwrap().sum_all().unwrap())
                     .unwrap()
             };
-            let fast =
-                chunked_token_stats(h.as_tensor(), w.as_tensor(), &y, temperature, chunk).unwrap();
             let slow = composed_token_stats(h.as_tensor(), w.as_tensor(), &y, temperature).unwrap();
-            assert!(
-                max_abs_diff(&fast, &slow) < 1e-5,
-                "values T={temperature} chunk={chunk}"
-            );
-            let gf = objective(&fast).backward().unwrap();
             let gs = objective(&slow).backward().unwrap();
-            for var in [&h, &w] {
-                let a = gf.get(var.as_tensor()).unwrap();
-                let b = gs.get(var.as_tensor()).unwrap();
-                let d = max_abs_diff(a, b);
-                assert!(d < 1e-4, "gradient T={temperature} chunk={chunk}: {d}");
-                // Not trivially zero.
+            // Both backward paths: logits kept from the forward, and recomputed.
+            for budget in [usize::MAX, 0] {
+                let fast = chunked_token_stats_with_cache(
+                    h.as_tensor(),
+                    w.as_tensor(),
+                    &y,
+                    temperature,
+                    chunk,
+                    budget,
+                )
+                .unwrap();
                 assert!(
-                    b.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        > 1e-2
+                    max_abs_diff(&fast, &slow) < 1e-5,
+                    "values T={temperature} chunk={chunk}"
                 );
+                let gf = objective(&fast).backward().unwrap();
+                for var in [&h, &w] {
+                    let a = gf.get(var.as_tensor()).unwrap();
+                    let b = gs.get(var.as_tensor()).unwrap();
+                    let d = max_abs_diff(a, b);
+                    assert!(d < 1e-4, "gradient T={temperature} chunk={chunk}: {d}");
+                    // Not trivially zero.
+                    assert!(
+                        b.abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                            > 1e-2
+                    );
+                }
             }
         }
     }

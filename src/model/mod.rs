@@ -1,5 +1,6 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
 pub mod chat;
+pub mod fused;
 pub mod gguf;
 pub mod io;
 pub mod llama;

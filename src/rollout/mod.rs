@@ -4,10 +4,12 @@
 //! every sequence's next token sits in the same column; positions count real tokens only and
 //! the attention mask hides the padding, so a padded prompt decodes exactly like an unpadded one.
 pub mod remote;
+pub mod sampler;
 pub mod serve;
 
 use candle_core::{Device, Tensor};
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -133,24 +135,39 @@ pub fn generate<R: Rng>(
         })
         .collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|x| x.len() as u32).collect();
-    let mut scratch = Vec::new();
+    let greedy = params.temperature == 0.0;
     for step in 0..params.max_new_tokens {
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let v = flat.len() / b;
+        // One uniform per active sequence, drawn in row order before the parallel part, so
+        // the stream does not depend on thread scheduling.
+        let draws: Vec<Option<f64>> = out
+            .iter()
+            .map(|g| (!g.finished).then(|| if greedy { 0.0 } else { rng.gen::<f64>() }))
+            .collect();
+        let picks: Vec<Option<(u32, f32)>> = flat
+            .par_chunks(v)
+            .zip(draws.par_iter())
+            .map_init(sampler::Scratch::default, |s, (row, d)| {
+                d.map(|u| sampler::sample_with_uniform(row, params, u, s))
+            })
+            .collect();
         let mut step_ids = Vec::with_capacity(b);
         let mut active_now = Vec::with_capacity(b);
-        for (i, row) in rows.iter().enumerate() {
-            let g = &mut out[i];
-            if g.finished {
-                step_ids.push(pad);
-                active_now.push(false);
-                continue;
+        for (g, pick) in out.iter_mut().zip(picks) {
+            match pick {
+                None => {
+                    step_ids.push(pad);
+                    active_now.push(false);
+                }
+                Some((tok, lp)) => {
+                    g.tokens.push(tok);
+                    g.logprobs.push(lp);
+                    g.finished = tok == eos;
+                    step_ids.push(tok);
+                    active_now.push(true);
+                }
             }
-            let (tok, lp) = sample_token(row, params, rng, &mut scratch);
-            g.tokens.push(tok);
-            g.logprobs.push(lp);
-            g.finished = tok == eos;
-            step_ids.push(tok);
-            active_now.push(true);
         }
         if step + 1 == params.max_new_tokens || out.iter().all(|g| g.finished) {
             break;
@@ -175,72 +192,20 @@ pub fn generate<R: Rng>(
 }
 
 /// Draws one token from a row of logits by inverse CDF (one uniform, no per-entry
-/// exponential draws); returns it with its log-prob under the tempered distribution.
+/// exponential draws; `sampler`); returns it with its log-prob under the tempered
+/// distribution. Greedy decoding draws nothing from `rng`.
 pub fn sample_token<R: Rng>(
     logits: &[f32],
     params: &SamplingParams,
     rng: &mut R,
-    scratch: &mut Vec<(f64, u32)>,
+    scratch: &mut sampler::Scratch,
 ) -> (u32, f32) {
-    let greedy = params.temperature == 0.0;
-    let t = if greedy { 1.0 } else { params.temperature };
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let mut z = 0.0f64;
-    for &x in logits {
-        z += ((x as f64 - max) / t).exp();
-    }
-    let log_z = z.ln();
-    let logprob = |i: usize| ((logits[i] as f64 - max) / t - log_z) as f32;
-    if greedy {
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] {
-                best = i;
-            }
-        }
-        return (best as u32, logprob(best));
-    }
-    let u: f64 = rng.gen::<f64>();
-    if params.top_p >= 1.0 {
-        let target = u * z;
-        let mut acc = 0.0;
-        for (i, &x) in logits.iter().enumerate() {
-            acc += ((x as f64 - max) / t).exp();
-            if acc > target {
-                return (i as u32, logprob(i));
-            }
-        }
-        let last = logits.len() - 1;
-        return (last as u32, logprob(last));
-    }
-    // Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
-    scratch.clear();
-    scratch.extend(
-        logits
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (((x as f64 - max) / t).exp() / z, i as u32)),
-    );
-    scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut mass = 0.0;
-    let mut keep = 0;
-    for (p, _) in scratch.iter() {
-        mass += p;
-        keep += 1;
-        if mass >= params.top_p {
-            break;
-        }
-    }
-    let target = u * mass;
-    let mut acc = 0.0;
-    for &(p, i) in &scratch[..keep] {
-        acc += p;
-        if acc > target {
-            return (i, logprob(i as usize));
-        }
-    }
-    let i = scratch[keep - 1].1;
-    (i, logprob(i as usize))
+    let u = if params.temperature == 0.0 {
+        0.0
+    } else {
+        rng.gen::<f64>()
+    };
+    sampler::sample_with_uniform(logits, params, u, scratch)
 }
 
 #[cfg(test)]
@@ -255,7 +220,7 @@ mod tests {
             &[0.0, 2.0, 1.0],
             &SamplingParams::greedy(1),
             &mut rng,
-            &mut vec![],
+            &mut Default::default(),
         );
         assert_eq!(tok, 1);
         // log softmax: 2 − ln(e^0 + e^2 + e^1) = 2 − 2.40761 = −0.40761
@@ -273,7 +238,7 @@ mod tests {
         };
         let n = 20000;
         let ones = (0..n)
-            .filter(|_| sample_token(&logits, &params, &mut rng, &mut vec![]).0 == 1)
+            .filter(|_| sample_token(&logits, &params, &mut rng, &mut Default::default()).0 == 1)
             .count();
         let f = ones as f64 / n as f64;
         assert!((f - 0.75).abs() < 0.015, "frequency {f}");
@@ -290,7 +255,10 @@ mod tests {
             max_new_tokens: 1,
         };
         for _ in 0..2000 {
-            assert_ne!(sample_token(&logits, &params, &mut rng, &mut vec![]).0, 2);
+            assert_ne!(
+                sample_token(&logits, &params, &mut rng, &mut Default::default()).0,
+                2
+            );
         }
     }
 
