@@ -346,6 +346,7 @@ fn cfg_pad(dir: &Path) -> Result<Option<serde_json::Value>> {
 fn hf_architecture(cfg: &Config) -> (&'static str, &'static str) {
     match cfg.model_type.as_deref() {
         Some("qwen2") => ("qwen2", "Qwen2ForCausalLM"),
+        Some("qwen3") => ("qwen3", "Qwen3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     }
 }
@@ -377,8 +378,10 @@ pub fn save_pretrained(model: &Llama, tok: &Tokenizer, dir: &Path) -> Result<()>
         set("tie_word_embeddings", cfg.tied().into());
         set("hidden_act", "silu".into());
         set("torch_dtype", "float32".into());
-        if model_type == "llama" {
+        if model_type == "llama" || model_type == "qwen3" {
             set("attention_bias", cfg.qkv_bias().into());
+        }
+        if model_type == "llama" {
             set("mlp_bias", false.into());
         }
         let bos_id = tok
