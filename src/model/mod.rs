@@ -1,6 +1,7 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
 pub mod chat;
 pub mod gguf;
+pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod logprob;

@@ -12,6 +12,7 @@ pub mod explore;
 pub mod explorer;
 pub mod learn;
 pub mod optim;
+pub mod pretrained;
 pub mod publish;
 
 use std::collections::VecDeque;
@@ -26,13 +27,12 @@ use rand_chacha::ChaCha8Rng;
 use crate::buffer::{self, Buffer, ExperienceGroup, MemoryBuffer, TakeMode};
 use crate::config::{Plan, RunConfig, SyncMode};
 use crate::error::{Error, Result};
-use crate::model::{Config as ModelShape, Llama, Tokenizer};
+use crate::model::{Config as ModelShape, Llama};
 use crate::report::{self, JsonlWriter, Metrics};
-use crate::reward::exact::exact_answer;
 use crate::rollout::{generate, SamplingParams};
 use crate::task::Problem;
 use checkpoint::{Extras, LaggedState, TrainState};
-use explore::{collect, encode_prompt, response_text, rng_stream, Env, ExploreState};
+use explore::{collect, response_text, rng_stream, Env, ExploreState};
 use learn::Learner;
 use optim::{AdamW, AdamWParams};
 
@@ -95,28 +95,32 @@ pub fn create_run_dir(output_dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Greedy held-out accuracy of `model` on `problems`.
+/// Greedy held-out accuracy of `model` on `problems`, judged by the task's verifier.
 pub fn evaluate(
+    env: &Env,
     model: &Llama,
-    tok: &Tokenizer,
     problems: &[Problem],
     max_new_tokens: usize,
 ) -> Result<f64> {
     if problems.is_empty() {
         return Ok(0.0);
     }
+    let tok = &env.tok;
     let params = SamplingParams::greedy(max_new_tokens);
     // Greedy decoding draws nothing from the RNG; a fixed one keeps the signature simple.
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut correct = 0usize;
-    for chunk in problems.chunks(512) {
+    // Pretrained models decode long answers with large KV caches: smaller batches.
+    let chunk_size = if env.model_path.is_some() { 16 } else { 512 };
+    for chunk in problems.chunks(chunk_size) {
         let prompts = chunk
             .iter()
-            .map(|p| encode_prompt(tok, &p.prompt))
+            .map(|p| env.encode_prompt(&p.prompt))
             .collect::<Result<Vec<_>>>()?;
         let gens = generate(model, &prompts, tok.eos, tok.pad, &params, &mut rng)?;
         for (g, p) in gens.iter().zip(chunk) {
-            if exact_answer(&response_text(tok, &g.tokens)?, g.finished, &p.answer).score > 0.5 {
+            let text = response_text(tok, &g.tokens)?;
+            if env.task.verify(&text, g.finished, &p.answer).score > 0.5 {
                 correct += 1;
             }
         }
@@ -133,13 +137,16 @@ fn heldout<'a>(env: &'a Env) -> &'a [Problem] {
 }
 
 /// Supervised warm-up on generated solutions until greedy held-out accuracy reaches
-/// `warmup.target_acc`; returns the number of steps taken.
+/// `warmup.target_acc`; returns the number of steps taken. A pretrained policy has none.
 pub fn warmup(
     env: &Env,
     model: &Llama,
     metrics: &mut JsonlWriter,
     pb: &indicatif::ProgressBar,
 ) -> Result<usize> {
+    if env.model_path.is_some() {
+        return Ok(0);
+    }
     let w = &env.cfg.warmup;
     let mut rng = rng_stream(env.cfg.seed, explore::STREAM_WARMUP);
     let mut opt = AdamW::new(model.params(), AdamWParams::default());
@@ -153,7 +160,7 @@ pub fn warmup(
             .collect();
         let prompts = problems
             .iter()
-            .map(|p| encode_prompt(&env.tok, &p.prompt))
+            .map(|p| env.encode_prompt(&p.prompt))
             .collect::<Result<Vec<_>>>()?;
         let answers = problems
             .iter()
@@ -174,7 +181,7 @@ pub fn warmup(
         opt.step(&grads, w.lr, 1.0)?;
         pb.inc(1);
         if step % w.eval_every == 0 || step == w.max_steps {
-            let acc = evaluate(model, &env.tok, eval_set, max_new)?;
+            let acc = evaluate(env, model, eval_set, max_new)?;
             let mut m = Metrics::new();
             m.insert("loss/sft".into(), loss.to_scalar::<f32>()? as f64);
             m.insert("acc/eval".into(), acc);
@@ -355,16 +362,27 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let dev = device();
     let env = Arc::new(Env::new(cfg)?);
     let cfg = &env.cfg;
-    let shape = builtin_shape(cfg, env.tok.vocab_size());
-    let model = Llama::init(&shape, cfg.seed, &dev)?;
-    let prompt_tokens = 1 + env
-        .task
-        .heldout()
-        .iter()
-        .map(|p| p.prompt.len())
-        .max()
-        .unwrap_or(0);
-    let plan = Plan::new(cfg, model.num_params(), prompt_tokens);
+    let model = env.initial_policy(&dev)?;
+    let mut plan = if env.model_path.is_none() {
+        let prompt_tokens = 1 + env
+            .task
+            .heldout()
+            .iter()
+            .map(|p| p.prompt.len())
+            .max()
+            .unwrap_or(0);
+        Plan::new(cfg, model.num_params(), prompt_tokens)
+    } else {
+        let mut longest = 0;
+        for p in heldout(&env) {
+            longest = longest.max(env.encode_prompt(&p.prompt)?.len());
+        }
+        Plan::new(cfg, model.num_params(), longest)
+    };
+    if env.model_path.is_some() {
+        plan.warmup_max_steps = 0;
+        plan.heldout_size = heldout(&env).len();
+    }
     // Offline data is read (and checked) before anything is created.
     let offline = match &cfg.sync.offline {
         Some(p) => {
@@ -489,8 +507,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         None => {
             let ws = warmup(&env, &learner.model, &mut learner.metrics, &pb)?;
             let acc = evaluate(
+                &env,
                 &learner.model,
-                &env.tok,
                 heldout(&env),
                 cfg.rollout.max_new_tokens,
             )?;
@@ -616,8 +634,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         step = s;
         if step % cfg.train.eval_every == 0 || step == steps {
             last_eval = evaluate(
+                &env,
                 &learner.model,
-                &env.tok,
                 heldout(&env),
                 cfg.rollout.max_new_tokens,
             )?;
@@ -645,8 +663,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     if step < steps && opts.stop_after != Some(step) {
         // Offline data ran out: evaluate and checkpoint where we stopped.
         acc_final = evaluate(
+            &env,
             &learner.model,
-            &env.tok,
             heldout(&env),
             cfg.rollout.max_new_tokens,
         )?;
