@@ -42,6 +42,10 @@ enum Command {
         /// Train from an experience JSONL file (sets sync.offline).
         #[arg(long, value_name = "FILE")]
         offline: Option<String>,
+        /// The policy to train (sets model.source): an HF folder, a .gguf file, a grove
+        /// checkpoint or hf://ORG/NAME (needs `--features hub`).
+        #[arg(long, value_name = "MODEL")]
+        model: Option<String>,
         /// No plan, progress bar or summary.
         #[arg(long)]
         quiet: bool,
@@ -422,6 +426,7 @@ fn real_main() -> Result<()> {
             buffer,
             publish_dir,
             offline,
+            model,
             quiet,
         } => {
             for (key, v) in [
@@ -432,6 +437,9 @@ fn real_main() -> Result<()> {
                 if let Some(v) = v {
                     set.push(format!("sync.{key}={}", toml_string(&v)));
                 }
+            }
+            if let Some(m) = model {
+                set.push(format!("model.source={}", toml_string(&m)));
             }
             train(config, set, resume, stop_after, quiet)?
         }

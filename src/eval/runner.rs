@@ -224,7 +224,7 @@ fn run_task_config(ckpt: &Path) -> Result<Option<ArithmeticConfig>> {
         .and_then(|p| p.parent())
         .map(|run| run.join("config.toml"));
     match run_cfg {
-        Some(p) if p.is_file() => Ok(Some(crate::config::load(Some(&p), &[])?.task)),
+        Some(p) if p.is_file() => Ok(Some(crate::config::load(Some(&p), &[])?.task.arithmetic())),
         _ => Ok(None),
     }
 }

@@ -948,6 +948,8 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -1006,9 +1008,12 @@ pub fn unpermute_qk(
 // config.json
 // ---------------------------------------------------------------------------------------------
 
-/// Architectures whose GGUF keys map onto grove's Llama/Qwen2 model, with HF class names.
-const ARCHITECTURES: [(&str, &str); 2] =
-    [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
+/// Architectures whose GGUF keys map onto grove's Llama/Qwen2/Qwen3 model, with HF class names.
+const ARCHITECTURES: [(&str, &str); 3] = [
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+];
 
 /// An HF `config.json` for the model in `file`, from the `{arch}.*` metadata keys.
 pub fn llama_config_json(file: &GgufFile) -> Result<Value, GgufError> {
@@ -1061,7 +1066,7 @@ pub fn llama_config_json(file: &GgufFile) -> Result<Value, GgufError> {
     if let Some(head_dim) = file.opt_u64(&key("attention.key_length"))? {
         config["head_dim"] = json!(head_dim);
     }
-    if arch == "llama" {
+    if arch == "llama" || arch == "qwen3" {
         config["attention_bias"] = json!(file.tensor("blk.0.attn_q.bias").is_some());
     }
     Ok(config)
@@ -2055,6 +2060,14 @@ mod tests {
             ),
             ("blk.3.ffn_up.weight", "model.layers.3.mlp.up_proj.weight"),
             (
+                "blk.3.attn_q_norm.weight",
+                "model.layers.3.self_attn.q_norm.weight",
+            ),
+            (
+                "blk.3.attn_k_norm.weight",
+                "model.layers.3.self_attn.k_norm.weight",
+            ),
+            (
                 "blk.3.ffn_down.weight",
                 "model.layers.3.mlp.down_proj.weight",
             ),
@@ -2257,8 +2270,9 @@ mod tests {
         meta[0].1 = GgufValue::String("falcon".into());
         let b = build(&meta, &[]);
         assert!(
-            err_text(llama_config_json(&read_gguf(&b, "m.gguf").unwrap()))
-                .contains("unsupported general.architecture `falcon` (supported: llama, qwen2)")
+            err_text(llama_config_json(&read_gguf(&b, "m.gguf").unwrap())).contains(
+                "unsupported general.architecture `falcon` (supported: llama, qwen2, qwen3)"
+            )
         );
         let mut meta = llama_meta();
         meta[3].1 = GgufValue::String("one".into()); // llama.block_count

@@ -96,7 +96,10 @@ pub fn is_gguf(path: &Path) -> bool {
 /// Loads a model and its tokenizer from an HF folder (`config.json`, safetensors,
 /// `tokenizer.json`, optional `tokenizer_config.json`), a grove checkpoint directory (same
 /// files) or a GGUF file.
+/// `path` may also name a Hugging Face Hub repository (`hf://ORG/NAME`, see [`super::hub`]).
 pub fn load_pretrained(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    let resolved = super::hub::resolve_path(path)?;
+    let path = resolved.as_path();
     if is_gguf(path) {
         return load_gguf(path, device);
     }
@@ -131,6 +134,8 @@ pub fn load_pretrained(path: &Path, device: &Device) -> Result<(Llama, Tokenizer
 
 /// The model shape of an HF folder, a `config.json` file or a GGUF file, without the weights.
 pub fn load_config(path: &Path) -> Result<Config> {
+    let resolved = super::hub::resolve_path(path)?;
+    let path = resolved.as_path();
     if is_gguf(path) {
         let src = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -142,6 +147,25 @@ pub fn load_config(path: &Path) -> Result<Config> {
         return Config::from_file(&path.join("config.json"));
     }
     Config::from_file(path)
+}
+
+/// The tokenizer alone of an HF folder, grove checkpoint, GGUF file or Hub reference, as
+/// [`load_pretrained`] would return it.
+pub fn load_pretrained_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let resolved = super::hub::resolve_path(path)?;
+    let path = resolved.as_path();
+    if is_gguf(path) {
+        let src = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let file = gguf::read_gguf(&bytes, &src)?;
+        return gguf_tokenizer(&file, &src);
+    }
+    if path.is_dir() {
+        let cfg = Config::from_file(&path.join("config.json"))?;
+        return load_hf_tokenizer(path, &cfg);
+    }
+    // The same error as load_pretrained for anything else.
+    load_pretrained(path, &Device::Cpu).map(|(_, t)| t)
 }
 
 /// Loads a Llama-family GGUF file: tensors dequantized to trainable f32 under their HF names
@@ -346,6 +370,7 @@ fn cfg_pad(dir: &Path) -> Result<Option<serde_json::Value>> {
 fn hf_architecture(cfg: &Config) -> (&'static str, &'static str) {
     match cfg.model_type.as_deref() {
         Some("qwen2") => ("qwen2", "Qwen2ForCausalLM"),
+        Some("qwen3") => ("qwen3", "Qwen3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     }
 }
@@ -377,8 +402,10 @@ pub fn save_pretrained(model: &Llama, tok: &Tokenizer, dir: &Path) -> Result<()>
         set("tie_word_embeddings", cfg.tied().into());
         set("hidden_act", "silu".into());
         set("torch_dtype", "float32".into());
-        if model_type == "llama" {
+        if model_type == "llama" || model_type == "qwen3" {
             set("attention_bias", cfg.qkv_bias().into());
+        }
+        if model_type == "llama" {
             set("mlp_bias", false.into());
         }
         let bos_id = tok
@@ -401,21 +428,7 @@ pub fn save_pretrained(model: &Llama, tok: &Tokenizer, dir: &Path) -> Result<()>
         .map_err(|e| Error::checkpoint(&st_path, format!("cannot write: {e}")))?;
 
     write("tokenizer.json", &tokenizer_json_for_hf(tok)?)?;
-    let text = |id: u32| tok.id_to_token(id);
-    let mut tc = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": tok.bos.is_some(),
-        "add_eos_token": false,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": cfg.max_positions(),
-        "eos_token": text(tok.eos),
-        "pad_token": text(tok.pad),
-    });
-    let bos_text = tok.bos.and_then(text).or_else(|| tok.bos_token.clone());
-    tc["bos_token"] = bos_text.into();
-    if let Some(t) = &tok.chat_template {
-        tc["chat_template"] = t.clone().into();
-    }
+    let tc = tokenizer_config_json(tok, cfg.max_positions());
     write("tokenizer_config.json", &serde_json::to_string_pretty(&tc)?)?;
     let gen = serde_json::json!({
         "bos_token_id": v.get("bos_token_id"),
@@ -427,6 +440,27 @@ pub fn save_pretrained(model: &Llama, tok: &Tokenizer, dir: &Path) -> Result<()>
         &serde_json::to_string_pretty(&gen)?,
     )?;
     Ok(())
+}
+
+/// A `tokenizer_config.json` for `tok`: special tokens, `add_bos_token` and the chat template
+/// when known, which [`load_hf_tokenizer`] reads back to the same prompts.
+pub fn tokenizer_config_json(tok: &Tokenizer, max_positions: usize) -> serde_json::Value {
+    let text = |id: u32| tok.id_to_token(id);
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tok.bos.is_some(),
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": max_positions,
+        "eos_token": text(tok.eos),
+        "pad_token": text(tok.pad),
+    });
+    let bos_text = tok.bos.and_then(text).or_else(|| tok.bos_token.clone());
+    tc["bos_token"] = bos_text.into();
+    if let Some(t) = &tok.chat_template {
+        tc["chat_template"] = t.clone().into();
+    }
+    tc
 }
 
 /// The tokenizer.json to save: unchanged, unless grove prepends a BOS that its post-processor

@@ -1,4 +1,8 @@
-//! A Llama / Qwen2-family decoder on candle, differentiable end to end.
+//! A Llama / Qwen2 / Qwen3-family decoder on candle, differentiable end to end.
+//!
+//! Qwen3 (dense) differs from Qwen2 by per-head RMSNorms on queries and keys (`q_norm`,
+//! `k_norm`, weight `[head_dim]`, applied before RoPE), no q/k/v biases and a `head_dim` that
+//! may differ from `hidden_size / num_attention_heads`.
 //!
 //! Weight names mirror the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`,
 //! ...), so safetensors files move between grove and `transformers` unchanged. RMSNorm, RoPE,
@@ -140,7 +144,11 @@ impl Config {
     pub fn tied(&self) -> bool {
         self.tie_word_embeddings.unwrap_or(false)
     }
-    /// q/k/v projections carry biases (Qwen2 always; Llama when `attention_bias`).
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.model_type.as_deref(), Some("qwen3"))
+    }
+    /// q/k/v projections carry biases (Qwen2 always; Llama and Qwen3 when `attention_bias`).
     pub fn qkv_bias(&self) -> bool {
         self.attention_bias
             .unwrap_or(matches!(self.model_type.as_deref(), Some("qwen2")))
@@ -188,6 +196,10 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
             out.push((format!("{p}.self_attn.k_proj.bias"), vec![nkv * hd]));
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![nkv * hd]));
         }
+        if cfg.qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
@@ -207,6 +219,8 @@ struct Layer {
     k: Tensor,
     v: Tensor,
     qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// Qwen3's per-head query and key norms.
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Tensor,
     ln2: Tensor,
     gate: Tensor,
@@ -347,7 +361,14 @@ impl Llama {
                     take(&format!("{p}.self_attn.v_proj.bias")),
                 )
             });
+            let qk_norm = cfg.qk_norm().then(|| {
+                (
+                    take(&format!("{p}.self_attn.q_norm.weight")),
+                    take(&format!("{p}.self_attn.k_norm.weight")),
+                )
+            });
             layers.push(Layer {
+                qk_norm,
                 ln1: take(&format!("{p}.input_layernorm.weight")),
                 q: take(&format!("{p}.self_attn.q_proj.weight")),
                 k: take(&format!("{p}.self_attn.k_proj.weight")),
@@ -465,6 +486,13 @@ impl Llama {
             let v = linear(&h, &layer.v, vb)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
+            let (q, k) = match &layer.qk_norm {
+                Some((qn, kn)) => (
+                    rms_norm(&q, qn, cfg.rms_eps())?,
+                    rms_norm(&k, kn, cfg.rms_eps())?,
+                ),
+                None => (q, k),
+            };
             let q = super::fused::rope(&q, &cos, &sin)?;
             let k = super::fused::rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {

@@ -2,6 +2,7 @@
 pub mod chat;
 pub mod fused;
 pub mod gguf;
+pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod logprob;

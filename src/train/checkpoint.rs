@@ -77,6 +77,12 @@ pub fn save(
     write("state.json", &serde_json::to_string_pretty(state)?)?;
     write("config.json", &serde_json::to_string_pretty(&model.cfg)?)?;
     write("tokenizer.json", tok.to_json())?;
+    if tok.chat_template.is_some() {
+        // A pretrained chat model: keep its template and special tokens with the checkpoint,
+        // so `grove eval` on it builds the same prompts as training did.
+        let tc = crate::model::io::tokenizer_config_json(tok, model.cfg.max_positions());
+        write("tokenizer_config.json", &serde_json::to_string_pretty(&tc)?)?;
+    }
     if let Some(b) = extras.behaviour {
         save_safetensors(&b.named_tensors(), &tmp.join("behaviour.safetensors"))?;
     }

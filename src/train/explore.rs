@@ -12,26 +12,64 @@ use crate::buffer::{Experience, ExperienceGroup};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
-use crate::reward::exact::exact_answer;
 use crate::reward::noise::NoiseInjector;
 use crate::rollout::{generate, Generation};
-use crate::task::ArithmeticTask;
+use crate::task::Task;
 
 /// What every stage reads and nobody changes: the config, tokenizer and task.
 pub struct Env {
     pub cfg: RunConfig,
     pub tok: Tokenizer,
-    pub task: ArithmeticTask,
+    pub task: Box<dyn Task>,
+    /// Local path of the pretrained policy (`model.source`); None: the built-in model.
+    pub model_path: Option<std::path::PathBuf>,
 }
 
 impl Env {
+    /// The built-in model's vocabulary, or the pretrained model's own tokenizer (and chat
+    /// template, which renders the task's prompts).
     pub fn new(cfg: RunConfig) -> Result<Self> {
-        let task = ArithmeticTask::new(cfg.task.clone()).map_err(|m| Error::config("task", m))?;
+        if cfg.model.source == "builtin" {
+            let tok = Tokenizer::builtin_arithmetic();
+            let task = crate::task::kinds::build(&cfg.task, &tok, "the built-in model")?;
+            return Ok(Env {
+                cfg,
+                tok,
+                task,
+                model_path: None,
+            });
+        }
+        let path = super::pretrained::model_path(&cfg.model.source)?;
+        let tok = crate::model::io::load_pretrained_tokenizer(&path)?;
+        let task = crate::task::kinds::build(&cfg.task, &tok, &path.display().to_string())?;
         Ok(Env {
             cfg,
-            tok: Tokenizer::builtin_arithmetic(),
+            tok,
             task,
+            model_path: Some(path),
         })
+    }
+
+    /// Prompt token ids: BOS (when the tokenizer has one and the task's template wants it)
+    /// followed by the text.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if self.task.prompt_bos() {
+            encode_prompt(&self.tok, text)
+        } else {
+            self.tok.encode(text)
+        }
+    }
+
+    /// The weights a run starts from: the seeded built-in model or the pretrained one.
+    pub fn initial_policy(&self, dev: &candle_core::Device) -> Result<Llama> {
+        match &self.model_path {
+            None => Llama::init(
+                &super::builtin_shape(&self.cfg, self.tok.vocab_size()),
+                self.cfg.seed,
+                dev,
+            ),
+            Some(p) => Ok(crate::model::io::load_pretrained(p, dev)?.0),
+        }
     }
 }
 
@@ -140,7 +178,7 @@ where
         .collect();
     let mut prompt_ids = Vec::with_capacity(np);
     for p in &problems {
-        prompt_ids.push(encode_prompt(&env.tok, &p.prompt)?);
+        prompt_ids.push(env.encode_prompt(&p.prompt)?);
     }
     let gens: Vec<Generation> = sample(&prompt_ids, g, &mut st.sample_rng)?;
     if gens.len() != np * g {
@@ -156,7 +194,7 @@ where
         let mut experiences = Vec::with_capacity(g);
         for gen in &gens[p * g..(p + 1) * g] {
             let text = response_text(&env.tok, &gen.tokens)?;
-            let clean = exact_answer(&text, gen.finished, &prob.answer).score;
+            let clean = env.task.verify(&text, gen.finished, &prob.answer).score;
             let observed = match st.noise.as_mut() {
                 Some(inj) => inj
                     .flip(clean)

@@ -14,7 +14,7 @@ use crate::model::Llama;
 use crate::report::JsonlWriter;
 use crate::rollout::remote::RemoteEngine;
 use crate::train::explore::{collect, collect_with, Env, ExploreState};
-use crate::train::{builtin_shape, checkpoint, device, publish, warmup};
+use crate::train::{checkpoint, device, publish, warmup};
 
 #[derive(Debug, Clone, Default)]
 pub struct ExploreOptions {
@@ -44,11 +44,7 @@ enum Sampler {
 /// warm-up a training run starts with. Returns it with its policy version.
 fn local_policy(env: &Env, opts: &ExploreOptions) -> Result<(Llama, u64)> {
     let dev = device();
-    let model = Llama::init(
-        &builtin_shape(&env.cfg, env.tok.vocab_size()),
-        env.cfg.seed,
-        &dev,
-    )?;
+    let model = env.initial_policy(&dev)?;
     let wait_limit = env.cfg.sync.wait_timeout_s;
     let mut version = 0u64;
     if let Some(dir) = &opts.weights {

@@ -12,6 +12,7 @@ pub mod explore;
 pub mod explorer;
 pub mod learn;
 pub mod optim;
+pub mod pretrained;
 pub mod publish;
 
 use std::collections::VecDeque;
@@ -28,11 +29,10 @@ use crate::config::{Plan, RunConfig, SyncMode};
 use crate::error::{Error, Result};
 use crate::model::{Config as ModelShape, Llama, Tokenizer};
 use crate::report::{self, JsonlWriter, Metrics};
-use crate::reward::exact::exact_answer;
 use crate::rollout::{generate, SamplingParams};
 use crate::task::Problem;
 use checkpoint::{Extras, LaggedState, TrainState};
-use explore::{collect, encode_prompt, response_text, rng_stream, Env, ExploreState};
+use explore::{collect, response_text, rng_stream, Env, ExploreState};
 use learn::Learner;
 use optim::{AdamW, AdamWParams};
 
@@ -95,7 +95,8 @@ pub fn create_run_dir(output_dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Greedy held-out accuracy of `model` on `problems`.
+/// Greedy held-out accuracy of `model` on built-in arithmetic `problems` (exact match followed
+/// by EOS, BOS-prefixed prompts); [`evaluate_task`] is the same for any task of a run.
 pub fn evaluate(
     model: &Llama,
     tok: &Tokenizer,
@@ -112,11 +113,45 @@ pub fn evaluate(
     for chunk in problems.chunks(512) {
         let prompts = chunk
             .iter()
-            .map(|p| encode_prompt(tok, &p.prompt))
+            .map(|p| explore::encode_prompt(tok, &p.prompt))
             .collect::<Result<Vec<_>>>()?;
         let gens = generate(model, &prompts, tok.eos, tok.pad, &params, &mut rng)?;
         for (g, p) in gens.iter().zip(chunk) {
-            if exact_answer(&response_text(tok, &g.tokens)?, g.finished, &p.answer).score > 0.5 {
+            let text = response_text(tok, &g.tokens)?;
+            if crate::reward::exact::exact_answer(&text, g.finished, &p.answer).score > 0.5 {
+                correct += 1;
+            }
+        }
+    }
+    Ok(correct as f64 / problems.len() as f64)
+}
+
+/// Greedy held-out accuracy of `model` on `problems`, judged by the run's task verifier.
+pub fn evaluate_task(
+    env: &Env,
+    model: &Llama,
+    problems: &[Problem],
+    max_new_tokens: usize,
+) -> Result<f64> {
+    if problems.is_empty() {
+        return Ok(0.0);
+    }
+    let tok = &env.tok;
+    let params = SamplingParams::greedy(max_new_tokens);
+    // Greedy decoding draws nothing from the RNG; a fixed one keeps the signature simple.
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut correct = 0usize;
+    // Pretrained models decode long answers with large KV caches: smaller batches.
+    let chunk_size = if env.model_path.is_some() { 16 } else { 512 };
+    for chunk in problems.chunks(chunk_size) {
+        let prompts = chunk
+            .iter()
+            .map(|p| env.encode_prompt(&p.prompt))
+            .collect::<Result<Vec<_>>>()?;
+        let gens = generate(model, &prompts, tok.eos, tok.pad, &params, &mut rng)?;
+        for (g, p) in gens.iter().zip(chunk) {
+            let text = response_text(tok, &g.tokens)?;
+            if env.task.verify(&text, g.finished, &p.answer).score > 0.5 {
                 correct += 1;
             }
         }
@@ -133,13 +168,16 @@ fn heldout<'a>(env: &'a Env) -> &'a [Problem] {
 }
 
 /// Supervised warm-up on generated solutions until greedy held-out accuracy reaches
-/// `warmup.target_acc`; returns the number of steps taken.
+/// `warmup.target_acc`; returns the number of steps taken. A pretrained policy has none.
 pub fn warmup(
     env: &Env,
     model: &Llama,
     metrics: &mut JsonlWriter,
     pb: &indicatif::ProgressBar,
 ) -> Result<usize> {
+    if env.model_path.is_some() {
+        return Ok(0);
+    }
     let w = &env.cfg.warmup;
     let mut rng = rng_stream(env.cfg.seed, explore::STREAM_WARMUP);
     let mut opt = AdamW::new(model.params(), AdamWParams::default());
@@ -153,7 +191,7 @@ pub fn warmup(
             .collect();
         let prompts = problems
             .iter()
-            .map(|p| encode_prompt(&env.tok, &p.prompt))
+            .map(|p| env.encode_prompt(&p.prompt))
             .collect::<Result<Vec<_>>>()?;
         let answers = problems
             .iter()
@@ -174,7 +212,7 @@ pub fn warmup(
         opt.step(&grads, w.lr, 1.0)?;
         pb.inc(1);
         if step % w.eval_every == 0 || step == w.max_steps {
-            let acc = evaluate(model, &env.tok, eval_set, max_new)?;
+            let acc = evaluate_task(env, model, eval_set, max_new)?;
             let mut m = Metrics::new();
             m.insert("loss/sft".into(), loss.to_scalar::<f32>()? as f64);
             m.insert("acc/eval".into(), acc);
@@ -355,16 +393,27 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let dev = device();
     let env = Arc::new(Env::new(cfg)?);
     let cfg = &env.cfg;
-    let shape = builtin_shape(cfg, env.tok.vocab_size());
-    let model = Llama::init(&shape, cfg.seed, &dev)?;
-    let prompt_tokens = 1 + env
-        .task
-        .heldout()
-        .iter()
-        .map(|p| p.prompt.len())
-        .max()
-        .unwrap_or(0);
-    let plan = Plan::new(cfg, model.num_params(), prompt_tokens);
+    let model = env.initial_policy(&dev)?;
+    let mut plan = if env.model_path.is_none() {
+        let prompt_tokens = 1 + env
+            .task
+            .heldout()
+            .iter()
+            .map(|p| p.prompt.len())
+            .max()
+            .unwrap_or(0);
+        Plan::new(cfg, model.num_params(), prompt_tokens)
+    } else {
+        let mut longest = 0;
+        for p in heldout(&env) {
+            longest = longest.max(env.encode_prompt(&p.prompt)?.len());
+        }
+        Plan::new(cfg, model.num_params(), longest)
+    };
+    if env.model_path.is_some() {
+        plan.warmup_max_steps = 0;
+        plan.heldout_size = heldout(&env).len();
+    }
     // Offline data is read (and checked) before anything is created.
     let offline = match &cfg.sync.offline {
         Some(p) => {
@@ -488,9 +537,9 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         }
         None => {
             let ws = warmup(&env, &learner.model, &mut learner.metrics, &pb)?;
-            let acc = evaluate(
+            let acc = evaluate_task(
+                &env,
                 &learner.model,
-                &env.tok,
                 heldout(&env),
                 cfg.rollout.max_new_tokens,
             )?;
@@ -615,9 +664,9 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         after_update(&env, &learner, &mut source)?;
         step = s;
         if step % cfg.train.eval_every == 0 || step == steps {
-            last_eval = evaluate(
+            last_eval = evaluate_task(
+                &env,
                 &learner.model,
-                &env.tok,
                 heldout(&env),
                 cfg.rollout.max_new_tokens,
             )?;
@@ -644,9 +693,9 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     }
     if step < steps && opts.stop_after != Some(step) {
         // Offline data ran out: evaluate and checkpoint where we stopped.
-        acc_final = evaluate(
+        acc_final = evaluate_task(
+            &env,
             &learner.model,
-            &env.tok,
             heldout(&env),
             cfg.rollout.max_new_tokens,
         )?;
