@@ -281,8 +281,12 @@ pub fn rl_step(
     cfg.train.grad_clip = 1.0;
     cfg.train.log_samples = 0;
     let env = Env {
-        task: crate::task::ArithmeticTask::new(cfg.task.clone())
-            .map_err(|m| crate::error::Error::config("task", m))?,
+        // Unused by the learner; the prompts below are the anchor's own.
+        task: Box::new(
+            crate::task::ArithmeticTask::new(cfg.task.arithmetic())
+                .map_err(|m| crate::error::Error::config("task", m))?,
+        ),
+        model_path: None,
         cfg,
         tok: tokenizer,
     };
