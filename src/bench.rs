@@ -303,6 +303,7 @@ pub fn rl_step(
         learn_rng: crate::train::explore::rng_stream(0, crate::train::explore::STREAM_LEARN),
         adv_state: Default::default(),
         run_dir: scratch.clone(),
+        rewards: None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let problems: Vec<(String, String)> = (0..256)

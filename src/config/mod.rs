@@ -412,14 +412,9 @@ impl RunConfig {
         if let Some(p) = &rw.pipeline {
             p.validate()
                 .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
-            // The pipeline is a library API today (reward::pipeline); rather than ignore the
-            // section silently, `grove train` refuses it until the explorer calls it.
-            return err(
-                "reward.pipeline is not used by `grove train` yet: the built-in task is scored by its \
-                 exact-match verifier. Remove the section (docs/rewards.md, \"Status\")"
-                    .into(),
-            );
         }
+        crate::train::reward_hook::validate_for_train(self)
+            .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

@@ -32,6 +32,9 @@ pub struct TrainState {
     /// Lagged mode: the behaviour copy's version and the next batch index to generate.
     /// Its weights are `behaviour.safetensors` and queued batches `pending.jsonl`.
     pub lagged: Option<LaggedState>,
+    /// `[reward.pipeline]` running state: shaper statistics, reference cache and RNG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_pipeline: Option<crate::train::reward_hook::RewarderState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

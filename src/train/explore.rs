@@ -15,6 +15,7 @@ use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
 use crate::rollout::{generate, Generation};
 use crate::task::Task;
+use crate::train::reward_hook::PipelineRewarder;
 
 /// What every stage reads and nobody changes: the config, tokenizer and task.
 pub struct Env {
@@ -144,7 +145,20 @@ pub fn collect(
     version: u64,
     st: &mut ExploreState,
 ) -> Result<Vec<ExperienceGroup>> {
-    collect_with(env, version, st, |prompts, g, rng| {
+    collect_rewarded(env, model, version, st, None)
+}
+
+/// [`collect`], with rewards from a `[reward.pipeline]` when `rewarder` is given (see
+/// [`crate::train::reward_hook`]).
+pub fn collect_rewarded(
+    env: &Env,
+    model: &Llama,
+    version: u64,
+    st: &mut ExploreState,
+    rewarder: Option<&mut PipelineRewarder>,
+) -> Result<Vec<ExperienceGroup>> {
+    let hook = rewarder.map(|r| (r, model));
+    collect_hooked(env, version, st, hook, |prompts, g, rng| {
         let repeated: Vec<Vec<u32>> = prompts
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), g))
@@ -166,6 +180,20 @@ pub fn collect_with<F>(
     env: &Env,
     version: u64,
     st: &mut ExploreState,
+    sample: F,
+) -> Result<Vec<ExperienceGroup>>
+where
+    F: FnOnce(&[Vec<u32>], usize, &mut ChaCha8Rng) -> Result<Vec<Generation>>,
+{
+    collect_hooked(env, version, st, None, sample)
+}
+
+/// [`collect_with`] plus the reward-pipeline hook: the rewarder and the model that sampled.
+fn collect_hooked<F>(
+    env: &Env,
+    version: u64,
+    st: &mut ExploreState,
+    mut hook: Option<(&mut PipelineRewarder, &Llama)>,
     sample: F,
 ) -> Result<Vec<ExperienceGroup>>
 where
@@ -216,6 +244,11 @@ where
                 policy_version: version,
                 use_count: 0,
             });
+        }
+        // Reward-pipeline hook ([reward.pipeline], src/train/reward_hook.rs): the pipeline's
+        // reward replaces the verifier's; components["correct"] stays the verified correctness.
+        if let Some((rewarder, model)) = hook.as_mut() {
+            rewarder.score_group(&env.tok, model, &mut experiences)?;
         }
         out.push(ExperienceGroup {
             group_id,

@@ -35,6 +35,8 @@ pub struct Learner {
     pub metrics: JsonlWriter,
     pub samples: JsonlWriter,
     pub run_dir: PathBuf,
+    /// `[reward.pipeline]` scoring of freshly sampled groups (None: the verifier alone).
+    pub rewards: Option<crate::train::reward_hook::PipelineRewarder>,
 }
 
 fn valid_tensor(valid: &[Vec<f64>], dev: &Device) -> Result<Tensor> {
@@ -259,6 +261,24 @@ impl Learner {
             "acc/train".into(),
             correct.iter().filter(|&&c| c).count() as f64 / nf,
         );
+        // Other named components (a [reward.pipeline]'s): mean over the batch.
+        let mut comp_sums: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+        for e in &exps {
+            for (k, v) in e.components.iter().filter(|(k, _)| k.as_str() != "correct") {
+                let s = comp_sums.entry(k.as_str()).or_insert((0.0, 0));
+                s.0 += v;
+                s.1 += 1;
+            }
+        }
+        for (k, (sum, cnt)) in comp_sums {
+            m.insert(format!("reward/{k}/mean"), sum / cnt as f64);
+        }
+        if let Some(rw) = &self.rewards {
+            m.insert(
+                "reward/external_failures".into(),
+                rw.external_failures() as f64,
+            );
+        }
         if cfg.reward.noise_rho0 > 0.0 || cfg.reward.noise_rho1 > 0.0 || cfg.loss.kl_in_reward {
             m.insert("reward/observed_mean".into(), reward_observed_mean);
             m.insert("reward/kl_penalty_mean".into(), kl_penalty_mean);

@@ -14,6 +14,7 @@ pub mod learn;
 pub mod optim;
 pub mod pretrained;
 pub mod publish;
+pub mod reward_hook;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use crate::report::{self, JsonlWriter, Metrics};
 use crate::rollout::{generate, SamplingParams};
 use crate::task::Problem;
 use checkpoint::{Extras, LaggedState, TrainState};
-use explore::{collect, response_text, rng_stream, Env, ExploreState};
+use explore::{collect, collect_rewarded, response_text, rng_stream, Env, ExploreState};
 use learn::Learner;
 use optim::{AdamW, AdamWParams};
 
@@ -516,7 +517,10 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         learn_rng: rng_stream(cfg.seed, explore::STREAM_LEARN),
         adv_state: Default::default(),
         run_dir: run_dir.clone(),
+        rewards: None,
     };
+    // Reward-pipeline hook: the checkpoint's rewarder state when resuming.
+    let resumed_rewards = resumed.as_ref().map(|r| r.st.reward_pipeline.clone());
     let mut explore_st = ExploreState::new(cfg, 0)?;
     let pb = report::progress_bar(cfg.warmup.max_steps as u64, opts.quiet);
     let (mut step, warmup_steps, acc_after_warmup, lagged_state, pending) = match resumed {
@@ -552,6 +556,17 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
             (0, ws, acc, None, vec![])
         }
     };
+    // Reward-pipeline hook ([reward.pipeline], reward_hook.rs): its frozen reference policy is
+    // the warm-up result (checkpoint step-0 on resume).
+    if let Some(pc) = &cfg.reward.pipeline {
+        learner.rewards = Some(reward_hook::PipelineRewarder::for_run(
+            cfg,
+            pc,
+            &learner.model,
+            &run_dir,
+            resumed_rewards.map(|s| (ckpt.as_deref().unwrap_or(run_dir.as_path()), s)),
+        )?);
+    }
 
     let mut source = if let Some(url) = &cfg.sync.buffer {
         let mode = match &cfg.sync.replay {
@@ -631,6 +646,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
             acc_after_warmup,
             adv_state: learner.adv_state.clone(),
             lagged,
+            reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
         };
         checkpoint::save(
             &run_dir,
@@ -736,7 +752,13 @@ fn next_batch(
     match source {
         Source::OnPolicy => {
             let t = Instant::now();
-            let groups = collect(env, &learner.model, learner.version, explore_st)?;
+            let groups = collect_rewarded(
+                env,
+                &learner.model,
+                learner.version,
+                explore_st,
+                learner.rewards.as_mut(),
+            )?;
             Ok(Some(Batch {
                 groups,
                 generate_s: t.elapsed().as_secs_f64(),
@@ -758,7 +780,13 @@ fn next_batch(
                     *behaviour_version = learner.version;
                 }
                 let t = Instant::now();
-                pending.push_back(collect(env, behaviour, *behaviour_version, explore_st)?);
+                pending.push_back(collect_rewarded(
+                    env,
+                    behaviour,
+                    *behaviour_version,
+                    explore_st,
+                    learner.rewards.as_mut(),
+                )?);
                 generate_s += t.elapsed().as_secs_f64();
                 *next_batch += 1;
             }

@@ -1,0 +1,148 @@
+//! `grove train` with a `[reward.pipeline]`: component metrics, verified accuracy, exact
+//! resume, and a trained reward model as the reward.
+use std::path::Path;
+
+use grove::config;
+use grove::train::{run, TrainOptions};
+
+fn small(out: &Path, steps: usize, extra: &[String]) -> config::RunConfig {
+    let mut sets: Vec<String> = vec![
+        format!("output_dir={:?}", out.display().to_string()),
+        "warmup.max_steps=30".into(),
+        "warmup.eval_every=10".into(),
+        "warmup.target_acc=1.0".into(),
+        "rollout.prompts_per_step=6".into(),
+        "rollout.group_size=4".into(),
+        format!("train.steps={steps}"),
+        "train.eval_every=2".into(),
+        "train.eval_size=32".into(),
+        "train.checkpoint_every=2".into(),
+        "train.lr=1e-3".into(),
+    ];
+    sets.extend(extra.iter().cloned());
+    config::load(None, &sets).unwrap()
+}
+
+fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    grove::report::read_jsonl(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|v| v["phase"] == "rl")
+        .map(|mut v| {
+            let obj = v.as_object_mut().unwrap();
+            obj.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("throughput/"));
+            v
+        })
+        .collect()
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// Runs `steps` steps straight, and again stopped after 3 and resumed from the saved config;
+/// asserts identical metrics and final weights, returns the RL metric lines.
+fn assert_resumes_exactly(root: &Path, steps: usize, extra: &[String]) -> Vec<serde_json::Value> {
+    let a = run(small(&root.join("a"), steps, extra), &quiet()).unwrap();
+    let b = run(
+        small(&root.join("b"), steps, extra),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(b.rl_steps_done, 3);
+    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    assert_eq!(
+        cfg.reward.pipeline,
+        small(root, steps, extra).reward.pipeline
+    );
+    run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(b.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (la, lb) = (rl_lines(&a.run_dir), rl_lines(&b.run_dir));
+    assert_eq!(la.len(), steps + 1);
+    assert_eq!(
+        la, lb,
+        "metrics differ between the uninterrupted and the resumed run"
+    );
+    let last = format!("checkpoints/step-{steps}/model.safetensors");
+    let wa = std::fs::read(a.run_dir.join(&last)).unwrap();
+    let wb = std::fs::read(b.run_dir.join(&last)).unwrap();
+    assert!(wa == wb, "final weights differ");
+    la
+}
+
+#[test]
+fn pipeline_with_sar_and_par_logs_components_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = vec![
+        r#"reward.pipeline.components=[{name="verified", kind="verifier"}, {name="sar", kind="sar"}]"#
+            .to_string(),
+        r#"reward.pipeline.shaping={kind="par"}"#.to_string(),
+        "reward.pipeline.reference_samples=3".to_string(),
+    ];
+    let lines = assert_resumes_exactly(tmp.path(), 5, &extra);
+    for m in &lines[1..] {
+        let f = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("no {k} in {m}"));
+        // The verifier component on the same responses is the verified correctness, and
+        // acc/train is that accuracy, not the shaped reward.
+        assert_eq!(f("reward/verified/mean"), f("reward/correct/mean"));
+        assert_eq!(f("acc/train"), f("reward/correct/mean"));
+        // R_SA ∈ [−1, 1); PAR is a mean of sigmoids, in (0, 1).
+        assert!((-1.0..1.0).contains(&f("reward/sar/mean")), "{m}");
+        assert!(f("reward/mean") > 0.0 && f("reward/mean") < 1.0, "{m}");
+        assert_eq!(f("reward/external_failures"), 0.0);
+    }
+    // The shaped reward is not the accuracy.
+    assert!(lines[1..]
+        .iter()
+        .any(|m| m["reward/mean"] != m["reward/correct/mean"]));
+}
+
+#[test]
+fn lagged_pipeline_with_a_reward_model_resumes_exactly() {
+    use grove::reward::rm_train::{
+        arithmetic_preferences, train_reward_model, write_pairs, RmTrainOptions,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // A tiny reward model, a few steps on the project's arithmetic preferences.
+    let task = grove::task::ArithmeticTask::new(Default::default()).unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs, &arithmetic_preferences(&task, 64, 0)).unwrap();
+    let rm_dir = tmp.path().join("rm");
+    let mut o = RmTrainOptions::new(pairs, rm_dir.clone());
+    o.steps = 3;
+    o.batch_size = 8;
+    o.eval_every = 3;
+    o.shape.hidden_size = 32;
+    o.shape.intermediate_size = 48;
+    train_reward_model(&o, &candle_core::Device::Cpu, |_| {}).unwrap();
+
+    let extra = vec![
+        format!(
+            r#"reward.pipeline.components=[{{name="correct", kind="verifier", weight=0.5}}, {{name="rm", kind="reward-model", path={:?}, shaping={{kind="running-norm"}}}}]"#,
+            rm_dir.display().to_string()
+        ),
+        "sync.mode=\"lagged\"".to_string(),
+        "sync.interval=2".to_string(),
+        "sync.offset=1".to_string(),
+    ];
+    let lines = assert_resumes_exactly(tmp.path(), 4, &extra);
+    for m in &lines[1..] {
+        let f = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("no {k} in {m}"));
+        assert!(f("reward/rm/mean").is_finite());
+        assert_eq!(f("acc/train"), f("reward/correct/mean"));
+    }
+}
