@@ -147,7 +147,10 @@ ops = [o for o in g_ops if "op" in o]
 gemms = [o for o in g_ops if "what" in o]
 if ops:
     print("\nPer operation, one layer of the spike config (`grove bench --model spike --ops`), milliseconds,")
-    print("grove's fused kernels against the same op composed from candle tensor ops:\n")
+    print("grove's fused kernels against the same op composed from candle tensor ops. The backward column")
+    print("times `backward()` of Σ y ⊙ r for a random r, so it also holds candle's autograd work for the")
+    print("product and the sum (zero-filled gradient buffers, broadcasts, accumulation), the same in both")
+    print("columns: that fixed cost, not the kernels, is most of each backward figure.\n")
     print("| op | shape | fused fwd | fused bwd | composed fwd | composed bwd | speed-up fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     for o in ops:
@@ -164,6 +167,10 @@ if gemms:
         pt = peak_shapes.get((g["m"], g["k"], g["n"]))
         print(f"| {g['what']} | {g['m']} × {g['k']} × {g['n']} | {g['gflops']:.0f} | {fmt(pt, '', 0)} | "
               f"{fmt(ratio(g['gflops'], peak), '', 2)} |")
+notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "performance-notes.md")
+if os.path.exists(notes):
+    print()
+    print(open(notes).read().rstrip())
 print("\n## Raw figures\n")
 for name in sorted(os.listdir(out)):
     if name.endswith(".json") or name.endswith(".jsonl"):
