@@ -416,6 +416,7 @@ fn rm_train(
 }
 
 fn real_main() -> Result<()> {
+    grove::alloc::tune();
     let cli = Cli::parse();
     match cli.cmd {
         Command::Train {
