@@ -3,8 +3,8 @@
 //! The modules follow the data flow (DESIGN.md §1):
 //! `task → sampling → rollout → reward → advantage → loss → train`, with `config` turning
 //! files into a validated plan and `report` writing what a run leaves behind.
-pub mod alloc;
 pub mod advantage;
+pub mod alloc;
 pub mod bench;
 pub mod buffer;
 pub mod config;
