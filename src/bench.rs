@@ -236,6 +236,46 @@ pub fn sum_reward(completion: &str, answer: &str, partial: bool) -> f64 {
     }
 }
 
+/// The TRL anchor's task: 256 fixed prompts "a+b=" (a, b < 100, seeded), drawn at random,
+/// scored by [`sum_reward`].
+struct AnchorTask {
+    problems: Vec<crate::task::Problem>,
+    partial: bool,
+}
+
+impl AnchorTask {
+    fn new(partial: bool) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let problems = (0..256)
+            .map(|_| {
+                let (a, b) = (rng.gen_range(0..100u32), rng.gen_range(0..100u32));
+                crate::task::Problem {
+                    prompt: format!("{a}+{b}="),
+                    answer: (a + b).to_string(),
+                }
+            })
+            .collect();
+        AnchorTask { problems, partial }
+    }
+}
+
+impl crate::task::Task for AnchorTask {
+    fn sample_train(&self, rng: &mut ChaCha8Rng) -> crate::task::Problem {
+        self.problems[rng.gen_range(0..self.problems.len())].clone()
+    }
+    fn heldout(&self) -> &[crate::task::Problem] {
+        &self.problems
+    }
+    fn verify(&self, response: &str, _finished: bool, reference: &str) -> crate::reward::Verdict {
+        let score = sum_reward(response, reference, self.partial);
+        crate::reward::Verdict {
+            score,
+            reason: format!("sum reward {score}"),
+            extracted: None,
+        }
+    }
+}
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     match xs.len() {
@@ -259,10 +299,8 @@ pub fn rl_step(
     new_tokens: usize,
     partial_reward: bool,
 ) -> Result<RlStepResult> {
-    use crate::buffer::{Experience, ExperienceGroup};
-    use crate::train::explore::{response_text, Env};
+    use crate::train::explore::{collect, Env, ExploreState};
     use crate::train::learn::Learner;
-    use std::collections::BTreeMap;
 
     let dev = crate::train::device();
     let model = Llama::init(model_cfg, 0, &dev)?;
@@ -280,12 +318,9 @@ pub fn rl_step(
     cfg.train.lr_warmup_steps = 0;
     cfg.train.grad_clip = 1.0;
     cfg.train.log_samples = 0;
+    let mut explore_st = ExploreState::new(&cfg, 0)?;
     let env = Env {
-        // Unused by the learner; the prompts below are the anchor's own.
-        task: Box::new(
-            crate::task::ArithmeticTask::new(cfg.task.arithmetic())
-                .map_err(|m| crate::error::Error::config("task", m))?,
-        ),
+        task: Box::new(AnchorTask::new(partial_reward)),
         model_path: None,
         cfg,
         tok: tokenizer,
@@ -293,79 +328,16 @@ pub fn rl_step(
     let scratch = std::env::temp_dir().join(format!("grove-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| crate::error::Error::io(&scratch, e))?;
     let opt = AdamW::new(model.params(), AdamWParams::default());
-    let mut learner = Learner {
-        metrics: crate::report::JsonlWriter::open_append(&scratch.join("metrics.jsonl"))?,
-        samples: crate::report::JsonlWriter::open_append(&scratch.join("samples.jsonl"))?,
-        model,
-        reference: None,
-        opt,
-        version: 0,
-        learn_rng: crate::train::explore::rng_stream(0, crate::train::explore::STREAM_LEARN),
-        adv_state: Default::default(),
-        run_dir: scratch.clone(),
-        rewards: None,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let problems: Vec<(String, String)> = (0..256)
-        .map(|_| {
-            let (a, b) = (rng.gen_range(0..100u32), rng.gen_range(0..100u32));
-            (format!("{a}+{b}="), (a + b).to_string())
-        })
-        .collect();
-    let sampling = env.cfg.rollout.sampling();
+    let mut learner = Learner::new(model, opt, &scratch, 0)?;
     let (mut gen_s, mut train_s, mut tot_s) = (vec![], vec![], vec![]);
     let (mut tokens, mut reward_sum, mut reward_n) = (0usize, 0f64, 0usize);
     for step in 1..=steps {
-        let batch: Vec<&(String, String)> = (0..prompts)
-            .map(|k| &problems[((step - 1) * prompts + k) % problems.len()])
-            .collect();
         let t = Instant::now();
-        let mut prompt_ids = Vec::with_capacity(prompts);
-        for (p, _) in &batch {
-            prompt_ids.push(crate::train::explore::encode_prompt(&env.tok, p)?);
-        }
-        let repeated: Vec<Vec<u32>> = prompt_ids
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), group))
-            .collect();
-        let gens = generate(
-            &learner.model,
-            &repeated,
-            env.tok.eos,
-            env.tok.pad,
-            &sampling,
-            &mut rng,
-        )?;
-        let mut groups = Vec::with_capacity(prompts);
-        for (p, (prompt, answer)) in batch.iter().enumerate() {
-            let mut experiences = Vec::with_capacity(group);
-            for gen in &gens[p * group..(p + 1) * group] {
-                let text = response_text(&env.tok, &gen.tokens)?;
-                let reward = sum_reward(&text, answer, partial_reward);
-                let mut components = BTreeMap::new();
-                components.insert("correct".to_string(), (reward == 1.0) as u8 as f64);
-                tokens += gen.tokens.len();
-                reward_sum += reward;
-                reward_n += 1;
-                experiences.push(Experience {
-                    group_id: p as u64,
-                    prompt: prompt.clone(),
-                    prompt_ids: prompt_ids[p].clone(),
-                    response_ids: gen.tokens.clone(),
-                    logprobs: gen.logprobs.clone(),
-                    reward,
-                    components,
-                    answer: answer.clone(),
-                    finished: gen.finished,
-                    policy_version: learner.version,
-                    use_count: 0,
-                });
-            }
-            groups.push(ExperienceGroup {
-                group_id: p as u64,
-                policy_version: learner.version,
-                experiences,
-            });
+        let groups = collect(&env, &learner.model, learner.version, &mut explore_st)?;
+        for e in groups.iter().flat_map(|g| &g.experiences) {
+            tokens += e.response_ids.len();
+            reward_sum += e.reward;
+            reward_n += 1;
         }
         let g = t.elapsed().as_secs_f64();
         learner.learn(&env, &groups, step, g, 0)?;

@@ -135,7 +135,6 @@ pub fn generate<R: Rng>(
         })
         .collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|x| x.len() as u32).collect();
-    let greedy = params.temperature == 0.0;
     for step in 0..params.max_new_tokens {
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let v = flat.len() / b;
@@ -143,7 +142,7 @@ pub fn generate<R: Rng>(
         // the stream does not depend on thread scheduling.
         let draws: Vec<Option<f64>> = out
             .iter()
-            .map(|g| (!g.finished).then(|| if greedy { 0.0 } else { rng.gen::<f64>() }))
+            .map(|g| (!g.finished).then(|| draw_uniform(params, rng)))
             .collect();
         let picks: Vec<Option<(u32, f32)>> = flat
             .par_chunks(v)
@@ -200,12 +199,16 @@ pub fn sample_token<R: Rng>(
     rng: &mut R,
     scratch: &mut sampler::Scratch,
 ) -> (u32, f32) {
-    let u = if params.temperature == 0.0 {
+    sampler::sample_with_uniform(logits, params, draw_uniform(params, rng), scratch)
+}
+
+/// The one uniform a sampled token consumes; greedy decoding draws nothing.
+fn draw_uniform<R: Rng>(params: &SamplingParams, rng: &mut R) -> f64 {
+    if params.temperature == 0.0 {
         0.0
     } else {
         rng.gen::<f64>()
-    };
-    sampler::sample_with_uniform(logits, params, u, scratch)
+    }
 }
 
 #[cfg(test)]

@@ -10,53 +10,37 @@
 use std::cmp::Ordering;
 
 use super::SamplingParams;
-use crate::model::fused::{fast_exp, lane_max};
+use crate::model::fused::{fast_exp, lane_max, lane_sum};
 
 /// Working memory reused across rows.
 #[derive(Default)]
 pub struct Scratch {
     e: Vec<f32>,
+    /// Σ e over each block of [`BLOCK`] entries, reused by the CDF walk.
+    blocks: Vec<f64>,
     idx: Vec<u32>,
 }
 
 const BLOCK: usize = 64;
 
-fn sum_f64(x: &[f32]) -> f64 {
-    // Eight f32 lanes per block of 64, blocks summed in f64: vectorised and accurate enough
-    // (relative error ~1e-7) for a normaliser.
-    let mut total = 0f64;
-    for blk in x.chunks(BLOCK) {
-        let mut acc = [0f32; 8];
-        let c = blk.chunks_exact(8);
-        let rest = c.remainder();
-        for v in c {
-            for k in 0..8 {
-                acc[k] += v[k];
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for &v in rest {
-            s += v;
-        }
-        total += s as f64;
-    }
-    total
+/// Writes e_i = exp((x_i − max)·inv_t) into `s.e` and the per-block sums into `s.blocks`;
+/// returns Σ e_i. Blocks are summed in f32 lanes (vectorised) and added in f64: accurate enough
+/// (relative error ~1e-7) for a normaliser.
+fn exps(logits: &[f32], max: f32, inv_t: f32, s: &mut Scratch) -> f64 {
+    s.e.clear();
+    s.e.extend(logits.iter().map(|&x| fast_exp((x - max) * inv_t)));
+    s.blocks.clear();
+    s.blocks
+        .extend(s.e.chunks(BLOCK).map(|blk| lane_sum(blk) as f64));
+    s.blocks.iter().sum()
 }
 
-/// Writes e_i = exp((x_i − max)·inv_t) into `e`; returns Σ e_i.
-fn exps(logits: &[f32], max: f32, inv_t: f32, e: &mut Vec<f32>) -> f64 {
-    e.clear();
-    e.extend(logits.iter().map(|&x| fast_exp((x - max) * inv_t)));
-    sum_f64(e)
-}
-
-/// Index where the running sum of `w` first exceeds `target`, by blocks; the last index when
-/// rounding leaves the target unreached.
-fn cdf_walk(w: &[f32], target: f64) -> usize {
+/// Index where the running sum of `w` first exceeds `target`: whole blocks by their sums,
+/// then one block entry by entry; the last index when rounding leaves the target unreached.
+fn cdf_walk(w: &[f32], blocks: &[f64], target: f64) -> usize {
     let mut acc = 0f64;
-    for (b, blk) in w.chunks(BLOCK).enumerate() {
-        let s = sum_f64(blk);
-        if acc + s > target {
+    for (b, (blk, &sum)) in w.chunks(BLOCK).zip(blocks).enumerate() {
+        if acc + sum > target {
             for (i, &v) in blk.iter().enumerate() {
                 acc += v as f64;
                 if acc > target {
@@ -65,7 +49,7 @@ fn cdf_walk(w: &[f32], target: f64) -> usize {
             }
             return b * BLOCK + blk.len() - 1;
         }
-        acc += s;
+        acc += sum;
     }
     w.len().saturating_sub(1)
 }
@@ -94,7 +78,7 @@ pub fn sample_with_uniform(
         (1.0 / params.temperature) as f32
     };
     let max = lane_max(logits);
-    let z = exps(logits, max, inv_t, &mut s.e);
+    let z = exps(logits, max, inv_t, s);
     let log_z = z.ln();
     let logprob = |i: usize| (((logits[i] - max) * inv_t) as f64 - log_z) as f32;
     if greedy {
@@ -103,7 +87,7 @@ pub fn sample_with_uniform(
         return (best as u32, logprob(best));
     }
     if params.top_p >= 1.0 {
-        let i = cdf_walk(&s.e, u * z);
+        let i = cdf_walk(&s.e, &s.blocks, u * z);
         return (i as u32, logprob(i));
     }
     // Top-p: grow k until the top-k mass reaches p.

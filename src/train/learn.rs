@@ -46,6 +46,23 @@ fn valid_tensor(valid: &[Vec<f64>], dev: &Device) -> Result<Tensor> {
 }
 
 impl Learner {
+    /// A learner at version 0 that appends metrics and samples to `run_dir`, drawing from the
+    /// run's learner RNG stream.
+    pub fn new(model: Llama, opt: AdamW, run_dir: &std::path::Path, seed: u64) -> Result<Self> {
+        Ok(Learner {
+            metrics: JsonlWriter::open_append(&run_dir.join("metrics.jsonl"))?,
+            samples: JsonlWriter::open_append(&run_dir.join("samples.jsonl"))?,
+            model,
+            reference: None,
+            opt,
+            version: 0,
+            learn_rng: crate::train::explore::rng_stream(seed, crate::train::explore::STREAM_LEARN),
+            adv_state: Default::default(),
+            run_dir: run_dir.to_path_buf(),
+            rewards: None,
+        })
+    }
+
     /// One update from `groups`. `generate_s` is the sampling time that produced them (0 when
     /// they came from elsewhere) and `dropped` the groups discarded as too stale.
     pub fn learn(

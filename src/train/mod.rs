@@ -508,18 +508,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
             None
         }
     };
-    let mut learner = Learner {
-        metrics: JsonlWriter::open_append(&metrics_path)?,
-        samples: JsonlWriter::open_append(&samples_path)?,
-        model,
-        reference: None,
-        opt,
-        version: 0,
-        learn_rng: rng_stream(cfg.seed, explore::STREAM_LEARN),
-        adv_state: Default::default(),
-        run_dir: run_dir.clone(),
-        rewards: None,
-    };
+    let mut learner = Learner::new(model, opt, &run_dir, cfg.seed)?;
     // Reward-pipeline hook: the checkpoint's rewarder state when resuming.
     let resumed_rewards = resumed.as_ref().map(|r| r.st.reward_pipeline.clone());
     let mut explore_st = ExploreState::new(cfg, 0)?;

@@ -307,6 +307,23 @@ mod tests {
         assert!(e.contains("only an unshaped verifier"), "{e}");
     }
 
+    /// The built-in tokenizer, a tiny random policy and a rewarder for `cfg`'s pipeline whose
+    /// frozen reference is a copy of that policy.
+    fn tiny_rewarder(cfg: &RunConfig) -> (Tokenizer, Llama, PipelineRewarder) {
+        let tok = Tokenizer::builtin_arithmetic();
+        let mut shape = Config::builtin_tiny(tok.vocab_size());
+        shape.hidden_size = 16;
+        shape.intermediate_size = 16;
+        let policy = Llama::init(&shape, 1, &Device::Cpu).unwrap();
+        let rw = PipelineRewarder::new(
+            cfg,
+            cfg.reward.pipeline.as_ref().unwrap(),
+            policy.deep_clone().unwrap(),
+        )
+        .unwrap();
+        (tok, policy, rw)
+    }
+
     fn experience(tok: &Tokenizer, text: &str, finished: bool, correct: f64) -> Experience {
         let mut ids = tok.encode(text).unwrap();
         if finished {
@@ -330,17 +347,7 @@ mod tests {
     #[test]
     fn score_group_sets_the_pipeline_reward_and_keeps_the_verified_correctness() {
         let cfg = load(&[TWO]).unwrap();
-        let tok = Tokenizer::builtin_arithmetic();
-        let mut shape = Config::builtin_tiny(tok.vocab_size());
-        shape.hidden_size = 16;
-        shape.intermediate_size = 16;
-        let policy = Llama::init(&shape, 1, &Device::Cpu).unwrap();
-        let mut rw = PipelineRewarder::new(
-            &cfg,
-            cfg.reward.pipeline.as_ref().unwrap(),
-            policy.deep_clone().unwrap(),
-        )
-        .unwrap();
+        let (tok, policy, mut rw) = tiny_rewarder(&cfg);
         // The explorer's verified values (a sentinel 0.25 on the first, to see it kept).
         let mut exps = vec![
             experience(&tok, "5", true, 0.25),
@@ -367,17 +374,7 @@ mod tests {
             r#"reward.pipeline.components=[{name="v", kind="verifier"}, {name="len", kind="length-penalty", coef=0.37, free_len=0, shaping={kind="running-norm"}}]"#,
         ])
         .unwrap();
-        let tok = Tokenizer::builtin_arithmetic();
-        let mut shape = Config::builtin_tiny(tok.vocab_size());
-        shape.hidden_size = 16;
-        shape.intermediate_size = 16;
-        let policy = Llama::init(&shape, 1, &Device::Cpu).unwrap();
-        let mut rw = PipelineRewarder::new(
-            &cfg,
-            cfg.reward.pipeline.as_ref().unwrap(),
-            policy.deep_clone().unwrap(),
-        )
-        .unwrap();
+        let (tok, policy, mut rw) = tiny_rewarder(&cfg);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut states = vec![];
         for _ in 0..40 {
