@@ -91,7 +91,7 @@ fn explorer_and_learner_processes_through_postgres() {
             weights.to_str().unwrap(),
         ])
         .args(SMALL)
-        .args(["--set", "train.steps=40", "--set", "sync.max_staleness=2"])
+        .args(["--set", "train.steps=120", "--set", "sync.max_staleness=2"])
         .args([
             "--set",
             &format!("output_dir={:?}", out.display().to_string()),
@@ -121,13 +121,18 @@ fn explorer_and_learner_processes_through_postgres() {
     );
 
     let acc = rl_acc(&out.join("quickstart"));
-    // Held-out accuracy on 200 problems moves by ±3 points between evaluations, so the check
-    // is on the best evaluation, plus an end above the start.
+    // Held-out accuracy on 200 problems moves by about ±3 points between evaluations, and the
+    // explorer/learner interleaving (hence the data) depends on process timing, so the check is
+    // on the best evaluation and on the mean of the last three, over 120 steps. Local runs of
+    // this setup (some pinned to one core): best 0.435, last-three mean 0.42, from 0.255; at
+    // 40 steps a CI run stayed within 0.28, which is why the run is this long.
+    eprintln!("held-out accuracy through the buffer: {acc:?}");
     let first = acc.first().unwrap().1;
-    let last = acc.last().unwrap().1;
     let best = acc.iter().map(|a| a.1).fold(0.0, f64::max);
+    let tail: Vec<f64> = acc.iter().rev().take(3).map(|a| a.1).collect();
+    let tail_mean = tail.iter().sum::<f64>() / tail.len() as f64;
     assert!(
-        best >= first + 0.04 && last > first,
+        best >= first + 0.06 && tail_mean >= first + 0.04,
         "held-out accuracy did not rise through the buffer: {acc:?}"
     );
     let lines = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl")).unwrap();
@@ -135,7 +140,30 @@ fn explorer_and_learner_processes_through_postgres() {
         .iter()
         .filter(|v| v["phase"] == "rl" && v["step"].as_u64().unwrap() > 0)
         .collect();
-    assert_eq!(rl.len(), 40);
+    assert_eq!(rl.len(), 120);
+    let reward = |r: &[&serde_json::Value]| {
+        r.iter()
+            .map(|v| v["reward/mean"].as_f64().unwrap())
+            .sum::<f64>()
+            / r.len() as f64
+    };
+    let stal = |r: &[&serde_json::Value]| {
+        r.iter()
+            .map(|v| v["staleness/mean"].as_f64().unwrap())
+            .sum::<f64>()
+            / r.len() as f64
+    };
+    // The training reward over 20 steps (2560 samples) is far less noisy than the evaluation:
+    // local runs rose from about 0.10 by 0.03-0.05 at 80 steps and by 0.07 at 120.
+    let (early, late) = (reward(&rl[..20]), reward(&rl[100..]));
+    eprintln!(
+        "reward/mean: first 20 steps {early:.3}, last 20 {late:.3}; mean staleness {:.2}",
+        stal(&rl)
+    );
+    assert!(
+        late >= early + 0.02,
+        "training reward did not rise: {early:.3} -> {late:.3}"
+    );
     let mut dropped = 0usize;
     for v in &rl {
         let s = v["staleness/mean"].as_f64().unwrap();
@@ -150,7 +178,7 @@ fn explorer_and_learner_processes_through_postgres() {
     let mut b = grove::buffer::open(&url, 1 << 30).unwrap();
     let left = b.len().unwrap();
     // Taken from the buffer: the groups trained on plus the stale ones dropped.
-    let consumed = 40 * 16 + dropped;
+    let consumed = 120 * 16 + dropped;
     let taken = b.take(left, 0).unwrap();
     assert_eq!(taken.groups.len(), left);
     let mut client = postgres::Client::connect(&base, postgres::NoTls).unwrap();
