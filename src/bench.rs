@@ -458,6 +458,32 @@ pub fn ops_profile(
         Box::new(|t: &[Tensor]| fused::swiglu(&t[0], &t[1])),
         Box::new(|t: &[Tensor]| fused::swiglu_composed(&t[0], &t[1])),
     ));
+    let nkv = cfg.num_kv_heads();
+    let cos = rand_tensor(&[batch, seq, hd / 2], &mut rng, &dev)?;
+    let sin = rand_tensor(&[batch, seq, hd / 2], &mut rng, &dev)?;
+    let (c1, s1, m1) = (cos.clone(), sin.clone(), mask.clone());
+    ops.push((
+        "attention".into(),
+        format!("({batch}, {seq}, {nh}/{nkv} heads × {hd})"),
+        vec![
+            vec![batch, seq, nh * hd],
+            vec![batch, seq, nkv * hd],
+            vec![batch, seq, nkv * hd],
+        ],
+        Box::new(move |t: &[Tensor]| {
+            fused::attention(&t[0], &t[1], &t[2], &c1, &s1, &m1, nh, nkv, scale)
+        }),
+        Box::new(move |t: &[Tensor]| {
+            fused::attention_composed(&t[0], &t[1], &t[2], &cos, &sin, &mask, nh, nkv, scale)
+        }),
+    ));
+    ops.push((
+        "linear".into(),
+        format!("({batch}, {seq}, {h}) × ({inter}, {h})ᵀ"),
+        vec![vec![batch, seq, h], vec![inter, h]],
+        Box::new(|t: &[Tensor]| fused::linear(&t[0], &t[1])),
+        Box::new(|t: &[Tensor]| fused::linear_composed(&t[0], &t[1])),
+    ));
     let mut out = vec![];
     for (name, shape, shapes, fused_f, composed_f) in ops {
         let vars: Vec<Var> = shapes
@@ -465,7 +491,8 @@ pub fn ops_profile(
             .map(|s| Ok(Var::from_tensor(&rand_tensor(s, &mut rng, &dev)?)?))
             .collect::<Result<_>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let r = rand_tensor(&shapes[0], &mut rng, &dev)?;
+        // The output's shape (for linear and attention it differs from the first input's).
+        let r = rand_tensor(fused_f(&ts)?.dims(), &mut rng, &dev)?;
         let mut timings = [0f64; 4];
         for (k, f) in [&fused_f, &composed_f].into_iter().enumerate() {
             timings[2 * k] = best_of(reps, || {

@@ -1,5 +1,6 @@
 //! Fused CPU kernels, each with a hand-written backward pass, for the decoder's element-wise
-//! hot spots: RMSNorm, rotate-half RoPE, scaled + masked softmax, and SwiGLU.
+//! hot spots: RMSNorm, rotate-half RoPE, scaled + masked softmax, SwiGLU, and the linear layer
+//! (one GEMM node instead of four view/matmul nodes).
 //!
 //! Composed from candle ops, each of these is 4–8 tensor passes forward and as many again in
 //! autograd, every one a fresh allocation and a single-threaded loop. Fused, each is one
@@ -585,6 +586,521 @@ impl CustomOp3 for SwiGluBwd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Causal grouped-query attention with RoPE, from projections to the o_proj input, as one
+/// autograd node: q (b, t, nh·hd), k and v (b, t, nkv·hd) straight from their linears,
+/// cos/sin (b, t, hd/2), additive mask (b, 1, t, t) → (b, t, nh·hd).
+///
+/// Composed, the same work is about twenty autograd nodes (head reshapes and transposes,
+/// contiguous copies, RoPE, two batched matmuls, the softmax and their views), each with a
+/// zero-filled gradient buffer and an add in the backward, several on the (b, nh, t, t) score
+/// tensor. Fused, each (sequence, KV head) pair is one task: its `rep` query heads are stacked
+/// into a (rep·t, hd) block, so S = Q·Kᵀ, P = softmax(scale·S + mask) and Y = P·V are three
+/// GEMMs, and the backward is five:
+///   ∂V = Pᵀ·∂Y,  ∂P = ∂Y·Vᵀ,  ∂S = scale · P ⊙ (∂P − rowsum(∂P ⊙ P)),  ∂Q = ∂S·K,  ∂K = ∂Sᵀ·Q,
+/// with ∂Q and ∂K rotated back by −θ (the transpose of RoPE). P and the rotated Q and K are kept
+/// from the forward for the backward (the same memory the composed graph holds).
+///
+/// Only self-attention without a cache (training and scoring); decoding keeps the composed path.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, qw) = q.dims3()?;
+    let hd = qw / n_heads.max(1);
+    let shapes_ok = n_heads > 0
+        && n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && qw == n_heads * hd
+        && hd % 2 == 0
+        && k.dims() == [b, t, n_kv_heads * hd]
+        && v.dims() == [b, t, n_kv_heads * hd]
+        && cos.dims() == [b, t, hd / 2]
+        && sin.dims() == [b, t, hd / 2]
+        && mask.dims() == [b, 1, t, t];
+    if !shapes_ok || !fusable(&[q, k, v, cos, sin, mask]) {
+        return attention_composed(q, k, v, cos, sin, mask, n_heads, n_kv_heads, scale);
+    }
+    let table = |x: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+        Ok(std::sync::Arc::new(x.flatten_all()?.to_vec1::<f32>()?))
+    };
+    let op = Attention {
+        dims: AttnDims {
+            b,
+            t,
+            nh: n_heads,
+            nkv: n_kv_heads,
+            hd,
+            scale: scale as f32,
+        },
+        cos: table(cos)?,
+        sin: table(sin)?,
+        mask: table(mask)?,
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The composed reference (and the path on other devices): per-head views, RoPE, scores,
+/// masked softmax and the value product from candle ops.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, qw) = q.dims3()?;
+    let hd = qw / n_heads;
+    let rep = n_heads / n_kv_heads;
+    let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+        Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+    };
+    let q = rope_composed(&heads(q, n_heads)?, cos, sin)?;
+    let k = rope_composed(&heads(k, n_kv_heads)?, cos, sin)?;
+    let v = heads(v, n_kv_heads)?;
+    // HF's repeat_kv: query head h reads KV head h / rep.
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, n_kv_heads, rep, t, hd))?
+            .reshape((b, n_heads, t, hd))?)
+    };
+    let (k, v) = (expand(&k)?, expand(&v)?);
+    let att = q.matmul(&k.t()?.contiguous()?)?;
+    let att = masked_softmax_composed(&att, mask, scale)?;
+    Ok(att
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, n_heads * hd))?)
+}
+
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    scale: f32,
+}
+
+impl AttnDims {
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+    /// Rows of one task's stacked query block.
+    fn m(&self) -> usize {
+        self.rep() * self.t
+    }
+    fn tasks(&self) -> usize {
+        self.b * self.nkv
+    }
+}
+
+/// What the forward keeps for the backward, per task (sequence bi, KV head g), task-major:
+/// P (rep·t, t), rotated Q (rep·t, hd), rotated K (t, hd).
+struct AttnSaved {
+    p: Vec<f32>,
+    qr: Vec<f32>,
+    kr: Vec<f32>,
+}
+
+struct Attention {
+    dims: AttnDims,
+    cos: std::sync::Arc<Vec<f32>>,
+    sin: std::sync::Arc<Vec<f32>>,
+    mask: std::sync::Arc<Vec<f32>>,
+    saved: std::sync::Mutex<Option<AttnSaved>>,
+}
+
+/// Rotates `x` (hd) by the angles of row `row` of the (b·t, hd/2) tables, into `out`;
+/// `sign` −1 rotates by −θ.
+#[inline]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (c, s) = (cos[i], sign * sin[i]);
+        o1[i] = x1[i] * c - x2[i] * s;
+        o2[i] = x2[i] * c + x1[i] * s;
+    }
+}
+
+/// C (m, n) = A·B with explicit strides (row stride, column stride) for A and B; C row-major.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    bm: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    assert!(c.len() >= m * n, "gemm_into: C holds {} < {m}×{n}", c.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    assert!(
+        a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "gemm_into: A too short"
+    );
+    assert!(
+        bm.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+        "gemm_into: B too short"
+    );
+    // SAFETY: the asserts above bound every index the GEMM reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            bm.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Parallelism for the GEMMs inside one task: the tasks themselves fill the threads unless
+/// there are fewer tasks than threads.
+fn inner_parallelism(tasks: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if tasks >= threads {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "grove-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = f32_slice(s1, l1, "attention")?;
+        let k = f32_slice(s2, l2, "attention")?;
+        let v = f32_slice(s3, l3, "attention")?;
+        let d = self.dims;
+        let (t, hd, m, half) = (d.t, d.hd, d.m(), d.hd / 2);
+        let (qw, kw) = (d.nh * hd, d.nkv * hd);
+        let mut p = vec![0f32; d.tasks() * m * t];
+        let mut qr = vec![0f32; d.tasks() * m * hd];
+        let mut kr = vec![0f32; d.tasks() * t * hd];
+        // Per-task outputs in (b, nh, t, hd) order, transposed to (b, t, nh·hd) below.
+        let mut yh = vec![0f32; d.tasks() * m * hd];
+        let par = inner_parallelism(d.tasks());
+        p.par_chunks_mut(m * t)
+            .zip(qr.par_chunks_mut(m * hd))
+            .zip(kr.par_chunks_mut(t * hd))
+            .zip(yh.par_chunks_mut(m * hd))
+            .enumerate()
+            .for_each(|(task, (((p, qr), kr), yh))| {
+                let (bi, g) = (task / d.nkv, task % d.nkv);
+                let tab = |ti: usize| (bi * t + ti) * half..(bi * t + ti + 1) * half;
+                for row in 0..m {
+                    let (r, ti) = (row / t, row % t);
+                    let h = g * d.rep() + r;
+                    let src = &q[(bi * t + ti) * qw + h * hd..][..hd];
+                    rotate(
+                        src,
+                        &self.cos[tab(ti)],
+                        &self.sin[tab(ti)],
+                        1.0,
+                        &mut qr[row * hd..][..hd],
+                    );
+                }
+                for j in 0..t {
+                    let src = &k[(bi * t + j) * kw + g * hd..][..hd];
+                    rotate(
+                        src,
+                        &self.cos[tab(j)],
+                        &self.sin[tab(j)],
+                        1.0,
+                        &mut kr[j * hd..][..hd],
+                    );
+                }
+                // S = Qr · Krᵀ
+                gemm_into(p, m, t, hd, qr, (hd, 1), kr, (1, hd), par);
+                for row in 0..m {
+                    let ti = row % t;
+                    let mrow = &self.mask[(bi * t + ti) * t..][..t];
+                    let pr = &mut p[row * t..][..t];
+                    for (z, &mk) in pr.iter_mut().zip(mrow) {
+                        *z = *z * d.scale + mk;
+                    }
+                    let mx = lane_max(pr);
+                    for z in pr.iter_mut() {
+                        *z = fast_exp(*z - mx);
+                    }
+                    let inv = 1.0 / lane_sum(pr);
+                    for z in pr.iter_mut() {
+                        *z *= inv;
+                    }
+                }
+                // Y = P · V, V read in place: row j of head g at (bi·t + j)·kw + g·hd.
+                let vg = &v[bi * t * kw + g * hd..];
+                gemm_into(yh, m, hd, t, p, (t, 1), vg, (kw, 1), par);
+            });
+        let mut y = vec![0f32; d.b * t * qw];
+        y.par_chunks_mut(t * qw).enumerate().for_each(|(bi, yb)| {
+            for h in 0..d.nh {
+                let (g, r) = (h / d.rep(), h % d.rep());
+                for ti in 0..t {
+                    let src = &yh[((bi * d.nkv + g) * m + r * t + ti) * hd..][..hd];
+                    yb[ti * qw + h * hd..][..hd].copy_from_slice(src);
+                }
+            }
+        });
+        *self.saved.lock().expect("attention state poisoned") = Some(AttnSaved { p, qr, kr });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().expect("attention state poisoned");
+        let Some(saved) = guard.as_ref() else {
+            candle_core::bail!("grove-attention: backward without a forward")
+        };
+        let d = self.dims;
+        let (t, hd, m, half) = (d.t, d.hd, d.m(), d.hd / 2);
+        let (qw, kw) = (d.nh * hd, d.nkv * hd);
+        let gy = grad.flatten_all()?.to_vec1::<f32>()?;
+        let vv = v.flatten_all()?.to_vec1::<f32>()?;
+        // Per-task gradients: ∂Qr (rep·t, hd), ∂Kr (t, hd), ∂V (t, hd).
+        let mut dqr = vec![0f32; d.tasks() * m * hd];
+        let mut dkr = vec![0f32; d.tasks() * t * hd];
+        let mut dvh = vec![0f32; d.tasks() * t * hd];
+        let par = inner_parallelism(d.tasks());
+        dqr.par_chunks_mut(m * hd)
+            .zip(dkr.par_chunks_mut(t * hd))
+            .zip(dvh.par_chunks_mut(t * hd))
+            .enumerate()
+            .for_each(|(task, ((dqr, dkr), dvh))| {
+                let (bi, g) = (task / d.nkv, task % d.nkv);
+                let p = &saved.p[task * m * t..][..m * t];
+                let qr = &saved.qr[task * m * hd..][..m * hd];
+                let kr = &saved.kr[task * t * hd..][..t * hd];
+                // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
+                // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
+                // not one stride apart, so gather them.
+                let mut dy = vec![0f32; m * hd];
+                for row in 0..m {
+                    let (r, ti) = (row / t, row % t);
+                    let h = g * d.rep() + r;
+                    dy[row * hd..][..hd].copy_from_slice(&gy[(bi * t + ti) * qw + h * hd..][..hd]);
+                }
+                let vg = &vv[bi * t * kw + g * hd..];
+                // ∂V = Pᵀ · ∂Y
+                gemm_into(dvh, t, hd, m, p, (1, t), &dy, (hd, 1), par);
+                // ∂P = ∂Y · Vᵀ, then ∂S in place.
+                let mut ds = vec![0f32; m * t];
+                gemm_into(&mut ds, m, t, hd, &dy, (hd, 1), vg, (1, kw), par);
+                for row in 0..m {
+                    let pr = &p[row * t..][..t];
+                    let dr = &mut ds[row * t..][..t];
+                    let c = dot(dr, pr);
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = d.scale * pv * (*x - c);
+                    }
+                }
+                // ∂Qr = ∂S · Kr,  ∂Kr = ∂Sᵀ · Qr
+                gemm_into(dqr, m, hd, t, &ds, (t, 1), kr, (hd, 1), par);
+                gemm_into(dkr, t, hd, m, &ds, (1, t), qr, (hd, 1), par);
+            });
+        // Back to (b, t, heads·hd), rotating ∂Q and ∂K by −θ.
+        let mut dq = vec![0f32; d.b * t * qw];
+        let mut dk = vec![0f32; d.b * t * kw];
+        let mut dv = vec![0f32; d.b * t * kw];
+        dq.par_chunks_mut(t * qw)
+            .zip(dk.par_chunks_mut(t * kw))
+            .zip(dv.par_chunks_mut(t * kw))
+            .enumerate()
+            .for_each(|(bi, ((dqb, dkb), dvb))| {
+                let tab = |ti: usize| (bi * t + ti) * half..(bi * t + ti + 1) * half;
+                for h in 0..d.nh {
+                    let (g, r) = (h / d.rep(), h % d.rep());
+                    for ti in 0..t {
+                        let src = &dqr[((bi * d.nkv + g) * m + r * t + ti) * hd..][..hd];
+                        let (c, s) = (&self.cos[tab(ti)], &self.sin[tab(ti)]);
+                        rotate(src, c, s, -1.0, &mut dqb[ti * qw + h * hd..][..hd]);
+                    }
+                }
+                for g in 0..d.nkv {
+                    for j in 0..t {
+                        let at = ((bi * d.nkv + g) * t + j) * hd;
+                        let (c, s) = (&self.cos[tab(j)], &self.sin[tab(j)]);
+                        rotate(
+                            &dkr[at..][..hd],
+                            c,
+                            s,
+                            -1.0,
+                            &mut dkb[j * kw + g * hd..][..hd],
+                        );
+                        dvb[j * kw + g * hd..][..hd].copy_from_slice(&dvh[at..][..hd]);
+                    }
+                }
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `x · wᵀ`, x (…, in), w (out, in) → (…, out): one GEMM over the flattened leading dims.
+///
+/// Composed, this is a reshape, a transposed view of w, a matmul and a reshape back: four
+/// autograd nodes, and candle's backward gives every node a zero-filled gradient buffer and an
+/// add (for the transposed view, a strided copy of ∂w). Fused, it is one node whose backward
+/// writes ∂x = g·w and ∂w = gᵀ·x straight from two GEMMs.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w]) || w.rank() != 2 || x.rank() == 0 || x.dim(D::Minus1)? != w.dim(1)? {
+        return linear_composed(x, w);
+    }
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?)
+}
+
+/// The composed reference.
+pub fn linear_composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (lead, last) = dims.split_at(dims.len().saturating_sub(1));
+    let n: usize = lead.iter().product();
+    let y = x
+        .reshape((n, last.first().copied().unwrap_or(1)))?
+        .matmul(&w.t()?)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    Ok(y.reshape(out)?)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "grove-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear")?;
+        let w = f32_slice(s2, l2, "linear")?;
+        let (out_f, in_f) = l2.shape().dims2()?;
+        let n = x.len() / in_f.max(1);
+        let mut y = vec![0f32; n * out_f];
+        if n > 0 && out_f > 0 && in_f > 0 {
+            // SAFETY: y is (n, out) row-major, x is (n, in) row-major and wᵀ is read through
+            // strides from w (out, in) row-major; all three slices hold exactly these extents.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    out_f,
+                    in_f,
+                    y.as_mut_ptr(),
+                    1,
+                    out_f as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    in_f as isize,
+                    w.as_ptr(),
+                    in_f as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_f;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f) = w.dims2()?;
+        let n = x.elem_count() / in_f.max(1);
+        let g2 = g.contiguous()?.reshape((n, out_f))?;
+        let x2 = x.detach().reshape((n, in_f))?;
+        let dx = g2.matmul(&w.detach())?.reshape(x.shape())?;
+        // gᵀ is a strided view; the GEMM reads it through strides, no copy.
+        let dw = g2.t()?.matmul(&x2)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,5 +1321,108 @@ mod tests {
         let y: Vec<f32> = swiglu(&a, &u).unwrap().to_vec1().unwrap();
         assert_eq!(y[0], 0.0);
         assert!((y[1] - 1.761594).abs() < 1e-5);
+    }
+
+    #[test]
+    fn linear_matches_composed_values_and_gradients() {
+        // A 3-D input (the model's (b, t, hidden)), a 2-D one, and odd sizes for the GEMM's
+        // edge kernels.
+        for (xs, out_f) in [
+            (vec![2usize, 5, 16], 24usize),
+            (vec![7, 13], 3),
+            (vec![1, 1, 9], 1),
+        ] {
+            let in_f = *xs.last().unwrap();
+            let x = rand_var(&xs, 10);
+            let w = rand_var(&[out_f, in_f], 11);
+            check(
+                |t| linear(&t[0], &t[1]).unwrap(),
+                |t| linear_composed(&t[0], &t[1]).unwrap(),
+                &[x, w],
+                &[0, 1],
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn linear_of_hand_computed_values() {
+        // x = [[1, 2]], w = [[3, 4], [5, 6], [0, -1]]: y = [1·3 + 2·4, 1·5 + 2·6, −2] = [11, 17, −2].
+        // With R = ones: ∂x = Σ_rows w = [8, 9]; ∂w = every row x = [1, 2].
+        let x = Var::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
+        let w = Var::new(&[[3f32, 4.0], [5.0, 6.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+        let y = linear(x.as_tensor(), w.as_tensor()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![11.0, 17.0, -2.0]]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx: Vec<Vec<f32>> = g.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        let dw: Vec<Vec<f32>> = g.get(w.as_tensor()).unwrap().to_vec2().unwrap();
+        assert_eq!(dx, vec![vec![8.0, 9.0]]);
+        assert_eq!(dw, vec![vec![1.0, 2.0]; 3]);
+    }
+
+    #[test]
+    fn attention_matches_composed_values_and_gradients() {
+        // GQA (4 query heads on 2 KV heads) with a left-padded sequence, plain multi-head, and
+        // one sequence with one KV head (fewer tasks than threads: the GEMMs go parallel).
+        for (b, t, nh, nkv, hd) in [
+            (2usize, 5usize, 4usize, 2usize, 8usize),
+            (3, 4, 2, 2, 6),
+            (1, 7, 3, 1, 4),
+        ] {
+            let q = rand_var(&[b, t, nh * hd], 20);
+            let k = rand_var(&[b, t, nkv * hd], 21);
+            let v = rand_var(&[b, t, nkv * hd], 22);
+            let cos = rand_var(&[b, t, hd / 2], 23);
+            let sin = rand_var(&[b, t, hd / 2], 24);
+            let valid: Vec<Vec<bool>> = (0..b)
+                .map(|bi| (0..t).map(|j| !(bi == 1 && j < 2)).collect())
+                .collect();
+            let mask = crate::model::attention_mask(&valid, 0, t, &Device::Cpu).unwrap();
+            let mask = Var::from_tensor(&mask).unwrap();
+            let scale = 1.0 / (hd as f64).sqrt();
+            check(
+                |ts| {
+                    attention(
+                        &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale,
+                    )
+                    .unwrap()
+                },
+                |ts| {
+                    attention_composed(
+                        &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale,
+                    )
+                    .unwrap()
+                },
+                &[q, k, v, cos, sin, mask],
+                &[0, 1, 2],
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn attention_of_hand_computed_values() {
+        // One head, hd = 2, no rotation (cos 1, sin 0), t = 2, scale 1.
+        // q = [[1, 0], [0, 1]], k = [[1, 0], [1, 1]], v = [[1, 2], [3, 4]].
+        // Row 0 sees key 0 only: y₀ = v₀ = [1, 2].
+        // Row 1: scores q₁·k = [0, 1], p = [1/(1+e), e/(1+e)] = [0.268941, 0.731059];
+        // y₁ = 0.268941·[1, 2] + 0.731059·[3, 4] = [2.462117, 3.462117].
+        let dev = Device::Cpu;
+        let q = Tensor::new(&[[[1f32, 0.0], [0.0, 1.0]]], &dev).unwrap();
+        let k = Tensor::new(&[[[1f32, 0.0], [1.0, 1.0]]], &dev).unwrap();
+        let v = Tensor::new(&[[[1f32, 2.0], [3.0, 4.0]]], &dev).unwrap();
+        let cos = Tensor::ones((1, 2, 1), DType::F32, &dev).unwrap();
+        let sin = Tensor::zeros((1, 2, 1), DType::F32, &dev).unwrap();
+        let mask = crate::model::attention_mask(&[vec![true, true]], 0, 2, &dev).unwrap();
+        let y: Vec<f32> = attention(&q, &k, &v, &cos, &sin, &mask, 1, 1, 1.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = [1.0, 2.0, 2.462117, 3.462117];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
     }
 }

@@ -265,17 +265,12 @@ pub struct Llama {
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    // Flatten leading dims into one 2-D GEMM: faster forward and backward than batched matmul.
-    let dims = x.dims().to_vec();
-    let (lead, last) = dims.split_at(dims.len() - 1);
-    let n: usize = lead.iter().product();
-    let mut y = x.reshape((n, last[0]))?.matmul(&w.t()?)?;
-    if let Some(b) = b {
-        y = y.broadcast_add(b)?;
-    }
-    let mut out = lead.to_vec();
-    out.push(w.dims()[0]);
-    Ok(y.reshape(out)?)
+    // One 2-D GEMM over the flattened leading dims, one autograd node (`fused::linear`).
+    let y = super::fused::linear(x, w)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -477,6 +472,17 @@ impl Llama {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
+            // Training and scoring (no cache, no per-head norms): projections to o_proj input
+            // in one fused node (`fused::attention`); RoPE is applied inside it.
+            if cache.is_none() && layer.qk_norm.is_none() {
+                let q = linear(&h, &layer.q, qb)?;
+                let k = linear(&h, &layer.k, kb)?;
+                let v = linear(&h, &layer.v, vb)?;
+                let y = super::fused::attention(&q, &k, &v, &cos, &sin, mask, nh, nkv, scale)?;
+                x = (x + linear(&y, &layer.o, None)?)?;
+                x = self.mlp(&x, layer)?;
+                continue;
+            }
             let q = linear(&h, &layer.q, qb)?
                 .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?;
@@ -531,12 +537,17 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
             x = (x + linear(&y, &layer.o, None)?)?;
-            let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let g = linear(&h, &layer.gate, None)?;
-            let u = linear(&h, &layer.up, None)?;
-            x = (x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?;
+            x = self.mlp(&x, layer)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
+    }
+
+    /// The residual MLP half of a layer: x + down(silu(gate(h))·up(h)), h = RMSNorm(x).
+    fn mlp(&self, x: &Tensor, layer: &Layer) -> Result<Tensor> {
+        let h = rms_norm(x, &layer.ln2, self.cfg.rms_eps())?;
+        let g = linear(&h, &layer.gate, None)?;
+        let u = linear(&h, &layer.up, None)?;
+        Ok((x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?)
     }
 
     /// The output matrix (vocab, hidden): the embedding when tied.
