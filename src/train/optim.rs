@@ -3,7 +3,8 @@
 //! candle-nn's `AdamW` allocates ~14 temporaries per parameter and step (DESIGN.md §3). Here
 //! the moments live in plain `Vec<f32>` and one pass per parameter updates m, v and the weight
 //! in place, with gradient clipping folded in as a scale on g. Off the CPU the same arithmetic
-//! runs as tensor ops.
+//! runs as tensor ops on moments that stay on the device; they reach host memory only when a
+//! checkpoint asks for them.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -37,6 +38,8 @@ pub struct AdamW {
     params: Vec<(String, Var)>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Moments of parameters on an accelerator (m, v), authoritative over `m`/`v` when set.
+    dev_mv: Vec<Option<(Tensor, Tensor)>>,
     pub hp: AdamWParams,
     /// Number of updates taken (bias correction uses it).
     pub t: u64,
@@ -133,6 +136,7 @@ impl AdamW {
             params: params.to_vec(),
             m,
             v,
+            dev_mv: vec![None; params.len()],
             hp,
             t: 0,
         }
@@ -182,19 +186,25 @@ impl AdamW {
                     p.as_tensor().inplace_op2(&g, &op)?;
                 }
                 dev => {
-                    // Accelerator path: the same arithmetic with tensor ops; moments mirrored
-                    // in host memory so checkpoints look the same on every device.
-                    let shape = p.shape().clone();
-                    let m = Tensor::from_slice(&self.m[i], &shape, dev)?;
-                    let v = Tensor::from_slice(&self.v[i], &shape, dev)?;
+                    // Accelerator path: the same arithmetic with tensor ops, moments kept on
+                    // the device (copied from host memory once, after creation or a resume).
+                    let (m, v) = match self.dev_mv[i].take() {
+                        Some(mv) => mv,
+                        None => {
+                            let shape = p.shape().clone();
+                            (
+                                Tensor::from_slice(&self.m[i], &shape, dev)?,
+                                Tensor::from_slice(&self.v[i], &shape, dev)?,
+                            )
+                        }
+                    };
                     let g = (g * grad_scale)?;
                     let m = ((m * hp.beta1)? + (&g * (1.0 - hp.beta1))?)?;
                     let v = ((v * hp.beta2)? + (g.sqr()? * (1.0 - hp.beta2))?)?;
                     let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + hp.eps)?)?;
                     let newp = ((p.as_tensor() * (1.0 - lr * hp.weight_decay))? - (upd * lr)?)?;
                     p.set(&newp)?;
-                    self.m[i] = m.flatten_all()?.to_vec1()?;
-                    self.v[i] = v.flatten_all()?.to_vec1()?;
+                    self.dev_mv[i] = Some((m, v));
                 }
             }
         }
@@ -205,14 +215,15 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (n, p)) in self.params.iter().enumerate() {
-            out.insert(
-                format!("{n}.exp_avg"),
-                Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?,
-            );
-            out.insert(
-                format!("{n}.exp_avg_sq"),
-                Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?,
-            );
+            let (m, v) = match &self.dev_mv[i] {
+                Some((m, v)) => (m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?),
+                None => (
+                    Tensor::from_slice(&self.m[i], p.shape(), &Device::Cpu)?,
+                    Tensor::from_slice(&self.v[i], p.shape(), &Device::Cpu)?,
+                ),
+            };
+            out.insert(format!("{n}.exp_avg"), m);
+            out.insert(format!("{n}.exp_avg_sq"), v);
         }
         Ok(out)
     }
@@ -246,6 +257,7 @@ impl AdamW {
                     .to_vec1()?;
             }
         }
+        self.dev_mv.iter_mut().for_each(|mv| *mv = None);
         self.t = t;
         Ok(())
     }
