@@ -167,6 +167,48 @@ if gemms:
         pt = peak_shapes.get((g["m"], g["k"], g["n"]))
         print(f"| {g['what']} | {g['m']} × {g['k']} × {g['n']} | {g['gflops']:.0f} | {fmt(pt, '', 0)} | "
               f"{fmt(ratio(g['gflops'], peak), '', 2)} |")
+# GPU figures: bench/gpu.sh run once on a lent GPU machine, its results.tsv committed beside it.
+gpu_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu-results")
+gpu_tsv = os.path.join(gpu_dir, "results.tsv")
+if os.path.exists(gpu_tsv):
+    gpu = {}
+    for l in open(gpu_tsv):
+        parts = l.rstrip("\n").split("\t")
+        if len(parts) == 3 and parts[1] == "0" and parts[2].startswith("{"):
+            gpu[parts[0]] = json.loads(parts[2])
+    meta = open(os.path.join(gpu_dir, "README.md")).read().strip() if os.path.exists(
+        os.path.join(gpu_dir, "README.md")) else ""
+    print("\n## On a GPU (`--features cuda`)\n")
+    if meta:
+        print(meta + "\n")
+    print("| work | grove (cuda) | PyTorch (cuda) | ratio |")
+    print("|---|---|---|---|")
+
+    def row(label, g, t, key_g, key_t, unit, higher_better):
+        gv = gpu.get(g, {}).get(key_g)
+        tv = gpu.get(t, {}).get(key_t) if t else None
+        r = None if gv is None or tv is None else (gv / tv if higher_better else tv / gv)
+        nd = 0 if unit == "tok/s" else 3
+        print(f"| {label} | {fmt(gv, ' ' + unit, nd)} | {fmt(tv, ' ' + unit, nd)} | {fmt(r, '×', 2)} |")
+
+    row("training step, spike config, 8 × 256", "grove_train_spike", "torch_train_spike",
+        "train_step_s", "step_s", "s", False)
+    row("sampling 64 × 32 tokens, anchor model (vs HF `generate`)", "grove_sample_anchor",
+        "torch_generate_anchor", "sample_tokens_per_s", "sample_tokens_per_s", "tok/s", True)
+    row("GRPO step, TRL anchor work (grove only)", "grove_rl_exact", None, "step_s", None, "s", False)
+    row("Qwen2.5-0.5B shapes: training step 2 × 128", "grove_train_qwen", "torch_train_qwen",
+        "train_step_s", "step_s", "s", False)
+    row("Qwen2.5-0.5B shapes: sampling 8 × 32 (vs HF `generate`)", "grove_sample_qwen",
+        "torch_generate_qwen", "sample_tokens_per_s", "sample_tokens_per_s", "tok/s", True)
+    g = gpu.get("grove_train_spike")
+    if g:
+        print(f"\ngrove's spike step on the GPU by phase: forward {g['train_forward_s']*1e3:.1f} ms, backward "
+              f"{g['train_backward_s']*1e3:.1f} ms, optimizer {g['train_optimizer_s']*1e3:.1f} ms.")
+    qs = os.path.join(gpu_dir, "quickstart.log")
+    if os.path.exists(qs):
+        acc = [l.strip() for l in open(qs) if l.startswith("held-out accuracy")]
+        if acc:
+            print(f"The quickstart (`grove train`) on the same GPU: \"{acc[-1]}\".")
 notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "performance-notes.md")
 if os.path.exists(notes):
     print()

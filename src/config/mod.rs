@@ -250,6 +250,11 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Prompts per step whose responses are written to samples.jsonl.
     pub log_samples: usize,
+    /// Sequences per forward/backward pass of the learner (0 = the whole step at once). Below
+    /// the step's sample count, log-probs are first computed without a graph, then gradients
+    /// are accumulated pass by pass: peak memory follows the micro-batch, at the cost of one
+    /// extra forward pass. The update is the same up to float rounding.
+    pub micro_batch: usize,
 }
 
 impl Default for TrainConfig {
@@ -264,6 +269,7 @@ impl Default for TrainConfig {
             eval_size: 0,
             checkpoint_every: 50,
             log_samples: 2,
+            micro_batch: 0,
         }
     }
 }

@@ -1032,6 +1032,93 @@ pub fn linear_composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct Linear;
 
+/// Up to this many rows (decoding: one token per sequence), `x · wᵀ` runs as row-by-row dot
+/// products instead of a GEMM. Such products are bound by reading w once, and the GEMM's
+/// AVX-512 kernels pack and tile for large m: on Qwen2.5-0.5B shapes, sampling 8 sequences ran
+/// at 35 tokens/s through them against 52 through these dot products.
+const SKINNY_ROWS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// out[i] = x_i · w for the rows x_i of x (out.len() rows of w.len()), four rows at a time so
+/// each 8-lane load of w feeds four FMAs. The build targets baseline x86-64, where the
+/// portable `dot` compiles to 4-lane SSE2 without FMA: too slow for a product that decoding
+/// runs over every weight matrix for every token.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(x: &[f32], in_f: usize, w: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len();
+    assert!(w.len() >= in_f && x.len() >= n * in_f);
+    let k8 = in_f / 8 * 8;
+    let hsum = |v: __m256| -> f32 {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), v);
+        a.iter().sum()
+    };
+    let mut i0 = 0;
+    while i0 < n {
+        let rows = (n - i0).min(4);
+        let xr = |r: usize| x.as_ptr().add((i0 + r.min(rows - 1)) * in_f);
+        let (x0, x1, x2, x3) = (xr(0), xr(1), xr(2), xr(3));
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut k = 0;
+        while k < k8 {
+            let wv = _mm256_loadu_ps(w.as_ptr().add(k));
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0.add(k)), wv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1.add(k)), wv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2.add(k)), wv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3.add(k)), wv, a3);
+            k += 8;
+        }
+        let sums = [hsum(a0), hsum(a1), hsum(a2), hsum(a3)];
+        for r in 0..rows {
+            let xi = &x[(i0 + r) * in_f..][..in_f];
+            let tail: f32 = (k8..in_f).map(|k| xi[k] * w[k]).sum();
+            out[i0 + r] = sums[r] + tail;
+        }
+        i0 += rows;
+    }
+}
+
+/// y (n, out) = x (n, in) · wᵀ, w (out, in) row-major, for small n: each row of w is read once
+/// and dotted with every row of x (which stays in cache); blocks of w's rows run in parallel.
+fn skinny_matmul_t(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize, y: &mut [f32]) {
+    // Transposed result (out, n), so parallel blocks of w's rows write disjoint slices.
+    let mut yt = vec![0f32; out_f * n];
+    let block = rows_per_task(in_f).max(16);
+    yt.par_chunks_mut(block * n)
+        .zip(w.par_chunks(block * in_f))
+        .for_each(|(yt, w)| {
+            for (yj, wj) in yt.chunks_mut(n).zip(w.chunks(in_f)) {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked at run time); x holds n rows
+                    // of in_f, wj one row of in_f and yj n outputs.
+                    unsafe { dots_avx2(x, in_f, wj, yj) };
+                    continue;
+                }
+                for (i, out) in yj.iter_mut().enumerate() {
+                    *out = dot(&x[i * in_f..][..in_f], wj);
+                }
+            }
+        });
+    for j in 0..out_f {
+        for i in 0..n {
+            y[i * out_f + j] = yt[j * n + i];
+        }
+    }
+}
+
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "grove-linear"
@@ -1049,7 +1136,9 @@ impl CustomOp2 for Linear {
         let (out_f, in_f) = l2.shape().dims2()?;
         let n = x.len() / in_f.max(1);
         let mut y = vec![0f32; n * out_f];
-        if n > 0 && out_f > 0 && in_f > 0 {
+        if n > 0 && n <= SKINNY_ROWS && in_f > 0 {
+            skinny_matmul_t(x, w, n, in_f, out_f, &mut y);
+        } else if n > 0 && out_f > 0 && in_f > 0 {
             // SAFETY: y is (n, out) row-major, x is (n, in) row-major and wᵀ is read through
             // strides from w (out, in) row-major; all three slices hold exactly these extents.
             unsafe {
@@ -1327,10 +1416,13 @@ mod tests {
     fn linear_matches_composed_values_and_gradients() {
         // A 3-D input (the model's (b, t, hidden)), a 2-D one, and odd sizes for the GEMM's
         // edge kernels.
+        // Up to SKINNY_ROWS rows take the dot-product path, more the GEMM: both are covered.
         for (xs, out_f) in [
             (vec![2usize, 5, 16], 24usize),
             (vec![7, 13], 3),
             (vec![1, 1, 9], 1),
+            (vec![3, 40, 33], 70),
+            (vec![17, 8], 1000),
         ] {
             let in_f = *xs.last().unwrap();
             let x = rand_var(&xs, 10);

@@ -266,15 +266,32 @@ impl Task for MathTask {
     fn heldout(&self) -> &[Problem] {
         &self.heldout
     }
-    fn verify(&self, response: &str, _finished: bool, reference: &str) -> Verdict {
+    fn verify(&self, response: &str, finished: bool, reference: &str) -> Verdict {
         let mut text = response;
+        let mut finished = finished;
         if self.style == PromptStyle::Base {
-            // A base model runs on into the next "Question:"; judge its answer only.
+            // A base model runs on into the next "Question:"; judge its answer only. Reaching
+            // the next question means the answer was complete.
             if let Some(cut) = text.find("\nQuestion:") {
                 text = &text[..cut];
+                finished = true;
             }
         }
-        self.verifier.verify(text, reference)
+        if finished {
+            return self.verifier.verify(text, reference);
+        }
+        // Cut off at the token limit: only an explicitly marked answer (`####`, `\boxed{}`, an
+        // answer line) counts. The last-number fallback would score whatever number the
+        // reasoning had reached when it was cut.
+        let strict = MathVerifier {
+            last_number_fallback: false,
+            ..self.verifier.clone()
+        };
+        let mut v = strict.verify(text, reference);
+        if v.extracted.is_none() {
+            v.reason = "truncated (no EOS) and no marked answer".to_string();
+        }
+        v
     }
     fn prompt_bos(&self) -> bool {
         self.style == PromptStyle::Base
@@ -358,6 +375,13 @@ mod tests {
             1.0
         );
         assert_eq!(task.verify(" #### 17", true, "18").score, 0.0);
+        // Truncated (no EOS, no next question): the last-number fallback does not apply...
+        let cut = task.verify(" 16 - 3 - 4 = 9, 9 * 2 = 18", false, "18");
+        assert_eq!(cut.score, 0.0);
+        assert_eq!(cut.reason, "truncated (no EOS) and no marked answer");
+        // ...but it does for a finished response, and a marked answer counts either way.
+        assert_eq!(task.verify(" 9 * 2 = 18", true, "18").score, 1.0);
+        assert_eq!(task.verify(" so the answer is 18.", false, "18").score, 1.0);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let p = Task::sample_train(&task, &mut rng);
         assert!(p.prompt.starts_with("Solve the problem.") && !p.answer.is_empty());

@@ -123,12 +123,33 @@ impl Learner {
         } else {
             1.0
         };
-        let (lp, lsm) = batch::response_logprobs(&self.model, &b, temp)?;
-        let lp_rows = batch::to_f64_rows(&lp)?;
+        // With micro-batches the log-probs come from graph-free passes first (the loss needs
+        // all of them before any gradient); otherwise the one graph serves both.
+        let micro = cfg.train.micro_batch;
+        let micro = (micro > 0 && micro < n).then_some(micro);
+        let chunks: Vec<std::ops::Range<usize>> = match micro {
+            Some(mb) => (0..n).step_by(mb).map(|a| a..(a + mb).min(n)).collect(),
+            None => vec![0..n],
+        };
+        let rows_of = |model: &crate::model::Llama| -> Result<Vec<Vec<f64>>> {
+            let mut rows = Vec::with_capacity(n);
+            for c in &chunks {
+                let bc = batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev)?;
+                let lp = batch::response_logprobs(model, &bc, temp)?.0.detach();
+                rows.extend(batch::to_f64_rows(&lp)?);
+            }
+            Ok(rows)
+        };
+        let whole = match micro {
+            None => Some(batch::response_logprobs(&self.model, &b, temp)?),
+            Some(_) => None,
+        };
+        let lp_rows = match &whole {
+            Some((lp, _)) => batch::to_f64_rows(lp)?,
+            None => rows_of(&self.model)?,
+        };
         let ref_rows = match &self.reference {
-            Some(r) => Some(batch::to_f64_rows(
-                &batch::response_logprobs(r, &b, temp)?.0,
-            )?),
+            Some(r) => Some(rows_of(r)?),
             None => None,
         };
         let len = |i: usize| exps[i].response_ids.len();
@@ -226,22 +247,51 @@ impl Learner {
             }
         }
         let out = loss::compute(&cfg.loss, &seqs)?;
-        let rl = b.resp_len;
-        let mut gflat = Vec::with_capacity(n * rl);
-        for row in &out.grad_logp {
-            gflat.extend(row.iter().map(|&x| x as f32));
-            gflat.extend(std::iter::repeat(0.0f32).take(rl - row.len()));
-        }
-        let gt = Tensor::from_vec(gflat, (n, rl), &dev)?;
-        let valid = valid_tensor(&b.valid, &dev)?;
-        let entropy_t = batch::entropy(&lsm, &valid)?;
-        let mut surrogate = (&lp * &gt)?.sum_all()?;
-        if cfg.loss.entropy_coef > 0.0 {
-            surrogate = (surrogate - (&entropy_t * cfg.loss.entropy_coef)?)?;
-        }
 
-        // 5. Backward, clip, update.
-        let grads = surrogate.backward()?;
+        // 5. Backward (per micro-batch, gradients summed), clip, update. The surrogate
+        //    Σ logp·∂L/∂logp has the loss's gradient; the entropy bonus is the mean over all
+        //    valid response tokens of the step, so each pass divides by the step's count.
+        let valid_total: usize = b.valid.iter().flatten().filter(|&&v| v > 0.0).count();
+        let mut entropy_sum = 0.0f64;
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        for c in &chunks {
+            let own;
+            let (bc, (lp, lsm)) = match &whole {
+                Some(w) => (&b, w),
+                None => {
+                    let bc =
+                        batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev)?;
+                    let pair = batch::response_logprobs(&self.model, &bc, temp)?;
+                    own = (bc, pair);
+                    (&own.0, &own.1)
+                }
+            };
+            let rl = bc.resp_len;
+            let mut gflat = Vec::with_capacity(c.len() * rl);
+            for row in &out.grad_logp[c.clone()] {
+                gflat.extend(row.iter().map(|&x| x as f32));
+                gflat.extend(std::iter::repeat(0.0f32).take(rl - row.len()));
+            }
+            let gt = Tensor::from_vec(gflat, (c.len(), rl), &dev)?;
+            let valid = valid_tensor(&bc.valid, &dev)?;
+            let ent_sum = (lsm * &valid)?.sum_all()?;
+            entropy_sum += ent_sum
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            let mut surrogate = (lp * &gt)?.sum_all()?;
+            if cfg.loss.entropy_coef > 0.0 {
+                let scale = cfg.loss.entropy_coef / valid_total.max(1) as f64;
+                surrogate = (surrogate - (ent_sum * scale)?)?;
+            }
+            let g = surrogate.backward()?;
+            grads = Some(match grads.take() {
+                None => g,
+                Some(acc) => self.opt.add_grads(acc, &g)?,
+            });
+        }
+        let grads = grads
+            .ok_or_else(|| crate::error::Error::Model("a learner step without samples".into()))?;
+        let entropy_mean = entropy_sum / valid_total.max(1) as f64;
         let gnorm = self.opt.grad_norm(&grads)?;
         let clip = cfg.train.grad_clip;
         let scale = if clip > 0.0 && gnorm > clip {
@@ -321,7 +371,7 @@ impl Learner {
         m.insert("is/ratio_mean".into(), out.metrics.ratio_mean);
         m.insert("is/ratio_max".into(), out.metrics.ratio_max);
         m.insert("kl/k3".into(), out.metrics.kl_k3);
-        m.insert("entropy".into(), entropy_t.to_scalar::<f32>()? as f64);
+        m.insert("entropy".into(), entropy_mean);
         m.insert("len/mean".into(), gen_tokens as f64 / nf);
         m.insert(
             "len/truncated_frac".into(),
@@ -358,5 +408,81 @@ impl Learner {
             }))?;
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+    use crate::train::explore::{collect, ExploreState};
+    use crate::train::optim::AdamWParams;
+
+    /// One update from the same groups, in one pass and in micro-batches of 5 (16 samples:
+    /// passes of 5, 5, 5, 1, each padded differently): the same metrics and parameters.
+    #[test]
+    fn micro_batches_give_the_same_update_as_one_pass() {
+        let mut cfg = RunConfig::default();
+        cfg.rollout.prompts_per_step = 4;
+        cfg.rollout.group_size = 4;
+        cfg.train.lr_warmup_steps = 0;
+        cfg.train.log_samples = 0;
+        cfg.loss.entropy_coef = 0.01;
+        let env = Env::new(cfg.clone()).unwrap();
+        let model = env.initial_policy(&Device::Cpu).unwrap();
+        let mut st = ExploreState::new(&cfg, 0).unwrap();
+        let mut groups = collect(&env, &model, 0, &mut st).unwrap();
+        // The untrained policy is all wrong; alternate the rewards so advantages are non-zero.
+        for (i, e) in groups
+            .iter_mut()
+            .flat_map(|g| &mut g.experiences)
+            .enumerate()
+        {
+            let r = (i % 2) as f64;
+            e.reward = r;
+            e.components.insert("correct".into(), r);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut runs = vec![];
+        for mb in [0usize, 5] {
+            let mut c = cfg.clone();
+            c.train.micro_batch = mb;
+            let env = Env::new(c).unwrap();
+            let m = model.deep_clone().unwrap();
+            // A large ε makes the first AdamW step ≈ lr·g instead of lr·sign(g), so the
+            // parameters compare gradients, not the signs of near-zero ones.
+            let hp = AdamWParams {
+                eps: 1.0,
+                ..Default::default()
+            };
+            let opt = AdamW::new(m.params(), hp);
+            let dir = tmp.path().join(format!("mb{mb}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut learner = Learner::new(m, opt, &dir, 0).unwrap();
+            let metrics = learner.learn(&env, &groups, 1, 0.0, 0).unwrap();
+            let params: Vec<Vec<f32>> = learner
+                .model
+                .params()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            runs.push((metrics, params));
+        }
+        let (a, b) = (&runs[0], &runs[1]);
+        for key in ["loss/policy", "entropy", "grad/norm", "adv/mean"] {
+            let (x, y) = (a.0[key], b.0[key]);
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key}: one pass {x} vs micro-batches {y}"
+            );
+        }
+        assert!(a.0["grad/norm"] > 1e-3, "the update must not be trivial");
+        let worst =
+            a.1.iter()
+                .flatten()
+                .zip(b.1.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+        assert!(worst < 1e-8, "parameters differ by {worst}");
     }
 }

@@ -142,6 +142,21 @@ impl AdamW {
         }
     }
 
+    /// `acc` plus `more`, parameter by parameter (gradient accumulation over micro-batches).
+    pub fn add_grads(&self, mut acc: GradStore, more: &GradStore) -> Result<GradStore> {
+        for (_, p) in &self.params {
+            let Some(g) = more.get(p.as_tensor()) else {
+                continue;
+            };
+            let sum = match acc.get(p.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(p.as_tensor(), sum);
+        }
+        Ok(acc)
+    }
+
     /// Global L2 norm of the gradients of all parameters.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sq = 0.0f64;
