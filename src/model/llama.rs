@@ -266,11 +266,10 @@ pub struct Llama {
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     // One 2-D GEMM over the flattened leading dims, one autograd node (`fused::linear`).
-    let y = super::fused::linear(x, w)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+    match b {
+        Some(b) => super::fused::linear_bias(x, w, b),
+        None => super::fused::linear(x, w),
+    }
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
