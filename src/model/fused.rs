@@ -324,14 +324,13 @@ impl CustomOp3 for Rope {
                     // rows run over (b, head, t); the tables over (b, t).
                     let (bi, ti) = (row / (nh * t), row % t);
                     let base = (bi * t + ti) * half;
-                    let (c, s) = (&cos[base..base + half], &sin[base..base + half]);
-                    let (x1, x2) = xrow.split_at(half);
-                    let (o1, o2) = orow.split_at_mut(half);
-                    for i in 0..half {
-                        let si = sign * s[i];
-                        o1[i] = x1[i] * c[i] - x2[i] * si;
-                        o2[i] = x2[i] * c[i] + x1[i] * si;
-                    }
+                    rotate(
+                        xrow,
+                        &cos[base..base + half],
+                        &sin[base..base + half],
+                        sign,
+                        orow,
+                    );
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -711,6 +710,11 @@ impl AttnDims {
     fn tasks(&self) -> usize {
         self.b * self.nkv
     }
+    /// Entries of sequence bi, position ti in the (b·t, hd/2) cos/sin tables.
+    fn table(&self, bi: usize, ti: usize) -> std::ops::Range<usize> {
+        let (row, half) = (bi * self.t + ti, self.hd / 2);
+        row * half..(row + 1) * half
+    }
 }
 
 /// What the forward keeps for the backward, per task (sequence bi, KV head g), task-major:
@@ -827,7 +831,7 @@ impl CustomOp3 for Attention {
         let k = f32_slice(s2, l2, "attention")?;
         let v = f32_slice(s3, l3, "attention")?;
         let d = self.dims;
-        let (t, hd, m, half) = (d.t, d.hd, d.m(), d.hd / 2);
+        let (t, hd, m) = (d.t, d.hd, d.m());
         let (qw, kw) = (d.nh * hd, d.nkv * hd);
         let mut p = vec![0f32; d.tasks() * m * t];
         let mut qr = vec![0f32; d.tasks() * m * hd];
@@ -842,15 +846,14 @@ impl CustomOp3 for Attention {
             .enumerate()
             .for_each(|(task, (((p, qr), kr), yh))| {
                 let (bi, g) = (task / d.nkv, task % d.nkv);
-                let tab = |ti: usize| (bi * t + ti) * half..(bi * t + ti + 1) * half;
                 for row in 0..m {
                     let (r, ti) = (row / t, row % t);
                     let h = g * d.rep() + r;
                     let src = &q[(bi * t + ti) * qw + h * hd..][..hd];
                     rotate(
                         src,
-                        &self.cos[tab(ti)],
-                        &self.sin[tab(ti)],
+                        &self.cos[d.table(bi, ti)],
+                        &self.sin[d.table(bi, ti)],
                         1.0,
                         &mut qr[row * hd..][..hd],
                     );
@@ -859,8 +862,8 @@ impl CustomOp3 for Attention {
                     let src = &k[(bi * t + j) * kw + g * hd..][..hd];
                     rotate(
                         src,
-                        &self.cos[tab(j)],
-                        &self.sin[tab(j)],
+                        &self.cos[d.table(bi, j)],
+                        &self.sin[d.table(bi, j)],
                         1.0,
                         &mut kr[j * hd..][..hd],
                     );
@@ -914,7 +917,7 @@ impl CustomOp3 for Attention {
             candle_core::bail!("grove-attention: backward without a forward")
         };
         let d = self.dims;
-        let (t, hd, m, half) = (d.t, d.hd, d.m(), d.hd / 2);
+        let (t, hd, m) = (d.t, d.hd, d.m());
         let (qw, kw) = (d.nh * hd, d.nkv * hd);
         let gy = grad.flatten_all()?.to_vec1::<f32>()?;
         let vv = v.flatten_all()?.to_vec1::<f32>()?;
@@ -968,19 +971,18 @@ impl CustomOp3 for Attention {
             .zip(dv.par_chunks_mut(t * kw))
             .enumerate()
             .for_each(|(bi, ((dqb, dkb), dvb))| {
-                let tab = |ti: usize| (bi * t + ti) * half..(bi * t + ti + 1) * half;
                 for h in 0..d.nh {
                     let (g, r) = (h / d.rep(), h % d.rep());
                     for ti in 0..t {
                         let src = &dqr[((bi * d.nkv + g) * m + r * t + ti) * hd..][..hd];
-                        let (c, s) = (&self.cos[tab(ti)], &self.sin[tab(ti)]);
+                        let (c, s) = (&self.cos[d.table(bi, ti)], &self.sin[d.table(bi, ti)]);
                         rotate(src, c, s, -1.0, &mut dqb[ti * qw + h * hd..][..hd]);
                     }
                 }
                 for g in 0..d.nkv {
                     for j in 0..t {
                         let at = ((bi * d.nkv + g) * t + j) * hd;
-                        let (c, s) = (&self.cos[tab(j)], &self.sin[tab(j)]);
+                        let (c, s) = (&self.cos[d.table(bi, j)], &self.sin[d.table(bi, j)]);
                         rotate(
                             &dkr[at..][..hd],
                             c,
@@ -1055,10 +1057,10 @@ struct Linear;
 /// at 35 tokens/s through them against 52 through these dot products.
 const SKINNY_ROWS: usize = 16;
 
+/// `is_x86_feature_detected!` caches its answer, so this is cheap per call.
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// out[i] = x_i · w for the rows x_i of x (out.len() rows of w.len()), four rows at a time so
@@ -1213,32 +1215,10 @@ fn linear_fwd(
     let mut y = vec![0f32; n * out_f];
     if n > 0 && n <= SKINNY_ROWS && in_f > 0 {
         skinny_matmul_t(x, w, n, in_f, out_f, &mut y);
-    } else if n > 0 && out_f > 0 && in_f > 0 {
-        // SAFETY: y is (n, out) row-major, x is (n, in) row-major and wᵀ is read through
-        // strides from w (out, in) row-major; all three slices hold exactly these extents.
-        unsafe {
-            gemm::gemm(
-                n,
-                out_f,
-                in_f,
-                y.as_mut_ptr(),
-                1,
-                out_f as isize,
-                false,
-                x.as_ptr(),
-                1,
-                in_f as isize,
-                w.as_ptr(),
-                in_f as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+    } else {
+        // x (n, in) row-major; wᵀ read through strides from w (out, in) row-major.
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        gemm_into(&mut y, n, out_f, in_f, x, (in_f, 1), w, (1, in_f), par);
     }
     if let Some(b) = bias {
         if out_f > 0 {

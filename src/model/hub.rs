@@ -158,8 +158,21 @@ pub fn resolve_path(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Shard file names listed in a `model.safetensors.index.json`, sorted and deduplicated.
+/// Shard file names listed in a `model.safetensors.index.json`, sorted and deduplicated, each
+/// a plain file name (a download must not write outside its folder).
 pub fn index_shards(index_json: &str, source: &str) -> Result<Vec<String>> {
+    let shards = listed_shards(index_json, source)?;
+    if let Some(bad) = shards.iter().find(|s| !valid_part(s)) {
+        return Err(Error::checkpoint(
+            source,
+            format!("shard name `{bad}` is not a plain file name"),
+        ));
+    }
+    Ok(shards)
+}
+
+/// Shard file names listed in a `model.safetensors.index.json`, sorted and deduplicated.
+pub fn listed_shards(index_json: &str, source: &str) -> Result<Vec<String>> {
     let v: serde_json::Value = serde_json::from_str(index_json)
         .map_err(|e| Error::checkpoint(source, format!("not valid JSON: {e}")))?;
     let map = v
@@ -172,12 +185,6 @@ pub fn index_shards(index_json: &str, source: &str) -> Result<Vec<String>> {
         .collect();
     shards.sort();
     shards.dedup();
-    if let Some(bad) = shards.iter().find(|s| !valid_part(s)) {
-        return Err(Error::checkpoint(
-            source,
-            format!("shard name `{bad}` is not a plain file name"),
-        ));
-    }
     Ok(shards)
 }
 

@@ -45,20 +45,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
     let mut tensors = HashMap::new();
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::checkpoint(&index, "field `weight_map` missing or not an object")
-            })?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect();
-        shards.sort();
-        shards.dedup();
+        let shards = super::hub::listed_shards(&text, &index.display().to_string())?;
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else {
         vec![dir.join("model.safetensors")]
@@ -137,9 +124,7 @@ pub fn load_config(path: &Path) -> Result<Config> {
     let resolved = super::hub::resolve_path(path)?;
     let path = resolved.as_path();
     if is_gguf(path) {
-        let src = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let file = gguf::read_gguf(&bytes, &src)?;
+        let (file, src) = read_gguf_file(path)?;
         let json = gguf::llama_config_json(&file)?;
         return Config::from_json(&json.to_string(), &src);
     }
@@ -155,9 +140,7 @@ pub fn load_pretrained_tokenizer(path: &Path) -> Result<Tokenizer> {
     let resolved = super::hub::resolve_path(path)?;
     let path = resolved.as_path();
     if is_gguf(path) {
-        let src = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let file = gguf::read_gguf(&bytes, &src)?;
+        let (file, src) = read_gguf_file(path)?;
         return gguf_tokenizer(&file, &src);
     }
     if path.is_dir() {
@@ -168,11 +151,21 @@ pub fn load_pretrained_tokenizer(path: &Path) -> Result<Tokenizer> {
     load_pretrained(path, &Device::Cpu).map(|(_, t)| t)
 }
 
+/// A GGUF file's metadata and tensor table, with the path as errors name it (the bytes are
+/// dropped: for config and tokenizer only).
+fn read_gguf_file(path: &Path) -> Result<(gguf::GgufFile, String)> {
+    let src = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = gguf::read_gguf(&bytes, &src)?;
+    Ok((file, src))
+}
+
 /// Loads a Llama-family GGUF file: tensors dequantized to trainable f32 under their HF names
 /// (Q/K rows un-permuted for `llama` files), `config.json` and `tokenizer.json` rebuilt from
 /// the metadata, BOS prepended when `tokenizer.ggml.add_bos_token` says so (default: yes for
 /// SentencePiece vocabularies, no for byte-level BPE), and the `tokenizer.chat_template`.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    // The bytes stay alive here: tensors are dequantized from them.
     let src = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let file = gguf::read_gguf(&bytes, &src)?;

@@ -471,82 +471,69 @@ impl Llama {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
-            // Training and scoring (no cache, no per-head norms): projections to o_proj input
-            // in one fused node (`fused::attention`); RoPE is applied inside it.
-            if cache.is_none() && layer.qk_norm.is_none() {
-                let q = linear(&h, &layer.q, qb)?;
-                let k = linear(&h, &layer.k, kb)?;
-                let v = linear(&h, &layer.v, vb)?;
-                let y = super::fused::attention(&q, &k, &v, &cos, &sin, mask, nh, nkv, scale)?;
-                x = (x + linear(&y, &layer.o, None)?)?;
-                x = self.mlp(&x, layer)?;
-                continue;
-            }
-            let q = linear(&h, &layer.q, qb)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = linear(&h, &layer.k, kb)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = linear(&h, &layer.v, vb)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let (q, k) = match &layer.qk_norm {
-                Some((qn, kn)) => (
-                    rms_norm(&q, qn, cfg.rms_eps())?,
-                    rms_norm(&k, kn, cfg.rms_eps())?,
-                ),
-                None => (q, k),
+            let q = linear(&h, &layer.q, qb)?;
+            let k = linear(&h, &layer.k, kb)?;
+            let v = linear(&h, &layer.v, vb)?;
+            // Training and scoring (no cache, no per-head norms): projections to the o_proj
+            // input in one fused node (`fused::attention`, RoPE inside). Decoding and Qwen3's
+            // q/k norms take the composed path.
+            let y = if cache.is_none() && layer.qk_norm.is_none() {
+                super::fused::attention(&q, &k, &v, &cos, &sin, mask, nh, nkv, scale)?
+            } else {
+                let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+                let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+                let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+                let (q, k) = match &layer.qk_norm {
+                    Some((qn, kn)) => (
+                        rms_norm(&q, qn, cfg.rms_eps())?,
+                        rms_norm(&k, kn, cfg.rms_eps())?,
+                    ),
+                    None => (q, k),
+                };
+                let q = super::fused::rope(&q, &cos, &sin)?;
+                let k = super::fused::rope(&k, &cos, &sin)?;
+                let (k, v) = match cache.as_deref_mut() {
+                    Some(c) => {
+                        let slot = c.layers.get_mut(li).ok_or_else(|| {
+                            Error::Model("kv cache has fewer layers than the model".into())
+                        })?;
+                        let (k, v) = match slot.take() {
+                            Some((pk, pv)) => (
+                                Tensor::cat(&[&pk, &k], 2)?,
+                                Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
+                            ),
+                            None => (k.contiguous()?, v.contiguous()?),
+                        };
+                        // Cached keys/values are detached: the cache serves decoding only, and an
+                        // attached cache would keep every earlier step's autograd graph (all its
+                        // activations) alive through the chain of concatenations.
+                        *slot = Some((k.detach(), v.detach()));
+                        (k, v)
+                    }
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                // Grouped-query attention without copying keys/values per query head: the `rep`
+                // query heads of one KV head are stacked along the query axis, (b, nkv, rep·t, hd),
+                // which is the same memory as (b, nh, t, hd) (HF's repeat_kv maps query head h to
+                // KV head h / rep).
+                let rep = nh / nkv;
+                let s_len = k.dim(2)?;
+                let qg = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+                let att = qg.matmul(&k.t()?)?.reshape((b, nh, t, s_len))?;
+                let att = super::fused::masked_softmax(&att, mask, scale)?;
+                att.reshape((b, nkv, rep * t, s_len))?
+                    .matmul(&v)?
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd))?
             };
-            let q = super::fused::rope(&q, &cos, &sin)?;
-            let k = super::fused::rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => {
-                    let slot = c.layers.get_mut(li).ok_or_else(|| {
-                        Error::Model("kv cache has fewer layers than the model".into())
-                    })?;
-                    let (k, v) = match slot.take() {
-                        Some((pk, pv)) => (
-                            Tensor::cat(&[&pk, &k], 2)?,
-                            Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
-                        ),
-                        None => (k.contiguous()?, v.contiguous()?),
-                    };
-                    // Cached keys/values are detached: the cache serves decoding only, and an
-                    // attached cache would keep every earlier step's autograd graph (all its
-                    // activations) alive through the chain of concatenations.
-                    *slot = Some((k.detach(), v.detach()));
-                    (k, v)
-                }
-                None => (k.contiguous()?, v.contiguous()?),
-            };
-            // Grouped-query attention without copying keys/values per query head: the `rep`
-            // query heads of one KV head are stacked along the query axis, (b, nkv, rep·t, hd),
-            // which is the same memory as (b, nh, t, hd) (HF's repeat_kv maps query head h to
-            // KV head h / rep).
-            let rep = nh / nkv;
-            let s_len = k.dim(2)?;
-            let qg = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-            let att = qg.matmul(&k.t()?)?.reshape((b, nh, t, s_len))?;
-            let att = super::fused::masked_softmax(&att, mask, scale)?;
-            let y = att
-                .reshape((b, nkv, rep * t, s_len))?
-                .matmul(&v)?
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
             x = (x + linear(&y, &layer.o, None)?)?;
-            x = self.mlp(&x, layer)?;
+            let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
+            let g = linear(&h, &layer.gate, None)?;
+            let u = linear(&h, &layer.up, None)?;
+            x = (x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
-    }
-
-    /// The residual MLP half of a layer: x + down(silu(gate(h))·up(h)), h = RMSNorm(x).
-    fn mlp(&self, x: &Tensor, layer: &Layer) -> Result<Tensor> {
-        let h = rms_norm(x, &layer.ln2, self.cfg.rms_eps())?;
-        let g = linear(&h, &layer.gate, None)?;
-        let u = linear(&h, &layer.up, None)?;
-        Ok((x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?)
     }
 
     /// The output matrix (vocab, hidden): the embedding when tied.

@@ -117,32 +117,37 @@ impl Learner {
         let prompts: Vec<Vec<u32>> = exps.iter().map(|e| e.prompt_ids.clone()).collect();
         let responses: Vec<Vec<u32>> = exps.iter().map(|e| e.response_ids.clone()).collect();
         let dev = self.model.device().clone();
-        let b = batch::build(&prompts, &responses, tok.pad, &dev)?;
         let temp = if cfg.rollout.temperature > 0.0 {
             cfg.rollout.temperature
         } else {
             1.0
         };
-        // With micro-batches the log-probs come from graph-free passes first (the loss needs
-        // all of them before any gradient); otherwise the one graph serves both.
-        let micro = cfg.train.micro_batch;
-        let micro = (micro > 0 && micro < n).then_some(micro);
-        let chunks: Vec<std::ops::Range<usize>> = match micro {
-            Some(mb) => (0..n).step_by(mb).map(|a| a..(a + mb).min(n)).collect(),
-            None => vec![0..n],
+        // Samples in passes of `train.micro_batch` (one pass when 0 or ≥ n), each batch built
+        // once. With several passes the log-probs come from graph-free passes first (the loss
+        // needs all of them before any gradient); with one, its graph serves both.
+        let mb = match cfg.train.micro_batch {
+            0 => n,
+            m => m.min(n),
         };
+        let chunks: Vec<std::ops::Range<usize>> = (0..n)
+            .step_by(mb.max(1))
+            .map(|a| a..(a + mb).min(n))
+            .collect();
+        let batches = chunks
+            .iter()
+            .map(|c| batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev))
+            .collect::<Result<Vec<_>>>()?;
         let rows_of = |model: &crate::model::Llama| -> Result<Vec<Vec<f64>>> {
             let mut rows = Vec::with_capacity(n);
-            for c in &chunks {
-                let bc = batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev)?;
-                let lp = batch::response_logprobs(model, &bc, temp)?.0.detach();
+            for bc in &batches {
+                let lp = batch::response_logprobs(model, bc, temp)?.0.detach();
                 rows.extend(batch::to_f64_rows(&lp)?);
             }
             Ok(rows)
         };
-        let whole = match micro {
-            None => Some(batch::response_logprobs(&self.model, &b, temp)?),
-            Some(_) => None,
+        let whole = match batches.as_slice() {
+            [one] => Some(batch::response_logprobs(&self.model, one, temp)?),
+            _ => None,
         };
         let lp_rows = match &whole {
             Some((lp, _)) => batch::to_f64_rows(lp)?,
@@ -251,19 +256,19 @@ impl Learner {
         // 5. Backward (per micro-batch, gradients summed), clip, update. The surrogate
         //    Σ logp·∂L/∂logp has the loss's gradient; the entropy bonus is the mean over all
         //    valid response tokens of the step, so each pass divides by the step's count.
-        let valid_total: usize = b.valid.iter().flatten().filter(|&&v| v > 0.0).count();
+        let valid_total: usize = batches
+            .iter()
+            .map(|bc| bc.valid.iter().flatten().filter(|&&v| v > 0.0).count())
+            .sum();
         let mut entropy_sum = 0.0f64;
         let mut grads: Option<candle_core::backprop::GradStore> = None;
-        for c in &chunks {
+        for (c, bc) in chunks.iter().zip(&batches) {
             let own;
-            let (bc, (lp, lsm)) = match &whole {
-                Some(w) => (&b, w),
+            let (lp, lsm) = match &whole {
+                Some(w) => w,
                 None => {
-                    let bc =
-                        batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev)?;
-                    let pair = batch::response_logprobs(&self.model, &bc, temp)?;
-                    own = (bc, pair);
-                    (&own.0, &own.1)
+                    own = batch::response_logprobs(&self.model, bc, temp)?;
+                    &own
                 }
             };
             let rl = bc.resp_len;
