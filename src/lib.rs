@@ -4,7 +4,6 @@
 //! `task → sampling → rollout → reward → advantage → loss → train`, with `config` turning
 //! files into a validated plan and `report` writing what a run leaves behind.
 pub mod advantage;
-pub mod alloc;
 pub mod bench;
 pub mod buffer;
 pub mod config;
@@ -19,5 +18,6 @@ pub mod rollout;
 pub mod sampling;
 pub mod task;
 pub mod train;
+pub mod tuning;
 
 pub use error::{Error, Result};

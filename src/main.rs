@@ -416,7 +416,7 @@ fn rm_train(
 }
 
 fn real_main() -> Result<()> {
-    grove::alloc::tune();
+    grove::tuning::process();
     let cli = Cli::parse();
     match cli.cmd {
         Command::Train {

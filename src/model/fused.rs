@@ -20,6 +20,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::simd::simd_kernel;
 use crate::error::Result;
 
 /// exp(x) for f32 without a libm call, so loops over it vectorise. Range reduction
@@ -41,7 +42,10 @@ pub fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // SAFETY: x is clamped to [−87, 88], so n is an integer in [−126, 127] and fits an i32
+    // (the unchecked conversion skips the saturation fix-ups that `as` adds to vector code).
+    let n_int: i32 = unsafe { n.to_int_unchecked() };
+    let bits = ((n_int + 127) as u32) << 23;
     let y = p * f32::from_bits(bits);
     // A select, not a branch: the loop still vectorises.
     if under {
@@ -58,6 +62,31 @@ fn rows_per_task(row_len: usize) -> usize {
     (MIN_TASK_ELEMS / row_len.max(1)).max(1)
 }
 
+/// A vector of `n` floats for a kernel that writes every element before it reads any, so
+/// without the zero fill of `vec![0.0; n]`: a single-threaded memset that was 3–4% of a spike
+/// training step's samples, with the other core idle. Each call site names the writes that cover
+/// the buffer. The same pattern as candle's own CPU kernels for their outputs.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n; every caller overwrites all n elements before reading them.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The f32 data of a contiguous CPU tensor, for a backward pass that runs its own kernels.
+fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(f32_slice(cpu, layout, what)?),
+        _ => candle_core::bail!("fused {what}: expected a CPU tensor"),
+    }
+}
+
 fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
@@ -72,6 +101,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 /// Max with eight lanes, so the loop vectorises (`fold(max)` does not).
+#[inline(always)]
 pub fn lane_max(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
     let blocks = x.chunks_exact(8);
@@ -89,6 +119,7 @@ pub fn lane_max(x: &[f32]) -> f32 {
 }
 
 /// Σ x_i with eight lanes.
+#[inline(always)]
 pub fn lane_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let blocks = x.chunks_exact(8);
@@ -106,6 +137,7 @@ pub fn lane_sum(x: &[f32]) -> f32 {
 }
 
 /// Σ a_i·b_i with eight independent accumulators, so the loop vectorises.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -146,6 +178,47 @@ struct RmsNorm {
     eps: f32,
 }
 
+simd_kernel! {
+    /// RMSNorm of the rows (each w.len() long) of xs into out.
+    fn rms_norm_rows / rms_norm_rows_at(xs: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let h = w.len();
+        for (orow, xrow) in out.chunks_mut(h).zip(xs.chunks(h)) {
+            let r = 1.0 / (dot(xrow, xrow) / h as f32 + eps).sqrt();
+            for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
+                *o = x * r * w;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// RMSNorm's backward over rows: ∂x into dxs, ∂w accumulated into dw; gw is scratch (h).
+    fn rms_norm_bwd_rows / rms_norm_bwd_rows_at(
+        xs: &[f32],
+        gs: &[f32],
+        w: &[f32],
+        eps: f32,
+        dxs: &mut [f32],
+        dw: &mut [f32],
+        gw: &mut [f32],
+    ) {
+        let h = w.len();
+        for ((dxr, xr), gr) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
+            let r = 1.0 / (dot(xr, xr) / h as f32 + eps).sqrt();
+            for ((o, &gi), &wi) in gw.iter_mut().zip(gr).zip(w) {
+                *o = gi * wi;
+            }
+            let c = dot(gw, xr) * r * r * r / h as f32;
+            for (((o, &gwi), &xi), (dwi, &gi)) in
+                dxr.iter_mut().zip(gw.iter()).zip(xr).zip(dw.iter_mut().zip(gr))
+            {
+                *o = r * gwi - c * xi;
+                *dwi += gi * xi * r;
+            }
+        }
+    }
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "grove-rms-norm"
@@ -162,18 +235,12 @@ impl CustomOp2 for RmsNorm {
         let w = f32_slice(s2, l2, "rms_norm")?;
         let h = w.len();
         let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
+        // Every row written by rms_norm_rows.
+        let mut out = output_buffer(x.len());
         let per = rows_per_task(h) * h;
         out.par_chunks_mut(per)
             .zip(x.par_chunks(per))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(h).zip(xs.chunks(h)) {
-                    let r = 1.0 / (dot(xrow, xrow) / h as f32 + eps).sqrt();
-                    for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
-                        *o = x * r * w;
-                    }
-                }
-            });
+            .for_each(|(o, xs)| rms_norm_rows(xs, w, eps, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -218,8 +285,10 @@ impl CustomOp3 for RmsNormBwd {
         let h = w.len();
         let n = x.len();
         let eps = self.eps;
-        let mut out = vec![0f32; n + h];
+        // ∂x: every row written by rms_norm_bwd_rows; ∂w: zeroed here, then summed into.
+        let mut out = output_buffer(n + h);
         let (dx, dw) = out.split_at_mut(n);
+        dw.fill(0.0);
         let per = rows_per_task(h) * h;
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(per)
@@ -228,19 +297,7 @@ impl CustomOp3 for RmsNormBwd {
             .map(|((dxs, xs), gs)| {
                 let mut dw = vec![0f32; h];
                 let mut gw = vec![0f32; h];
-                for ((dxr, xr), gr) in dxs.chunks_mut(h).zip(xs.chunks(h)).zip(gs.chunks(h)) {
-                    let r = 1.0 / (dot(xr, xr) / h as f32 + eps).sqrt();
-                    for ((o, &gi), &wi) in gw.iter_mut().zip(gr).zip(w) {
-                        *o = gi * wi;
-                    }
-                    let c = dot(&gw, xr) * r * r * r / h as f32;
-                    for (((o, &gwi), &xi), (dwi, &gi)) in
-                        dxr.iter_mut().zip(&gw).zip(xr).zip(dw.iter_mut().zip(gr))
-                    {
-                        *o = r * gwi - c * xi;
-                        *dwi += gi * xi * r;
-                    }
-                }
+                rms_norm_bwd_rows(xs, gs, w, eps, dxs, &mut dw, &mut gw);
                 dw
             })
             .collect();
@@ -312,7 +369,8 @@ impl CustomOp3 for Rope {
         let (_, nh, t, d) = l1.shape().dims4()?;
         let half = d / 2;
         let sign = if self.inverse { -1f32 } else { 1f32 };
-        let mut out = vec![0f32; x.len()];
+        // Every row written by rotate.
+        let mut out = output_buffer(x.len());
         let per = rows_per_task(d) * d;
         out.par_chunks_mut(per)
             .zip(x.par_chunks(per))
@@ -389,6 +447,33 @@ struct MaskedSoftmax {
     scale: f32,
 }
 
+simd_kernel! {
+    /// One row in place: z ← softmax(scale·z + mask).
+    fn softmax_row / softmax_row_at(z: &mut [f32], mask: &[f32], scale: f32) {
+        for (o, &mi) in z.iter_mut().zip(mask) {
+            *o = *o * scale + mi;
+        }
+        let max = lane_max(z);
+        for o in z.iter_mut() {
+            *o = fast_exp(*o - max);
+        }
+        let inv = 1.0 / lane_sum(z);
+        for o in z.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+simd_kernel! {
+    /// One row in place: d ← scale · y ⊙ (d − Σ d⊙y), d holding ∂y on entry (softmax backward).
+    fn softmax_grad_row / softmax_grad_row_at(d: &mut [f32], y: &[f32], scale: f32) {
+        let c = dot(d, y);
+        for (x, &yi) in d.iter_mut().zip(y) {
+            *x = scale * yi * (*x - c);
+        }
+    }
+}
+
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "grove-masked-softmax"
@@ -405,7 +490,8 @@ impl CustomOp2 for MaskedSoftmax {
         let m = f32_slice(s2, l2, "masked_softmax")?;
         let (_, nh, t, s) = l1.shape().dims4()?;
         let scale = self.scale;
-        let mut out = vec![0f32; z.len()];
+        // Every row copied from z, then normalised in place.
+        let mut out = output_buffer(z.len());
         let per = rows_per_task(s) * s;
         out.par_chunks_mut(per)
             .zip(z.par_chunks(per))
@@ -416,18 +502,8 @@ impl CustomOp2 for MaskedSoftmax {
                     let row = row0 + k;
                     let (bi, ti) = (row / (nh * t), row % t);
                     let mrow = &m[(bi * t + ti) * s..(bi * t + ti + 1) * s];
-                    for ((o, &zi), &mi) in orow.iter_mut().zip(zrow).zip(mrow) {
-                        *o = zi * scale + mi;
-                    }
-                    let max = lane_max(orow);
-                    for o in orow.iter_mut() {
-                        *o = fast_exp(*o - max);
-                    }
-                    let sum = lane_sum(orow);
-                    let inv = 1.0 / sum;
-                    for o in orow.iter_mut() {
-                        *o *= inv;
-                    }
+                    orow.copy_from_slice(zrow);
+                    softmax_row(orow, mrow, scale);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -466,16 +542,15 @@ impl CustomOp2 for SoftmaxBwd {
         let g = f32_slice(s2, l2, "softmax backward")?;
         let s = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let scale = self.scale;
-        let mut out = vec![0f32; y.len()];
+        // Every row copied from g, then transformed in place.
+        let mut out = output_buffer(y.len());
         let per = rows_per_task(s) * s;
         out.par_chunks_mut(per)
             .zip(y.par_chunks(per).zip(g.par_chunks(per)))
             .for_each(|(o, (ys, gs))| {
                 for ((orow, yrow), grow) in o.chunks_mut(s).zip(ys.chunks(s)).zip(gs.chunks(s)) {
-                    let c = dot(yrow, grow);
-                    for ((o, &yi), &gi) in orow.iter_mut().zip(yrow).zip(grow) {
-                        *o = scale * yi * (gi - c);
-                    }
+                    orow.copy_from_slice(grow);
+                    softmax_grad_row(orow, yrow, scale);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -498,8 +573,30 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
+#[inline(always)]
 fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-a))
+}
+
+simd_kernel! {
+    /// out = silu(a)·u, element-wise.
+    fn swiglu_fwd / swiglu_fwd_at(a: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &ai), &ui) in out.iter_mut().zip(a).zip(u) {
+            *o = ai * sigmoid(ai) * ui;
+        }
+    }
+}
+
+simd_kernel! {
+    /// ∂a and ∂u of silu(a)·u for the incoming gradient g, element-wise.
+    fn swiglu_bwd / swiglu_bwd_at(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], du: &mut [f32]) {
+        let n = a.len().min(u.len()).min(g.len()).min(da.len()).min(du.len());
+        for i in 0..n {
+            let s = sigmoid(a[i]);
+            da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+            du[i] = g[i] * a[i] * s;
+        }
+    }
 }
 
 struct SwiGlu;
@@ -518,17 +615,14 @@ impl CustomOp2 for SwiGlu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = f32_slice(s1, l1, "swiglu")?;
         let u = f32_slice(s2, l2, "swiglu")?;
-        let mut out = vec![0f32; a.len()];
+        // Every element written by swiglu_fwd.
+        let mut out = output_buffer(a.len());
         out.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(
                 a.par_chunks(MIN_TASK_ELEMS)
                     .zip(u.par_chunks(MIN_TASK_ELEMS)),
             )
-            .for_each(|(o, (a, u))| {
-                for ((o, &ai), &ui) in o.iter_mut().zip(a).zip(u) {
-                    *o = ai * sigmoid(ai) * ui;
-                }
-            });
+            .for_each(|(o, (a, u))| swiglu_fwd(a, u, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -568,19 +662,14 @@ impl CustomOp3 for SwiGluBwd {
         let u = f32_slice(s2, l2, "swiglu backward")?;
         let g = f32_slice(s3, l3, "swiglu backward")?;
         let n = a.len();
-        let mut out = vec![0f32; 2 * n];
+        // Every element of both halves written by swiglu_bwd.
+        let mut out = output_buffer(2 * n);
         let (da, du) = out.split_at_mut(n);
         let c = MIN_TASK_ELEMS;
         da.par_chunks_mut(c)
             .zip(du.par_chunks_mut(c))
             .zip(a.par_chunks(c).zip(u.par_chunks(c)).zip(g.par_chunks(c)))
-            .for_each(|((da, du), ((a, u), g))| {
-                for i in 0..a.len() {
-                    let s = sigmoid(a[i]);
-                    da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
-                    du[i] = g[i] * a[i] * s;
-                }
-            });
+            .for_each(|((da, du), ((a, u), g))| swiglu_bwd(a, u, g, da, du));
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 }
@@ -733,17 +822,19 @@ struct Attention {
     saved: std::sync::Mutex<Option<AttnSaved>>,
 }
 
-/// Rotates `x` (hd) by the angles of row `row` of the (b·t, hd/2) tables, into `out`;
-/// `sign` −1 rotates by −θ.
-#[inline]
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
-    let half = x.len() / 2;
-    let (x1, x2) = x.split_at(half);
-    let (o1, o2) = out.split_at_mut(half);
-    for i in 0..half {
-        let (c, s) = (cos[i], sign * sin[i]);
-        o1[i] = x1[i] * c - x2[i] * s;
-        o2[i] = x2[i] * c + x1[i] * s;
+simd_kernel! {
+    /// Rotates `x` (hd) by the angles in `cos`/`sin` (hd/2, one row of the tables) into `out`;
+    /// `sign` −1 rotates by −θ.
+    fn rotate / rotate_at(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at(half);
+        let (o1, o2) = out.split_at_mut(half);
+        let (o1, o2, cos, sin) = (&mut o1[..half], &mut o2[..half], &cos[..half], &sin[..half]);
+        for i in 0..half {
+            let (c, s) = (cos[i], sign * sin[i]);
+            o1[i] = x1[i] * c - x2[i] * s;
+            o2[i] = x2[i] * c + x1[i] * s;
+        }
     }
 }
 
@@ -833,11 +924,13 @@ impl CustomOp3 for Attention {
         let d = self.dims;
         let (t, hd, m) = (d.t, d.hd, d.m());
         let (qw, kw) = (d.nh * hd, d.nkv * hd);
-        let mut p = vec![0f32; d.tasks() * m * t];
-        let mut qr = vec![0f32; d.tasks() * m * hd];
-        let mut kr = vec![0f32; d.tasks() * t * hd];
+        // Written in full by each task: P by its GEMM (then the softmax in place), Qr and Kr
+        // row by row by rotate, Yh by its GEMM.
+        let mut p = output_buffer(d.tasks() * m * t);
+        let mut qr = output_buffer(d.tasks() * m * hd);
+        let mut kr = output_buffer(d.tasks() * t * hd);
         // Per-task outputs in (b, nh, t, hd) order, transposed to (b, t, nh·hd) below.
-        let mut yh = vec![0f32; d.tasks() * m * hd];
+        let mut yh = output_buffer(d.tasks() * m * hd);
         let par = inner_parallelism(d.tasks());
         p.par_chunks_mut(m * t)
             .zip(qr.par_chunks_mut(m * hd))
@@ -873,24 +966,14 @@ impl CustomOp3 for Attention {
                 for row in 0..m {
                     let ti = row % t;
                     let mrow = &self.mask[(bi * t + ti) * t..][..t];
-                    let pr = &mut p[row * t..][..t];
-                    for (z, &mk) in pr.iter_mut().zip(mrow) {
-                        *z = *z * d.scale + mk;
-                    }
-                    let mx = lane_max(pr);
-                    for z in pr.iter_mut() {
-                        *z = fast_exp(*z - mx);
-                    }
-                    let inv = 1.0 / lane_sum(pr);
-                    for z in pr.iter_mut() {
-                        *z *= inv;
-                    }
+                    softmax_row(&mut p[row * t..][..t], mrow, d.scale);
                 }
                 // Y = P · V, V read in place: row j of head g at (bi·t + j)·kw + g·hd.
                 let vg = &v[bi * t * kw + g * hd..];
                 gemm_into(yh, m, hd, t, p, (t, 1), vg, (kw, 1), par);
             });
-        let mut y = vec![0f32; d.b * t * qw];
+        // Every (sequence, position, head) slot copied below.
+        let mut y = output_buffer(d.b * t * qw);
         y.par_chunks_mut(t * qw).enumerate().for_each(|(bi, yb)| {
             for h in 0..d.nh {
                 let (g, r) = (h / d.rep(), h % d.rep());
@@ -919,53 +1002,57 @@ impl CustomOp3 for Attention {
         let d = self.dims;
         let (t, hd, m) = (d.t, d.hd, d.m());
         let (qw, kw) = (d.nh * hd, d.nkv * hd);
-        let gy = grad.flatten_all()?.to_vec1::<f32>()?;
-        let vv = v.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
         // Per-task gradients: ∂Qr (rep·t, hd), ∂Kr (t, hd), ∂V (t, hd).
-        let mut dqr = vec![0f32; d.tasks() * m * hd];
-        let mut dkr = vec![0f32; d.tasks() * t * hd];
-        let mut dvh = vec![0f32; d.tasks() * t * hd];
-        let par = inner_parallelism(d.tasks());
-        dqr.par_chunks_mut(m * hd)
-            .zip(dkr.par_chunks_mut(t * hd))
-            .zip(dvh.par_chunks_mut(t * hd))
-            .enumerate()
-            .for_each(|(task, ((dqr, dkr), dvh))| {
-                let (bi, g) = (task / d.nkv, task % d.nkv);
-                let p = &saved.p[task * m * t..][..m * t];
-                let qr = &saved.qr[task * m * hd..][..m * hd];
-                let kr = &saved.kr[task * t * hd..][..t * hd];
-                // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
-                // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
-                // not one stride apart, so gather them.
-                let mut dy = vec![0f32; m * hd];
-                for row in 0..m {
-                    let (r, ti) = (row / t, row % t);
-                    let h = g * d.rep() + r;
-                    dy[row * hd..][..hd].copy_from_slice(&gy[(bi * t + ti) * qw + h * hd..][..hd]);
-                }
-                let vg = &vv[bi * t * kw + g * hd..];
-                // ∂V = Pᵀ · ∂Y
-                gemm_into(dvh, t, hd, m, p, (1, t), &dy, (hd, 1), par);
-                // ∂P = ∂Y · Vᵀ, then ∂S in place.
-                let mut ds = vec![0f32; m * t];
-                gemm_into(&mut ds, m, t, hd, &dy, (hd, 1), vg, (1, kw), par);
-                for row in 0..m {
-                    let pr = &p[row * t..][..t];
-                    let dr = &mut ds[row * t..][..t];
-                    let c = dot(dr, pr);
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = d.scale * pv * (*x - c);
-                    }
-                }
-                // ∂Qr = ∂S · Kr,  ∂Kr = ∂Sᵀ · Qr
-                gemm_into(dqr, m, hd, t, &ds, (t, 1), kr, (hd, 1), par);
-                gemm_into(dkr, t, hd, m, &ds, (1, t), qr, (hd, 1), par);
-            });
+        // Each written in full by its task's GEMM.
+        let mut dqr = output_buffer(d.tasks() * m * hd);
+        let mut dkr = output_buffer(d.tasks() * t * hd);
+        let mut dvh = output_buffer(d.tasks() * t * hd);
+        with_cpu_f32(&grad, "attention backward", |gy| {
+            with_cpu_f32(v, "attention backward", |vv| {
+                let par = inner_parallelism(d.tasks());
+                dqr.par_chunks_mut(m * hd)
+                    .zip(dkr.par_chunks_mut(t * hd))
+                    .zip(dvh.par_chunks_mut(t * hd))
+                    .enumerate()
+                    .for_each(|(task, ((dqr, dkr), dvh))| {
+                        let (bi, g) = (task / d.nkv, task % d.nkv);
+                        let p = &saved.p[task * m * t..][..m * t];
+                        let qr = &saved.qr[task * m * hd..][..m * hd];
+                        let kr = &saved.kr[task * t * hd..][..t * hd];
+                        // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
+                        // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
+                        // not one stride apart, so gather them.
+                        // Every row copied below.
+                        let mut dy = output_buffer(m * hd);
+                        for row in 0..m {
+                            let (r, ti) = (row / t, row % t);
+                            let h = g * d.rep() + r;
+                            dy[row * hd..][..hd]
+                                .copy_from_slice(&gy[(bi * t + ti) * qw + h * hd..][..hd]);
+                        }
+                        let vg = &vv[bi * t * kw + g * hd..];
+                        // ∂V = Pᵀ · ∂Y
+                        gemm_into(dvh, t, hd, m, p, (1, t), &dy, (hd, 1), par);
+                        // ∂P = ∂Y · Vᵀ, then ∂S in place.
+                        // Written in full by the GEMM.
+                        let mut ds = output_buffer(m * t);
+                        gemm_into(&mut ds, m, t, hd, &dy, (hd, 1), vg, (1, kw), par);
+                        for row in 0..m {
+                            softmax_grad_row(&mut ds[row * t..][..t], &p[row * t..][..t], d.scale);
+                        }
+                        // ∂Qr = ∂S · Kr,  ∂Kr = ∂Sᵀ · Qr
+                        gemm_into(dqr, m, hd, t, &ds, (t, 1), kr, (hd, 1), par);
+                        gemm_into(dkr, t, hd, m, &ds, (1, t), qr, (hd, 1), par);
+                    });
+                Ok(())
+            })
+        })?;
         // Back to (b, t, heads·hd), rotating ∂Q and ∂K by −θ.
-        let mut dq = vec![0f32; d.b * t * qw];
-        let mut dk = vec![0f32; d.b * t * kw];
-        let mut dv = vec![0f32; d.b * t * kw];
+        // Every (sequence, position, head) slot written below.
+        let mut dq = output_buffer(d.b * t * qw);
+        let mut dk = output_buffer(d.b * t * kw);
+        let mut dv = output_buffer(d.b * t * kw);
         dq.par_chunks_mut(t * qw)
             .zip(dk.par_chunks_mut(t * kw))
             .zip(dv.par_chunks_mut(t * kw))
@@ -1212,7 +1299,8 @@ fn linear_fwd(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (out_f, in_f) = l2.shape().dims2()?;
     let n = x.len() / in_f.max(1);
-    let mut y = vec![0f32; n * out_f];
+    // Written in full by the GEMM or by skinny_matmul_t's transposition.
+    let mut y = output_buffer(n * out_f);
     if n > 0 && n <= SKINNY_ROWS && in_f > 0 {
         skinny_matmul_t(x, w, n, in_f, out_f, &mut y);
     } else {
@@ -1239,6 +1327,33 @@ fn linear_fwd(
     Ok((CpuStorage::F32(y), Shape::from(dims)))
 }
 
+/// Σ over the rows of g (rows of `width`): per-task partial sums added in task order, so the
+/// result does not depend on thread scheduling.
+fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; width];
+    if width == 0 {
+        return acc;
+    }
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(rows_per_task(width) * width)
+        .map(|rows| {
+            let mut p = vec![0f32; width];
+            for row in rows.chunks(width) {
+                for (a, &v) in p.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            p
+        })
+        .collect();
+    for p in partials {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    acc
+}
+
 /// ∂x = g·w, ∂w = gᵀ·x and, with `bias`, ∂b = Σ_rows g.
 fn linear_bwd(
     x: &Tensor,
@@ -1248,24 +1363,32 @@ fn linear_bwd(
 ) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
     let (out_f, in_f) = w.dims2()?;
     let n = x.elem_count() / in_f.max(1);
-    let g2 = g.contiguous()?.reshape((n, out_f))?;
-    let x2 = x.detach().reshape((n, in_f))?;
-    let dx = g2.matmul(&w.detach())?.reshape(x.shape())?;
-    // gᵀ is a strided view; the GEMM reads it through strides, no copy.
-    let dw = g2.t()?.matmul(&x2)?;
-    let db = if bias {
-        let gv = g2.flatten_all()?.to_vec1::<f32>()?;
-        let mut acc = vec![0f32; out_f];
-        for row in gv.chunks(out_f.max(1)) {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += v;
-            }
-        }
-        Some(Tensor::from_vec(acc, out_f, w.device())?)
-    } else {
-        None
-    };
-    Ok((dx, dw, db))
+    let g = g.contiguous()?;
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    // Both written in full by their GEMM.
+    let mut dx = output_buffer(n * in_f);
+    let mut dw = output_buffer(out_f * in_f);
+    let mut db = None;
+    with_cpu_f32(x, "linear backward", |xs| {
+        with_cpu_f32(w, "linear backward", |ws| {
+            with_cpu_f32(&g, "linear backward", |gs| {
+                // ∂x (n, in) = g (n, out) · w (out, in)
+                gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
+                // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
+                gemm_into(&mut dw, out_f, in_f, n, gs, (1, out_f), xs, (in_f, 1), par);
+                if bias {
+                    db = Some(column_sums(gs, out_f));
+                }
+                Ok(())
+            })
+        })
+    })?;
+    let dev = w.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), dev)?,
+        Tensor::from_vec(dw, (out_f, in_f), dev)?,
+        db.map(|v| Tensor::from_vec(v, out_f, dev)).transpose()?,
+    ))
 }
 
 #[cfg(test)]
@@ -1294,6 +1417,69 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_simd_level_computes_the_same_kernels() {
+        use crate::model::simd::Level;
+        // Odd lengths so the vector loops' remainders run too.
+        let (h, n) = (37, 3);
+        let x = rand_vec(n * h, 1);
+        let w = rand_vec(h, 2);
+        let g = rand_vec(n * h, 3);
+        let mut mask = vec![0f32; h];
+        mask[h - 5..].fill(f32::NEG_INFINITY); // a causal-style masked tail
+        let at = |l: Level| {
+            let mut out: Vec<f32> = Vec::new();
+            let mut y = vec![0f32; n * h];
+            rms_norm_rows_at(l, &x, &w, 1e-6, &mut y);
+            out.extend(&y);
+            let (mut dx, mut dw, mut gw) = (vec![0f32; n * h], vec![0f32; h], vec![0f32; h]);
+            rms_norm_bwd_rows_at(l, &x, &g, &w, 1e-6, &mut dx, &mut dw, &mut gw);
+            out.extend(&dx);
+            out.extend(&dw);
+            let mut p = x[..h].to_vec();
+            softmax_row_at(l, &mut p, &mask, 0.7);
+            out.extend(&p);
+            let mut d = g[..h].to_vec();
+            softmax_grad_row_at(l, &mut d, &p, 0.7);
+            out.extend(&d);
+            let mut y = vec![0f32; n * h];
+            swiglu_fwd_at(l, &x, &g, &mut y);
+            out.extend(&y);
+            let (mut da, mut du) = (vec![0f32; n * h], vec![0f32; n * h]);
+            swiglu_bwd_at(l, &x, &g, &w.repeat(n), &mut da, &mut du);
+            out.extend(&da);
+            out.extend(&du);
+            let mut r = vec![0f32; 36];
+            rotate_at(l, &x[..36], &w[..18], &g[..18], -1.0, &mut r);
+            out.extend(&r);
+            out
+        };
+        let base = at(Level::Baseline);
+        assert!(base.iter().all(|v| v.is_finite()));
+        // The masked tail of the softmax row is exactly zero.
+        let p0 = 2 * n * h + h;
+        assert!(base[p0 + h - 5..p0 + h].iter().all(|&v| v == 0.0));
+        for l in Level::available() {
+            // FMA contraction changes the last bits only.
+            assert_close(&at(l), &base, 1e-5, &format!("{l:?}"));
+        }
     }
 
     fn max_abs(a: &Tensor) -> f32 {

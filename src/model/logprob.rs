@@ -30,6 +30,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::fused::{fast_exp, lane_max};
+use crate::model::simd::simd_kernel;
 
 /// Vocabulary rows per chunk.
 pub const DEFAULT_CHUNK: usize = 4096;
@@ -251,25 +252,7 @@ impl candle_core::CustomOp2 for ChunkFold {
                 let (m, s, a) = (o[0], o[1], o[2]);
                 let cm = lane_max(zr) * inv_t;
                 let m2 = m.max(cm);
-                // Eight independent accumulators so the loop vectorises.
-                let (mut cs8, mut ca8) = ([0f32; 8], [0f32; 8]);
-                let blocks = zr.chunks_exact(8);
-                let rest = blocks.remainder();
-                for b in blocks {
-                    for k in 0..8 {
-                        let d = b[k] * inv_t - m2;
-                        let e = fast_exp(d);
-                        cs8[k] += e;
-                        ca8[k] += e * d;
-                    }
-                }
-                let (mut cs, mut ca): (f32, f32) = (cs8.iter().sum(), ca8.iter().sum());
-                for &zv in rest {
-                    let d = zv * inv_t - m2;
-                    let e = fast_exp(d);
-                    cs += e;
-                    ca += e * d;
-                }
+                let (cs, ca) = fold_row(zr, inv_t, m2);
                 if s > 0.0 {
                     let scale = fast_exp(m - m2);
                     o[1] = s * scale + cs;
@@ -281,6 +264,44 @@ impl candle_core::CustomOp2 for ChunkFold {
                 o[0] = m2;
             });
         Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+}
+
+simd_kernel! {
+    /// (Σ e^{d_v}, Σ e^{d_v}·d_v) over one row of logits, d_v = z_v·inv_t − m.
+    fn fold_row / fold_row_at(zr: &[f32], inv_t: f32, m: f32) -> (f32, f32) {
+        // Sixteen independent accumulators so the loop vectorises.
+        let (mut cs16, mut ca16) = ([0f32; 16], [0f32; 16]);
+        let blocks = zr.chunks_exact(16);
+        let rest = blocks.remainder();
+        for b in blocks {
+            for k in 0..16 {
+                let d = b[k] * inv_t - m;
+                let e = fast_exp(d);
+                cs16[k] += e;
+                ca16[k] += e * d;
+            }
+        }
+        let (mut cs, mut ca): (f32, f32) = (cs16.iter().sum(), ca16.iter().sum());
+        for &zv in rest {
+            let d = zv * inv_t - m;
+            let e = fast_exp(d);
+            cs += e;
+            ca += e * d;
+        }
+        (cs, ca)
+    }
+}
+
+simd_kernel! {
+    /// One row of ∂L/∂z without the target term: −inv_t·p_v·(g + e·(z_v·inv_t − E_p[z])),
+    /// p_v = e^{z_v·inv_t − log Z}.
+    fn grad_row / grad_row_at(zr: &[f32], inv_t: f32, log_z: f32, mean_z: f32, g: f32, e: f32, o: &mut [f32]) {
+        for (ov, &zv) in o.iter_mut().zip(zr) {
+            let zz = zv * inv_t;
+            let p = fast_exp(zz - log_z);
+            *ov = -inv_t * p * (g + e * (zz - mean_z));
+        }
     }
 }
 
@@ -319,18 +340,15 @@ impl CustomOp3 for ChunkGrad {
         let rows = &s3.as_slice::<f32>()?[r0..r1];
         let (_, c) = l1.shape().dims2()?;
         let (v0, inv_t) = (self.v0, self.inv_t);
-        let mut out = vec![0f32; z.len()];
+        // Every row written by grad_row.
+        let mut out = crate::model::fused::output_buffer(z.len());
         out.par_chunks_mut(c)
             .zip(z.par_chunks(c))
             .zip(ys.par_iter().zip(rows.par_chunks(4)))
             .with_min_len((1 << 14) / c.max(1) + 1)
             .for_each(|((o, zr), (&y, r))| {
                 let (log_z, mean_z, g, e) = (r[0], r[1], r[2], r[3]);
-                for (ov, &zv) in o.iter_mut().zip(zr) {
-                    let zz = zv * inv_t;
-                    let p = fast_exp(zz - log_z);
-                    *ov = -inv_t * p * (g + e * (zz - mean_z));
-                }
+                grad_row(zr, inv_t, log_z, mean_z, g, e, o);
                 let y = y as usize;
                 if y >= v0 && y < v0 + c {
                     o[y - v0] += inv_t * g;
@@ -513,6 +531,41 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn every_simd_level_folds_and_differentiates_the_same() {
+        use crate::model::simd::Level;
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // 53: three 16-lane blocks and a remainder.
+        let z: Vec<f32> = (0..53).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+        let m = lane_max(&z) * 0.8;
+        // Reference in f64: Σ e^d and Σ e^d·d, d = 0.8·z − m.
+        let (s_ref, a_ref) = z.iter().fold((0f64, 0f64), |(s, a), &zv| {
+            let d = 0.8 * zv as f64 - m as f64;
+            (s + d.exp(), a + d.exp() * d)
+        });
+        for l in Level::available() {
+            let (s, a) = fold_row_at(l, &z, 0.8, m);
+            assert!(
+                (s as f64 - s_ref).abs() < 1e-5 * s_ref,
+                "{l:?}: {s} vs {s_ref}"
+            );
+            assert!(
+                (a as f64 - a_ref).abs() < 1e-4 * a_ref.abs().max(1.0),
+                "{l:?}: {a} vs {a_ref}"
+            );
+            let mut o = vec![0f32; z.len()];
+            grad_row_at(l, &z, 0.8, 1.5, 0.2, 0.6, -0.3, &mut o);
+            for (ov, &zv) in o.iter().zip(&z) {
+                let zz = 0.8 * zv as f64;
+                let want = -0.8 * (zz - 1.5).exp() * (0.6 - 0.3 * (zz - 0.2));
+                assert!(
+                    (*ov as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{l:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod logprob;
+pub mod simd;
 
 pub mod reward_model;
 pub mod tokenizer;

@@ -390,7 +390,7 @@ enum Source {
 
 /// Runs (or resumes) a training run to its end, or to `opts.stop_after`.
 pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
-    crate::alloc::tune();
+    crate::tuning::allocator();
     let t0 = Instant::now();
     let dev = device();
     let env = Arc::new(Env::new(cfg)?);
