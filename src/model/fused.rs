@@ -675,6 +675,202 @@ impl CustomOp3 for SwiGluBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Gate/up projections and SwiGLU
+
+/// silu(x·w_gateᵀ) ⊙ (x·w_upᵀ), x (…, H), w_gate and w_up (I, H) → (…, I): the MLP up to its
+/// down projection, as one autograd node.
+///
+/// Composed, this is two linear nodes and a SwiGLU node, and candle's backward gives each of
+/// the two (…, I) intermediates and the shared input x a zero-filled gradient buffer and an add
+/// (about 50 MB of memory traffic per layer of the spike config). Fused, the backward computes
+/// ∂G = ∂y·u·σ(g)·(1 + g·(1 − σ(g))) and ∂U = ∂y·silu(g) into scratch, then
+/// ∂x = ∂G·w_gate + ∂U·w_up (the second GEMM accumulating into the first),
+/// ∂w_gate = ∂Gᵀ·x and ∂w_up = ∂Uᵀ·x. G and U are kept from the forward (the same memory the
+/// composed graph holds).
+pub fn gate_up_swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    let ok = fusable(&[x, w_gate, w_up])
+        && w_gate.rank() == 2
+        && w_gate.dims() == w_up.dims()
+        && x.rank() > 0
+        && x.dim(D::Minus1)? == w_gate.dim(1)?;
+    if !ok {
+        return gate_up_swiglu_composed(x, w_gate, w_up);
+    }
+    if x.elem_count() / w_gate.dim(1)?.max(1) <= SKINNY_ROWS {
+        // Decoding: the fused linear's dot-product path beats the GEMM at a few rows.
+        return swiglu(&linear(x, w_gate)?, &linear(x, w_up)?);
+    }
+    let op = GateUpSwiglu {
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, op)?)
+}
+
+/// The composed reference: two linear layers and SwiGLU.
+pub fn gate_up_swiglu_composed(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    swiglu_composed(&linear_composed(x, w_gate)?, &linear_composed(x, w_up)?)
+}
+
+struct GateUpSwiglu {
+    /// G = x·w_gateᵀ and U = x·w_upᵀ from the forward, (n, I) each.
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl CustomOp3 for GateUpSwiglu {
+    fn name(&self) -> &'static str {
+        "grove-gate-up-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gate_up_swiglu")?;
+        let wg = f32_slice(s2, l2, "gate_up_swiglu")?;
+        let wu = f32_slice(s3, l3, "gate_up_swiglu")?;
+        let (inter, hidden) = l2.shape().dims2()?;
+        let n = x.len() / hidden.max(1);
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        // G and U written in full by their GEMMs, y by swiglu_fwd.
+        let mut g = output_buffer(n * inter);
+        let mut u = output_buffer(n * inter);
+        gemm_into(
+            &mut g,
+            n,
+            inter,
+            hidden,
+            x,
+            (hidden, 1),
+            wg,
+            (1, hidden),
+            par,
+        );
+        gemm_into(
+            &mut u,
+            n,
+            inter,
+            hidden,
+            x,
+            (hidden, 1),
+            wu,
+            (1, hidden),
+            par,
+        );
+        let mut y = output_buffer(n * inter);
+        y.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(
+                g.par_chunks(MIN_TASK_ELEMS)
+                    .zip(u.par_chunks(MIN_TASK_ELEMS)),
+            )
+            .for_each(|(o, (a, u))| swiglu_fwd(a, u, o));
+        *self.saved.lock().expect("gate_up_swiglu state poisoned") = Some((g, u));
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inter;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_gate: &Tensor,
+        w_up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().expect("gate_up_swiglu state poisoned");
+        let Some((g, u)) = guard.as_ref() else {
+            candle_core::bail!("grove-gate-up-swiglu: backward without a forward")
+        };
+        let (inter, hidden) = w_gate.dims2()?;
+        let n = x.elem_count() / hidden.max(1);
+        let grad = grad.contiguous()?;
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        // ∂G and ∂U written in full by swiglu_bwd; ∂x, ∂w_gate, ∂w_up by their GEMMs.
+        let mut dg = output_buffer(n * inter);
+        let mut du = output_buffer(n * inter);
+        let mut dx = output_buffer(n * hidden);
+        let mut dwg = output_buffer(inter * hidden);
+        let mut dwu = output_buffer(inter * hidden);
+        with_cpu_f32(&grad, "gate_up_swiglu backward", |gy| {
+            let c = MIN_TASK_ELEMS;
+            dg.par_chunks_mut(c)
+                .zip(du.par_chunks_mut(c))
+                .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(gy.par_chunks(c)))
+                .for_each(|((da, du), ((a, u), gy))| swiglu_bwd(a, u, gy, da, du));
+            Ok(())
+        })?;
+        with_cpu_f32(x, "gate_up_swiglu backward", |xs| {
+            with_cpu_f32(w_gate, "gate_up_swiglu backward", |wg| {
+                with_cpu_f32(w_up, "gate_up_swiglu backward", |wu| {
+                    // ∂x = ∂G·w_gate + ∂U·w_up
+                    gemm_into(
+                        &mut dx,
+                        n,
+                        hidden,
+                        inter,
+                        &dg,
+                        (inter, 1),
+                        wg,
+                        (hidden, 1),
+                        par,
+                    );
+                    gemm_acc(
+                        &mut dx,
+                        true,
+                        n,
+                        hidden,
+                        inter,
+                        &du,
+                        (inter, 1),
+                        wu,
+                        (hidden, 1),
+                        par,
+                    );
+                    // ∂w = ∂ᵀ·x, ∂ᵀ read through strides.
+                    gemm_into(
+                        &mut dwg,
+                        inter,
+                        hidden,
+                        n,
+                        &dg,
+                        (1, inter),
+                        xs,
+                        (hidden, 1),
+                        par,
+                    );
+                    gemm_into(
+                        &mut dwu,
+                        inter,
+                        hidden,
+                        n,
+                        &du,
+                        (1, inter),
+                        xs,
+                        (hidden, 1),
+                        par,
+                    );
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dwg, (inter, hidden), dev)?),
+            Some(Tensor::from_vec(dwu, (inter, hidden), dev)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention
 
 /// Causal grouped-query attention with RoPE, from projections to the o_proj input, as one
@@ -846,6 +1042,23 @@ fn gemm_into(
     n: usize,
     k: usize,
     a: &[f32],
+    a_strides: (usize, usize),
+    bm: &[f32],
+    b_strides: (usize, usize),
+    par: gemm::Parallelism,
+) {
+    gemm_acc(c, false, m, n, k, a, a_strides, bm, b_strides, par)
+}
+
+/// C (m, n) = A·B, or C += A·B with `accumulate`; strides as in [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+fn gemm_acc(
+    c: &mut [f32],
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
     (a_rs, a_cs): (usize, usize),
     bm: &[f32],
     (b_rs, b_cs): (usize, usize),
@@ -856,7 +1069,9 @@ fn gemm_into(
         return;
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return;
     }
     assert!(
@@ -876,14 +1091,14 @@ fn gemm_into(
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
             bm.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -1664,6 +1879,44 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn gate_up_swiglu_matches_composed_values_and_gradients() {
+        // One row (n = 1), odd sizes, and enough rows for several parallel tasks.
+        // One row takes the decoding path (linear + swiglu); 17, 21 and 384 rows the fused node.
+        for (lead, hidden, inter) in [
+            (vec![1usize], 8usize, 5usize),
+            (vec![3, 7], 13, 29),
+            (vec![17], 13, 29),
+            (vec![4, 96], 24, 200),
+        ] {
+            let mut xs = lead.clone();
+            xs.push(hidden);
+            let x = rand_var(&xs, 21);
+            let wg = rand_var(&[inter, hidden], 22);
+            let wu = rand_var(&[inter, hidden], 23);
+            check(
+                |t| gate_up_swiglu(&t[0], &t[1], &t[2]).unwrap(),
+                |t| gate_up_swiglu_composed(&t[0], &t[1], &t[2]).unwrap(),
+                &[x, wg, wu],
+                &[0, 1, 2],
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn gate_up_swiglu_of_hand_computed_values() {
+        // x = [1, 2]; w_gate rows [1, 0], [0, 1] → g = [1, 2]; w_up rows [1, 1], [0.5, 0]
+        // → u = [3, 0.5]. y = silu(g)·u = [σ(1)·3, 2σ(2)·0.5] = [2.193176, 0.880797].
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0]], &dev).unwrap();
+        let wg = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &dev).unwrap();
+        let wu = Tensor::new(&[[1f32, 1.0], [0.5, 0.0]], &dev).unwrap();
+        let y: Vec<Vec<f32>> = gate_up_swiglu(&x, &wg, &wu).unwrap().to_vec2().unwrap();
+        assert!((y[0][0] - 2.193176).abs() < 1e-5, "{y:?}");
+        assert!((y[0][1] - 0.880797).abs() < 1e-5, "{y:?}");
     }
 
     #[test]

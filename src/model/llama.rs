@@ -529,9 +529,8 @@ impl Llama {
             };
             x = (x + linear(&y, &layer.o, None)?)?;
             let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let g = linear(&h, &layer.gate, None)?;
-            let u = linear(&h, &layer.up, None)?;
-            x = (x + linear(&super::fused::swiglu(&g, &u)?, &layer.down, None)?)?;
+            let s = super::fused::gate_up_swiglu(&h, &layer.gate, &layer.up)?;
+            x = (x + linear(&s, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
     }
