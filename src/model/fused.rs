@@ -75,7 +75,7 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
 }
 
 /// The f32 data of a contiguous CPU tensor, for a backward pass that runs its own kernels.
-fn with_cpu_f32<R>(
+pub(crate) fn with_cpu_f32<R>(
     t: &Tensor,
     what: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
@@ -1036,7 +1036,7 @@ simd_kernel! {
 
 /// C (m, n) = A·B with explicit strides (row stride, column stride) for A and B; C row-major.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into(
+pub(crate) fn gemm_into(
     c: &mut [f32],
     m: usize,
     n: usize,
@@ -1052,7 +1052,7 @@ fn gemm_into(
 
 /// C (m, n) = A·B, or C += A·B with `accumulate`; strides as in [`gemm_into`].
 #[allow(clippy::too_many_arguments)]
-fn gemm_acc(
+pub(crate) fn gemm_acc(
     c: &mut [f32],
     accumulate: bool,
     m: usize,

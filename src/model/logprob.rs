@@ -29,7 +29,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::fused::{fast_exp, lane_max};
+use crate::model::fused::{fast_exp, gemm_acc, gemm_into, lane_max, output_buffer, with_cpu_f32};
 use crate::model::simd::simd_kernel;
 
 /// Vocabulary rows per chunk.
@@ -341,7 +341,7 @@ impl CustomOp3 for ChunkGrad {
         let (_, c) = l1.shape().dims2()?;
         let (v0, inv_t) = (self.v0, self.inv_t);
         // Every row written by grad_row.
-        let mut out = crate::model::fused::output_buffer(z.len());
+        let mut out = output_buffer(z.len());
         out.par_chunks_mut(c)
             .zip(z.par_chunks(c))
             .zip(ys.par_iter().zip(rows.par_chunks(4)))
@@ -405,6 +405,60 @@ struct ChunkedLogprobOp {
     chunk: usize,
 }
 
+impl ChunkedLogprobOp {
+    /// The CPU backward: per chunk, ∂L/∂z by the fused [`ChunkGrad`] pass, then
+    /// ∂h += ∂z·W_c accumulated in one buffer and ∂W_c = ∂zᵀ·h written straight into its rows
+    /// of ∂W. No (V, H) zero fill and no per-chunk copies: for a 152k vocabulary ∂W is 545 MB.
+    fn cpu_bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        g_lp: &Tensor,
+        g_ent: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (n, hs) = h.dims2()?;
+        let (v, _) = w.dims2()?;
+        let rows = Tensor::cat(&[&self.log_z, &self.mean_z, g_lp, g_ent], 1)?.contiguous()?;
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        // ∂h is accumulated over chunks, so it starts at zero; ∂W's rows are written in full,
+        // chunk by chunk.
+        let mut grad_h = vec![0f32; n * hs];
+        let mut grad_w = output_buffer(v * hs);
+        with_cpu_f32(h, "chunked log-prob backward", |hd| {
+            with_cpu_f32(w, "chunked log-prob backward", |wd| {
+                for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
+                    let c = self.chunk.min(v - v0);
+                    let z = match self.cached.as_ref().and_then(|cs| cs.get(k)) {
+                        Some(z) => z.clone(),
+                        None => h.matmul(&w.narrow(0, v0, c)?.t()?)?,
+                    };
+                    let gz = z.apply_op3_no_bwd(
+                        &self.targets,
+                        &rows,
+                        &ChunkGrad {
+                            v0,
+                            inv_t: self.inv_t as f32,
+                        },
+                    )?;
+                    with_cpu_f32(&gz, "chunked log-prob backward", |gzd| {
+                        let wc = &wd[v0 * hs..(v0 + c) * hs];
+                        gemm_acc(&mut grad_h, true, n, hs, c, gzd, (c, 1), wc, (hs, 1), par);
+                        let gw = &mut grad_w[v0 * hs..(v0 + c) * hs];
+                        gemm_into(gw, c, hs, n, gzd, (1, c), hd, (hs, 1), par);
+                        Ok(())
+                    })?;
+                }
+                Ok(())
+            })
+        })?;
+        let dev = h.device();
+        Ok((
+            Tensor::from_vec(grad_h, (n, hs), dev)?,
+            Tensor::from_vec(grad_w, (v, hs), dev)?,
+        ))
+    }
+}
+
 impl CustomOp3 for ChunkedLogprobOp {
     fn name(&self) -> &'static str {
         "chunked-token-logprobs"
@@ -458,44 +512,27 @@ impl CustomOp3 for ChunkedLogprobOp {
         let g = grad_res.to_dtype(DType::F32)?;
         let g_lp = g.narrow(1, 0, 1)?.contiguous()?;
         let g_ent = g.narrow(1, 1, 1)?.contiguous()?;
+        if h.device().is_cpu() {
+            let (grad_h, grad_w) = self.cpu_bwd(&h, &w.contiguous()?, &g_lp, &g_ent)?;
+            let grad_h = grad_h.to_dtype(hidden.dtype())?;
+            let grad_w = grad_w.to_dtype(lm_head.dtype())?;
+            return Ok((Some(grad_h), Some(grad_w), None));
+        }
         let mut grad_h = h.zeros_like()?;
         let grad_w = Tensor::zeros(w.dims(), DType::F32, w.device())?;
-        let fused = h.device().is_cpu();
-        let rows = if fused {
-            Some(Tensor::cat(&[&self.log_z, &self.mean_z, &g_lp, &g_ent], 1)?.contiguous()?)
-        } else {
-            None
-        };
         let tg = self.targets.unsqueeze(1)?;
-        for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
+        for v0 in (0..v).step_by(self.chunk) {
             let c = self.chunk.min(v - v0);
             let wc = w.narrow(0, v0, c)?;
-            let gz = match &rows {
-                Some(rows) => match self.cached.as_ref().and_then(|cs| cs.get(k)) {
-                    Some(z) => z.clone(),
-                    None => h.matmul(&wc.t()?)?,
-                }
-                .apply_op3_no_bwd(
-                    &self.targets,
-                    rows,
-                    &ChunkGrad {
-                        v0,
-                        inv_t: self.inv_t as f32,
-                    },
-                )?,
-                None => {
-                    let z = (h.matmul(&wc.t()?)? * self.inv_t)?;
-                    let p = z.broadcast_sub(&self.log_z)?.exp()?;
-                    let coef = z
-                        .broadcast_sub(&self.mean_z)?
-                        .broadcast_mul(&g_ent)?
-                        .broadcast_add(&g_lp)?;
-                    let ids =
-                        Tensor::arange(v0 as u32, (v0 + c) as u32, w.device())?.unsqueeze(0)?;
-                    let onehot = tg.broadcast_eq(&ids)?.to_dtype(DType::F32)?;
-                    ((onehot.broadcast_mul(&g_lp)? - (p * coef)?)? * self.inv_t)?
-                }
-            };
+            let z = (h.matmul(&wc.t()?)? * self.inv_t)?;
+            let p = z.broadcast_sub(&self.log_z)?.exp()?;
+            let coef = z
+                .broadcast_sub(&self.mean_z)?
+                .broadcast_mul(&g_ent)?
+                .broadcast_add(&g_lp)?;
+            let ids = Tensor::arange(v0 as u32, (v0 + c) as u32, w.device())?.unsqueeze(0)?;
+            let onehot = tg.broadcast_eq(&ids)?.to_dtype(DType::F32)?;
+            let gz = ((onehot.broadcast_mul(&g_lp)? - (p * coef)?)? * self.inv_t)?;
             grad_h = (grad_h + gz.matmul(&wc)?)?;
             grad_w.slice_set(&gz.t()?.matmul(&h)?.contiguous()?, 0, v0)?;
         }
