@@ -484,6 +484,13 @@ pub fn ops_profile(
         Box::new(|t: &[Tensor]| fused::linear(&t[0], &t[1])),
         Box::new(|t: &[Tensor]| fused::linear_composed(&t[0], &t[1])),
     ));
+    ops.push((
+        "gate_up_swiglu".into(),
+        format!("({batch}, {seq}, {h}) × 2 × ({inter}, {h})ᵀ"),
+        vec![vec![batch, seq, h], vec![inter, h], vec![inter, h]],
+        Box::new(|t: &[Tensor]| fused::gate_up_swiglu(&t[0], &t[1], &t[2])),
+        Box::new(|t: &[Tensor]| fused::gate_up_swiglu_composed(&t[0], &t[1], &t[2])),
+    ));
     let mut out = vec![];
     for (name, shape, shapes, fused_f, composed_f) in ops {
         let vars: Vec<Var> = shapes
