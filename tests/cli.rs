@@ -192,8 +192,8 @@ fn advantage_calculator_prints_the_library_values() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     // G=2, rewards [1, 0]: mean 0.5, sample std 0.70711 → ±0.5/0.70711 = ±0.70711; all-equal → 0.
     let a = v["advantages"].as_array().unwrap();
-    assert!((a[0][0].as_f64().unwrap() - 0.707106).abs() < 1e-5);
-    assert!((a[0][1].as_f64().unwrap() + 0.707106).abs() < 1e-5);
+    assert!((a[0][0].as_f64().unwrap() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-5);
+    assert!((a[0][1].as_f64().unwrap() + std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-5);
     assert_eq!(a[1], serde_json::json!([0.0, 0.0, 0.0]));
     let lib = grove::advantage::grpo(&[1.0, 0.0], grove::advantage::StdKind::Sample, 1e-6);
     assert_eq!(a[0][0].as_f64().unwrap(), lib[0]);

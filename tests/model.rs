@@ -75,12 +75,12 @@ fn gradients_match_finite_differences() {
                     w[k] += delta;
                     var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
                         .unwrap();
-                    let v = objective(&model, &ids, &targets, b, t)
+
+                    objective(&model, &ids, &targets, b, t)
                         .to_dtype(DType::F64)
                         .unwrap()
                         .to_scalar::<f64>()
-                        .unwrap();
-                    v
+                        .unwrap()
                 };
                 let fd = (f(eps) - f(-eps)) / (2.0 * eps as f64);
                 var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())

@@ -906,7 +906,7 @@ pub fn attention(
         && n_kv_heads > 0
         && n_heads.is_multiple_of(n_kv_heads)
         && qw == n_heads * hd
-        && hd % 2 == 0
+        && hd.is_multiple_of(2)
         && k.dims() == [b, t, n_kv_heads * hd]
         && v.dims() == [b, t, n_kv_heads * hd]
         && cos.dims() == [b, t, hd / 2]

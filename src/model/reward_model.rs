@@ -77,18 +77,18 @@ pub fn score_batch(
         let real = 0..s.len() as u32;
         match padding {
             Padding::Left => {
-                ids.extend(std::iter::repeat(pad).take(npad));
+                ids.extend(std::iter::repeat_n(pad, npad));
                 ids.extend_from_slice(s);
-                pos.extend(std::iter::repeat(0).take(npad));
+                pos.extend(std::iter::repeat_n(0, npad));
                 pos.extend(real);
                 key_valid.push((0..t).map(|j| j >= npad).collect());
                 last.push((row * t + t - 1) as u32);
             }
             Padding::Right => {
                 ids.extend_from_slice(s);
-                ids.extend(std::iter::repeat(pad).take(npad));
+                ids.extend(std::iter::repeat_n(pad, npad));
                 pos.extend(real);
-                pos.extend(std::iter::repeat(0).take(npad));
+                pos.extend(std::iter::repeat_n(0, npad));
                 key_valid.push((0..t).map(|j| j < s.len()).collect());
                 last.push((row * t + s.len() - 1) as u32);
             }

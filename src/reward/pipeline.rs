@@ -300,17 +300,16 @@ impl PipelineConfig {
                         "{at}.credit: expected a finite number >= 0, found {credit}"
                     )))
                 }
-                ComponentKind::Consistency { .. } => {
+                ComponentKind::Consistency { .. }
                     if !self
                         .components
                         .iter()
-                        .any(|o| matches!(o.kind, ComponentKind::Verifier { .. }))
-                    {
-                        return Err(verr(format!(
-                            "{at}: a consistency component needs a verifier component for its \
+                        .any(|o| matches!(o.kind, ComponentKind::Verifier { .. })) =>
+                {
+                    return Err(verr(format!(
+                        "{at}: a consistency component needs a verifier component for its \
                              accuracy and format terms, found none"
-                        )));
-                    }
+                    )));
                 }
                 _ => {}
             }

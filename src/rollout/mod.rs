@@ -81,9 +81,9 @@ pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<Vec<
     let mut valid = Vec::with_capacity(prompts.len());
     for pr in prompts {
         let npad = p - pr.len();
-        ids.extend(std::iter::repeat(pad).take(npad));
+        ids.extend(std::iter::repeat_n(pad, npad));
         ids.extend_from_slice(pr);
-        pos.extend(std::iter::repeat(0).take(npad));
+        pos.extend(std::iter::repeat_n(0, npad));
         pos.extend(0..pr.len() as u32);
         valid.push((0..p).map(|j| j >= npad).collect());
     }

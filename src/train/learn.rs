@@ -275,7 +275,7 @@ impl Learner {
             let mut gflat = Vec::with_capacity(c.len() * rl);
             for row in &out.grad_logp[c.clone()] {
                 gflat.extend(row.iter().map(|&x| x as f32));
-                gflat.extend(std::iter::repeat(0.0f32).take(rl - row.len()));
+                gflat.extend(std::iter::repeat_n(0.0f32, rl - row.len()));
             }
             let gt = Tensor::from_vec(gflat, (c.len(), rl), &dev)?;
             let valid = valid_tensor(&bc.valid, &dev)?;

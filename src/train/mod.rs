@@ -160,7 +160,7 @@ pub fn evaluate_task(
     Ok(correct as f64 / problems.len() as f64)
 }
 
-fn heldout<'a>(env: &'a Env) -> &'a [Problem] {
+fn heldout(env: &Env) -> &[Problem] {
     let h = env.task.heldout();
     match env.cfg.train.eval_size {
         0 => h,
@@ -880,7 +880,7 @@ fn after_update(env: &Env, learner: &Learner, source: &mut Source) -> Result<()>
     match source {
         Source::Async(ex) => {
             let (lock, cv) = &*ex.shared;
-            let publish = learner.version % interval == 0;
+            let publish = learner.version.is_multiple_of(interval);
             let copy = if publish {
                 Some(learner.model.deep_clone()?)
             } else {
@@ -895,10 +895,8 @@ fn after_update(env: &Env, learner: &Learner, source: &mut Source) -> Result<()>
             }
             cv.notify_all();
         }
-        Source::Shared { publish_dir, .. } => {
-            if learner.version % interval == 0 {
-                publish::publish(publish_dir, learner.version, &learner.model)?;
-            }
+        Source::Shared { publish_dir, .. } if learner.version.is_multiple_of(interval) => {
+            publish::publish(publish_dir, learner.version, &learner.model)?;
         }
         _ => {}
     }

@@ -101,7 +101,7 @@ impl PipelineRewarder {
         let mut r = Self::new(cfg, pipeline, reference)?;
         let state = saved.ok_or_else(|| {
             Error::checkpoint(
-                &ckpt.join("state.json"),
+                ckpt.join("state.json"),
                 "the config has [reward.pipeline] but the checkpoint has no reward_pipeline \
                  state (was the run started without a pipeline?)",
             )
@@ -283,7 +283,7 @@ mod tests {
             ("sync.offline=\"x.jsonl\"", "sync.offline"),
         ];
         for (set, needle) in cases {
-            let e = load(&[TWO, set]).err().expect(set).to_string();
+            let e = load(&[TWO, set]).expect_err(set).to_string();
             assert!(
                 e.contains(needle) && e.contains("reward.pipeline"),
                 "{set}: {e}"
