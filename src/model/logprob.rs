@@ -405,6 +405,24 @@ struct ChunkedLogprobOp {
     chunk: usize,
 }
 
+// The tensor-op backward below is what other devices run; tests force it on the CPU so that it
+// is checked against the composed reference too.
+#[cfg(test)]
+thread_local! {
+    static FORCE_COMPOSED_BWD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn composed_bwd_forced() -> bool {
+    #[cfg(test)]
+    {
+        FORCE_COMPOSED_BWD.with(|f| f.get())
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
+}
+
 impl ChunkedLogprobOp {
     /// The CPU backward: per chunk, ∂L/∂z by the fused [`ChunkGrad`] pass, then
     /// ∂h += ∂z·W_c accumulated in one buffer and ∂W_c = ∂zᵀ·h written straight into its rows
@@ -512,7 +530,7 @@ impl CustomOp3 for ChunkedLogprobOp {
         let g = grad_res.to_dtype(DType::F32)?;
         let g_lp = g.narrow(1, 0, 1)?.contiguous()?;
         let g_ent = g.narrow(1, 1, 1)?.contiguous()?;
-        if h.device().is_cpu() {
+        if h.device().is_cpu() && !composed_bwd_forced() {
             let (grad_h, grad_w) = self.cpu_bwd(&h, &w.contiguous()?, &g_lp, &g_ent)?;
             let grad_h = grad_h.to_dtype(hidden.dtype())?;
             let grad_w = grad_w.to_dtype(lm_head.dtype())?;
@@ -643,8 +661,10 @@ mod tests {
             };
             let slow = composed_token_stats(h.as_tensor(), w.as_tensor(), &y, temperature).unwrap();
             let gs = objective(&slow).backward().unwrap();
-            // Both backward paths: logits kept from the forward, and recomputed.
-            for budget in [usize::MAX, 0] {
+            // Every backward path: logits kept from the forward or recomputed, and the
+            // tensor-op path of other devices (run here on the CPU).
+            for (budget, composed) in [(usize::MAX, false), (0, false), (0, true)] {
+                FORCE_COMPOSED_BWD.with(|f| f.set(composed));
                 let fast = chunked_token_stats_with_cache(
                     h.as_tensor(),
                     w.as_tensor(),
@@ -663,7 +683,10 @@ mod tests {
                     let a = gf.get(var.as_tensor()).unwrap();
                     let b = gs.get(var.as_tensor()).unwrap();
                     let d = max_abs_diff(a, b);
-                    assert!(d < 1e-4, "gradient T={temperature} chunk={chunk}: {d}");
+                    assert!(
+                        d < 1e-4,
+                        "gradient T={temperature} chunk={chunk} composed={composed}: {d}"
+                    );
                     // Not trivially zero.
                     assert!(
                         b.abs()
@@ -675,6 +698,7 @@ mod tests {
                             > 1e-2
                     );
                 }
+                FORCE_COMPOSED_BWD.with(|f| f.set(false));
             }
         }
     }
