@@ -62,7 +62,7 @@ fn gsm8k_cfg(out: &Path, name: &str) -> config::RunConfig {
             "rollout.prompts_per_step=2".into(),
             "rollout.group_size=3".into(),
             "rollout.max_new_tokens=6".into(),
-            // The reference answer as the last response of each group: a reward of 1 in every
+            // The reference solution as the last response of each group: a reward of 1 in every
             // group, so the update is not zero although a random model never solves GSM8K.
             "sampling.inject_ground_truth=true".into(),
             "train.steps=2".into(),
@@ -129,8 +129,18 @@ fn gsm8k_rl_steps_on_a_tiny_gguf_llama() {
             .as_str()
             .unwrap()
             .ends_with(&format!("#### {answer}")));
+        let mut injected = 0;
         for r in smp["responses"].as_array().unwrap() {
             if r["ground_truth"] == true {
+                // The worked solution, calculator annotations removed, ending in its answer.
+                let text = r["text"].as_str().unwrap();
+                assert!(
+                    text.trim_end().ends_with(&format!("#### {answer}")) && !text.contains("<<"),
+                    "{text}"
+                );
+                assert!(text.len() > answer.len() + 10, "{text}");
+                assert_eq!(verifier.verify(text, answer).score, 1.0, "{text}");
+                injected += 1;
                 continue;
             }
             let mut text = r["text"].as_str().unwrap();
@@ -142,6 +152,7 @@ fn gsm8k_rl_steps_on_a_tiny_gguf_llama() {
                 verifier.verify(text, answer).score
             );
         }
+        assert_eq!(injected, 1, "one injected reference per group");
     }
 
     // The checkpoint is a loadable model with the GGUF's tokenizer, and training moved it.

@@ -144,6 +144,32 @@ pub fn gsm8k_final_answer(solution: &str) -> Option<&str> {
     (!answer.is_empty()).then_some(answer)
 }
 
+/// The reference solution as a model would write it, for TempSamp ground-truth injection:
+/// GSM8K's calculator annotations (`<<48/2=24>>`) removed, since no model is asked to write
+/// them (the `#### N` line stays: it is the marked answer the verifier reads); MATH solutions
+/// as written (they end in `\boxed{}`).
+pub fn reference_response(problem: &MathProblem, task: DatasetKind) -> String {
+    let solution = problem.reference_solution.trim();
+    match task {
+        DatasetKind::Gsm8k => {
+            let mut out = String::with_capacity(solution.len());
+            let mut rest = solution;
+            while let Some(start) = rest.find("<<") {
+                match rest[start..].find(">>") {
+                    Some(len) => {
+                        out.push_str(&rest[..start]);
+                        rest = &rest[start + len + 2..];
+                    }
+                    None => break,
+                }
+            }
+            out.push_str(rest);
+            out
+        }
+        DatasetKind::Math500 => solution.to_string(),
+    }
+}
+
 /// One parsed line with the context needed for error messages.
 struct Row<'a> {
     object: serde_json::Map<String, serde_json::Value>,
@@ -259,6 +285,29 @@ mod tests {
 
     fn p() -> &'static Path {
         Path::new("mem.jsonl")
+    }
+
+    #[test]
+    fn reference_response_drops_calculator_annotations_only() {
+        let p = |sol: &str| MathProblem {
+            index: 0,
+            question: "q".into(),
+            reference_solution: sol.into(),
+            answer: "5".into(),
+        };
+        assert_eq!(
+            reference_response(&p("2+3 = <<2+3=5>>5 <<x>>and\n#### 5"), DatasetKind::Gsm8k),
+            "2+3 = 5 and\n#### 5"
+        );
+        // An unclosed annotation is left as written; MATH solutions are kept whole.
+        assert_eq!(
+            reference_response(&p("a <<b\n#### 5"), DatasetKind::Gsm8k),
+            "a <<b\n#### 5"
+        );
+        assert_eq!(
+            reference_response(&p(" x <<y>> \\boxed{5} "), DatasetKind::Math500),
+            "x <<y>> \\boxed{5}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   verifier (`reward::math`). Training prompts are drawn uniformly from `train_data`; the
 //!   held-out set is the first `heldout_size` rows of `eval_data`; when both are the same file
 //!   (MATH-500 has only a test split) those rows are left out of training.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
@@ -157,6 +158,12 @@ pub trait Task: Send + Sync {
     fn prompt_bos(&self) -> bool {
         true
     }
+    /// The reference solution of the training problem with this prompt, rendered as a
+    /// response (TempSamp ground-truth injection). Tasks without worked solutions, and prompts
+    /// the task does not know, get the reference answer itself.
+    fn reference_response(&self, _prompt: &str, answer: &str) -> String {
+        answer.to_string()
+    }
 }
 
 impl Task for ArithmeticTask {
@@ -178,6 +185,8 @@ pub struct MathTask {
     train: Vec<Problem>,
     heldout: Vec<Problem>,
     verifier: MathVerifier,
+    /// Training prompt → its worked solution rendered as a response.
+    references: HashMap<String, String>,
 }
 
 impl MathTask {
@@ -245,12 +254,19 @@ impl MathTask {
                 })
                 .collect()
         };
+        let train = render(&train_rows)?;
+        let references = train
+            .iter()
+            .zip(&train_rows)
+            .map(|(p, row)| (p.prompt.clone(), datasets::reference_response(row, kind)))
+            .collect();
         Ok(MathTask {
             kind,
             style,
-            train: render(&train_rows)?,
+            train,
             heldout: render(&eval_rows[..n_held])?,
             verifier: MathVerifier::default(),
+            references,
         })
     }
 
@@ -295,6 +311,12 @@ impl Task for MathTask {
     }
     fn prompt_bos(&self) -> bool {
         self.style == PromptStyle::Base
+    }
+    fn reference_response(&self, prompt: &str, answer: &str) -> String {
+        self.references
+            .get(prompt)
+            .cloned()
+            .unwrap_or_else(|| answer.to_string())
     }
 }
 
@@ -437,6 +459,59 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("plain has no chat template"), "{e}");
+    }
+
+    #[test]
+    fn injected_reference_solutions_are_worked_solutions_that_verify() {
+        let tok = gpt2();
+        let gsm = TaskConfig {
+            kind: TaskKind::Gsm8k,
+            heldout_size: 5,
+            train_data: Some(data("gsm8k/train.jsonl")),
+            eval_data: Some(data("gsm8k/test.jsonl")),
+            ..Default::default()
+        };
+        let math = TaskConfig {
+            kind: TaskKind::Math500,
+            heldout_size: 0,
+            eval_data: Some(data("math500/test.jsonl")),
+            ..Default::default()
+        };
+        for (cfg, kind) in [(gsm, DatasetKind::Gsm8k), (math, DatasetKind::Math500)] {
+            let task = MathTask::new(&cfg, kind, &tok, "gpt2").unwrap();
+            let mut failed = Vec::new();
+            for p in &task.train {
+                let r = task.reference_response(&p.prompt, &p.answer);
+                assert!(!r.contains("<<") && r.len() > p.answer.len(), "{r}");
+                if task.verify(&r, true, &p.answer).score != 1.0 {
+                    failed.push(p.answer.clone());
+                }
+            }
+            // All 7473 GSM8K and 500 MATH-500 solutions verify.
+            assert!(failed.is_empty(), "{kind:?}: {failed:?}");
+        }
+        // By hand, GSM8K train row 1 (Natalia's clips), annotations removed:
+        let task = MathTask::new(
+            &TaskConfig {
+                kind: TaskKind::Gsm8k,
+                heldout_size: 5,
+                train_data: Some(data("gsm8k/train.jsonl")),
+                eval_data: Some(data("gsm8k/test.jsonl")),
+                ..Default::default()
+            },
+            DatasetKind::Gsm8k,
+            &tok,
+            "gpt2",
+        )
+        .unwrap();
+        let natalia = &task.train[0];
+        assert_eq!(
+            task.reference_response(&natalia.prompt, &natalia.answer),
+            "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether \
+             in April and May.\n#### 72"
+        );
+        // An unknown prompt (and the arithmetic task) injects the reference answer.
+        assert_eq!(task.reference_response("unknown prompt", "72"), "72");
     }
 
     #[test]

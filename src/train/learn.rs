@@ -87,7 +87,8 @@ impl Learner {
         let n = exps.len();
 
         // 1. TempSamp ground-truth injection: the last sample of each group becomes the
-        //    reference solution; its behaviour log-probs are the current policy's (below).
+        //    reference solution (the task's worked solution where it has one, else the
+        //    reference answer); its behaviour log-probs are the current policy's (below).
         let mut ground_truth = vec![false; n];
         if cfg.sampling.inject_ground_truth {
             for r in &ranges {
@@ -95,7 +96,10 @@ impl Learner {
                     continue;
                 }
                 let i = r.end - 1;
-                let mut tokens = tok.encode(&exps[i].answer)?;
+                let text = env
+                    .task
+                    .reference_response(&exps[i].prompt, &exps[i].answer);
+                let mut tokens = tok.encode(&text)?;
                 tokens.push(tok.eos);
                 let e = &mut exps[i];
                 e.logprobs = vec![0.0; tokens.len()];
