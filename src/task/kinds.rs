@@ -364,15 +364,20 @@ mod tests {
         assert_eq!(t, e);
     }
 
-    #[test]
-    fn gsm8k_task_renders_base_prompts_and_scores_with_the_math_verifier() {
-        let cfg = TaskConfig {
+    /// GSM8K from ../shared/data, the first 5 test rows held out.
+    fn gsm8k_cfg() -> TaskConfig {
+        TaskConfig {
             kind: TaskKind::Gsm8k,
             heldout_size: 5,
             train_data: Some(data("gsm8k/train.jsonl")),
             eval_data: Some(data("gsm8k/test.jsonl")),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn gsm8k_task_renders_base_prompts_and_scores_with_the_math_verifier() {
+        let cfg = gsm8k_cfg();
         let tok = gpt2();
         let task = MathTask::new(&cfg, DatasetKind::Gsm8k, &tok, "gpt2").unwrap();
         // gpt2-tiny-random has no chat template: base prompts.
@@ -464,13 +469,7 @@ mod tests {
     #[test]
     fn injected_reference_solutions_are_worked_solutions_that_verify() {
         let tok = gpt2();
-        let gsm = TaskConfig {
-            kind: TaskKind::Gsm8k,
-            heldout_size: 5,
-            train_data: Some(data("gsm8k/train.jsonl")),
-            eval_data: Some(data("gsm8k/test.jsonl")),
-            ..Default::default()
-        };
+        let gsm = gsm8k_cfg();
         let math = TaskConfig {
             kind: TaskKind::Math500,
             heldout_size: 0,
@@ -491,19 +490,7 @@ mod tests {
             assert!(failed.is_empty(), "{kind:?}: {failed:?}");
         }
         // By hand, GSM8K train row 1 (Natalia's clips), annotations removed:
-        let task = MathTask::new(
-            &TaskConfig {
-                kind: TaskKind::Gsm8k,
-                heldout_size: 5,
-                train_data: Some(data("gsm8k/train.jsonl")),
-                eval_data: Some(data("gsm8k/test.jsonl")),
-                ..Default::default()
-            },
-            DatasetKind::Gsm8k,
-            &tok,
-            "gpt2",
-        )
-        .unwrap();
+        let task = MathTask::new(&gsm8k_cfg(), DatasetKind::Gsm8k, &tok, "gpt2").unwrap();
         let natalia = &task.train[0];
         assert_eq!(
             task.reference_response(&natalia.prompt, &natalia.answer),
