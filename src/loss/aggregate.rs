@@ -1,10 +1,10 @@
 //! Batch aggregation of per-token losses (ALGORITHMS.md §0, "name by arithmetic").
 //!
-//! Every mode is linear in the per-token losses, so it is expressed as one weight w[i][t] per
-//! token: loss = Σ w·loss_token and dL/dℓ = w·dloss_token/dℓ. With m the mask, L_i = Σ_t m[i][t],
+//! Every mode is linear in the per-token losses, so it is expressed as one weight w\[i\]\[t\] per
+//! token: loss = Σ w·loss_token and dL/dℓ = w·dloss_token/dℓ. With m the mask, L_i = Σ_t m\[i\]\[t\],
 //! N = Σ_i L_i, B⁺ = number of sequences with L_i > 0 and B = all sequences:
 //!
-//! | mode | w[i][t] |
+//! | mode | w\[i\]\[t\] |
 //! |---|---|
 //! | `token-mean` | m / N |
 //! | `seq-mean-token-mean` | m / (L_i · B⁺) |

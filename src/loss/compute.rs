@@ -79,7 +79,7 @@ pub struct LossMetrics {
     pub tokens: usize,
 }
 
-/// The aggregated loss and its gradient with respect to every ℓ[i][t] (same shape as the
+/// The aggregated loss and its gradient with respect to every ℓ\[i\]\[t\] (same shape as the
 /// inputs' `logp`; zero for masked tokens).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossOutput {

@@ -1,7 +1,7 @@
 //! Policy losses over per-token scalars, with analytic gradients (ALGORITHMS.md §0, §2).
 //!
-//! The model produces per-token log-probs ℓ[i][t] as a candle tensor. The trainer hands their
-//! values to [`compute`], which returns the aggregated loss **and** dL/dℓ[i][t] for every token;
+//! The model produces per-token log-probs ℓ\[i\]\[t\] as a candle tensor. The trainer hands their
+//! values to [`compute`](fn@compute), which returns the aggregated loss **and** dL/dℓ\[i\]\[t\] for every token;
 //! the trainer then backpropagates the surrogate Σ g·ℓ through the model. Everything here is
 //! therefore a pure function of f64 scalars:
 //!
@@ -12,7 +12,7 @@
 //!   have zero gradient; PPO-clip's ratio ρ = exp(ℓ − ℓᵒ) carries gradient through ℓ.
 //!
 //! Layout: [`config`] (enums, [`LossConfig`], validation), [`policy`] (one small function per
-//! per-token loss), [`kl`] (KL estimators, DADS weight, reward-side penalty), [`aggregate`]
+//! per-token loss), [`kl`] (KL estimators, DADS weight, reward-side penalty), [`aggregate`](mod@aggregate)
 //! (batch reduction weights), [`compute`](mod@compute) (the batch entry point) and
 //! [`calculator`] (the JSON calculator behind the CLI).
 //!

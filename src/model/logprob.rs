@@ -9,11 +9,11 @@
 //!
 //! forward, per row n with z = h_n·Wᵀ/T: an online logsumexp over chunks gives
 //!   log Z = m + ln s,  s = Σ_v e^{z_v − m},  and  a = Σ_v e^{z_v − m}(z_v − m),
-//!   so  log p(y) = z_y − log Z  and the entropy  H = log Z − E_p[z] = ln s − a/s;
+//!   so  log p(y) = z_y − log Z  and the entropy  H = log Z − E_p\[z\] = ln s − a/s;
 //!   when the running max m moves to m', s ← s·e^{m−m'} + …, a ← e^{m−m'}(a + s(m − m')) + ….
 //! backward, with incoming gradients g (for log p(y)) and e (for H):
-//!   ∂log p(y)/∂z_v = 1[v = y] − p_v,   ∂H/∂z_v = −p_v (z_v − E_p[z]),
-//!   so  ∂L/∂z_v = g·1[v = y] − p_v (g + e (z_v − E_p[z])),
+//!   ∂log p(y)/∂z_v = 1[v = y] − p_v,   ∂H/∂z_v = −p_v (z_v − E_p\[z\]),
+//!   so  ∂L/∂z_v = g·1[v = y] − p_v (g + e (z_v − E_p\[z\])),
 //!   ∂L/∂h = Σ_chunks (∂L/∂z)·W_c / T   and   ∂L/∂W_c = (∂L/∂z)ᵀ·h / T,
 //!   recomputing each chunk's logits from h and W (one extra matmul instead of storing them).
 //!
@@ -294,7 +294,7 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// One row of ∂L/∂z without the target term: −inv_t·p_v·(g + e·(z_v·inv_t − E_p[z])),
+    /// One row of ∂L/∂z without the target term: −inv_t·p_v·(g + e·(z_v·inv_t − E_p\[z\])),
     /// p_v = e^{z_v·inv_t − log Z}.
     fn grad_row / grad_row_at(zr: &[f32], inv_t: f32, log_z: f32, mean_z: f32, g: f32, e: f32, o: &mut [f32]) {
         for (ov, &zv) in o.iter_mut().zip(zr) {
@@ -306,7 +306,7 @@ simd_kernel! {
 }
 
 /// ∂L/∂z of one chunk (N, c) from its logits z, the targets (N) and per-row
-/// (log Z, E_p[z], g, e) (N, 4): inv_t·(g·1[v = y] − p_v·(g + e·(z_v − E_p[z]))) with z scaled
+/// (log Z, E_p\[z\], g, e) (N, 4): inv_t·(g·1[v = y] − p_v·(g + e·(z_v − E_p\[z\]))) with z scaled
 /// by inv_t and p_v = e^{z_v − log Z}. Rows in parallel, one pass.
 struct ChunkGrad {
     v0: usize,
@@ -398,7 +398,7 @@ struct ChunkedLogprobOp {
     /// The forward's unscaled logit chunks, when they fit the cache budget.
     cached: Option<Vec<Tensor>>,
     targets: Tensor,
-    /// log Z and E_p[z] per row, (N, 1), from the forward pass.
+    /// log Z and E_p\[z\] per row, (N, 1), from the forward pass.
     log_z: Tensor,
     mean_z: Tensor,
     inv_t: f64,

@@ -3,7 +3,7 @@
 //!
 //! grove builds for the baseline x86-64 target, so a loop over [`fast_exp`] compiles to 4-lane
 //! SSE2 without FMA: the spike's attention softmax alone took 9 ms of an 80 ms forward pass.
-//! [`simd_kernel!`] compiles one `#[inline(always)]` body three times (AVX-512, AVX2 + FMA, and
+//! `simd_kernel!` compiles one `#[inline(always)]` body three times (AVX-512, AVX2 + FMA, and
 //! the baseline) and each call picks the widest the CPU has, detected once. Every helper such a
 //! body calls must be `#[inline(always)]` too, so that it is compiled inside the wide copy.
 //!

@@ -243,7 +243,7 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores moments saved by [`state_tensors`]; every parameter must be present.
+    /// Restores moments saved by [`state_tensors`](Self::state_tensors); every parameter must be present.
     pub fn load_state(
         &mut self,
         mut st: HashMap<String, Tensor>,
