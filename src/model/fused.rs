@@ -887,6 +887,10 @@ impl CustomOp3 for GateUpSwiglu {
 /// with ∂Q and ∂K rotated back by −θ (the transpose of RoPE). P and the rotated Q and K are kept
 /// from the forward for the backward (the same memory the composed graph holds).
 ///
+/// While P (b·nh·t² floats) fits [`ATTN_KEEP_P_MAX_BYTES`] it is kept; above, the backward
+/// recomputes it from the kept Qr and Kr (one more GEMM and softmax per task), so that long
+/// sequences do not hold b·nh·t² floats per layer until the backward.
+///
 /// Only self-attention without a cache (training and scoring); decoding keeps the composed path.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -899,6 +903,40 @@ pub fn attention(
     n_heads: usize,
     n_kv_heads: usize,
     scale: f64,
+) -> Result<Tensor> {
+    attention_with_budget(
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        mask,
+        n_heads,
+        n_kv_heads,
+        scale,
+        ATTN_KEEP_P_MAX_BYTES,
+    )
+}
+
+/// Attention probabilities up to this size (b·nh·t²·4 bytes, per layer) are kept from the
+/// forward pass for the backward. 16 MiB keeps them for the performance targets' shapes (the
+/// spike config's 8 × 256 tokens: 8 MiB) and recomputes them for long responses (8 sequences
+/// of 500 tokens with SmolLM2's 9 heads: 72 MB per layer, 2.2 GB over its 30 layers).
+pub const ATTN_KEEP_P_MAX_BYTES: usize = 16 << 20;
+
+/// [`attention`] with an explicit budget in bytes for keeping P (0: always recompute).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_with_budget(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f64,
+    keep_p_bytes: usize,
 ) -> Result<Tensor> {
     let (b, t, qw) = q.dims3()?;
     let hd = qw / n_heads.max(1);
@@ -930,6 +968,7 @@ pub fn attention(
         cos: table(cos)?,
         sin: table(sin)?,
         mask: table(mask)?,
+        keep_p: (b * n_heads * t * t).saturating_mul(4) <= keep_p_bytes,
         saved: std::sync::Mutex::new(None),
     };
     Ok(q.contiguous()?
@@ -1003,7 +1042,7 @@ impl AttnDims {
 }
 
 /// What the forward keeps for the backward, per task (sequence bi, KV head g), task-major:
-/// P (rep·t, t), rotated Q (rep·t, hd), rotated K (t, hd).
+/// P (rep·t, t; empty when not kept), rotated Q (rep·t, hd), rotated K (t, hd).
 struct AttnSaved {
     p: Vec<f32>,
     qr: Vec<f32>,
@@ -1012,6 +1051,9 @@ struct AttnSaved {
 
 struct Attention {
     dims: AttnDims,
+    /// Keep P from the forward for the backward; else the backward recomputes it (one more
+    /// GEMM and softmax per task) and P never exists for more than one task at a time.
+    keep_p: bool,
     cos: std::sync::Arc<Vec<f32>>,
     sin: std::sync::Arc<Vec<f32>>,
     mask: std::sync::Arc<Vec<f32>>,
@@ -1119,6 +1161,29 @@ fn inner_parallelism(tasks: usize) -> gemm::Parallelism {
     }
 }
 
+impl Attention {
+    /// P = softmax(scale · Qr·Krᵀ + mask) of one task (sequence bi) into p (rep·t, t): the
+    /// forward's computation, which the backward repeats bit for bit when P was not kept.
+    fn probabilities(
+        &self,
+        bi: usize,
+        qr: &[f32],
+        kr: &[f32],
+        p: &mut [f32],
+        par: gemm::Parallelism,
+    ) {
+        let d = self.dims;
+        let (t, m) = (d.t, d.m());
+        // S = Qr · Krᵀ
+        gemm_into(p, m, t, d.hd, qr, (d.hd, 1), kr, (1, d.hd), par);
+        for row in 0..m {
+            let ti = row % t;
+            let mrow = &self.mask[(bi * t + ti) * t..][..t];
+            softmax_row(&mut p[row * t..][..t], mrow, d.scale);
+        }
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "grove-attention"
@@ -1141,52 +1206,60 @@ impl CustomOp3 for Attention {
         let (qw, kw) = (d.nh * hd, d.nkv * hd);
         // Written in full by each task: P by its GEMM (then the softmax in place), Qr and Kr
         // row by row by rotate, Yh by its GEMM.
-        let mut p = output_buffer(d.tasks() * m * t);
         let mut qr = output_buffer(d.tasks() * m * hd);
         let mut kr = output_buffer(d.tasks() * t * hd);
         // Per-task outputs in (b, nh, t, hd) order, transposed to (b, t, nh·hd) below.
         let mut yh = output_buffer(d.tasks() * m * hd);
         let par = inner_parallelism(d.tasks());
-        p.par_chunks_mut(m * t)
-            .zip(qr.par_chunks_mut(m * hd))
-            .zip(kr.par_chunks_mut(t * hd))
-            .zip(yh.par_chunks_mut(m * hd))
-            .enumerate()
-            .for_each(|(task, (((p, qr), kr), yh))| {
-                let (bi, g) = (task / d.nkv, task % d.nkv);
-                for row in 0..m {
-                    let (r, ti) = (row / t, row % t);
-                    let h = g * d.rep() + r;
-                    let src = &q[(bi * t + ti) * qw + h * hd..][..hd];
-                    rotate(
-                        src,
-                        &self.cos[d.table(bi, ti)],
-                        &self.sin[d.table(bi, ti)],
-                        1.0,
-                        &mut qr[row * hd..][..hd],
-                    );
-                }
-                for j in 0..t {
-                    let src = &k[(bi * t + j) * kw + g * hd..][..hd];
-                    rotate(
-                        src,
-                        &self.cos[d.table(bi, j)],
-                        &self.sin[d.table(bi, j)],
-                        1.0,
-                        &mut kr[j * hd..][..hd],
-                    );
-                }
-                // S = Qr · Krᵀ
-                gemm_into(p, m, t, hd, qr, (hd, 1), kr, (1, hd), par);
-                for row in 0..m {
-                    let ti = row % t;
-                    let mrow = &self.mask[(bi * t + ti) * t..][..t];
-                    softmax_row(&mut p[row * t..][..t], mrow, d.scale);
-                }
-                // Y = P · V, V read in place: row j of head g at (bi·t + j)·kw + g·hd.
-                let vg = &v[bi * t * kw + g * hd..];
-                gemm_into(yh, m, hd, t, p, (t, 1), vg, (kw, 1), par);
-            });
+        let run = |task: usize, p: &mut [f32], qr: &mut [f32], kr: &mut [f32], yh: &mut [f32]| {
+            let (bi, g) = (task / d.nkv, task % d.nkv);
+            for row in 0..m {
+                let (r, ti) = (row / t, row % t);
+                let h = g * d.rep() + r;
+                let src = &q[(bi * t + ti) * qw + h * hd..][..hd];
+                rotate(
+                    src,
+                    &self.cos[d.table(bi, ti)],
+                    &self.sin[d.table(bi, ti)],
+                    1.0,
+                    &mut qr[row * hd..][..hd],
+                );
+            }
+            for j in 0..t {
+                let src = &k[(bi * t + j) * kw + g * hd..][..hd];
+                rotate(
+                    src,
+                    &self.cos[d.table(bi, j)],
+                    &self.sin[d.table(bi, j)],
+                    1.0,
+                    &mut kr[j * hd..][..hd],
+                );
+            }
+            self.probabilities(bi, qr, kr, p, par);
+            // Y = P · V, V read in place: row j of head g at (bi·t + j)·kw + g·hd.
+            let vg = &v[bi * t * kw + g * hd..];
+            gemm_into(yh, m, hd, t, p, (t, 1), vg, (kw, 1), par);
+        };
+        let p = if self.keep_p {
+            let mut p = output_buffer(d.tasks() * m * t);
+            p.par_chunks_mut(m * t)
+                .zip(qr.par_chunks_mut(m * hd))
+                .zip(kr.par_chunks_mut(t * hd))
+                .zip(yh.par_chunks_mut(m * hd))
+                .enumerate()
+                .for_each(|(task, (((p, qr), kr), yh))| run(task, p, qr, kr, yh));
+            p
+        } else {
+            // Long sequences: P exists one task at a time; the backward recomputes it.
+            qr.par_chunks_mut(m * hd)
+                .zip(kr.par_chunks_mut(t * hd))
+                .zip(yh.par_chunks_mut(m * hd))
+                .enumerate()
+                .for_each(|(task, ((qr, kr), yh))| {
+                    run(task, &mut output_buffer(m * t), qr, kr, yh)
+                });
+            Vec::new()
+        };
         // Every (sequence, position, head) slot copied below.
         let mut y = output_buffer(d.b * t * qw);
         y.par_chunks_mut(t * qw).enumerate().for_each(|(bi, yb)| {
@@ -1232,9 +1305,17 @@ impl CustomOp3 for Attention {
                     .enumerate()
                     .for_each(|(task, ((dqr, dkr), dvh))| {
                         let (bi, g) = (task / d.nkv, task % d.nkv);
-                        let p = &saved.p[task * m * t..][..m * t];
                         let qr = &saved.qr[task * m * hd..][..m * hd];
                         let kr = &saved.kr[task * t * hd..][..t * hd];
+                        let recomputed;
+                        let p: &[f32] = if self.keep_p {
+                            &saved.p[task * m * t..][..m * t]
+                        } else {
+                            let mut p = output_buffer(m * t);
+                            self.probabilities(bi, qr, kr, &mut p, par);
+                            recomputed = p;
+                            &recomputed
+                        };
                         // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
                         // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
                         // not one stride apart, so gather them.
@@ -1989,24 +2070,82 @@ mod tests {
             let mask = crate::model::attention_mask(&valid, 0, t, &Device::Cpu).unwrap();
             let mask = Var::from_tensor(&mask).unwrap();
             let scale = 1.0 / (hd as f64).sqrt();
-            check(
-                |ts| {
-                    attention(
-                        &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale,
-                    )
-                    .unwrap()
-                },
-                |ts| {
-                    attention_composed(
-                        &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale,
-                    )
-                    .unwrap()
-                },
-                &[q, k, v, cos, sin, mask],
-                &[0, 1, 2],
-                2e-5,
-            );
+            // P kept from the forward, and recomputed in the backward (budget 0).
+            for budget in [ATTN_KEEP_P_MAX_BYTES, 0] {
+                check(
+                    |ts| {
+                        attention_with_budget(
+                            &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale, budget,
+                        )
+                        .unwrap()
+                    },
+                    |ts| {
+                        attention_composed(
+                            &ts[0], &ts[1], &ts[2], &ts[3], &ts[4], &ts[5], nh, nkv, scale,
+                        )
+                        .unwrap()
+                    },
+                    &[
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        cos.clone(),
+                        sin.clone(),
+                        mask.clone(),
+                    ],
+                    &[0, 1, 2],
+                    2e-5,
+                );
+            }
         }
+    }
+
+    #[test]
+    fn recomputed_attention_probabilities_give_the_same_gradients_bit_for_bit() {
+        let (b, t, nh, nkv, hd) = (2usize, 9usize, 4usize, 2usize, 8usize);
+        let ins: Vec<Var> = [nh * hd, nkv * hd, nkv * hd]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| rand_var(&[b, t, w], 40 + i as u64))
+            .collect();
+        let cos = rand_var(&[b, t, hd / 2], 44);
+        let sin = rand_var(&[b, t, hd / 2], 45);
+        let mask =
+            crate::model::attention_mask(&vec![vec![true; t]; b], 0, t, &Device::Cpu).unwrap();
+        let r = rand_var(&[b, t, nh * hd], 46);
+        let grads = |budget: usize| -> Vec<Vec<f32>> {
+            let y = attention_with_budget(
+                ins[0].as_tensor(),
+                ins[1].as_tensor(),
+                ins[2].as_tensor(),
+                cos.as_tensor(),
+                sin.as_tensor(),
+                &mask,
+                nh,
+                nkv,
+                0.35,
+                budget,
+            )
+            .unwrap();
+            let g = (y * r.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            ins.iter()
+                .map(|v| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect()
+        };
+        // The backward repeats the forward's GEMM and softmax, so the results are identical.
+        assert_eq!(grads(usize::MAX), grads(0));
     }
 
     #[test]
