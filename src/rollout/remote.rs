@@ -192,9 +192,15 @@ impl RemoteEngine {
     /// Checks the config; contacts nothing yet.
     pub fn new(cfg: RemoteConfig) -> Result<Self> {
         cfg.validate().map_err(|m| Error::config("remote", m))?;
+        // One connection per request, no idle pool: a completion request takes seconds, so the
+        // TCP connect is noise, and no request goes out on a kept-alive connection the server
+        // may be closing or no longer reading (suspected in one stall of tests/remote.rs that
+        // lasted until the client's timeout; not confirmed).
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs_f64(cfg.timeout_s)))
             .http_status_as_error(false)
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
             .build()
             .into();
         let model = if cfg.model.is_empty() {
