@@ -24,6 +24,9 @@ const SMALL: [&str; 14] = [
     "train.checkpoint_every=100",
 ];
 
+/// RL steps of the two-process Postgres run (see the check on held-out accuracy).
+const RL_STEPS: usize = 250;
+
 fn rl_acc(run: &Path) -> Vec<(u64, f64)> {
     grove::report::read_jsonl(&run.join("metrics.jsonl"))
         .unwrap()
@@ -91,7 +94,8 @@ fn explorer_and_learner_processes_through_postgres() {
             weights.to_str().unwrap(),
         ])
         .args(SMALL)
-        .args(["--set", "train.steps=120", "--set", "sync.max_staleness=2"])
+        .args(["--set", &format!("train.steps={RL_STEPS}")])
+        .args(["--set", "sync.max_staleness=2"])
         .args([
             "--set",
             &format!("output_dir={:?}", out.display().to_string()),
@@ -123,16 +127,18 @@ fn explorer_and_learner_processes_through_postgres() {
     let acc = rl_acc(&out.join("quickstart"));
     // Held-out accuracy on 200 problems moves by about ±3 points between evaluations, and the
     // explorer/learner interleaving (hence the data) depends on process timing, so the check is
-    // on the best evaluation and on the mean of the last three, over 120 steps. Local runs of
-    // this setup (some pinned to one core): best 0.435, last-three mean 0.42, from 0.255; at
-    // 40 steps a CI run stayed within 0.28, which is why the run is this long.
+    // on the best evaluation and on the mean of the last three, over RL_STEPS steps. At 40 steps
+    // a CI run stayed within 0.28 (from 0.255); at 120 steps one fresh-clone run reached only
+    // 0.305 with a last-three mean of 0.268 (from 0.24) while most reached 0.38-0.48: hence
+    // RL_STEPS = 250. Five local runs at 250 steps (two pinned to one core), all from 0.24:
+    // best 0.555-0.60, last-three mean 0.52-0.57.
     eprintln!("held-out accuracy through the buffer: {acc:?}");
     let first = acc.first().unwrap().1;
     let best = acc.iter().map(|a| a.1).fold(0.0, f64::max);
     let tail: Vec<f64> = acc.iter().rev().take(3).map(|a| a.1).collect();
     let tail_mean = tail.iter().sum::<f64>() / tail.len() as f64;
     assert!(
-        best >= first + 0.06 && tail_mean >= first + 0.04,
+        best >= first + 0.10 && tail_mean >= first + 0.08,
         "held-out accuracy did not rise through the buffer: {acc:?}"
     );
     let lines = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl")).unwrap();
@@ -140,22 +146,22 @@ fn explorer_and_learner_processes_through_postgres() {
         .iter()
         .filter(|v| v["phase"] == "rl" && v["step"].as_u64().unwrap() > 0)
         .collect();
-    assert_eq!(rl.len(), 120);
+    assert_eq!(rl.len(), RL_STEPS);
     let mean = |r: &[&serde_json::Value], key: &str| {
         r.iter().map(|v| v[key].as_f64().unwrap()).sum::<f64>() / r.len() as f64
     };
     // The training reward over 20 steps (2560 samples) is far less noisy than the evaluation:
-    // local runs rose from about 0.10 by 0.03-0.05 at 80 steps and by 0.07 at 120.
+    // local runs rose from about 0.10 by 0.04-0.07 at 120 steps and by 0.13-0.19 at 250.
     let (early, late) = (
         mean(&rl[..20], "reward/mean"),
-        mean(&rl[100..], "reward/mean"),
+        mean(&rl[RL_STEPS - 20..], "reward/mean"),
     );
     eprintln!(
         "reward/mean: first 20 steps {early:.3}, last 20 {late:.3}; mean staleness {:.2}",
         mean(&rl, "staleness/mean")
     );
     assert!(
-        late >= early + 0.02,
+        late >= early + 0.05,
         "training reward did not rise: {early:.3} -> {late:.3}"
     );
     let mut dropped = 0usize;
@@ -172,7 +178,7 @@ fn explorer_and_learner_processes_through_postgres() {
     let mut b = grove::buffer::open(&url, 1 << 30).unwrap();
     let left = b.len().unwrap();
     // Taken from the buffer: the groups trained on plus the stale ones dropped.
-    let consumed = 120 * 16 + dropped;
+    let consumed = RL_STEPS * 16 + dropped;
     let taken = b.take(left, 0).unwrap();
     assert_eq!(taken.groups.len(), left);
     let mut client = postgres::Client::connect(&base, postgres::NoTls).unwrap();
