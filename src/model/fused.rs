@@ -74,17 +74,21 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
-/// The f32 data of a contiguous CPU tensor, for a backward pass that runs its own kernels.
-pub(crate) fn with_cpu_f32<R>(
-    t: &Tensor,
+/// The f32 data of contiguous CPU tensors, for a backward pass that runs its own kernels.
+pub(crate) fn with_cpu_f32<const N: usize, R>(
+    ts: [&Tensor; N],
     what: &str,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(f32_slice(cpu, layout, what)?),
-        _ => candle_core::bail!("fused {what}: expected a CPU tensor"),
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *slot = match &**storage {
+            candle_core::Storage::Cpu(cpu) => f32_slice(cpu, layout, what)?,
+            _ => candle_core::bail!("fused {what}: expected a CPU tensor"),
+        };
     }
+    f(slices)
 }
 
 fn fusable(ts: &[&Tensor]) -> bool {
@@ -587,6 +591,23 @@ simd_kernel! {
     }
 }
 
+/// [`swiglu_fwd`] over all of a, u and out, in parallel chunks.
+fn swiglu_fwd_par(a: &[f32], u: &[f32], out: &mut [f32]) {
+    let c = MIN_TASK_ELEMS;
+    out.par_chunks_mut(c)
+        .zip(a.par_chunks(c).zip(u.par_chunks(c)))
+        .for_each(|(o, (a, u))| swiglu_fwd(a, u, o));
+}
+
+/// [`swiglu_bwd`] over all of its slices, in parallel chunks.
+fn swiglu_bwd_par(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], du: &mut [f32]) {
+    let c = MIN_TASK_ELEMS;
+    da.par_chunks_mut(c)
+        .zip(du.par_chunks_mut(c))
+        .zip(a.par_chunks(c).zip(u.par_chunks(c)).zip(g.par_chunks(c)))
+        .for_each(|((da, du), ((a, u), g))| swiglu_bwd(a, u, g, da, du));
+}
+
 simd_kernel! {
     /// ∂a and ∂u of silu(a)·u for the incoming gradient g, element-wise.
     fn swiglu_bwd / swiglu_bwd_at(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], du: &mut [f32]) {
@@ -617,12 +638,7 @@ impl CustomOp2 for SwiGlu {
         let u = f32_slice(s2, l2, "swiglu")?;
         // Every element written by swiglu_fwd.
         let mut out = output_buffer(a.len());
-        out.par_chunks_mut(MIN_TASK_ELEMS)
-            .zip(
-                a.par_chunks(MIN_TASK_ELEMS)
-                    .zip(u.par_chunks(MIN_TASK_ELEMS)),
-            )
-            .for_each(|(o, (a, u))| swiglu_fwd(a, u, o));
+        swiglu_fwd_par(a, u, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -665,11 +681,7 @@ impl CustomOp3 for SwiGluBwd {
         // Every element of both halves written by swiglu_bwd.
         let mut out = output_buffer(2 * n);
         let (da, du) = out.split_at_mut(n);
-        let c = MIN_TASK_ELEMS;
-        da.par_chunks_mut(c)
-            .zip(du.par_chunks_mut(c))
-            .zip(a.par_chunks(c).zip(u.par_chunks(c)).zip(g.par_chunks(c)))
-            .for_each(|((da, du), ((a, u), g))| swiglu_bwd(a, u, g, da, du));
+        swiglu_bwd_par(a, u, g, da, du);
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 }
@@ -763,12 +775,7 @@ impl CustomOp3 for GateUpSwiglu {
             par,
         );
         let mut y = output_buffer(n * inter);
-        y.par_chunks_mut(MIN_TASK_ELEMS)
-            .zip(
-                g.par_chunks(MIN_TASK_ELEMS)
-                    .zip(u.par_chunks(MIN_TASK_ELEMS)),
-            )
-            .for_each(|(o, (a, u))| swiglu_fwd(a, u, o));
+        swiglu_fwd_par(&g, &u, &mut y);
         *self.saved.lock().expect("gate_up_swiglu state poisoned") = Some((g, u));
         let mut dims = l1.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -799,68 +806,61 @@ impl CustomOp3 for GateUpSwiglu {
         let mut dx = output_buffer(n * hidden);
         let mut dwg = output_buffer(inter * hidden);
         let mut dwu = output_buffer(inter * hidden);
-        with_cpu_f32(&grad, "gate_up_swiglu backward", |gy| {
-            let c = MIN_TASK_ELEMS;
-            dg.par_chunks_mut(c)
-                .zip(du.par_chunks_mut(c))
-                .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(gy.par_chunks(c)))
-                .for_each(|((da, du), ((a, u), gy))| swiglu_bwd(a, u, gy, da, du));
-            Ok(())
-        })?;
-        with_cpu_f32(x, "gate_up_swiglu backward", |xs| {
-            with_cpu_f32(w_gate, "gate_up_swiglu backward", |wg| {
-                with_cpu_f32(w_up, "gate_up_swiglu backward", |wu| {
-                    // ∂x = ∂G·w_gate + ∂U·w_up
-                    gemm_into(
-                        &mut dx,
-                        n,
-                        hidden,
-                        inter,
-                        &dg,
-                        (inter, 1),
-                        wg,
-                        (hidden, 1),
-                        par,
-                    );
-                    gemm_acc(
-                        &mut dx,
-                        true,
-                        n,
-                        hidden,
-                        inter,
-                        &du,
-                        (inter, 1),
-                        wu,
-                        (hidden, 1),
-                        par,
-                    );
-                    // ∂w = ∂ᵀ·x, ∂ᵀ read through strides.
-                    gemm_into(
-                        &mut dwg,
-                        inter,
-                        hidden,
-                        n,
-                        &dg,
-                        (1, inter),
-                        xs,
-                        (hidden, 1),
-                        par,
-                    );
-                    gemm_into(
-                        &mut dwu,
-                        inter,
-                        hidden,
-                        n,
-                        &du,
-                        (1, inter),
-                        xs,
-                        (hidden, 1),
-                        par,
-                    );
-                    Ok(())
-                })
-            })
-        })?;
+        with_cpu_f32(
+            [&grad, x, w_gate, w_up],
+            "gate_up_swiglu backward",
+            |[gy, xs, wg, wu]| {
+                swiglu_bwd_par(g, u, gy, &mut dg, &mut du);
+                // ∂x = ∂G·w_gate + ∂U·w_up
+                gemm_into(
+                    &mut dx,
+                    n,
+                    hidden,
+                    inter,
+                    &dg,
+                    (inter, 1),
+                    wg,
+                    (hidden, 1),
+                    par,
+                );
+                gemm_acc(
+                    &mut dx,
+                    true,
+                    n,
+                    hidden,
+                    inter,
+                    &du,
+                    (inter, 1),
+                    wu,
+                    (hidden, 1),
+                    par,
+                );
+                // ∂w = ∂ᵀ·x, ∂ᵀ read through strides.
+                gemm_into(
+                    &mut dwg,
+                    inter,
+                    hidden,
+                    n,
+                    &dg,
+                    (1, inter),
+                    xs,
+                    (hidden, 1),
+                    par,
+                );
+                gemm_into(
+                    &mut dwu,
+                    inter,
+                    hidden,
+                    n,
+                    &du,
+                    (1, inter),
+                    xs,
+                    (hidden, 1),
+                    par,
+                );
+                Ok(())
+            },
+        )?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -1296,53 +1296,51 @@ impl CustomOp3 for Attention {
         let mut dqr = output_buffer(d.tasks() * m * hd);
         let mut dkr = output_buffer(d.tasks() * t * hd);
         let mut dvh = output_buffer(d.tasks() * t * hd);
-        with_cpu_f32(&grad, "attention backward", |gy| {
-            with_cpu_f32(v, "attention backward", |vv| {
-                let par = inner_parallelism(d.tasks());
-                dqr.par_chunks_mut(m * hd)
-                    .zip(dkr.par_chunks_mut(t * hd))
-                    .zip(dvh.par_chunks_mut(t * hd))
-                    .enumerate()
-                    .for_each(|(task, ((dqr, dkr), dvh))| {
-                        let (bi, g) = (task / d.nkv, task % d.nkv);
-                        let qr = &saved.qr[task * m * hd..][..m * hd];
-                        let kr = &saved.kr[task * t * hd..][..t * hd];
-                        let recomputed;
-                        let p: &[f32] = if self.keep_p {
-                            &saved.p[task * m * t..][..m * t]
-                        } else {
-                            let mut p = output_buffer(m * t);
-                            self.probabilities(bi, qr, kr, &mut p, par);
-                            recomputed = p;
-                            &recomputed
-                        };
-                        // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
-                        // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
-                        // not one stride apart, so gather them.
-                        // Every row copied below.
-                        let mut dy = output_buffer(m * hd);
-                        for row in 0..m {
-                            let (r, ti) = (row / t, row % t);
-                            let h = g * d.rep() + r;
-                            dy[row * hd..][..hd]
-                                .copy_from_slice(&gy[(bi * t + ti) * qw + h * hd..][..hd]);
-                        }
-                        let vg = &vv[bi * t * kw + g * hd..];
-                        // ∂V = Pᵀ · ∂Y
-                        gemm_into(dvh, t, hd, m, p, (1, t), &dy, (hd, 1), par);
-                        // ∂P = ∂Y · Vᵀ, then ∂S in place.
-                        // Written in full by the GEMM.
-                        let mut ds = output_buffer(m * t);
-                        gemm_into(&mut ds, m, t, hd, &dy, (hd, 1), vg, (1, kw), par);
-                        for row in 0..m {
-                            softmax_grad_row(&mut ds[row * t..][..t], &p[row * t..][..t], d.scale);
-                        }
-                        // ∂Qr = ∂S · Kr,  ∂Kr = ∂Sᵀ · Qr
-                        gemm_into(dqr, m, hd, t, &ds, (t, 1), kr, (hd, 1), par);
-                        gemm_into(dkr, t, hd, m, &ds, (1, t), qr, (hd, 1), par);
-                    });
-                Ok(())
-            })
+        with_cpu_f32([&grad, v], "attention backward", |[gy, vv]| {
+            let par = inner_parallelism(d.tasks());
+            dqr.par_chunks_mut(m * hd)
+                .zip(dkr.par_chunks_mut(t * hd))
+                .zip(dvh.par_chunks_mut(t * hd))
+                .enumerate()
+                .for_each(|(task, ((dqr, dkr), dvh))| {
+                    let (bi, g) = (task / d.nkv, task % d.nkv);
+                    let qr = &saved.qr[task * m * hd..][..m * hd];
+                    let kr = &saved.kr[task * t * hd..][..t * hd];
+                    let recomputed;
+                    let p: &[f32] = if self.keep_p {
+                        &saved.p[task * m * t..][..m * t]
+                    } else {
+                        let mut p = output_buffer(m * t);
+                        self.probabilities(bi, qr, kr, &mut p, par);
+                        recomputed = p;
+                        &recomputed
+                    };
+                    // ∂Y of this task's stacked heads, read in place from (b, t, nh·hd):
+                    // row r·t + ti starts at (bi·t + ti)·qw + (g·rep + r)·hd. Stacked heads are
+                    // not one stride apart, so gather them.
+                    // Every row copied below.
+                    let mut dy = output_buffer(m * hd);
+                    for row in 0..m {
+                        let (r, ti) = (row / t, row % t);
+                        let h = g * d.rep() + r;
+                        dy[row * hd..][..hd]
+                            .copy_from_slice(&gy[(bi * t + ti) * qw + h * hd..][..hd]);
+                    }
+                    let vg = &vv[bi * t * kw + g * hd..];
+                    // ∂V = Pᵀ · ∂Y
+                    gemm_into(dvh, t, hd, m, p, (1, t), &dy, (hd, 1), par);
+                    // ∂P = ∂Y · Vᵀ, then ∂S in place.
+                    // Written in full by the GEMM.
+                    let mut ds = output_buffer(m * t);
+                    gemm_into(&mut ds, m, t, hd, &dy, (hd, 1), vg, (1, kw), par);
+                    for row in 0..m {
+                        softmax_grad_row(&mut ds[row * t..][..t], &p[row * t..][..t], d.scale);
+                    }
+                    // ∂Qr = ∂S · Kr,  ∂Kr = ∂Sᵀ · Qr
+                    gemm_into(dqr, m, hd, t, &ds, (t, 1), kr, (hd, 1), par);
+                    gemm_into(dkr, t, hd, m, &ds, (1, t), qr, (hd, 1), par);
+                });
+            Ok(())
         })?;
         // Back to (b, t, heads·hd), rotating ∂Q and ∂K by −θ.
         // Every (sequence, position, head) slot written below.
@@ -1440,12 +1438,6 @@ struct Linear;
 /// at 35 tokens/s through them against 52 through these dot products.
 const SKINNY_ROWS: usize = 16;
 
-/// `is_x86_feature_detected!` caches its answer, so this is cheap per call.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
 /// out[i] = x_i · w for the rows x_i of x (out.len() rows of w.len()), four rows at a time so
 /// each 8-lane load of w feeds four FMAs. The build targets baseline x86-64, where the
 /// portable `dot` compiles to 4-lane SSE2 without FMA: too slow for a product that decoding
@@ -1503,9 +1495,10 @@ fn skinny_matmul_t(x: &[f32], w: &[f32], n: usize, in_f: usize, out_f: usize, y:
         .for_each(|(yt, w)| {
             for (yj, wj) in yt.chunks_mut(n).zip(w.chunks(in_f)) {
                 #[cfg(target_arch = "x86_64")]
-                if has_avx2_fma() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked at run time); x holds n rows
-                    // of in_f, wj one row of in_f and yj n outputs.
+                if super::simd::level() >= super::simd::Level::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (`simd` reports Avx2 or wider only
+                    // then, detected at run time); x holds n rows of in_f, wj one row of in_f
+                    // and yj n outputs.
                     unsafe { dots_avx2(x, in_f, wj, yj) };
                     continue;
                 }
@@ -1665,19 +1658,15 @@ fn linear_bwd(
     let mut dx = output_buffer(n * in_f);
     let mut dw = output_buffer(out_f * in_f);
     let mut db = None;
-    with_cpu_f32(x, "linear backward", |xs| {
-        with_cpu_f32(w, "linear backward", |ws| {
-            with_cpu_f32(&g, "linear backward", |gs| {
-                // ∂x (n, in) = g (n, out) · w (out, in)
-                gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
-                // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
-                gemm_into(&mut dw, out_f, in_f, n, gs, (1, out_f), xs, (in_f, 1), par);
-                if bias {
-                    db = Some(column_sums(gs, out_f));
-                }
-                Ok(())
-            })
-        })
+    with_cpu_f32([x, w, &g], "linear backward", |[xs, ws, gs]| {
+        // ∂x (n, in) = g (n, out) · w (out, in)
+        gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
+        // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
+        gemm_into(&mut dw, out_f, in_f, n, gs, (1, out_f), xs, (in_f, 1), par);
+        if bias {
+            db = Some(column_sums(gs, out_f));
+        }
+        Ok(())
     })?;
     let dev = w.device();
     Ok((

@@ -442,33 +442,28 @@ impl ChunkedLogprobOp {
         // chunk by chunk.
         let mut grad_h = vec![0f32; n * hs];
         let mut grad_w = output_buffer(v * hs);
-        with_cpu_f32(h, "chunked log-prob backward", |hd| {
-            with_cpu_f32(w, "chunked log-prob backward", |wd| {
-                for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
-                    let c = self.chunk.min(v - v0);
-                    let z = match self.cached.as_ref().and_then(|cs| cs.get(k)) {
-                        Some(z) => z.clone(),
-                        None => h.matmul(&w.narrow(0, v0, c)?.t()?)?,
-                    };
-                    let gz = z.apply_op3_no_bwd(
-                        &self.targets,
-                        &rows,
-                        &ChunkGrad {
-                            v0,
-                            inv_t: self.inv_t as f32,
-                        },
-                    )?;
-                    with_cpu_f32(&gz, "chunked log-prob backward", |gzd| {
-                        let wc = &wd[v0 * hs..(v0 + c) * hs];
-                        gemm_acc(&mut grad_h, true, n, hs, c, gzd, (c, 1), wc, (hs, 1), par);
-                        let gw = &mut grad_w[v0 * hs..(v0 + c) * hs];
-                        gemm_into(gw, c, hs, n, gzd, (1, c), hd, (hs, 1), par);
-                        Ok(())
-                    })?;
-                }
+        for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
+            let c = self.chunk.min(v - v0);
+            let z = match self.cached.as_ref().and_then(|cs| cs.get(k)) {
+                Some(z) => z.clone(),
+                None => h.matmul(&w.narrow(0, v0, c)?.t()?)?,
+            };
+            let gz = z.apply_op3_no_bwd(
+                &self.targets,
+                &rows,
+                &ChunkGrad {
+                    v0,
+                    inv_t: self.inv_t as f32,
+                },
+            )?;
+            with_cpu_f32([h, w, &gz], "chunked log-prob backward", |[hd, wd, gzd]| {
+                let wc = &wd[v0 * hs..(v0 + c) * hs];
+                gemm_acc(&mut grad_h, true, n, hs, c, gzd, (c, 1), wc, (hs, 1), par);
+                let gw = &mut grad_w[v0 * hs..(v0 + c) * hs];
+                gemm_into(gw, c, hs, n, gzd, (1, c), hd, (hs, 1), par);
                 Ok(())
-            })
-        })?;
+            })?;
+        }
         let dev = h.device();
         Ok((
             Tensor::from_vec(grad_h, (n, hs), dev)?,

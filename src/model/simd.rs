@@ -8,7 +8,8 @@
 //! body calls must be `#[inline(always)]` too, so that it is compiled inside the wide copy.
 //!
 //! `GROVE_SIMD=avx2` or `GROVE_SIMD=baseline` caps the level (to compare, or to rule the wide
-//! kernels out); a level above what the CPU has is never used.
+//! kernels out; `baseline` also turns off the fused linear layer's AVX2 decode path); a level
+//! above what the CPU has is never used.
 //!
 //! [`fast_exp`]: super::fused::fast_exp
 use std::sync::OnceLock;
