@@ -7,11 +7,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::compute::optim::{AdamW, AdamWParams};
 use crate::error::Result;
+use crate::model::batch;
 use crate::model::{Config, Llama};
 use crate::rollout::{generate, SamplingParams};
-use crate::train::batch;
-use crate::train::optim::{AdamW, AdamWParams};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -100,7 +100,7 @@ pub fn peak_rss_gb() -> f64 {
 }
 
 pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
-    let dev = crate::train::device();
+    let dev = crate::compute::device();
     let model = Llama::init(cfg, 0, &dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
@@ -302,7 +302,7 @@ pub fn rl_step(
     use crate::train::explore::{collect, Env, ExploreState};
     use crate::train::learn::Learner;
 
-    let dev = crate::train::device();
+    let dev = crate::compute::device();
     let model = Llama::init(model_cfg, 0, &dev)?;
     let params = model.num_params();
     let mut cfg = crate::config::RunConfig::default();
@@ -412,7 +412,7 @@ pub fn ops_profile(
 ) -> Result<(Vec<OpTiming>, Vec<GemmTiming>)> {
     use crate::model::fused;
     use candle_core::Var;
-    let dev = crate::train::device();
+    let dev = crate::compute::device();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (h, nh, hd, inter) = (
         cfg.hidden_size,

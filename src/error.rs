@@ -29,14 +29,20 @@ pub enum Error {
     Reward(String),
     #[error("run directory {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
+    /// An advantage estimator refused its input (`advantage::AdvantageError`). This and the
+    /// boxed variants below keep the error's source while this bottom layer depends on no
+    /// layer above it; each module converts its own error type (`impl From` next to it).
     #[error(transparent)]
-    Advantage(#[from] crate::advantage::AdvantageError),
+    Advantage(Box<dyn std::error::Error + Send + Sync>),
+    /// A loss refused its input (`loss::LossError`).
     #[error(transparent)]
-    Loss(#[from] crate::loss::LossError),
+    Loss(Box<dyn std::error::Error + Send + Sync>),
+    /// Drawing a plot failed (`report::plot::PlotError`).
     #[error(transparent)]
-    Plot(#[from] crate::report::plot::PlotError),
+    Plot(Box<dyn std::error::Error + Send + Sync>),
+    /// A malformed GGUF file (`model::gguf::GgufError`: file, byte offset and field).
     #[error(transparent)]
-    Gguf(#[from] crate::model::gguf::GgufError),
+    Gguf(Box<dyn std::error::Error + Send + Sync>),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("json: {0}")]

@@ -6,6 +6,7 @@
 pub mod advantage;
 pub mod bench;
 pub mod buffer;
+pub mod compute;
 pub mod config;
 pub mod error;
 pub mod eval;
@@ -18,6 +19,5 @@ pub mod rollout;
 pub mod sampling;
 pub mod task;
 pub mod train;
-pub mod tuning;
 
 pub use error::{Error, Result};

@@ -113,9 +113,8 @@ fn pipeline_with_sar_and_par_logs_components_and_resumes_exactly() {
 
 #[test]
 fn lagged_pipeline_with_a_reward_model_resumes_exactly() {
-    use grove::reward::rm_train::{
-        arithmetic_preferences, train_reward_model, write_pairs, RmTrainOptions,
-    };
+    use grove::reward::rm_train::{train_reward_model, write_pairs, RmTrainOptions};
+    use grove::task::arithmetic::arithmetic_preferences;
     let tmp = tempfile::tempdir().unwrap();
     // A tiny reward model, a few steps on the project's arithmetic preferences.
     let task = grove::task::ArithmeticTask::new(Default::default()).unwrap();

@@ -274,6 +274,12 @@ pub enum AdvantageError {
     Input { at: String, message: String },
 }
 
+impl From<AdvantageError> for crate::error::Error {
+    fn from(e: AdvantageError) -> Self {
+        crate::error::Error::Advantage(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //!
 //! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
 //! the file's own values, then `--set section.key=value` overrides.
+pub mod pipeline_rules;
 pub mod recipes;
 
 use std::path::Path;
@@ -419,8 +420,7 @@ impl RunConfig {
             p.validate()
                 .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
         }
-        crate::train::reward_hook::validate_for_train(self)
-            .map_err(|m| Error::config(source, m))?;
+        pipeline_rules::validate_for_train(self).map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

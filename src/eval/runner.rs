@@ -241,7 +241,7 @@ fn prompt_ids(tok: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>> {
 /// Evaluates the model at `model_path` (HF folder, GGUF file or grove checkpoint directory).
 pub fn run_eval(model_path: &Path, opts: &EvalOptions) -> Result<EvalReport> {
     opts.validate()?;
-    let device = crate::train::device();
+    let device = crate::compute::device();
     let (model, tok) = load_pretrained(model_path, &device)?;
     run_eval_with(&model, &tok, model_path, opts)
 }

@@ -89,3 +89,9 @@ pub enum LossError {
         reason: String,
     },
 }
+
+impl From<LossError> for crate::error::Error {
+    fn from(e: LossError) -> Self {
+        crate::error::Error::Loss(Box::new(e))
+    }
+}

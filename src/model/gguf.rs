@@ -122,6 +122,12 @@ pub enum GgufValue {
     F64(f64),
 }
 
+impl From<GgufError> for crate::error::Error {
+    fn from(e: GgufError) -> Self {
+        crate::error::Error::Gguf(Box::new(e))
+    }
+}
+
 impl GgufValue {
     /// The GGUF name of the value's type, for error messages.
     pub fn type_name(&self) -> &'static str {

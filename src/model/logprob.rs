@@ -36,7 +36,7 @@ use crate::model::simd::simd_kernel;
 pub const DEFAULT_CHUNK: usize = 4096;
 /// Logits up to this size (N·V·4 bytes) are kept from the forward pass for the backward.
 pub const CACHE_LOGITS_MAX_BYTES: usize = 1 << 30;
-/// `train::batch::response_logprobs` uses the chunked op above this vocabulary size.
+/// `model::batch::response_logprobs` uses the chunked op above this vocabulary size.
 pub const CHUNKED_MIN_VOCAB: usize = 4096;
 
 fn err(msg: String) -> Error {

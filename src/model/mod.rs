@@ -1,4 +1,5 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
+pub mod batch;
 pub mod chat;
 pub mod fused;
 pub mod gguf;

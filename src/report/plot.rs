@@ -126,6 +126,12 @@ struct MetricsRow {
 }
 
 /// Registers the embedded font once per process; later calls only report the outcome.
+impl From<PlotError> for crate::error::Error {
+    fn from(e: PlotError) -> Self {
+        crate::error::Error::Plot(Box::new(e))
+    }
+}
+
 fn ensure_font() -> Result<(), PlotError> {
     static REGISTER: Once = Once::new();
     static REGISTERED: AtomicBool = AtomicBool::new(false);

@@ -1,17 +1,22 @@
 //! Verifiers, reward shaping and reward models: where a response's scalar reward comes from
 //! and how it is transformed before the advantage (ALGORITHMS.md §3, §5).
+pub mod context;
 pub mod exact;
 pub mod external;
 pub mod gates;
 pub mod math;
 pub mod noise;
 pub mod pipeline;
-pub mod policy;
 pub mod rm_loss;
 pub mod rm_scorer;
 pub mod rm_train;
 pub mod sar;
 pub mod shaping;
+
+/// The component key that holds the verified correctness (`acc/train`). A pipeline component
+/// may use the name only as an unshaped `verifier` (its value is then the task's check too);
+/// the logged `reward/correct/mean` stays the explorer's own exact-answer check.
+pub const CORRECT_KEY: &str = "correct";
 
 /// A verifier's judgement: a score and the reason for it, so that a user reading
 /// `samples.jsonl` sees why a response got its reward.

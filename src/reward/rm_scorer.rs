@@ -9,7 +9,7 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 use crate::model::reward_model::{rm_tokens, Padding};
-use crate::reward::pipeline::ResponseContext;
+use crate::reward::context::ResponseContext;
 use crate::reward::rm_train::{load_reward_model, LoadedRewardModel};
 
 pub struct RewardModelScorer {

@@ -22,12 +22,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::compute::optim::{AdamW, AdamWParams};
 use crate::error::{Error, Result};
 use crate::model::reward_model::{rm_tokens, score_batch, Padding, RewardModel};
 use crate::model::{io::load_hf_folder, Config, Tokenizer};
 use crate::reward::rm_loss::{self, PreferenceLabel, RmLoss};
-use crate::task::ArithmeticTask;
-use crate::train::optim::{AdamW, AdamWParams};
 
 /// Metadata file written next to a trained reward model.
 pub const RM_META_FILE: &str = "reward_model.json";
@@ -149,31 +148,6 @@ pub fn perturb_answer<R: Rng>(answer: &str, rng: &mut R) -> String {
         chars[i] = *choices.choose(rng).expect("at least 8 other digits");
     }
     chars.into_iter().collect()
-}
-
-/// `n` preference pairs from the task's training split (never a held-out problem): chosen is
-/// the correct answer, rejected a perturbed one, strength by how wrong it is
-/// ([`wrongness_strength`]), ratings 1 for correct and 1 − strength/3 for wrong.
-pub fn arithmetic_preferences(task: &ArithmeticTask, n: usize, seed: u64) -> Vec<PreferencePair> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let p = task.sample_train(&mut rng);
-            let wrong = perturb_answer(&p.answer, &mut rng);
-            let strength = match (p.answer.parse::<i64>(), wrong.parse::<i64>()) {
-                (Ok(c), Ok(w)) => wrongness_strength(c, w),
-                _ => 1.0,
-            };
-            PreferencePair {
-                prompt: p.prompt,
-                chosen: p.answer,
-                rejected: wrong,
-                strength,
-                chosen_rating: Some(1.0),
-                rejected_rating: Some(1.0 - strength / 3.0),
-            }
-        })
-        .collect()
 }
 
 /// Splits pairs by prompt: about `heldout_frac` of the pairs, whole prompts only, go to the
@@ -617,7 +591,9 @@ pub fn load_reward_model(dir: &Path, dev: &Device) -> Result<LoadedRewardModel> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::arithmetic::arithmetic_preferences;
     use crate::task::ArithmeticConfig;
+    use crate::task::ArithmeticTask;
 
     fn task() -> ArithmeticTask {
         ArithmeticTask::new(ArithmeticConfig::default()).unwrap()
@@ -813,7 +789,7 @@ mod tests {
     #[test]
     fn lm_term_is_the_response_nll_the_policy_trainer_computes() {
         // lm_loss over chosen sequences = −mean log p(response token | prefix) over the
-        // response tokens and EOS, as train::batch computes it for the SFT warm-up.
+        // response tokens and EOS, as model::batch computes it for the SFT warm-up.
         let tok = Tokenizer::builtin_arithmetic();
         let mut cfg = Config::builtin_tiny(tok.vocab_size());
         cfg.hidden_size = 16;
@@ -862,9 +838,9 @@ mod tests {
                 v
             })
             .collect();
-        let b = crate::train::batch::build(&prompts, &answers, tok.pad, &Device::Cpu).unwrap();
-        let (lp, _) = crate::train::batch::response_logprobs(&rm.body, &b, 1.0).unwrap();
-        let rows = crate::train::batch::to_f64_rows(&lp).unwrap();
+        let b = crate::model::batch::build(&prompts, &answers, tok.pad, &Device::Cpu).unwrap();
+        let (lp, _) = crate::model::batch::response_logprobs(&rm.body, &b, 1.0).unwrap();
+        let rows = crate::model::batch::to_f64_rows(&lp).unwrap();
         // 3 response tokens each ("12"+EOS, "20"+EOS): mean over 6
         let expected = -(rows[0][..3].iter().sum::<f64>() + rows[1][..3].iter().sum::<f64>()) / 6.0;
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");

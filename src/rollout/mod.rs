@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::batch::left_pad;
 use crate::model::{attention_mask, KvCache, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,23 +72,6 @@ pub struct Generation {
     pub logprobs: Vec<f32>,
     /// The response ended with EOS (false: cut at max_new_tokens).
     pub finished: bool,
-}
-
-/// Left-pads prompts; returns ids, positions and key validity, all (b, p).
-pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<Vec<bool>>, usize) {
-    let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(prompts.len() * p);
-    let mut pos = Vec::with_capacity(prompts.len() * p);
-    let mut valid = Vec::with_capacity(prompts.len());
-    for pr in prompts {
-        let npad = p - pr.len();
-        ids.extend(std::iter::repeat_n(pad, npad));
-        ids.extend_from_slice(pr);
-        pos.extend(std::iter::repeat_n(0, npad));
-        pos.extend(0..pr.len() as u32);
-        valid.push((0..p).map(|j| j >= npad).collect());
-    }
-    (ids, pos, valid, p)
 }
 
 /// Samples one response per prompt. Consumes exactly one uniform draw of `rng` per active
@@ -263,14 +247,5 @@ mod tests {
                 2
             );
         }
-    }
-
-    #[test]
-    fn left_pad_positions_count_real_tokens() {
-        let (ids, pos, valid, p) = left_pad(&[vec![5, 6, 7], vec![8]], 0);
-        assert_eq!(p, 3);
-        assert_eq!(ids, vec![5, 6, 7, 0, 0, 8]);
-        assert_eq!(pos, vec![0, 1, 2, 0, 0, 0]);
-        assert_eq!(valid[1], vec![false, false, true]);
     }
 }

@@ -601,7 +601,7 @@ impl Handler {
 /// Loads MODEL, binds, prints `listening on HOST:PORT` as the first stdout line, then answers
 /// requests until the process is stopped.
 pub fn run(model_dir: &Path, opts: &ServeOptions) -> Result<()> {
-    let dev = crate::train::device();
+    let dev = crate::compute::device();
     let served = ServedModel::load(model_dir, opts.name.clone(), &dev)?;
     let listener = TcpListener::bind((opts.host.as_str(), opts.port))
         .map_err(|e| Error::Remote(format!("cannot listen on {}:{}: {e}", opts.host, opts.port)))?;

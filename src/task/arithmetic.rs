@@ -10,6 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::reward::rm_train::{perturb_answer, wrongness_strength, PreferencePair};
+
 /// Seed of the held-out split: fixed so every run evaluates on the same problems.
 const HELDOUT_SEED: u64 = 0x9e37_79b9;
 
@@ -153,6 +155,31 @@ impl ArithmeticTask {
         }
         m
     }
+}
+
+/// `n` preference pairs from the task's training split (never a held-out problem): chosen is
+/// the correct answer, rejected a perturbed one, strength by how wrong it is
+/// ([`wrongness_strength`]), ratings 1 for correct and 1 − strength/3 for wrong.
+pub fn arithmetic_preferences(task: &ArithmeticTask, n: usize, seed: u64) -> Vec<PreferencePair> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let p = task.sample_train(&mut rng);
+            let wrong = perturb_answer(&p.answer, &mut rng);
+            let strength = match (p.answer.parse::<i64>(), wrong.parse::<i64>()) {
+                (Ok(c), Ok(w)) => wrongness_strength(c, w),
+                _ => 1.0,
+            };
+            PreferencePair {
+                prompt: p.prompt,
+                chosen: p.answer,
+                rejected: wrong,
+                strength,
+                chosen_rating: Some(1.0),
+                rejected_rating: Some(1.0 - strength / 3.0),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

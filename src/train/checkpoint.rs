@@ -9,10 +9,10 @@ use crate::buffer::ExperienceGroup;
 use crate::train::explore::ExploreState;
 use serde::{Deserialize, Serialize};
 
+use crate::compute::optim::AdamW;
 use crate::error::{Error, Result};
 use crate::model::io::{load_safetensors, save_safetensors};
 use crate::model::{Llama, Tokenizer};
-use crate::train::optim::AdamW;
 
 /// Everything besides tensors that a resumed run needs to continue bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]

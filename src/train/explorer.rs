@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::buffer::{self, BufferError};
+use crate::compute::device;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::JsonlWriter;
 use crate::rollout::remote::RemoteEngine;
 use crate::train::explore::{collect, collect_with, Env, ExploreState};
-use crate::train::{checkpoint, device, publish, warmup};
+use crate::train::{checkpoint, publish, warmup};
 
 #[derive(Debug, Clone, Default)]
 pub struct ExploreOptions {

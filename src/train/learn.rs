@@ -4,6 +4,7 @@
 //! samples count → advantages → per-token loss and its gradient → backward through the
 //! model → clipped AdamW step. The loss library returns dL/dℓ for every response token
 //! (`loss::compute`); backpropagating the surrogate Σ g·ℓ gives exactly the loss's gradient.
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,15 +12,16 @@ use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use crate::advantage::{self, Group};
-use crate::buffer::ExperienceGroup;
+use crate::buffer::{Experience, ExperienceGroup};
+use crate::compute::optim::AdamW;
+use crate::config::RunConfig;
 use crate::error::Result;
 use crate::loss::{self, SeqInput};
+use crate::model::batch;
 use crate::model::Llama;
 use crate::report::{JsonlWriter, Metrics};
 use crate::sampling;
-use crate::train::batch;
 use crate::train::explore::{response_text, Env};
-use crate::train::optim::AdamW;
 
 pub struct Learner {
     pub model: Llama,
@@ -74,74 +76,80 @@ impl Learner {
         dropped: usize,
     ) -> Result<Metrics> {
         let cfg = &env.cfg;
-        let tok = &env.tok;
         let t_train = Instant::now();
-        // Flatten: sample i belongs to group owner[i]; group p spans ranges[p].
-        let mut ranges = Vec::with_capacity(groups.len());
-        let mut exps = Vec::new();
-        for grp in groups {
-            let start = exps.len();
-            exps.extend(grp.experiences.iter().cloned());
-            ranges.push(start..exps.len());
-        }
-        let n = exps.len();
-
-        // 1. TempSamp ground-truth injection: the last sample of each group becomes the
-        //    reference solution (the task's worked solution where it has one, else the
-        //    reference answer); its behaviour log-probs are the current policy's (below).
-        let mut ground_truth = vec![false; n];
-        if cfg.sampling.inject_ground_truth {
-            for r in &ranges {
-                if r.len() < 2 {
-                    continue;
-                }
-                let i = r.end - 1;
-                let text = env
-                    .task
-                    .reference_response(&exps[i].prompt, &exps[i].answer);
-                let mut tokens = tok.encode(&text)?;
-                tokens.push(tok.eos);
-                let e = &mut exps[i];
-                e.logprobs = vec![0.0; tokens.len()];
-                e.response_ids = tokens;
-                e.finished = true;
-                e.reward = 1.0;
-                e.components.insert("correct".into(), 1.0);
-                ground_truth[i] = true;
-            }
-        }
-        let correct: Vec<bool> = exps
-            .iter()
-            .map(|e| e.components.get("correct").copied().unwrap_or(e.reward) > 0.5)
-            .collect();
-        let mut rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
-        let reward_observed_mean = rewards.iter().sum::<f64>() / n.max(1) as f64;
-
+        // 1. The batch, flat, with TempSamp ground-truth injection.
+        let mut b = StepBatch::flatten(groups);
+        b.inject_ground_truth(env)?;
         // 2. Current-policy log-probs (with gradient) and, when KL is used, the reference's.
-        let prompts: Vec<Vec<u32>> = exps.iter().map(|e| e.prompt_ids.clone()).collect();
-        let responses: Vec<Vec<u32>> = exps.iter().map(|e| e.response_ids.clone()).collect();
+        let lp = self.logprobs(env, &b)?;
+        let behaviour = b.behaviour(&lp.rows);
+        let kl_penalty_mean = b.kl_in_reward(cfg, &behaviour, lp.ref_rows.as_deref());
+        // 3. Which samples count (RED-Drop, zero-variance filter), then advantages per group.
+        let sel = self.select_and_advantage(cfg, &b)?;
+        // 4. Loss and its gradient w.r.t. each response token's log-prob.
+        let seqs = b.seq_inputs(cfg, &lp, &behaviour, &sel);
+        let out = loss::compute(&cfg.loss, &seqs)?;
+        // 5. Backward, clip, update.
+        let upd = self.update(cfg, &lp, &out.grad_logp, step)?;
+        let train_s = t_train.elapsed().as_secs_f64();
+        // 6. Metrics (names: docs/metrics.md) and samples.
+        let mut m = b.reward_metrics(kl_penalty_mean);
+        self.learner_metrics(cfg, &b, &sel, &out.metrics, &upd, &mut m);
+        let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
+        let staleness: Vec<f64> = groups
+            .iter()
+            .map(|g| self.version.saturating_sub(1 + g.policy_version) as f64)
+            .collect();
+        m.insert(
+            "staleness/mean".into(),
+            staleness.iter().sum::<f64>() / staleness.len().max(1) as f64,
+        );
+        m.insert("staleness/dropped".into(), dropped as f64);
+        m.insert("timing/generate_s".into(), generate_s);
+        m.insert("timing/train_s".into(), train_s);
+        m.insert(
+            "throughput/tokens_per_s".into(),
+            gen_tokens as f64 / (generate_s + train_s).max(1e-9),
+        );
+        self.log_samples(env, groups, &b, &sel, step)?;
+        Ok(m)
+    }
+
+    /// Token log-probs of every response under the policy (and the reference), in passes of
+    /// `train.micro_batch` samples (one pass when 0 or ≥ n), each batch built once. With
+    /// several passes the log-probs come from graph-free passes first (the loss needs all of
+    /// them before any gradient); with one, its graph serves both.
+    fn logprobs(&self, env: &Env, b: &StepBatch) -> Result<LogProbs> {
+        let cfg = &env.cfg;
+        let n = b.n();
+        let prompts: Vec<Vec<u32>> = b.exps.iter().map(|e| e.prompt_ids.clone()).collect();
+        let responses: Vec<Vec<u32>> = b.exps.iter().map(|e| e.response_ids.clone()).collect();
         let dev = self.model.device().clone();
         let temp = if cfg.rollout.temperature > 0.0 {
             cfg.rollout.temperature
         } else {
             1.0
         };
-        // Samples in passes of `train.micro_batch` (one pass when 0 or ≥ n), each batch built
-        // once. With several passes the log-probs come from graph-free passes first (the loss
-        // needs all of them before any gradient); with one, its graph serves both.
         let mb = match cfg.train.micro_batch {
             0 => n,
             m => m.min(n),
         };
-        let chunks: Vec<std::ops::Range<usize>> = (0..n)
+        let chunks: Vec<Range<usize>> = (0..n)
             .step_by(mb.max(1))
             .map(|a| a..(a + mb).min(n))
             .collect();
         let batches = chunks
             .iter()
-            .map(|c| batch::build(&prompts[c.clone()], &responses[c.clone()], tok.pad, &dev))
+            .map(|c| {
+                batch::build(
+                    &prompts[c.clone()],
+                    &responses[c.clone()],
+                    env.tok.pad,
+                    &dev,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        let rows_of = |model: &crate::model::Llama| -> Result<Vec<Vec<f64>>> {
+        let rows_of = |model: &Llama| -> Result<Vec<Vec<f64>>> {
             let mut rows = Vec::with_capacity(n);
             for bc in &batches {
                 let lp = batch::response_logprobs(model, bc, temp)?.0.detach();
@@ -153,7 +161,7 @@ impl Learner {
             [one] => Some(batch::response_logprobs(&self.model, one, temp)?),
             _ => None,
         };
-        let lp_rows = match &whole {
+        let rows = match &whole {
             Some((lp, _)) => batch::to_f64_rows(lp)?,
             None => rows_of(&self.model)?,
         };
@@ -161,36 +169,23 @@ impl Learner {
             Some(r) => Some(rows_of(r)?),
             None => None,
         };
-        let len = |i: usize| exps[i].response_ids.len();
-        let behaviour: Vec<Vec<f64>> = (0..n)
-            .map(|i| {
-                if ground_truth[i] {
-                    lp_rows[i][..len(i)].to_vec()
-                } else {
-                    exps[i].logprobs.iter().map(|&x| x as f64).collect()
-                }
-            })
-            .collect();
-        let mut kl_penalty_mean = 0.0;
-        if cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0 {
-            if let Some(rr) = &ref_rows {
-                for (i, r) in rewards.iter_mut().enumerate() {
-                    let pen = loss::kl_reward_penalty(
-                        &cfg.loss,
-                        &behaviour[i],
-                        &rr[i][..len(i)],
-                        &vec![1.0; len(i)],
-                    );
-                    kl_penalty_mean += pen / n as f64;
-                    *r -= pen;
-                }
-            }
-        }
+        Ok(LogProbs {
+            chunks,
+            batches,
+            whole,
+            rows,
+            ref_rows,
+            temp,
+        })
+    }
 
-        // 3. Which samples count (RED-Drop, zero-variance filter), then advantages per group.
+    /// Which samples count and their advantages.
+    fn select_and_advantage(&mut self, cfg: &RunConfig, b: &StepBatch) -> Result<Selection> {
+        let n = b.n();
+        let rewards = &b.rewards;
         let mut keep = vec![true; n];
         let mut zero_std_groups = 0usize;
-        for r in &ranges {
+        for r in &b.ranges {
             if sampling::is_zero_std(&rewards[r.clone()]) {
                 zero_std_groups += 1;
                 if cfg.sampling.filter_zero_std {
@@ -204,11 +199,12 @@ impl Learner {
                 }
             }
         }
-        let members: Vec<Vec<usize>> = ranges
+        let members: Vec<Vec<usize>> = b
+            .ranges
             .iter()
             .map(|r| r.clone().filter(|&i| keep[i]).collect())
             .collect();
-        let live: Vec<usize> = (0..ranges.len())
+        let live: Vec<usize> = (0..b.ranges.len())
             .filter(|&p| !members[p].is_empty())
             .collect();
         let adv_groups: Vec<Group> = live
@@ -216,11 +212,11 @@ impl Learner {
             .map(|&p| {
                 let m = &members[p];
                 let mut grp = Group::from_rewards(m.iter().map(|&i| rewards[i]).collect());
-                grp.correct = Some(m.iter().map(|&i| correct[i]).collect());
-                grp.lengths = Some(m.iter().map(|&i| len(i)).collect());
-                grp.all_rewards = Some(rewards[ranges[p].clone()].to_vec());
+                grp.correct = Some(m.iter().map(|&i| b.correct[i]).collect());
+                grp.lengths = Some(m.iter().map(|&i| b.len(i)).collect());
+                grp.all_rewards = Some(rewards[b.ranges[p].clone()].to_vec());
                 if cfg.sampling.inject_ground_truth {
-                    grp.ground_truth = Some(m.iter().map(|&i| ground_truth[i]).collect());
+                    grp.ground_truth = Some(m.iter().map(|&i| b.ground_truth[i]).collect());
                 }
                 grp
             })
@@ -233,51 +229,44 @@ impl Learner {
                 adv[i] = adv_out.advantages[gi][k];
             }
         }
+        Ok(Selection {
+            keep,
+            zero_std_groups,
+            adv,
+            filtered: adv_out.filtered,
+        })
+    }
 
-        // 4. Loss and its gradient w.r.t. each response token's log-prob.
-        let mut seqs = Vec::with_capacity(n);
-        for (p, r) in ranges.iter().enumerate() {
-            let n_correct = r.clone().filter(|&i| correct[i]).count();
-            for i in r.clone() {
-                let _ = p;
-                seqs.push(SeqInput {
-                    logp: lp_rows[i][..len(i)].to_vec(),
-                    logp_old: behaviour[i].clone(),
-                    logp_ref: ref_rows.as_ref().map(|rr| rr[i][..len(i)].to_vec()),
-                    mask: vec![if keep[i] { 1.0 } else { 0.0 }; len(i)],
-                    adv: vec![adv[i]; len(i)],
-                    kl_weight: if cfg.loss.dads {
-                        loss::dads_weight(adv[i] > 0.0, n_correct, r.len())
-                    } else {
-                        1.0
-                    },
-                    expert: false,
-                });
-            }
-        }
-        let out = loss::compute(&cfg.loss, &seqs)?;
-
-        // 5. Backward (per micro-batch, gradients summed), clip, update. The surrogate
-        //    Σ logp·∂L/∂logp has the loss's gradient; the entropy bonus is the mean over all
-        //    valid response tokens of the step, so each pass divides by the step's count.
-        let valid_total: usize = batches
+    /// Backward (per micro-batch, gradients summed), clip, update. The surrogate
+    /// Σ logp·∂L/∂logp has the loss's gradient; the entropy bonus is the mean over all valid
+    /// response tokens of the step, so each pass divides by the step's count.
+    fn update(
+        &mut self,
+        cfg: &RunConfig,
+        lp: &LogProbs,
+        grad_logp: &[Vec<f64>],
+        step: usize,
+    ) -> Result<Update> {
+        let dev = self.model.device().clone();
+        let valid_total: usize = lp
+            .batches
             .iter()
             .map(|bc| bc.valid.iter().flatten().filter(|&&v| v > 0.0).count())
             .sum();
         let mut entropy_sum = 0.0f64;
         let mut grads: Option<candle_core::backprop::GradStore> = None;
-        for (c, bc) in chunks.iter().zip(&batches) {
+        for (c, bc) in lp.chunks.iter().zip(&lp.batches) {
             let own;
-            let (lp, lsm) = match &whole {
+            let (logp, lsm) = match &lp.whole {
                 Some(w) => w,
                 None => {
-                    own = batch::response_logprobs(&self.model, bc, temp)?;
+                    own = batch::response_logprobs(&self.model, bc, lp.temp)?;
                     &own
                 }
             };
             let rl = bc.resp_len;
             let mut gflat = Vec::with_capacity(c.len() * rl);
-            for row in &out.grad_logp[c.clone()] {
+            for row in &grad_logp[c.clone()] {
                 gflat.extend(row.iter().map(|&x| x as f32));
                 gflat.extend(std::iter::repeat_n(0.0f32, rl - row.len()));
             }
@@ -287,7 +276,7 @@ impl Learner {
             entropy_sum += ent_sum
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
-            let mut surrogate = (lp * &gt)?.sum_all()?;
+            let mut surrogate = (logp * &gt)?.sum_all()?;
             if cfg.loss.entropy_coef > 0.0 {
                 let scale = cfg.loss.entropy_coef / valid_total.max(1) as f64;
                 surrogate = (surrogate - (ent_sum * scale)?)?;
@@ -300,7 +289,6 @@ impl Learner {
         }
         let grads = grads
             .ok_or_else(|| crate::error::Error::Model("a learner step without samples".into()))?;
-        let entropy_mean = entropy_sum / valid_total.max(1) as f64;
         let gnorm = self.opt.grad_norm(&grads)?;
         let clip = cfg.train.grad_clip;
         let scale = if clip > 0.0 && gnorm > clip {
@@ -311,35 +299,266 @@ impl Learner {
         let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
         self.opt.step(&grads, lr, scale)?;
         self.version += 1;
-        let train_s = t_train.elapsed().as_secs_f64();
+        Ok(Update {
+            grad_norm: gnorm,
+            lr,
+            entropy_mean: entropy_sum / valid_total.max(1) as f64,
+        })
+    }
 
-        // 6. Metrics (names: DESIGN.md §7, docs/metrics.md).
-        let nf = n.max(1) as f64;
-        let mean = rewards.iter().sum::<f64>() / nf;
-        let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / nf).sqrt();
-        let gen_tokens: usize = (0..n).map(len).sum();
-        let staleness: Vec<f64> = groups
+    /// The selection, advantage, loss and update metrics of a step.
+    fn learner_metrics(
+        &self,
+        cfg: &RunConfig,
+        b: &StepBatch,
+        sel: &Selection,
+        lm: &loss::LossMetrics,
+        upd: &Update,
+        m: &mut Metrics,
+    ) {
+        let nf = b.n().max(1) as f64;
+        m.insert(
+            "reward/frac_zero_std".into(),
+            sel.zero_std_groups as f64 / b.ranges.len().max(1) as f64,
+        );
+        if let Some(rw) = &self.rewards {
+            m.insert(
+                "reward/external_failures".into(),
+                rw.external_failures() as f64,
+            );
+        }
+        if cfg.reward.noise_rho0 == 0.0 && cfg.reward.noise_rho1 == 0.0 && !cfg.loss.kl_in_reward {
+            m.remove("reward/observed_mean");
+            m.remove("reward/kl_penalty_mean");
+        }
+        if cfg.sampling.red_drop || cfg.sampling.filter_zero_std {
+            m.insert(
+                "sampling/dropped_frac".into(),
+                sel.keep.iter().filter(|&&k| !k).count() as f64 / nf,
+            );
+        }
+        if cfg.advantage.stable_filter.enabled {
+            m.insert("adv/filtered".into(), sel.filtered as f64);
+        }
+        m.insert("adv/mean".into(), sel.adv.iter().sum::<f64>() / nf);
+        m.insert(
+            "adv/abs_mean".into(),
+            sel.adv.iter().map(|a| a.abs()).sum::<f64>() / nf,
+        );
+        m.insert("loss/policy".into(), lm.policy_loss);
+        m.insert("loss/kl".into(), lm.kl_loss);
+        m.insert("loss/clipfrac".into(), lm.clipfrac);
+        m.insert("loss/masked_frac".into(), lm.masked_frac);
+        m.insert("is/ratio_mean".into(), lm.ratio_mean);
+        m.insert("is/ratio_max".into(), lm.ratio_max);
+        m.insert("kl/k3".into(), lm.kl_k3);
+        m.insert("entropy".into(), upd.entropy_mean);
+        let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
+        m.insert("len/mean".into(), gen_tokens as f64 / nf);
+        m.insert(
+            "len/truncated_frac".into(),
+            b.exps.iter().filter(|e| !e.finished).count() as f64 / nf,
+        );
+        m.insert("grad/norm".into(), upd.grad_norm);
+        m.insert("lr".into(), upd.lr);
+    }
+
+    /// The first `train.log_samples` groups of the step to samples.jsonl.
+    fn log_samples(
+        &mut self,
+        env: &Env,
+        groups: &[ExperienceGroup],
+        b: &StepBatch,
+        sel: &Selection,
+        step: usize,
+    ) -> Result<()> {
+        for (p, r) in b.ranges.iter().enumerate().take(env.cfg.train.log_samples) {
+            let mut rs = Vec::with_capacity(r.len());
+            for i in r.clone() {
+                rs.push(serde_json::json!({
+                    "text": response_text(&env.tok, &b.exps[i].response_ids)?,
+                    "reward": b.rewards[i],
+                    "correct": b.correct[i],
+                    "advantage": sel.adv[i],
+                    "ground_truth": b.ground_truth[i],
+                }));
+            }
+            self.samples.write(&serde_json::json!({
+                "step": step, "phase": "rl", "policy_version": groups[p].policy_version,
+                "prompt": b.exps[r.start].prompt, "answer": b.exps[r.start].answer, "responses": rs
+            }))?;
+        }
+        Ok(())
+    }
+}
+
+/// One step's samples, flat: sample i belongs to group p when i ∈ `ranges[p]`.
+struct StepBatch {
+    exps: Vec<Experience>,
+    ranges: Vec<Range<usize>>,
+    /// Samples replaced by the reference solution (TempSamp).
+    ground_truth: Vec<bool>,
+    correct: Vec<bool>,
+    /// The rewards the advantage sees (after any KL-in-reward penalty).
+    rewards: Vec<f64>,
+    /// The mean reward as observed, before any penalty.
+    observed_mean: f64,
+}
+
+impl StepBatch {
+    fn flatten(groups: &[ExperienceGroup]) -> Self {
+        let mut ranges = Vec::with_capacity(groups.len());
+        let mut exps = Vec::new();
+        for grp in groups {
+            let start = exps.len();
+            exps.extend(grp.experiences.iter().cloned());
+            ranges.push(start..exps.len());
+        }
+        let n = exps.len();
+        let mut b = StepBatch {
+            exps,
+            ranges,
+            ground_truth: vec![false; n],
+            correct: vec![],
+            rewards: vec![],
+            observed_mean: 0.0,
+        };
+        b.score();
+        b
+    }
+
+    fn n(&self) -> usize {
+        self.exps.len()
+    }
+
+    fn len(&self, i: usize) -> usize {
+        self.exps[i].response_ids.len()
+    }
+
+    fn score(&mut self) {
+        self.correct = self
+            .exps
             .iter()
-            .map(|g| self.version.saturating_sub(1 + g.policy_version) as f64)
+            .map(|e| e.components.get("correct").copied().unwrap_or(e.reward) > 0.5)
             .collect();
+        self.rewards = self.exps.iter().map(|e| e.reward).collect();
+        self.observed_mean = self.rewards.iter().sum::<f64>() / self.n().max(1) as f64;
+    }
+
+    /// TempSamp ground-truth injection: the last sample of each group becomes the reference
+    /// solution (the task's worked solution where it has one, else the reference answer); its
+    /// behaviour log-probs are the current policy's ([`StepBatch::behaviour`]).
+    fn inject_ground_truth(&mut self, env: &Env) -> Result<()> {
+        if !env.cfg.sampling.inject_ground_truth {
+            return Ok(());
+        }
+        let tok = &env.tok;
+        for r in &self.ranges {
+            if r.len() < 2 {
+                continue;
+            }
+            let i = r.end - 1;
+            let text = env
+                .task
+                .reference_response(&self.exps[i].prompt, &self.exps[i].answer);
+            let mut tokens = tok.encode(&text)?;
+            tokens.push(tok.eos);
+            let e = &mut self.exps[i];
+            e.logprobs = vec![0.0; tokens.len()];
+            e.response_ids = tokens;
+            e.finished = true;
+            e.reward = 1.0;
+            e.components.insert("correct".into(), 1.0);
+            self.ground_truth[i] = true;
+        }
+        self.score();
+        Ok(())
+    }
+
+    /// Behaviour log-probs: the sampler's, or the current policy's for injected samples.
+    fn behaviour(&self, lp_rows: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        (0..self.n())
+            .map(|i| {
+                if self.ground_truth[i] {
+                    lp_rows[i][..self.len(i)].to_vec()
+                } else {
+                    self.exps[i].logprobs.iter().map(|&x| x as f64).collect()
+                }
+            })
+            .collect()
+    }
+
+    /// Subtracts the KL penalty from the rewards when `loss.kl_in_reward`; returns its mean.
+    fn kl_in_reward(
+        &mut self,
+        cfg: &RunConfig,
+        behaviour: &[Vec<f64>],
+        ref_rows: Option<&[Vec<f64>]>,
+    ) -> f64 {
+        let n = self.n();
+        let mut kl_penalty_mean = 0.0;
+        if let (true, Some(rr)) = (cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0, ref_rows) {
+            for i in 0..n {
+                let len = self.len(i);
+                let pen = loss::kl_reward_penalty(
+                    &cfg.loss,
+                    &behaviour[i],
+                    &rr[i][..len],
+                    &vec![1.0; len],
+                );
+                kl_penalty_mean += pen / n as f64;
+                self.rewards[i] -= pen;
+            }
+        }
+        kl_penalty_mean
+    }
+
+    /// The loss's per-sequence inputs.
+    fn seq_inputs(
+        &self,
+        cfg: &RunConfig,
+        lp: &LogProbs,
+        behaviour: &[Vec<f64>],
+        sel: &Selection,
+    ) -> Vec<SeqInput> {
+        let mut seqs = Vec::with_capacity(self.n());
+        for r in &self.ranges {
+            let n_correct = r.clone().filter(|&i| self.correct[i]).count();
+            for i in r.clone() {
+                let len = self.len(i);
+                seqs.push(SeqInput {
+                    logp: lp.rows[i][..len].to_vec(),
+                    logp_old: behaviour[i].clone(),
+                    logp_ref: lp.ref_rows.as_ref().map(|rr| rr[i][..len].to_vec()),
+                    mask: vec![if sel.keep[i] { 1.0 } else { 0.0 }; len],
+                    adv: vec![sel.adv[i]; len],
+                    kl_weight: if cfg.loss.dads {
+                        loss::dads_weight(sel.adv[i] > 0.0, n_correct, r.len())
+                    } else {
+                        1.0
+                    },
+                    expert: false,
+                });
+            }
+        }
+        seqs
+    }
+
+    /// Reward metrics: mean/std, correctness, each named component's mean, and the
+    /// observed reward and KL penalty (removed again by `learner_metrics` when unused).
+    fn reward_metrics(&self, kl_penalty_mean: f64) -> Metrics {
+        let nf = self.n().max(1) as f64;
+        let mean = self.rewards.iter().sum::<f64>() / nf;
+        let std = (self.rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / nf).sqrt();
+        let n_correct = self.correct.iter().filter(|&&c| c).count() as f64;
         let mut m = Metrics::new();
         m.insert("reward/mean".into(), mean);
         m.insert("reward/std".into(), std);
-        m.insert(
-            "reward/frac_zero_std".into(),
-            zero_std_groups as f64 / ranges.len().max(1) as f64,
-        );
-        m.insert(
-            "reward/correct/mean".into(),
-            correct.iter().filter(|&&c| c).count() as f64 / nf,
-        );
-        m.insert(
-            "acc/train".into(),
-            correct.iter().filter(|&&c| c).count() as f64 / nf,
-        );
+        m.insert("reward/correct/mean".into(), n_correct / nf);
+        m.insert("acc/train".into(), n_correct / nf);
         // Other named components (a [reward.pipeline]'s): mean over the batch.
         let mut comp_sums: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
-        for e in &exps {
+        for e in &self.exps {
             for (k, v) in e.components.iter().filter(|(k, _)| k.as_str() != "correct") {
                 let s = comp_sums.entry(k.as_str()).or_insert((0.0, 0));
                 s.0 += v;
@@ -349,83 +568,44 @@ impl Learner {
         for (k, (sum, cnt)) in comp_sums {
             m.insert(format!("reward/{k}/mean"), sum / cnt as f64);
         }
-        if let Some(rw) = &self.rewards {
-            m.insert(
-                "reward/external_failures".into(),
-                rw.external_failures() as f64,
-            );
-        }
-        if cfg.reward.noise_rho0 > 0.0 || cfg.reward.noise_rho1 > 0.0 || cfg.loss.kl_in_reward {
-            m.insert("reward/observed_mean".into(), reward_observed_mean);
-            m.insert("reward/kl_penalty_mean".into(), kl_penalty_mean);
-        }
-        if cfg.sampling.red_drop || cfg.sampling.filter_zero_std {
-            m.insert(
-                "sampling/dropped_frac".into(),
-                keep.iter().filter(|&&k| !k).count() as f64 / nf,
-            );
-        }
-        if cfg.advantage.stable_filter.enabled {
-            m.insert("adv/filtered".into(), adv_out.filtered as f64);
-        }
-        m.insert("adv/mean".into(), adv.iter().sum::<f64>() / nf);
-        m.insert(
-            "adv/abs_mean".into(),
-            adv.iter().map(|a| a.abs()).sum::<f64>() / nf,
-        );
-        m.insert("loss/policy".into(), out.metrics.policy_loss);
-        m.insert("loss/kl".into(), out.metrics.kl_loss);
-        m.insert("loss/clipfrac".into(), out.metrics.clipfrac);
-        m.insert("loss/masked_frac".into(), out.metrics.masked_frac);
-        m.insert("is/ratio_mean".into(), out.metrics.ratio_mean);
-        m.insert("is/ratio_max".into(), out.metrics.ratio_max);
-        m.insert("kl/k3".into(), out.metrics.kl_k3);
-        m.insert("entropy".into(), entropy_mean);
-        m.insert("len/mean".into(), gen_tokens as f64 / nf);
-        m.insert(
-            "len/truncated_frac".into(),
-            exps.iter().filter(|e| !e.finished).count() as f64 / nf,
-        );
-        m.insert(
-            "staleness/mean".into(),
-            staleness.iter().sum::<f64>() / staleness.len().max(1) as f64,
-        );
-        m.insert("staleness/dropped".into(), dropped as f64);
-        m.insert("grad/norm".into(), gnorm);
-        m.insert("lr".into(), lr);
-        m.insert("timing/generate_s".into(), generate_s);
-        m.insert("timing/train_s".into(), train_s);
-        m.insert(
-            "throughput/tokens_per_s".into(),
-            gen_tokens as f64 / (generate_s + train_s).max(1e-9),
-        );
-
-        for (p, r) in ranges.iter().enumerate().take(cfg.train.log_samples) {
-            let mut rs = Vec::with_capacity(r.len());
-            for i in r.clone() {
-                rs.push(serde_json::json!({
-                    "text": response_text(tok, &exps[i].response_ids)?,
-                    "reward": rewards[i],
-                    "correct": correct[i],
-                    "advantage": adv[i],
-                    "ground_truth": ground_truth[i],
-                }));
-            }
-            self.samples.write(&serde_json::json!({
-                "step": step, "phase": "rl", "policy_version": groups[p].policy_version,
-                "prompt": exps[r.start].prompt, "answer": exps[r.start].answer, "responses": rs
-            }))?;
-        }
-        Ok(m)
+        m.insert("reward/observed_mean".into(), self.observed_mean);
+        m.insert("reward/kl_penalty_mean".into(), kl_penalty_mean);
+        m
     }
+}
+
+/// The policy's token log-probs of a step and the batches they came from.
+struct LogProbs {
+    chunks: Vec<Range<usize>>,
+    batches: Vec<batch::SeqBatch>,
+    /// The one pass's (log-probs, entropy) with their graph, when the step is one pass.
+    whole: Option<(Tensor, Tensor)>,
+    rows: Vec<Vec<f64>>,
+    ref_rows: Option<Vec<Vec<f64>>>,
+    temp: f64,
+}
+
+/// Which samples count and their advantages.
+struct Selection {
+    keep: Vec<bool>,
+    zero_std_groups: usize,
+    adv: Vec<f64>,
+    filtered: usize,
+}
+
+/// What an update reports.
+struct Update {
+    grad_norm: f64,
+    lr: f64,
+    entropy_mean: f64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::optim::AdamWParams;
     use crate::config::RunConfig;
     use crate::train::explore::{collect, ExploreState};
-    use crate::train::optim::AdamWParams;
 
     /// One update from the same groups, in one pass and in micro-batches of 5 (16 samples:
     /// passes of 5, 5, 5, 1, each padded differently): the same metrics and parameters.

@@ -27,23 +27,19 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::reward::pipeline::{
-    ComponentKind, GroupContext, PipelineConfig, PipelineState, Providers, Registry,
-    ResponseContext, RewardPipeline,
+    GroupContext, PipelineConfig, PipelineState, Providers, Registry, ResponseContext,
+    RewardPipeline,
 };
-use crate::reward::policy::{PolicyLogProbs, PolicyReferenceSampler};
-use crate::reward::shaping::ShapingConfig;
 use crate::rollout::SamplingParams;
 use crate::train::checkpoint;
 use crate::train::explore::{response_text, rng_stream};
+use crate::train::policy_callbacks::{PolicyLogProbs, PolicyReferenceSampler};
 
 /// RNG stream of the reference sampler (explore.rs uses 1–4; explorer processes add
 /// multiples of 16).
 pub const STREAM_REWARD_REFERENCE: u64 = 5;
 
-/// The component key that holds the verified correctness (`acc/train`). A pipeline component
-/// may use the name only as an unshaped `verifier` (its value is then the task's check too);
-/// the logged `reward/correct/mean` stays the explorer's own exact-answer check.
-pub const CORRECT_KEY: &str = "correct";
+pub use crate::reward::CORRECT_KEY;
 
 /// What a checkpoint keeps of the rewarder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,67 +190,6 @@ impl PipelineRewarder {
         }
         Ok(())
     }
-}
-
-/// What `grove train` supports with a `[reward.pipeline]`; the message names the setting.
-pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
-    let Some(p) = &cfg.reward.pipeline else {
-        return Ok(());
-    };
-    if let Some(c) = p.components.iter().find(|c| {
-        c.name == CORRECT_KEY
-            && !(matches!(c.kind, ComponentKind::Verifier { .. })
-                && c.shaping == ShapingConfig::None)
-    }) {
-        return Err(format!(
-            "reward.pipeline component `{}` (kind {}, shaping {:?}): the name `{CORRECT_KEY}` \
-             holds the verified correctness (reward/correct/mean, acc/train), so only an \
-             unshaped verifier may use it; rename the component, e.g. `{}_score`",
-            c.name,
-            c.kind.label(),
-            c.shaping,
-            c.kind.label().replace('-', "_")
-        ));
-    }
-    let rw = &cfg.reward;
-    if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
-        return Err(format!(
-            "reward.noise_rho0 = {} / reward.noise_rho1 = {} flip the verifier-only reward and \
-             cannot be combined with reward.pipeline",
-            rw.noise_rho0, rw.noise_rho1
-        ));
-    }
-    if cfg.sampling.inject_ground_truth {
-        return Err(
-            "sampling.inject_ground_truth gives injected answers reward 1, which is not \
-                    on the reward.pipeline's scale: not supported together"
-                .into(),
-        );
-    }
-    let sy = &cfg.sync;
-    if sy.mode == crate::config::SyncMode::Async {
-        return Err(
-            "reward.pipeline with sync.mode = \"async\" is not supported yet (the \
-                    explorer thread would need its own pipeline and checkpointed state): use \
-                    \"on-policy\" or \"lagged\""
-                .into(),
-        );
-    }
-    if sy.buffer.is_some() {
-        return Err(
-            "reward.pipeline with sync.buffer is not supported yet: rewards are computed \
-                    by the `grove explore` processes, which do not run a pipeline"
-                .into(),
-        );
-    }
-    if sy.offline.is_some() {
-        return Err(
-            "reward.pipeline with sync.offline: offline experience files carry their \
-                    own rewards, so the pipeline would be ignored; remove one of the two"
-                .into(),
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -3,12 +3,12 @@
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
+use crate::model::batch;
 use crate::model::{Llama, Tokenizer};
 use crate::reward::pipeline::{
     GroupContext, LogProbProvider, LogProbRequest, ReferenceProvider, ResponseContext,
 };
 use crate::rollout::{generate, SamplingParams};
-use crate::train::batch;
 
 /// `[BOS] text` token ids.
 fn prompt_ids(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {

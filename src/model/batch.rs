@@ -8,7 +8,23 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::{attention_mask, logprob, Llama};
-use crate::rollout::left_pad;
+
+/// Left-pads prompts; returns ids, positions and key validity, all (b, p).
+pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u32>, Vec<Vec<bool>>, usize) {
+    let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * p);
+    let mut pos = Vec::with_capacity(prompts.len() * p);
+    let mut valid = Vec::with_capacity(prompts.len());
+    for pr in prompts {
+        let npad = p - pr.len();
+        ids.extend(std::iter::repeat_n(pad, npad));
+        ids.extend_from_slice(pr);
+        pos.extend(std::iter::repeat_n(0, npad));
+        pos.extend(0..pr.len() as u32);
+        valid.push((0..p).map(|j| j >= npad).collect());
+    }
+    (ids, pos, valid, p)
+}
 
 pub struct SeqBatch {
     pub ids: Tensor,
@@ -221,5 +237,14 @@ mod tests {
                 1e-4,
             );
         }
+    }
+
+    #[test]
+    fn left_pad_positions_count_real_tokens() {
+        let (ids, pos, valid, p) = left_pad(&[vec![5, 6, 7], vec![8]], 0);
+        assert_eq!(p, 3);
+        assert_eq!(ids, vec![5, 6, 7, 0, 0, 8]);
+        assert_eq!(pos, vec![0, 1, 2, 0, 0, 0]);
+        assert_eq!(valid[1], vec![false, false, true]);
     }
 }

@@ -1,0 +1,117 @@
+//! `grove bench`.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// An HF config.json, model folder or GGUF file giving the shape (weights are random),
+    /// "builtin" for the quickstart policy, or a preset of docs/performance.md: anchor,
+    /// spike, qwen2.5-0.5b.
+    #[arg(long, default_value = "builtin")]
+    pub model: String,
+    /// Time full GRPO steps of the TRL anchor work instead (needs --tokenizer).
+    #[arg(long)]
+    pub rl_step: bool,
+    /// tokenizer.json for --rl-step (the anchor uses GPT-2's).
+    #[arg(long, value_name = "tokenizer.json")]
+    pub tokenizer: Option<PathBuf>,
+    /// RL steps for --rl-step; steps 3.. are timed.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Reward for --rl-step: exact (starts with the sum) or partial (also 0.5 for a digit).
+    #[arg(long, default_value = "exact")]
+    pub reward: String,
+    /// Per-operation profile instead: fused vs composed ops and GEMM GFLOP/s.
+    #[arg(long, conflicts_with = "rl_step")]
+    pub ops: bool,
+    /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
+    /// (full log-softmax) or chunked.
+    #[arg(long, default_value = "auto")]
+    pub logprobs: String,
+    #[arg(long, default_value_t = 64)]
+    pub sample_batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub train_batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub train_seq: usize,
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        model,
+        logprobs,
+        sample_batch,
+        new_tokens,
+        train_batch,
+        train_seq,
+        reps,
+        rl_step,
+        tokenizer,
+        steps,
+        reward,
+        ops,
+    } = args;
+    let cfg = if let Some(c) = grove::bench::preset(&model) {
+        c
+    } else if model == "builtin" {
+        let c = grove::config::RunConfig::default();
+        grove::train::builtin_shape(
+            &c,
+            grove::model::Tokenizer::builtin_arithmetic().vocab_size(),
+        )
+    } else {
+        grove::model::io::load_config(std::path::Path::new(&model))?
+    };
+    if rl_step {
+        let path = tokenizer.ok_or_else(|| {
+            anyhow::anyhow!("--rl-step needs --tokenizer tokenizer.json (the anchor uses GPT-2's)")
+        })?;
+        let partial = match reward.as_str() {
+            "exact" => false,
+            "partial" => true,
+            other => anyhow::bail!("--reward {other:?}: expected exact or partial"),
+        };
+        let tok = grove::model::Tokenizer::from_file(
+            &path,
+            None,
+            "<|endoftext|>",
+            Some("<|endoftext|>"),
+        )?;
+        let r = grove::bench::rl_step(&cfg, tok, steps, 8, 8, new_tokens, partial)?;
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = serde_json::Value::String(model);
+        v["reward"] = serde_json::Value::String(reward);
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    if ops {
+        let (op_t, gemm_t) = grove::bench::ops_profile(&cfg, train_batch, train_seq, reps)?;
+        for o in op_t {
+            println!("{}", serde_json::to_string(&o)?);
+        }
+        for g in gemm_t {
+            println!("{}", serde_json::to_string(&g)?);
+        }
+        return Ok(());
+    }
+    let opts = grove::bench::BenchOptions {
+        sample_batch,
+        new_tokens,
+        train_batch,
+        train_seq,
+        reps,
+        logprobs: logprobs.parse().map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
+    let r = grove::bench::run(&cfg, &opts)?;
+    let mut v = serde_json::to_value(&r)?;
+    v["model"] = serde_json::Value::String(model);
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}

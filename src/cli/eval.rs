@@ -1,0 +1,101 @@
+//! `grove eval`.
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
+    pub model: PathBuf,
+    /// gsm8k, math500 or builtin (the arithmetic task's held-out split).
+    #[arg(long)]
+    pub task: String,
+    /// Samples per question.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// The k of pass@k, comma-separated, each at most n (default: 1 and n).
+    #[arg(long)]
+    pub k: Option<String>,
+    /// Only the first L questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Default: 512 (gsm8k), 1024 (math500), longest answer + 1 (builtin).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Per-question results as JSONL.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub out: Option<PathBuf>,
+    /// The dataset file (default: ../shared/data/<task>/test.jsonl).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// base or chat (default: chat when the model has a chat template).
+    #[arg(long)]
+    pub prompt_style: Option<String>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        model,
+        task,
+        n,
+        k,
+        limit,
+        temperature,
+        top_p,
+        max_new_tokens,
+        out,
+        data,
+        prompt_style,
+        batch_size,
+        seed,
+        quiet,
+    } = args;
+    use grove::eval::runner::{parse_ks, run_eval, EvalOptions};
+    use grove::task::datasets::PromptStyle;
+    let ks = match k {
+        Some(k) => parse_ks(&k)?,
+        None if n > 1 => vec![1, n],
+        None => vec![1],
+    };
+    let prompt_style = match prompt_style.as_deref() {
+        None => None,
+        Some("base") => Some(PromptStyle::Base),
+        Some("chat") => Some(PromptStyle::Chat),
+        Some(other) => bail!("--prompt-style {other:?}: expected base or chat"),
+    };
+    let opts = EvalOptions {
+        task: task.parse().map_err(anyhow::Error::msg)?,
+        n,
+        ks,
+        limit,
+        temperature,
+        top_p,
+        max_new_tokens,
+        data,
+        out: out.clone(),
+        prompt_style,
+        batch_size,
+        seed,
+        progress: !quiet,
+    };
+    let report = run_eval(&model, &opts)?;
+    println!("{report}");
+    if let Some(out) = out {
+        println!("per-question results: {}", out.display());
+    }
+    Ok(())
+}

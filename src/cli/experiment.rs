@@ -1,0 +1,55 @@
+//! `grove experiment`.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ExperimentArgs {
+    pub name: String,
+    /// Seeds, comma-separated.
+    #[arg(long, default_value = "0,1,2")]
+    pub seeds: String,
+    /// Overrides applied to every run (e.g. --set train.steps=200).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Where the runs go.
+    #[arg(long, default_value = "runs/experiments")]
+    pub runs_dir: PathBuf,
+    /// Where the table and plot go.
+    #[arg(long, default_value = "docs/experiments")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: ExperimentArgs) -> Result<()> {
+    let ExperimentArgs {
+        name,
+        seeds,
+        set,
+        runs_dir,
+        out,
+    } = args;
+    let exp = grove::experiment::find(&name)?;
+    let seeds: Vec<u64> = seeds
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .with_context(|| format!("--seeds: {s:?} is not an integer"))
+        })
+        .collect::<Result<_>>()?;
+    let mut command = format!(
+        "grove experiment {name} --seeds {}",
+        seeds
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for s in &set {
+        command.push_str(&format!(" --set {s}"));
+    }
+    let path = grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

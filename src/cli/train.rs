@@ -1,0 +1,102 @@
+//! `grove train`.
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A TOML run config (see configs/ and `grove recipes`).
+    pub config: Option<PathBuf>,
+    /// Override a value: --set section.key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in RUN_DIR from its latest checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "set"])]
+    pub resume: Option<PathBuf>,
+    /// Stop after this RL step (a checkpoint is written), as if interrupted.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<usize>,
+    /// Train from experiences in this buffer (sqlite:PATH or postgres://...[#table]),
+    /// written by `grove explore` processes (sets sync.buffer).
+    #[arg(long, value_name = "URL")]
+    pub buffer: Option<String>,
+    /// With --buffer: publish versioned weights here for explorers (sets sync.publish_dir).
+    #[arg(long, value_name = "DIR")]
+    pub publish_dir: Option<String>,
+    /// Train from an experience JSONL file (sets sync.offline).
+    #[arg(long, value_name = "FILE")]
+    pub offline: Option<String>,
+    /// The policy to train (sets model.source): an HF folder, a .gguf file, a grove
+    /// checkpoint or hf://ORG/NAME (needs `--features hub`).
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// No plan, progress bar or summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let TrainArgs {
+        config,
+        mut set,
+        resume,
+        stop_after,
+        buffer,
+        publish_dir,
+        offline,
+        model,
+        quiet,
+    } = args;
+    for (key, v) in [
+        ("buffer", buffer),
+        ("publish_dir", publish_dir),
+        ("offline", offline),
+    ] {
+        if let Some(v) = v {
+            set.push(format!("sync.{key}={}", super::toml_string(&v)));
+        }
+    }
+    if let Some(m) = model {
+        set.push(format!("model.source={}", super::toml_string(&m)));
+    }
+    train(config, set, resume, stop_after, quiet)
+}
+
+fn train(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    resume: Option<PathBuf>,
+    stop_after: Option<usize>,
+    quiet: bool,
+) -> Result<()> {
+    let cfg = match &resume {
+        Some(dir) => {
+            let p = dir.join("config.toml");
+            if !p.exists() {
+                bail!("{}: not a run directory (no config.toml)", dir.display());
+            }
+            grove::config::load(Some(&p), &[])?
+        }
+        None => grove::config::load(config.as_deref(), &set)?,
+    };
+    let opts = grove::train::TrainOptions {
+        resume,
+        stop_after,
+        quiet,
+    };
+    let s = grove::train::run(cfg, &opts)?;
+    if !quiet {
+        println!(
+            "held-out accuracy: {:.1}% after warm-up ({} steps) -> {:.1}% after {} RL steps ({:+.1} points) in {:.0} s",
+            s.acc_after_warmup * 100.0,
+            s.warmup_steps,
+            s.acc_final * 100.0,
+            s.rl_steps_done,
+            (s.acc_final - s.acc_after_warmup) * 100.0,
+            s.wall_s
+        );
+        println!("run directory: {}", s.run_dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! One training run from start (or resume) to end: plan, run directory, warm-up or restore,
+//! then the RL loop over batches from the run's [`BatchSource`].
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::checkpoint::{self, TrainState};
+use super::explore::{Env, ExploreState};
+use super::learn::Learner;
+use super::source::{self, BatchSource, Restored};
+use super::{create_run_dir, evaluate_task, heldout, reward_hook, warmup, Summary, TrainOptions};
+use crate::buffer::{self, ExperienceGroup};
+use crate::compute::device;
+use crate::compute::optim::{AdamW, AdamWParams};
+use crate::config::{Plan, RunConfig};
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::report::{self, Metrics};
+
+/// Runs (or resumes) a training run to its end, or to `opts.stop_after`.
+pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
+    crate::compute::tuning::allocator();
+    let t0 = Instant::now();
+    let dev = device();
+    let env = Arc::new(Env::new(cfg)?);
+    let cfg = &env.cfg;
+    let model = env.initial_policy(&dev)?;
+    let plan = plan_for(&env, &model)?;
+    // Offline data is read (and checked) before anything is created.
+    let offline = match &cfg.sync.offline {
+        Some(p) => {
+            Some(buffer::jsonl::read_groups(Path::new(p)).map_err(|e| Error::Task(e.to_string()))?)
+        }
+        None => None,
+    };
+    let (run_dir, ckpt) = open_run_dir(cfg, &plan, opts)?;
+    if !opts.quiet {
+        println!("{}", plan.render());
+        println!("run directory: {}", run_dir.display());
+    }
+    let opt = AdamW::new(
+        model.params(),
+        AdamWParams {
+            weight_decay: cfg.train.weight_decay,
+            ..Default::default()
+        },
+    );
+    let mut learner = Learner::new(model, opt, &run_dir, cfg.seed)?;
+    let pb = report::progress_bar(cfg.warmup.max_steps as u64, opts.quiet);
+    let start = match &ckpt {
+        Some(c) => restore(&env, &mut learner, &run_dir, c)?,
+        None => fresh_start(&env, &mut learner, &run_dir, &pb)?,
+    };
+    // Reward-pipeline hook ([reward.pipeline], reward_hook.rs): its frozen reference policy is
+    // the warm-up result (checkpoint step-0 on resume).
+    if let Some(pc) = &cfg.reward.pipeline {
+        learner.rewards = Some(reward_hook::PipelineRewarder::for_run(
+            cfg,
+            pc,
+            &learner.model,
+            &run_dir,
+            start
+                .reward_pipeline
+                .clone()
+                .map(|s| (ckpt.as_deref().unwrap_or(run_dir.as_path()), s)),
+        )?);
+    }
+    let restored = Restored {
+        offline,
+        lagged: start.lagged,
+        pending: start.pending,
+    };
+    let mut explore_st = start.explore_st;
+    let mut source = source::open(&env, &learner, &explore_st, start.step, restored)?;
+    let mut run = RunState {
+        env: &env,
+        run_dir: &run_dir,
+        warmup_steps: start.warmup_steps,
+        acc_after_warmup: start.acc_after_warmup,
+    };
+    if ckpt.is_none() {
+        run.save(&learner, 0, &explore_st, source.as_ref())?;
+    }
+    let (step, acc_final) = run.rl_loop(
+        &mut learner,
+        source.as_mut(),
+        &mut explore_st,
+        start.step,
+        &pb,
+        opts,
+    )?;
+    drop(source);
+    pb.finish_and_clear();
+    report::plot::plot_run(&run_dir)?;
+    Ok(Summary {
+        run_dir: run_dir.clone(),
+        warmup_steps: run.warmup_steps,
+        acc_after_warmup: run.acc_after_warmup,
+        acc_final,
+        rl_steps_done: step,
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The derived numbers printed at start and saved as plan.json.
+fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
+    let cfg = &env.cfg;
+    if env.model_path.is_none() {
+        let prompt_tokens = 1 + env
+            .task
+            .heldout()
+            .iter()
+            .map(|p| p.prompt.len())
+            .max()
+            .unwrap_or(0);
+        return Ok(Plan::new(cfg, model.num_params(), prompt_tokens));
+    }
+    let mut longest = 0;
+    for p in heldout(env) {
+        longest = longest.max(env.encode_prompt(&p.prompt)?.len());
+    }
+    let mut plan = Plan::new(cfg, model.num_params(), longest);
+    plan.warmup_max_steps = 0;
+    plan.heldout_size = heldout(env).len();
+    Ok(plan)
+}
+
+/// The run directory and its latest checkpoint: the given one on resume, else a new directory
+/// with config.toml and plan.json.
+fn open_run_dir(
+    cfg: &RunConfig,
+    plan: &Plan,
+    opts: &TrainOptions,
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(dir) = &opts.resume {
+        return Ok((dir.clone(), checkpoint::latest(dir)?));
+    }
+    let dir = create_run_dir(Path::new(&cfg.output_dir), &cfg.name)?;
+    let write = |name: &str, text: String| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    };
+    write("config.toml", cfg.to_toml())?;
+    write("plan.json", serde_json::to_string_pretty(plan)?)?;
+    Ok((dir, None))
+}
+
+/// Where the RL loop starts: from a checkpoint, or after warm-up.
+struct Start {
+    step: usize,
+    warmup_steps: usize,
+    acc_after_warmup: f64,
+    explore_st: ExploreState,
+    /// The checkpoint's rewarder state on resume (`Some(None)`: the checkpoint had none).
+    reward_pipeline: Option<Option<reward_hook::RewarderState>>,
+    lagged: Option<(checkpoint::LaggedState, Llama)>,
+    pending: Vec<ExperienceGroup>,
+}
+
+/// A reference policy is needed for a KL term in the loss (incl. DADS) or in the reward.
+fn uses_reference(cfg: &RunConfig) -> bool {
+    cfg.loss.loss_kl().is_some() || (cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0)
+}
+
+/// Resume: load and check everything from the checkpoint before touching any file of the run,
+/// so a corrupt checkpoint leaves the directory exactly as it was.
+fn restore(env: &Env, learner: &mut Learner, run_dir: &Path, c: &Path) -> Result<Start> {
+    let st = checkpoint::read_state(c)?;
+    checkpoint::restore(c, &learner.model, &mut learner.opt, &st)?;
+    let dev = learner.model.device().clone();
+    let load = |p: PathBuf| -> Result<Llama> {
+        let w = crate::model::io::load_safetensors(&p, &dev)?;
+        Llama::from_tensors(&learner.model.cfg, w, &dev, &p.display().to_string())
+    };
+    // The reference policy is the warm-up result, kept as checkpoint step-0.
+    let reference = if uses_reference(&env.cfg) {
+        Some(load(
+            checkpoint::step_dir(run_dir, 0).join("model.safetensors"),
+        )?)
+    } else {
+        None
+    };
+    let behaviour = if st.lagged.is_some() {
+        Some(load(c.join("behaviour.safetensors"))?)
+    } else {
+        None
+    };
+    let pending_path = c.join("pending.jsonl");
+    let pending = if pending_path.exists() {
+        buffer::jsonl::read_groups(&pending_path)
+            .map_err(|e| Error::checkpoint(&pending_path, e.to_string()))?
+    } else {
+        vec![]
+    };
+    report::truncate_after(&run_dir.join("metrics.jsonl"), "rl", st.step)?;
+    report::truncate_after(&run_dir.join("samples.jsonl"), "rl", st.step)?;
+    learner.reference = reference;
+    learner.version = st.version;
+    learner.learn_rng = st.learn_rng.clone();
+    learner.adv_state = st.adv_state.clone();
+    Ok(Start {
+        step: st.step,
+        warmup_steps: st.warmup_steps,
+        acc_after_warmup: st.acc_after_warmup,
+        explore_st: st.explore.clone(),
+        reward_pipeline: Some(st.reward_pipeline.clone()),
+        lagged: st.lagged.clone().zip(behaviour),
+        pending,
+    })
+}
+
+/// Fresh start (or a resume before the first checkpoint): begin from nothing, warm up, and
+/// evaluate the warmed-up policy as step 0.
+fn fresh_start(
+    env: &Env,
+    learner: &mut Learner,
+    run_dir: &Path,
+    pb: &indicatif::ProgressBar,
+) -> Result<Start> {
+    let cfg = &env.cfg;
+    for name in ["metrics.jsonl", "samples.jsonl"] {
+        let p = run_dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    let warmup_steps = warmup(env, &learner.model, &mut learner.metrics, pb)?;
+    let acc = evaluate_task(
+        env,
+        &learner.model,
+        heldout(env),
+        cfg.rollout.max_new_tokens,
+    )?;
+    let mut m = Metrics::new();
+    m.insert("acc/eval".into(), acc);
+    learner.metrics.write(&report::metrics_line(0, "rl", &m))?;
+    if uses_reference(cfg) {
+        learner.reference = Some(learner.model.deep_clone()?);
+    }
+    Ok(Start {
+        step: 0,
+        warmup_steps,
+        acc_after_warmup: acc,
+        explore_st: ExploreState::new(cfg, 0)?,
+        reward_pipeline: None,
+        lagged: None,
+        pending: vec![],
+    })
+}
+
+/// What the RL loop and its checkpoints need besides the learner and the source.
+struct RunState<'a> {
+    env: &'a Env,
+    run_dir: &'a Path,
+    warmup_steps: usize,
+    acc_after_warmup: f64,
+}
+
+impl RunState<'_> {
+    fn save(
+        &self,
+        learner: &Learner,
+        step: usize,
+        explore_st: &ExploreState,
+        source: &dyn BatchSource,
+    ) -> Result<PathBuf> {
+        let (lagged, extras) = source.checkpoint();
+        let st = TrainState {
+            step,
+            optimizer_t: learner.opt.t,
+            version: learner.version,
+            explore: explore_st.clone(),
+            learn_rng: learner.learn_rng.clone(),
+            warmup_steps: self.warmup_steps,
+            acc_after_warmup: self.acc_after_warmup,
+            adv_state: learner.adv_state.clone(),
+            lagged,
+            reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
+        };
+        checkpoint::save(
+            self.run_dir,
+            &learner.model,
+            &learner.opt,
+            &self.env.tok,
+            &st,
+            &extras,
+        )
+    }
+
+    /// RL steps until `train.steps`, `opts.stop_after` or the source runs dry; returns the
+    /// last step and the last held-out accuracy.
+    fn rl_loop(
+        &mut self,
+        learner: &mut Learner,
+        source: &mut dyn BatchSource,
+        explore_st: &mut ExploreState,
+        mut step: usize,
+        pb: &indicatif::ProgressBar,
+        opts: &TrainOptions,
+    ) -> Result<(usize, f64)> {
+        let env = self.env;
+        let cfg = &env.cfg;
+        let steps = cfg.train.steps;
+        pb.set_prefix("RL");
+        pb.set_length(steps as u64);
+        pb.set_position(step as u64);
+        pb.reset_eta();
+        let mut acc_final = self.acc_after_warmup;
+        let mut last_eval = self.acc_after_warmup;
+        while step < steps {
+            let s = step + 1;
+            let Some(batch) = source.next_batch(env, learner, explore_st, s)? else {
+                if !opts.quiet {
+                    eprintln!("offline data exhausted after {step} steps");
+                }
+                break;
+            };
+            let mut m = learner.learn(env, &batch.groups, s, batch.generate_s, batch.dropped)?;
+            source.after_update(env, learner)?;
+            step = s;
+            if step % cfg.train.eval_every == 0 || step == steps {
+                last_eval = evaluate_task(
+                    env,
+                    &learner.model,
+                    heldout(env),
+                    cfg.rollout.max_new_tokens,
+                )?;
+                m.insert("acc/eval".into(), last_eval);
+            }
+            learner
+                .metrics
+                .write(&report::metrics_line(step, "rl", &m))?;
+            pb.set_message(format!(
+                "reward {:.3} | train acc {:.1}% | held-out acc {:.1}%",
+                m["reward/mean"],
+                m["acc/train"] * 100.0,
+                last_eval * 100.0
+            ));
+            pb.inc(1);
+            let stop_here = opts.stop_after == Some(step);
+            if step % cfg.train.checkpoint_every == 0 || step == steps || stop_here {
+                self.save(learner, step, explore_st, source)?;
+            }
+            acc_final = last_eval;
+            if stop_here {
+                return Ok((step, acc_final));
+            }
+        }
+        if step < steps {
+            // Offline data ran out: evaluate and checkpoint where we stopped.
+            acc_final = evaluate_task(
+                env,
+                &learner.model,
+                heldout(env),
+                cfg.rollout.max_new_tokens,
+            )?;
+            self.save(learner, step, explore_st, source)?;
+        }
+        Ok((step, acc_final))
+    }
+}

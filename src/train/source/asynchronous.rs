@@ -1,0 +1,214 @@
+//! Async mode: an explorer thread samples with its own copy of the weights while the learner
+//! learns. Batch b (0-based) may only be sampled once the learner has taken
+//! b − `sync.max_staleness` updates, so with `max_staleness = 0` every batch is sampled by the
+//! current weights and the run equals the on-policy run.
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use super::{Batch, BatchSource};
+use crate::buffer::{self, Buffer, MemoryBuffer, TakeMode};
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::train::explore::{collect, Env, ExploreState};
+use crate::train::learn::Learner;
+
+/// State shared between the learner and the async explorer thread.
+pub struct AsyncShared {
+    /// Updates the learner has taken.
+    learner_version: u64,
+    /// Newest published weights (deep copies) and their version.
+    published: Option<(u64, Llama)>,
+    queue: MemoryBuffer,
+    /// Sampling seconds of queued groups, by group id.
+    gen_s: std::collections::HashMap<u64, f64>,
+    stop: bool,
+    error: Option<String>,
+}
+
+pub struct AsyncExplorer {
+    shared: Arc<(Mutex<AsyncShared>, Condvar)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for AsyncExplorer {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &*self.shared;
+            if let Ok(mut s) = lock.lock() {
+                s.stop = true;
+            }
+            cv.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts the explorer thread. Batch b (0-based) may only be sampled once the learner has
+/// taken b − max_staleness updates, so with `max_staleness = 0` every batch is sampled by the
+/// current weights and the run equals the on-policy run.
+pub fn spawn_explorer(
+    env: Arc<Env>,
+    model: Llama,
+    version: u64,
+    mut st: ExploreState,
+    first_batch: usize,
+) -> Result<AsyncExplorer> {
+    let cfg = &env.cfg;
+    let np = cfg.rollout.prompts_per_step;
+    let capacity = if cfg.sync.capacity == 0 {
+        4 * np
+    } else {
+        cfg.sync.capacity.max(np)
+    };
+    let queue =
+        MemoryBuffer::new(capacity, TakeMode::Fifo).map_err(|e| Error::Task(e.to_string()))?;
+    let shared = Arc::new((
+        Mutex::new(AsyncShared {
+            learner_version: version,
+            published: None,
+            queue,
+            gen_s: Default::default(),
+            stop: false,
+            error: None,
+        }),
+        Condvar::new(),
+    ));
+    let sh = shared.clone();
+    let handle = std::thread::spawn(move || {
+        let (lock, cv) = &*sh;
+        let mut my_version = version;
+        let max_stale = env.cfg.sync.max_staleness;
+        let mut b = first_batch as u64;
+        loop {
+            {
+                let Ok(mut s) = lock.lock() else { return };
+                loop {
+                    if s.stop {
+                        return;
+                    }
+                    let gated = max_stale
+                        .map(|m| s.learner_version + m < b)
+                        .unwrap_or(false);
+                    let full = s.queue.len().unwrap_or(0) + np > capacity;
+                    if !gated && !full {
+                        break;
+                    }
+                    s = match cv.wait(s) {
+                        Ok(g) => g,
+                        Err(_) => return,
+                    };
+                }
+                if let Some((v, w)) = &s.published {
+                    if *v > my_version {
+                        if let Err(e) = model.copy_weights_from(w) {
+                            s.error =
+                                Some(format!("explorer: loading published weights v{v}: {e}"));
+                            cv.notify_all();
+                            return;
+                        }
+                        my_version = *v;
+                    }
+                }
+            }
+            let t = Instant::now();
+            let res = collect(&env, &model, my_version, &mut st);
+            let gen_s = t.elapsed().as_secs_f64();
+            let Ok(mut s) = lock.lock() else { return };
+            match res {
+                Ok(groups) => {
+                    for g in groups {
+                        s.gen_s.insert(g.group_id, gen_s / np as f64);
+                        if let Err(e) = s.queue.put(g) {
+                            s.error = Some(format!("explorer: buffer: {e}"));
+                            cv.notify_all();
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    s.error = Some(format!("explorer: {e}"));
+                    cv.notify_all();
+                    return;
+                }
+            }
+            cv.notify_all();
+            b += 1;
+        }
+    });
+    Ok(AsyncExplorer {
+        shared,
+        handle: Some(handle),
+    })
+}
+
+impl BatchSource for AsyncExplorer {
+    fn next_batch(
+        &mut self,
+        env: &Env,
+        learner: &mut Learner,
+        _explore_st: &mut ExploreState,
+        _s: usize,
+    ) -> Result<Option<Batch>> {
+        let cfg = &env.cfg;
+        let np = cfg.rollout.prompts_per_step;
+        let (lock, cv) = &*self.shared;
+        let min_version = cfg
+            .sync
+            .max_staleness
+            .map(|m| buffer::min_version(learner.version, m))
+            .unwrap_or(0);
+        let mut groups = Vec::with_capacity(np);
+        let mut dropped = 0;
+        let mut generate_s = 0.0;
+        let mut s_guard = lock
+            .lock()
+            .map_err(|_| Error::Task("async explorer panicked".into()))?;
+        while groups.len() < np {
+            if let Some(e) = &s_guard.error {
+                return Err(Error::Task(e.clone()));
+            }
+            let taken = s_guard
+                .queue
+                .take(np - groups.len(), min_version)
+                .map_err(|e| Error::Task(e.to_string()))?;
+            dropped += taken.dropped;
+            for g in taken.groups {
+                generate_s += s_guard.gen_s.remove(&g.group_id).unwrap_or(0.0);
+                groups.push(g);
+            }
+            cv.notify_all();
+            if groups.len() < np {
+                s_guard = cv
+                    .wait(s_guard)
+                    .map_err(|_| Error::Task("async explorer panicked".into()))?;
+            }
+        }
+        Ok(Some(Batch {
+            groups,
+            generate_s,
+            dropped,
+        }))
+    }
+
+    fn after_update(&mut self, env: &Env, learner: &Learner) -> Result<()> {
+        let interval = env.cfg.sync.interval as u64;
+        let (lock, cv) = &*self.shared;
+        let publish = learner.version.is_multiple_of(interval);
+        let copy = if publish {
+            Some(learner.model.deep_clone()?)
+        } else {
+            None
+        };
+        let mut s = lock
+            .lock()
+            .map_err(|_| Error::Task("async explorer panicked".into()))?;
+        s.learner_version = learner.version;
+        if let Some(c) = copy {
+            s.published = Some((learner.version, c));
+        }
+        cv.notify_all();
+        Ok(())
+    }
+}

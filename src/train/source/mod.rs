@@ -1,0 +1,147 @@
+//! Where the learner's batches come from: one [`BatchSource`] per sync mode, chosen once by
+//! [`open`] at the start of a run.
+//!
+//! - [`OnPolicy`]: each batch sampled by the current weights, just before the update;
+//! - [`lagged::Lagged`]: batches sampled `sync.offset` steps ahead by a copy of the weights
+//!   refreshed every `sync.interval` updates;
+//! - [`asynchronous::AsyncExplorer`]: an explorer thread samples while the learner learns;
+//! - [`shared::SharedBuffer`]: `grove explore` processes fill a buffer (JSONL, SQLite,
+//!   PostgreSQL) and the learner publishes weights for them;
+//! - [`offline::Offline`]: groups read from an experience file, no sampling at all.
+pub mod asynchronous;
+pub mod lagged;
+pub mod offline;
+pub mod shared;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::buffer::ExperienceGroup;
+use crate::config::SyncMode;
+use crate::error::Result;
+use crate::train::checkpoint::{Extras, LaggedState};
+use crate::train::explore::{collect_rewarded, Env, ExploreState};
+use crate::train::learn::Learner;
+
+/// One batch as handed to the learner.
+pub struct Batch {
+    pub groups: Vec<ExperienceGroup>,
+    /// Seconds spent sampling these groups.
+    pub generate_s: f64,
+    /// Groups the source discarded as too stale while assembling this batch.
+    pub dropped: usize,
+}
+
+/// A sync mode: where batches come from and what it does after each update.
+pub trait BatchSource {
+    /// The batch for learner step `s` (1-based), or `None` when the source is exhausted.
+    fn next_batch(
+        &mut self,
+        env: &Env,
+        learner: &mut Learner,
+        explore_st: &mut ExploreState,
+        s: usize,
+    ) -> Result<Option<Batch>>;
+
+    /// Called after every update (publishing weights, waking an explorer).
+    fn after_update(&mut self, _env: &Env, _learner: &Learner) -> Result<()> {
+        Ok(())
+    }
+
+    /// What a checkpoint keeps of this source besides the policy and optimizer.
+    fn checkpoint(&self) -> (Option<LaggedState>, Extras<'_>) {
+        (None, Extras::default())
+    }
+}
+
+/// What a resumed run restores into its source.
+pub struct Restored {
+    /// Offline groups read (and checked) before the run directory was touched.
+    pub offline: Option<Vec<ExperienceGroup>>,
+    /// Lagged mode's state and behaviour weights, from the checkpoint.
+    pub lagged: Option<(LaggedState, crate::model::Llama)>,
+    /// Lagged mode's sampled-but-unused batches, from the checkpoint.
+    pub pending: Vec<ExperienceGroup>,
+}
+
+/// Chooses the run's source from its config, once.
+pub fn open(
+    env: &Arc<Env>,
+    learner: &Learner,
+    explore_st: &ExploreState,
+    step: usize,
+    restored: Restored,
+) -> Result<Box<dyn BatchSource>> {
+    let cfg = &env.cfg;
+    let np = cfg.rollout.prompts_per_step;
+    if let Some(url) = &cfg.sync.buffer {
+        return Ok(Box::new(shared::SharedBuffer::open(cfg, url, learner)?));
+    }
+    if let Some(groups) = restored.offline {
+        return Ok(Box::new(offline::Offline {
+            groups: groups.into_iter().skip(step * np).collect(),
+        }));
+    }
+    Ok(match cfg.sync.mode {
+        SyncMode::OnPolicy => Box::new(OnPolicy),
+        SyncMode::Lagged => Box::new(match restored.lagged {
+            Some((ls, behaviour)) => lagged::Lagged {
+                behaviour,
+                behaviour_version: ls.behaviour_version,
+                next_batch: ls.next_batch,
+                pending: chunk_groups(restored.pending, np),
+            },
+            None => lagged::Lagged {
+                behaviour: learner.model.deep_clone()?,
+                behaviour_version: learner.version,
+                next_batch: step,
+                pending: VecDeque::new(),
+            },
+        }),
+        SyncMode::Async => Box::new(asynchronous::spawn_explorer(
+            env.clone(),
+            learner.model.deep_clone()?,
+            learner.version,
+            explore_st.clone(),
+            step,
+        )?),
+    })
+}
+
+/// Each batch sampled by the current weights just before the update.
+pub struct OnPolicy;
+
+impl BatchSource for OnPolicy {
+    fn next_batch(
+        &mut self,
+        env: &Env,
+        learner: &mut Learner,
+        explore_st: &mut ExploreState,
+        _s: usize,
+    ) -> Result<Option<Batch>> {
+        let t = Instant::now();
+        let groups = collect_rewarded(
+            env,
+            &learner.model,
+            learner.version,
+            explore_st,
+            learner.rewards.as_mut(),
+        )?;
+        Ok(Some(Batch {
+            groups,
+            generate_s: t.elapsed().as_secs_f64(),
+            dropped: 0,
+        }))
+    }
+}
+
+/// Splits groups into batches of `np` (the last may be short).
+fn chunk_groups(groups: Vec<ExperienceGroup>, np: usize) -> VecDeque<Vec<ExperienceGroup>> {
+    let mut out = VecDeque::new();
+    let mut it = groups.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push_back(it.by_ref().take(np).collect());
+    }
+    out
+}
