@@ -369,17 +369,8 @@ pub fn evaluate_pairs(rm: &RewardModel, tok: &Tokenizer, pairs: &[PreferencePair
     rm_loss::pairwise_accuracy(&chosen, &rejected).map_err(|e| Error::Reward(e.to_string()))
 }
 
-/// Trains a reward model on `opts.data` and writes it to `opts.out`: `config.json`,
-/// `model.safetensors` (head under `score.weight`), `tokenizer.json`, `reward_model.json`
-/// (this report) and `rm_metrics.jsonl`.
-pub fn train_reward_model(
-    opts: &RmTrainOptions,
-    dev: &Device,
-    mut progress: impl FnMut(&RmProgress),
-) -> Result<RmTrainReport> {
-    let t0 = Instant::now();
-    opts.validate()?;
-    let tok = Tokenizer::builtin_arithmetic();
+/// The pairs, checked against the loss's needs, split into train and held-out by prompt.
+fn checked_split(opts: &RmTrainOptions) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
     let pairs = read_pairs(&opts.data)?;
     let file = opts.data.display().to_string();
     let needs_ratings = matches!(
@@ -412,6 +403,11 @@ pub fn train_reward_model(
             ),
         ));
     }
+    Ok((train, heldout))
+}
+
+/// The reward model to train: from `opts.init` or fresh, checked against the tokenizer.
+fn initial_model(opts: &RmTrainOptions, tok: &Tokenizer, dev: &Device) -> Result<RewardModel> {
     let rm = match &opts.init {
         Some(dir) => RewardModel::from_policy(load_hf_folder(dir, dev)?, opts.seed)?,
         None => RewardModel::init(&opts.shape, opts.seed, dev)?,
@@ -426,6 +422,22 @@ pub fn train_reward_model(
             ),
         ));
     }
+    Ok(rm)
+}
+
+/// Trains a reward model on `opts.data` and writes it to `opts.out`: `config.json`,
+/// `model.safetensors` (head under `score.weight`), `tokenizer.json`, `reward_model.json`
+/// (this report) and `rm_metrics.jsonl`.
+pub fn train_reward_model(
+    opts: &RmTrainOptions,
+    dev: &Device,
+    mut progress: impl FnMut(&RmProgress),
+) -> Result<RmTrainReport> {
+    let t0 = Instant::now();
+    opts.validate()?;
+    let tok = Tokenizer::builtin_arithmetic();
+    let (train, heldout) = checked_split(opts)?;
+    let rm = initial_model(opts, &tok, dev)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let metrics_path = opts.out.join("rm_metrics.jsonl");
     let mut metrics = std::io::BufWriter::new(
