@@ -54,6 +54,11 @@ pub fn per_group(
     Ok(batch.iter().map(estimate).collect())
 }
 
+/// The members' rewards of every group, for estimators that need statistics over the batch.
+pub fn batch_rewards(batch: &[Prepared]) -> Vec<Vec<f64>> {
+    batch.iter().map(|g| g.rewards.clone()).collect()
+}
+
 /// Declares every estimator once. Each entry is
 /// `doc; Variant => "config-name", reads Reads::X, |cfg, batch, state| advantages;` where the
 /// closure-like body sees the [`AdvantageConfig`] (`cfg`), the prepared groups of the batch

@@ -185,10 +185,12 @@ mod tests {
     }
 
     #[test]
-    fn names_are_exactly_the_documented_strings() {
+    fn documented_names_keep_their_order_and_spelling() {
+        // configs in the wild use these names: renaming or reordering one fails here, while a
+        // new estimator appended to the table does not
         let names: Vec<&str> = Estimator::ALL.iter().map(|e| e.name()).collect();
         assert_eq!(
-            names,
+            names[..13],
             [
                 "reinforce",
                 "group-mean",
