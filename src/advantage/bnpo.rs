@@ -1,4 +1,4 @@
-//! BNPO, Beta normalisation (ALGORITHMS.md §1.1).
+//! BNPO, Beta normalisation (docs/algorithms.md#bnpo).
 //!
 //! Rewards are scaled to [0, 1]; p_q is the mean reward of group q. Over the groups of a batch,
 //! μ = mean(p_q), v = unbiased var(p_q); method of moments κ = μ(1−μ)/v − 1, a = κμ, b = κ(1−μ);
@@ -12,7 +12,7 @@ use super::config::BnpoConfig;
 use super::estimators::{mean, with_degenerate_rules, Prepared};
 use super::AdvantageError;
 
-/// Upper clamp of 1/Beta_pdf (ALGORITHMS.md §1.1).
+/// Upper clamp of 1/Beta_pdf (docs/algorithms.md#bnpo).
 pub const MAX_INV_PDF: f64 = 1e6;
 
 /// The two parameters of a Beta distribution.
@@ -111,7 +111,7 @@ pub fn inverse_pdf(p: f64, params: BetaParams) -> f64 {
 }
 
 /// BNPO advantage of one group whose rewards are already in [0, 1]:
-/// A_i = (r_i − p)/Beta_pdf(p; α, β) with p the group mean; §0 rules for degenerate groups.
+/// A_i = (r_i − p)/Beta_pdf(p; α, β) with p the group mean; degenerate-group rules apply.
 pub fn bnpo(rewards: &[f64], params: BetaParams) -> Vec<f64> {
     with_degenerate_rules(rewards, |r| {
         let p = mean(r);
@@ -160,7 +160,7 @@ pub fn bnpo_decomposed(components: &[Vec<Vec<f64>>], fixed: Option<BetaParams>) 
 }
 
 /// BNPO over the batch: rewards (or each component) scaled to [0, 1], batch Beta parameters,
-/// per-group advantages. With components, the §0 rules apply per component.
+/// per-group advantages. With components, the degenerate-group rules apply per component.
 pub fn estimate_batch(
     b: &BnpoConfig,
     prepared: &[Prepared],

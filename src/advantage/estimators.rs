@@ -211,7 +211,7 @@ pub fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
-/// Standard deviation of a group; 1 for fewer than two samples (§0 singleton rule).
+/// Standard deviation of a group; 1 for fewer than two samples (singleton rule).
 pub fn std_dev(xs: &[f64], kind: StdKind) -> f64 {
     let n = xs.len();
     if n < 2 {
@@ -231,7 +231,7 @@ pub fn all_equal(xs: &[f64]) -> bool {
     xs.windows(2).all(|w| w[0] == w[1])
 }
 
-/// Applies the §0 rules around a centred estimator, which is only called for groups of two or
+/// Applies the degenerate-group rules around a centred estimator, which is only called for groups of two or
 /// more rewards that are not all equal.
 pub fn with_degenerate_rules(
     rewards: &[f64],
@@ -322,7 +322,7 @@ pub fn nsr(correct: &[bool]) -> Vec<f64> {
 }
 
 /// `global-mean`: A_i = r_i − mean of `all_rewards`, every sample drawn for the prompt including
-/// discarded ones (Reinforce-Ada). The §0 rules apply to the baseline's samples: one drawn sample
+/// discarded ones (Reinforce-Ada). The degenerate-group rules apply to the baseline's samples: one drawn sample
 /// ⇒ mean 0 (A = r); every drawn and kept reward equal ⇒ A = 0.
 pub fn global_mean(rewards: &[f64], all_rewards: &[f64]) -> Vec<f64> {
     if all_rewards.len() < 2 {

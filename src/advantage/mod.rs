@@ -1,4 +1,5 @@
-//! Advantage estimation: group rewards → one scalar advantage per response (ALGORITHMS.md §0, §1).
+//! Advantage estimation: group rewards → one scalar advantage per response
+//! (docs/algorithms.md#advantage-estimators).
 //!
 //! Everything here is a pure function over `f64`; no tensors, no gradients. The trainer broadcasts
 //! each response's advantage to its tokens.
@@ -6,15 +7,16 @@
 //! Layout, following the data flow of [`compute`]:
 //! - [`config`]: [`AdvantageConfig`] (serde, TOML/JSON) and its [`AdvantageConfig::validate`].
 //! - [`pipeline`]: [`compute`] — input checks, reward transforms, the estimator, the adjustments.
-//! - [`estimators`]: the per-group estimators of §1 (`grpo`, `rloo`, ...), verl `core_algos` style.
-//! - [`bnpo`]: Beta normalisation (§1.1), which needs batch-level statistics.
-//! - [`noisy`]: noisy-verifier corrections (§1.2), the appeal estimate of ρ₁, a noise injector.
-//! - [`adjust`]: per-response adjustments of §1.3 (STCR, TempSamp, StableReinforce filter,
+//! - [`estimators`]: the estimators, declared once in one table (`grpo`, `rloo`, ...).
+//! - [`bnpo`]: Beta normalisation, which needs batch-level statistics.
+//! - [`noisy`]: noisy-verifier corrections, the appeal estimate of ρ₁, a noise injector.
+//! - [`adjust`]: per-response adjustments (STCR, TempSamp, StableReinforce filter,
 //!   RED-Weight, duration weights).
 //! - [`calculator`]: the `grove advantage` CLI calculator (JSON in, JSON out, through [`compute`]).
 //!
-//! Degenerate groups (§0), applied by every estimator that subtracts a group baseline
-//! (`group-mean`, `grpo`, `rloo`, `asymre`, `opmd`, `bnpo`, `global-mean`, `noisy-backward`):
+//! Degenerate groups (docs/algorithms.md#degenerate-groups), applied by every estimator that
+//! subtracts a group baseline (`group-mean`, `grpo`, `rloo`, `asymre`, `opmd`, `bnpo`,
+//! `global-mean`, `noisy-backward`):
 //! a group of one sample has mean 0 and std 1, so A = r; a group whose rewards are all equal has
 //! A = 0 for every member. Estimators without a baseline (`reinforce`, `w-reinforce`, `psr`, `nsr`,
 //! `noisy-forward`) give each response a value that does not depend on the rest of its group, so
@@ -44,7 +46,7 @@ pub use estimators::{
 pub use noisy::{noisy_backward, noisy_forward};
 pub use pipeline::{compute, compute_with_state, AdvantageState};
 
-/// Which standard deviation `grpo` divides by (ALGORITHMS.md §0, **Decision**: sample by default,
+/// Which standard deviation `grpo` divides by (docs/algorithms.md#degenerate-groups, **Decision**: sample by default,
 /// as verl and TRL compute it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,4 +1,4 @@
-//! Noisy-verifier corrections (ALGORITHMS.md §1.2).
+//! Noisy-verifier corrections (docs/algorithms.md#noisy-verifiers).
 //!
 //! Noise model: ρ₀ = P(observed 1 | truly 0) (false positive), ρ₁ = P(observed 0 | truly 1)
 //! (false negative), ρ₀ + ρ₁ < 1.
@@ -29,7 +29,7 @@ pub fn forward_corrected(observed: f64, rho1: f64) -> f64 {
 }
 
 /// Leave-one-out advantage on the backward-corrected rewards, before dividing by the scale
-/// (§0 rules apply: one sample ⇒ r̂, all equal ⇒ 0).
+/// (degenerate-group rules apply: one sample ⇒ r̂, all equal ⇒ 0).
 pub fn noisy_backward_unscaled(observed: &[f64], rho0: f64, rho1: f64, eps: f64) -> Vec<f64> {
     let corrected: Vec<f64> = observed
         .iter()

@@ -1,4 +1,5 @@
-//! [`compute`]: a batch of groups → per-response advantages, in the order of ALGORITHMS.md §1:
+//! [`compute`]: a batch of groups → per-response advantages, in this order
+//! (docs/algorithms.md#advantage-estimators):
 //!
 //! 1. validate the config and the shape of every group (errors name group, field, position);
 //! 2. correctness per response (`correct`, else raw reward > `positive_threshold`);
@@ -148,7 +149,7 @@ fn pick<T: Clone>(values: &[T], members: &[usize]) -> Vec<T> {
         .collect()
 }
 
-/// Reward correction (§1.2), then TempSamp soft shaping (§1.3).
+/// Reward correction, then TempSamp soft shaping.
 fn transform_reward(cfg: &AdvantageConfig, reward: f64) -> f64 {
     let n = &cfg.noisy;
     let corrected = match cfg.reward_correction {
@@ -511,7 +512,7 @@ mod tests {
 
     #[test]
     fn correction_then_grpo_equals_raw_grpo_and_is_rejected() {
-        // The §1.2 warning: z-scoring cancels the correction (compare the pure functions) ...
+        // The noisy-verifier warning: z-scoring cancels the correction (compare the pure functions) ...
         let raw = [1.0, 0.0, 0.0, 1.0];
         let corrected: Vec<f64> = raw
             .iter()

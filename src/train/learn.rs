@@ -313,7 +313,7 @@ impl Learner {
         self.version += 1;
         let train_s = t_train.elapsed().as_secs_f64();
 
-        // 6. Metrics (names: DESIGN.md §7, docs/metrics.md).
+        // 6. Metrics (names: docs/metrics.md).
         let nf = n.max(1) as f64;
         let mean = rewards.iter().sum::<f64>() / nf;
         let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / nf).sqrt();
