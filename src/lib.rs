@@ -1,6 +1,6 @@
 //! grove: reinforcement-learning post-training of language models, in Rust.
 //!
-//! The modules follow the data flow (DESIGN.md §1):
+//! The modules follow the data flow (docs/architecture.md):
 //! `task → sampling → rollout → reward → advantage → loss → train`, with `config` turning
 //! files into a validated plan and `report` writing what a run leaves behind.
 pub mod advantage;

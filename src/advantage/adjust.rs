@@ -1,9 +1,9 @@
-//! Per-response adjustments of ALGORITHMS.md §1.3, each off by default.
+//! Per-response adjustments (docs/algorithms.md#adjustments-after-the-estimator), each off by default.
 //!
 //! Reward shaping before the estimator: TempSamp soft shaping. Inside the estimator step:
 //! TempSamp anchoring (statistics over on-policy members, ground truth gets 1.2·max). After the
 //! estimator, in this order: STCR, RED-Weight, the StableReinforce filter, duration weights.
-//! Duration weights multiply the loss of a sample; every policy loss of §2 is positively
+//! Duration weights multiply the loss of a sample; every policy loss is positively
 //! homogeneous in A, so multiplying A by w_i > 0 is the same thing.
 
 use super::estimators::mean;
@@ -70,7 +70,7 @@ pub fn red_weight(advantage: f64, tau: f64) -> f64 {
 /// StableReinforce advantage filter over a batch. z = (A − μ)/(σ + ε) with μ, σ the
 /// `weights`-weighted mean and population std of the finite advantages (token weights: response
 /// lengths). Sets to 0, and counts, every advantage that is non-finite, has |z| > `z_max`, or has
-/// |A| > `abs_max`. **Decision:** ALGORITHMS.md lists "|z| > 3, non-finite, or |z| > 10", where
+/// |A| > `abs_max`. **Decision:** the source lists "|z| > 3, non-finite, or |z| > 10", where
 /// the last is implied by the first; the second threshold is read as a bound on |A| itself.
 pub fn stable_filter(
     advantages: &[Vec<f64>],

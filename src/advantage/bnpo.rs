@@ -1,4 +1,4 @@
-//! BNPO, Beta normalisation (ALGORITHMS.md §1.1).
+//! BNPO, Beta normalisation (docs/algorithms.md#bnpo).
 //!
 //! Rewards are scaled to [0, 1]; p_q is the mean reward of group q. Over the groups of a batch,
 //! μ = mean(p_q), v = unbiased var(p_q); method of moments κ = μ(1−μ)/v − 1, a = κμ, b = κ(1−μ);
@@ -8,9 +8,11 @@
 //! (`group-mean`). α = β = 3/2 gives (π/8)·(r − p)/sqrt(p(1 − p)): GRPO with population std for
 //! binary rewards, up to the constant π/8.
 
-use super::estimators::{mean, with_degenerate_rules};
+use super::config::BnpoConfig;
+use super::estimators::{mean, with_degenerate_rules, Prepared};
+use super::AdvantageError;
 
-/// Upper clamp of 1/Beta_pdf (ALGORITHMS.md §1.1).
+/// Upper clamp of 1/Beta_pdf (docs/algorithms.md#bnpo).
 pub const MAX_INV_PDF: f64 = 1e6;
 
 /// The two parameters of a Beta distribution.
@@ -109,7 +111,7 @@ pub fn inverse_pdf(p: f64, params: BetaParams) -> f64 {
 }
 
 /// BNPO advantage of one group whose rewards are already in [0, 1]:
-/// A_i = (r_i − p)/Beta_pdf(p; α, β) with p the group mean; §0 rules for degenerate groups.
+/// A_i = (r_i − p)/Beta_pdf(p; α, β) with p the group mean; degenerate-group rules apply.
 pub fn bnpo(rewards: &[f64], params: BetaParams) -> Vec<f64> {
     with_degenerate_rules(rewards, |r| {
         let p = mean(r);
@@ -155,6 +157,58 @@ pub fn bnpo_decomposed(components: &[Vec<Vec<f64>>], fixed: Option<BetaParams>) 
         }
     }
     total
+}
+
+/// BNPO over the batch: rewards (or each component) scaled to [0, 1], batch Beta parameters,
+/// per-group advantages. With components, the degenerate-group rules apply per component.
+pub fn estimate_batch(
+    b: &BnpoConfig,
+    prepared: &[Prepared],
+) -> Result<Vec<Vec<f64>>, AdvantageError> {
+    let fixed = match (b.alpha, b.beta) {
+        (Some(alpha), Some(beta)) => Some(BetaParams { alpha, beta }),
+        _ => None,
+    };
+    let unit = |group: usize, field: &'static str, position: usize, value: f64| {
+        if (b.reward_min..=b.reward_max).contains(&value) {
+            Ok(scale_to_unit(value, b.reward_min, b.reward_max))
+        } else {
+            Err(AdvantageError::OutOfRange {
+                group,
+                field,
+                position,
+                value,
+                min: b.reward_min,
+                max: b.reward_max,
+            })
+        }
+    };
+    if prepared.iter().any(|p| p.components.is_some()) {
+        let mut scaled = Vec::with_capacity(prepared.len());
+        for (gi, p) in prepared.iter().enumerate() {
+            let mut rows = Vec::new();
+            for (row, &pos) in p.components.iter().flatten().zip(&p.members) {
+                let cells: Result<Vec<f64>, _> = row
+                    .iter()
+                    .map(|&c| unit(gi, "components", pos, c))
+                    .collect();
+                rows.push(cells?);
+            }
+            scaled.push(rows);
+        }
+        return Ok(bnpo_decomposed(&scaled, fixed));
+    }
+    let mut scaled = Vec::with_capacity(prepared.len());
+    for (gi, p) in prepared.iter().enumerate() {
+        let rewards: Result<Vec<f64>, _> = p
+            .rewards
+            .iter()
+            .zip(&p.members)
+            .map(|(&r, &pos)| unit(gi, "rewards", pos, r))
+            .collect();
+        scaled.push(rewards?);
+    }
+    Ok(bnpo_batch(&scaled, fixed))
 }
 
 #[cfg(test)]

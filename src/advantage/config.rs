@@ -1,7 +1,7 @@
 //! Advantage configuration (`[advantage]` in a run's TOML) and its validation.
 //!
 //! Every field has a default, so an empty table is plain GRPO. Sub-tables hold the options of
-//! BNPO, the noisy-verifier corrections and each §1.3 adjustment; every adjustment is off by
+//! BNPO, the noisy-verifier corrections and each adjustment; every adjustment is off by
 //! default. [`AdvantageConfig::validate`] rejects values and combinations that cannot mean what
 //! the user intended, with a message that says why.
 
@@ -13,13 +13,13 @@ use super::{AdvantageError, Estimator, StdKind};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdvantageConfig {
-    /// Which estimator of ALGORITHMS.md §1. Default `grpo` (GRPO, Shao et al. 2024, DeepSeekMath).
+    /// Which estimator (docs/algorithms.md#advantage-estimators). Default `grpo` (GRPO, Shao et al. 2024, DeepSeekMath).
     pub estimator: Estimator,
     /// Std used by `grpo`: `sample` (divide by G − 1, as verl and TRL) or `population`.
-    /// Default `sample` (ALGORITHMS.md §0 **Decision**).
+    /// Default `sample` (docs/algorithms.md#degenerate-groups, **Decision**).
     pub std: StdKind,
     /// Std guard ε of `grpo` and of the StableReinforce z-score; also the floor of 1 − ρ₀ − ρ₁.
-    /// Default 1e-6 (ALGORITHMS.md §0).
+    /// Default 1e-6.
     pub eps: f64,
     /// Baseline shift c of `asymre`: A = r − (r̄ − c). Default 0.1 (AsymRE).
     pub asymre_c: f64,
@@ -30,25 +30,25 @@ pub struct AdvantageConfig {
     /// A response counts as correct when its reward is > this, if the group gives no `correct`
     /// flags (`w-reinforce`, `psr`, `nsr`, STCR). Default 0.5 (grove choice for 0/1 rewards).
     pub positive_threshold: f64,
-    /// BNPO options (ALGORITHMS.md §1.1, BNPO).
+    /// BNPO options (docs/algorithms.md#bnpo).
     pub bnpo: BnpoConfig,
     /// Noise model and scale of `noisy-backward`, `noisy-forward` and `reward_correction`
-    /// (ALGORITHMS.md §1.2, noisy verifiers).
+    /// (docs/algorithms.md#noisy-verifiers).
     pub noisy: NoisyConfig,
     /// Affine correction of the rewards before a *different* estimator: `none`, `backward`
-    /// (r̂ = (r − ρ₀)/(1 − ρ₀ − ρ₁)) or `forward` (r − (1 − ρ₁)). Default `none` (§1.2).
+    /// (r̂ = (r − ρ₀)/(1 − ρ₀ − ρ₁)) or `forward` (r − (1 − ρ₁)). Default `none`.
     pub reward_correction: RewardCorrection,
-    /// STCR length penalty for long wrong answers (APO, §1.3). Off by default.
+    /// STCR length penalty for long wrong answers (APO). Off by default.
     pub stcr: StcrConfig,
-    /// TempSamp soft reward shaping before the estimator (TempSamp-R1, §1.3). Off by default.
+    /// TempSamp soft reward shaping before the estimator (TempSamp-R1). Off by default.
     pub tempsamp_shaping: SoftShapingConfig,
-    /// TempSamp anchoring of injected ground-truth responses (TempSamp-R1, §1.3). Off by default.
+    /// TempSamp anchoring of injected ground-truth responses (TempSamp-R1). Off by default.
     pub tempsamp_anchor: AnchorConfig,
-    /// StableReinforce advantage filter (StableReinforce / R1-Reward, §1.3). Off by default.
+    /// StableReinforce advantage filter (StableReinforce / R1-Reward). Off by default.
     pub stable_filter: StableFilterConfig,
-    /// RED-Weight A·exp(A/τ) (RED, §1.3). Off by default.
+    /// RED-Weight A·exp(A/τ) (RED). Off by default.
     pub red_weight: RedWeightConfig,
-    /// Duration weights for asynchronous agents (§1.3). Off by default.
+    /// Duration weights for asynchronous agents. Off by default.
     pub duration: DurationConfig,
 }
 
@@ -75,7 +75,7 @@ impl Default for AdvantageConfig {
     }
 }
 
-/// BNPO options (ALGORITHMS.md §1.1; BNPO, Beta Normalization Policy Optimization).
+/// BNPO options (BNPO, Beta Normalization Policy Optimization; docs/algorithms.md#bnpo).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BnpoConfig {
@@ -102,7 +102,7 @@ impl Default for BnpoConfig {
     }
 }
 
-/// Noise model of a binary verifier (ALGORITHMS.md §1.2; RL with verifiable yet noisy rewards).
+/// Noise model of a binary verifier (RL with verifiable yet noisy rewards; docs/algorithms.md#noisy-verifiers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NoisyConfig {
@@ -129,7 +129,7 @@ impl Default for NoisyConfig {
     }
 }
 
-/// Affine reward correction applied before an estimator other than the noisy ones (§1.2).
+/// Affine reward correction applied before an estimator other than the noisy ones (docs/algorithms.md#noisy-verifiers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RewardCorrection {
@@ -266,7 +266,7 @@ impl Default for RedWeightConfig {
 pub struct DurationConfig {
     /// Turn duration weights on (needs `durations`). Default false.
     pub enabled: bool,
-    /// Added to every execution time. Default 0.0 (*unverified*, not given in ALGORITHMS.md).
+    /// Added to every execution time. Default 0.0 (*unverified*, not given by the source).
     pub t_min: f64,
     /// Smallest duration Δt. Default 0.001 (*unverified*).
     pub t_floor: f64,
@@ -427,7 +427,7 @@ impl AdvantageConfig {
             let why = match est {
                 Estimator::Grpo => Some(
                     "group std normalisation cancels any affine correction of a binary reward \
-                     (ALGORITHMS.md §1.2), so this run would equal the uncorrected one; use \
+                     (docs/algorithms.md#noisy-verifiers), so this run would equal the uncorrected one; use \
                      estimator noisy-backward or noisy-forward, or a correction with group-mean, \
                      rloo or reinforce",
                 ),

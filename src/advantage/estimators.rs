@@ -1,10 +1,207 @@
-//! The per-group advantage estimators of ALGORITHMS.md §1, one small pure function each
-//! (verl `core_algos` style). Each takes one group and returns one advantage per response.
+//! The advantage estimators, each declared once in the [`estimators!`] table below: its config
+//! name, its doc (formula and paper), what it reads and how it is computed. The [`Estimator`]
+//! enum, its `ALL` list, names, parsing (an unknown name lists the known ones), `Display` and the
+//! dispatch of [`super::compute`] are all generated from that table, so adding an estimator
+//! means one table entry, its function and its hand-computed test, all in this file
+//! (docs/algorithms.md#adding-an-advantage-estimator).
 //!
-//! The baselined estimators apply the degenerate-group rules of §0 through
-//! [`with_degenerate_rules`]: one sample ⇒ A = r (mean 0, std 1); all rewards equal ⇒ A = 0.
+//! The functions are small and pure (verl `core_algos` style): one group in, one advantage per
+//! response out. The baselined ones apply the degenerate-group rules through
+//! [`with_degenerate_rules`]: one sample ⇒ A = r (mean 0, std 1); all rewards equal ⇒ A = 0
+//! (docs/algorithms.md#degenerate-groups).
 
-use super::StdKind;
+use serde::{Deserialize, Serialize};
+
+use super::config::AdvantageConfig;
+use super::pipeline::AdvantageState;
+use super::{bnpo, noisy, AdvantageError, StdKind};
+
+/// What an estimator reads of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// The (transformed) reward values.
+    Rewards,
+    /// Only whether each response is correct; reward corrections and shaping cannot affect it.
+    Correctness,
+}
+
+/// One group as an estimator sees it: after the reward transforms (`reward_correction`,
+/// TempSamp shaping) and restricted to its statistics members (every response, or only the
+/// on-policy ones under TempSamp anchoring).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Number of responses in the group.
+    pub len: usize,
+    /// Positions of the responses whose rewards define the group statistics.
+    pub members: Vec<usize>,
+    /// Transformed rewards of the members.
+    pub rewards: Vec<f64>,
+    /// Correctness of the members.
+    pub correct: Vec<bool>,
+    /// Correctness of every response (STCR).
+    pub all_correct: Vec<bool>,
+    /// Transformed `all_rewards`, or the member rewards when absent (`global-mean`).
+    pub all_rewards: Vec<f64>,
+    /// Components of the members (BNPO decomposition).
+    pub components: Option<Vec<Vec<f64>>>,
+}
+
+/// Advantages of the members of every group, one group at a time.
+pub fn per_group(
+    batch: &[Prepared],
+    estimate: impl Fn(&Prepared) -> Vec<f64>,
+) -> Result<Vec<Vec<f64>>, AdvantageError> {
+    Ok(batch.iter().map(estimate).collect())
+}
+
+/// The members' rewards of every group, for estimators that need statistics over the batch.
+pub fn batch_rewards(batch: &[Prepared]) -> Vec<Vec<f64>> {
+    batch.iter().map(|g| g.rewards.clone()).collect()
+}
+
+/// Declares every estimator once. Each entry is
+/// `doc; Variant => "config-name", reads Reads::X, |cfg, batch, state| advantages;` where the
+/// closure-like body sees the [`AdvantageConfig`] (`cfg`), the prepared groups of the batch
+/// (`batch: &[Prepared]`) and the state carried between batches (`state: &mut AdvantageState`),
+/// and returns `Result<Vec<Vec<f64>>, AdvantageError>` with the members' advantages per group
+/// ([`per_group`] for estimators that look at one group at a time). Generates [`Estimator`] with
+/// `ALL`, `name`, `from_name`, `known_names`, `reads`, `Display`, serde (kebab-case names) and
+/// the dispatch `estimate`.
+macro_rules! estimators {
+    (
+        $(
+            $(#[$meta:meta])*
+            $variant:ident => $name:literal, reads $reads:expr,
+            |$cfg:ident, $batch:ident, $state:ident| $body:expr;
+        )+
+    ) => {
+        /// Which advantage estimator turns a group's rewards into advantages
+        /// (docs/algorithms.md#advantage-estimators). Serialised as its config name.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+        pub enum Estimator {
+            $( $(#[$meta])* #[serde(rename = $name)] $variant, )+
+        }
+
+        impl Estimator {
+            /// How many estimators there are.
+            pub const COUNT: usize = [$( $name ),+].len();
+
+            /// Every estimator, in declaration order.
+            pub const ALL: [Estimator; Estimator::COUNT] = [ $( Estimator::$variant ),+ ];
+
+            /// The config / CLI name, identical to the serde name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( Estimator::$variant => $name ),+
+                }
+            }
+
+            /// What the estimator reads of a group.
+            pub fn reads(&self) -> Reads {
+                match self {
+                    $( Estimator::$variant => $reads ),+
+                }
+            }
+
+            /// The members' advantages of every prepared group of a batch.
+            pub fn estimate(
+                &self,
+                cfg: &AdvantageConfig,
+                batch: &[Prepared],
+                state: &mut AdvantageState,
+            ) -> Result<Vec<Vec<f64>>, AdvantageError> {
+                match self {
+                    $(
+                        Estimator::$variant => {
+                            let ($cfg, $batch, $state) = (cfg, batch, &mut *state);
+                            $body
+                        }
+                    )+
+                }
+            }
+        }
+    };
+}
+
+estimators! {
+    /// A_i = r_i, no baseline (REINFORCE, Williams 1992).
+    Reinforce => "reinforce", reads Reads::Rewards,
+        |_cfg, batch, _state| per_group(batch, |g| reinforce(&g.rewards));
+    /// A_i = r_i − r̄ (Dr. GRPO, Liu et al. 2025; the REC default).
+    GroupMean => "group-mean", reads Reads::Rewards,
+        |_cfg, batch, _state| per_group(batch, |g| group_mean(&g.rewards));
+    /// A_i = (r_i − r̄)/(std + ε) (GRPO, Shao et al. 2024, DeepSeekMath). The default.
+    #[default]
+    Grpo => "grpo", reads Reads::Rewards,
+        |cfg, batch, _state| per_group(batch, |g| grpo(&g.rewards, cfg.std, cfg.eps));
+    /// A_i = r_i − mean_{j≠i} r_j (RLOO, Ahmadian et al. 2024).
+    Rloo => "rloo", reads Reads::Rewards,
+        |_cfg, batch, _state| per_group(batch, |g| rloo(&g.rewards));
+    /// A_i = r_i − (r̄ − c), c = `asymre_c` (AsymRE, Arnal et al. 2025).
+    Asymre => "asymre", reads Reads::Rewards,
+        |cfg, batch, _state| per_group(batch, |g| asymre(&g.rewards, cfg.asymre_c));
+    /// A_i = r_i − τ·log mean_j exp(r_j/τ), τ = `opmd_tau` (OPMD).
+    Opmd => "opmd", reads Reads::Rewards,
+        |cfg, batch, _state| per_group(batch, |g| opmd(&g.rewards, cfg.opmd_tau));
+    /// Beta-normalised advantage with batch-level Beta parameters (BNPO; `[advantage.bnpo]`).
+    Bnpo => "bnpo", reads Reads::Rewards,
+        |cfg, batch, _state| bnpo::estimate_batch(&cfg.bnpo, batch);
+    /// λ if correct, −1 if not, λ = `w_lambda` (W-REINFORCE, NSR paper, Zhu et al. 2025).
+    WReinforce => "w-reinforce", reads Reads::Correctness,
+        |cfg, batch, _state| per_group(batch, |g| w_reinforce(&g.correct, cfg.w_lambda));
+    /// +1 if correct, 0 otherwise (positive-sample reinforcement, NSR paper).
+    Psr => "psr", reads Reads::Correctness,
+        |_cfg, batch, _state| per_group(batch, |g| psr(&g.correct));
+    /// −1 if incorrect, 0 otherwise (negative-sample reinforcement, NSR paper).
+    Nsr => "nsr", reads Reads::Correctness,
+        |_cfg, batch, _state| per_group(batch, |g| nsr(&g.correct));
+    /// A_i = r_i − mean of every sample drawn for the prompt (Reinforce-Ada).
+    GlobalMean => "global-mean", reads Reads::Rewards,
+        |_cfg, batch, _state| per_group(batch, |g| global_mean(&g.rewards, &g.all_rewards));
+    /// Leave-one-out baseline on the unbiased reward, fixed or EMA scale (noisy verifiers;
+    /// `[advantage.noisy]`).
+    NoisyBackward => "noisy-backward", reads Reads::Rewards,
+        |cfg, batch, state| Ok(noisy::backward_batch(cfg, batch, state));
+    /// A = (r̃ − (1 − ρ₁))/s, no centring (noisy verifiers; `[advantage.noisy]`).
+    NoisyForward => "noisy-forward", reads Reads::Rewards,
+        |cfg, batch, _state| per_group(batch, |g| {
+            noisy::noisy_forward(&g.rewards, cfg.noisy.rho1, cfg.noisy.scale)
+        });
+}
+
+impl Estimator {
+    /// Parses a config / CLI name; the error lists every known name.
+    pub fn from_name(name: &str) -> Result<Self, AdvantageError> {
+        Estimator::ALL
+            .iter()
+            .copied()
+            .find(|e| e.name() == name)
+            .ok_or_else(|| AdvantageError::UnknownEstimator {
+                name: name.to_string(),
+                known: Estimator::known_names(),
+            })
+    }
+
+    /// Every known name, comma separated (for error messages and `--help`).
+    pub fn known_names() -> String {
+        Estimator::ALL
+            .iter()
+            .map(|e| e.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// True for estimators that read only correctness, never the reward value.
+    pub fn uses_only_correctness(&self) -> bool {
+        self.reads() == Reads::Correctness
+    }
+}
+
+impl std::fmt::Display for Estimator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Arithmetic mean; 0 for an empty slice.
 pub fn mean(xs: &[f64]) -> f64 {
@@ -14,7 +211,7 @@ pub fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
-/// Standard deviation of a group; 1 for fewer than two samples (§0 singleton rule).
+/// Standard deviation of a group; 1 for fewer than two samples (singleton rule).
 pub fn std_dev(xs: &[f64], kind: StdKind) -> f64 {
     let n = xs.len();
     if n < 2 {
@@ -34,7 +231,7 @@ pub fn all_equal(xs: &[f64]) -> bool {
     xs.windows(2).all(|w| w[0] == w[1])
 }
 
-/// Applies the §0 rules around a centred estimator, which is only called for groups of two or
+/// Applies the degenerate-group rules around a centred estimator, which is only called for groups of two or
 /// more rewards that are not all equal.
 pub fn with_degenerate_rules(
     rewards: &[f64],
@@ -125,7 +322,7 @@ pub fn nsr(correct: &[bool]) -> Vec<f64> {
 }
 
 /// `global-mean`: A_i = r_i − mean of `all_rewards`, every sample drawn for the prompt including
-/// discarded ones (Reinforce-Ada). The §0 rules apply to the baseline's samples: one drawn sample
+/// discarded ones (Reinforce-Ada). The degenerate-group rules apply to the baseline's samples: one drawn sample
 /// ⇒ mean 0 (A = r); every drawn and kept reward equal ⇒ A = 0.
 pub fn global_mean(rewards: &[f64], all_rewards: &[f64]) -> Vec<f64> {
     if all_rewards.len() < 2 {

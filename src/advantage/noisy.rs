@@ -1,4 +1,4 @@
-//! Noisy-verifier corrections (ALGORITHMS.md §1.2).
+//! Noisy-verifier corrections (docs/algorithms.md#noisy-verifiers).
 //!
 //! Noise model: ρ₀ = P(observed 1 | truly 0) (false positive), ρ₁ = P(observed 0 | truly 1)
 //! (false negative), ρ₀ + ρ₁ < 1.
@@ -14,7 +14,9 @@
 
 use rand::Rng;
 
-use super::estimators::rloo;
+use super::config::AdvantageConfig;
+use super::estimators::{rloo, Prepared};
+use super::pipeline::AdvantageState;
 
 /// Backward-corrected (unbiased) reward r̂ = (r̃ − ρ₀)/max(1 − ρ₀ − ρ₁, ε).
 pub fn backward_corrected(observed: f64, rho0: f64, rho1: f64, eps: f64) -> f64 {
@@ -27,7 +29,7 @@ pub fn forward_corrected(observed: f64, rho1: f64) -> f64 {
 }
 
 /// Leave-one-out advantage on the backward-corrected rewards, before dividing by the scale
-/// (§0 rules apply: one sample ⇒ r̂, all equal ⇒ 0).
+/// (degenerate-group rules apply: one sample ⇒ r̂, all equal ⇒ 0).
 pub fn noisy_backward_unscaled(observed: &[f64], rho0: f64, rho1: f64, eps: f64) -> Vec<f64> {
     let corrected: Vec<f64> = observed
         .iter()
@@ -109,6 +111,34 @@ pub fn inject_noise<R: Rng + ?Sized>(
             let flip = rng.gen::<f64>() < if t { rho1 } else { rho0 };
             t != flip
         })
+        .collect()
+}
+
+/// `noisy-backward` with a fixed scale, or an EMA of the batch spread when `ema_decay` is set.
+pub fn backward_batch(
+    cfg: &AdvantageConfig,
+    prepared: &[Prepared],
+    state: &mut AdvantageState,
+) -> Vec<Vec<f64>> {
+    let n = &cfg.noisy;
+    let unscaled: Vec<Vec<f64>> = prepared
+        .iter()
+        .map(|p| noisy_backward_unscaled(&p.rewards, n.rho0, n.rho1, cfg.eps))
+        .collect();
+    let scale = match n.ema_decay {
+        None => n.scale,
+        Some(decay) => {
+            let spread = batch_spread(&unscaled);
+            // an all-degenerate batch says nothing about the scale: keep the previous one
+            if spread > cfg.eps {
+                state.noisy_scale_ema = Some(ema_update(state.noisy_scale_ema, spread, decay));
+            }
+            state.noisy_scale_ema.unwrap_or(n.scale)
+        }
+    };
+    unscaled
+        .into_iter()
+        .map(|a| a.into_iter().map(|x| x / scale).collect())
         .collect()
 }
 

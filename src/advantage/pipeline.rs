@@ -1,4 +1,5 @@
-//! [`compute`]: a batch of groups → per-response advantages, in the order of ALGORITHMS.md §1:
+//! [`compute`]: a batch of groups → per-response advantages, in this order
+//! (docs/algorithms.md#advantage-estimators):
 //!
 //! 1. validate the config and the shape of every group (errors name group, field, position);
 //! 2. correctness per response (`correct`, else raw reward > `positive_threshold`);
@@ -13,9 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::adjust;
-use super::bnpo::{self, BetaParams};
 use super::config::{AdvantageConfig, RewardCorrection};
-use super::estimators::{self, all_equal};
+use super::estimators::{all_equal, Prepared};
 use super::noisy;
 use super::{AdvantageError, AdvantageOutput, Estimator, Group};
 
@@ -40,7 +40,7 @@ pub fn compute_with_state(
 ) -> Result<AdvantageOutput, AdvantageError> {
     cfg.validate()?;
     check_groups(cfg, groups)?;
-    let prepared: Vec<Prepared> = groups.iter().map(|g| Prepared::new(cfg, g)).collect();
+    let prepared: Vec<Prepared> = groups.iter().map(|g| prepare(cfg, g)).collect();
     let mut advantages = estimate(cfg, &prepared, state)?;
     check_finite(&advantages, "the estimator")?;
 
@@ -105,59 +105,40 @@ pub fn frac_zero_std(groups: &[Group]) -> f64 {
 }
 
 /// One group after the reward transforms, restricted to its statistics members.
-struct Prepared {
-    /// Number of responses in the group.
-    len: usize,
-    /// Responses whose rewards define the group statistics (all, or the on-policy ones).
-    members: Vec<usize>,
-    /// Transformed rewards of the members.
-    rewards: Vec<f64>,
-    /// Correctness of the members.
-    correct: Vec<bool>,
-    /// Correctness of every response (STCR).
-    all_correct: Vec<bool>,
-    /// Transformed `all_rewards`, or the member rewards when absent (`global-mean`).
-    all_rewards: Vec<f64>,
-    /// Components of the members (BNPO decomposition).
-    components: Option<Vec<Vec<f64>>>,
-}
-
-impl Prepared {
-    fn new(cfg: &AdvantageConfig, g: &Group) -> Self {
-        let len = g.rewards.len();
-        let members: Vec<usize> = match (&g.ground_truth, cfg.tempsamp_anchor.enabled) {
-            (Some(gt), true) => (0..len)
-                .filter(|&i| !gt.get(i).copied().unwrap_or(false))
-                .collect(),
-            _ => (0..len).collect(),
-        };
-        let all_correct: Vec<bool> = match &g.correct {
-            Some(c) => c.clone(),
-            None => g
-                .rewards
-                .iter()
-                .map(|&r| r > cfg.positive_threshold)
-                .collect(),
-        };
-        let transformed: Vec<f64> = g
+fn prepare(cfg: &AdvantageConfig, g: &Group) -> Prepared {
+    let len = g.rewards.len();
+    let members: Vec<usize> = match (&g.ground_truth, cfg.tempsamp_anchor.enabled) {
+        (Some(gt), true) => (0..len)
+            .filter(|&i| !gt.get(i).copied().unwrap_or(false))
+            .collect(),
+        _ => (0..len).collect(),
+    };
+    let all_correct: Vec<bool> = match &g.correct {
+        Some(c) => c.clone(),
+        None => g
             .rewards
             .iter()
-            .map(|&r| transform_reward(cfg, r))
-            .collect();
-        let rewards = pick(&transformed, &members);
-        let all_rewards = match &g.all_rewards {
-            Some(all) => all.iter().map(|&r| transform_reward(cfg, r)).collect(),
-            None => rewards.clone(),
-        };
-        Prepared {
-            len,
-            correct: pick(&all_correct, &members),
-            components: g.components.as_ref().map(|c| pick(c, &members)),
-            members,
-            rewards,
-            all_correct,
-            all_rewards,
-        }
+            .map(|&r| r > cfg.positive_threshold)
+            .collect(),
+    };
+    let transformed: Vec<f64> = g
+        .rewards
+        .iter()
+        .map(|&r| transform_reward(cfg, r))
+        .collect();
+    let rewards = pick(&transformed, &members);
+    let all_rewards = match &g.all_rewards {
+        Some(all) => all.iter().map(|&r| transform_reward(cfg, r)).collect(),
+        None => rewards.clone(),
+    };
+    Prepared {
+        len,
+        correct: pick(&all_correct, &members),
+        components: g.components.as_ref().map(|c| pick(c, &members)),
+        members,
+        rewards,
+        all_correct,
+        all_rewards,
     }
 }
 
@@ -168,7 +149,7 @@ fn pick<T: Clone>(values: &[T], members: &[usize]) -> Vec<T> {
         .collect()
 }
 
-/// Reward correction (§1.2), then TempSamp soft shaping (§1.3).
+/// Reward correction, then TempSamp soft shaping.
 fn transform_reward(cfg: &AdvantageConfig, reward: f64) -> f64 {
     let n = &cfg.noisy;
     let corrected = match cfg.reward_correction {
@@ -191,114 +172,12 @@ fn estimate(
     prepared: &[Prepared],
     state: &mut AdvantageState,
 ) -> Result<Vec<Vec<f64>>, AdvantageError> {
-    let per_group = |f: &dyn Fn(&Prepared) -> Vec<f64>| prepared.iter().map(f).collect::<Vec<_>>();
-    let n = &cfg.noisy;
-    let member_advantages = match cfg.estimator {
-        Estimator::Reinforce => per_group(&|p| estimators::reinforce(&p.rewards)),
-        Estimator::GroupMean => per_group(&|p| estimators::group_mean(&p.rewards)),
-        Estimator::Grpo => per_group(&|p| estimators::grpo(&p.rewards, cfg.std, cfg.eps)),
-        Estimator::Rloo => per_group(&|p| estimators::rloo(&p.rewards)),
-        Estimator::Asymre => per_group(&|p| estimators::asymre(&p.rewards, cfg.asymre_c)),
-        Estimator::Opmd => per_group(&|p| estimators::opmd(&p.rewards, cfg.opmd_tau)),
-        Estimator::WReinforce => per_group(&|p| estimators::w_reinforce(&p.correct, cfg.w_lambda)),
-        Estimator::Psr => per_group(&|p| estimators::psr(&p.correct)),
-        Estimator::Nsr => per_group(&|p| estimators::nsr(&p.correct)),
-        Estimator::GlobalMean => {
-            per_group(&|p| estimators::global_mean(&p.rewards, &p.all_rewards))
-        }
-        Estimator::NoisyForward => {
-            per_group(&|p| noisy::noisy_forward(&p.rewards, n.rho1, n.scale))
-        }
-        Estimator::NoisyBackward => noisy_backward_batch(cfg, prepared, state),
-        Estimator::Bnpo => bnpo_batch(cfg, prepared)?,
-    };
+    let member_advantages = cfg.estimator.estimate(cfg, prepared, state)?;
     Ok(prepared
         .iter()
         .zip(member_advantages)
         .map(|(p, a)| adjust::anchor(&a, &p.members, p.len, cfg.tempsamp_anchor.factor))
         .collect())
-}
-
-/// `noisy-backward` with a fixed scale, or an EMA of the batch spread when `ema_decay` is set.
-fn noisy_backward_batch(
-    cfg: &AdvantageConfig,
-    prepared: &[Prepared],
-    state: &mut AdvantageState,
-) -> Vec<Vec<f64>> {
-    let n = &cfg.noisy;
-    let unscaled: Vec<Vec<f64>> = prepared
-        .iter()
-        .map(|p| noisy::noisy_backward_unscaled(&p.rewards, n.rho0, n.rho1, cfg.eps))
-        .collect();
-    let scale = match n.ema_decay {
-        None => n.scale,
-        Some(decay) => {
-            let spread = noisy::batch_spread(&unscaled);
-            // an all-degenerate batch says nothing about the scale: keep the previous one
-            if spread > cfg.eps {
-                state.noisy_scale_ema =
-                    Some(noisy::ema_update(state.noisy_scale_ema, spread, decay));
-            }
-            state.noisy_scale_ema.unwrap_or(n.scale)
-        }
-    };
-    unscaled
-        .into_iter()
-        .map(|a| a.into_iter().map(|x| x / scale).collect())
-        .collect()
-}
-
-/// BNPO over the batch: rewards (or each component) scaled to [0, 1], batch Beta parameters,
-/// per-group advantages. With components, the §0 rules apply per component.
-fn bnpo_batch(
-    cfg: &AdvantageConfig,
-    prepared: &[Prepared],
-) -> Result<Vec<Vec<f64>>, AdvantageError> {
-    let b = &cfg.bnpo;
-    let fixed = match (b.alpha, b.beta) {
-        (Some(alpha), Some(beta)) => Some(BetaParams { alpha, beta }),
-        _ => None,
-    };
-    let unit = |group: usize, field: &'static str, position: usize, value: f64| {
-        if (b.reward_min..=b.reward_max).contains(&value) {
-            Ok(bnpo::scale_to_unit(value, b.reward_min, b.reward_max))
-        } else {
-            Err(AdvantageError::OutOfRange {
-                group,
-                field,
-                position,
-                value,
-                min: b.reward_min,
-                max: b.reward_max,
-            })
-        }
-    };
-    if prepared.iter().any(|p| p.components.is_some()) {
-        let mut scaled = Vec::with_capacity(prepared.len());
-        for (gi, p) in prepared.iter().enumerate() {
-            let mut rows = Vec::new();
-            for (row, &pos) in p.components.iter().flatten().zip(&p.members) {
-                let cells: Result<Vec<f64>, _> = row
-                    .iter()
-                    .map(|&c| unit(gi, "components", pos, c))
-                    .collect();
-                rows.push(cells?);
-            }
-            scaled.push(rows);
-        }
-        return Ok(bnpo::bnpo_decomposed(&scaled, fixed));
-    }
-    let mut scaled = Vec::with_capacity(prepared.len());
-    for (gi, p) in prepared.iter().enumerate() {
-        let rewards: Result<Vec<f64>, _> = p
-            .rewards
-            .iter()
-            .zip(&p.members)
-            .map(|(&r, &pos)| unit(gi, "rewards", pos, r))
-            .collect();
-        scaled.push(rewards?);
-    }
-    Ok(bnpo::bnpo_batch(&scaled, fixed))
 }
 
 /// Token weights of the StableReinforce filter: lengths when given, else 1 per response.
@@ -431,7 +310,7 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
 
 #[cfg(test)]
 mod tests {
-    use super::super::StdKind;
+    use super::super::{estimators, StdKind};
     use super::*;
 
     fn close(a: &[f64], b: &[f64], tol: f64) {
@@ -633,7 +512,7 @@ mod tests {
 
     #[test]
     fn correction_then_grpo_equals_raw_grpo_and_is_rejected() {
-        // The §1.2 warning: z-scoring cancels the correction (compare the pure functions) ...
+        // The noisy-verifier warning: z-scoring cancels the correction (compare the pure functions) ...
         let raw = [1.0, 0.0, 0.0, 1.0];
         let corrected: Vec<f64> = raw
             .iter()

@@ -1,4 +1,4 @@
-//! The experience buffer between explorers (rollout + reward) and trainers (DESIGN.md §4).
+//! The experience buffer between explorers (rollout + reward) and trainers (docs/architecture.md).
 //!
 //! Groups of experiences (all responses to one prompt) go in with `put` and come out with
 //! `take`. Three stores share one contract, the [`Buffer`] trait:

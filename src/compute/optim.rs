@@ -1,6 +1,6 @@
 //! Fused in-place AdamW.
 //!
-//! candle-nn's `AdamW` allocates ~14 temporaries per parameter and step (DESIGN.md §3). Here
+//! candle-nn's `AdamW` allocates ~14 temporaries per parameter and step. Here
 //! the moments live in plain `Vec<f32>` and one pass per parameter updates m, v and the weight
 //! in place, with gradient clipping folded in as a scale on g. Off the CPU the same arithmetic
 //! runs as tensor ops on moments that stay on the device; they reach host memory only when a

@@ -95,7 +95,7 @@ impl Default for ModelConfig {
 }
 
 /// Supervised warm-up on generated solutions, stopped on a held-out accuracy rule: below
-/// ≈15% the RL reward carries too little signal (DESIGN.md §5).
+/// ≈15% the RL reward carries too little signal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WarmupConfig {
@@ -157,7 +157,7 @@ impl RolloutConfig {
     }
 }
 
-/// How rollouts reach the learner (DESIGN.md §4).
+/// How rollouts reach the learner (docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SyncMode {

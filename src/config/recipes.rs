@@ -13,7 +13,7 @@ pub const RECIPES: &[Recipe] = &[
     Recipe {
         name: "quickstart",
         description: "GRPO on the built-in arithmetic task (the default of `grove train`)",
-        source: "DeepSeekMath (Shao et al. 2024); DESIGN.md §5",
+        source: "DeepSeekMath (Shao et al. 2024)",
         toml: r#""#,
     },
     Recipe {
@@ -144,7 +144,7 @@ rec_reg = "opmd"
     Recipe {
         name: "red-drop",
         description: "GRPO with RED-Drop: drop random negatives until they no longer outnumber positives",
-        source: "RED (Reinforce with Exploration by Dropping) — unverified naming, ALGORITHMS.md §4",
+        source: "RED (Reinforce with Exploration by Dropping) — unverified naming, docs/algorithms.md#sampling-rules",
         toml: r#"[advantage]
 estimator = "grpo"
 [sampling]
@@ -154,7 +154,7 @@ red_drop = true
     Recipe {
         name: "red-weight",
         description: "GRPO with RED-Weight: effective advantage A·exp(A/τ), τ = 1",
-        source: "ALGORITHMS.md §1.3 (RED-Weight)",
+        source: "RED-Weight, docs/algorithms.md#adjustments-after-the-estimator",
         toml: r#"[advantage]
 estimator = "grpo"
 [advantage.red_weight]
@@ -216,7 +216,7 @@ loss = "reinforce"
     Recipe {
         name: "apo",
         description: "GRPO with STCR length-aware scaling of wrong answers and DADS difficulty-weighted KL",
-        source: "APO — ALGORITHMS.md §1.3, §2 (STCR base unverified)",
+        source: "APO — docs/algorithms.md#adjustments-after-the-estimator, #dads-entropy-and-sft-mixing (STCR base unverified)",
         toml: r#"[advantage]
 estimator = "grpo"
 [advantage.stcr]
@@ -241,7 +241,7 @@ loss = "stable-reinforce"
     Recipe {
         name: "tempsamp",
         description: "TempSamp: soft reward shaping, ground-truth injection, anchored advantages",
-        source: "TempSamp-R1 — ALGORITHMS.md §1.3, §4",
+        source: "TempSamp-R1 — docs/algorithms.md#adjustments-after-the-estimator, #sampling-rules",
         toml: r#"[advantage]
 estimator = "grpo"
 [advantage.tempsamp_shaping]
@@ -255,7 +255,7 @@ inject_ground_truth = true
     Recipe {
         name: "noisy-forward",
         description: "forward correction for false negatives (ρ₁ = 0.2): A = r̃ − (1 − ρ₁), no centring",
-        source: "Noisy-verifier corrections — ALGORITHMS.md §1.2",
+        source: "Noisy-verifier corrections — docs/algorithms.md#noisy-verifiers",
         toml: r#"[advantage]
 estimator = "noisy-forward"
 [advantage.noisy]
@@ -268,7 +268,7 @@ loss = "reinforce"
     Recipe {
         name: "noisy-backward",
         description: "backward correction r̂ = (r̃ − ρ₀)/(1 − ρ₀ − ρ₁) with a leave-one-out baseline (ρ₀ = 0.1, ρ₁ = 0.2)",
-        source: "Noisy-verifier corrections — ALGORITHMS.md §1.2",
+        source: "Noisy-verifier corrections — docs/algorithms.md#noisy-verifiers",
         toml: r#"[advantage]
 estimator = "noisy-backward"
 [advantage.noisy]

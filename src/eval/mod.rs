@@ -1,4 +1,4 @@
-//! Evaluation metrics (ALGORITHMS.md §6): unbiased pass@k, mean@n, maj@n, their average over
+//! Evaluation metrics (docs/algorithms.md#evaluation): unbiased pass@k, mean@n, maj@n, their average over
 //! prompts, and the weak-to-strong deception score.
 //!
 //! Conventions for degenerate input (all tested): an empty sample set scores 0; `c > n` is

@@ -1,5 +1,5 @@
 //! `grove eval`: sample n responses per question from a model (HF folder, GGUF file or grove
-//! checkpoint), verify them, and report unbiased pass@k, mean@n and maj@n (ALGORITHMS.md §6),
+//! checkpoint), verify them, and report unbiased pass@k, mean@n and maj@n (docs/algorithms.md#evaluation),
 //! with one JSON line per question for inspection.
 //!
 //! Prompts: GSM8K / MATH-500 questions go through `task::datasets::render_prompt`; with the

@@ -1,4 +1,4 @@
-//! Batch aggregation of per-token losses (ALGORITHMS.md §0, "name by arithmetic").
+//! Batch aggregation of per-token losses (docs/algorithms.md#aggregation, "name by arithmetic").
 //!
 //! Every mode is linear in the per-token losses, so it is expressed as one weight w\[i\]\[t\] per
 //! token: loss = Σ w·loss_token and dL/dℓ = w·dloss_token/dℓ. With m the mask, L_i = Σ_t m\[i\]\[t\],

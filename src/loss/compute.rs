@@ -4,7 +4,7 @@
 //! total = (1−μ)·RL(non-expert) + μ·SFT(expert), where
 //! - RL = agg(policy loss per token) + agg(β·kl_weight·k per token) over non-expert sequences,
 //!   the KL term present only when [`LossConfig::loss_kl`] says so;
-//! - SFT = Σ m·(−ℓ) / Σ m over expert sequences (token mean, ALGORITHMS.md §2 `mix`).
+//! - SFT = Σ m·(−ℓ) / Σ m over expert sequences (token mean, docs/algorithms.md#dads-entropy-and-sft-mixing).
 //!
 //! Tokens with mask 0 are never evaluated, so padding may hold any value (even NaN) and gets a
 //! zero gradient.
@@ -55,7 +55,7 @@ impl SeqInput {
     }
 }
 
-/// Scalars for the metrics log (DESIGN.md §7 names in brackets). Fractions and means are over
+/// Scalars for the metrics log (docs/metrics.md names in brackets). Fractions and means are over
 /// the valid (mask > 0) tokens of non-expert sequences; all are 0 when there are none.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LossMetrics {

@@ -2,7 +2,7 @@
 //! [`LossConfig`] with its defaults and [`LossConfig::validate`].
 //!
 //! Every enum serialises in kebab-case, has `ALL`, `name()` and `from_name()`; an unknown name
-//! fails with the list of known names (DESIGN.md §1).
+//! fails with the list of known names.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,14 +62,14 @@ macro_rules! named_enum {
 }
 
 named_enum! {
-    /// The per-token policy loss (ALGORITHMS.md §2).
+    /// The per-token policy loss (docs/algorithms.md#policy-losses).
     PolicyLoss, "policy loss", {
         /// −A·ℓ (Williams 1992).
         Reinforce => "reinforce",
         /// max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), optional dual clip (PPO, Schulman et al.
         /// 2017; GRPO, Shao et al. 2024).
         PpoClip => "ppo-clip",
-        /// REINFORCE with clipping as a mask: −W·A·ℓ·M + Reg (REC, ALGORITHMS.md §2).
+        /// REINFORCE with clipping as a mask: −W·A·ℓ·M + Reg (REC, docs/algorithms.md#policy-losses).
         Rec => "rec",
         /// Tapered off-policy REINFORCE, −α·A·ℓ (TOPR, Le Roux et al. 2025, arXiv 2503.14286).
         /// Normalised per sequence: requires `agg = seq-mean-token-mean`.
@@ -81,7 +81,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// How per-token losses become one number (ALGORITHMS.md §0, named by arithmetic).
+    /// How per-token losses become one number (docs/algorithms.md#aggregation, named by arithmetic).
     Aggregation, "aggregation", {
         /// Σ m·loss / Σ m over the whole batch (REC, DAPO, BNPO code).
         TokenMean => "token-mean",
@@ -110,7 +110,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// REC's detached importance weight W (ALGORITHMS.md §2).
+    /// REC's detached importance weight W (docs/algorithms.md#policy-losses).
     RecWeight, "rec weight", {
         /// W = 1.
         None => "none",
@@ -124,7 +124,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// REC's detached token mask M: which tokens keep their gradient (ALGORITHMS.md §2).
+    /// REC's detached token mask M: which tokens keep their gradient (docs/algorithms.md#policy-losses).
     RecMask, "rec mask", {
         /// Every token kept.
         None => "none",
@@ -140,7 +140,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// REC's regulariser Reg, added per token (REP, ALGORITHMS.md §2).
+    /// REC's regulariser Reg, added per token (REP, docs/algorithms.md#policy-losses).
     RecReg, "rec regulariser", {
         /// No regulariser.
         None => "none",
@@ -152,7 +152,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// Which ratio TOPR tapers negative samples with (ALGORITHMS.md §2, **Decision**).
+    /// Which ratio TOPR tapers negative samples with (docs/algorithms.md#policy-losses, **Decision**).
     RatioLevel, "ratio level", {
         /// ρ = exp(ℓ − ℓᵒ) per token (default).
         Token => "token",
@@ -194,7 +194,7 @@ pub struct LossConfig {
     /// Arnal et al. 2025).
     pub reg_coef: f64,
     /// Loose lower bound ε′_low for `truncated-is` and `ring`. In (0, 1). Default 0.6 (REC
-    /// "loose" setting, ALGORITHMS.md §2).
+    /// "loose" setting).
     pub eps_prime_low: f64,
     /// Loose upper bound ε′_high for `truncated-is` and `ring`. > 0. Default 2.0 (REC).
     pub eps_prime_high: f64,
@@ -202,7 +202,7 @@ pub struct LossConfig {
     pub seq_eps_low: f64,
     /// Sequence-level ε_high for `seq-one-side`. > 0. Default 4e-4 (REC; GSPO-style).
     pub seq_eps_high: f64,
-    /// Ratio used by TOPR's taper. Default `token` (ALGORITHMS.md §2 **Decision**). topr only.
+    /// Ratio used by TOPR's taper. Default `token` (docs/algorithms.md#policy-losses, **Decision**). topr only.
     pub topr_ratio: RatioLevel,
     /// StableReinforce clamps Δ to at least this before exp. Default ln 1e−3 (R1-Reward 2025).
     pub stable_logratio_min: f64,
@@ -224,7 +224,7 @@ pub struct LossConfig {
     /// DADS KL coefficient. ≥ 0. Default 1e-3 (APO).
     pub dads_beta: f64,
     /// SFT mixing weight μ: total = (1−μ)·RL + μ·(−ℓ token-mean over expert sequences). Used only
-    /// when expert sequences are present. In [0, 1]. Default 0.1 (ALGORITHMS.md §2 `mix`).
+    /// when expert sequences are present. In [0, 1]. Default 0.1 (docs/algorithms.md#dads-entropy-and-sft-mixing).
     pub sft_mu: f64,
     /// L_max for `seq-mean-token-sum-norm` (Dr. GRPO: usually the generation budget). Required
     /// for that mode, > 0. Default none.
@@ -300,7 +300,7 @@ fn check_non_negative(field: &'static str, value: f64) -> Result<(), LossError> 
 
 impl LossConfig {
     /// The effective KL-in-loss term: `(β, estimator)`, or `None` when no KL enters the loss.
-    /// DADS uses k3 with `dads_beta` (ALGORITHMS.md §2).
+    /// DADS uses k3 with `dads_beta` (docs/algorithms.md#dads-entropy-and-sft-mixing).
     pub fn loss_kl(&self) -> Option<(f64, KlEstimator)> {
         if self.dads {
             (self.dads_beta > 0.0).then_some((self.dads_beta, KlEstimator::K3))

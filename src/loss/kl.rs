@@ -1,5 +1,5 @@
-//! KL estimators between the current and the reference policy (ALGORITHMS.md §0), the
-//! reward-side KL penalty, and the DADS per-response weight (ALGORITHMS.md §2).
+//! KL estimators between the current and the reference policy (docs/algorithms.md#kl-estimators), the
+//! reward-side KL penalty, and the DADS per-response weight (docs/algorithms.md#dads-entropy-and-sft-mixing).
 //!
 //! With Δʳ = ℓ − ℓʳ: k1 = Δʳ; k2 = ½(Δʳ)²; k3 = exp(−Δʳ) − 1 + Δʳ; low-var-kl = clamp(k3, −10, 10).
 

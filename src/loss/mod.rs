@@ -1,4 +1,4 @@
-//! Policy losses over per-token scalars, with analytic gradients (ALGORITHMS.md §0, §2).
+//! Policy losses over per-token scalars, with analytic gradients (docs/algorithms.md#policy-losses).
 //!
 //! The model produces per-token log-probs ℓ\[i\]\[t\] as a candle tensor. The trainer hands their
 //! values to [`compute`](fn@compute), which returns the aggregated loss **and** dL/dℓ\[i\]\[t\] for every token;
@@ -8,7 +8,7 @@
 //! - ℓ (`logp`, current policy) is the only input that carries gradient;
 //! - ℓᵒ (`logp_old`, behaviour policy), ℓʳ (`logp_ref`, reference policy), advantages, masks and
 //!   weights are constants;
-//! - quantities ALGORITHMS.md calls *detached* (REC's W and M, TOPR's α, sequence-level ratios)
+//! - quantities docs/algorithms.md calls *detached* (REC's W and M, TOPR's α, sequence-level ratios)
 //!   have zero gradient; PPO-clip's ratio ρ = exp(ℓ − ℓᵒ) carries gradient through ℓ.
 //!
 //! Layout: [`config`] (enums, [`LossConfig`], validation), [`policy`] (one small function per
@@ -16,7 +16,7 @@
 //! (batch reduction weights), [`compute`](mod@compute) (the batch entry point) and
 //! [`calculator`] (the JSON calculator behind the CLI).
 //!
-//! Metrics ([`LossMetrics`]) map onto the DESIGN.md §7 names: `loss/policy`, `loss/kl`,
+//! Metrics ([`LossMetrics`]) map onto the docs/metrics.md names: `loss/policy`, `loss/kl`,
 //! `loss/clipfrac`, `loss/masked_frac`, `is/ratio_mean`, `is/ratio_max`, `kl/k3`.
 
 pub mod aggregate;

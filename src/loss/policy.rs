@@ -1,4 +1,4 @@
-//! Per-token policy losses (ALGORITHMS.md §2): each a small pure function of one token's
+//! Per-token policy losses (docs/algorithms.md#policy-losses): each a small pure function of one token's
 //! scalars returning the loss, its derivative with respect to the current log-prob ℓ, and
 //! whether the token was clipped or masked.
 //!

@@ -8,7 +8,7 @@
 //! ...), so safetensors files move between grove and `transformers` unchanged. RMSNorm, RoPE,
 //! the masked softmax and SwiGLU are grove's own fused kernels with hand-written backward
 //! passes (`model::fused`): candle-nn's fused kernels have no backward and would silently
-//! detach most parameters (DESIGN.md §3).
+//! detach most parameters.
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};

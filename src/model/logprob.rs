@@ -1,5 +1,5 @@
 //! Token log-probs and entropies over a large vocabulary, computed in vocabulary chunks with a
-//! hand-written backward (DESIGN.md §3).
+//! hand-written backward: the full-vocabulary log-softmax is the memory hot spot.
 //!
 //! The composed path (`log_softmax(h·Wᵀ/T)` then `gather`) keeps several (N, V) tensors alive
 //! for the backward pass: the logits, the log-softmax and its gradient. With a 152k vocabulary

@@ -1,4 +1,4 @@
-//! A reward model: the policy architecture with a scalar scoring head (ALGORITHMS.md §3).
+//! A reward model: the policy architecture with a scalar scoring head (docs/algorithms.md#reward-model-training).
 //!
 //! r(prompt, response) = w · h_last, with h_last the final-norm hidden state of the last real
 //! token of the sequence and w the (1 × hidden) head. The token sequence is

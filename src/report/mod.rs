@@ -1,5 +1,5 @@
 //! What a run leaves for people to read: metrics.jsonl (one line a step; names are the
-//! contract of DESIGN.md §7 and docs/metrics.md), samples.jsonl, and the progress bar.
+//! contract of docs/metrics.md), samples.jsonl, and the progress bar.
 pub mod plot;
 
 use std::collections::BTreeMap;

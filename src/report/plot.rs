@@ -1,4 +1,4 @@
-//! PNG line charts of a run's metrics (DESIGN.md §2 and §7): one set of charts per run,
+//! PNG line charts of a run's metrics (names: docs/metrics.md): one set of charts per run,
 //! read from `metrics.jsonl` into `plots/`, and one chart comparing a metric across runs.
 //! Text is drawn with an embedded DejaVu Sans through plotters' `ab_glyph` backend, so no
 //! system font library (fontconfig, freetype) is needed.
@@ -77,7 +77,7 @@ struct ChartSpec {
     metrics: &'static [&'static str],
 }
 
-/// The per-run charts (DESIGN.md §7, `plots/*.png`); names are those of docs/metrics.md.
+/// The per-run charts (`plots/*.png`); names are those of docs/metrics.md.
 const RUN_CHARTS: [ChartSpec; 6] = [
     ChartSpec {
         file: "reward.png",

@@ -1,4 +1,4 @@
-//! Gated and composite rewards (ALGORITHMS.md §3).
+//! Gated and composite rewards (docs/algorithms.md#gates-and-composite-rewards).
 //!
 //! - G-RA gated accumulation (multi-turn): R = r_outcome + 1[r_outcome ≥ δ]·Σ_t r_step,t.
 //! - Priority channels: channels are ordered from highest priority; a channel passes when

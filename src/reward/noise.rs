@@ -1,4 +1,4 @@
-//! Noisy-verifier tools (ALGORITHMS.md §1.2).
+//! Noisy-verifier tools (docs/algorithms.md#noisy-verifiers).
 //!
 //! Noise model: ρ₀ = P(observed 1 | truly 0) (false positive), ρ₁ = P(observed 0 | truly 1)
 //! (false negative), ρ₀ + ρ₁ < 1.

@@ -1,4 +1,4 @@
-//! Reward-model training losses (ALGORITHMS.md §5), as pure functions of the scalar scores.
+//! Reward-model training losses (docs/algorithms.md#reward-model-training), as pure functions of the scalar scores.
 //!
 //! Pairwise preferences come with a strength m ∈ {1, 2, 3}. With x = r_c − r_r:
 //! - `bt`: −log σ(x) = softplus(−x)

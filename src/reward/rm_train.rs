@@ -1,4 +1,4 @@
-//! Reward-model training on pairwise preferences (`grove rm-train`, ALGORITHMS.md §5), and a
+//! Reward-model training on pairwise preferences (`grove rm-train`, docs/algorithms.md#reward-model-training), and a
 //! generator of a preference set from the built-in arithmetic task (`grove rm-data`).
 //!
 //! Data: JSONL, one pair a line:

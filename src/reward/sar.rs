@@ -1,4 +1,4 @@
-//! Self-aligned reward (SAR, ALGORITHMS.md §3).
+//! Self-aligned reward (SAR, docs/algorithms.md#sar).
 //!
 //! From the rollout policy's token log-probs of the answer `a` scored once after the real prompt
 //! `q` and once after an empty prompt:

@@ -1,4 +1,4 @@
-//! Reward shaping (ALGORITHMS.md §3): transforms applied to raw rewards before the advantage
+//! Reward shaping (docs/algorithms.md#reward-shaping): transforms applied to raw rewards before the advantage
 //! estimator.
 //!
 //! Stateless transforms take the reward and the rewards of the M reference responses drawn for

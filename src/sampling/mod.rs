@@ -1,5 +1,5 @@
 //! Which samples a step trains on: group filters applied between reward and advantage
-//! (ALGORITHMS.md §4). Dropped samples keep their place in the batch with a zero mask, so
+//! (docs/algorithms.md#sampling-rules). Dropped samples keep their place in the batch with a zero mask, so
 //! they contribute nothing to the loss or its normaliser.
 use rand::seq::SliceRandom;
 use rand::Rng;

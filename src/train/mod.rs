@@ -2,7 +2,7 @@
 //! of experience groups (from `explore`) turned into one update (by `learn`), with
 //! evaluation, metrics and atomic checkpoints along the way.
 //!
-//! Where the batches come from is the sync mode (DESIGN.md §4): on-policy (current weights),
+//! Where the batches come from is the sync mode (docs/architecture.md): on-policy (current weights),
 //! lagged (a separate older copy refreshed every `sync.interval` steps, `sync.offset` steps
 //! ahead), async (an explorer thread and a bounded buffer), a shared buffer filled by
 //! `grove explore` processes, or an offline JSONL file.

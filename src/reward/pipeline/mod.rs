@@ -1,4 +1,5 @@
-//! A composable reward pipeline (ALGORITHMS.md §3): named components with weights, each
+//! A composable reward pipeline (docs/algorithms.md#reward-shaping, docs/rewards.md): named
+//! components with weights, each
 //! optionally shaped, summed, then optionally shaped again.
 //!
 //! For one group (the G responses to one prompt):
