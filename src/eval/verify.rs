@@ -82,13 +82,22 @@ impl std::fmt::Display for VerifySummary {
     }
 }
 
-/// One line's verdict as printed in pairs mode.
+/// One line's verdict as printed in pairs mode: the verdict and its audit (what was
+/// extracted and by which rule, how both sides were parsed, which rule decided and why).
 #[derive(Debug, Clone, Serialize)]
 pub struct LineVerdict {
     pub line: usize,
+    pub correct: bool,
     pub score: f64,
+    /// The equivalence rule that decided (docs/verifier.md lists them).
+    pub rule: &'static str,
     pub reason: String,
+    /// The answer found in the response.
     pub extracted: Option<String>,
+    /// The extraction rule that found it (`boxed`, `hashes`, `answer-marker`, ...).
+    pub extracted_by: Option<&'static str>,
+    pub parsed_response: Option<String>,
+    pub parsed_reference: String,
 }
 
 /// Non-blank lines of a JSONL file as (1-based line number, JSON object).
@@ -197,12 +206,18 @@ pub fn verify_pairs(
     for (line, o) in jsonl_objects(pairs)? {
         let response = string_field(&o, "response", pairs, line)?;
         let reference = string_field(&o, "reference", pairs, line)?;
-        let v = verifier.verify(response, reference);
+        let d = verifier.decide(response, reference);
+        let v = d.verdict();
         let printed = LineVerdict {
             line,
+            correct: d.correct,
             score: v.score,
-            reason: v.reason.clone(),
+            rule: d.rule,
+            reason: d.reason,
             extracted: v.extracted.clone(),
+            extracted_by: d.extracted.map(|e| e.source.name()),
+            parsed_response: d.parsed_response,
+            parsed_reference: d.parsed_reference,
         };
         writeln!(out, "{}", serde_json::to_string(&printed)?)
             .map_err(|e| Error::io("<stdout>", e))?;
@@ -241,7 +256,14 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["score"], 1.0);
+        assert_eq!(lines[0]["correct"], true);
+        assert_eq!(lines[1]["correct"], false);
         assert_eq!(lines[0]["extracted"], "\\frac{1}{3}");
+        assert_eq!(lines[0]["extracted_by"], "boxed");
+        assert_eq!(lines[0]["rule"], "exact-rational");
+        assert_eq!(lines[0]["parsed_response"], "expr 1/3");
+        assert_eq!(lines[0]["parsed_reference"], "expr 12/36 = 1/3");
+        assert_eq!(lines[1]["extracted_by"], "hashes");
         assert_eq!(lines[1]["line"], 3); // the blank line 2 is skipped but counted
         assert!(lines[1]["reason"].as_str().unwrap().contains("mismatch"));
     }
