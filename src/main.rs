@@ -29,6 +29,10 @@ enum Command {
         /// Continue the run in RUN_DIR from its latest checkpoint.
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "set"])]
         resume: Option<PathBuf>,
+        /// With --resume: start the external programs (reward commands) that RUN_DIR's
+        /// config.toml names; without it such a resume stops and lists them.
+        #[arg(long, requires = "resume")]
+        trust_commands: bool,
         /// Stop after this RL step (a checkpoint is written), as if interrupted.
         #[arg(long, value_name = "STEP")]
         stop_after: Option<usize>,
@@ -312,6 +316,7 @@ fn train(
     config: Option<PathBuf>,
     set: Vec<String>,
     resume: Option<PathBuf>,
+    trust_commands: bool,
     stop_after: Option<usize>,
     quiet: bool,
 ) -> Result<()> {
@@ -321,7 +326,9 @@ fn train(
             if !p.exists() {
                 bail!("{}: not a run directory (no config.toml)", dir.display());
             }
-            grove::config::load(Some(&p), &[])?
+            let cfg = grove::config::load(Some(&p), &[])?;
+            grove::config::resume::check_trust(dir, &cfg, trust_commands)?;
+            cfg
         }
         None => grove::config::load(config.as_deref(), &set)?,
     };
@@ -433,6 +440,7 @@ fn real_main() -> Result<()> {
             config,
             mut set,
             resume,
+            trust_commands,
             stop_after,
             buffer,
             publish_dir,
@@ -452,7 +460,7 @@ fn real_main() -> Result<()> {
             if let Some(m) = model {
                 set.push(format!("model.source={}", toml_string(&m)));
             }
-            train(config, set, resume, stop_after, quiet)?
+            train(config, set, resume, trust_commands, stop_after, quiet)?
         }
         Command::Explore {
             config,
