@@ -44,6 +44,16 @@ enum Command {
         /// No per-request log lines on stderr.
         #[arg(long)]
         quiet: bool,
+        /// Require `Authorization: Bearer KEY` (default: env GROVE_API_KEY); needed for a
+        /// --host other than loopback.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Deadline for receiving one request (headers and body), seconds.
+        #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_REQUEST_TIMEOUT_S)]
+        request_timeout_s: f64,
+        /// Requests answered at the same time.
+        #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_WORKERS)]
+        workers: usize,
     },
     /// List the recipes: named presets of config values, with their papers.
     Recipes,
@@ -163,13 +173,20 @@ fn real_main() -> Result<()> {
             host,
             name,
             quiet,
+            api_key,
+            request_timeout_s,
+            workers,
         } => {
             let opts = grove::rollout::serve::ServeOptions {
                 host,
                 port,
                 name,
                 quiet,
-            };
+                api_key,
+                request_timeout_s,
+                workers,
+            }
+            .with_env_api_key();
             grove::rollout::serve::run(&model, &opts)?;
         }
         Command::Recipes => {

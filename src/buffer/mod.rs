@@ -66,6 +66,14 @@ pub enum BufferError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The server accepted the connection but did not answer in time.
+    #[error("postgres {url}: no answer to {what} within {timeout_s} s{}", if *.abandoned {         "; the connection was abandoned" } else { "" })]
+    Timeout {
+        url: String,
+        what: String,
+        timeout_s: f64,
+        abandoned: bool,
+    },
     /// `url` has its password replaced by `***`; the message includes the error's causes.
     #[error("postgres {url}: {}", error_chain(.source))]
     Postgres {

@@ -3,17 +3,138 @@
 //! the rows it returns with `FOR UPDATE SKIP LOCKED`, so concurrent trainers skip each other's
 //! rows instead of waiting or receiving them twice. Puts serialize on an advisory lock so the
 //! capacity check and the insert cannot interleave. Connections use no TLS (a trusted network).
+//!
+//! Nothing waits on the server without a deadline: the client lives on its own thread and each
+//! call waits for its answer at most `startup_timeout` (connecting, including the startup
+//! handshake) or `statement_timeout` (each operation; also set as the server's
+//! `statement_timeout`, so a query stuck on a lock is cancelled by the server itself). A server
+//! that accepts the connection and then says nothing gives a timeout error, and the connection
+//! is abandoned: later calls fail at once instead of queueing behind it.
 use super::sql::{self, StoredRow};
 use super::{check_capacity, Buffer, BufferError, ExperienceGroup, TakeMode, Taken};
-use ::postgres::{Client, NoTls, Transaction};
-use std::cell::RefCell;
+use ::postgres::{Client, Config, NoTls, Transaction};
+use std::cell::Cell;
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// The table `open` uses; pass another to [`PostgresBuffer::connect`] to keep runs apart.
 pub const DEFAULT_TABLE: &str = "grove_experience_groups";
 
+/// Default deadline for connecting (TCP connect and startup handshake), seconds.
+pub const DEFAULT_STARTUP_TIMEOUT_S: f64 = 30.0;
+/// Default deadline for one operation (a put, a take, a count), seconds.
+pub const DEFAULT_STATEMENT_TIMEOUT_S: f64 = 120.0;
+
+/// Deadlines of a PostgreSQL buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    pub startup: Duration,
+    pub statement: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            startup: Duration::from_secs_f64(DEFAULT_STARTUP_TIMEOUT_S),
+            statement: Duration::from_secs_f64(DEFAULT_STATEMENT_TIMEOUT_S),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Client) + Send>;
+
+/// The client on its own thread; calls wait for their answer with a deadline.
+struct Conn {
+    jobs: mpsc::Sender<Job>,
+    timeout: Duration,
+    /// Set after a timeout: the thread may still be blocked on the server.
+    abandoned: Cell<bool>,
+    url: String,
+}
+
+impl Conn {
+    /// Connects on a new thread, waiting at most `timeouts.startup`.
+    fn open(config: Config, url: &str, timeouts: Timeouts) -> Result<Conn, BufferError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready_tx, ready) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("grove-postgres".into())
+            .spawn(move || {
+                let mut client = match config.connect(NoTls) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                for job in queue {
+                    job(&mut client);
+                }
+            })
+            .map_err(|e| BufferError::Config {
+                field: "postgres",
+                msg: format!("cannot start the connection thread: {e}"),
+            })?;
+        let conn = Conn {
+            jobs,
+            timeout: timeouts.statement,
+            abandoned: Cell::new(false),
+            url: url.to_string(),
+        };
+        match ready.recv_timeout(timeouts.startup) {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(source)) => Err(BufferError::Postgres {
+                url: conn.url,
+                source,
+            }),
+            Err(_) => Err(BufferError::Timeout {
+                url: conn.url,
+                what: "the connection and startup handshake".into(),
+                timeout_s: timeouts.startup.as_secs_f64(),
+                abandoned: true,
+            }),
+        }
+    }
+
+    /// Runs `f` on the client, waiting at most the statement timeout for it.
+    fn call<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Client) -> Result<T, BufferError> + Send + 'static,
+    ) -> Result<T, BufferError> {
+        let timeout = |abandoned| BufferError::Timeout {
+            url: self.url.clone(),
+            what: what.to_string(),
+            timeout_s: self.timeout.as_secs_f64(),
+            abandoned,
+        };
+        if self.abandoned.get() {
+            return Err(timeout(true));
+        }
+        let (tx, rx) = mpsc::channel();
+        let job: Job = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(BufferError::Config {
+                field: "postgres",
+                msg: format!("{}: the connection thread has ended", self.url),
+            });
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(_) => {
+                self.abandoned.set(true);
+                Err(timeout(true))
+            }
+        }
+    }
+}
+
 pub struct PostgresBuffer {
-    // `len(&self)` must query, and the client needs `&mut`; a buffer is used by one thread.
-    client: RefCell<Client>,
+    // A buffer is used by one thread; the connection thread serves it.
+    conn: Conn,
     /// The URL with its password hidden, for error messages.
     url: String,
     table: String,
@@ -33,12 +154,23 @@ impl std::fmt::Debug for PostgresBuffer {
 }
 
 impl PostgresBuffer {
-    /// Connects and creates `table` if it is missing.
+    /// Connects and creates `table` if it is missing, with the default [`Timeouts`].
     pub fn connect(
         url: &str,
         table: &str,
         capacity: usize,
         mode: TakeMode,
+    ) -> Result<Self, BufferError> {
+        Self::connect_with(url, table, capacity, mode, Timeouts::default())
+    }
+
+    /// [`Self::connect`] with explicit deadlines.
+    pub fn connect_with(
+        url: &str,
+        table: &str,
+        capacity: usize,
+        mode: TakeMode,
+        timeouts: Timeouts,
     ) -> Result<Self, BufferError> {
         check_capacity(capacity)?;
         mode.validate()?;
@@ -48,10 +180,26 @@ impl PostgresBuffer {
             url: shown.clone(),
             source,
         };
-        let mut client = Client::connect(url, NoTls).map_err(error)?;
-        create_table(&mut client, table).map_err(error)?;
+        let mut config: Config = url.parse().map_err(error)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeouts.startup);
+        }
+        let server_side = format!(
+            "-c statement_timeout={}",
+            timeouts.statement.as_millis().max(1)
+        );
+        let options = match config.get_options() {
+            Some(o) => format!("{o} {server_side}"),
+            None => server_side,
+        };
+        config.options(&options);
+        let conn = Conn::open(config, &shown, timeouts)?;
+        let (name, url) = (table.to_string(), shown.clone());
+        conn.call("creating the table", move |c| {
+            create_table(c, &name).map_err(|source| BufferError::Postgres { url, source })
+        })?;
         Ok(PostgresBuffer {
-            client: RefCell::new(client),
+            conn,
             url: shown,
             table: table.to_string(),
             capacity,
@@ -59,94 +207,94 @@ impl PostgresBuffer {
         })
     }
 
-    fn error(&self, source: ::postgres::Error) -> BufferError {
-        BufferError::Postgres {
-            url: self.url.clone(),
-            source,
-        }
-    }
-
     fn location(&self) -> String {
         format!("postgres {} table {}", self.url, self.table)
     }
 
-    fn put_row(&self, group: &ExperienceGroup, body: &str) -> Result<(), BufferError> {
+    fn put_row(&self, group: &ExperienceGroup, body: String) -> Result<(), BufferError> {
         let group_id = sql::to_i64("group_id", group.group_id)?;
         let version = sql::to_i64("policy_version", group.policy_version)?;
-        let error = |source| self.error(source);
-        let table = &self.table;
-        let mut client = self.client.borrow_mut();
-        let mut tx = client.transaction().map_err(error)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&lock_key("put", table)],
-        )
-        .map_err(error)?;
-        let stored: i64 = tx
-            .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
-            .map_err(error)?
-            .try_get(0)
+        let use_count = i64::from(group.use_count());
+        let (url, table, capacity) = (self.url.clone(), self.table.clone(), self.capacity);
+        self.conn.call("a put", move |client| {
+            let error = |source| BufferError::Postgres {
+                url: url.clone(),
+                source,
+            };
+            let mut tx = client.transaction().map_err(error)?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&lock_key("put", &table)],
+            )
             .map_err(error)?;
-        if usize::try_from(stored).map_or(true, |stored| stored >= self.capacity) {
-            return Err(BufferError::Full {
-                capacity: self.capacity,
-            });
-        }
-        tx.execute(
-            &format!(
-                "INSERT INTO {table} (group_id, policy_version, use_count, body)
-                 VALUES ($1, $2, $3, $4)"
-            ),
-            &[&group_id, &version, &i64::from(group.use_count()), &body],
-        )
-        .map_err(error)?;
-        tx.commit().map_err(error)
+            let stored: i64 = tx
+                .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+                .map_err(error)?
+                .try_get(0)
+                .map_err(error)?;
+            if usize::try_from(stored).map_or(true, |stored| stored >= capacity) {
+                return Err(BufferError::Full { capacity });
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO {table} (group_id, policy_version, use_count, body)
+                     VALUES ($1, $2, $3, $4)"
+                ),
+                &[&group_id, &version, &use_count, &body],
+            )
+            .map_err(error)?;
+            tx.commit().map_err(error)
+        })
     }
 
     fn take_rows(&self, n: usize, min_version: i64) -> Result<Taken, BufferError> {
-        let error = |source| self.error(source);
-        let table = &self.table;
+        let (url, table, mode) = (self.url.clone(), self.table.clone(), self.mode.clone());
         let location = self.location();
-        let mut client = self.client.borrow_mut();
-        let mut tx = client.transaction().map_err(error)?;
-        // Stale rows another trainer has locked are left to that trainer, which drops them.
-        let dropped = tx
-            .execute(
-                &format!(
-                    "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table}
-                     WHERE policy_version < $1 FOR UPDATE SKIP LOCKED)"
-                ),
-                &[&min_version],
+        self.conn.call("a take", move |client| {
+            let error = |source| BufferError::Postgres {
+                url: url.clone(),
+                source,
+            };
+            let mut tx = client.transaction().map_err(error)?;
+            // Stale rows another trainer has locked are left to that trainer, which drops them.
+            let dropped = tx
+                .execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table}
+                         WHERE policy_version < $1 FOR UPDATE SKIP LOCKED)"
+                    ),
+                    &[&min_version],
+                )
+                .map_err(error)?;
+            let rows =
+                select_rows(&mut tx, &table, &mode, sql::limit(n), min_version).map_err(error)?;
+            let mut groups = Vec::with_capacity(rows.len());
+            let (mut leaving, mut staying) = (Vec::new(), Vec::new());
+            for row in &rows {
+                // On a corrupt row `?` returns and the dropped transaction rolls back.
+                let (group, uses) = sql::decode_taken(&location, row)?;
+                if sql::leaves_after_take(&mode, uses) {
+                    leaving.push(row.seq);
+                } else {
+                    staying.push(row.seq);
+                }
+                groups.push(group);
+            }
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE seq = ANY($1)"),
+                &[&leaving],
             )
             .map_err(error)?;
-        let rows =
-            select_rows(&mut tx, table, &self.mode, sql::limit(n), min_version).map_err(error)?;
-        let mut groups = Vec::with_capacity(rows.len());
-        let (mut leaving, mut staying) = (Vec::new(), Vec::new());
-        for row in &rows {
-            // On a corrupt row `?` returns and the dropped transaction rolls back.
-            let (group, uses) = sql::decode_taken(&location, row)?;
-            if sql::leaves_after_take(&self.mode, uses) {
-                leaving.push(row.seq);
-            } else {
-                staying.push(row.seq);
-            }
-            groups.push(group);
-        }
-        tx.execute(
-            &format!("DELETE FROM {table} WHERE seq = ANY($1)"),
-            &[&leaving],
-        )
-        .map_err(error)?;
-        tx.execute(
-            &format!("UPDATE {table} SET use_count = use_count + 1 WHERE seq = ANY($1)"),
-            &[&staying],
-        )
-        .map_err(error)?;
-        tx.commit().map_err(error)?;
-        Ok(Taken {
-            groups,
-            dropped: usize::try_from(dropped).unwrap_or(usize::MAX),
+            tx.execute(
+                &format!("UPDATE {table} SET use_count = use_count + 1 WHERE seq = ANY($1)"),
+                &[&staying],
+            )
+            .map_err(error)?;
+            tx.commit().map_err(error)?;
+            Ok(Taken {
+                groups,
+                dropped: usize::try_from(dropped).unwrap_or(usize::MAX),
+            })
         })
     }
 }
@@ -155,7 +303,7 @@ impl Buffer for PostgresBuffer {
     fn put(&mut self, group: ExperienceGroup) -> Result<(), BufferError> {
         group.validate()?;
         let body = sql::encode(&group)?;
-        self.put_row(&group, &body)
+        self.put_row(&group, body)
     }
 
     fn take(&mut self, n: usize, min_version: u64) -> Result<Taken, BufferError> {
@@ -164,13 +312,18 @@ impl Buffer for PostgresBuffer {
     }
 
     fn len(&self) -> Result<usize, BufferError> {
-        let stored: i64 = self
-            .client
-            .borrow_mut()
-            .query_one(&format!("SELECT COUNT(*) FROM {}", self.table), &[])
-            .map_err(|e| self.error(e))?
-            .try_get(0)
-            .map_err(|e| self.error(e))?;
+        let (url, table) = (self.url.clone(), self.table.clone());
+        let stored: i64 = self.conn.call("a count", move |client| {
+            let error = |source| BufferError::Postgres {
+                url: url.clone(),
+                source,
+            };
+            client
+                .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+                .map_err(error)?
+                .try_get(0)
+                .map_err(error)
+        })?;
         Ok(usize::try_from(stored).unwrap_or(0))
     }
 }
@@ -459,6 +612,74 @@ mod tests {
         );
         assert!(!message.contains("hunter2"), "{message}");
         assert!(message.contains("refused"), "the cause is shown: {message}");
+    }
+
+    /// A server that accepts connections and then reads forever without answering, or (with
+    /// `handshake`) completes the startup handshake and then never answers a query.
+    fn silent_server(handshake: bool) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    if handshake {
+                        // StartupMessage: length-prefixed; an SSLRequest (code 80877103)
+                        // first is declined with 'N'.
+                        let mut len = [0u8; 4];
+                        loop {
+                            if s.read_exact(&mut len).is_err() {
+                                return;
+                            }
+                            let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                            if s.read_exact(&mut rest).is_err() {
+                                return;
+                            }
+                            if rest[..4] == 80877103u32.to_be_bytes() {
+                                let _ = s.write_all(b"N");
+                            } else {
+                                break;
+                            }
+                        }
+                        // AuthenticationOk, ReadyForQuery (idle).
+                        let _ =
+                            s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
+                    }
+                    let mut sink = [0u8; 4096];
+                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_server_that_never_answers_times_out() {
+        let short = Timeouts {
+            startup: Duration::from_millis(500),
+            statement: Duration::from_millis(500),
+        };
+        // Silent from the first byte: the startup handshake times out.
+        let url = format!("postgres://grove:pw@{}/db", silent_server(false));
+        let e = PostgresBuffer::connect_with(&url, "t", 4, TakeMode::Fifo, short)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no answer to the connection and startup handshake within 0.5 s")
+                && e.contains("grove:***@")
+                && !e.contains(":pw@"),
+            "{e}"
+        );
+        // Handshake done, then silence: the first statement (CREATE TABLE) times out.
+        let url = format!("postgres://grove@{}/db", silent_server(true));
+        let e = PostgresBuffer::connect_with(&url, "t", 4, TakeMode::Fifo, short)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no answer to creating the table within 0.5 s"),
+            "{e}"
+        );
     }
 
     #[test]

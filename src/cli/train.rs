@@ -14,6 +14,10 @@ pub struct TrainArgs {
     /// Continue the run in RUN_DIR from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "set"])]
     pub resume: Option<PathBuf>,
+    /// With --resume: start the external programs (reward commands) that RUN_DIR's
+    /// config.toml names; without it such a resume stops and lists them.
+    #[arg(long, requires = "resume")]
+    pub trust_commands: bool,
     /// Stop after this RL step (a checkpoint is written), as if interrupted.
     #[arg(long, value_name = "STEP")]
     pub stop_after: Option<usize>,
@@ -41,6 +45,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config,
         mut set,
         resume,
+        trust_commands,
         stop_after,
         buffer,
         publish_dir,
@@ -60,13 +65,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(m) = model {
         set.push(format!("model.source={}", super::toml_string(&m)));
     }
-    train(config, set, resume, stop_after, quiet)
+    train(config, set, resume, trust_commands, stop_after, quiet)
 }
 
 fn train(
     config: Option<PathBuf>,
     set: Vec<String>,
     resume: Option<PathBuf>,
+    trust_commands: bool,
     stop_after: Option<usize>,
     quiet: bool,
 ) -> Result<()> {
@@ -76,7 +82,9 @@ fn train(
             if !p.exists() {
                 bail!("{}: not a run directory (no config.toml)", dir.display());
             }
-            grove::config::load(Some(&p), &[])?
+            let cfg = grove::config::load(Some(&p), &[])?;
+            grove::config::resume::check_trust(dir, &cfg, trust_commands)?;
+            cfg
         }
         None => grove::config::load(config.as_deref(), &set)?,
     };

@@ -6,6 +6,7 @@
 //! the file's own values, then `--set section.key=value` overrides.
 pub mod pipeline_rules;
 pub mod recipes;
+pub mod resume;
 
 use std::path::Path;
 
@@ -534,6 +535,9 @@ pub struct Plan {
     pub warmup_target_acc: f64,
     pub heldout_size: usize,
     pub seed: u64,
+    /// Every external program the run starts ([`resume::external_programs`]).
+    #[serde(default)]
+    pub external_programs: Vec<String>,
 }
 
 impl Plan {
@@ -554,13 +558,20 @@ impl Plan {
             warmup_target_acc: cfg.warmup.target_acc,
             heldout_size: cfg.task.heldout_size,
             seed: cfg.seed,
+            external_programs: resume::external_programs(cfg),
         }
     }
 
     pub fn render(&self) -> String {
+        let programs = if self.external_programs.is_empty() {
+            "none".to_string()
+        } else {
+            self.external_programs.join("; ")
+        };
         format!(
             "plan: recipe {} | {} advantage, {} loss, {} | model {} params | {} prompts x {} = {} samples/step, \
-             <= {} tokens/step | {} RL steps ({} samples) | {} | held-out {} | seed {}",
+             <= {} tokens/step | {} RL steps ({} samples) | {} | held-out {} | seed {} | \
+             external programs: {programs}",
             self.recipe,
             self.estimator,
             self.loss,

@@ -18,11 +18,14 @@
 //!   no longer be matched to requests. After `max_consecutive_failures` failures in a row the
 //!   call errors anyway: a command that never answers is a broken setup, not a noisy reward.
 //!
-//! Reads happen on a reader thread that forwards lines over a channel, so a hung command is
-//! caught by `recv_timeout` rather than blocking the trainer.
+//! Writes and reads happen on threads that talk to the trainer over channels, so
+//! `timeout_s` covers the whole exchange: a command that never reads its input (the pipe
+//! fills, the write blocks) times out like one that never answers. The command runs in its
+//! own process group, and a timeout or shutdown kills the whole group, so the children of a
+//! `sh -c` wrapper do not outlive it.
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -191,7 +194,8 @@ impl From<ExternalError> for crate::Error {
 /// The running child with its reader threads.
 struct Running {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// Lines for the writer thread, which owns the command's stdin; dropping it closes stdin.
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
     lines: Receiver<String>,
     stderr_tail: Arc<Mutex<VecDeque<u8>>>,
     /// Disconnects when the stderr reader reaches EOF.
@@ -221,12 +225,14 @@ impl Running {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 _ => {
-                    let _ = self.child.kill();
+                    kill_group(&mut self.child);
                     let _ = self.child.wait();
                     break;
                 }
             }
         }
+        // Whatever the command started and left behind goes with it.
+        kill_group(&mut self.child);
     }
 }
 
@@ -278,17 +284,31 @@ impl ExternalCommandReward {
     }
 
     fn spawn(&self) -> Result<Running, ExternalError> {
-        let mut child = Command::new(&self.cfg.command[0])
+        let mut command = Command::new(&self.cfg.command[0]);
+        command
             .args(&self.cfg.command[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| ExternalError::Spawn {
-                command: self.display.clone(),
-                msg: e.to_string(),
-            })?;
-        let stdin = child.stdin.take();
+            .stderr(Stdio::piped());
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().map_err(|e| ExternalError::Spawn {
+            command: self.display.clone(),
+            msg: e.to_string(),
+        })?;
+        let stdin = child.stdin.take().map(|mut pipe| {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            // Blocks in write_all when the command does not read; the trainer does not wait
+            // for it, only for the answer. Ends when the sender is dropped or the pipe breaks.
+            std::thread::spawn(move || {
+                for line in rx {
+                    if pipe.write_all(&line).and_then(|_| pipe.flush()).is_err() {
+                        return;
+                    }
+                }
+            });
+            tx
+        });
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (tx, rx) = mpsc::channel();
@@ -353,14 +373,12 @@ impl ExternalCommandReward {
             msg: format!("request {index} cannot be encoded as JSON: {e}"),
         })?;
         line.push('\n');
-        let write_ok = match running.stdin.as_mut() {
-            Some(stdin) => stdin
-                .write_all(line.as_bytes())
-                .and_then(|_| stdin.flush())
-                .is_ok(),
+        let write_ok = match running.stdin.as_ref() {
+            Some(stdin) => stdin.send(line.into_bytes()).is_ok(),
             None => false,
         };
-        // A failed write means the command has exited; the channel then reports it as gone.
+        // A failed send means the writer saw a broken pipe: the command has exited, and the
+        // channel then reports it as gone.
         let answer = if write_ok {
             running
                 .lines
@@ -464,6 +482,23 @@ fn quote(text: &str) -> String {
         s.push('…');
     }
     s
+}
+
+/// Kills the child's process group (it leads one: see `spawn`), or the child alone elsewhere.
+fn kill_group(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        // The child is a group leader, so its pid is the group id; a reaped child's group
+        // lives on as long as any process it started does.
+        if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory is
+            // touched.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+    let _ = child.kill();
 }
 
 /// Exit status if the child has exited (waiting up to 200 ms for it), else "still running".
@@ -581,6 +616,73 @@ mod tests {
         .unwrap();
         assert_eq!(fail.score(&req("p", "r", &[])).unwrap(), -1.0);
         assert_eq!(fail.failures(), 1);
+    }
+
+    /// Runs `f` on a thread; fails the test instead of hanging it when `f` takes over `limit`.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("still blocked after {limit:?}"))
+    }
+
+    #[test]
+    fn a_command_that_never_reads_times_out_in_the_write() {
+        // 1 MB of request: far more than a pipe holds, so a blocking write would never return.
+        let cmd = vec!["sh".into(), "-c".into(), "sleep 30".into()];
+        let err = within(Duration::from_secs(10), move || {
+            let mut r = ExternalCommandReward::new(ExternalConfig {
+                timeout_s: 0.3,
+                ..cfg(cmd, OnError::Stop)
+            })
+            .unwrap();
+            let big = "x".repeat(1 << 20);
+            r.score(&req("p", &big, &[])).unwrap_err().to_string()
+        });
+        assert!(err.contains("no answer within 0.3 s"), "{err}");
+    }
+
+    /// True when `pid` is gone or a zombie, waiting up to 5 s for it to go.
+    fn gone(pid: u32) -> bool {
+        for _ in 0..500 {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return true,
+                Ok(s)
+                    if s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z') =>
+                {
+                    return true
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // A shell wrapper whose child (the sleep) would hold on after the shell is killed.
+        let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let mut r = ExternalCommandReward::new(ExternalConfig {
+            timeout_s: 0.5,
+            ..cfg(vec!["sh".into(), "-c".into(), script], OnError::Stop)
+        })
+        .unwrap();
+        let err = r.score(&req("p", "r", &[])).unwrap_err().to_string();
+        assert!(err.contains("no answer within"), "{err}");
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(gone(pid), "the wrapper's child {pid} still runs");
     }
 
     #[test]

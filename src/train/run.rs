@@ -20,6 +20,9 @@ use crate::report::{self, Metrics};
 /// Runs (or resumes) a training run to its end, or to `opts.stop_after`.
 pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     crate::compute::tuning::allocator();
+    if opts.resume.is_some() {
+        crate::config::resume::refuse_inexact(&cfg)?;
+    }
     let t0 = Instant::now();
     let dev = device();
     let env = Arc::new(Env::new(cfg)?);

@@ -17,11 +17,18 @@
 //!   `grove_policy_version` (the policy version in its `state.json`).
 //! - `GET /health`: 200.
 //!
-//! Requests are answered one at a time (the model is one batch decoder), in arrival order.
-use std::io::{Read, Write};
-use std::net::TcpListener;
+//! The transport ([`http`]) gives every request a deadline, checks sizes and the API key
+//! before reading a body, and answers from a bounded pool of workers, so that one slow or
+//! hostile client cannot hold the others (docs/reliability.md). Each worker decodes its own
+//! request on the shared weights.
+pub mod http;
+
+use std::io::Write;
+use std::net::{IpAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -33,8 +40,14 @@ use crate::rollout::{generate, SamplingParams};
 
 /// Requests with more samples than this (prompts × n) are refused.
 pub const MAX_BATCH: usize = 4096;
-/// Request bodies larger than this are refused.
+/// Request bodies larger than this are refused (before any of it is read).
 pub const MAX_BODY_BYTES: usize = 64 << 20;
+/// Default deadline for receiving one request (headers and body), seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_S: f64 = 30.0;
+/// Default number of requests answered at the same time.
+pub const DEFAULT_WORKERS: usize = 4;
+/// The environment variable read for the API key when `--api-key` is not given.
+pub const API_KEY_ENV: &str = "GROVE_API_KEY";
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -45,6 +58,69 @@ pub struct ServeOptions {
     pub name: Option<String>,
     /// No per-request log lines on stderr.
     pub quiet: bool,
+    /// Clients must send `Authorization: Bearer KEY`; required for a non-loopback host.
+    pub api_key: Option<String>,
+    /// Deadline for receiving one request, seconds.
+    pub request_timeout_s: f64,
+    /// Requests answered at the same time (each decodes its own batch).
+    pub workers: usize,
+}
+
+impl ServeOptions {
+    /// `--api-key`, else the [`API_KEY_ENV`] environment variable; an empty key is none.
+    pub fn with_env_api_key(mut self) -> Self {
+        if self.api_key.is_none() {
+            self.api_key = std::env::var(API_KEY_ENV).ok();
+        }
+        self.api_key = self.api_key.filter(|k| !k.is_empty());
+        self
+    }
+
+    /// Refuses settings that would expose the model or hang: a non-loopback host without an
+    /// API key, a timeout that is not a positive number, zero workers.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.request_timeout_s.is_finite() && self.request_timeout_s > 0.0) {
+            return Err(Error::config(
+                "grove serve",
+                format!(
+                    "--request-timeout-s must be a positive number of seconds, found {}",
+                    self.request_timeout_s
+                ),
+            ));
+        }
+        if self.workers == 0 || self.workers > 256 {
+            return Err(Error::config(
+                "grove serve",
+                format!("--workers must be in 1..=256, found {}", self.workers),
+            ));
+        }
+        if self.api_key.is_none() && !is_loopback_host(&self.host) {
+            return Err(Error::config(
+                "grove serve",
+                format!(
+                    "--host {} is reachable from other machines, so an API key is required: \
+                 pass --api-key KEY or set {API_KEY_ENV} (clients send `Authorization: Bearer \
+                 KEY`), or bind 127.0.0.1",
+                    self.host
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// True when every address `host` resolves to is a loopback address.
+pub fn is_loopback_host(host: &str) -> bool {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip.is_loopback();
+    }
+    match (host, 0u16).to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
 }
 
 impl Default for ServeOptions {
@@ -54,6 +130,9 @@ impl Default for ServeOptions {
             port: 8000,
             name: None,
             quiet: false,
+            api_key: None,
+            request_timeout_s: DEFAULT_REQUEST_TIMEOUT_S,
+            workers: DEFAULT_WORKERS,
         }
     }
 }
@@ -225,9 +304,12 @@ pub struct CompletionRequest {
 pub struct Handler {
     pub served: ServedModel,
     /// Draws the seeds of requests that give none.
-    rng: ChaCha8Rng,
-    counter: u64,
+    rng: Mutex<ChaCha8Rng>,
+    counter: AtomicU64,
     created: u64,
+    /// UTF-8 bytes of the longest vocabulary entry: a text of B bytes encodes to at least
+    /// B / this many tokens, which bounds its length before it is tokenized.
+    max_token_bytes: usize,
 }
 
 fn unix_now() -> u64 {
@@ -281,16 +363,23 @@ fn get_bool(req: &Value, key: &str) -> ApiResult<bool> {
 
 impl Handler {
     pub fn new(served: ServedModel) -> Self {
+        let max_token_bytes = (0..served.tok.vocab_size() as u32)
+            .filter_map(|t| served.tok.id_to_token(t))
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Handler {
             served,
-            rng: ChaCha8Rng::from_entropy(),
-            counter: 0,
+            rng: Mutex::new(ChaCha8Rng::from_entropy()),
+            counter: AtomicU64::new(0),
             created: unix_now(),
+            max_token_bytes,
         }
     }
 
     /// Answers one HTTP request: (status, JSON body).
-    pub fn handle(&mut self, method: &str, url: &str, body: &[u8]) -> (u16, Value) {
+    pub fn handle(&self, method: &str, url: &str, body: &[u8]) -> (u16, Value) {
         let path = url.split('?').next().unwrap_or("");
         let path = path.trim_end_matches('/');
         let r = match (method, path) {
@@ -327,6 +416,20 @@ impl Handler {
 
     fn encode_text(&self, text: &str, field: &str) -> ApiResult<Vec<u32>> {
         let tok = &self.served.tok;
+        // Refused before tokenizing: a long text would hold this worker for nothing.
+        let max_pos = self.served.model.cfg.max_positions();
+        let fewest = text.len() / self.max_token_bytes;
+        if fewest >= max_pos {
+            return Err(ApiError::field(
+                field,
+                format!(
+                    "`{field}` has {} bytes, so at least {fewest} tokens (the longest \
+                     vocabulary entry has {} bytes): over the model's {max_pos} positions",
+                    text.len(),
+                    self.max_token_bytes
+                ),
+            ));
+        }
         let mut ids: Vec<u32> = tok.bos.into_iter().collect();
         ids.extend(
             tok.encode(text)
@@ -528,9 +631,18 @@ impl Handler {
         })
     }
 
-    fn completions(&mut self, body: &[u8]) -> ApiResult<Value> {
+    fn completions(&self, body: &[u8]) -> ApiResult<Value> {
         let req = self.parse_request(body)?;
-        let seed = req.seed.unwrap_or_else(|| rand::Rng::gen(&mut self.rng));
+        let seed = match req.seed {
+            Some(s) => s,
+            None => {
+                let mut rng = self
+                    .rng
+                    .lock()
+                    .map_err(|_| ApiError::status(500, "seed generator poisoned"))?;
+                rand::Rng::gen(&mut *rng)
+            }
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let batch: Vec<Vec<u32>> = req
             .prompts
@@ -580,10 +692,10 @@ impl Handler {
                 "finish_reason": if g.finished { "stop" } else { "length" },
             }));
         }
-        self.counter += 1;
+        let id = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let prompt_tokens: usize = req.prompts.iter().map(|p| p.len()).sum();
         Ok(json!({
-            "id": format!("cmpl-grove-{}", self.counter),
+            "id": format!("cmpl-grove-{id}"),
             "object": "text_completion",
             "created": unix_now(),
             "model": self.served.name,
@@ -601,6 +713,7 @@ impl Handler {
 /// Loads MODEL, binds, prints `listening on HOST:PORT` as the first stdout line, then answers
 /// requests until the process is stopped.
 pub fn run(model_dir: &Path, opts: &ServeOptions) -> Result<()> {
+    opts.validate()?;
     let dev = crate::compute::device();
     let served = ServedModel::load(model_dir, opts.name.clone(), &dev)?;
     let listener = TcpListener::bind((opts.host.as_str(), opts.port))
@@ -608,68 +721,65 @@ pub fn run(model_dir: &Path, opts: &ServeOptions) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Remote(format!("listening socket: {e}")))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| Error::Remote(format!("cannot serve on {addr}: {e}")))?;
-    let mut out = std::io::stdout();
-    writeln!(out, "listening on {addr}")
-        .and_then(|_| out.flush())
-        .map_err(|e| Error::Remote(format!("stdout: {e}")))?;
     if !opts.quiet {
         eprintln!(
-            "serving {:?} ({} parameters{}) at http://{addr}/v1",
+            "serving {:?} ({} parameters{}) at http://{addr}/v1, {} workers, {}",
             served.name,
             served.model.num_params(),
             served
                 .version
                 .map(|v| format!(", policy version {v}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            opts.workers,
+            if opts.api_key.is_some() {
+                "API key required"
+            } else {
+                "no API key (loopback only)"
+            }
         );
     }
-    let mut handler = Handler::new(served);
-    for mut request in server.incoming_requests() {
-        let t = Instant::now();
-        let method = request.method().as_str().to_string();
-        let url = request.url().to_string();
-        let mut body = Vec::new();
-        let read = request
-            .as_reader()
-            .take(MAX_BODY_BYTES as u64 + 1)
-            .read_to_end(&mut body);
-        let (status, answer) = match read {
-            Err(e) => (
-                400,
-                ApiError::status(400, format!("cannot read the request body: {e}")).to_json(),
-            ),
-            Ok(_) if body.len() > MAX_BODY_BYTES => (
-                413,
-                ApiError::status(413, format!("request body over {MAX_BODY_BYTES} bytes"))
-                    .to_json(),
-            ),
-            Ok(_) => handler.handle(&method, &url, &body),
-        };
-        if !opts.quiet {
-            let detail = if status == 200 {
-                String::new()
-            } else {
-                format!(": {}", answer["error"]["message"].as_str().unwrap_or(""))
-            };
-            eprintln!(
-                "{method} {url} {status} in {:.0} ms{detail}",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        }
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-            .map_err(|_| Error::Remote("content-type header".into()))?;
-        let response = tiny_http::Response::from_string(answer.to_string())
-            .with_status_code(status)
-            .with_header(header);
-        if let Err(e) = request.respond(response) {
-            if !opts.quiet {
-                eprintln!("{method} {url}: could not send the answer: {e}");
-            }
-        }
+    let server = start(listener, Handler::new(served), opts)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening on {}", server.addr)
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::Remote(format!("stdout: {e}")))?;
+    loop {
+        std::thread::park();
     }
-    Ok(())
+}
+
+/// Serves `handler` on `listener` with the limits of `opts` (the threads live as long as the
+/// process); `run` without the model loading, for tests.
+pub fn start(listener: TcpListener, handler: Handler, opts: &ServeOptions) -> Result<http::Server> {
+    let limits = http::HttpLimits {
+        request_timeout: Duration::from_secs_f64(opts.request_timeout_s),
+        write_timeout: Duration::from_secs_f64(opts.request_timeout_s),
+        max_body_bytes: MAX_BODY_BYTES,
+        workers: opts.workers,
+        queue: 4 * opts.workers,
+        api_key: opts.api_key.clone(),
+    };
+    let handler = Arc::new(handler);
+    let app: Arc<http::App> =
+        Arc::new(move |r: &http::Request| handler.handle(&r.method, &r.url, &r.body));
+    let quiet = opts.quiet;
+    let log: Arc<http::Log> = Arc::new(
+        move |method: &str, url: &str, status: u16, message: &str, took: Duration| {
+            if !quiet {
+                let detail = if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                };
+                eprintln!(
+                    "{method} {url} {status} in {:.0} ms{detail}",
+                    took.as_secs_f64() * 1e3
+                );
+            }
+        },
+    );
+    http::start(listener, limits, app, log)
+        .map_err(|e| Error::Remote(format!("cannot start the server threads: {e}")))
 }
 
 #[cfg(test)]
@@ -689,14 +799,14 @@ mod tests {
         })
     }
 
-    fn post(h: &mut Handler, body: &str) -> (u16, Value) {
+    fn post(h: &Handler, body: &str) -> (u16, Value) {
         h.handle("POST", "/v1/completions", body.as_bytes())
     }
 
     #[test]
     fn bad_requests_are_400_naming_the_field() {
-        let mut h = handler();
-        let (s, v) = post(&mut h, "{\"prompt\": \"1+1=\", ");
+        let h = handler();
+        let (s, v) = post(&h, "{\"prompt\": \"1+1=\", ");
         assert_eq!(s, 400);
         assert!(v["error"]["message"]
             .as_str()
@@ -746,13 +856,13 @@ mod tests {
                 "non-negative integer",
             ),
         ] {
-            let (s, v) = post(&mut h, body);
+            let (s, v) = post(&h, body);
             assert_eq!(s, 400, "{body}");
             assert_eq!(v["error"]["param"], field, "{body}: {v}");
             let m = v["error"]["message"].as_str().unwrap();
             assert!(m.contains(text), "{body}: {m}");
         }
-        let (s, v) = post(&mut h, "{\"prompt\": \"1\", \"model\": \"other\"}");
+        let (s, v) = post(&h, "{\"prompt\": \"1\", \"model\": \"other\"}");
         assert_eq!(s, 404);
         assert!(v["error"]["message"].as_str().unwrap().contains("\"tiny\""));
         assert_eq!(h.handle("GET", "/nope", b"").0, 404);
@@ -761,11 +871,11 @@ mod tests {
 
     #[test]
     fn n_samples_per_prompt_deterministic_given_seed() {
-        let mut h = handler();
+        let h = handler();
         let body = r#"{"model": "tiny", "prompt": ["1+2=", [1, 5, 14, 6]], "n": 3,
                        "max_tokens": 4, "logprobs": 1, "seed": 11,
                        "return_tokens_as_token_ids": true}"#;
-        let (s, a) = post(&mut h, body);
+        let (s, a) = post(&h, body);
         assert_eq!(s, 200, "{a}");
         let choices = a["choices"].as_array().unwrap();
         assert_eq!(choices.len(), 6, "2 prompts × n = 3");
@@ -780,12 +890,12 @@ mod tests {
         }
         // Text "1+2=" is BOS 1, '1' 5, '+' 14, '2' 6, '=' 17: prompt 1 is a prefix of it, so
         // the two prompts differ, yet the same request gives the same answer.
-        let (_, b) = post(&mut h, body);
+        let (_, b) = post(&h, body);
         assert_eq!(a["choices"], b["choices"]);
-        let (_, c) = post(&mut h, &body.replace("\"seed\": 11", "\"seed\": 12"));
+        let (_, c) = post(&h, &body.replace("\"seed\": 11", "\"seed\": 12"));
         assert_ne!(a["choices"], c["choices"], "another seed, other samples");
         // Without logprobs the field is null, as in OpenAI's API.
-        let (_, d) = post(&mut h, r#"{"prompt": "1+2=", "max_tokens": 2}"#);
+        let (_, d) = post(&h, r#"{"prompt": "1+2=", "max_tokens": 2}"#);
         assert!(d["choices"][0]["logprobs"].is_null());
         assert_eq!(d["usage"]["prompt_tokens"], 5);
     }
@@ -833,8 +943,84 @@ mod tests {
     }
 
     #[test]
+    fn a_public_bind_needs_an_api_key() {
+        let opts = |host: &str, key: Option<&str>| ServeOptions {
+            host: host.into(),
+            api_key: key.map(String::from),
+            ..ServeOptions::default()
+        };
+        let e = opts("0.0.0.0", None).validate().unwrap_err().to_string();
+        assert!(e.contains("0.0.0.0") && e.contains("--api-key"), "{e}");
+        assert!(opts("0.0.0.0", Some("k")).validate().is_ok());
+        assert!(opts("127.0.0.1", None).validate().is_ok());
+        assert!(opts("::1", None).validate().is_ok());
+        assert!(opts("localhost", None).validate().is_ok());
+        let e = ServeOptions {
+            request_timeout_s: 0.0,
+            ..ServeOptions::default()
+        };
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout-s"));
+    }
+
+    #[test]
+    fn a_huge_text_prompt_is_refused_before_tokenizing() {
+        let h = handler();
+        // The built-in vocabulary's longest entry has 5 bytes ("<bos>"), the tiny model 64
+        // positions: 5 MB is at least a million tokens.
+        assert_eq!(h.max_token_bytes, 5);
+        let body = json!({"prompt": "1".repeat(5 << 20)}).to_string();
+        let (s, v) = post(&h, &body);
+        assert_eq!(s, 400);
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("5242880 bytes, so at least 1048576 tokens"),
+            "{m}"
+        );
+        // Just under the bound, the text is tokenized and refused by the exact count.
+        let max_pos = h.served.model.cfg.max_positions();
+        let body = json!({"prompt": "1".repeat(5 * max_pos - 1)}).to_string();
+        let (s, v) = post(&h, &body);
+        assert_eq!(s, 400);
+        assert!(v["error"]["param"] == "max_tokens", "{v}");
+    }
+
+    #[test]
+    fn completions_over_http_with_an_api_key() {
+        let opts = ServeOptions {
+            api_key: Some("k1".into()),
+            quiet: true,
+            ..ServeOptions::default()
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = start(l, handler(), &opts).unwrap().addr;
+        let send = |auth: &str| {
+            use std::io::Read;
+            let body = r#"{"prompt": "1+2=", "max_tokens": 3, "seed": 1}"#;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let raw = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: \
+                 application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(raw.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        assert!(send("").starts_with("HTTP/1.1 401"));
+        let ok = send("Authorization: Bearer k1\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("\"choices\""), "{ok}");
+    }
+
+    #[test]
     fn models_lists_the_served_model() {
-        let mut h = handler();
+        let h = handler();
         let (s, v) = h.handle("GET", "/v1/models", b"");
         assert_eq!(s, 200);
         assert_eq!(v["data"][0]["id"], "tiny");

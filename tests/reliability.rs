@@ -1,0 +1,71 @@
+//! What a run directory, a file or a peer can make grove do (docs/reliability.md): each test
+//! is one class of failure, driven through the `grove` binary as a user meets it.
+use std::path::Path;
+use std::process::Command;
+
+fn grove(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A run directory whose config.toml was edited to name a reward command.
+fn run_dir_with_command(dir: &Path, marker: &Path) -> std::path::PathBuf {
+    let run = dir.join("runs").join("planted");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        format!(
+            "name = \"planted\"\n\n[[reward.pipeline.components]]\nname = \"exact\"\n\
+             kind = \"verifier\"\n\n[[reward.pipeline.components]]\nname = \"judge\"\n\
+             kind = \"external\"\ncommand = [\"sh\", \"-c\", \"touch {}\"]\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    run
+}
+
+#[test]
+fn resume_never_starts_a_command_recorded_in_the_run_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("pwned");
+    let run = run_dir_with_command(tmp.path(), &marker);
+    let (code, _, err) = grove(&["train", "--resume", run.to_str().unwrap()], tmp.path());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--trust-commands") && err.contains("sh -c \"touch") && err.contains("judge"),
+        "{err}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!marker.exists(), "the recorded command ran");
+    // --trust-commands needs --resume: it cannot be slipped into an ordinary run.
+    let (code, _, err) = grove(&["train", "--trust-commands"], tmp.path());
+    assert_ne!(code, 0);
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn async_resume_is_refused_naming_the_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("runs").join("a");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        "name = \"a\"\n[sync]\nmode = \"async\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = grove(&["train", "--resume", run.to_str().unwrap()], tmp.path());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("sync.mode = \"async\" cannot be resumed exactly"),
+        "{err}"
+    );
+}
