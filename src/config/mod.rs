@@ -512,8 +512,11 @@ impl RunConfig {
         Ok(())
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    /// The config as TOML (what a run saves as config.toml). An error, never an empty file:
+    /// `--resume` reads it back.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::config("config.toml", format!("cannot be written as TOML: {e}")))
     }
 }
 

@@ -94,7 +94,7 @@ mod tests {
         assert_eq!(p.components.len(), 2);
         assert_eq!(p.shaping, ShapingConfig::Centered);
         // The saved config.toml of a run reads back to the same config.
-        let back: crate::config::RunConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        let back: crate::config::RunConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back.reward, cfg.reward);
         // Without the section there is no pipeline.
         assert!(crate::config::RunConfig::default()

@@ -143,7 +143,7 @@ fn open_run_dir(
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
     };
-    write("config.toml", cfg.to_toml())?;
+    write("config.toml", cfg.to_toml()?)?;
     write("plan.json", serde_json::to_string_pretty(plan)?)?;
     Ok((dir, None))
 }
