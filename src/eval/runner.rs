@@ -238,36 +238,14 @@ fn prompt_ids(tok: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Evaluates the model at `model_path` (HF folder, GGUF file or grove checkpoint directory).
-pub fn run_eval(model_path: &Path, opts: &EvalOptions) -> Result<EvalReport> {
-    opts.validate()?;
-    let device = crate::compute::device();
-    let (model, tok) = load_pretrained(model_path, &device)?;
-    run_eval_with(&model, &tok, model_path, opts)
-}
-
-/// [`run_eval`] for a model already in memory; `model_path` locates a run's task config.
-pub fn run_eval_with(
-    model: &Llama,
+/// The questions to ask, as prompts for `style`, and the default response budget.
+fn eval_items(
     tok: &Tokenizer,
     model_path: &Path,
     opts: &EvalOptions,
-) -> Result<EvalReport> {
-    opts.validate()?;
-    let start = Instant::now();
-    let template =
-        ChatTemplate::from_tokenizer(tok, &model_path.display().to_string()).transpose()?;
-    let style = match (opts.prompt_style, &template) {
-        (Some(PromptStyle::Chat), None) => {
-            return Err(Error::Task(format!(
-                "eval: --prompt-style chat, but {} has no chat template",
-                model_path.display()
-            )))
-        }
-        (Some(s), _) => s,
-        (None, Some(_)) if opts.task != EvalTask::Builtin => PromptStyle::Chat,
-        (None, _) => PromptStyle::Base,
-    };
+    style: PromptStyle,
+    template: Option<&ChatTemplate>,
+) -> Result<(Vec<Item>, usize)> {
     let mut items = Vec::new();
     let max_new_tokens;
     match opts.task.dataset() {
@@ -280,7 +258,7 @@ pub fn run_eval_with(
             let limit = opts.limit.unwrap_or(problems.len()).min(problems.len());
             for p in &problems[..limit] {
                 let text = render_prompt(p, style, kind);
-                let (prompt, add_bos) = match (style, &template) {
+                let (prompt, add_bos) = match (style, template) {
                     (PromptStyle::Chat, Some(t)) => (t.render_user(&text)?, false),
                     _ => (text, true),
                 };
@@ -314,6 +292,98 @@ pub fn run_eval_with(
             max_new_tokens = opts.max_new_tokens.unwrap_or(task.max_answer_chars() + 1);
         }
     }
+    Ok((items, max_new_tokens))
+}
+
+/// The per-question JSONL output, its folder created.
+fn open_output(opts: &EvalOptions) -> Result<Option<(std::io::BufWriter<std::fs::File>, PathBuf)>> {
+    Ok(match &opts.out {
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+            Some((std::io::BufWriter::new(f), p.clone()))
+        }
+        None => None,
+    })
+}
+
+/// Per-question scores for the summary, each question written to `opts.out` when set.
+fn summarize_questions(
+    items: &[Item],
+    per_question: Vec<Vec<(SampleRecord, Option<String>)>>,
+    opts: &EvalOptions,
+    mut out: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
+) -> Result<Vec<PromptSamples>> {
+    let mut all = Vec::with_capacity(items.len());
+    for (item, samples) in items.iter().zip(per_question) {
+        let (records, answers): (Vec<SampleRecord>, Vec<Option<String>>) =
+            samples.into_iter().unzip();
+        let ps = PromptSamples {
+            scores: records.iter().map(|r| r.score).collect(),
+            correct: records.iter().map(|r| r.score > 0.5).collect(),
+            answers,
+        };
+        if let Some((w, path)) = out.as_mut() {
+            let c = ps.correct.iter().filter(|&&x| x).count();
+            let rec = QuestionRecord {
+                index: item.index,
+                question: item.question.clone(),
+                reference: item.reference.clone(),
+                prompt: item.prompt.clone(),
+                n: records.len(),
+                correct: c,
+                mean: mean_at_n(&ps.scores),
+                maj: maj_at_n(&ps.answers, &ps.correct),
+                pass_at_k: opts
+                    .ks
+                    .iter()
+                    .map(|&k| (k.to_string(), pass_at_k(records.len(), c, k)))
+                    .collect(),
+                samples: records,
+            };
+            writeln!(w, "{}", serde_json::to_string(&rec)?).map_err(|e| Error::io(&*path, e))?;
+        }
+        all.push(ps);
+    }
+    if let Some((mut w, path)) = out {
+        w.flush().map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(all)
+}
+
+/// Evaluates the model at `model_path` (HF folder, GGUF file or grove checkpoint directory).
+pub fn run_eval(model_path: &Path, opts: &EvalOptions) -> Result<EvalReport> {
+    opts.validate()?;
+    let device = crate::compute::device();
+    let (model, tok) = load_pretrained(model_path, &device)?;
+    run_eval_with(&model, &tok, model_path, opts)
+}
+
+/// [`run_eval`] for a model already in memory; `model_path` locates a run's task config.
+pub fn run_eval_with(
+    model: &Llama,
+    tok: &Tokenizer,
+    model_path: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    opts.validate()?;
+    let start = Instant::now();
+    let template =
+        ChatTemplate::from_tokenizer(tok, &model_path.display().to_string()).transpose()?;
+    let style = match (opts.prompt_style, &template) {
+        (Some(PromptStyle::Chat), None) => {
+            return Err(Error::Task(format!(
+                "eval: --prompt-style chat, but {} has no chat template",
+                model_path.display()
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(_)) if opts.task != EvalTask::Builtin => PromptStyle::Chat,
+        (None, _) => PromptStyle::Base,
+    };
+    let (items, max_new_tokens) = eval_items(tok, model_path, opts, style, template.as_ref())?;
     let params = SamplingParams {
         temperature: opts.temperature,
         top_p: opts.top_p,
@@ -324,16 +394,8 @@ pub fn run_eval_with(
         .map_err(|e| Error::Task(format!("eval: {e}")))?;
     let verifier = MathVerifier::default();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut out = match &opts.out {
-        Some(p) => {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            }
-            let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
-            Some((std::io::BufWriter::new(f), p.clone()))
-        }
-        None => None,
-    };
+    // The output file is created before sampling, so a bad path fails at once.
+    let out = open_output(opts)?;
     let pb = if opts.progress {
         indicatif::ProgressBar::new((items.len() * opts.n) as u64)
     } else {
@@ -406,40 +468,7 @@ pub fn run_eval_with(
     }
     pb.finish_and_clear();
 
-    let mut all = Vec::with_capacity(items.len());
-    for (item, samples) in items.iter().zip(per_question) {
-        let (records, answers): (Vec<SampleRecord>, Vec<Option<String>>) =
-            samples.into_iter().unzip();
-        let ps = PromptSamples {
-            scores: records.iter().map(|r| r.score).collect(),
-            correct: records.iter().map(|r| r.score > 0.5).collect(),
-            answers,
-        };
-        if let Some((w, path)) = out.as_mut() {
-            let c = ps.correct.iter().filter(|&&x| x).count();
-            let rec = QuestionRecord {
-                index: item.index,
-                question: item.question.clone(),
-                reference: item.reference.clone(),
-                prompt: item.prompt.clone(),
-                n: records.len(),
-                correct: c,
-                mean: mean_at_n(&ps.scores),
-                maj: maj_at_n(&ps.answers, &ps.correct),
-                pass_at_k: opts
-                    .ks
-                    .iter()
-                    .map(|&k| (k.to_string(), pass_at_k(records.len(), c, k)))
-                    .collect(),
-                samples: records,
-            };
-            writeln!(w, "{}", serde_json::to_string(&rec)?).map_err(|e| Error::io(&*path, e))?;
-        }
-        all.push(ps);
-    }
-    if let Some((mut w, path)) = out {
-        w.flush().map_err(|e| Error::io(&path, e))?;
-    }
+    let all = summarize_questions(&items, per_question, opts, out)?;
     Ok(EvalReport {
         task: opts.task,
         questions: items.len(),
