@@ -1,4 +1,4 @@
-//! The advantage estimators, each declared once in the [`estimators!`] table below: its config
+//! The advantage estimators, each declared once in the `estimators!` table below: its config
 //! name, its doc (formula and paper), what it reads and how it is computed. The [`Estimator`]
 //! enum, its `ALL` list, names, parsing (an unknown name lists the known ones), `Display` and the
 //! dispatch of [`super::compute`] are all generated from that table, so adding an estimator
