@@ -37,6 +37,13 @@ pub struct Learner {
     pub run_dir: PathBuf,
     /// `[reward.pipeline]` scoring of freshly sampled groups (None: the verifier alone).
     pub rewards: Option<crate::train::reward_hook::PipelineRewarder>,
+    /// Updates skipped because the loss or gradient norm was not finite (this process).
+    pub skipped_steps: usize,
+}
+
+/// Whether an update may be applied: loss and gradient norm both finite.
+pub fn update_is_finite(loss: f64, grad_norm: f64) -> bool {
+    loss.is_finite() && grad_norm.is_finite()
 }
 
 fn valid_tensor(valid: &[Vec<f64>], dev: &Device) -> Result<Tensor> {
@@ -60,6 +67,7 @@ impl Learner {
             adv_state: Default::default(),
             run_dir: run_dir.to_path_buf(),
             rewards: None,
+            skipped_steps: 0,
         })
     }
 
@@ -309,7 +317,13 @@ impl Learner {
             1.0
         };
         let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
-        self.opt.step(&grads, lr, scale)?;
+        // A non-finite loss or gradient would poison every weight: skip the update and count
+        // it (the version still advances so sync schedules keyed on it stay in step).
+        if update_is_finite(out.metrics.policy_loss, gnorm) {
+            self.opt.step(&grads, lr, scale)?;
+        } else {
+            self.skipped_steps += 1;
+        }
         self.version += 1;
         let train_s = t_train.elapsed().as_secs_f64();
 
@@ -392,6 +406,7 @@ impl Learner {
         );
         m.insert("staleness/dropped".into(), dropped as f64);
         m.insert("grad/norm".into(), gnorm);
+        m.insert("loss/skipped_steps".into(), self.skipped_steps as f64);
         m.insert("lr".into(), lr);
         m.insert("timing/generate_s".into(), generate_s);
         m.insert("timing/train_s".into(), train_s);
@@ -409,6 +424,10 @@ impl Learner {
                     "correct": correct[i],
                     "advantage": adv[i],
                     "ground_truth": ground_truth[i],
+                    "length": len(i),
+                    "finished": exps[i].finished,
+                    "masked": !keep[i],
+                    "components": exps[i].components,
                 }));
             }
             self.samples.write(&serde_json::json!({

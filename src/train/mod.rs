@@ -509,6 +509,12 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         }
     };
     let mut learner = Learner::new(model, opt, &run_dir, cfg.seed)?;
+    // Trackers ([report]) mirror metrics.jsonl and samples.jsonl from here on.
+    let config_toml = cfg.to_toml();
+    let params = report::sinks::flatten_params(&config_toml.parse().unwrap_or_default());
+    let mut reporter =
+        report::sinks::Reporter::start(&cfg.report, &run_dir, &config_toml, params, opts.quiet)?;
+    let mut health = report::health::Monitor::default();
     // Reward-pipeline hook: the checkpoint's rewarder state when resuming.
     let resumed_rewards = resumed.as_ref().map(|r| r.st.reward_pipeline.clone());
     let mut explore_st = ExploreState::new(cfg, 0)?;
@@ -652,6 +658,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     }
 
     let steps = cfg.train.steps;
+    reporter.sync()?;
     pb.set_prefix("RL");
     pb.set_length(steps as u64);
     pb.set_position(step as u64);
@@ -681,12 +688,13 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         learner
             .metrics
             .write(&report::metrics_line(step, "rl", &m))?;
-        pb.set_message(format!(
-            "reward {:.3} | train acc {:.1}% | held-out acc {:.1}%",
-            m["reward/mean"],
-            m["acc/train"] * 100.0,
-            last_eval * 100.0
-        ));
+        reporter.sync()?;
+        pb.set_message(report::health::progress_message(&m, last_eval));
+        for w in health.check(step, &m) {
+            if !opts.quiet {
+                pb.println(w);
+            }
+        }
         pb.inc(1);
         let stop_here = opts.stop_after == Some(step);
         if step % cfg.train.checkpoint_every == 0 || step == steps || stop_here {
@@ -710,6 +718,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     drop(source);
     pb.finish_and_clear();
     report::plot::plot_run(&run_dir)?;
+    reporter.finish()?;
     Ok(Summary {
         run_dir,
         warmup_steps,
