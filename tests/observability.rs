@@ -383,7 +383,143 @@ fn first_line(child: &mut Child, timeout: Duration) -> String {
         .expect("no first line from the child in time")
 }
 
-#[allow(dead_code)]
-fn spawn_piped(cmd: &mut Command) -> Child {
-    cmd.stdout(Stdio::piped()).spawn().unwrap()
+/// Runs headless Chromium on `url` with `extra` flags (a fresh profile each time), within
+/// two minutes; returns its stdout.
+fn chromium(profile: &Path, url: &str, extra: &[String]) -> String {
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            // Virtual time: the page's fetches and first polls finish before the dump.
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium not found: run .ci/install-observe.sh");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "chromium exited with {status}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 120 s on {url}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reader.join().unwrap()
+}
+
+/// The `grove view` process, killed when dropped.
+struct Viewer(Child);
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn grove_view_in_headless_chromium_shows_runs_curves_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let a = small_run(&runs, "alpha", 3, &[]);
+    small_run(&runs, "beta", 2, &["seed=1".into()]);
+
+    let mut viewer = Viewer(
+        Command::new(env!("CARGO_BIN_EXE_grove"))
+            .args(["view", "--port", "0", "--quiet"])
+            .arg(&runs)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = first_line(&mut viewer.0, Duration::from_secs(30));
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+
+    let dom = chromium(&tmp.path().join("p1"), &url, &["--dump-dom".into()]);
+    assert!(dom.contains("2 run(s)"), "status line missing:\n{dom}");
+    for run in ["alpha", "beta"] {
+        assert!(dom.contains(&format!("value=\"{run}\"")), "run {run} not listed");
+    }
+    // One chart and one latest-value row per metric of metrics.jsonl.
+    for ((tag, _), _) in jsonl_metrics(&a.run_dir) {
+        assert!(
+            dom.contains(&format!("class=\"chart\" data-tag=\"{tag}\"")),
+            "no chart for {tag}"
+        );
+        assert!(
+            dom.contains(&format!("data-metric=\"{tag}\"")),
+            "no row for {tag}"
+        );
+    }
+    let reward_row = dom.split("data-metric=\"reward/mean\"").nth(1).unwrap();
+    let reward_row = &reward_row[..reward_row.find("</tr>").unwrap()];
+    assert!(reward_row.contains("@3") && reward_row.contains("@2"), "{reward_row}");
+    // The sample browser shows the logged prompts and responses with their figures.
+    let samples = grove::report::read_jsonl(&a.run_dir.join("samples.jsonl")).unwrap();
+    let last = samples.last().unwrap();
+    assert!(dom.contains(&format!(
+        "<span class=\"prompt\">{}</span>",
+        last["prompt"].as_str().unwrap()
+    )));
+    let n_responses: usize = samples
+        .iter()
+        .map(|s| s["responses"].as_array().unwrap().len())
+        .sum();
+    assert!(n_responses > 0);
+    assert!(dom.contains("<b>advantage</b>") && dom.contains("class=\"components\""));
+
+    // A screenshot that is not blank: many colours, no colour covering almost everything.
+    let shot = tmp.path().join("view.png");
+    chromium(
+        &tmp.path().join("p2"),
+        &url,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1000".into(),
+        ],
+    );
+    let decoder = png::Decoder::new(std::fs::File::open(&shot).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1280, 1000));
+    let px = info.color_type.samples();
+    let mut counts: std::collections::HashMap<&[u8], usize> = Default::default();
+    for p in buf[..info.buffer_size()].chunks(px) {
+        *counts.entry(&p[..3]).or_default() += 1;
+    }
+    let total = (info.width * info.height) as usize;
+    let top = counts.values().max().copied().unwrap();
+    assert!(counts.len() > 50, "only {} colours", counts.len());
+    assert!(top * 100 < total * 90, "one colour covers {top} of {total} pixels");
+    if let Some(keep) = std::env::var_os("GROVE_VIEW_SCREENSHOT") {
+        std::fs::copy(&shot, keep).unwrap();
+    }
 }

@@ -86,8 +86,9 @@ function renderRuns() {
 function allTags() {
   const tags = new Set();
   for (const n of state.order) Object.keys(state.runs[n].series).forEach((t) => tags.add(t));
-  const f = $("metric-filter").value.trim();
-  return [...tags].filter((t) => !f || t.includes(f)).sort();
+  // Space- or comma-separated terms: a metric shows when its name contains any of them.
+  const terms = $("metric-filter").value.split(/[\s,]+/).filter((t) => t);
+  return [...tags].filter((t) => !terms.length || terms.some((f) => t.includes(f))).sort();
 }
 
 // TensorBoard's smoothing: an exponential moving average, debiased at the start.
@@ -120,7 +121,7 @@ function drawChart(canvas, tag) {
   for (const l of lines) for (const [x, y] of l.raw) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
   if (!lines.length) { ctx.fillStyle = "#999"; ctx.fillText("no data", W / 2 - 20, H / 2); return null; }
   if (x1 === x0) { x0 -= 1; x1 += 1; }
-  if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 + 1e-9; y1 += Math.abs(y1) * 0.1 + 1e-9; }
+  if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   const sx = (x) => pad.l + ((x - x0) / (x1 - x0)) * (W - pad.l - pad.r);
   const sy = (y) => H - pad.b - ((y - y0) / (y1 - y0)) * (H - pad.t - pad.b);
   ctx.strokeStyle = "#ccc"; ctx.lineWidth = 1; ctx.fillStyle = "#666"; ctx.font = "10px sans-serif";
@@ -245,5 +246,8 @@ $("smoothing").addEventListener("input", (e) => {
 });
 $("metric-filter").addEventListener("input", () => { renderCharts(); renderLatest(); });
 $("sample-filters").addEventListener("input", renderSamples);
+// A link can preselect metrics: view/#filter=reward,entropy
+const hashFilter = new URLSearchParams(location.hash.slice(1)).get("filter");
+if (hashFilter) $("metric-filter").value = hashFilter;
 poll();
 setInterval(poll, POLL_MS);
