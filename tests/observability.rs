@@ -125,7 +125,11 @@ fn tensorboard_reader_finds_every_metric_of_metrics_jsonl() {
             .unwrap_or_else(|| panic!("{tag} at step {step} missing from the event files"));
         assert_eq!(*tbv, (*v as f32) as f64, "{tag} at step {step}");
     }
-    assert_eq!(tb_values.len(), want.len(), "event files hold extra scalars");
+    assert_eq!(
+        tb_values.len(),
+        want.len(),
+        "event files hold extra scalars"
+    );
     assert!(want.contains_key(&("warmup/loss/sft".to_string(), 10)));
     assert!(want.contains_key(&("reward/mean".to_string(), 3)));
 
@@ -210,7 +214,9 @@ fn start_mlflow(dir: &Path, port: u16) -> Server {
 }
 
 fn get_json(url: &str) -> serde_json::Value {
-    let mut r = ureq::get(url).call().unwrap_or_else(|e| panic!("{url}: {e}"));
+    let mut r = ureq::get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
     serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
 }
 
@@ -226,9 +232,10 @@ fn history(base: &str, run_id: &str, key: &str) -> BTreeMap<u64, f64> {
             a.iter()
                 .map(|m| {
                     (
-                        m["step"].as_str().map(|s| s.parse().unwrap()).unwrap_or_else(|| {
-                            m["step"].as_u64().unwrap()
-                        }),
+                        m["step"]
+                            .as_str()
+                            .map(|s| s.parse().unwrap())
+                            .unwrap_or_else(|| m["step"].as_u64().unwrap()),
                         m["value"].as_f64().unwrap(),
                     )
                 })
@@ -263,7 +270,11 @@ fn mlflow_server_down_then_up_loses_nothing_and_a_run_logs_everything() {
     for step in 1..=5 {
         sink.metrics(&line(step, step as f64 * 0.1)).unwrap();
     }
-    assert_eq!(sink.queued(), 5, "the null loss is not sent, five rewards wait");
+    assert_eq!(
+        sink.queued(),
+        5,
+        "the null loss is not sent, five rewards wait"
+    );
     assert_eq!(sink.sent, 0);
     assert!(sink.run_id().is_none());
 
@@ -465,7 +476,10 @@ fn grove_view_in_headless_chromium_shows_runs_curves_and_samples() {
     let dom = chromium(&tmp.path().join("p1"), &url, &["--dump-dom".into()]);
     assert!(dom.contains("2 run(s)"), "status line missing:\n{dom}");
     for run in ["alpha", "beta"] {
-        assert!(dom.contains(&format!("value=\"{run}\"")), "run {run} not listed");
+        assert!(
+            dom.contains(&format!("value=\"{run}\"")),
+            "run {run} not listed"
+        );
     }
     // One chart and one latest-value row per metric of metrics.jsonl.
     for ((tag, _), _) in jsonl_metrics(&a.run_dir) {
@@ -480,7 +494,10 @@ fn grove_view_in_headless_chromium_shows_runs_curves_and_samples() {
     }
     let reward_row = dom.split("data-metric=\"reward/mean\"").nth(1).unwrap();
     let reward_row = &reward_row[..reward_row.find("</tr>").unwrap()];
-    assert!(reward_row.contains("@3") && reward_row.contains("@2"), "{reward_row}");
+    assert!(
+        reward_row.contains("@3") && reward_row.contains("@2"),
+        "{reward_row}"
+    );
     // The sample browser shows the logged prompts and responses with their figures.
     let samples = grove::report::read_jsonl(&a.run_dir.join("samples.jsonl")).unwrap();
     let last = samples.last().unwrap();
@@ -518,7 +535,10 @@ fn grove_view_in_headless_chromium_shows_runs_curves_and_samples() {
     let total = (info.width * info.height) as usize;
     let top = counts.values().max().copied().unwrap();
     assert!(counts.len() > 50, "only {} colours", counts.len());
-    assert!(top * 100 < total * 90, "one colour covers {top} of {total} pixels");
+    assert!(
+        top * 100 < total * 90,
+        "one colour covers {top} of {total} pixels"
+    );
     if let Some(keep) = std::env::var_os("GROVE_VIEW_SCREENSHOT") {
         std::fs::copy(&shot, keep).unwrap();
     }

@@ -191,7 +191,11 @@ mod tests {
                 &m(&[("loss/policy", f64::NAN), ("loss/skipped_steps", skipped)]),
             );
             assert_eq!(w.len(), 1);
-            assert!(w[0].contains(&format!("({skipped} skipped so far)")), "{}", w[0]);
+            assert!(
+                w[0].contains(&format!("({skipped} skipped so far)")),
+                "{}",
+                w[0]
+            );
         }
         let w = mon.check(3, &m(&[("loss/policy", 0.1), ("grad/norm", f64::INFINITY)]));
         assert_eq!(w.len(), 1);

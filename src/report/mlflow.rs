@@ -155,7 +155,9 @@ impl MlflowSink {
             200..=299 => serde_json::from_str(&text)
                 .map_err(|e| Failure::Rejected(format!("{url}: answer is not JSON ({e}): {text}"))),
             400..=499 => Err(Failure::Rejected(format!("{url}: HTTP {status}: {text}"))),
-            _ => Err(Failure::Unreachable(format!("{url}: HTTP {status}: {text}"))),
+            _ => Err(Failure::Unreachable(format!(
+                "{url}: HTTP {status}: {text}"
+            ))),
         }
     }
 
@@ -388,7 +390,9 @@ impl Sink for MlflowSink {
         if let Err(e) = self.call(
             "POST",
             "runs/update",
-            Some(&serde_json::json!({"run_id": run_id, "status": "FINISHED", "end_time": now_ms()})),
+            Some(
+                &serde_json::json!({"run_id": run_id, "status": "FINISHED", "end_time": now_ms()}),
+            ),
         ) {
             self.warn(&format!("marking the run finished: {e}"));
         }

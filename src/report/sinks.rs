@@ -52,10 +52,13 @@ impl MetricsLine {
             path: at.into(),
             msg: "a metrics line is not a JSON object".into(),
         })?;
-        let step = obj.get("step").and_then(|s| s.as_u64()).ok_or_else(|| Error::RunDir {
-            path: at.into(),
-            msg: "field `step`: expected a non-negative integer".into(),
-        })? as usize;
+        let step = obj
+            .get("step")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| Error::RunDir {
+                path: at.into(),
+                msg: "field `step`: expected a non-negative integer".into(),
+            })? as usize;
         let phase = obj
             .get("phase")
             .and_then(|p| p.as_str())
@@ -409,8 +412,8 @@ mod tests {
 
     #[test]
     fn params_flatten_nested_tables() {
-        let t: toml::Table = toml::from_str("seed = 3\n[rollout]\ngroup_size = 8\nname = \"a\"\n")
-            .unwrap();
+        let t: toml::Table =
+            toml::from_str("seed = 3\n[rollout]\ngroup_size = 8\nname = \"a\"\n").unwrap();
         let p = flatten_params(&t);
         assert!(p.contains(&("seed".into(), "3".into())));
         assert!(p.contains(&("rollout.group_size".into(), "8".into())));

@@ -692,7 +692,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         pb.set_message(report::health::progress_message(&m, last_eval));
         for w in health.check(step, &m) {
             if !opts.quiet {
-                pb.println(w);
+                // Above the bar on a terminal, and on stderr when it is not one.
+                pb.suspend(|| eprintln!("{w}"));
             }
         }
         pb.inc(1);

@@ -102,6 +102,13 @@ function smooth(points, w) {
   });
 }
 
+// Enough decimals that the ticks of a narrow range (ratios near 1) differ.
+function tickLabel(v, range) {
+  if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < 1e-4)) return v.toExponential(2);
+  const digits = Math.min(8, Math.max(0, Math.ceil(-Math.log10(range)) + 2));
+  return (+v.toFixed(digits)).toString();
+}
+
 function drawChart(canvas, tag) {
   const dpr = window.devicePixelRatio || 1;
   const W = canvas.clientWidth || 300, H = canvas.clientHeight || 150;
@@ -128,7 +135,7 @@ function drawChart(canvas, tag) {
   for (let i = 0; i <= 3; i++) {
     const y = y0 + ((y1 - y0) * i) / 3;
     ctx.beginPath(); ctx.moveTo(pad.l, sy(y)); ctx.lineTo(W - pad.r, sy(y)); ctx.stroke();
-    ctx.fillText(fmt(y), 2, sy(y) + 3);
+    ctx.fillText(tickLabel(y, y1 - y0), 2, sy(y) + 3);
   }
   ctx.fillText(String(x0), pad.l, H - 4);
   ctx.fillText(String(x1), W - pad.r - 6 * String(x1).length, H - 4);

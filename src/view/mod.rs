@@ -200,10 +200,11 @@ pub fn serve(root: &Path, opts: &ViewOptions) -> Result<()> {
             msg: "not a directory (expected a folder of runs, e.g. runs/)".into(),
         });
     }
-    let listener = TcpListener::bind((opts.host.as_str(), opts.port)).map_err(|e| Error::RunDir {
-        path: root.to_path_buf(),
-        msg: format!("cannot listen on {}:{}: {e}", opts.host, opts.port),
-    })?;
+    let listener =
+        TcpListener::bind((opts.host.as_str(), opts.port)).map_err(|e| Error::RunDir {
+            path: root.to_path_buf(),
+            msg: format!("cannot listen on {}:{}: {e}", opts.host, opts.port),
+        })?;
     let addr = listener.local_addr().map_err(|e| Error::io(root, e))?;
     let server = tiny_http::Server::from_listener(listener, None).map_err(|e| Error::RunDir {
         path: root.to_path_buf(),
@@ -292,7 +293,11 @@ mod tests {
         let d = run_dir(t.path(), "r", "{\"step\":0}\nnot json\n");
         let a = handle(t.path(), "/api/metrics?run=zz");
         assert_eq!(a.status, 404);
-        assert!(a.body.contains("zz") && a.body.contains("[\\\"r\\\"]"), "{}", a.body);
+        assert!(
+            a.body.contains("zz") && a.body.contains("[\\\"r\\\"]"),
+            "{}",
+            a.body
+        );
         let a = handle(t.path(), "/api/metrics");
         assert_eq!(a.status, 400);
         let a = handle(t.path(), "/api/metrics?run=r&from=x");
@@ -300,7 +305,9 @@ mod tests {
         let a = handle(t.path(), "/api/metrics?run=r");
         assert_eq!(a.status, 500);
         assert!(a.body.contains("line 2"), "{}", a.body);
-        assert!(a.body.contains(&d.join("metrics.jsonl").display().to_string()));
+        assert!(a
+            .body
+            .contains(&d.join("metrics.jsonl").display().to_string()));
         assert_eq!(handle(t.path(), "/../etc/passwd").status, 404);
     }
 
