@@ -19,5 +19,6 @@ pub mod rollout;
 pub mod sampling;
 pub mod task;
 pub mod train;
+pub mod view;
 
 pub use error::{Error, Result};

@@ -55,6 +55,20 @@ enum Command {
         #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_WORKERS)]
         workers: usize,
     },
+    /// Watch and compare runs in the browser: every metric's curve, samples (local page).
+    View {
+        /// A folder of run directories (runs/) or one run directory.
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// TCP port; 0 picks a free one. The first stdout line is "listening on URL".
+        #[arg(long, default_value_t = 6060)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// No log lines for failed requests.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List the recipes: named presets of config values, with their papers.
     Recipes,
     /// Advantage calculator: reads {"groups": [[r, ...], ...]} on stdin, prints advantages.
@@ -188,6 +202,15 @@ fn real_main() -> Result<()> {
             }
             .with_env_api_key();
             grove::rollout::serve::run(&model, &opts)?;
+        }
+        Command::View {
+            dir,
+            port,
+            host,
+            quiet,
+        } => {
+            let opts = grove::view::ViewOptions { host, port, quiet };
+            grove::view::serve(&dir, &opts)?;
         }
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {

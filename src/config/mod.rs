@@ -43,6 +43,8 @@ pub struct RunConfig {
     /// `grove explore` samples through this OpenAI-compatible completions server instead of
     /// its own weights (`--remote URL` sets `remote.url`); other commands ignore it.
     pub remote: Option<crate::rollout::remote::RemoteConfig>,
+    /// Trackers besides metrics.jsonl: TensorBoard (on by default), MLflow (docs/metrics.md).
+    pub report: crate::report::sinks::ReportConfig,
 }
 
 impl Default for RunConfig {
@@ -63,6 +65,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             sync: SyncConfig::default(),
             remote: None,
+            report: Default::default(),
         }
     }
 }

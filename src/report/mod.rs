@@ -1,6 +1,10 @@
 //! What a run leaves for people to read: metrics.jsonl (one line a step; names are the
 //! contract of docs/metrics.md), samples.jsonl, and the progress bar.
+pub mod health;
+pub mod mlflow;
 pub mod plot;
+pub mod sinks;
+pub mod tensorboard;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

@@ -39,6 +39,13 @@ pub struct Learner {
     pub run_dir: PathBuf,
     /// `[reward.pipeline]` scoring of freshly sampled groups (None: the verifier alone).
     pub rewards: Option<crate::train::reward_hook::PipelineRewarder>,
+    /// Updates skipped because the loss or gradient norm was not finite (this process).
+    pub skipped_steps: usize,
+}
+
+/// Whether an update may be applied: loss and gradient norm both finite.
+pub fn update_is_finite(loss: f64, grad_norm: f64) -> bool {
+    loss.is_finite() && grad_norm.is_finite()
 }
 
 fn valid_tensor(valid: &[Vec<f64>], dev: &Device) -> Result<Tensor> {
@@ -62,6 +69,7 @@ impl Learner {
             adv_state: Default::default(),
             run_dir: run_dir.to_path_buf(),
             rewards: None,
+            skipped_steps: 0,
         })
     }
 
@@ -90,7 +98,7 @@ impl Learner {
         let seqs = b.seq_inputs(cfg, &lp, &behaviour, &sel);
         let out = loss::compute(&cfg.loss, &seqs)?;
         // 5. Backward, clip, update.
-        let upd = self.update(cfg, &lp, &out.grad_logp, step)?;
+        let upd = self.update(cfg, &lp, &out.grad_logp, out.metrics.policy_loss, step)?;
         let train_s = t_train.elapsed().as_secs_f64();
         // 6. Metrics (names: docs/metrics.md) and samples.
         let mut m = b.reward_metrics(kl_penalty_mean);
@@ -245,6 +253,7 @@ impl Learner {
         cfg: &RunConfig,
         lp: &LogProbs,
         grad_logp: &[Vec<f64>],
+        policy_loss: f64,
         step: usize,
     ) -> Result<Update> {
         let dev = self.model.device().clone();
@@ -297,7 +306,13 @@ impl Learner {
             1.0
         };
         let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
-        self.opt.step(&grads, lr, scale)?;
+        // A non-finite loss or gradient would poison every weight: skip the update and count
+        // it (the version still advances so sync schedules keyed on it stay in step).
+        if update_is_finite(policy_loss, gnorm) {
+            self.opt.step(&grads, lr, scale)?;
+        } else {
+            self.skipped_steps += 1;
+        }
         self.version += 1;
         Ok(Update {
             grad_norm: gnorm,
@@ -360,6 +375,7 @@ impl Learner {
             b.exps.iter().filter(|e| !e.finished).count() as f64 / nf,
         );
         m.insert("grad/norm".into(), upd.grad_norm);
+        m.insert("loss/skipped_steps".into(), self.skipped_steps as f64);
         m.insert("lr".into(), upd.lr);
     }
 
@@ -381,6 +397,10 @@ impl Learner {
                     "correct": b.correct[i],
                     "advantage": sel.adv[i],
                     "ground_truth": b.ground_truth[i],
+                    "length": b.len(i),
+                    "finished": b.exps[i].finished,
+                    "masked": !sel.keep[i],
+                    "components": b.exps[i].components,
                 }));
             }
             self.samples.write(&serde_json::json!({

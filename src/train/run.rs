@@ -49,6 +49,11 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         },
     );
     let mut learner = Learner::new(model, opt, &run_dir, cfg.seed)?;
+    // Trackers ([report]) mirror metrics.jsonl and samples.jsonl from here on.
+    let config_toml = cfg.to_toml()?;
+    let params = report::sinks::flatten_params(&config_toml.parse().unwrap_or_default());
+    let reporter =
+        report::sinks::Reporter::start(&cfg.report, &run_dir, &config_toml, params, opts.quiet)?;
     let pb = report::progress_bar(cfg.warmup.max_steps as u64, opts.quiet);
     let start = match &ckpt {
         Some(c) => restore(&env, &mut learner, &run_dir, c)?,
@@ -80,6 +85,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         run_dir: &run_dir,
         warmup_steps: start.warmup_steps,
         acc_after_warmup: start.acc_after_warmup,
+        reporter,
+        health: report::health::Monitor::default(),
     };
     if ckpt.is_none() {
         run.save(&learner, 0, &explore_st, source.as_ref())?;
@@ -95,6 +102,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     drop(source);
     pb.finish_and_clear();
     report::plot::plot_run(&run_dir)?;
+    run.reporter.finish()?;
     Ok(Summary {
         run_dir: run_dir.clone(),
         warmup_steps: run.warmup_steps,
@@ -257,6 +265,9 @@ struct RunState<'a> {
     run_dir: &'a Path,
     warmup_steps: usize,
     acc_after_warmup: f64,
+    /// The [report] sinks (TensorBoard, MLflow), fed from metrics.jsonl and samples.jsonl.
+    reporter: report::sinks::Reporter,
+    health: report::health::Monitor,
 }
 
 impl RunState<'_> {
@@ -304,6 +315,7 @@ impl RunState<'_> {
         let env = self.env;
         let cfg = &env.cfg;
         let steps = cfg.train.steps;
+        self.reporter.sync()?;
         pb.set_prefix("RL");
         pb.set_length(steps as u64);
         pb.set_position(step as u64);
@@ -333,12 +345,14 @@ impl RunState<'_> {
             learner
                 .metrics
                 .write(&report::metrics_line(step, "rl", &m))?;
-            pb.set_message(format!(
-                "reward {:.3} | train acc {:.1}% | held-out acc {:.1}%",
-                m["reward/mean"],
-                m["acc/train"] * 100.0,
-                last_eval * 100.0
-            ));
+            self.reporter.sync()?;
+            pb.set_message(report::health::progress_message(&m, last_eval));
+            for w in self.health.check(step, &m) {
+                if !opts.quiet {
+                    // Above the bar on a terminal, and on stderr when it is not one.
+                    pb.suspend(|| eprintln!("{w}"));
+                }
+            }
             pb.inc(1);
             let stop_here = opts.stop_after == Some(step);
             if step % cfg.train.checkpoint_every == 0 || step == steps || stop_here {
