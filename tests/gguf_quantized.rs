@@ -85,6 +85,14 @@ fn every_ggml_type_dequantizes_like_the_gguf_package_and_multiplies_on_its_block
         let q = hf_qtensor(&file, &bytes, info, None, &Device::Cpu).unwrap();
         assert_eq!(q.shape().dims(), &[4, 256]);
         let lin = QLinear::new(q, None).unwrap();
+        // Blocks stay blocks where candle has SIMD kernels for them.
+        let fast = ["Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"];
+        assert_eq!(
+            lin.on_blocks(),
+            fast.contains(&info.name.as_str()),
+            "{}",
+            info.name
+        );
         let y: Vec<f32> = lin
             .forward(&x)
             .unwrap()

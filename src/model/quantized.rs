@@ -27,15 +27,31 @@ pub struct QLinear {
     bias: Option<Tensor>,
 }
 
+/// Whether candle multiplies by blocks of this type with SIMD kernels (AVX2 / NEON). Its Q4_1,
+/// Q5_0, Q5_1 and Q8_1 kernels are scalar: sampling SmolLM2-135M Q4_1 on them ran at a tenth
+/// of the f32 speed (docs/performance.md), so those weights are dequantized at load instead.
+pub fn has_fast_kernel(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q4_0 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
+}
+
 impl QLinear {
     pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = Arc::new(weight);
-        // F32/F16/BF16 weights become plain matmuls (candle's choice); blocks stay blocks.
-        let matmul = QMatMul::from_arc(weight.clone())?;
+        // F32/F16/BF16 weights become plain matmuls (candle's choice), and so do block types
+        // without a fast kernel; the others stay blocks.
+        let matmul = Self::new_matmul(weight.clone())?;
         Ok(QLinear {
             weight,
             matmul,
             bias,
+        })
+    }
+
+    fn new_matmul(weight: Arc<QTensor>) -> Result<QMatMul> {
+        Ok(match has_fast_kernel(weight.dtype()) {
+            true => QMatMul::from_arc(weight)?,
+            false => QMatMul::Tensor(weight.dequantize(&weight.device())?),
         })
     }
 
@@ -51,6 +67,11 @@ impl QLinear {
     /// The weight in its ggml blocks, (out, in).
     pub fn weight(&self) -> &Arc<QTensor> {
         &self.weight
+    }
+
+    /// Whether the matmul runs on the blocks (see [`has_fast_kernel`]).
+    pub fn on_blocks(&self) -> bool {
+        matches!(self.matmul, QMatMul::QTensor(_))
     }
 }
 
@@ -174,6 +195,7 @@ impl QuantizedLlama {
             true => embed.clone(),
             false => Arc::new(w.take("lm_head.weight")?),
         };
+        let (embed, lm_head) = (QLinear::new_matmul(embed)?, QLinear::new_matmul(lm_head)?);
         let norm = w.vector("model.norm.weight")?;
         if let Some(extra) = w.tensors.keys().min() {
             return Err(Error::checkpoint(
@@ -187,10 +209,10 @@ impl QuantizedLlama {
         let (cos, sin) = rope_tables(cfg, device)?;
         Ok(QuantizedLlama {
             cfg: cfg.clone(),
-            embed: QMatMul::from_arc(embed)?,
+            embed,
             layers,
             norm,
-            lm_head: QMatMul::from_arc(lm_head)?,
+            lm_head,
             cos,
             sin,
             device: device.clone(),

@@ -219,9 +219,6 @@ impl GgufValue {
     }
 }
 
-/// ggml tensor element types, with the ids used in GGUF files. Only some can be dequantized
-/// (see [`GgmlType::is_supported`]); the rest are known so that their sizes can be checked
-
 impl From<gguf_file::Value> for GgufValue {
     fn from(v: gguf_file::Value) -> Self {
         use gguf_file::Value as V;
@@ -242,94 +239,46 @@ impl From<gguf_file::Value> for GgufValue {
         }
     }
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(non_camel_case_types)]
-pub enum GgmlType {
-    F32,
-    F16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q8_1,
-    Q2_K,
-    Q3_K,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-    Q8_K,
-    IQ2_XXS,
-    IQ2_XS,
-    IQ3_XXS,
-    IQ1_S,
-    IQ4_NL,
-    IQ3_S,
-    IQ2_S,
-    IQ4_XS,
-    I8,
-    I16,
-    I32,
-    I64,
-    F64,
-    IQ1_M,
-    BF16,
-    TQ1_0,
-    TQ2_0,
-    MXFP4,
-}
 
-/// (type, id, name, elements per block, bytes per block), from ggml's `type_traits`.
-const GGML_TYPES: [(GgmlType, u32, &str, u64, u64); 32] = [
-    (GgmlType::F32, 0, "F32", 1, 4),
-    (GgmlType::F16, 1, "F16", 1, 2),
-    (GgmlType::Q4_0, 2, "Q4_0", 32, 18),
-    (GgmlType::Q4_1, 3, "Q4_1", 32, 20),
-    (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
-    (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
-    (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
-    (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
-    (GgmlType::Q2_K, 10, "Q2_K", 256, 84),
-    (GgmlType::Q3_K, 11, "Q3_K", 256, 110),
-    (GgmlType::Q4_K, 12, "Q4_K", 256, 144),
-    (GgmlType::Q5_K, 13, "Q5_K", 256, 176),
-    (GgmlType::Q6_K, 14, "Q6_K", 256, 210),
-    (GgmlType::Q8_K, 15, "Q8_K", 256, 292),
-    (GgmlType::IQ2_XXS, 16, "IQ2_XXS", 256, 66),
-    (GgmlType::IQ2_XS, 17, "IQ2_XS", 256, 74),
-    (GgmlType::IQ3_XXS, 18, "IQ3_XXS", 256, 98),
-    (GgmlType::IQ1_S, 19, "IQ1_S", 256, 50),
-    (GgmlType::IQ4_NL, 20, "IQ4_NL", 32, 18),
-    (GgmlType::IQ3_S, 21, "IQ3_S", 256, 110),
-    (GgmlType::IQ2_S, 22, "IQ2_S", 256, 82),
-    (GgmlType::IQ4_XS, 23, "IQ4_XS", 256, 136),
-    (GgmlType::I8, 24, "I8", 1, 1),
-    (GgmlType::I16, 25, "I16", 1, 2),
-    (GgmlType::I32, 26, "I32", 1, 4),
-    (GgmlType::I64, 27, "I64", 1, 8),
-    (GgmlType::F64, 28, "F64", 1, 8),
-    (GgmlType::IQ1_M, 29, "IQ1_M", 256, 56),
-    (GgmlType::BF16, 30, "BF16", 1, 2),
-    (GgmlType::TQ1_0, 34, "TQ1_0", 256, 54),
-    (GgmlType::TQ2_0, 35, "TQ2_0", 256, 66),
-    (GgmlType::MXFP4, 39, "MXFP4", 32, 17),
+/// A ggml tensor type, by its id in GGUF files; only the ids of [`GGML_TYPES`] exist. candle
+/// holds the ones with a [`GgmlType::candle`] type; the rest are known so that their sizes can
+/// be checked and their names reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GgmlType(u32);
+
+/// (id, name, elements per block, bytes per block, candle's type), from ggml's `type_traits`.
+#[rustfmt::skip]
+pub const GGML_TYPES: [(u32, &str, u64, u64, Option<GgmlDType>); 32] = [
+    (0, "F32", 1, 4, Some(GgmlDType::F32)), (1, "F16", 1, 2, Some(GgmlDType::F16)),
+    (2, "Q4_0", 32, 18, Some(GgmlDType::Q4_0)), (3, "Q4_1", 32, 20, Some(GgmlDType::Q4_1)),
+    (6, "Q5_0", 32, 22, Some(GgmlDType::Q5_0)), (7, "Q5_1", 32, 24, Some(GgmlDType::Q5_1)),
+    (8, "Q8_0", 32, 34, Some(GgmlDType::Q8_0)), (9, "Q8_1", 32, 36, Some(GgmlDType::Q8_1)),
+    (10, "Q2_K", 256, 84, Some(GgmlDType::Q2K)), (11, "Q3_K", 256, 110, Some(GgmlDType::Q3K)),
+    (12, "Q4_K", 256, 144, Some(GgmlDType::Q4K)), (13, "Q5_K", 256, 176, Some(GgmlDType::Q5K)),
+    (14, "Q6_K", 256, 210, Some(GgmlDType::Q6K)), (15, "Q8_K", 256, 292, Some(GgmlDType::Q8K)),
+    (16, "IQ2_XXS", 256, 66, None), (17, "IQ2_XS", 256, 74, None), (18, "IQ3_XXS", 256, 98, None),
+    (19, "IQ1_S", 256, 50, None), (20, "IQ4_NL", 32, 18, None), (21, "IQ3_S", 256, 110, None),
+    (22, "IQ2_S", 256, 82, None), (23, "IQ4_XS", 256, 136, None), (24, "I8", 1, 1, None),
+    (25, "I16", 1, 2, None), (26, "I32", 1, 4, None), (27, "I64", 1, 8, None),
+    (28, "F64", 1, 8, None), (29, "IQ1_M", 256, 56, None), (30, "BF16", 1, 2, Some(GgmlDType::BF16)),
+    (34, "TQ1_0", 256, 54, None), (35, "TQ2_0", 256, 66, None), (39, "MXFP4", 32, 17, None),
 ];
 
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<GgmlType> {
-        GGML_TYPES.iter().find(|t| t.1 == id).map(|t| t.0)
+        GGML_TYPES.iter().any(|t| t.0 == id).then_some(GgmlType(id))
     }
 
-    fn traits(self) -> (u32, &'static str, u64, u64) {
-        // Every variant has a row in GGML_TYPES (checked by a test); the fallback is F32's.
-        GGML_TYPES
+    fn traits(self) -> (u32, &'static str, u64, u64, Option<GgmlDType>) {
+        // Only from_id makes a GgmlType, so the row exists; the fallback is F32's.
+        *GGML_TYPES
             .iter()
-            .find(|t| t.0 == self)
-            .map_or((0, "F32", 1, 4), |t| (t.1, t.2, t.3, t.4))
+            .find(|t| t.0 == self.0)
+            .unwrap_or(&GGML_TYPES[0])
     }
 
     pub fn id(self) -> u32 {
-        self.traits().0
+        self.0
     }
 
     pub fn name(self) -> &'static str {
@@ -348,27 +297,9 @@ impl GgmlType {
 
     /// candle's type, for the types its quantized module holds.
     pub fn candle(self) -> Option<GgmlDType> {
-        Some(match self {
-            GgmlType::F32 => GgmlDType::F32,
-            GgmlType::F16 => GgmlDType::F16,
-            GgmlType::BF16 => GgmlDType::BF16,
-            GgmlType::Q4_0 => GgmlDType::Q4_0,
-            GgmlType::Q4_1 => GgmlDType::Q4_1,
-            GgmlType::Q5_0 => GgmlDType::Q5_0,
-            GgmlType::Q5_1 => GgmlDType::Q5_1,
-            GgmlType::Q8_0 => GgmlDType::Q8_0,
-            GgmlType::Q8_1 => GgmlDType::Q8_1,
-            GgmlType::Q2_K => GgmlDType::Q2K,
-            GgmlType::Q3_K => GgmlDType::Q3K,
-            GgmlType::Q4_K => GgmlDType::Q4K,
-            GgmlType::Q5_K => GgmlDType::Q5K,
-            GgmlType::Q6_K => GgmlDType::Q6K,
-            GgmlType::Q8_K => GgmlDType::Q8K,
-            _ => return None,
-        })
+        self.traits().4
     }
 
-    /// Whether candle can hold tensors of this type (see [`GgmlType::candle`]).
     pub fn is_supported(self) -> bool {
         self.candle().is_some()
     }
