@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::eval::{maj_at_n, mean_at_n, pass_at_k, summarize, EvalSummary, PromptSamples};
-use crate::model::io::load_pretrained;
-use crate::model::{ChatTemplate, Llama, Tokenizer};
+use crate::model::quantized::load_for_sampling;
+use crate::model::{CausalLm, ChatTemplate, Tokenizer};
 use crate::reward::exact::exact_answer;
 use crate::reward::math::{canonical_answer, MathVerifier};
 use crate::reward::Verdict;
@@ -353,17 +353,18 @@ fn summarize_questions(
     Ok(all)
 }
 
-/// Evaluates the model at `model_path` (HF folder, GGUF file or grove checkpoint directory).
+/// Evaluates the model at `model_path` (HF folder, GGUF file or grove checkpoint directory);
+/// a GGUF model samples on its quantized weights.
 pub fn run_eval(model_path: &Path, opts: &EvalOptions) -> Result<EvalReport> {
     opts.validate()?;
     let device = crate::compute::device();
-    let (model, tok) = load_pretrained(model_path, &device)?;
-    run_eval_with(&model, &tok, model_path, opts)
+    let (model, tok) = load_for_sampling(model_path, &device)?;
+    run_eval_with(model.as_ref(), &tok, model_path, opts)
 }
 
 /// [`run_eval`] for a model already in memory; `model_path` locates a run's task config.
-pub fn run_eval_with(
-    model: &Llama,
+pub fn run_eval_with<M: CausalLm + ?Sized>(
+    model: &M,
     tok: &Tokenizer,
     model_path: &Path,
     opts: &EvalOptions,
@@ -524,7 +525,7 @@ mod tests {
     fn builtin_eval_of_a_random_model_scores_zero_and_writes_every_question() {
         let tok = Tokenizer::builtin_arithmetic();
         let cfg = crate::model::Config::builtin_tiny(tok.vocab_size());
-        let model = Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        let model = crate::model::Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("sub/eval.jsonl");
         let opts = EvalOptions {

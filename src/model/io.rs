@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -160,16 +161,30 @@ fn read_gguf_file(path: &Path) -> Result<(gguf::GgufFile, String)> {
     Ok((file, src))
 }
 
-/// Loads a Llama-family GGUF file: tensors dequantized to trainable f32 under their HF names
-/// (Q/K rows un-permuted for `llama` files), `config.json` and `tokenizer.json` rebuilt from
-/// the metadata, BOS prepended when `tokenizer.ggml.add_bos_token` says so (default: yes for
-/// SentencePiece vocabularies, no for byte-level BPE), and the `tokenizer.chat_template`.
+/// Loads a Llama-family GGUF file for training: tensors dequantized by candle to trainable
+/// f32 (see [`load_gguf_quantized`] for the rest).
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
-    // The bytes stay alive here: tensors are dequantized from them.
+    let (cfg, qtensors, tok) = load_gguf_quantized(path, device)?;
+    let mut tensors = HashMap::new();
+    for (name, q) in qtensors {
+        tensors.insert(name, q.dequantize(device)?);
+    }
+    let model = Llama::from_tensors(&cfg, tensors, device, &path.display().to_string())?;
+    Ok((model, tok))
+}
+
+/// A Llama-family GGUF file as candle `QTensor`s (still in their ggml blocks) under their HF
+/// names, Q/K rows un-permuted for `llama` files; `config.json` and `tokenizer.json` rebuilt
+/// from the metadata, BOS prepended when `tokenizer.ggml.add_bos_token` says so (default: yes
+/// for SentencePiece vocabularies, no for byte-level BPE), and the `tokenizer.chat_template`.
+pub fn load_gguf_quantized(
+    path: &Path,
+    device: &Device,
+) -> Result<(Config, HashMap<String, QTensor>, Tokenizer)> {
+    // The bytes stay alive here: tensors are copied out of them.
     let src = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let file = gguf::read_gguf(&bytes, &src)?;
-    file.ensure_supported_types()?;
     let cfg = Config::from_json(&gguf::llama_config_json(&file)?.to_string(), &src)?;
     let permuted = gguf::qk_permuted(&file);
     let mut tensors = HashMap::new();
@@ -184,8 +199,6 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
                 ),
             )
         })?;
-        let shape = gguf::hf_shape(info);
-        let mut data = gguf::dequantize(&file, &bytes, info)?;
         let heads = if name.contains(".self_attn.q_proj.") {
             Some(cfg.num_attention_heads)
         } else if name.contains(".self_attn.k_proj.") {
@@ -193,18 +206,15 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
         } else {
             None
         };
-        if let (true, Some(n_head)) = (permuted, heads) {
-            let rows = shape.first().copied().unwrap_or(0);
-            let cols = shape.get(1).copied().unwrap_or(1);
-            data = gguf::unpermute_qk(&data, rows, cols, n_head)
-                .map_err(|e| Error::checkpoint(path, format!("tensor `{}`: {e}", info.name)))?;
-        }
-        tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        let qk_heads = heads.filter(|_| permuted);
+        tensors.insert(
+            name,
+            gguf::hf_qtensor(&file, &bytes, info, qk_heads, device)?,
+        );
     }
     drop(bytes);
-    let model = Llama::from_tensors(&cfg, tensors, device, &src)?;
     let tok = gguf_tokenizer(&file, &src)?;
-    Ok((model, tok))
+    Ok((cfg, tensors, tok))
 }
 
 fn gguf_tokenizer(file: &gguf::GgufFile, src: &str) -> Result<Tokenizer> {

@@ -231,7 +231,7 @@ struct Layer {
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl KvCache {
@@ -546,7 +546,7 @@ impl Llama {
     }
 }
 
-fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let theta = cfg.rope_theta();
     let n = cfg.max_positions();

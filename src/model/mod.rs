@@ -1,5 +1,6 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
 pub mod batch;
+pub mod causal_lm;
 pub mod chat;
 pub mod fused;
 pub mod gguf;
@@ -7,11 +8,14 @@ pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod logprob;
+pub mod quantized;
 pub mod simd;
 
 pub mod reward_model;
 pub mod tokenizer;
 
+pub use causal_lm::CausalLm;
 pub use chat::ChatTemplate;
 pub use llama::{attention_mask, Config, KvCache, Llama};
+pub use quantized::QuantizedLlama;
 pub use tokenizer::Tokenizer;

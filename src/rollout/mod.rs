@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::batch::left_pad;
+use crate::model::{attention_mask, CausalLm};
 use crate::model::{attention_mask, KvCache, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,8 +77,8 @@ pub struct Generation {
 
 /// Samples one response per prompt. Consumes exactly one uniform draw of `rng` per active
 /// sequence per step, so runs are reproducible from the seed.
-pub fn generate<R: Rng>(
-    model: &Llama,
+pub fn generate<M: CausalLm + ?Sized, R: Rng>(
+    model: &M,
     prompts: &[Vec<u32>],
     eos: u32,
     pad: u32,
@@ -96,7 +97,7 @@ pub fn generate<R: Rng>(
     }
     let dev: &Device = model.device();
     let (ids, pos, mut key_valid, p) = left_pad(prompts, pad);
-    let max_pos = model.cfg.max_positions();
+    let max_pos = model.config().max_positions();
     let longest = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
     if longest + params.max_new_tokens > max_pos {
         return Err(Error::Model(format!(
@@ -104,7 +105,7 @@ pub fn generate<R: Rng>(
             params.max_new_tokens
         )));
     }
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let mut cache = model.new_cache();
     let ids_t = Tensor::from_vec(ids, (b, p), dev)?;
     let pos_t = Tensor::from_vec(pos, (b, p), dev)?;
     let mask = attention_mask(&key_valid, 0, p, dev)?;
