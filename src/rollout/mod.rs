@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::batch::left_pad;
 use crate::model::{attention_mask, CausalLm};
-use crate::model::{attention_mask, KvCache, Llama};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
