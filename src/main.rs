@@ -115,13 +115,14 @@ enum Command {
         /// JSONL with `index` (dataset row) and `response` on each line.
         #[arg(long, value_name = "FILE.jsonl", requires = "task")]
         responses: Option<PathBuf>,
-        /// JSONL with `response` and `reference` on each line; prints every verdict as JSONL.
+        /// JSONL with `response` and `reference` on each line; prints every verdict as JSONL
+        /// with its audit (correct, rule, reason, extracted, extracted_by, parsed forms).
         #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["task", "responses", "data"])]
         pairs: Option<PathBuf>,
         /// The dataset file (default: ../shared/data/<task>/test.jsonl).
         #[arg(long, value_name = "PATH")]
         data: Option<PathBuf>,
-        /// Do not fall back to the last number when a response marks no answer.
+        /// Do not fall back to the last math block or number when a response marks no answer.
         #[arg(long)]
         no_last_number: bool,
     },

@@ -30,7 +30,7 @@ impl Budget {
     /// Counts one unit of work; reads the clock every 64 units. None once the deadline passed.
     pub fn tick(&mut self) -> Option<()> {
         self.steps = self.steps.wrapping_add(1);
-        if !self.expired && self.steps % 64 == 0 {
+        if !self.expired && self.steps.is_multiple_of(64) {
             self.expired = Instant::now() >= self.deadline;
         }
         (!self.expired).then_some(())

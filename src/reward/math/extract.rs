@@ -155,7 +155,8 @@ pub fn matching_brace(b: &[u8], open: usize) -> Option<usize> {
 }
 
 /// The last boxed answer; boxes written side by side just before it (`\boxed{2}, \boxed{3}`,
-/// `\boxed{2} and \boxed{3}`) are joined into one list `2, 3`.
+/// `\boxed{2} and \boxed{3}`) are joined into one list `2, 3`. `or` does not join: it usually
+/// offers one answer in two forms (`\boxed{15\frac{39}{40}}` or `\boxed{\frac{639}{40}}`).
 fn extract_boxed_group(w: &str) -> Option<String> {
     let (mut start, last) = extract_last_boxed(w, w.len())?;
     let mut group = vec![last];
@@ -173,7 +174,6 @@ fn extract_boxed_group(w: &str) -> Option<String> {
             .replace("\\quad", "")
             .replace("also", "")
             .replace("and", "")
-            .replace(" or ", "")
             .chars()
             .all(|c| matches!(c, ' ' | ',' | '$' | ';' | '{' | '}' | '\\'));
         if !separator_only || gap.contains('\n') {

@@ -1,9 +1,9 @@
 //! Math answer verifier: every math reward grove gives goes through here.
 //!
-//! [`MathVerifier::verify`] extracts a final answer from a model response ([`extract`]),
-//! normalises it and the reference the same way ([`normalize`]), parses both into answer
-//! structures over an expression tree ([`answer`], [`expr`]) and decides equivalence
-//! ([`equiv`]): exact rational arithmetic first, then relative tolerance for irrational values,
+//! [`MathVerifier::verify`] extracts a final answer from a model response (`extract.rs`),
+//! normalises it and the reference the same way (`normalize.rs`), parses both into answer
+//! structures over an expression tree (`answer.rs`, `expr.rs`) and decides equivalence
+//! (`equiv.rs`): exact rational arithmetic first, then relative tolerance for irrational values,
 //! then evaluation at deterministic random points for expressions with free variables. The
 //! score is 1.0 (correct) or 0.0; [`MathVerifier::decide`] also says which rule decided and why.
 //! docs/verifier.md lists every supported form and rule with its known limits.

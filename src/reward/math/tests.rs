@@ -593,11 +593,11 @@ fn math500_last_boxed_matches_answer_for_99_percent() {
 
 // ---- time budget ----
 
-/// 30 numbers that each cost two 499-step binomials to evaluate (`\\binom{999}{499}` over itself,
-/// plus k), listed in opposite orders on the two sides: the unordered match compares ~465 pairs
-/// (≈ 900k evaluation steps) before it succeeds. It fits the extraction limit.
+/// 26 numbers that each cost two 499-step binomials to evaluate (`\\binom{999}{499}` over itself,
+/// plus k), listed in opposite orders on the two sides: the unordered match compares ~350 pairs
+/// (≈ 700k evaluation steps) before it succeeds. It fits the extraction limit.
 fn pathological_list(reversed: bool) -> String {
-    let mut items: Vec<String> = (0..30)
+    let mut items: Vec<String> = (0..26)
         .map(|k| format!("\\binom{{999}}{{499}}/\\binom{{999}}{{499}}+{k}"))
         .collect();
     if reversed {
