@@ -60,6 +60,10 @@ pub fn write_groups(path: &Path, groups: &[ExperienceGroup]) -> Result<(), Jsonl
                 source,
             })?;
     }
+    // A partial last line left by a killed writer would fuse with the next group.
+    if let Some(t) = crate::report::torn::repair_torn_tail(path).map_err(io_error)? {
+        eprintln!("warning: {t}");
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -279,6 +283,27 @@ mod tests {
             message.starts_with("group: unknown field `grup`, expected one of"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn appending_after_a_killed_writer_starts_a_fresh_line() {
+        let line = good_line();
+        // A writer killed mid-line left half a group without its newline.
+        let file = TempFile::with_text("torn", &format!("{line}\n{}", &line[..line.len() / 2]));
+        write_groups(&file.0, &[sample_group(7, 0, 2)]).unwrap();
+        let read = read_groups(&file.0).unwrap();
+        assert_eq!(
+            read.len(),
+            2,
+            "the new group is not fused into the torn line"
+        );
+        assert_eq!(read[1].group_id, 7);
+        let torn = crate::report::torn::torn_path(&file.0);
+        assert_eq!(
+            std::fs::read_to_string(&torn).unwrap(),
+            format!("{}\n", &line[..line.len() / 2])
+        );
+        let _ = std::fs::remove_file(torn);
     }
 
     #[test]
