@@ -105,6 +105,21 @@ pub fn truncate_after(path: &Path, phase: &str, max_step: usize) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,19 +147,4 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["step"], 2);
     }
-}
-
-pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb
 }
