@@ -388,6 +388,7 @@ mod tests {
         );
         // Empty responses and positive log-probs are refused on every read.
         let bad = line.replacen("\"response_ids\":[8,5,1]", "\"response_ids\":[]", 1);
+        let bad = bad.replacen("\"logprobs\":[-0.25,-1.5,-0.125]", "\"logprobs\":[]", 1);
         assert!(error_for_second_line(&bad).contains("response_ids is empty"));
         let bad = good_line().replacen("\"logprobs\":[", "\"logprobs\":[0.5,", 1);
         let bad = bad.replacen("\"response_ids\":[8,5,1]", "\"response_ids\":[8,5,1,2]", 1);
