@@ -70,6 +70,20 @@ pub enum ExperienceError {
         found: usize,
     },
     #[error(
+        "group {group_id}: experiences[{index}].response_ids is empty, expected at least one token"
+    )]
+    EmptyResponse { group_id: u64, index: usize },
+    #[error(
+        "group {group_id}: experiences[{index}].logprobs[{token}] is {value}, expected a log \
+         probability <= 0"
+    )]
+    PositiveLogprob {
+        group_id: u64,
+        index: usize,
+        token: usize,
+        value: f32,
+    },
+    #[error(
         "group {group_id}: experiences[{index}].{field} is {value}, expected a finite number \
          (JSON cannot store NaN or infinity)"
     )]
@@ -144,8 +158,23 @@ impl ExperienceGroup {
             field,
             value,
         };
+        if e.response_ids.is_empty() {
+            return Err(ExperienceError::EmptyResponse {
+                group_id: self.group_id,
+                index,
+            });
+        }
         if let Some((i, &lp)) = e.logprobs.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(not_finite(format!("logprobs[{i}]"), f64::from(lp)));
+        }
+        // A log-softmax can round a hair above 0; anything more is not a log probability.
+        if let Some((token, &value)) = e.logprobs.iter().enumerate().find(|(_, v)| **v > 1e-5) {
+            return Err(ExperienceError::PositiveLogprob {
+                group_id: self.group_id,
+                index,
+                token,
+                value,
+            });
         }
         if !e.reward.is_finite() {
             return Err(not_finite("reward".to_string(), e.reward));

@@ -60,6 +60,10 @@ pub fn write_groups(path: &Path, groups: &[ExperienceGroup]) -> Result<(), Jsonl
                 source,
             })?;
     }
+    // A partial last line left by a killed writer would fuse with the next group.
+    if let Some(t) = crate::report::torn::repair_torn_tail(path).map_err(io_error)? {
+        eprintln!("warning: {t}");
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -102,6 +106,64 @@ pub fn read_groups(path: &Path) -> Result<Vec<ExperienceGroup>, JsonlError> {
             source,
         })?;
         groups.push(group);
+    }
+    Ok(groups)
+}
+
+/// [`read_groups`] for training: also checks every token id against the policy's vocabulary
+/// and that the file holds at least `groups_per_step` groups (one step), so nothing trains on
+/// data that cannot be used. Errors name the file and line.
+pub fn read_offline(
+    path: &Path,
+    vocab_size: usize,
+    groups_per_step: usize,
+) -> Result<Vec<ExperienceGroup>, JsonlError> {
+    let groups = read_groups(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| JsonlError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Line numbers of the non-blank lines, in the order read_groups returned their groups.
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, t)| !t.trim().is_empty())
+        .map(|(i, _)| i + 1)
+        .collect();
+    for (group, &line) in groups.iter().zip(&lines) {
+        for (index, e) in group.experiences.iter().enumerate() {
+            for (field, ids) in [
+                ("prompt_ids", &e.prompt_ids),
+                ("response_ids", &e.response_ids),
+            ] {
+                if let Some((j, id)) = ids
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &t)| t as usize >= vocab_size)
+                {
+                    return Err(JsonlError::Parse {
+                        path: path.to_path_buf(),
+                        line,
+                        field: format!("experiences[{index}].{field}[{j}]"),
+                        msg: format!(
+                            "token id {id} is outside the policy's vocabulary of {vocab_size}"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if groups.len() < groups_per_step {
+        return Err(JsonlError::Parse {
+            path: path.to_path_buf(),
+            line: lines.last().copied().unwrap_or(0),
+            field: "file".into(),
+            msg: format!(
+                "{} groups, fewer than one step needs (rollout.prompts_per_step = \
+                 {groups_per_step}): nothing would be trained",
+                groups.len()
+            ),
+        });
     }
     Ok(groups)
 }
@@ -278,6 +340,62 @@ mod tests {
         assert!(
             message.starts_with("group: unknown field `grup`, expected one of"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn appending_after_a_killed_writer_starts_a_fresh_line() {
+        let line = good_line();
+        // A writer killed mid-line left half a group without its newline.
+        let file = TempFile::with_text("torn", &format!("{line}\n{}", &line[..line.len() / 2]));
+        write_groups(&file.0, &[sample_group(7, 0, 2)]).unwrap();
+        let read = read_groups(&file.0).unwrap();
+        assert_eq!(
+            read.len(),
+            2,
+            "the new group is not fused into the torn line"
+        );
+        assert_eq!(read[1].group_id, 7);
+        let torn = crate::report::torn::torn_path(&file.0);
+        assert_eq!(
+            std::fs::read_to_string(&torn).unwrap(),
+            format!("{}\n", &line[..line.len() / 2])
+        );
+        let _ = std::fs::remove_file(torn);
+    }
+
+    #[test]
+    fn offline_data_is_checked_against_the_vocabulary_and_the_step() {
+        let line = good_line();
+        let file = TempFile::with_text("offline", &format!("{line}\n\n{line}\n"));
+        assert_eq!(read_offline(&file.0, 100, 2).unwrap().len(), 2);
+        let e = read_offline(&file.0, 100, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("line 3, file: 2 groups, fewer than one step"),
+            "{e}"
+        );
+        let empty = TempFile::with_text("offline-empty", "");
+        let e = read_offline(&empty.0, 100, 1).unwrap_err().to_string();
+        assert!(e.contains("0 groups"), "{e}");
+        // sample_group's prompt ids hold 11 at index 2: a vocabulary of 8 does not.
+        let e = read_offline(&file.0, 8, 1).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "line 1, experiences[0].prompt_ids[2]: token id 11 is outside the \
+                        policy's vocabulary of 8"
+            ),
+            "{e}"
+        );
+        // Empty responses and positive log-probs are refused on every read.
+        let bad = line.replacen("\"response_ids\":[8,5,1]", "\"response_ids\":[]", 1);
+        let bad = bad.replacen("\"logprobs\":[-0.25,-1.5,-0.125]", "\"logprobs\":[]", 1);
+        assert!(error_for_second_line(&bad).contains("response_ids is empty"));
+        let bad = good_line().replacen("\"logprobs\":[", "\"logprobs\":[0.5,", 1);
+        let bad = bad.replacen("\"response_ids\":[8,5,1]", "\"response_ids\":[8,5,1,2]", 1);
+        let m = error_for_second_line(&bad);
+        assert!(
+            m.contains("logprobs[0] is 0.5, expected a log probability <= 0"),
+            "{m}"
         );
     }
 

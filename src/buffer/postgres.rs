@@ -248,7 +248,7 @@ impl PostgresBuffer {
     }
 
     fn take_rows(&self, n: usize, min_version: i64) -> Result<Taken, BufferError> {
-        let (url, table, mode) = (self.url.clone(), self.table.clone(), self.mode.clone());
+        let (url, table, mode) = (self.url.clone(), self.table.clone(), self.mode);
         let location = self.location();
         self.conn.call("a take", move |client| {
             let error = |source| BufferError::Postgres {

@@ -280,7 +280,8 @@ impl Default for TrainConfig {
 }
 
 /// Sets `path` (dotted) in a TOML table to `value`, parsed as a TOML value when it parses
-/// (numbers, booleans, arrays, quoted strings) and as a bare string otherwise.
+/// (numbers, booleans, arrays, quoted strings); a bare word such as `lagged` is a string. A
+/// value that is neither (`1e-3x`, `[1, 2`) is an error naming the key, not a string.
 pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     let (path, raw) = spec.split_once('=').ok_or_else(|| {
         Error::config(
@@ -293,6 +294,19 @@ pub fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
         Ok(mut t) => t
             .remove("v")
             .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(e) if !resume::is_bare_word(raw.trim()) => {
+            return Err(Error::config(
+                "--set",
+                format!(
+                    "`{}`: the value `{}` is not a TOML value ({}); quote text as \
+                     {}=\"...\"",
+                    path.trim(),
+                    raw.trim(),
+                    e.message().trim(),
+                    path.trim()
+                ),
+            ))
+        }
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let keys: Vec<&str> = path.split('.').collect();

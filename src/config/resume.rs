@@ -65,6 +65,19 @@ pub fn check_trust(dir: &Path, cfg: &RunConfig, trusted: bool) -> Result<()> {
     })
 }
 
+/// A `--set` value taken as text without quotes: a word of letters, digits and `_-./:+@`
+/// that does not start like a number (so `1e-3x` is a typo, not a string).
+pub fn is_bare_word(raw: &str) -> bool {
+    let starts_numeric = raw
+        .trim_start_matches(['+', '-'])
+        .starts_with(|c: char| c.is_ascii_digit() || c == '.');
+    !raw.is_empty()
+        && !starts_numeric
+        && raw
+            .chars()
+            .all(|c| c.is_alphanumeric() || "_-./:+@".contains(c))
+}
+
 /// Refuses to resume in a sync mode whose resume is not exact.
 pub fn refuse_inexact(cfg: &RunConfig) -> Result<()> {
     if cfg.sync.mode == SyncMode::Async {
@@ -119,6 +132,26 @@ mod tests {
         let plain = RunConfig::default();
         assert!(external_programs(&plain).is_empty());
         assert!(check_trust(Path::new("runs/x"), &plain, false).is_ok());
+    }
+
+    #[test]
+    fn set_values_that_are_not_toml_are_errors_naming_the_key() {
+        let mut t = toml::Table::new();
+        super::super::apply_override(&mut t, "sync.mode=lagged").unwrap();
+        assert_eq!(t["sync"]["mode"].as_str(), Some("lagged"));
+        super::super::apply_override(&mut t, "model.source=runs/a/step-3").unwrap();
+        super::super::apply_override(&mut t, "train.lr=3e-4").unwrap();
+        assert_eq!(t["train"]["lr"].as_float(), Some(3e-4));
+        for bad in ["train.lr=1e-3x", "rollout.group_size=[1, 2", "name=a b"] {
+            let e = super::super::apply_override(&mut t, bad)
+                .unwrap_err()
+                .to_string();
+            let key = bad.split('=').next().unwrap();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("not a TOML value"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

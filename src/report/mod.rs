@@ -5,6 +5,7 @@ pub mod mlflow;
 pub mod plot;
 pub mod sinks;
 pub mod tensorboard;
+pub mod torn;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -23,7 +24,9 @@ pub struct JsonlWriter {
 }
 
 impl JsonlWriter {
+    /// Opens `path` for appending, first moving a torn last line aside ([`torn`]).
     pub fn open_append(path: &Path) -> Result<Self> {
+        torn::repair_and_warn(path)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,11 +84,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
 
 /// Keeps only lines whose `step` is at most `max_step` (or whose phase is not `phase`):
 /// a resumed run rewrites the steps after its checkpoint, so the file matches an
-/// uninterrupted run. Written to a temporary file, then renamed.
+/// uninterrupted run. Written to a temporary file, then renamed. A torn last line (left by a
+/// crash or a full disk) is moved aside first, with a warning.
 pub fn truncate_after(path: &Path, phase: &str, max_step: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
+    torn::repair_and_warn(path)?;
     let lines = read_jsonl(path)?;
     let tmp = path.with_extension("jsonl.tmp");
     {
@@ -117,4 +122,33 @@ pub fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_truncation_and_appending_survive_a_torn_last_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("metrics.jsonl");
+        std::fs::write(
+            &p,
+            "{\"step\":1,\"phase\":\"rl\"}\n{\"step\":2,\"phase\":\"rl\"}\n{\"step\":3,\"ph",
+        )
+        .unwrap();
+        truncate_after(&p, "rl", 1).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"phase\":\"rl\",\"step\":1}\n"
+        );
+        assert!(tmp.path().join("metrics.jsonl.torn").exists());
+        // An appender opening a torn file starts on a fresh line.
+        std::fs::write(&p, "{\"step\":1}\n{\"st").unwrap();
+        let mut w = JsonlWriter::open_append(&p).unwrap();
+        w.write(&serde_json::json!({"step": 2})).unwrap();
+        let lines = read_jsonl(&p).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["step"], 2);
+    }
 }

@@ -778,7 +778,6 @@ mod tests {
         };
         assert_eq!(RewardFn::score(&mut f, &req("", "abc", &[])).unwrap(), 3.0);
         assert_eq!(RewardFn::failures(&f), 0);
-        drop(f);
         assert_eq!(calls, 1);
     }
 }

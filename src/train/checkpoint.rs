@@ -1,6 +1,11 @@
 //! Checkpoints: `checkpoints/step-N/{model.safetensors, optimizer.safetensors, state.json,
 //! config.json, tokenizer.json}`, written under a temporary name and renamed, so a crash never
 //! leaves a half-written checkpoint where resume would look.
+//!
+//! Each checkpoint also holds `checksums.json`, a 64-bit FNV-1a digest of every file, checked
+//! on resume: a bit flip on disk is an error naming the file, not a silently different run.
+//! Loaded weights must be finite; a NaN or infinity is an error naming the file and tensor.
+//! Temporary directories left by a killed writer are removed at the next save.
 use std::path::{Path, PathBuf};
 
 use rand_chacha::ChaCha8Rng;
@@ -66,6 +71,7 @@ pub fn save(
     let final_dir = step_dir(run_dir, state.step);
     let parent = final_dir.parent().unwrap_or(run_dir).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    remove_stale_tmp(&parent)?;
     let tmp = parent.join(format!(".tmp-step-{}-{}", state.step, std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -93,6 +99,7 @@ pub fn save(
         crate::buffer::jsonl::write_groups(&tmp.join("pending.jsonl"), &extras.pending)
             .map_err(|e| Error::checkpoint(&tmp, e.to_string()))?;
     }
+    write_checksums(&tmp)?;
     if final_dir.exists() {
         // Re-running a step after resume: replace the old copy.
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
@@ -133,10 +140,129 @@ pub fn read_state(ckpt: &Path) -> Result<TrainState> {
         .map_err(|e| Error::checkpoint(&p, format!("invalid state.json: {e}")))
 }
 
-/// Loads model weights and optimizer moments from a checkpoint into existing objects.
+/// The file holding the digests of a checkpoint's other files.
+pub const CHECKSUMS: &str = "checksums.json";
+
+/// 64-bit FNV-1a of a file's bytes, as 16 hex digits.
+fn digest(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(format!("{hash:016x}"))
+}
+
+/// Writes `checksums.json` for every other file of `dir`.
+fn write_checksums(dir: &Path) -> Result<()> {
+    let mut sums = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name != CHECKSUMS && entry.path().is_file() {
+            sums.insert(name, digest(&entry.path())?);
+        }
+    }
+    let p = dir.join(CHECKSUMS);
+    std::fs::write(&p, serde_json::to_string_pretty(&sums)?).map_err(|e| Error::io(&p, e))
+}
+
+/// Checks every file listed in `checksums.json` (checkpoints written before it existed have
+/// none and are not checked).
+pub fn verify_checksums(ckpt: &Path) -> Result<()> {
+    let p = ckpt.join(CHECKSUMS);
+    if !p.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let sums: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(&p, format!("invalid {CHECKSUMS}: {e}")))?;
+    for (name, expected) in sums {
+        let f = ckpt.join(&name);
+        if !f.exists() {
+            return Err(Error::checkpoint(
+                &f,
+                format!("missing, though {CHECKSUMS} lists it"),
+            ));
+        }
+        let found = digest(&f)?;
+        if found != expected {
+            return Err(Error::checkpoint(
+                &f,
+                format!(
+                    "checksum mismatch (expected {expected}, found {found}): the file changed \
+                     after it was written (disk corruption or an edit)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Errors on the first tensor with a NaN or infinite value, naming `file` and the tensor.
+pub fn check_finite(
+    file: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::checkpoint(
+                file,
+                format!(
+                    "tensor `{name}` holds a non-finite value ({} at flat index {i}); weights \
+                     must be finite",
+                    values[i]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes `.tmp-step-*-PID` directories of `checkpoints/` whose writer is no longer running.
+fn remove_stale_tmp(checkpoints: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(checkpoints) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(".tmp-step-") else {
+            continue;
+        };
+        let pid = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid
+            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let p = entry.path();
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads model weights and optimizer moments from a checkpoint into existing objects, after
+/// checking the checksums and that the weights are finite.
 pub fn restore(ckpt: &Path, model: &Llama, opt: &mut AdamW, state: &TrainState) -> Result<()> {
+    verify_checksums(ckpt)?;
     let weights_path = ckpt.join("model.safetensors");
     let weights = load_safetensors(&weights_path, model.device())?;
+    check_finite(&weights_path, &weights)?;
     let loaded = Llama::from_tensors(
         &model.cfg,
         weights,
@@ -147,4 +273,71 @@ pub fn restore(ckpt: &Path, model: &Llama, opt: &mut AdamW, state: &TrainState) 
     let opt_path = ckpt.join("optimizer.safetensors");
     let st = load_safetensors(&opt_path, &candle_core::Device::Cpu)?;
     opt.load_state(st, state.optimizer_t, &opt_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn a_flipped_bit_is_a_checksum_error_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("model.safetensors"), vec![7u8; 5000]).unwrap();
+        std::fs::write(d.join("state.json"), "{}").unwrap();
+        write_checksums(d).unwrap();
+        verify_checksums(d).unwrap();
+        let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+        bytes[1234] ^= 0x10;
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        let e = verify_checksums(d).unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("checksum mismatch"),
+            "{e}"
+        );
+        std::fs::remove_file(d.join("state.json")).unwrap();
+        std::fs::write(d.join("model.safetensors"), vec![7u8; 5000]).unwrap();
+        let e = verify_checksums(d).unwrap_err().to_string();
+        assert!(e.contains("state.json") && e.contains("missing"), "{e}");
+        // FNV-1a 64 of "a" (published test vector).
+        std::fs::write(d.join("a"), "a").unwrap();
+        assert_eq!(digest(&d.join("a")).unwrap(), "af63dc4c8601ec8c");
+    }
+
+    #[test]
+    fn non_finite_weights_name_the_file_and_tensor() {
+        let dev = Device::Cpu;
+        let mut w = std::collections::HashMap::new();
+        w.insert(
+            "a.weight".to_string(),
+            Tensor::new(&[1f32, 2.0], &dev).unwrap(),
+        );
+        let f = Path::new("ck/model.safetensors");
+        check_finite(f, &w).unwrap();
+        w.insert(
+            "b.weight".to_string(),
+            Tensor::new(&[0f32, f32::NAN, 1.0], &dev).unwrap(),
+        );
+        let e = check_finite(f, &w).unwrap_err().to_string();
+        assert!(
+            e.contains("ck/model.safetensors") && e.contains("`b.weight`") && e.contains("index 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn stale_temporary_checkpoints_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        // A writer that no longer runs (no such pid) and one that does (pid 1 always runs).
+        let dead = d.join(".tmp-step-5-4194999999");
+        let live = d.join(".tmp-step-5-1");
+        let done = d.join("step-4");
+        for p in [&dead, &live, &done] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        remove_stale_tmp(d).unwrap();
+        assert!(!dead.exists() && live.exists() && done.exists());
+    }
 }

@@ -31,9 +31,14 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let plan = plan_for(&env, &model)?;
     // Offline data is read (and checked) before anything is created.
     let offline = match &cfg.sync.offline {
-        Some(p) => {
-            Some(buffer::jsonl::read_groups(Path::new(p)).map_err(|e| Error::Task(e.to_string()))?)
-        }
+        Some(p) => Some(
+            buffer::jsonl::read_offline(
+                Path::new(p),
+                model.cfg.vocab_size,
+                cfg.rollout.prompts_per_step,
+            )
+            .map_err(|e| Error::Task(e.to_string()))?,
+        ),
         None => None,
     };
     let (run_dir, ckpt) = open_run_dir(cfg, &plan, opts)?;
