@@ -154,7 +154,7 @@ impl std::fmt::Debug for PostgresBuffer {
 }
 
 impl PostgresBuffer {
-    /// Connects and creates `table` if it is missing, with the default [`Timeouts`].
+    /// Connects and creates `table` if it is missing, with the default `Timeouts`.
     pub fn connect(
         url: &str,
         table: &str,
