@@ -128,7 +128,7 @@ fn every_ggml_type_dequantizes_like_the_gguf_package_and_multiplies_on_its_block
 fn prefill_and_step(model: &dyn CausalLm) -> (Vec<f32>, Vec<f32>) {
     let dev = Device::Cpu;
     let prompts = [vec![5u32, 70, 300, 12, 99, 250], vec![7u32, 8, 280]];
-    let (ids, pos, mut valid, p) = grove::rollout::left_pad(&prompts, 0);
+    let (ids, pos, mut valid, p) = grove::model::batch::left_pad(&prompts, 0);
     let ids = Tensor::from_vec(ids, (2, p), &dev).unwrap();
     let pos = Tensor::from_vec(pos, (2, p), &dev).unwrap();
     let mask = attention_mask(&valid, 0, p, &dev).unwrap();
