@@ -421,7 +421,9 @@ pub fn ops_profile(
         cfg.intermediate_size,
     );
     type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
-    let mut ops: Vec<(String, String, Vec<Vec<usize>>, OpFn, OpFn)> = vec![];
+    /// (name, shape label, input shapes, fused op, composed reference)
+    type OpCase = (String, String, Vec<Vec<usize>>, OpFn, OpFn);
+    let mut ops: Vec<OpCase> = vec![];
     ops.push((
         "rms_norm".into(),
         format!("({batch}, {seq}, {h})"),

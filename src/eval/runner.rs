@@ -247,8 +247,7 @@ fn eval_items(
     template: Option<&ChatTemplate>,
 ) -> Result<(Vec<Item>, usize)> {
     let mut items = Vec::new();
-    let max_new_tokens;
-    match opts.task.dataset() {
+    let max_new_tokens = match opts.task.dataset() {
         Some(kind) => {
             let path = opts
                 .data
@@ -270,10 +269,10 @@ fn eval_items(
                     prompt,
                 });
             }
-            max_new_tokens = opts.max_new_tokens.unwrap_or(match kind {
+            opts.max_new_tokens.unwrap_or(match kind {
                 DatasetKind::Gsm8k => 512,
                 DatasetKind::Math500 => 1024,
-            });
+            })
         }
         None => {
             let cfg = run_task_config(model_path)?.unwrap_or_default();
@@ -289,9 +288,9 @@ fn eval_items(
                     prompt: p.prompt.clone(),
                 });
             }
-            max_new_tokens = opts.max_new_tokens.unwrap_or(task.max_answer_chars() + 1);
+            opts.max_new_tokens.unwrap_or(task.max_answer_chars() + 1)
         }
-    }
+    };
     Ok((items, max_new_tokens))
 }
 

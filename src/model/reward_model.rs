@@ -303,7 +303,14 @@ mod tests {
     fn score_is_head_dot_last_hidden_state() {
         let m = tiny();
         let seq = vec![1u32, 5, 6, 7, 2];
-        let b = score_batch(&[seq.clone()], 0, Padding::Right, 64, &Device::Cpu).unwrap();
+        let b = score_batch(
+            std::slice::from_ref(&seq),
+            0,
+            Padding::Right,
+            64,
+            &Device::Cpu,
+        )
+        .unwrap();
         let hidden = m
             .body
             .forward_hidden(&b.ids, &b.pos, &b.mask, None)

@@ -47,14 +47,14 @@ pub struct LogProbRequest<'a> {
     pub finished: bool,
 }
 
-/// Token log-probs under the rollout policy; the model lives in the trainer, which implements
-/// this (see [`super::policy::PolicyLogProbs`]).
+/// Token log-probs under the rollout policy; the model lives in the trainer
+/// (`train::policy_callbacks` implements this).
 pub trait LogProbProvider {
     /// One vector of per-token log-probs per request, in order.
     fn logprobs(&mut self, requests: &[LogProbRequest<'_>]) -> Result<Vec<Vec<f64>>>;
 }
 
-/// Responses of the frozen reference policy (see [`super::policy::PolicyReferenceSampler`]).
+/// Responses of the frozen reference policy (`train::policy_callbacks` implements this).
 pub trait ReferenceProvider {
     /// `m` responses to `ctx.prompt`.
     fn reference_responses(&mut self, ctx: &GroupContext, m: usize)

@@ -46,13 +46,27 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         println!("{}", plan.render());
         println!("run directory: {}", run_dir.display());
     }
-    let opt = AdamW::new(
+    let mut opt = AdamW::new(
         model.params(),
         AdamWParams {
             weight_decay: cfg.train.weight_decay,
             ..Default::default()
         },
     );
+    // Everything is read and checked from the checkpoint, and metrics.jsonl/samples.jsonl
+    // truncated to it (or removed on a fresh start), before the learner opens them to append.
+    let resumed = match &ckpt {
+        Some(c) => Some(restore(&env, &model, &mut opt, &run_dir, c)?),
+        None => {
+            for name in ["metrics.jsonl", "samples.jsonl"] {
+                let p = run_dir.join(name);
+                if p.exists() {
+                    std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+                }
+            }
+            None
+        }
+    };
     let mut learner = Learner::new(model, opt, &run_dir, cfg.seed)?;
     // Trackers ([report]) mirror metrics.jsonl and samples.jsonl from here on.
     let config_toml = cfg.to_toml()?;
@@ -60,9 +74,15 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let reporter =
         report::sinks::Reporter::start(&cfg.report, &run_dir, &config_toml, params, opts.quiet)?;
     let pb = report::progress_bar(cfg.warmup.max_steps as u64, opts.quiet);
-    let start = match &ckpt {
-        Some(c) => restore(&env, &mut learner, &run_dir, c)?,
-        None => fresh_start(&env, &mut learner, &run_dir, &pb)?,
+    let start = match resumed {
+        Some((start, st, reference)) => {
+            learner.reference = reference;
+            learner.version = st.version;
+            learner.learn_rng = st.learn_rng;
+            learner.adv_state = st.adv_state;
+            start
+        }
+        None => fresh_start(&env, &mut learner, &pb)?,
     };
     // Reward-pipeline hook ([reward.pipeline], reward_hook.rs): its frozen reference policy is
     // the warm-up result (checkpoint step-0 on resume).
@@ -180,13 +200,20 @@ fn uses_reference(cfg: &RunConfig) -> bool {
 
 /// Resume: load and check everything from the checkpoint before touching any file of the run,
 /// so a corrupt checkpoint leaves the directory exactly as it was.
-fn restore(env: &Env, learner: &mut Learner, run_dir: &Path, c: &Path) -> Result<Start> {
+/// Returns where the loop starts, the checkpoint's state and the reference policy.
+fn restore(
+    env: &Env,
+    model: &Llama,
+    opt: &mut AdamW,
+    run_dir: &Path,
+    c: &Path,
+) -> Result<(Start, TrainState, Option<Llama>)> {
     let st = checkpoint::read_state(c)?;
-    checkpoint::restore(c, &learner.model, &mut learner.opt, &st)?;
-    let dev = learner.model.device().clone();
+    checkpoint::restore(c, model, opt, &st)?;
+    let dev = model.device().clone();
     let load = |p: PathBuf| -> Result<Llama> {
         let w = crate::model::io::load_safetensors(&p, &dev)?;
-        Llama::from_tensors(&learner.model.cfg, w, &dev, &p.display().to_string())
+        Llama::from_tensors(&model.cfg, w, &dev, &p.display().to_string())
     };
     // The reference policy is the warm-up result, kept as checkpoint step-0.
     let reference = if uses_reference(&env.cfg) {
@@ -210,11 +237,7 @@ fn restore(env: &Env, learner: &mut Learner, run_dir: &Path, c: &Path) -> Result
     };
     report::truncate_after(&run_dir.join("metrics.jsonl"), "rl", st.step)?;
     report::truncate_after(&run_dir.join("samples.jsonl"), "rl", st.step)?;
-    learner.reference = reference;
-    learner.version = st.version;
-    learner.learn_rng = st.learn_rng.clone();
-    learner.adv_state = st.adv_state.clone();
-    Ok(Start {
+    let start = Start {
         step: st.step,
         warmup_steps: st.warmup_steps,
         acc_after_warmup: st.acc_after_warmup,
@@ -222,24 +245,14 @@ fn restore(env: &Env, learner: &mut Learner, run_dir: &Path, c: &Path) -> Result
         reward_pipeline: Some(st.reward_pipeline.clone()),
         lagged: st.lagged.clone().zip(behaviour),
         pending,
-    })
+    };
+    Ok((start, st, reference))
 }
 
-/// Fresh start (or a resume before the first checkpoint): begin from nothing, warm up, and
-/// evaluate the warmed-up policy as step 0.
-fn fresh_start(
-    env: &Env,
-    learner: &mut Learner,
-    run_dir: &Path,
-    pb: &indicatif::ProgressBar,
-) -> Result<Start> {
+/// Fresh start (or a resume before the first checkpoint): warm up, and evaluate the
+/// warmed-up policy as step 0.
+fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) -> Result<Start> {
     let cfg = &env.cfg;
-    for name in ["metrics.jsonl", "samples.jsonl"] {
-        let p = run_dir.join(name);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
-    }
     let warmup_steps = warmup(env, &learner.model, &mut learner.metrics, pb)?;
     let acc = evaluate_task(
         env,
@@ -338,7 +351,7 @@ impl RunState<'_> {
             let mut m = learner.learn(env, &batch.groups, s, batch.generate_s, batch.dropped)?;
             source.after_update(env, learner)?;
             step = s;
-            if step % cfg.train.eval_every == 0 || step == steps {
+            if step.is_multiple_of(cfg.train.eval_every) || step == steps {
                 last_eval = evaluate_task(
                     env,
                     &learner.model,
@@ -360,7 +373,7 @@ impl RunState<'_> {
             }
             pb.inc(1);
             let stop_here = opts.stop_after == Some(step);
-            if step % cfg.train.checkpoint_every == 0 || step == steps || stop_here {
+            if step.is_multiple_of(cfg.train.checkpoint_every) || step == steps || stop_here {
                 self.save(learner, step, explore_st, source)?;
             }
             acc_final = last_eval;

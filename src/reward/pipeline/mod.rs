@@ -481,8 +481,8 @@ impl RewardPipeline {
             }
         }
         // Pass 2: everything but verifiers and gates.
-        for k in 0..self.components.len() {
-            if values[k].is_some() || matches!(self.components[k].scorer, Scorer::Gated(_)) {
+        for (k, slot) in values.iter_mut().enumerate() {
+            if slot.is_some() || matches!(self.components[k].scorer, Scorer::Gated(_)) {
                 continue;
             }
             let v = self.score_plain(
@@ -492,7 +492,7 @@ impl RewardPipeline {
                 verdicts.as_deref(),
                 logprobs.as_deref_mut(),
             )?;
-            values[k] = Some(v);
+            *slot = Some(v);
         }
         // Pass 3: gates over raw values.
         for k in 0..self.components.len() {

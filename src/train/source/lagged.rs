@@ -32,7 +32,7 @@ impl BatchSource for Lagged {
         let cfg = &env.cfg;
         let mut generate_s = 0.0;
         while self.next_batch < s + cfg.sync.offset {
-            if self.next_batch % cfg.sync.interval == 0 {
+            if self.next_batch.is_multiple_of(cfg.sync.interval) {
                 self.behaviour.copy_weights_from(&learner.model)?;
                 self.behaviour_version = learner.version;
             }
