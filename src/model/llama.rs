@@ -240,6 +240,27 @@ impl KvCache {
             layers: (0..n_layers).map(|_| None).collect(),
         }
     }
+
+    /// Appends layer `li`'s new keys and values (b, nkv, t, hd) along the sequence axis and
+    /// returns the whole cached keys and values, contiguous.
+    pub(crate) fn append(&mut self, li: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let slot = self
+            .layers
+            .get_mut(li)
+            .ok_or_else(|| Error::Model("kv cache has fewer layers than the model".into()))?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, k], 2)?,
+                Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
+            ),
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        // Cached keys/values are detached: the cache serves decoding only, and an attached
+        // cache would keep every earlier step's autograd graph (all its activations) alive
+        // through the chain of concatenations.
+        *slot = Some((k.detach(), v.detach()));
+        Ok((k, v))
+    }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         match self.layers.first() {
@@ -493,23 +514,7 @@ impl Llama {
                 let q = super::fused::rope(&q, &cos, &sin)?;
                 let k = super::fused::rope(&k, &cos, &sin)?;
                 let (k, v) = match cache.as_deref_mut() {
-                    Some(c) => {
-                        let slot = c.layers.get_mut(li).ok_or_else(|| {
-                            Error::Model("kv cache has fewer layers than the model".into())
-                        })?;
-                        let (k, v) = match slot.take() {
-                            Some((pk, pv)) => (
-                                Tensor::cat(&[&pk, &k], 2)?,
-                                Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
-                            ),
-                            None => (k.contiguous()?, v.contiguous()?),
-                        };
-                        // Cached keys/values are detached: the cache serves decoding only, and an
-                        // attached cache would keep every earlier step's autograd graph (all its
-                        // activations) alive through the chain of concatenations.
-                        *slot = Some((k.detach(), v.detach()));
-                        (k, v)
-                    }
+                    Some(c) => c.append(li, &k, &v)?,
                     None => (k.contiguous()?, v.contiguous()?),
                 };
                 // Grouped-query attention without copying keys/values per query head: the `rep`

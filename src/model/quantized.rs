@@ -290,20 +290,7 @@ impl QuantizedLlama {
         let q = super::fused::rope(&q, rope.0, rope.1)?;
         let k = super::fused::rope(&k, rope.0, rope.1)?;
         let (k, v) = match cache {
-            Some(c) => {
-                let slot = c.layers.get_mut(li).ok_or_else(|| {
-                    Error::Model("kv cache has fewer layers than the model".into())
-                })?;
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&pk, &k], 2)?,
-                        Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
-                    ),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(c) => c.append(li, &k, &v)?,
             None => (k.contiguous()?, v.contiguous()?),
         };
         // Grouped-query attention as in `Llama::forward_hidden`: the `rep` query heads of one KV
