@@ -16,6 +16,18 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
     #[error("model: {0}")]
     Model(String),
+    /// The model's output is NaN or +∞ while sampling: its weights hold NaN, or its
+    /// activations overflowed.
+    #[error(
+        "model: non-finite logits ({value}) for sequence {sequence} at new token {new_token}: the \
+         weights hold NaN or infinity, or the activations overflowed; sampling would return \
+         arbitrary tokens (check the model file, or its training run's loss)"
+    )]
+    NonFiniteLogits {
+        sequence: usize,
+        new_token: usize,
+        value: f32,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("task: {0}")]
@@ -43,6 +55,38 @@ pub enum Error {
     /// A malformed GGUF file (`model::gguf::GgufError`: file, byte offset and field).
     #[error(transparent)]
     Gguf(Box<dyn std::error::Error + Send + Sync>),
+    /// An experience buffer failed (`buffer::BufferError`: file or redacted URL, and what).
+    #[error(transparent)]
+    Buffer(Box<dyn std::error::Error + Send + Sync>),
+    /// A data set could not be read (`task::datasets::DatasetError`: file, line and field).
+    #[error(transparent)]
+    Dataset(Box<dyn std::error::Error + Send + Sync>),
+    /// A line of an input file is not what was expected; `at` is `file:line` or `file`.
+    #[error("{at}: {msg}")]
+    Input { at: String, msg: String },
+    /// A command-line option has a value that cannot be used.
+    #[error("{option}: {msg}")]
+    Usage { option: String, msg: String },
+    /// A name that is not one of the known ones (the message lists them).
+    #[error("unknown {kind} {name:?} (expected {known})")]
+    UnknownName {
+        kind: &'static str,
+        name: String,
+        known: String,
+    },
+    /// Waited the configured time for another process, and nothing came.
+    #[error("{what}: nothing after {waited_s} s; {hint}")]
+    Timeout {
+        what: String,
+        waited_s: f64,
+        hint: String,
+    },
+    /// A worker thread (the async explorer) failed; its error or panic.
+    #[error("{thread}: {msg}")]
+    Thread { thread: &'static str, msg: String },
+    /// A broken internal invariant: a bug in grove, not in the input.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("json: {0}")]
@@ -69,5 +113,99 @@ impl Error {
             path: path.into(),
             msg: msg.into(),
         }
+    }
+}
+
+/// The JSON type of a value with its article ("a string", "null"), for "expected ..., found
+/// ..." messages.
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// What a hidden secret is shown as (in saved configs, plans and messages).
+pub const REDACTED: &str = "***";
+
+/// A URL with its password hidden: `postgres://user:secret@host/db` →
+/// `postgres://user:***@host/db`, and a `password=...` parameter (query string or libpq
+/// key-value form) → `password=***`. Text without a password is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    redact_password_params(&redact_userinfo(url))
+}
+
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    // '@' may occur inside the password: the host starts after the last one.
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:{REDACTED}@{host}{path}"),
+        None => url.to_string(),
+    }
+}
+
+/// `password=VALUE` → `password=***`, VALUE ending at `&`, `#` or white space.
+fn redact_password_params(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.to_ascii_lowercase().find(KEY) {
+        let at_word_start = i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric();
+        let value_start = i + KEY.len();
+        out.push_str(&rest[..value_start]);
+        rest = &rest[value_start..];
+        if at_word_start {
+            let end = rest
+                .find(|c: char| c == '&' || c == '#' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            out.push_str(REDACTED);
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@localhost/grove_test"),
+            "postgres://postgres@localhost/grove_test"
+        );
+        // '@' inside the password: the host starts after the last '@'.
+        assert_eq!(redact_url("postgresql://u:p@ss@h/db"), "postgresql://u:***@h/db");
+        assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=s3cr3t&x=1#t"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1#t"
+        );
+        assert_eq!(
+            redact_url("host=h user=u password=s3cr3t dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        assert_eq!(redact_url("http://h:1/v1"), "http://h:1/v1");
+        // Redacting twice changes nothing more.
+        let once = redact_url("https://u:k@h/x?password=p");
+        assert_eq!(once, "https://u:***@h/x?password=***");
+        assert_eq!(redact_url(&once), once);
     }
 }

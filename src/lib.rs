@@ -18,6 +18,8 @@ pub mod reward;
 pub mod rollout;
 pub mod sampling;
 pub mod task;
+#[cfg(test)]
+pub mod testing;
 pub mod train;
 pub mod view;
 

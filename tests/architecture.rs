@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom to top; a module may use modules of its own layer or any layer below.
 const LAYERS: &[&[&str]] = &[
-    &["error", "compute"],
+    &["error", "compute", "testing"],
     &["model"],
     &["buffer", "report"],
     &["advantage", "loss", "sampling"],

@@ -69,3 +69,44 @@ fn async_resume_is_refused_naming_the_mode() {
         "{err}"
     );
 }
+
+#[test]
+fn impossible_sizes_are_refused_before_the_run_directory_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = grove(
+        &["train", "--set", "rollout.group_size=1000000000"],
+        tmp.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("needs at least")
+            && err.contains("32000000000 samples/step")
+            && err.contains("is available"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("runs").exists(), "a run directory was created");
+    // A step count whose sample total wraps around is an error naming it.
+    let (code, _, err) = grove(
+        &["train", "--set", "train.steps=9223372036854775807"],
+        tmp.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("train.steps") && err.contains("does not fit"), "{err}");
+    assert!(!tmp.path().join("runs").exists());
+}
+
+#[test]
+fn resume_with_a_different_config_is_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("runs").join("a");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(run.join("config.toml"), "name = \"a\"\n").unwrap();
+    let mine = tmp.path().join("mine.toml");
+    std::fs::write(&mine, "name = \"a\"\nseed = 5\n").unwrap();
+    let (code, _, err) = grove(
+        &["train", "--resume", run.to_str().unwrap(), mine.to_str().unwrap()],
+        tmp.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("`seed` (\"5\" vs recorded \"0\")"), "{err}");
+}

@@ -156,14 +156,8 @@ pub fn duration_weights(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::assert_close;
     use super::*;
-
-    fn close(a: &[f64], b: &[f64], tol: f64) {
-        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
-        }
-    }
 
     #[test]
     fn stcr_hand_computed() {
@@ -175,7 +169,7 @@ mod tests {
             &[10, 20, 5],
             2.0,
         );
-        close(
+        assert_close(
             &a,
             &[2.0 / 3.0, -1.0 / 3.0 * 1.999_023_437_5, -1.0 / 3.0],
             1e-12,
@@ -186,7 +180,7 @@ mod tests {
     fn stcr_default_base_and_no_correct_answer() {
         // base 1.00001, Δ = 100 ⇒ 2 − 1.00001^(−100) = 1 + (1 − e^(−100·ln 1.00001)) = 1.0009995
         let a = stcr(&[1.0, -1.0], &[true, false], &[100, 200], 1.00001);
-        close(&a, &[1.0, -1.000_999_5], 1e-7);
+        assert_close(&a, &[1.0, -1.000_999_5], 1e-7);
         // no correct response ⇒ nothing to compare against ⇒ unchanged
         assert_eq!(
             stcr(&[-1.0, -1.0], &[false, false], &[1, 900], 2.0),
@@ -200,7 +194,7 @@ mod tests {
         // r = 0   ⇒ 0.8 − (e^0.8 − 1)/(e − 1) = 0.8 − 1.2255409/1.7182818 = 0.0867637
         // r = 0.5 ⇒ 0.8 − (e^0.3 − 1)/(e − 1) = 0.8 − 0.3498588/1.7182818 = 0.5963903
         // r = τ   ⇒ τ (continuous at the threshold)
-        close(
+        assert_close(
             &[
                 soft_shape(1.0, 0.8, 0.01, 1.0),
                 soft_shape(0.0, 0.8, 0.01, 1.0),
@@ -216,14 +210,14 @@ mod tests {
     fn anchor_fills_ground_truth_with_factor_times_max() {
         // on-policy members 1, 2, 3 with A = [−0.5, 1.0, −0.5]; ground truth at 0 gets 1.2·1.0
         let a = anchor(&[-0.5, 1.0, -0.5], &[1, 2, 3], 4, 1.2);
-        close(&a, &[1.2, -0.5, 1.0, -0.5], 1e-12);
+        assert_close(&a, &[1.2, -0.5, 1.0, -0.5], 1e-12);
     }
 
     #[test]
     fn red_weight_hand_computed() {
         use std::f64::consts::E;
         // 1·e^1 = 2.7182818; −1·e^−1 = −0.3678794; 0 stays 0; τ = 2: 1·e^0.5 = 1.6487213
-        close(
+        assert_close(
             &[
                 red_weight(1.0, 1.0),
                 red_weight(-1.0, 1.0),

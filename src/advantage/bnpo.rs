@@ -213,17 +213,11 @@ pub fn estimate_batch(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::assert_close;
     use super::super::estimators::{group_mean, grpo};
     use super::super::StdKind;
     use super::*;
     use std::f64::consts::FRAC_PI_8;
-
-    fn close(a: &[f64], b: &[f64], tol: f64) {
-        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
-        }
-    }
 
     #[test]
     fn ln_gamma_matches_known_values() {
@@ -290,7 +284,7 @@ mod tests {
     fn bnpo_with_uniform_params_equals_group_mean() {
         let r = [1.0, 0.0, 0.0, 1.0, 1.0];
         let gm = group_mean(&r);
-        close(&bnpo(&r, BetaParams::UNIFORM), &gm, 1e-12);
+        assert_close(&bnpo(&r, BetaParams::UNIFORM), &gm, 1e-12);
     }
 
     #[test]
@@ -305,12 +299,12 @@ mod tests {
             vec![1.0, 1.0, 1.0, 0.0],
         ];
         let a = bnpo_batch(&groups, None);
-        close(
+        assert_close(
             &a[0],
             &[0.680_174_8, -0.226_724_9, -0.226_724_9, -0.226_724_9],
             1e-6,
         );
-        close(&a[1], &[FRAC_PI_8, FRAC_PI_8, -FRAC_PI_8, -FRAC_PI_8], 1e-6);
+        assert_close(&a[1], &[FRAC_PI_8, FRAC_PI_8, -FRAC_PI_8, -FRAC_PI_8], 1e-6);
     }
 
     #[test]
@@ -322,7 +316,7 @@ mod tests {
         };
         let g = grpo(&r, StdKind::Population, 0.0);
         let expected: Vec<f64> = g.iter().map(|x| x * std::f64::consts::PI / 8.0).collect();
-        close(&bnpo(&r, half), &expected, 1e-12);
+        assert_close(&bnpo(&r, half), &expected, 1e-12);
     }
 
     #[test]
@@ -332,6 +326,6 @@ mod tests {
         // mean over components ⇒ [0.25, −0.25]
         let comps = vec![vec![vec![1.0, 1.0], vec![0.0, 1.0]]];
         let a = bnpo_decomposed(&comps, Some(BetaParams::UNIFORM));
-        close(&a[0], &[0.25, -0.25], 1e-12);
+        assert_close(&a[0], &[0.25, -0.25], 1e-12);
     }
 }

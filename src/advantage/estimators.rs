@@ -60,7 +60,8 @@ pub fn batch_rewards(batch: &[Prepared]) -> Vec<Vec<f64>> {
 }
 
 /// Declares every estimator once. Each entry is
-/// `doc; Variant => "config-name", reads Reads::X, |cfg, batch, state| advantages;` where the
+/// `doc; Variant => "config-name", reads Reads::X, group_relative BOOL, |cfg, batch, state|
+/// advantages;` where the
 /// closure-like body sees the [`AdvantageConfig`] (`cfg`), the prepared groups of the batch
 /// (`batch: &[Prepared]`) and the state carried between batches (`state: &mut AdvantageState`),
 /// and returns `Result<Vec<Vec<f64>>, AdvantageError>` with the members' advantages per group
@@ -71,7 +72,7 @@ macro_rules! estimators {
     (
         $(
             $(#[$meta:meta])*
-            $variant:ident => $name:literal, reads $reads:expr,
+            $variant:ident => $name:literal, reads $reads:expr, group_relative $relative:literal,
             |$cfg:ident, $batch:ident, $state:ident| $body:expr;
         )+
     ) => {
@@ -103,6 +104,15 @@ macro_rules! estimators {
                 }
             }
 
+            /// True when a response's advantage is measured against the other responses of its
+            /// group (a group baseline): with one response per group there is none, and the
+            /// singleton rule A = r applies.
+            pub fn group_relative(&self) -> bool {
+                match self {
+                    $( Estimator::$variant => $relative ),+
+                }
+            }
+
             /// The members' advantages of every prepared group of a batch.
             pub fn estimate(
                 &self,
@@ -125,45 +135,45 @@ macro_rules! estimators {
 
 estimators! {
     /// A_i = r_i, no baseline (REINFORCE, Williams 1992).
-    Reinforce => "reinforce", reads Reads::Rewards,
+    Reinforce => "reinforce", reads Reads::Rewards, group_relative false,
         |_cfg, batch, _state| per_group(batch, |g| reinforce(&g.rewards));
     /// A_i = r_i − r̄ (Dr. GRPO, Liu et al. 2025; the REC default).
-    GroupMean => "group-mean", reads Reads::Rewards,
+    GroupMean => "group-mean", reads Reads::Rewards, group_relative true,
         |_cfg, batch, _state| per_group(batch, |g| group_mean(&g.rewards));
     /// A_i = (r_i − r̄)/(std + ε) (GRPO, Shao et al. 2024, DeepSeekMath). The default.
     #[default]
-    Grpo => "grpo", reads Reads::Rewards,
+    Grpo => "grpo", reads Reads::Rewards, group_relative true,
         |cfg, batch, _state| per_group(batch, |g| grpo(&g.rewards, cfg.std, cfg.eps));
     /// A_i = r_i − mean_{j≠i} r_j (RLOO, Ahmadian et al. 2024).
-    Rloo => "rloo", reads Reads::Rewards,
+    Rloo => "rloo", reads Reads::Rewards, group_relative true,
         |_cfg, batch, _state| per_group(batch, |g| rloo(&g.rewards));
     /// A_i = r_i − (r̄ − c), c = `asymre_c` (AsymRE, Arnal et al. 2025).
-    Asymre => "asymre", reads Reads::Rewards,
+    Asymre => "asymre", reads Reads::Rewards, group_relative true,
         |cfg, batch, _state| per_group(batch, |g| asymre(&g.rewards, cfg.asymre_c));
     /// A_i = r_i − τ·log mean_j exp(r_j/τ), τ = `opmd_tau` (OPMD).
-    Opmd => "opmd", reads Reads::Rewards,
+    Opmd => "opmd", reads Reads::Rewards, group_relative true,
         |cfg, batch, _state| per_group(batch, |g| opmd(&g.rewards, cfg.opmd_tau));
     /// Beta-normalised advantage with batch-level Beta parameters (BNPO; `[advantage.bnpo]`).
-    Bnpo => "bnpo", reads Reads::Rewards,
+    Bnpo => "bnpo", reads Reads::Rewards, group_relative false,
         |cfg, batch, _state| bnpo::estimate_batch(&cfg.bnpo, batch);
     /// λ if correct, −1 if not, λ = `w_lambda` (W-REINFORCE, NSR paper, Zhu et al. 2025).
-    WReinforce => "w-reinforce", reads Reads::Correctness,
+    WReinforce => "w-reinforce", reads Reads::Correctness, group_relative false,
         |cfg, batch, _state| per_group(batch, |g| w_reinforce(&g.correct, cfg.w_lambda));
     /// +1 if correct, 0 otherwise (positive-sample reinforcement, NSR paper).
-    Psr => "psr", reads Reads::Correctness,
+    Psr => "psr", reads Reads::Correctness, group_relative false,
         |_cfg, batch, _state| per_group(batch, |g| psr(&g.correct));
     /// −1 if incorrect, 0 otherwise (negative-sample reinforcement, NSR paper).
-    Nsr => "nsr", reads Reads::Correctness,
+    Nsr => "nsr", reads Reads::Correctness, group_relative false,
         |_cfg, batch, _state| per_group(batch, |g| nsr(&g.correct));
     /// A_i = r_i − mean of every sample drawn for the prompt (Reinforce-Ada).
-    GlobalMean => "global-mean", reads Reads::Rewards,
+    GlobalMean => "global-mean", reads Reads::Rewards, group_relative true,
         |_cfg, batch, _state| per_group(batch, |g| global_mean(&g.rewards, &g.all_rewards));
     /// Leave-one-out baseline on the unbiased reward, fixed or EMA scale (noisy verifiers;
     /// `[advantage.noisy]`).
-    NoisyBackward => "noisy-backward", reads Reads::Rewards,
+    NoisyBackward => "noisy-backward", reads Reads::Rewards, group_relative true,
         |cfg, batch, state| Ok(noisy::backward_batch(cfg, batch, state));
     /// A = (r̃ − (1 − ρ₁))/s, no centring (noisy verifiers; `[advantage.noisy]`).
-    NoisyForward => "noisy-forward", reads Reads::Rewards,
+    NoisyForward => "noisy-forward", reads Reads::Rewards, group_relative false,
         |cfg, batch, _state| per_group(batch, |g| {
             noisy::noisy_forward(&g.rewards, cfg.noisy.rho1, cfg.noisy.scale)
         });
@@ -338,21 +348,15 @@ pub fn global_mean(rewards: &[f64], all_rewards: &[f64]) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::assert_close;
     use super::*;
 
     const EPS: f64 = 1e-6;
 
-    fn close(a: &[f64], b: &[f64], tol: f64) {
-        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
-        }
-    }
-
     #[test]
     fn grpo_two_samples_sample_std() {
         // mean 0.5, sample std = sqrt((0.25 + 0.25)/1) = 0.7071068; 0.5/(0.7071068 + 1e-6) = 0.7071058
-        close(
+        assert_close(
             &grpo(&[1.0, 0.0], StdKind::Sample, EPS),
             &[0.707_105_8, -0.707_105_8],
             1e-6,
@@ -362,7 +366,7 @@ mod tests {
     #[test]
     fn grpo_two_samples_population_std() {
         // mean 0.5, population std = 0.5; 0.5/(0.5 + 1e-6) = 0.999998
-        close(
+        assert_close(
             &grpo(&[1.0, 0.0], StdKind::Population, EPS),
             &[0.999_998, -0.999_998],
             1e-6,
@@ -373,7 +377,7 @@ mod tests {
     fn grpo_three_samples_hand_computed() {
         // r = [1, 0, 0]: mean 1/3, sample var = (4/9 + 1/9 + 1/9)/2 = 1/3, std = 0.5773503
         // A = [ (2/3)/0.5773503, (−1/3)/0.5773503 ] = [1.1547005, −0.5773503] (ε shifts the 6th digit)
-        close(
+        assert_close(
             &grpo(&[1.0, 0.0, 0.0], StdKind::Sample, EPS),
             &[1.154_698_5, -0.577_349_3, -0.577_349_3],
             1e-6,
@@ -420,7 +424,7 @@ mod tests {
     #[test]
     fn group_mean_hand_computed() {
         // mean of [1, 0, 0, 1, 1] = 0.6 ⇒ [0.4, −0.6, −0.6, 0.4, 0.4]
-        close(
+        assert_close(
             &group_mean(&[1.0, 0.0, 0.0, 1.0, 1.0]),
             &[0.4, -0.6, -0.6, 0.4, 0.4],
             1e-12,
@@ -430,7 +434,7 @@ mod tests {
     #[test]
     fn rloo_hand_computed() {
         // r = [1, 0, 0, 0]: A_0 = 1 − 0 = 1; A_j = 0 − (1/3) = −1/3
-        close(
+        assert_close(
             &rloo(&[1.0, 0.0, 0.0, 0.0]),
             &[1.0, -1.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0],
             1e-12,
@@ -442,26 +446,26 @@ mod tests {
         let r = [0.2, 0.9, 0.4, 0.0, 1.0];
         let g = r.len() as f64;
         let scaled: Vec<f64> = group_mean(&r).iter().map(|a| g / (g - 1.0) * a).collect();
-        close(&rloo(&r), &scaled, 1e-12);
+        assert_close(&rloo(&r), &scaled, 1e-12);
     }
 
     #[test]
     fn asymre_hand_computed() {
         // mean [1, 0] = 0.5, baseline 0.5 − 0.1 = 0.4 ⇒ [0.6, −0.4]
-        close(&asymre(&[1.0, 0.0], 0.1), &[0.6, -0.4], 1e-12);
+        assert_close(&asymre(&[1.0, 0.0], 0.1), &[0.6, -0.4], 1e-12);
     }
 
     #[test]
     fn opmd_hand_computed() {
         // τ = 1, r = [1, 0]: baseline = ln((e + 1)/2) = ln(1.8591409) = 0.6201145
         // A = [1 − 0.6201145, −0.6201145] = [0.3798855, −0.6201145]
-        close(&opmd(&[1.0, 0.0], 1.0), &[0.379_885_5, -0.620_114_5], 1e-7);
+        assert_close(&opmd(&[1.0, 0.0], 1.0), &[0.379_885_5, -0.620_114_5], 1e-7);
     }
 
     #[test]
     fn opmd_is_stable_for_large_rewards() {
         // shifting every reward by 1000 shifts the baseline by 1000: same advantages as above
-        close(
+        assert_close(
             &opmd(&[1001.0, 1000.0], 1.0),
             &[0.379_885_5, -0.620_114_5],
             1e-7,
@@ -487,8 +491,8 @@ mod tests {
     fn global_mean_uses_every_drawn_sample() {
         // kept [1, 0]; drawn [1, 0, 0, 0, 0, 1, 0, 0] has mean 0.25 ⇒ [0.75, −0.25]
         let all = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
-        close(&global_mean(&[1.0, 0.0], &all), &[0.75, -0.25], 1e-12);
+        assert_close(&global_mean(&[1.0, 0.0], &all), &[0.75, -0.25], 1e-12);
         // a kept group that is all equal still gets signal from the discarded samples
-        close(&global_mean(&[1.0, 1.0], &all), &[0.75, 0.75], 1e-12);
+        assert_close(&global_mean(&[1.0, 1.0], &all), &[0.75, 0.75], 1e-12);
     }
 }

@@ -9,7 +9,8 @@
 //! - [`pipeline`]: [`compute`] — input checks, reward transforms, the estimator, the adjustments.
 //! - [`estimators`]: the estimators, declared once in one table (`grpo`, `rloo`, ...).
 //! - [`bnpo`]: Beta normalisation, which needs batch-level statistics.
-//! - [`noisy`]: noisy-verifier corrections, the appeal estimate of ρ₁, a noise injector.
+//! - [`noisy`]: noisy-verifier corrections and the EMA of their scale (the appeal estimate of ρ₁
+//!   and the noise injector are `reward::noise`).
 //! - [`adjust`]: per-response adjustments (STCR, TempSamp, StableReinforce filter,
 //!   RED-Weight, duration weights).
 //! - [`calculator`]: the `grove advantage` CLI calculator (JSON in, JSON out, through [`compute`]).
@@ -118,6 +119,15 @@ pub enum AdvantageError {
         field: &'static str,
         position: usize,
         value: f64,
+    },
+    #[error(
+        "group {group}: `{field}` reach {largest:e}, so their sum or variance overflows f64 \
+         (every statistic of the group would be infinite); rescale them, e.g. to [-1e100, 1e100]"
+    )]
+    Overflow {
+        group: usize,
+        field: &'static str,
+        largest: f64,
     },
     #[error("group {group}: `{field}` has {found} entries but `rewards` has {expected}")]
     LengthMismatch {

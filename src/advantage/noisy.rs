@@ -9,10 +9,8 @@
 //! Z-scoring inside a group cancels any affine correction of a binary reward, so a correction
 //! followed by `grpo` equals the uncorrected run; `AdvantageConfig::validate` rejects it.
 //!
-//! Also here: the online "appeals" estimate of ρ₁, an exponential moving average, and a seeded
-//! noise injector for experiments.
-
-use rand::Rng;
+//! Also here: the exponential moving average of the `noisy-backward` scale (also used by
+//! `reward::noise`, which holds the appeals estimate of ρ₁ and the seeded noise injector).
 
 use super::config::AdvantageConfig;
 use super::estimators::{rloo, Prepared};
@@ -74,46 +72,6 @@ pub fn batch_spread(values: &[Vec<f64>]) -> f64 {
     (flat.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n).sqrt()
 }
 
-/// Indices of the rule-negative responses sent to the second verifier, each with probability q.
-pub fn choose_appeals<R: Rng + ?Sized>(
-    observed_positive: &[bool],
-    q: f64,
-    rng: &mut R,
-) -> Vec<usize> {
-    observed_positive
-        .iter()
-        .enumerate()
-        .filter(|(_, &positive)| !positive)
-        .filter(|_| rng.gen::<f64>() < q)
-        .map(|(i, _)| i)
-        .collect()
-}
-
-/// Appeal estimate of ρ₁: FN̂ = flips/q, ρ̂₁ = (FN̂ + 1e-5)/(FN̂ + #positives + 2e-5).
-/// `flips` counts appealed negatives the second verifier judged correct. Smooth with
-/// [`ema_update`] at decay 0.9.
-pub fn appeal_rho1(flips: usize, q: f64, positives: usize) -> f64 {
-    let false_negatives = flips as f64 / q;
-    (false_negatives + 1e-5) / (false_negatives + positives as f64 + 2e-5)
-}
-
-/// Flips clean outcomes with the noise model: a true 0 reads 1 with probability ρ₀, a true 1
-/// reads 0 with probability ρ₁ (seed the rng for reproducible experiments).
-pub fn inject_noise<R: Rng + ?Sized>(
-    truth: &[bool],
-    rho0: f64,
-    rho1: f64,
-    rng: &mut R,
-) -> Vec<bool> {
-    truth
-        .iter()
-        .map(|&t| {
-            let flip = rng.gen::<f64>() < if t { rho1 } else { rho0 };
-            t != flip
-        })
-        .collect()
-}
-
 /// `noisy-backward` with a fixed scale, or an EMA of the batch spread when `ema_decay` is set.
 pub fn backward_batch(
     cfg: &AdvantageConfig,
@@ -144,18 +102,10 @@ pub fn backward_batch(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::assert_close;
     use super::super::estimators::grpo;
     use super::super::StdKind;
     use super::*;
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
-
-    fn close(a: &[f64], b: &[f64], tol: f64) {
-        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
-        }
-    }
 
     #[test]
     fn backward_correction_hand_computed() {
@@ -180,7 +130,7 @@ mod tests {
     fn noisy_backward_hand_computed() {
         // observed [1, 0, 0], r̂ = [9/7, −1/7, −1/7]; LOO: A_0 = 9/7 − (−1/7) = 10/7 = 1.4285714,
         // A_1 = −1/7 − (9/7 − 1/7)/2 = −1/7 − 4/7 = −5/7 = −0.7142857; scale 2 halves them.
-        close(
+        assert_close(
             &noisy_backward(&[1.0, 0.0, 0.0], 0.1, 0.2, 2.0, 1e-6),
             &[0.714_285_7, -0.357_142_9, -0.357_142_9],
             1e-7,
@@ -190,13 +140,13 @@ mod tests {
     #[test]
     fn noisy_forward_hand_computed() {
         // ρ₁ = 0.2: observed 1 ⇒ 0.2, observed 0 ⇒ −0.8; no centring, s = 1
-        close(
+        assert_close(
             &noisy_forward(&[1.0, 0.0, 0.0], 0.2, 1.0),
             &[0.2, -0.8, -0.8],
             1e-12,
         );
         // all-equal groups keep their signal: forward has no baseline
-        close(&noisy_forward(&[1.0, 1.0], 0.2, 1.0), &[0.2, 0.2], 1e-12);
+        assert_close(&noisy_forward(&[1.0, 1.0], 0.2, 1.0), &[0.2, 0.2], 1e-12);
     }
 
     #[test]
@@ -210,8 +160,8 @@ mod tests {
             .collect();
         let forward: Vec<f64> = raw.iter().map(|&r| forward_corrected(r, 0.2)).collect();
         let plain = grpo(&raw, StdKind::Sample, 1e-6);
-        close(&grpo(&backward, StdKind::Sample, 1e-6), &plain, 1e-5);
-        close(&grpo(&forward, StdKind::Sample, 1e-6), &plain, 1e-5);
+        assert_close(&grpo(&backward, StdKind::Sample, 1e-6), &plain, 1e-5);
+        assert_close(&grpo(&forward, StdKind::Sample, 1e-6), &plain, 1e-5);
     }
 
     #[test]
@@ -226,50 +176,5 @@ mod tests {
     fn batch_spread_hand_computed() {
         // [1, −1] ∪ [1, −1]: mean 0, population std 1
         assert!((batch_spread(&[vec![1.0, -1.0], vec![1.0, -1.0]]) - 1.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn appeal_rho1_hand_computed() {
-        // 2 flips at q = 0.1 ⇒ FN̂ = 20; 80 positives ⇒ (20 + 1e-5)/(100 + 2e-5) = 0.20000006
-        assert!((appeal_rho1(2, 0.1, 80) - 0.200_000_06).abs() < 1e-9);
-        // no flips, no positives: the smoothing gives 1/2 instead of 0/0
-        assert!((appeal_rho1(0, 0.1, 0) - 0.5).abs() < 1e-12);
-    }
-
-    #[test]
-    fn appeals_pick_only_negatives_at_rate_q() {
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let observed: Vec<bool> = (0..20_000).map(|i| i % 2 == 0).collect();
-        let picked = choose_appeals(&observed, 0.1, &mut rng);
-        assert!(picked.iter().all(|&i| !observed[i]));
-        // 10 000 negatives × 0.1 = 1000 expected; binomial sd ≈ 30
-        assert!((850..1150).contains(&picked.len()), "{}", picked.len());
-    }
-
-    #[test]
-    fn noise_injector_flips_at_the_configured_rates_and_is_seeded() {
-        let truth: Vec<bool> = (0..40_000).map(|i| i % 2 == 0).collect();
-        let noisy = inject_noise(&truth, 0.1, 0.2, &mut ChaCha8Rng::seed_from_u64(1));
-        let again = inject_noise(&truth, 0.1, 0.2, &mut ChaCha8Rng::seed_from_u64(1));
-        assert_eq!(noisy, again);
-        let fp = truth
-            .iter()
-            .zip(&noisy)
-            .filter(|(t, o)| !**t && **o)
-            .count() as f64
-            / 20_000.0;
-        let fneg = truth
-            .iter()
-            .zip(&noisy)
-            .filter(|(t, o)| **t && !**o)
-            .count() as f64
-            / 20_000.0;
-        // sd of a rate over 20 000 draws ≈ 0.003
-        assert!((fp - 0.1).abs() < 0.015, "{fp}");
-        assert!((fneg - 0.2).abs() < 0.015, "{fneg}");
-        assert_eq!(
-            inject_noise(&truth, 0.0, 0.0, &mut ChaCha8Rng::seed_from_u64(2)),
-            truth
-        );
     }
 }

@@ -238,6 +238,27 @@ fn check_all_finite(
     }
 }
 
+/// Finite rewards whose sum or squared deviations overflow f64 (e.g. ±1e308) would make every
+/// statistic of the group infinite, and a standardised advantage (x − m)/∞ silently 0: an
+/// error naming the group and the largest magnitude instead.
+fn check_no_overflow(
+    group: usize,
+    field: &'static str,
+    values: &[f64],
+) -> Result<(), AdvantageError> {
+    let sum_abs: f64 = values.iter().map(|x| x.abs()).sum();
+    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    let sum_sq: f64 = values.iter().map(|x| (x - mean) * (x - mean)).sum();
+    if sum_abs.is_finite() && sum_sq.is_finite() {
+        return Ok(());
+    }
+    Err(AdvantageError::Overflow {
+        group,
+        field,
+        largest: values.iter().fold(0.0, |m: f64, x| m.max(x.abs())),
+    })
+}
+
 /// Shapes, finiteness, and the fields the configured estimator and adjustments need.
 fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), AdvantageError> {
     let mut component_count: Option<usize> = None;
@@ -249,6 +270,7 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
             return Err(AdvantageError::EmptyGroup { group: gi });
         }
         check_all_finite(gi, "rewards", &g.rewards)?;
+        check_no_overflow(gi, "rewards", &g.rewards)?;
         check_len(gi, "correct", &g.correct, n)?;
         check_len(gi, "lengths", &g.lengths, n)?;
         check_len(gi, "durations", &g.durations, n)?;
@@ -262,6 +284,7 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
                 });
             }
             check_all_finite(gi, "all_rewards", all)?;
+            check_no_overflow(gi, "all_rewards", all)?;
         }
         if let Some(rows) = &g.components {
             for (position, row) in rows.iter().enumerate() {
@@ -310,15 +333,9 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::assert_close;
     use super::super::{estimators, StdKind};
     use super::*;
-
-    fn close(a: &[f64], b: &[f64], tol: f64) {
-        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
-        }
-    }
 
     fn with(estimator: Estimator) -> AdvantageConfig {
         AdvantageConfig {
@@ -342,7 +359,7 @@ mod tests {
     fn grpo_reduction_through_compute() {
         // sample std: ±0.5/(0.7071068 + 1e-6) = ±0.7071058; population: ±0.5/(0.5 + 1e-6) = ±0.999998
         let g = groups(&[&[1.0, 0.0]]);
-        close(
+        assert_close(
             &run(&with(Estimator::Grpo), &g)[0],
             &[0.707_105_8, -0.707_105_8],
             1e-6,
@@ -351,7 +368,7 @@ mod tests {
             std: StdKind::Population,
             ..AdvantageConfig::default()
         };
-        close(&run(&pop, &g)[0], &[0.999_998, -0.999_998], 1e-6);
+        assert_close(&run(&pop, &g)[0], &[0.999_998, -0.999_998], 1e-6);
     }
 
     #[test]
@@ -382,7 +399,7 @@ mod tests {
         let a = run(&cfg, &g);
         let b = run(&with(Estimator::GroupMean), &g);
         for (x, y) in a.iter().zip(&b) {
-            close(x, y, 1e-12);
+            assert_close(x, y, 1e-12);
         }
     }
 
@@ -395,14 +412,14 @@ mod tests {
             &[1.0, 1.0, 1.0, 0.0],
         ]);
         let a = run(&with(Estimator::Bnpo), &g);
-        close(
+        assert_close(
             &a[0],
             &[0.680_174_8, -0.226_724_9, -0.226_724_9, -0.226_724_9],
             1e-6,
         );
         // the same group alone: one group ⇒ α = β = 1 ⇒ group-mean [0.75, −0.25, −0.25, −0.25]
         let alone = run(&with(Estimator::Bnpo), &g[..1]);
-        close(&alone[0], &[0.75, -0.25, -0.25, -0.25], 1e-12);
+        assert_close(&alone[0], &[0.75, -0.25, -0.25, -0.25], 1e-12);
     }
 
     #[test]
@@ -415,7 +432,7 @@ mod tests {
             components: Some(vec![vec![1.0, 1.0], vec![0.0, 1.0]]),
             ..Group::from_rewards(vec![2.0 / 2.0, 1.0 / 2.0])
         }];
-        close(&run(&cfg, &g)[0], &[0.25, -0.25], 1e-12);
+        assert_close(&run(&cfg, &g)[0], &[0.25, -0.25], 1e-12);
     }
 
     #[test]
@@ -458,7 +475,7 @@ mod tests {
             .iter()
             .map(|a| a * 4.0 / 3.0)
             .collect();
-        close(&run(&with(Estimator::Rloo), &g)[0], &gm, 1e-12);
+        assert_close(&run(&with(Estimator::Rloo), &g)[0], &gm, 1e-12);
     }
 
     #[test]
@@ -492,8 +509,8 @@ mod tests {
     fn asymre_and_opmd_through_compute() {
         // asymre: mean 0.5, baseline 0.4 ⇒ [0.6, −0.4]; opmd τ = 1: [0.3798855, −0.6201145]
         let g = groups(&[&[1.0, 0.0]]);
-        close(&run(&with(Estimator::Asymre), &g)[0], &[0.6, -0.4], 1e-12);
-        close(
+        assert_close(&run(&with(Estimator::Asymre), &g)[0], &[0.6, -0.4], 1e-12);
+        assert_close(
             &run(&with(Estimator::Opmd), &g)[0],
             &[0.379_885_5, -0.620_114_5],
             1e-7,
@@ -506,8 +523,8 @@ mod tests {
         let mut g = groups(&[&[1.0, 0.0], &[1.0, 0.0]]);
         g[0].all_rewards = Some(vec![1.0, 0.0, 0.0, 0.0]);
         let a = run(&with(Estimator::GlobalMean), &g);
-        close(&a[0], &[0.75, -0.25], 1e-12);
-        close(&a[1], &[0.5, -0.5], 1e-12);
+        assert_close(&a[0], &[0.75, -0.25], 1e-12);
+        assert_close(&a[1], &[0.5, -0.5], 1e-12);
     }
 
     #[test]
@@ -518,7 +535,7 @@ mod tests {
             .iter()
             .map(|&r| noisy::backward_corrected(r, 0.1, 0.2, 1e-6))
             .collect();
-        close(
+        assert_close(
             &estimators::grpo(&corrected, StdKind::Sample, 1e-6),
             &estimators::grpo(&raw, StdKind::Sample, 1e-6),
             1e-5,
@@ -539,7 +556,7 @@ mod tests {
         cfg.reward_correction = RewardCorrection::Backward;
         cfg.noisy.rho0 = 0.1;
         cfg.noisy.rho1 = 0.2;
-        close(
+        assert_close(
             &run(&cfg, &groups(&[&[1.0, 0.0]]))[0],
             &[0.714_285_7, -0.714_285_7],
             1e-7,
@@ -552,7 +569,7 @@ mod tests {
         let mut cfg = with(Estimator::NoisyForward);
         cfg.noisy.rho1 = 0.2;
         cfg.noisy.scale = 2.0;
-        close(&run(&cfg, &groups(&[&[1.0, 0.0]]))[0], &[0.1, -0.4], 1e-12);
+        assert_close(&run(&cfg, &groups(&[&[1.0, 0.0]]))[0], &[0.1, -0.4], 1e-12);
     }
 
     #[test]
@@ -564,9 +581,9 @@ mod tests {
         cfg.noisy.ema_decay = Some(0.9);
         let mut state = AdvantageState::default();
         let a1 = compute_with_state(&cfg, &groups(&[&[1.0, 0.0]]), &mut state).unwrap();
-        close(&a1.advantages[0], &[1.0, -1.0], 1e-12);
+        assert_close(&a1.advantages[0], &[1.0, -1.0], 1e-12);
         let a2 = compute_with_state(&cfg, &groups(&[&[1.0, 0.0, 0.0]]), &mut state).unwrap();
-        close(
+        assert_close(
             &a2.advantages[0],
             &[1.030_173_1, -0.515_086_5, -0.515_086_5],
             1e-6,
@@ -581,7 +598,7 @@ mod tests {
         cfg.noisy.rho0 = 0.1;
         cfg.noisy.rho1 = 0.2;
         cfg.noisy.scale = 2.0;
-        close(
+        assert_close(
             &run(&cfg, &groups(&[&[1.0, 0.0, 0.0]]))[0],
             &[0.714_285_7, -0.357_142_9, -0.357_142_9],
             1e-7,
@@ -598,7 +615,7 @@ mod tests {
             ground_truth: Some(vec![true, false, false, false]),
             ..Group::from_rewards(vec![1.0, 0.0, 1.0, 0.0])
         }];
-        close(
+        assert_close(
             &run(&cfg, &g)[0],
             &[1.385_638_2, -0.577_349_3, 1.154_698_5, -0.577_349_3],
             1e-6,
@@ -619,7 +636,7 @@ mod tests {
         // shaped [1, 0] = [0.8018232, 0.0867637], mean 0.4442935 ⇒ group-mean ±0.3575298
         let mut cfg = with(Estimator::GroupMean);
         cfg.tempsamp_shaping.enabled = true;
-        close(
+        assert_close(
             &run(&cfg, &groups(&[&[1.0, 0.0]]))[0],
             &[0.357_529_7, -0.357_529_7],
             1e-7,
@@ -637,7 +654,7 @@ mod tests {
             lengths: Some(vec![10, 20, 5]),
             ..Group::from_rewards(vec![1.0, 0.0, 0.0])
         }];
-        close(
+        assert_close(
             &run(&cfg, &g)[0],
             &[2.0 / 3.0, -0.666_341_1, -1.0 / 3.0],
             1e-7,
@@ -658,11 +675,27 @@ mod tests {
         // group-mean ±0.5 ⇒ 0.5·e^0.5 = 0.8243606, −0.5·e^−0.5 = −0.3032653
         let mut cfg = with(Estimator::GroupMean);
         cfg.red_weight.enabled = true;
-        close(
+        assert_close(
             &run(&cfg, &groups(&[&[1.0, 0.0]]))[0],
             &[0.824_360_6, -0.303_265_3],
             1e-7,
         );
+    }
+
+    #[test]
+    fn rewards_whose_variance_overflows_are_refused() {
+        // [1e308, −1e308]: mean 0, squared deviations 1e616 = ∞, std ∞ ⇒ GRPO's A = x/∞ = 0.
+        for rewards in [&[1e308, -1e308][..], &[1e308, 1e308, 0.0], &[-1e200, 1e200]] {
+            let err = compute(&with(Estimator::Grpo), &groups(&[&[0.0, 1.0], rewards])).unwrap_err();
+            assert!(
+                matches!(err, AdvantageError::Overflow { group: 1, field: "rewards", .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("overflows f64"), "{err}");
+        }
+        // 1e150: squared deviations 2 · (1e150)² = 2e300 fit.
+        let out = compute(&with(Estimator::Grpo), &groups(&[&[1e150, -1e150]])).unwrap();
+        assert_close(&out.advantages[0], &[0.707_106_78, -0.707_106_78], 1e-6);
     }
 
     #[test]
@@ -721,8 +754,8 @@ mod tests {
             },
         ];
         let a = run(&cfg, &g);
-        close(&a[0], &[0.6, 1.8], 1e-12);
-        close(&a[1], &[0.6], 1e-12);
+        assert_close(&a[0], &[0.6, 1.8], 1e-12);
+        assert_close(&a[1], &[0.6], 1e-12);
         let err = compute(&cfg, &groups(&[&[1.0]])).unwrap_err();
         assert!(
             matches!(

@@ -44,6 +44,12 @@ pub enum JsonlError {
     },
 }
 
+impl From<JsonlError> for crate::error::Error {
+    fn from(e: JsonlError) -> Self {
+        crate::error::Error::Buffer(Box::new(e))
+    }
+}
+
 /// Appends `groups` to `path` (created if missing), one JSON line each, flushed per line.
 /// Every group is validated first, so nothing is written if any is unfit (NaN would become null).
 pub fn write_groups(path: &Path, groups: &[ExperienceGroup]) -> Result<(), JsonlError> {

@@ -83,6 +83,12 @@ pub enum BufferError {
     },
 }
 
+impl From<BufferError> for crate::error::Error {
+    fn from(e: BufferError) -> Self {
+        crate::error::Error::Buffer(Box::new(e))
+    }
+}
+
 /// An error and its causes, joined by ": " (the postgres client keeps the cause, such as
 /// "connection refused", out of its own message).
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -175,7 +175,7 @@ impl PostgresBuffer {
         check_capacity(capacity)?;
         mode.validate()?;
         check_table_name(table)?;
-        let shown = redact_password(url);
+        let shown = crate::error::redact_url(url);
         let error = |source| BufferError::Postgres {
             url: shown.clone(),
             source,
@@ -415,22 +415,6 @@ fn lock_key(purpose: &str, table: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for error messages.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::contract;
@@ -454,13 +438,13 @@ mod tests {
             Ok(_) => Some(url),
             Err(e) if in_ci() => panic!(
                 "PostgreSQL at {} is unreachable in CI ({e}); run .ci/postgres.sh first",
-                redact_password(&url)
+                crate::error::redact_url(&url)
             ),
             Err(e) => {
                 eprintln!(
                     "\n******** SKIPPED: no PostgreSQL at {} ({e}); run .ci/postgres.sh \
                      or set GROVE_TEST_POSTGRES_URL ********\n",
-                    redact_password(&url)
+                    crate::error::redact_url(&url)
                 );
                 None
             }
@@ -695,27 +679,6 @@ mod tests {
         ] {
             assert!(check_table_name(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_password("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact_password("postgres://postgres@localhost/grove_test"),
-            "postgres://postgres@localhost/grove_test"
-        );
-        // '@' inside the password: the host starts after the last '@'.
-        assert_eq!(
-            redact_password("postgresql://u:p@ss@h/db"),
-            "postgresql://u:***@h/db"
-        );
-        assert_eq!(
-            redact_password("postgres://h/db?x=a@b"),
-            "postgres://h/db?x=a@b"
-        );
     }
 
     #[test]

@@ -1,18 +1,21 @@
 //! `grove train`.
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// A TOML run config (see configs/ and `grove recipes`).
+    /// A TOML run config (see `grove recipes`). With --resume: the run's own config again,
+    /// which supplies its secrets (saved as `***`) and confirms its external programs; it must
+    /// equal the recorded config.
     pub config: Option<PathBuf>,
-    /// Override a value: --set section.key=value (repeatable).
+    /// Override a value: --set section.key=value (repeatable). With --resume only a secret the
+    /// run directory holds as `***` may be given (the rest must equal the recorded config).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Continue the run in RUN_DIR from its latest checkpoint.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "set"])]
+    #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// With --resume: start the external programs (reward commands) that RUN_DIR's
     /// config.toml names; without it such a resume stops and lists them.
@@ -78,16 +81,15 @@ fn train(
 ) -> Result<()> {
     let cfg = match &resume {
         Some(dir) => {
-            let p = dir.join("config.toml");
-            if !p.exists() {
-                bail!("{}: not a run directory (no config.toml)", dir.display());
-            }
-            let cfg = grove::config::load(Some(&p), &[])?;
-            grove::config::resume::check_trust(dir, &cfg, trust_commands)?;
-            cfg
+            grove::config::resume::resume_config(dir, config.as_deref(), &set, trust_commands)?
         }
         None => grove::config::load(config.as_deref(), &set)?,
     };
+    if !quiet {
+        for w in cfg.warnings() {
+            eprintln!("warning: {w}");
+        }
+    }
     let opts = grove::train::TrainOptions {
         resume,
         stop_after,

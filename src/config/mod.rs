@@ -5,8 +5,12 @@
 //! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
 //! the file's own values, then `--set section.key=value` overrides.
 pub mod pipeline_rules;
+mod plan;
 pub mod recipes;
 pub mod resume;
+pub mod secrets;
+
+pub use plan::{MemoryEstimate, Plan};
 
 use std::path::Path;
 
@@ -346,7 +350,62 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 
 fn deserialize(table: toml::Table, source: &str) -> Result<RunConfig> {
     let text = toml::to_string(&table).map_err(|e| Error::config(source, e.to_string()))?;
-    toml::from_str(&text).map_err(|e| Error::config(source, e.message().to_string()))
+    toml::from_str(&text).map_err(|e| {
+        let key = e.span().and_then(|span| key_at(&text, span.start));
+        let msg = e.message().trim();
+        Error::config(
+            source,
+            match key {
+                Some(k) => format!("`{k}`: {msg}"),
+                None => msg.to_string(),
+            },
+        )
+    })
+}
+
+/// The dotted key whose value starts at byte `offset` of a TOML text written by `toml`
+/// (`[section]` headers, then `key = value` lines).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let mut section = String::new();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            section = trimmed.trim_matches(['[', ']']).trim().to_string();
+        } else if offset < end {
+            let key = trimmed.split_once('=')?.0.trim().trim_matches('"');
+            return Some(if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            });
+        }
+        start = end;
+    }
+    None
+}
+
+/// Every number of the config is finite: TOML can spell `nan` and `inf`, and no grove setting
+/// means either. The error names the dotted key.
+fn check_numbers_finite(cfg: &RunConfig) -> std::result::Result<(), String> {
+    fn walk(key: &str, v: &toml::Value) -> std::result::Result<(), String> {
+        match v {
+            toml::Value::Float(x) if !x.is_finite() => Err(format!(
+                "`{key}` is {x}; expected a finite number"
+            )),
+            toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| {
+                walk(&if key.is_empty() { k.clone() } else { format!("{key}.{k}") }, v)
+            }),
+            toml::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| walk(&format!("{key}[{i}]"), v)),
+            _ => Ok(()),
+        }
+    }
+    let value = toml::Value::try_from(cfg).map_err(|e| format!("cannot be read as TOML: {e}"))?;
+    walk("", &value)
 }
 
 /// Reads a run config: `file` (None = quickstart defaults), its recipe, then overrides.
@@ -400,9 +459,26 @@ impl RunConfig {
         }
     }
 
+    /// What is allowed but probably not meant, printed as warnings at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let estimator = self.advantage.estimator;
+        if self.rollout.group_size == 1 && estimator.group_relative() {
+            out.push(format!(
+                "rollout.group_size = 1 with the group-relative `{estimator}` advantage: each \
+                 response is compared with the other responses to its prompt, and there are \
+                 none, so no baseline is subtracted (singleton rule A = r) and groups never \
+                 differ in reward; set rollout.group_size >= 2, or advantage.estimator = \
+                 \"reinforce\" to ask for A = r"
+            ));
+        }
+        out
+    }
+
     /// Checks every section; messages name the field and what was expected.
     pub fn validate(&self, source: &str) -> Result<()> {
         let err = |m: String| Err(Error::config(source, m));
+        check_numbers_finite(self).map_err(|m| Error::config(source, m))?;
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
             return err(format!(
                 "name {:?} must be non-empty and contain no path separator",
@@ -490,11 +566,13 @@ impl RunConfig {
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return err(format!("train.lr must be positive, found {}", t.lr));
         }
-        if t.grad_clip < 0.0 {
-            return err(format!(
-                "train.grad_clip must be >= 0, found {}",
-                t.grad_clip
-            ));
+        for (key, v) in [
+            ("train.grad_clip", t.grad_clip),
+            ("train.weight_decay", t.weight_decay),
+        ] {
+            if v < 0.0 {
+                return err(format!("{key} must be >= 0, found {v}"));
+            }
         }
         if t.eval_every == 0 || t.checkpoint_every == 0 {
             return err("train.eval_every and train.checkpoint_every must be positive".into());
@@ -504,6 +582,9 @@ impl RunConfig {
             return err(
                 "warmup.batch_size, warmup.eval_every and warmup.eval_size must be positive".into(),
             );
+        }
+        if !(w.lr > 0.0) {
+            return err(format!("warmup.lr must be positive, found {}", w.lr));
         }
         if !(0.0..=1.0).contains(&w.target_acc) {
             return err(format!(
@@ -529,91 +610,59 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The config as TOML (what a run saves as config.toml). An error, never an empty file:
-    /// `--resume` reads it back.
+    /// The config as TOML (what a run saves as config.toml), with every secret shown as `***`
+    /// ([`secrets`]). An error, never an empty file: `--resume` reads it back.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self)
+        toml::to_string_pretty(&secrets::redacted(self))
             .map_err(|e| Error::config("config.toml", format!("cannot be written as TOML: {e}")))
     }
 }
 
-/// Derived numbers of a run, printed at start and saved as plan.json.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Plan {
-    pub recipe: String,
-    pub estimator: String,
-    pub loss: String,
-    pub aggregation: String,
-    pub model_params: usize,
-    pub prompts_per_step: usize,
-    pub samples_per_step: usize,
-    /// Upper bound of tokens per step: samples × (prompt + max new tokens).
-    pub max_tokens_per_step: usize,
-    pub rl_steps: usize,
-    pub total_samples: usize,
-    pub warmup_max_steps: usize,
-    pub warmup_target_acc: f64,
-    pub heldout_size: usize,
-    pub seed: u64,
-    /// Every external program the run starts ([`resume::external_programs`]).
-    #[serde(default)]
-    pub external_programs: Vec<String>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Plan {
-    pub fn new(cfg: &RunConfig, model_params: usize, prompt_tokens: usize) -> Self {
-        let samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size;
-        Plan {
-            recipe: cfg.recipe.clone().unwrap_or_else(|| "quickstart".into()),
-            estimator: cfg.advantage.estimator.name().to_string(),
-            loss: cfg.loss.loss.name().to_string(),
-            aggregation: cfg.loss.agg.name().to_string(),
-            model_params,
-            prompts_per_step: cfg.rollout.prompts_per_step,
-            samples_per_step: samples,
-            max_tokens_per_step: samples * (prompt_tokens + cfg.rollout.max_new_tokens),
-            rl_steps: cfg.train.steps,
-            total_samples: samples * cfg.train.steps,
-            warmup_max_steps: cfg.warmup.max_steps,
-            warmup_target_acc: cfg.warmup.target_acc,
-            heldout_size: cfg.task.heldout_size,
-            seed: cfg.seed,
-            external_programs: resume::external_programs(cfg),
-        }
+    fn load_err(overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(None, &o).unwrap_err().to_string()
     }
 
-    pub fn render(&self) -> String {
-        let programs = if self.external_programs.is_empty() {
-            "none".to_string()
-        } else {
-            self.external_programs.join("; ")
-        };
-        format!(
-            "plan: recipe {} | {} advantage, {} loss, {} | model {} params | {} prompts x {} = {} samples/step, \
-             <= {} tokens/step | {} RL steps ({} samples) | {} | held-out {} | seed {} | \
-             external programs: {programs}",
-            self.recipe,
-            self.estimator,
-            self.loss,
-            self.aggregation,
-            self.model_params,
-            self.prompts_per_step,
-            self.samples_per_step / self.prompts_per_step.max(1),
-            self.samples_per_step,
-            self.max_tokens_per_step,
-            self.rl_steps,
-            self.total_samples,
-            if self.warmup_max_steps == 0 {
-                "no warm-up".to_string()
-            } else {
-                format!(
-                    "warm-up until held-out acc >= {:.0}% (max {} steps)",
-                    self.warmup_target_acc * 100.0,
-                    self.warmup_max_steps
-                )
-            },
-            self.heldout_size,
-            self.seed
-        )
+    #[test]
+    fn set_type_errors_name_the_key_and_the_expected_type() {
+        let e = load_err(&["rollout.group_size=\"many\""]);
+        assert!(
+            e.contains("`rollout.group_size`") && e.contains("expected usize"),
+            "{e}"
+        );
+        let e = load_err(&["train.lr=true"]);
+        assert!(e.contains("`train.lr`") && e.contains("expected f64"), "{e}");
+        let e = load_err(&["advantage.bnpo.alpha=\"x\""]);
+        assert!(e.contains("`advantage.bnpo.alpha`"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_naming_the_key() {
+        for (set, key) in [
+            ("train.grad_clip=nan", "`train.grad_clip` is NaN"),
+            ("train.weight_decay=inf", "`train.weight_decay` is inf"),
+            ("advantage.eps=-inf", "`advantage.eps` is -inf"),
+        ] {
+            let e = load_err(&[set]);
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let e = load_err(&["warmup.lr=-1e-3"]);
+        assert!(e.contains("warmup.lr must be positive"), "{e}");
+    }
+
+    #[test]
+    fn group_size_one_warns_for_group_relative_estimators() {
+        let mut cfg = RunConfig::default();
+        assert!(cfg.warnings().is_empty());
+        cfg.rollout.group_size = 1;
+        let w = cfg.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("`grpo`") && w[0].contains("no baseline"), "{w:?}");
+        cfg.advantage.estimator = crate::advantage::Estimator::Reinforce;
+        assert!(cfg.warnings().is_empty());
     }
 }

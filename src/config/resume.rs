@@ -65,6 +65,96 @@ pub fn check_trust(dir: &Path, cfg: &RunConfig, trusted: bool) -> Result<()> {
     })
 }
 
+/// The config a `--resume DIR` continues with, from the run's recorded `DIR/config.toml`.
+///
+/// With neither `given` (a config file) nor `overrides`, that is the recorded config. A config
+/// file or overrides may be passed again to supply what the run directory does not hold in
+/// clear (secrets, [`super::secrets`]): the result must then equal the recorded config once its
+/// secrets are hidden, so a resume continues the recorded run and cannot change it. Passing the
+/// run's own config file also confirms the external programs it names (the user named them),
+/// as `trust_commands` does. Refused: recorded programs without confirmation, a differing
+/// config (naming each differing key), and secrets still hidden (naming the keys).
+pub fn resume_config(
+    dir: &Path,
+    given: Option<&Path>,
+    overrides: &[String],
+    trust_commands: bool,
+) -> Result<RunConfig> {
+    let recorded_path = dir.join("config.toml");
+    if !recorded_path.is_file() {
+        return Err(Error::RunDir {
+            path: dir.to_path_buf(),
+            msg: "not a run directory (no config.toml)".into(),
+        });
+    }
+    let recorded = super::load(Some(&recorded_path), &[])?;
+    let cfg = if given.is_none() && overrides.is_empty() {
+        recorded.clone()
+    } else {
+        let cfg = super::load(Some(given.unwrap_or(recorded_path.as_path())), overrides)?;
+        let differ = differing_keys(&super::secrets::redacted(&cfg), &recorded)?;
+        if !differ.is_empty() {
+            return Err(Error::RunDir {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "the config given with --resume differs from the recorded config.toml in {}; \
+                     a resume continues the recorded run unchanged (pass the run's own config, \
+                     or only the hidden secrets with --set KEY=VALUE)",
+                    differ.join(", ")
+                ),
+            });
+        }
+        cfg
+    };
+    // The recorded file passed back as CONFIG confirms nothing: it is the run directory's.
+    let names_own_file = given.is_some_and(|g| same_file(g, &recorded_path));
+    check_trust(
+        dir,
+        &cfg,
+        trust_commands || (given.is_some() && !names_own_file),
+    )?;
+    let hidden = super::secrets::missing(&cfg);
+    if !hidden.is_empty() {
+        return Err(Error::RunDir {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "config.toml holds secrets only as `***` ({}): give them again, with the run's \
+                 config file (grove train --resume DIR CONFIG) or --set KEY=VALUE for each",
+                hidden.join(", ")
+            ),
+        });
+    }
+    Ok(cfg)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The dotted keys whose values differ between two configs, each as `key (A vs B)`.
+fn differing_keys(a: &RunConfig, b: &RunConfig) -> Result<Vec<String>> {
+    let flat = |c: &RunConfig| -> Result<std::collections::BTreeMap<String, String>> {
+        let table: toml::Table = toml::from_str(&toml::to_string(c).map_err(|e| {
+            Error::config("--resume", format!("config cannot be written as TOML: {e}"))
+        })?)
+        .map_err(|e| Error::config("--resume", e.to_string()))?;
+        Ok(crate::report::sinks::flatten_params(&table)
+            .into_iter()
+            .collect())
+    };
+    let (a, b) = (flat(a)?, flat(b)?);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let shown = |v: Option<&String>| v.map_or("unset".to_string(), |v| format!("{v:?}"));
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("`{k}` ({} vs recorded {})", shown(a.get(k)), shown(b.get(k))))
+        .collect())
+}
+
 /// A `--set` value taken as text without quotes: a word of letters, digits and `_-./:+@`
 /// that does not start like a number (so `1e-3x` is a typo, not a string).
 pub fn is_bare_word(raw: &str) -> bool {
@@ -167,5 +257,64 @@ mod tests {
             e.contains("sync.mode = \"async\"") && e.contains("refuses"),
             "{e}"
         );
+    }
+
+    /// A run directory whose config.toml was saved from `cfg` (secrets hidden), and the
+    /// user's own copy of the config (secrets in clear) beside it.
+    fn saved_run(cfg: &RunConfig) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("config.toml"), cfg.to_toml().unwrap()).unwrap();
+        let own = tmp.path().join("mine.toml");
+        std::fs::write(&own, toml::to_string(cfg).unwrap()).unwrap();
+        (tmp, run, own)
+    }
+
+    #[test]
+    fn resume_asks_again_for_hidden_secrets() {
+        let mut cfg = RunConfig::default();
+        cfg.sync.buffer = Some("postgres://grove:hunter2@db/runs".into());
+        cfg.sync.publish_dir = Some("pub".into());
+        let (_tmp, run, own) = saved_run(&cfg);
+        let e = resume_config(&run, None, &[], false).unwrap_err().to_string();
+        assert!(e.contains("sync.buffer") && e.contains("***"), "{e}");
+        // The secret by --set, or the user's config file: the recorded run, with the secret.
+        let set = ["sync.buffer=\"postgres://grove:hunter2@db/runs\"".to_string()];
+        assert_eq!(resume_config(&run, None, &set, false).unwrap(), cfg);
+        assert_eq!(resume_config(&run, Some(&own), &[], false).unwrap(), cfg);
+    }
+
+    #[test]
+    fn resume_with_a_different_config_names_the_keys() {
+        let cfg = RunConfig::default();
+        let (_tmp, run, own) = saved_run(&cfg);
+        let mut other = cfg.clone();
+        other.train.steps = 7;
+        std::fs::write(&own, toml::to_string(&other).unwrap()).unwrap();
+        let e = resume_config(&run, Some(&own), &[], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`train.steps` (\"7\" vs recorded \"300\")"), "{e}");
+        let e = resume_config(&run, None, &["seed=3".into()], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`seed`") && !e.contains("train.steps"), "{e}");
+    }
+
+    #[test]
+    fn passing_the_same_config_confirms_its_commands() {
+        let cfg = with_command(&["python3", "judge.py"]);
+        let (_tmp, run, own) = saved_run(&cfg);
+        let e = resume_config(&run, None, &[], false).unwrap_err().to_string();
+        assert!(e.contains("--trust-commands"), "{e}");
+        assert_eq!(resume_config(&run, Some(&own), &[], false).unwrap(), cfg);
+        assert_eq!(resume_config(&run, None, &[], true).unwrap(), cfg);
+        // The run's own config.toml passed back is the run directory speaking, not the user.
+        let recorded = run.join("config.toml");
+        let e = resume_config(&run, Some(&recorded), &[], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--trust-commands"), "{e}");
     }
 }

@@ -141,11 +141,8 @@ pub fn deception_score(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::near;
     use super::*;
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 1e-12
-    }
 
     /// 1 − C(n−c, k)/C(n, k) by exact integer binomials, as an independent reference.
     fn pass_at_k_by_binomials(n: u64, c: u64, k: u64) -> f64 {
@@ -162,12 +159,12 @@ mod tests {
     fn pass_at_k_hand_computed() {
         // n=5, c=2, k=2: 1 − Π_{j=4}^{5}(1 − 2/j) = 1 − (2/4)(3/5) = 1 − 3/10 = 0.7
         // (= 1 − C(3,2)/C(5,2) = 1 − 3/10, i.e. 1 − (3/5)(2/4)).
-        assert!(close(pass_at_k(5, 2, 2), 0.7));
+        assert!(near(pass_at_k(5, 2, 2), 0.7));
         // n=4, c=1, k=2: 1 − (1 − 2/4) = 0.5 (= 1 − C(3,2)/C(4,2) = 1 − 3/6).
-        assert!(close(pass_at_k(4, 1, 2), 0.5));
+        assert!(near(pass_at_k(4, 1, 2), 0.5));
         // n=10, c=5, k=3: 1 − (3/6)(4/7)(5/8)(6/9)(7/10) = 1 − 2520/30240 = 1 − 1/12 = 11/12
         // (= 1 − C(5,3)/C(10,3) = 1 − 10/120).
-        assert!(close(pass_at_k(10, 5, 3), 11.0 / 12.0));
+        assert!(near(pass_at_k(10, 5, 3), 11.0 / 12.0));
         // n − c < k: n=5, c=4, k=2 → 1 wrong sample only, so any 2 samples include a correct one.
         assert_eq!(pass_at_k(5, 4, 2), 1.0);
     }
@@ -194,7 +191,7 @@ mod tests {
         for n in 1..=16 {
             for c in 0..=n {
                 assert!(
-                    close(pass_at_k(n, c, 1), c as f64 / n as f64),
+                    near(pass_at_k(n, c, 1), c as f64 / n as f64),
                     "n={n} c={c}"
                 );
                 let want = if c > 0 { 1.0 } else { 0.0 };
@@ -210,13 +207,13 @@ mod tests {
         assert_eq!(pass_at_k(5, 2, 0), 0.0); // k = 0
         assert_eq!(pass_at_k(3, 0, 10), 0.0); // k > n, none correct (HumanEval code says 1 here)
         assert_eq!(pass_at_k(3, 1, 10), 1.0); // k > n clamps to pass@3 = 1
-        assert!(close(pass_at_k(4, 9, 2), 1.0)); // c > n clamps to c = n
+        assert!(near(pass_at_k(4, 9, 2), 1.0)); // c > n clamps to c = n
     }
 
     #[test]
     fn mean_at_n_cases() {
         assert_eq!(mean_at_n(&[]), 0.0);
-        assert!(close(mean_at_n(&[1.0, 0.0, 0.5, 0.5]), 0.5)); // 2/4
+        assert!(near(mean_at_n(&[1.0, 0.0, 0.5, 0.5]), 0.5)); // 2/4
     }
 
     fn answers(xs: &[Option<&str>]) -> Vec<Option<String>> {
@@ -277,12 +274,12 @@ mod tests {
         ];
         let s = summarize(&prompts, &[1, 2]);
         assert_eq!(s.prompts, 2);
-        assert!(close(s.mean_at_n, 0.5)); // (1/4 + 3/4)/2
-        assert!(close(s.maj_at_n, 0.5)); // (0 + 1)/2
+        assert!(near(s.mean_at_n, 0.5)); // (1/4 + 3/4)/2
+        assert!(near(s.maj_at_n, 0.5)); // (0 + 1)/2
         assert_eq!(s.pass_at_k.len(), 2);
         assert_eq!(s.pass_at_k[0].0, 1);
-        assert!(close(s.pass_at_k[0].1, 0.5)); // (1/4 + 3/4)/2
-        assert!(close(s.pass_at_k[1].1, 0.75)); // (1/2 + 1)/2
+        assert!(near(s.pass_at_k[0].1, 0.5)); // (1/4 + 3/4)/2
+        assert!(near(s.pass_at_k[1].1, 0.75)); // (1/2 + 1)/2
         let empty = summarize(&[], &[1]);
         assert_eq!(
             (empty.prompts, empty.mean_at_n, empty.pass_at_k[0].1),
@@ -297,7 +294,7 @@ mod tests {
         let ws = [false, false, false, true, false];
         let ceiling = [true, true, true, true, false];
         let weak = [false, true, false, false, false];
-        assert!(close(
+        assert!(near(
             deception_score(&ws, &ceiling, &weak).unwrap(),
             2.0 / 3.0
         ));

@@ -115,7 +115,12 @@ impl Default for EvalOptions {
 
 impl EvalOptions {
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Task(format!("eval: {m}")));
+        let bad = |m: String| {
+            Err(Error::Usage {
+                option: "eval".into(),
+                msg: m,
+            })
+        };
         if self.n == 0 {
             return bad("--n must be at least 1".into());
         }
@@ -230,12 +235,11 @@ fn run_task_config(ckpt: &Path) -> Result<Option<ArithmeticConfig>> {
 }
 
 fn prompt_ids(tok: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
     if add_bos {
-        ids.extend(tok.bos);
+        tok.encode_with_bos(text)
+    } else {
+        tok.encode(text)
     }
-    ids.extend(tok.encode(text)?);
-    Ok(ids)
 }
 
 /// The questions to ask, as prompts for `style`, and the default response budget.
@@ -358,7 +362,11 @@ pub fn run_eval(model_path: &Path, opts: &EvalOptions) -> Result<EvalReport> {
     opts.validate()?;
     let device = crate::compute::device();
     let (model, tok) = load_for_sampling(model_path, &device)?;
-    run_eval_with(model.as_ref(), &tok, model_path, opts)
+    run_eval_with(model.as_ref(), &tok, model_path, opts).map_err(|e| match e {
+        // Which model produced them is the useful part.
+        Error::NonFiniteLogits { .. } => Error::Model(format!("{}: {e}", model_path.display())),
+        e => e,
+    })
 }
 
 /// [`run_eval`] for a model already in memory; `model_path` locates a run's task config.
@@ -374,10 +382,10 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
         ChatTemplate::from_tokenizer(tok, &model_path.display().to_string()).transpose()?;
     let style = match (opts.prompt_style, &template) {
         (Some(PromptStyle::Chat), None) => {
-            return Err(Error::Task(format!(
-                "eval: --prompt-style chat, but {} has no chat template",
-                model_path.display()
-            )))
+            return Err(Error::Usage {
+                option: "--prompt-style chat".into(),
+                msg: format!("{} has no chat template", model_path.display()),
+            })
         }
         (Some(s), _) => s,
         (None, Some(_)) if opts.task != EvalTask::Builtin => PromptStyle::Chat,
@@ -391,7 +399,10 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
     };
     params
         .validate()
-        .map_err(|e| Error::Task(format!("eval: {e}")))?;
+        .map_err(|e| Error::Usage {
+            option: "eval".into(),
+            msg: e,
+        })?;
     let verifier = MathVerifier::default();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     // The output file is created before sampling, so a bad path fails at once.
@@ -405,7 +416,7 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
         indicatif::ProgressStyle::with_template(
             "{prefix} [{bar:30}] {pos}/{len} samples {elapsed_precise} (eta {eta}) {msg}",
         )
-        .map_err(|e| Error::Task(format!("progress bar template: {e}")))?
+        .map_err(|e| Error::Internal(format!("progress bar template: {e}")))?
         .progress_chars("=> "),
     );
     pb.set_prefix(format!("eval {}", opts.task.name()));
@@ -487,9 +498,10 @@ pub fn parse_ks(s: &str) -> Result<Vec<usize>> {
     s.split(',')
         .map(|p| {
             p.trim().parse::<usize>().map_err(|_| {
-                Error::Task(format!(
-                    "--k {s:?}: {p:?} is not a positive integer (expected e.g. 1,4,16)"
-                ))
+                Error::Usage {
+                    option: format!("--k {s:?}"),
+                    msg: format!("{p:?} is not a positive integer (expected e.g. 1,4,16)"),
+                }
             })
         })
         .collect()
@@ -518,6 +530,25 @@ mod tests {
         assert!(parse_ks("1,x").unwrap_err().to_string().contains("\"x\""));
         assert_eq!("math500".parse::<EvalTask>(), Ok(EvalTask::Math500));
         assert!("mmlu".parse::<EvalTask>().is_err());
+    }
+
+    #[test]
+    fn a_model_with_nan_weights_is_an_error_not_a_score() {
+        let tok = Tokenizer::builtin_arithmetic();
+        let cfg = crate::model::Config::builtin_tiny(tok.vocab_size());
+        let model = crate::model::Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        model.poison_with_nan();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EvalOptions {
+            task: EvalTask::Builtin,
+            limit: Some(2),
+            ..Default::default()
+        };
+        let e = run_eval_with(&model, &tok, dir.path(), &opts).unwrap_err();
+        assert!(
+            matches!(e, Error::NonFiniteLogits { sequence: 0, new_token: 0, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -31,21 +31,23 @@ pub fn parse_dataset(name: &str) -> Result<DatasetKind> {
     match name {
         "gsm8k" => Ok(DatasetKind::Gsm8k),
         "math500" | "math-500" => Ok(DatasetKind::Math500),
-        other => Err(Error::Task(format!(
-            "unknown task {other:?} (expected gsm8k or math500)"
-        ))),
+        other => Err(Error::UnknownName {
+            kind: "task",
+            name: other.to_string(),
+            known: "gsm8k or math500".into(),
+        }),
     }
 }
 
 /// Loads a dataset, with a hint about `--data` when the file is missing.
 pub fn load_dataset(kind: DatasetKind, path: &Path) -> Result<Vec<datasets::MathProblem>> {
     if !path.exists() {
-        return Err(Error::Task(format!(
-            "dataset file {} does not exist (pass --data PATH)",
-            path.display()
-        )));
+        return Err(Error::Input {
+            at: path.display().to_string(),
+            msg: "the dataset file does not exist (pass --data PATH)".into(),
+        });
     }
-    datasets::load(kind, path).map_err(|e| Error::Task(e.to_string()))
+    Ok(datasets::load(kind, path)?)
 }
 
 /// The accuracy over all judged lines.
@@ -111,34 +113,30 @@ fn jsonl_objects(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serd
         }
         let n = i + 1;
         let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::Task(format!("{file}:{n}: not valid JSON: {e}")))?;
+            .map_err(|e| Error::Input {
+                at: format!("{file}:{n}"),
+                msg: format!("not valid JSON: {e}"),
+            })?;
         match v {
             serde_json::Value::Object(o) => out.push((n, o)),
             other => {
-                return Err(Error::Task(format!(
-                    "{file}:{n}: expected a JSON object, found {}",
-                    json_kind(&other)
-                )))
+                return Err(Error::Input {
+                    at: format!("{file}:{n}"),
+                    msg: format!(
+                        "expected a JSON object, found {}",
+                        crate::error::json_kind(&other)
+                    ),
+                })
             }
         }
     }
     if out.is_empty() {
-        return Err(Error::Task(format!(
-            "{file}: no lines (expected one JSON object per line)"
-        )));
+        return Err(Error::Input {
+            at: file.to_string(),
+            msg: "no lines (expected one JSON object per line)".into(),
+        });
     }
     Ok(out)
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 fn string_field<'a>(
@@ -149,15 +147,17 @@ fn string_field<'a>(
 ) -> Result<&'a str> {
     match o.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s),
-        Some(other) => Err(Error::Task(format!(
-            "{}:{line}: field `{field}` should be a string, found {}",
-            path.display(),
-            json_kind(other)
-        ))),
-        None => Err(Error::Task(format!(
-            "{}:{line}: missing field `{field}`",
-            path.display()
-        ))),
+        Some(other) => Err(Error::Input {
+            at: format!("{}:{line}", path.display()),
+            msg: format!(
+                "field `{field}` should be a string, found {}",
+                crate::error::json_kind(other)
+            ),
+        }),
+        None => Err(Error::Input {
+            at: format!("{}:{line}", path.display()),
+            msg: format!("missing field `{field}`"),
+        }),
     }
 }
 
@@ -172,23 +172,28 @@ pub fn verify_responses(
     for (line, o) in jsonl_objects(responses)? {
         let file = responses.display();
         let index = match o.get("index") {
-            Some(v) => v.as_u64().ok_or_else(|| {
-                Error::Task(format!(
-                    "{file}:{line}: field `index` should be a non-negative integer, found {v}"
-                ))
+            Some(v) => v.as_u64().ok_or_else(|| Error::Input {
+                at: format!("{file}:{line}"),
+                msg: format!("field `index` should be a non-negative integer, found {v}"),
             })?,
-            None => return Err(Error::Task(format!("{file}:{line}: missing field `index`"))),
+            None => {
+                return Err(Error::Input {
+                    at: format!("{file}:{line}"),
+                    msg: "missing field `index`".into(),
+                })
+            }
         };
         let problem = usize::try_from(index)
             .ok()
             .and_then(|i| problems.get(i))
-            .ok_or_else(|| {
-                Error::Task(format!(
-                    "{file}:{line}: index {index} is out of range: {} has {} rows (0..{})",
+            .ok_or_else(|| Error::Input {
+                at: format!("{file}:{line}"),
+                msg: format!(
+                    "index {index} is out of range: {} has {} rows (0..{})",
                     data_path.display(),
                     problems.len(),
                     problems.len()
-                ))
+                ),
             })?;
         let response = string_field(&o, "response", responses, line)?;
         verdicts.push(verifier.verify(response, &problem.answer));

@@ -78,11 +78,8 @@ pub fn aggregate(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::near;
     use super::*;
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 1e-12
-    }
 
     // Sequence 0: one token with loss 4; sequence 1: three tokens with losses 1, 2, 3.
     const V0: [f64; 1] = [4.0];
@@ -97,21 +94,21 @@ mod tests {
     #[test]
     fn four_modes_differ_on_sequences_of_different_lengths() {
         // token-mean: (4 + 1 + 2 + 3) / 4 = 2.5
-        assert!(close(agg(Aggregation::TokenMean), 2.5));
+        assert!(near(agg(Aggregation::TokenMean), 2.5));
         // seq-mean-token-mean: (4/1 + 6/3) / 2 = (4 + 2)/2 = 3
-        assert!(close(agg(Aggregation::SeqMeanTokenMean), 3.0));
+        assert!(near(agg(Aggregation::SeqMeanTokenMean), 3.0));
         // seq-mean-token-sum: (4 + 6) / 2 = 5
-        assert!(close(agg(Aggregation::SeqMeanTokenSum), 5.0));
+        assert!(near(agg(Aggregation::SeqMeanTokenSum), 5.0));
         // seq-mean-token-sum-norm: (4 + 6) / (2·5) = 1
-        assert!(close(agg(Aggregation::SeqMeanTokenSumNorm), 1.0));
+        assert!(near(agg(Aggregation::SeqMeanTokenSumNorm), 1.0));
     }
 
     #[test]
     fn weights_per_mode() {
         let w = token_weights(Aggregation::SeqMeanTokenMean, &[&M0, &M1], None).expect("w");
         // 1/(1·2) = 0.5 for seq 0; 1/(3·2) = 1/6 for seq 1
-        assert!(close(w[0][0], 0.5));
-        assert!(w[1].iter().all(|&x| close(x, 1.0 / 6.0)));
+        assert!(near(w[0][0], 0.5));
+        assert!(w[1].iter().all(|&x| near(x, 1.0 / 6.0)));
     }
 
     #[test]
@@ -125,13 +122,13 @@ mod tests {
         let masks: [&[f64]; 3] = [&M0, &m1, &m2];
         let a = |mode| aggregate(mode, &values, &masks, Some(4)).expect("aggregate");
         // token-mean: (4 + 1 + 2)/3 = 7/3
-        assert!(close(a(Aggregation::TokenMean), 7.0 / 3.0));
+        assert!(near(a(Aggregation::TokenMean), 7.0 / 3.0));
         // seq-mean-token-mean over the 2 non-empty sequences: (4 + 1.5)/2 = 2.75
-        assert!(close(a(Aggregation::SeqMeanTokenMean), 2.75));
+        assert!(near(a(Aggregation::SeqMeanTokenMean), 2.75));
         // seq-mean-token-sum: (4 + 3)/2 = 3.5
-        assert!(close(a(Aggregation::SeqMeanTokenSum), 3.5));
+        assert!(near(a(Aggregation::SeqMeanTokenSum), 3.5));
         // sum-norm keeps B = 3: 7/(3·4) = 0.58333…
-        assert!(close(a(Aggregation::SeqMeanTokenSumNorm), 7.0 / 12.0));
+        assert!(near(a(Aggregation::SeqMeanTokenSumNorm), 7.0 / 12.0));
     }
 
     #[test]

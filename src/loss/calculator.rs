@@ -121,14 +121,7 @@ fn input_error(msg: impl Into<String>) -> LossError {
 
 /// The JSON type of `v` and a short rendering, for "found ..." messages.
 fn describe(v: &Value) -> String {
-    let kind = match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
+    let kind = crate::error::json_kind(v);
     let mut text = v.to_string();
     if text.len() > 40 {
         text = format!("{}…", text.chars().take(40).collect::<String>());

@@ -432,7 +432,7 @@ mod tests {
     use super::*;
 
     fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 1e-12 * (1.0 + b.abs())
+        crate::testing::close_rel(a, b, 1e-12)
     }
 
     #[track_caller]

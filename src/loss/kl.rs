@@ -69,24 +69,21 @@ pub fn dads_weight(is_positive: bool, n_correct: usize, group_size: usize) -> f6
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::near;
     use super::*;
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 1e-12
-    }
 
     #[test]
     fn k1_k2_k3_values_and_gradients() {
         // ℓ = −0.5, ℓʳ = −1.0 ⇒ Δʳ = 0.5
         let (v, g) = kl_per_token(KlEstimator::K1, -0.5, -1.0);
-        assert!(close(v, 0.5) && close(g, 1.0)); // k1 = Δ, d/dℓ = 1
+        assert!(near(v, 0.5) && near(g, 1.0)); // k1 = Δ, d/dℓ = 1
         let (v, g) = kl_per_token(KlEstimator::K2, -0.5, -1.0);
-        assert!(close(v, 0.125) && close(g, 0.5)); // ½·0.25 = 0.125, d = Δ = 0.5
+        assert!(near(v, 0.125) && near(g, 0.5)); // ½·0.25 = 0.125, d = Δ = 0.5
         let (v, g) = kl_per_token(KlEstimator::K3, -0.5, -1.0);
         // exp(−0.5) = 0.6065306597126334 ⇒ k3 = 0.6065306597 − 1 + 0.5 = 0.1065306597126334
         // d = 1 − exp(−0.5) = 0.3934693402873666
-        assert!(close(v, 0.1065306597126334), "{v}");
-        assert!(close(g, 0.3934693402873666), "{g}");
+        assert!(near(v, 0.1065306597126334), "{v}");
+        assert!(near(g, 0.3934693402873666), "{g}");
         let (lv, lg) = kl_per_token(KlEstimator::LowVarKl, -0.5, -1.0);
         assert_eq!((lv, lg), (v, g)); // below the clamp it is k3
     }
@@ -97,8 +94,8 @@ mod tests {
         let (v, g) = kl_per_token(KlEstimator::LowVarKl, -3.0, 0.0);
         assert_eq!((v, g), (10.0, 0.0));
         let (v3, g3) = kl_per_token(KlEstimator::K3, -3.0, 0.0);
-        assert!(close(v3, 16.085536923187668), "{v3}");
-        assert!(close(g3, 1.0 - 3f64.exp()), "{g3}"); // 1 − e³
+        assert!(near(v3, 16.085536923187668), "{v3}");
+        assert!(near(g3, 1.0 - 3f64.exp()), "{g3}"); // 1 − e³
     }
 
     #[test]
@@ -139,7 +136,7 @@ mod tests {
             &[-1.5, -1.0, 0.0, -0.5],
             &[1.0, 1.0, 0.0, 1.0],
         );
-        assert!(close(p, -0.15), "{p}");
+        assert!(near(p, -0.15), "{p}");
         let zero = LossConfig::default(); // β = 0
         assert_eq!(kl_reward_penalty(&zero, &[-1.0], &[-2.0], &[1.0]), 0.0);
     }

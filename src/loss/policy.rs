@@ -204,7 +204,7 @@ mod tests {
     const TOL: f64 = 1e-12;
 
     fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() <= TOL * (1.0 + b.abs())
+        crate::testing::close_rel(a, b, TOL)
     }
 
     #[track_caller]

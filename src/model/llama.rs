@@ -425,6 +425,14 @@ impl Llama {
         &self.params
     }
 
+    /// Sets every weight of the first parameter to NaN: a broken model for the tests that
+    /// check what sampling, evaluation and serving do with one.
+    #[cfg(test)]
+    pub fn poison_with_nan(&self) {
+        let (_, v) = &self.params[0];
+        v.set(&v.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
+    }
+
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }

@@ -111,11 +111,7 @@ pub fn rm_tokens(
     response: &str,
     finished: bool,
 ) -> Result<Vec<u32>> {
-    let mut ids = Vec::with_capacity(prompt.len() + response.len() + 2);
-    if let Some(b) = tok.bos {
-        ids.push(b);
-    }
-    ids.extend(tok.encode(prompt)?);
+    let mut ids = tok.encode_with_bos(prompt)?;
     ids.extend(tok.encode(response)?);
     if finished {
         ids.push(tok.eos);

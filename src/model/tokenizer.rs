@@ -142,6 +142,15 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// `[BOS] text`: the text's ids after the BOS id when the tokenizer has one (how every
+    /// prompt is fed to a model).
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(text.len() + 1);
+        ids.extend(self.bos);
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
     /// Text of `ids`, special tokens dropped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

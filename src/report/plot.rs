@@ -406,7 +406,7 @@ fn parse_metrics_line(line: &str, line_no: usize) -> Result<Option<MetricsRow>, 
     let serde_json::Value::Object(values) = value else {
         return Err(format!(
             "expected a JSON object, found {}",
-            json_kind(&value)
+            crate::error::json_kind(&value)
         ));
     };
     let step = match values.get("step") {
@@ -450,24 +450,13 @@ fn metric_points(
                     line: row.line,
                     msg: format!(
                         "`{metric}`: expected a number or null, found {}",
-                        json_kind(other)
+                        crate::error::json_kind(other)
                     ),
                 })
             }
         }
     }
     Ok(points)
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -235,16 +235,13 @@ fn numbers_equal(a: f64, b: f64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::near;
     use super::*;
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() <= 1e-12
-    }
 
     #[test]
     fn gated_reward_hand_computed() {
         // outcome 1 ≥ δ = 0.5: 1 + (0.1 + 0.2 + 0.3) = 1.6
-        assert!(close(gated_reward(1.0, &[0.1, 0.2, 0.3], 0.5), 1.6));
+        assert!(near(gated_reward(1.0, &[0.1, 0.2, 0.3], 0.5), 1.6));
         // outcome 0.4 < 0.5: steps ignored → 0.4
         assert_eq!(gated_reward(0.4, &[0.1, 0.2, 0.3], 0.5), 0.4);
         // boundary r = δ passes (≥): 0.5 + 1 = 1.5
@@ -319,7 +316,7 @@ mod tests {
                     threshold: f64::NEG_INFINITY,
                 },
             ];
-            assert!(close(
+            assert!(near(
                 gated_channels(&channels),
                 gated_reward(outcome, &steps, 0.5)
             ));
@@ -333,7 +330,7 @@ mod tests {
         assert_eq!(tracker.observe("opened-file"), 0.0); // repeat: no credit
         assert_eq!(tracker.observe("ran-tests"), 0.1);
         // 2 distinct milestones × 0.1 = 0.2
-        assert!(close(tracker.total(), 0.2));
+        assert!(near(tracker.total(), 0.2));
         assert_eq!(tracker.count(), 2);
         tracker.reset();
         assert_eq!(tracker.total(), 0.0);

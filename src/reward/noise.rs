@@ -225,10 +225,7 @@ impl AppealsEstimator {
         if n_positives == 0 && n_flips == 0 {
             return self.ema.unwrap_or(batch);
         }
-        let ema = match self.ema {
-            None => batch,
-            Some(previous) => self.decay * previous + (1.0 - self.decay) * batch,
-        };
+        let ema = crate::advantage::noisy::ema_update(self.ema, batch, self.decay);
         self.ema = Some(ema);
         ema
     }

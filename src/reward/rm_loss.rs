@@ -257,11 +257,8 @@ pub fn pairwise_accuracy(chosen: &[f64], rejected: &[f64]) -> Result<f64, RmLoss
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::close;
     use super::*;
-
-    fn close(a: f64, b: f64, tol: f64) -> bool {
-        (a - b).abs() <= tol
-    }
 
     fn label(strength: f64) -> PreferenceLabel {
         PreferenceLabel {

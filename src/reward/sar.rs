@@ -67,11 +67,8 @@ pub fn sar_total(r_correct: f64, r_sa: f64, alpha: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::close;
     use super::*;
-
-    fn close(a: f64, b: f64, tol: f64) -> bool {
-        (a - b).abs() <= tol
-    }
 
     #[test]
     fn perplexity_hand_computed() {

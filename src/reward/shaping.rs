@@ -539,11 +539,8 @@ impl Shaper {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::close;
     use super::*;
-
-    fn close(a: f64, b: f64, tol: f64) -> bool {
-        (a - b).abs() <= tol
-    }
 
     #[test]
     fn sigmoid_and_log_sigmoid_hand_values() {

@@ -3,6 +3,7 @@
 //! The local engine decodes a whole batch at once with a KV cache. Prompts are left-padded so
 //! every sequence's next token sits in the same column; positions count real tokens only and
 //! the attention mask hides the padding, so a padded prompt decodes exactly like an unpadded one.
+pub mod engine;
 pub mod remote;
 pub mod sampler;
 pub mod serve;
@@ -122,6 +123,7 @@ pub fn generate<M: CausalLm + ?Sized, R: Rng>(
     for step in 0..params.max_new_tokens {
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let v = flat.len() / b;
+        check_logits(&flat, v, step)?;
         // One uniform per active sequence, drawn in row order before the parallel part, so
         // the stream does not depend on thread scheduling.
         let draws: Vec<Option<f64>> = out
@@ -172,6 +174,19 @@ pub fn generate<M: CausalLm + ?Sized, R: Rng>(
         logits = model.logits(&hidden.squeeze(1)?)?;
     }
     Ok(out)
+}
+
+/// NaN or +∞ logits (NaN weights, or activations that overflowed) would be sampled as an
+/// arbitrary token: an error naming the sequence and the position instead.
+fn check_logits(flat: &[f32], vocab: usize, step: usize) -> Result<()> {
+    match flat.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFiniteLogits {
+            sequence: i / vocab.max(1),
+            new_token: step,
+            value: flat[i],
+        }),
+    }
 }
 
 /// Draws one token from a row of logits by inverse CDF (one uniform, no per-entry

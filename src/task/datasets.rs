@@ -81,6 +81,12 @@ pub enum DatasetError {
     Empty { path: PathBuf },
 }
 
+impl From<DatasetError> for crate::error::Error {
+    fn from(e: DatasetError) -> Self {
+        crate::error::Error::Dataset(Box::new(e))
+    }
+}
+
 /// Loads a GSM8K JSONL file (`question`, `answer` with `#### N`).
 pub fn load_gsm8k(path: &Path) -> Result<Vec<MathProblem>, DatasetError> {
     parse_gsm8k(&read(path)?, path)
@@ -190,20 +196,9 @@ impl Row<'_> {
                 path: self.path.to_path_buf(),
                 line: self.line,
                 field,
-                found: json_type_name(other),
+                found: crate::error::json_kind(other),
             }),
         }
-    }
-}
-
-fn json_type_name(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -230,7 +225,7 @@ fn parse_rows(
                 return Err(DatasetError::NotAnObject {
                     path: path.to_path_buf(),
                     line: line_number,
-                    found: json_type_name(&other),
+                    found: crate::error::json_kind(&other),
                 })
             }
         };

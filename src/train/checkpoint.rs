@@ -53,6 +53,9 @@ pub struct LaggedState {
 pub struct Extras<'a> {
     pub behaviour: Option<&'a Llama>,
     pub pending: Vec<ExperienceGroup>,
+    /// The run's validated plan, saved as the checkpoint's plan.json: what the weights were
+    /// trained under travels with them.
+    pub plan: Option<&'a crate::config::Plan>,
 }
 
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
@@ -91,6 +94,9 @@ pub fn save(
         // so `grove eval` on it builds the same prompts as training did.
         let tc = crate::model::io::tokenizer_config_json(tok, model.cfg.max_positions());
         write("tokenizer_config.json", &serde_json::to_string_pretty(&tc)?)?;
+    }
+    if let Some(plan) = extras.plan {
+        write("plan.json", &serde_json::to_string_pretty(plan)?)?;
     }
     if let Some(b) = extras.behaviour {
         save_safetensors(&b.named_tensors(), &tmp.join("behaviour.safetensors"))?;
@@ -279,6 +285,40 @@ pub fn restore(ckpt: &Path, model: &Llama, opt: &mut AdamW, state: &TrainState) 
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn the_plan_is_saved_and_checksummed_with_the_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = Tokenizer::builtin_arithmetic();
+        let shape = crate::model::Config::builtin_tiny(tok.vocab_size());
+        let model = Llama::init(&shape, 1, &Device::Cpu).unwrap();
+        let opt = AdamW::new(model.params(), Default::default());
+        let cfg = crate::config::RunConfig::default();
+        let plan = crate::config::Plan::new(&cfg, &shape, model.num_params(), 9).unwrap();
+        let extras = Extras {
+            plan: Some(&plan),
+            ..Default::default()
+        };
+        let state = TrainState {
+            step: 3,
+            optimizer_t: 3,
+            version: 3,
+            explore: ExploreState::new(&cfg, 0).unwrap(),
+            learn_rng: crate::train::explore::rng_stream(0, crate::train::explore::STREAM_LEARN),
+            warmup_steps: 0,
+            acc_after_warmup: 0.0,
+            adv_state: Default::default(),
+            lagged: None,
+            reward_pipeline: None,
+        };
+        let dir = save(tmp.path(), &model, &opt, &tok, &state, &extras).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
+        assert_eq!(saved, serde_json::to_value(&plan).unwrap());
+        let sums = std::fs::read_to_string(dir.join("checksums.json")).unwrap();
+        assert!(sums.contains("plan.json"), "{sums}");
+        verify_checksums(&dir).unwrap();
+    }
 
     #[test]
     fn a_flipped_bit_is_a_checksum_error_naming_the_file() {

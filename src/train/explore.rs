@@ -13,7 +13,8 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
-use crate::rollout::{generate, Generation};
+use crate::rollout::engine::{LocalEngine, RolloutEngine};
+use crate::rollout::Generation;
 use crate::task::Task;
 use crate::train::reward_hook::PipelineRewarder;
 
@@ -123,12 +124,7 @@ impl ExploreState {
 }
 
 pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let mut ids = Vec::with_capacity(text.len() + 1);
-    if let Some(b) = tok.bos {
-        ids.push(b);
-    }
-    ids.extend(tok.encode(text)?);
-    Ok(ids)
+    tok.encode_with_bos(text)
 }
 
 /// Decoded response text without the EOS.
@@ -158,19 +154,9 @@ pub fn collect_rewarded(
     rewarder: Option<&mut PipelineRewarder>,
 ) -> Result<Vec<ExperienceGroup>> {
     let hook = rewarder.map(|r| (r, model));
+    let engine = LocalEngine::new(model, &env.tok);
     collect_hooked(env, version, st, hook, |prompts, g, rng| {
-        let repeated: Vec<Vec<u32>> = prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), g))
-            .collect();
-        generate(
-            model,
-            &repeated,
-            env.tok.eos,
-            env.tok.pad,
-            &env.cfg.rollout.sampling(),
-            rng,
-        )
+        engine.generate_n(prompts, g, &env.cfg.rollout.sampling(), rng)
     })
 }
 
@@ -210,7 +196,7 @@ where
     }
     let gens: Vec<Generation> = sample(&prompt_ids, g, &mut st.sample_rng)?;
     if gens.len() != np * g {
-        return Err(Error::Task(format!(
+        return Err(Error::Internal(format!(
             "sampler returned {} responses for {np} prompts × {g}",
             gens.len()
         )));
@@ -226,7 +212,7 @@ where
             let observed = match st.noise.as_mut() {
                 Some(inj) => inj
                     .flip(clean)
-                    .map_err(|e| Error::Task(format!("noise injector: {e}")))?,
+                    .map_err(|e| Error::Reward(format!("noise injector: {e}")))?,
                 None => clean,
             };
             let mut components = BTreeMap::new();

@@ -5,14 +5,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-
 use crate::buffer::{self, BufferError};
 use crate::compute::device;
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::JsonlWriter;
+use crate::rollout::engine::{RemoteRollouts, RolloutEngine};
 use crate::rollout::remote::RemoteEngine;
 use crate::train::explore::{collect, collect_with, Env, ExploreState};
 use crate::train::{checkpoint, publish, warmup};
@@ -57,10 +56,11 @@ fn local_policy(env: &Env, opts: &ExploreOptions) -> Result<(Llama, u64)> {
                 break;
             }
             if t.elapsed().as_secs_f64() > wait_limit {
-                return Err(Error::Task(format!(
-                    "no weights published in {} after {wait_limit} s",
-                    dir.display()
-                )));
+                return Err(Error::Timeout {
+                    what: format!("weights in {}", dir.display()),
+                    waited_s: wait_limit,
+                    hint: "is the learner running with this publish directory?".into(),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -122,7 +122,7 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
     let mut st = ExploreState::new(&env.cfg, opts.explorer_id.max(1))?;
     let mut store = match &opts.buffer {
         Some(url) => Some(
-            buffer::open(url, usize::MAX / 2).map_err(|e| Error::Task(format!("--buffer: {e}")))?,
+            buffer::open(url, usize::MAX / 2)?,
         ),
         None => None,
     };
@@ -140,12 +140,16 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
                 }
                 collect(&env, model, version, &mut st)?
             }
-            Sampler::Remote(engine) => {
+            Sampler::Remote(remote) => {
+                let engine = RemoteRollouts {
+                    engine: remote,
+                    tok: &env.tok,
+                };
                 // `grove serve` reports its checkpoint's policy version; other servers: 0.
                 version = engine.policy_version()?.unwrap_or(0);
                 let params = env.cfg.rollout.sampling();
                 collect_with(&env, version, &mut st, |prompts, g, rng| {
-                    engine.generate(&env.tok, prompts, g, &params, rng.gen())
+                    engine.generate_n(prompts, g, &params, rng)
                 })?
             }
         };
@@ -160,14 +164,13 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
                             Err(BufferError::Full { .. }) => {
                                 std::thread::sleep(Duration::from_millis(50))
                             }
-                            Err(e) => return Err(Error::Task(format!("--buffer: {e}"))),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                 }
             }
             (None, Some(path)) => {
-                buffer::jsonl::write_groups(path, groups)
-                    .map_err(|e| Error::Task(e.to_string()))?;
+                buffer::jsonl::write_groups(path, groups)?;
             }
             (None, None) => unreachable!("checked above"),
         }

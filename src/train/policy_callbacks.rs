@@ -10,16 +10,6 @@ use crate::reward::pipeline::{
 };
 use crate::rollout::{generate, SamplingParams};
 
-/// `[BOS] text` token ids.
-fn prompt_ids(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let mut ids = Vec::with_capacity(text.len() + 1);
-    if let Some(b) = tok.bos {
-        ids.push(b);
-    }
-    ids.extend(tok.encode(text)?);
-    Ok(ids)
-}
-
 /// Token log-probs of responses under `model` at `temperature` (use the rollout temperature so
 /// that SAR's two passes compare like with like). An empty prompt is just BOS.
 pub struct PolicyLogProbs<'a> {
@@ -36,7 +26,7 @@ impl LogProbProvider for PolicyLogProbs<'_> {
         let mut prompts = Vec::with_capacity(requests.len());
         let mut responses = Vec::with_capacity(requests.len());
         for r in requests {
-            let mut p = prompt_ids(self.tok, r.prompt)?;
+            let mut p = self.tok.encode_with_bos(r.prompt)?;
             if p.is_empty() {
                 // A tokenizer without BOS still needs one token to condition on.
                 p.push(self.tok.eos);
@@ -74,7 +64,7 @@ impl ReferenceProvider for PolicyReferenceSampler<'_> {
         ctx: &GroupContext,
         m: usize,
     ) -> Result<Vec<ResponseContext>> {
-        let ids = prompt_ids(self.tok, &ctx.prompt)?;
+        let ids = self.tok.encode_with_bos(&ctx.prompt)?;
         let prompts = vec![ids; m];
         let gens = generate(
             self.model,

@@ -29,6 +29,8 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let cfg = &env.cfg;
     let model = env.initial_policy(&dev)?;
     let plan = plan_for(&env, &model)?;
+    // Sizes are checked against the machine before anything is written.
+    plan.check_memory(crate::compute::available_memory())?;
     // Offline data is read (and checked) before anything is created.
     let offline = match &cfg.sync.offline {
         Some(p) => Some(
@@ -37,7 +39,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
                 model.cfg.vocab_size,
                 cfg.rollout.prompts_per_step,
             )
-            .map_err(|e| Error::Task(e.to_string()))?,
+            .map_err(Error::from)?,
         ),
         None => None,
     };
@@ -112,6 +114,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         acc_after_warmup: start.acc_after_warmup,
         reporter,
         health: report::health::Monitor::default(),
+        plan,
     };
     if ckpt.is_none() {
         run.save(&learner, 0, &explore_st, source.as_ref())?;
@@ -149,13 +152,13 @@ fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
             .map(|p| p.prompt.len())
             .max()
             .unwrap_or(0);
-        return Ok(Plan::new(cfg, model.num_params(), prompt_tokens));
+        return Plan::new(cfg, &model.cfg, model.num_params(), prompt_tokens);
     }
     let mut longest = 0;
     for p in heldout(env) {
         longest = longest.max(env.encode_prompt(&p.prompt)?.len());
     }
-    let mut plan = Plan::new(cfg, model.num_params(), longest);
+    let mut plan = Plan::new(cfg, &model.cfg, model.num_params(), longest)?;
     plan.warmup_max_steps = 0;
     plan.heldout_size = heldout(env).len();
     Ok(plan)
@@ -286,6 +289,8 @@ struct RunState<'a> {
     /// The [report] sinks (TensorBoard, MLflow), fed from metrics.jsonl and samples.jsonl.
     reporter: report::sinks::Reporter,
     health: report::health::Monitor,
+    /// Saved with every checkpoint.
+    plan: Plan,
 }
 
 impl RunState<'_> {
@@ -296,7 +301,8 @@ impl RunState<'_> {
         explore_st: &ExploreState,
         source: &dyn BatchSource,
     ) -> Result<PathBuf> {
-        let (lagged, extras) = source.checkpoint();
+        let (lagged, mut extras) = source.checkpoint();
+        extras.plan = Some(&self.plan);
         let st = TrainState {
             step,
             optimizer_t: learner.opt.t,

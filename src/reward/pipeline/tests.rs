@@ -3,10 +3,7 @@ use super::*;
 use crate::reward::shaping::{log_sigmoid, reference_quantile, sigmoid};
 use std::cell::RefCell;
 use std::rc::Rc;
-
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() < 1e-12
-}
+use crate::testing::near;
 
 fn group(prompt: &str, answer: &str) -> GroupContext {
     GroupContext {
@@ -165,17 +162,17 @@ fn weighted_sum_of_verifier_and_length_penalty() {
             ],
         )
         .unwrap();
-    assert!(close(out.rewards[0], 0.95), "{:?}", out.rewards);
-    assert!(close(out.rewards[1], -0.05));
-    assert!(close(out.rewards[2], 0.0));
+    assert!(near(out.rewards[0], 0.95), "{:?}", out.rewards);
+    assert!(near(out.rewards[1], -0.05));
+    assert!(near(out.rewards[2], 0.0));
     assert_eq!(out.components[0]["correct"], 1.0);
-    assert!(close(out.components[0]["length"], -0.1));
+    assert!(near(out.components[0]["length"], -0.1));
     assert_eq!(out.verdicts[1].score, 0.0);
     assert!(out.verdicts[1].reason.contains("mismatch"));
     let means = component_means(&[out]);
     // correct: (1 + 0 + 0)/3; length: (−0.1 − 0.1 + 0)/3
-    assert!(close(means["reward/correct/mean"], 1.0 / 3.0));
-    assert!(close(means["reward/length/mean"], -0.2 / 3.0));
+    assert!(near(means["reward/correct/mean"], 1.0 / 3.0));
+    assert!(near(means["reward/length/mean"], -0.2 / 3.0));
 }
 
 #[test]
@@ -258,12 +255,12 @@ fn par_against_cached_reference_rewards() {
     };
     let a = score(&mut p, "37+48=");
     assert!(
-        close(a.rewards[0], 0.615_529_289_315_002_4),
+        near(a.rewards[0], 0.615_529_289_315_002_4),
         "{:?}",
         a.rewards
     );
-    assert!(close(a.rewards[1], 0.384_470_710_684_997_6));
-    assert!(close(a.rewards[0], (sigmoid(0.0) + sigmoid(1.0)) / 2.0));
+    assert!(near(a.rewards[1], 0.384_470_710_684_997_6));
+    assert!(near(a.rewards[0], (sigmoid(0.0) + sigmoid(1.0)) / 2.0));
     assert_eq!(a.reference_cache_hit, Some(false));
     // Same prompt again: served from the cache, the provider is not called.
     let b = score(&mut p, "37+48=");
@@ -384,7 +381,7 @@ fn lsc_per_reward_component_sums_as_and() {
     // b = log σ(0 − 1.2650517631) = −1.2650517631 − ln(1 + e^−1.2650517631) = −1.5136483691
     let expected = log_sigmoid(4.0 - qa) + log_sigmoid(0.0 - qb);
     assert!(
-        close(out.rewards[0], expected),
+        near(out.rewards[0], expected),
         "{} vs {expected}",
         out.rewards[0]
     );
@@ -436,12 +433,12 @@ fn sar_adds_alpha_times_self_aligned_reward() {
         )
         .unwrap();
     assert!(
-        close(out.rewards[0], 1.126_424_111_765_711_4),
+        near(out.rewards[0], 1.126_424_111_765_711_4),
         "{:?}",
         out.rewards
     );
-    assert!(close(out.rewards[1], -0.044_280_551_632_033_96));
-    assert!(close(out.components[0]["sar"], 0.632_120_558_828_557_7));
+    assert!(near(out.rewards[1], -0.044_280_551_632_033_96));
+    assert!(near(out.components[0]["sar"], 0.632_120_558_828_557_7));
     assert_eq!(lp.calls, 2, "one batched call per pass");
     // With the rollout's log-probs supplied, only the answer-only pass is asked for.
     let mut with_lp = resp("85", true, 2);
@@ -457,7 +454,7 @@ fn sar_adds_alpha_times_self_aligned_reward() {
             },
         )
         .unwrap();
-    assert!(close(out.rewards[0], 1.126_424_111_765_711_4));
+    assert!(near(out.rewards[0], 1.126_424_111_765_711_4));
     assert_eq!(lp2.calls, 1);
     let err = p
         .score_group(&group("q", "85"), &[resp("85", true, 2)])
@@ -547,9 +544,9 @@ fn gated_component_truth_table() {
         )
         .unwrap();
     // correct passes: 1 + (−0.1·2) = 0.8; wrong fails the first gate: 0 (length ignored).
-    assert!(close(out.rewards[0], 0.8), "{:?}", out.rewards);
+    assert!(near(out.rewards[0], 0.8), "{:?}", out.rewards);
     assert_eq!(out.rewards[1], 0.0);
-    assert!(close(out.components[1]["length"], -0.2));
+    assert!(near(out.components[1]["length"], -0.2));
 }
 
 #[test]
@@ -573,8 +570,8 @@ fn milestones_and_running_shaping_with_state_round_trip() {
             &[r(&["a", "b"]), r(&["a", "a"]), r(&[])],
         )
         .unwrap();
-    assert!(close(out.components[0]["steps"], 0.2));
-    assert!(close(out.rewards[1], 0.5) && out.rewards[0] == 1.0 && out.rewards[2] == 0.0);
+    assert!(near(out.components[0]["steps"], 0.2));
+    assert!(near(out.rewards[1], 0.5) && out.rewards[0] == 1.0 && out.rewards[2] == 0.0);
     // Resume: a fresh pipeline with the saved state continues identically.
     let state = p.state();
     let mut q = RewardPipeline::new(cfg).unwrap();
@@ -584,7 +581,7 @@ fn milestones_and_running_shaping_with_state_round_trip() {
     let a = p.score_group(&GroupContext::default(), &g).unwrap();
     let b = q.score_group(&GroupContext::default(), &g).unwrap();
     assert_eq!(a, b);
-    assert!(close(a.rewards[0], 0.5));
+    assert!(near(a.rewards[0], 0.5));
     // State of another config is refused.
     let mut other = RewardPipeline::new(PipelineConfig::new(vec![verifier("steps")])).unwrap();
     assert!(other.restore(state).is_err());

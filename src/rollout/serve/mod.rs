@@ -36,7 +36,8 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
-use crate::rollout::{generate, SamplingParams};
+use crate::rollout::engine::{LocalEngine, RolloutEngine};
+use crate::rollout::SamplingParams;
 
 /// Requests with more samples than this (prompts × n) are refused.
 pub const MAX_BATCH: usize = 4096;
@@ -644,21 +645,10 @@ impl Handler {
             }
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let batch: Vec<Vec<u32>> = req
-            .prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), req.n))
-            .collect();
         let tok = &self.served.tok;
-        let gens = generate(
-            &self.served.model,
-            &batch,
-            tok.eos,
-            tok.pad,
-            &req.params,
-            &mut rng,
-        )
-        .map_err(|e| ApiError::status(500, format!("generation failed: {e}")))?;
+        let gens = LocalEngine::new(&self.served.model, tok)
+            .generate_n(&req.prompts, req.n, &req.params, &mut rng)
+            .map_err(|e| ApiError::status(500, format!("generation failed: {e}")))?;
         let mut choices = Vec::with_capacity(gens.len());
         let mut completion_tokens = 0;
         for (index, g) in gens.iter().enumerate() {
@@ -801,6 +791,16 @@ mod tests {
 
     fn post(h: &Handler, body: &str) -> (u16, Value) {
         h.handle("POST", "/v1/completions", body.as_bytes())
+    }
+
+    #[test]
+    fn a_model_producing_nan_is_a_500_naming_it() {
+        let h = handler();
+        h.served.model.poison_with_nan();
+        let (s, v) = post(&h, r#"{"prompt": "1+1=", "max_tokens": 2}"#);
+        assert_eq!(s, 500, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("non-finite logits (NaN)"), "{v}");
     }
 
     #[test]

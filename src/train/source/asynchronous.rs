@@ -63,7 +63,7 @@ pub fn spawn_explorer(
         cfg.sync.capacity.max(np)
     };
     let queue =
-        MemoryBuffer::new(capacity, TakeMode::Fifo).map_err(|e| Error::Task(e.to_string()))?;
+        MemoryBuffer::new(capacity, TakeMode::Fifo)?;
     let shared = Arc::new((
         Mutex::new(AsyncShared {
             learner_version: version,
@@ -164,15 +164,21 @@ impl BatchSource for AsyncExplorer {
         let mut generate_s = 0.0;
         let mut s_guard = lock
             .lock()
-            .map_err(|_| Error::Task("async explorer panicked".into()))?;
+            .map_err(|_| Error::Thread {
+                thread: "async explorer",
+                msg: "panicked".into(),
+            })?;
         while groups.len() < np {
             if let Some(e) = &s_guard.error {
-                return Err(Error::Task(e.clone()));
+                return Err(Error::Thread {
+                    thread: "async explorer",
+                    msg: e.clone(),
+                });
             }
             let taken = s_guard
                 .queue
                 .take(np - groups.len(), min_version)
-                .map_err(|e| Error::Task(e.to_string()))?;
+                .map_err(Error::from)?;
             dropped += taken.dropped;
             for g in taken.groups {
                 generate_s += s_guard.gen_s.remove(&g.group_id).unwrap_or(0.0);
@@ -182,7 +188,10 @@ impl BatchSource for AsyncExplorer {
             if groups.len() < np {
                 s_guard = cv
                     .wait(s_guard)
-                    .map_err(|_| Error::Task("async explorer panicked".into()))?;
+                    .map_err(|_| Error::Thread {
+                thread: "async explorer",
+                msg: "panicked".into(),
+            })?;
             }
         }
         Ok(Some(Batch {
@@ -203,7 +212,10 @@ impl BatchSource for AsyncExplorer {
         };
         let mut s = lock
             .lock()
-            .map_err(|_| Error::Task("async explorer panicked".into()))?;
+            .map_err(|_| Error::Thread {
+                thread: "async explorer",
+                msg: "panicked".into(),
+            })?;
         s.learner_version = learner.version;
         if let Some(c) = copy {
             s.published = Some((learner.version, c));

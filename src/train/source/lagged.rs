@@ -50,7 +50,7 @@ impl BatchSource for Lagged {
         let groups = self
             .pending
             .pop_front()
-            .ok_or_else(|| Error::Task("lagged mode: no pending batch".into()))?;
+            .ok_or_else(|| Error::Internal("lagged mode: no pending batch".into()))?;
         Ok(Some(Batch {
             groups,
             generate_s,
@@ -67,6 +67,7 @@ impl BatchSource for Lagged {
             Extras {
                 behaviour: Some(&self.behaviour),
                 pending: self.pending.iter().flatten().cloned().collect(),
+                plan: None,
             },
         )
     }

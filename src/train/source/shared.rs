@@ -24,8 +24,7 @@ impl SharedBuffer {
             Some(r) => TakeMode::PriorityReplay(*r),
             None => TakeMode::Fifo,
         };
-        let buffer = buffer::open_with_mode(url, usize::MAX / 2, mode)
-            .map_err(|e| Error::Task(format!("sync.buffer: {e}")))?;
+        let buffer = buffer::open_with_mode(url, usize::MAX / 2, mode)?;
         let publish_dir = PathBuf::from(cfg.sync.publish_dir.clone().unwrap_or_default());
         publish::publish(&publish_dir, learner.version, &learner.model)?;
         Ok(SharedBuffer {
@@ -57,17 +56,23 @@ impl BatchSource for SharedBuffer {
             let taken = self
                 .buffer
                 .take(np - groups.len(), min_version)
-                .map_err(|e| Error::Task(e.to_string()))?;
+                .map_err(Error::from)?;
             dropped += taken.dropped;
             groups.extend(taken.groups);
             if groups.len() < np {
                 if waited.elapsed().as_secs_f64() > cfg.sync.wait_timeout_s {
-                    return Err(Error::Task(format!(
-                        "no experience arrived in {} for {} s (have {} of {np} groups): is a `grove explore` process running?",
-                        cfg.sync.buffer.as_deref().unwrap_or("the buffer"),
-                        cfg.sync.wait_timeout_s,
-                        groups.len()
-                    )));
+                    // The URL as the user gave it may hold a password: shown redacted.
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "experience in {}",
+                            crate::error::redact_url(cfg.sync.buffer.as_deref().unwrap_or("the buffer"))
+                        ),
+                        waited_s: cfg.sync.wait_timeout_s,
+                        hint: format!(
+                            "have {} of {np} groups; is a `grove explore` process running?",
+                            groups.len()
+                        ),
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
