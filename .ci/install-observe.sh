@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Observability tests (tests/observability.rs): the `tensorboard` event reader and an `mlflow`
+# Observability tests (tests/cli/observability.rs): the `tensorboard` event reader and an `mlflow`
 # tracking server in the shared venv, and headless Chromium for `grove view`. Idempotent.
 # Measured on a 2-core machine with empty caches: pip ~60 s (mlflow is large), apt ~40 s.
 set -euo pipefail

@@ -192,7 +192,10 @@ mod tests {
             "postgres://postgres@localhost/grove_test"
         );
         // '@' inside the password: the host starts after the last '@'.
-        assert_eq!(redact_url("postgresql://u:p@ss@h/db"), "postgresql://u:***@h/db");
+        assert_eq!(
+            redact_url("postgresql://u:p@ss@h/db"),
+            "postgresql://u:***@h/db"
+        );
         assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
         assert_eq!(
             redact_url("postgres://u@h/db?sslmode=require&password=s3cr3t&x=1#t"),

@@ -156,8 +156,8 @@ pub fn duration_weights(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::assert_close;
     use super::*;
+    use crate::testing::assert_close;
 
     #[test]
     fn stcr_hand_computed() {

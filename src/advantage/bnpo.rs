@@ -213,10 +213,10 @@ pub fn estimate_batch(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::assert_close;
     use super::super::estimators::{group_mean, grpo};
     use super::super::StdKind;
     use super::*;
+    use crate::testing::assert_close;
     use std::f64::consts::FRAC_PI_8;
 
     #[test]

@@ -348,8 +348,8 @@ pub fn global_mean(rewards: &[f64], all_rewards: &[f64]) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::assert_close;
     use super::*;
+    use crate::testing::assert_close;
 
     const EPS: f64 = 1e-6;
 

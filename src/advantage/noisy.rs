@@ -102,10 +102,10 @@ pub fn backward_batch(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::assert_close;
     use super::super::estimators::grpo;
     use super::super::StdKind;
     use super::*;
+    use crate::testing::assert_close;
 
     #[test]
     fn backward_correction_hand_computed() {

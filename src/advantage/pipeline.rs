@@ -333,9 +333,9 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::assert_close;
     use super::super::{estimators, StdKind};
     use super::*;
+    use crate::testing::assert_close;
 
     fn with(estimator: Estimator) -> AdvantageConfig {
         AdvantageConfig {
@@ -686,9 +686,17 @@ mod tests {
     fn rewards_whose_variance_overflows_are_refused() {
         // [1e308, −1e308]: mean 0, squared deviations 1e616 = ∞, std ∞ ⇒ GRPO's A = x/∞ = 0.
         for rewards in [&[1e308, -1e308][..], &[1e308, 1e308, 0.0], &[-1e200, 1e200]] {
-            let err = compute(&with(Estimator::Grpo), &groups(&[&[0.0, 1.0], rewards])).unwrap_err();
+            let err =
+                compute(&with(Estimator::Grpo), &groups(&[&[0.0, 1.0], rewards])).unwrap_err();
             assert!(
-                matches!(err, AdvantageError::Overflow { group: 1, field: "rewards", .. }),
+                matches!(
+                    err,
+                    AdvantageError::Overflow {
+                        group: 1,
+                        field: "rewards",
+                        ..
+                    }
+                ),
                 "{err}"
             );
             assert!(err.to_string().contains("overflows f64"), "{err}");

@@ -391,11 +391,18 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 fn check_numbers_finite(cfg: &RunConfig) -> std::result::Result<(), String> {
     fn walk(key: &str, v: &toml::Value) -> std::result::Result<(), String> {
         match v {
-            toml::Value::Float(x) if !x.is_finite() => Err(format!(
-                "`{key}` is {x}; expected a finite number"
-            )),
+            toml::Value::Float(x) if !x.is_finite() => {
+                Err(format!("`{key}` is {x}; expected a finite number"))
+            }
             toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| {
-                walk(&if key.is_empty() { k.clone() } else { format!("{key}.{k}") }, v)
+                walk(
+                    &if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    },
+                    v,
+                )
             }),
             toml::Value::Array(a) => a
                 .iter()
@@ -635,7 +642,10 @@ mod tests {
             "{e}"
         );
         let e = load_err(&["train.lr=true"]);
-        assert!(e.contains("`train.lr`") && e.contains("expected f64"), "{e}");
+        assert!(
+            e.contains("`train.lr`") && e.contains("expected f64"),
+            "{e}"
+        );
         let e = load_err(&["advantage.bnpo.alpha=\"x\""]);
         assert!(e.contains("`advantage.bnpo.alpha`"), "{e}");
     }
@@ -661,7 +671,10 @@ mod tests {
         cfg.rollout.group_size = 1;
         let w = cfg.warnings();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("`grpo`") && w[0].contains("no baseline"), "{w:?}");
+        assert!(
+            w[0].contains("`grpo`") && w[0].contains("no baseline"),
+            "{w:?}"
+        );
         cfg.advantage.estimator = crate::advantage::Estimator::Reinforce;
         assert!(cfg.warnings().is_empty());
     }

@@ -77,7 +77,10 @@ fn product(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b).ok_or_else(|| {
         Error::config(
             "plan",
-            format!("{what} = {a} × {b} does not fit in a {}-bit count", usize::BITS),
+            format!(
+                "{what} = {a} × {b} does not fit in a {}-bit count",
+                usize::BITS
+            ),
         )
     })
 }
@@ -227,7 +230,10 @@ mod tests {
         assert!(plan.check_memory(Some(5440)).is_ok());
         assert!(plan.check_memory(None).is_ok());
         let e = plan.check_memory(Some(5439)).unwrap_err().to_string();
-        assert!(e.contains("needs at least") && e.contains("6 samples/step"), "{e}");
+        assert!(
+            e.contains("needs at least") && e.contains("6 samples/step"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -247,6 +253,9 @@ mod tests {
         cfg.rollout.group_size = 8;
         cfg.train.steps = usize::MAX / 2;
         let e = Plan::new(&cfg, &shape(), 100, 6).unwrap_err().to_string();
-        assert!(e.contains("train.steps") && e.contains("does not fit"), "{e}");
+        assert!(
+            e.contains("train.steps") && e.contains("does not fit"),
+            "{e}"
+        );
     }
 }

@@ -151,7 +151,13 @@ fn differing_keys(a: &RunConfig, b: &RunConfig) -> Result<Vec<String>> {
     Ok(keys
         .into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("`{k}` ({} vs recorded {})", shown(a.get(k)), shown(b.get(k))))
+        .map(|k| {
+            format!(
+                "`{k}` ({} vs recorded {})",
+                shown(a.get(k)),
+                shown(b.get(k))
+            )
+        })
         .collect())
 }
 
@@ -277,7 +283,9 @@ mod tests {
         cfg.sync.buffer = Some("postgres://grove:hunter2@db/runs".into());
         cfg.sync.publish_dir = Some("pub".into());
         let (_tmp, run, own) = saved_run(&cfg);
-        let e = resume_config(&run, None, &[], false).unwrap_err().to_string();
+        let e = resume_config(&run, None, &[], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sync.buffer") && e.contains("***"), "{e}");
         // The secret by --set, or the user's config file: the recorded run, with the secret.
         let set = ["sync.buffer=\"postgres://grove:hunter2@db/runs\"".to_string()];
@@ -295,7 +303,10 @@ mod tests {
         let e = resume_config(&run, Some(&own), &[], false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`train.steps` (\"7\" vs recorded \"300\")"), "{e}");
+        assert!(
+            e.contains("`train.steps` (\"7\" vs recorded \"300\")"),
+            "{e}"
+        );
         let e = resume_config(&run, None, &["seed=3".into()], false)
             .unwrap_err()
             .to_string();
@@ -306,7 +317,9 @@ mod tests {
     fn passing_the_same_config_confirms_its_commands() {
         let cfg = with_command(&["python3", "judge.py"]);
         let (_tmp, run, own) = saved_run(&cfg);
-        let e = resume_config(&run, None, &[], false).unwrap_err().to_string();
+        let e = resume_config(&run, None, &[], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--trust-commands"), "{e}");
         assert_eq!(resume_config(&run, Some(&own), &[], false).unwrap(), cfg);
         assert_eq!(resume_config(&run, None, &[], true).unwrap(), cfg);

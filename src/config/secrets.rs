@@ -121,7 +121,10 @@ mod tests {
         for secret in ["hunter2", "tok3n", "sk-live-1234"] {
             assert!(!text.contains(secret), "{secret} written in clear:\n{text}");
         }
-        assert!(text.contains("postgres://grove:***@db:5432/runs#t"), "{text}");
+        assert!(
+            text.contains("postgres://grove:***@db:5432/runs#t"),
+            "{text}"
+        );
         assert!(text.contains("api_key = \"***\""), "{text}");
         // Everything else is kept: the URL without a password is unchanged.
         assert!(text.contains("http://127.0.0.1:8000"), "{text}");

@@ -141,8 +141,8 @@ pub fn deception_score(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::near;
     use super::*;
+    use crate::testing::near;
 
     /// 1 − C(n−c, k)/C(n, k) by exact integer binomials, as an independent reference.
     fn pass_at_k_by_binomials(n: u64, c: u64, k: u64) -> f64 {
@@ -190,10 +190,7 @@ mod tests {
         // Reduction: pass@1 = c/n; pass@n = 1 iff c > 0.
         for n in 1..=16 {
             for c in 0..=n {
-                assert!(
-                    near(pass_at_k(n, c, 1), c as f64 / n as f64),
-                    "n={n} c={c}"
-                );
+                assert!(near(pass_at_k(n, c, 1), c as f64 / n as f64), "n={n} c={c}");
                 let want = if c > 0 { 1.0 } else { 0.0 };
                 assert_eq!(pass_at_k(n, c, n), want);
             }

@@ -397,12 +397,10 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
         top_p: opts.top_p,
         max_new_tokens,
     };
-    params
-        .validate()
-        .map_err(|e| Error::Usage {
-            option: "eval".into(),
-            msg: e,
-        })?;
+    params.validate().map_err(|e| Error::Usage {
+        option: "eval".into(),
+        msg: e,
+    })?;
     let verifier = MathVerifier::default();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     // The output file is created before sampling, so a bad path fails at once.
@@ -497,11 +495,9 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
 pub fn parse_ks(s: &str) -> Result<Vec<usize>> {
     s.split(',')
         .map(|p| {
-            p.trim().parse::<usize>().map_err(|_| {
-                Error::Usage {
-                    option: format!("--k {s:?}"),
-                    msg: format!("{p:?} is not a positive integer (expected e.g. 1,4,16)"),
-                }
+            p.trim().parse::<usize>().map_err(|_| Error::Usage {
+                option: format!("--k {s:?}"),
+                msg: format!("{p:?} is not a positive integer (expected e.g. 1,4,16)"),
             })
         })
         .collect()
@@ -546,7 +542,14 @@ mod tests {
         };
         let e = run_eval_with(&model, &tok, dir.path(), &opts).unwrap_err();
         assert!(
-            matches!(e, Error::NonFiniteLogits { sequence: 0, new_token: 0, .. }),
+            matches!(
+                e,
+                Error::NonFiniteLogits {
+                    sequence: 0,
+                    new_token: 0,
+                    ..
+                }
+            ),
             "{e}"
         );
     }

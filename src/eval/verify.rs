@@ -112,11 +112,10 @@ fn jsonl_objects(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serd
             continue;
         }
         let n = i + 1;
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::Input {
-                at: format!("{file}:{n}"),
-                msg: format!("not valid JSON: {e}"),
-            })?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Input {
+            at: format!("{file}:{n}"),
+            msg: format!("not valid JSON: {e}"),
+        })?;
         match v {
             serde_json::Value::Object(o) => out.push((n, o)),
             other => {

@@ -78,8 +78,8 @@ pub fn aggregate(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::near;
     use super::*;
+    use crate::testing::near;
 
     // Sequence 0: one token with loss 4; sequence 1: three tokens with losses 1, 2, 3.
     const V0: [f64; 1] = [4.0];

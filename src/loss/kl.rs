@@ -69,8 +69,8 @@ pub fn dads_weight(is_positive: bool, n_correct: usize, group_size: usize) -> f6
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::near;
     use super::*;
+    use crate::testing::near;
 
     #[test]
     fn k1_k2_k3_values_and_gradients() {

@@ -430,7 +430,8 @@ impl Llama {
     #[cfg(test)]
     pub fn poison_with_nan(&self) {
         let (_, v) = &self.params[0];
-        v.set(&v.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
+        v.set(&v.as_tensor().affine(0.0, f64::NAN).unwrap())
+            .unwrap();
     }
 
     pub fn num_params(&self) -> usize {

@@ -235,8 +235,8 @@ fn numbers_equal(a: f64, b: f64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::near;
     use super::*;
+    use crate::testing::near;
 
     #[test]
     fn gated_reward_hand_computed() {

@@ -257,8 +257,8 @@ pub fn pairwise_accuracy(chosen: &[f64], rejected: &[f64]) -> Result<f64, RmLoss
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::close;
     use super::*;
+    use crate::testing::close;
 
     fn label(strength: f64) -> PreferenceLabel {
         PreferenceLabel {

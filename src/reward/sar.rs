@@ -67,8 +67,8 @@ pub fn sar_total(r_correct: f64, r_sa: f64, alpha: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::close;
     use super::*;
+    use crate::testing::close;
 
     #[test]
     fn perplexity_hand_computed() {

@@ -539,8 +539,8 @@ impl Shaper {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::close;
     use super::*;
+    use crate::testing::close;
 
     #[test]
     fn sigmoid_and_log_sigmoid_hand_values() {

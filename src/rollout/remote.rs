@@ -194,7 +194,7 @@ impl RemoteEngine {
         cfg.validate().map_err(|m| Error::config("remote", m))?;
         // One connection per request, no idle pool: a completion request takes seconds, so the
         // TCP connect is noise, and no request goes out on a kept-alive connection the server
-        // may be closing or no longer reading (suspected in one stall of tests/remote.rs that
+        // may be closing or no longer reading (suspected in one stall of tests/train/remote.rs that
         // lasted until the client's timeout; not confirmed).
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs_f64(cfg.timeout_s)))

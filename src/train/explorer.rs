@@ -121,9 +121,7 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
     });
     let mut st = ExploreState::new(&env.cfg, opts.explorer_id.max(1))?;
     let mut store = match &opts.buffer {
-        Some(url) => Some(
-            buffer::open(url, usize::MAX / 2)?,
-        ),
+        Some(url) => Some(buffer::open(url, usize::MAX / 2)?),
         None => None,
     };
     let mut written = 0usize;

@@ -1,9 +1,9 @@
 //! Tests of the reward pipeline: hand-computed values for every component and shaping.
 use super::*;
 use crate::reward::shaping::{log_sigmoid, reference_quantile, sigmoid};
+use crate::testing::near;
 use std::cell::RefCell;
 use std::rc::Rc;
-use crate::testing::near;
 
 fn group(prompt: &str, answer: &str) -> GroupContext {
     GroupContext {

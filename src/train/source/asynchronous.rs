@@ -62,8 +62,7 @@ pub fn spawn_explorer(
     } else {
         cfg.sync.capacity.max(np)
     };
-    let queue =
-        MemoryBuffer::new(capacity, TakeMode::Fifo)?;
+    let queue = MemoryBuffer::new(capacity, TakeMode::Fifo)?;
     let shared = Arc::new((
         Mutex::new(AsyncShared {
             learner_version: version,
@@ -162,12 +161,10 @@ impl BatchSource for AsyncExplorer {
         let mut groups = Vec::with_capacity(np);
         let mut dropped = 0;
         let mut generate_s = 0.0;
-        let mut s_guard = lock
-            .lock()
-            .map_err(|_| Error::Thread {
-                thread: "async explorer",
-                msg: "panicked".into(),
-            })?;
+        let mut s_guard = lock.lock().map_err(|_| Error::Thread {
+            thread: "async explorer",
+            msg: "panicked".into(),
+        })?;
         while groups.len() < np {
             if let Some(e) = &s_guard.error {
                 return Err(Error::Thread {
@@ -186,12 +183,10 @@ impl BatchSource for AsyncExplorer {
             }
             cv.notify_all();
             if groups.len() < np {
-                s_guard = cv
-                    .wait(s_guard)
-                    .map_err(|_| Error::Thread {
-                thread: "async explorer",
-                msg: "panicked".into(),
-            })?;
+                s_guard = cv.wait(s_guard).map_err(|_| Error::Thread {
+                    thread: "async explorer",
+                    msg: "panicked".into(),
+                })?;
             }
         }
         Ok(Some(Batch {
@@ -210,12 +205,10 @@ impl BatchSource for AsyncExplorer {
         } else {
             None
         };
-        let mut s = lock
-            .lock()
-            .map_err(|_| Error::Thread {
-                thread: "async explorer",
-                msg: "panicked".into(),
-            })?;
+        let mut s = lock.lock().map_err(|_| Error::Thread {
+            thread: "async explorer",
+            msg: "panicked".into(),
+        })?;
         s.learner_version = learner.version;
         if let Some(c) = copy {
             s.published = Some((learner.version, c));

@@ -65,7 +65,9 @@ impl BatchSource for SharedBuffer {
                     return Err(Error::Timeout {
                         what: format!(
                             "experience in {}",
-                            crate::error::redact_url(cfg.sync.buffer.as_deref().unwrap_or("the buffer"))
+                            crate::error::redact_url(
+                                cfg.sync.buffer.as_deref().unwrap_or("the buffer")
+                            )
                         ),
                         waited_s: cfg.sync.wait_timeout_s,
                         hint: format!(

@@ -418,7 +418,7 @@ fn a_server_without_logprobs_is_a_clear_error() {
 ///
 /// ```sh
 /// python3 -m llama_cpp.server --model ../shared/data/models/llama-tiny-random-gguf/llama-2-tiny-random.gguf --port 8123 &
-/// GROVE_LLAMA_CPP_URL=http://127.0.0.1:8123 cargo test --release --test remote -- --ignored --nocapture llama_cpp
+/// GROVE_LLAMA_CPP_URL=http://127.0.0.1:8123 cargo test --release --test train -- --ignored --nocapture llama_cpp
 /// ```
 ///
 /// That server takes text prompts only and ignores `n`, so the client sends text and splits `n`.

@@ -166,7 +166,7 @@ fn every_recipe_runs_three_rl_steps() {
     let tmp = tempfile::tempdir().unwrap();
     for r in grove::config::recipes::RECIPES {
         if r.needs_model_file() {
-            // Trains a downloaded model (gsm8k-smollm2); covered by tests/pretrained_train.rs
+            // Trains a downloaded model (gsm8k-smollm2); covered by tests/train/pretrained_train.rs
             // with a tiny model.
             continue;
         }

@@ -84,14 +84,20 @@ fn impossible_sizes_are_refused_before_the_run_directory_exists() {
             && err.contains("is available"),
         "{err}"
     );
-    assert!(!tmp.path().join("runs").exists(), "a run directory was created");
+    assert!(
+        !tmp.path().join("runs").exists(),
+        "a run directory was created"
+    );
     // A step count whose sample total wraps around is an error naming it.
     let (code, _, err) = grove(
         &["train", "--set", "train.steps=9223372036854775807"],
         tmp.path(),
     );
     assert_ne!(code, 0);
-    assert!(err.contains("train.steps") && err.contains("does not fit"), "{err}");
+    assert!(
+        err.contains("train.steps") && err.contains("does not fit"),
+        "{err}"
+    );
     assert!(!tmp.path().join("runs").exists());
 }
 
@@ -104,7 +110,12 @@ fn resume_with_a_different_config_is_refused_naming_the_key() {
     let mine = tmp.path().join("mine.toml");
     std::fs::write(&mine, "name = \"a\"\nseed = 5\n").unwrap();
     let (code, _, err) = grove(
-        &["train", "--resume", run.to_str().unwrap(), mine.to_str().unwrap()],
+        &[
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            mine.to_str().unwrap(),
+        ],
         tmp.path(),
     );
     assert_ne!(code, 0);

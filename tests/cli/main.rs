@@ -1,0 +1,9 @@
+//! Tests that drive the `grove` binary as a user does: subcommands, evaluation, reward
+//! tools, trackers and failure handling.
+//!
+//! One binary per group (each test binary links the whole crate), one module per topic.
+mod cli;
+mod eval_cli;
+mod observability;
+mod reliability;
+mod reward_cli;

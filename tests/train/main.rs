@@ -1,0 +1,9 @@
+//! Training runs end to end: exact resume, reward pipelines, explorer and learner processes,
+//! remote rollouts, pretrained policies.
+//!
+//! One binary per group (each test binary links the whole crate), one module per topic.
+mod distributed;
+mod pretrained_train;
+mod remote;
+mod train;
+mod train_rewards;
