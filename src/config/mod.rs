@@ -590,7 +590,8 @@ impl RunConfig {
                 "warmup.batch_size, warmup.eval_every and warmup.eval_size must be positive".into(),
             );
         }
-        if !(w.lr > 0.0) {
+        // Finite here (checked above), so `<= 0` is the whole test.
+        if w.lr <= 0.0 {
             return err(format!("warmup.lr must be positive, found {}", w.lr));
         }
         if !(0.0..=1.0).contains(&w.target_acc) {

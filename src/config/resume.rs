@@ -69,10 +69,10 @@ pub fn check_trust(dir: &Path, cfg: &RunConfig, trusted: bool) -> Result<()> {
 ///
 /// With neither `given` (a config file) nor `overrides`, that is the recorded config. A config
 /// file or overrides may be passed again to supply what the run directory does not hold in
-/// clear (secrets, [`super::secrets`]): the result must then equal the recorded config once its
-/// secrets are hidden, so a resume continues the recorded run and cannot change it. Passing the
-/// run's own config file also confirms the external programs it names (the user named them),
-/// as `trust_commands` does. Refused: recorded programs without confirmation, a differing
+/// clear (secrets, [`super::secrets`]): the result must then equal the recorded config, the
+/// secrets of both hidden (older runs recorded them in clear), so a resume continues the
+/// recorded run and cannot change it. Passing the run's own config file also confirms the
+/// external programs it names (the user named them), as `trust_commands` does. Refused: recorded programs without confirmation, a differing
 /// config (naming each differing key), and secrets still hidden (naming the keys).
 pub fn resume_config(
     dir: &Path,
@@ -92,7 +92,10 @@ pub fn resume_config(
         recorded.clone()
     } else {
         let cfg = super::load(Some(given.unwrap_or(recorded_path.as_path())), overrides)?;
-        let differ = differing_keys(&super::secrets::redacted(&cfg), &recorded)?;
+        let differ = differing_keys(
+            &super::secrets::redacted(&cfg),
+            &super::secrets::redacted(&recorded),
+        )?;
         if !differ.is_empty() {
             return Err(Error::RunDir {
                 path: dir.to_path_buf(),
@@ -290,6 +293,9 @@ mod tests {
         // The secret by --set, or the user's config file: the recorded run, with the secret.
         let set = ["sync.buffer=\"postgres://grove:hunter2@db/runs\"".to_string()];
         assert_eq!(resume_config(&run, None, &set, false).unwrap(), cfg);
+        assert_eq!(resume_config(&run, Some(&own), &[], false).unwrap(), cfg);
+        // A run recorded before secrets were hidden holds them in clear: its config matches.
+        std::fs::write(run.join("config.toml"), toml::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(resume_config(&run, Some(&own), &[], false).unwrap(), cfg);
     }
 
