@@ -6,7 +6,8 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// A TOML run config (see configs/ and `grove recipes`).
+    /// A TOML run config: see examples/*.toml, docs/configuration.md (every key) and
+    /// `grove recipes`; `grove config --defaults` prints the defaults.
     pub config: Option<PathBuf>,
     /// Override a value: --set section.key=value (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -94,7 +95,16 @@ fn train(
         quiet,
     };
     let s = grove::train::run(cfg, &opts)?;
-    if !quiet {
+    if !quiet && s.already_finished {
+        println!(
+            "the run had already finished: {} RL steps; held-out accuracy {:.1}% after warm-up \
+             -> {:.1}% at the last evaluation (metrics.jsonl); nothing trained",
+            s.rl_steps_done,
+            s.acc_after_warmup * 100.0,
+            s.acc_final * 100.0,
+        );
+        println!("run directory: {}", s.run_dir.display());
+    } else if !quiet {
         println!(
             "held-out accuracy: {:.1}% after warm-up ({} steps) -> {:.1}% after {} RL steps ({:+.1} points) in {:.0} s",
             s.acc_after_warmup * 100.0,
