@@ -187,7 +187,10 @@ fn print_config(
         print!("{text}");
         return Ok(());
     }
-    print!("{}", grove::config::load(config.as_deref(), &set)?.to_toml()?);
+    print!(
+        "{}",
+        grove::config::load(config.as_deref(), &set)?.to_toml()?
+    );
     Ok(())
 }
 

@@ -128,16 +128,19 @@ fn corrupt_checkpoint_on_resume_is_named_and_run_is_untouched() {
     let last_eval = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["phase"] == "rl")
-        .filter_map(|v| v["acc/eval"].as_f64())
-        .last()
+        .find_map(|v| v["acc/eval"].as_f64())
         .unwrap();
     let (code, out, err) = grove(&["train", "--resume", run.to_str().unwrap()], dir);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("the run had already finished: 2 RL steps")
-            && out.contains(&format!("-> {:.1}% at the last evaluation", last_eval * 100.0)),
+            && out.contains(&format!(
+                "-> {:.1}% at the last evaluation",
+                last_eval * 100.0
+            )),
         "{out}"
     );
 
@@ -266,7 +269,10 @@ fn failed_starts_are_caught_before_the_warm_up_and_leave_no_run_directory() {
         dir,
     );
     assert_ne!(code, 0);
-    assert!(err.contains("[remote]") && err.contains("grove explore"), "{err}");
+    assert!(
+        err.contains("[remote]") && err.contains("grove explore"),
+        "{err}"
+    );
     no_runs("[remote]");
 
     // A buffer host that does not resolve: named at once, not after the warm-up.
@@ -282,7 +288,10 @@ fn failed_starts_are_caught_before_the_warm_up_and_leave_no_run_directory() {
         dir,
     );
     assert_ne!(code, 0);
-    assert!(err.contains("sync.buffer") && err.contains("no-such-host.invalid"), "{err}");
+    assert!(
+        err.contains("sync.buffer") && err.contains("no-such-host.invalid"),
+        "{err}"
+    );
     assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
     no_runs("unreachable buffer");
 
@@ -294,7 +303,10 @@ fn failed_starts_are_caught_before_the_warm_up_and_leave_no_run_directory() {
     .unwrap();
     let (code, _, err) = grove(&["train", "rm.toml"], dir);
     assert_ne!(code, 0);
-    assert!(err.contains("no-such-rm") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("no-such-rm") && err.contains("config.json"),
+        "{err}"
+    );
     no_runs("missing reward model");
 
     // An I/O error names the path and its cause once.

@@ -109,7 +109,10 @@ fn an_explorer_stops_when_its_learner_finishes() {
         .args(["--set", "train.steps=3"])
         .args([
             "--set",
-            &format!("output_dir={:?}", tmp.path().join("runs").display().to_string()),
+            &format!(
+                "output_dir={:?}",
+                tmp.path().join("runs").display().to_string()
+            ),
         ])
         .output()
         .unwrap();
@@ -332,10 +335,9 @@ fn offline_file_from_explore_trains() {
         .rfind(|v| v["phase"] == "rl")
         .unwrap();
     assert!(last["acc/eval"].is_number(), "{last}");
-    let plan: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("quickstart/plan.json")).unwrap(),
-    )
-    .unwrap();
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quickstart/plan.json")).unwrap())
+            .unwrap();
     assert_eq!(plan["rl_steps"], 2);
     assert!(
         plan["rl_steps_limited_by"]

@@ -101,13 +101,21 @@ const SUBSTITUTE: &[(&str, &str, &str)] = &[
     ("README.md", "checkpoints/step-300", "checkpoints/step-2"),
     ("docs/rewards.md", "--pairs 16000", "--pairs 400"),
     ("docs/rewards.md", "--steps 1000", "--steps 20"),
-    ("docs/rewards.md", "--steps 3000 --eval-every 250", "--steps 20 --eval-every 10"),
+    (
+        "docs/rewards.md",
+        "--steps 3000 --eval-every 250",
+        "--steps 20 --eval-every 10",
+    ),
     ("docs/rewards.md", "/tmp/rm2", "rm2"),
 ];
 
 /// Files the documents treat as the reader's own, written into the scratch folder first.
 const FILES: &[(&str, &str, &str)] = &[
-    ("README.md", "my.toml", "seed = 1\n[rollout]\nprompts_per_step = 16\n"),
+    (
+        "README.md",
+        "my.toml",
+        "seed = 1\n[rollout]\nprompts_per_step = 16\n",
+    ),
     (
         "README.md",
         "outputs.jsonl",
@@ -353,9 +361,7 @@ fn documented_commands_run_as_written() {
             let got = outs.iter().find(|(c, _)| c.starts_with(&prefix));
             match got {
                 Some((_, o)) if o.contains(want) => {}
-                Some((c, o)) => failures.push(format!(
-                    "{doc}: `{c}` printed no `{want}`:\n{o}"
-                )),
+                Some((c, o)) => failures.push(format!("{doc}: `{c}` printed no `{want}`:\n{o}")),
                 None => failures.push(format!("{doc}: `{prefix}` did not run")),
             }
         }

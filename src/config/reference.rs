@@ -17,14 +17,20 @@ const SOURCES: &[(&str, &str)] = &[
     ("src/config/mod.rs", include_str!("mod.rs")),
     ("src/task/kinds.rs", include_str!("../task/kinds.rs")),
     ("src/sampling/mod.rs", include_str!("../sampling/mod.rs")),
-    ("src/advantage/config.rs", include_str!("../advantage/config.rs")),
+    (
+        "src/advantage/config.rs",
+        include_str!("../advantage/config.rs"),
+    ),
     ("src/loss/config.rs", include_str!("../loss/config.rs")),
     (
         "src/reward/pipeline/config.rs",
         include_str!("../reward/pipeline/config.rs"),
     ),
     ("src/buffer/mod.rs", include_str!("../buffer/mod.rs")),
-    ("src/rollout/remote.rs", include_str!("../rollout/remote.rs")),
+    (
+        "src/rollout/remote.rs",
+        include_str!("../rollout/remote.rs"),
+    ),
     ("src/report/sinks.rs", include_str!("../report/sinks.rs")),
 ];
 
@@ -88,7 +94,8 @@ fn parse_structs() -> BTreeMap<String, StructSrc> {
                     if let Some(d) = f.strip_prefix("///") {
                         fdoc.push(d.trim());
                     } else if !(f.starts_with("#[") || f.starts_with("//") || f.is_empty()) {
-                        if let Some((n, ty)) = f.strip_prefix("pub ").and_then(|r| r.split_once(": "))
+                        if let Some((n, ty)) =
+                            f.strip_prefix("pub ").and_then(|r| r.split_once(": "))
                         {
                             let ty = ty.trim_end_matches(',').to_string();
                             fields.push((n.to_string(), ty, fdoc.join(" ")));
@@ -142,7 +149,13 @@ fn probe(path: &[&str], value: toml::Value) -> Option<String> {
 /// The back-quoted names after "expected" in a serde message.
 fn expected_names(msg: &str) -> Vec<String> {
     msg.split_once("expected")
-        .map(|(_, rest)| rest.split('`').skip(1).step_by(2).map(String::from).collect())
+        .map(|(_, rest)| {
+            rest.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -163,9 +176,12 @@ fn variants(path: &[&str]) -> Vec<String> {
     }
 }
 
-/// `Option<T>` → (true, T); the last path segment of a type (`crate::x::Y` → `Y`).
+/// `Option<T>` → (true, T); the last path segment of a type (`a::b::Y` → `Y`).
 fn unwrap_type(rust: &str) -> (bool, &str) {
-    let (optional, inner) = match rust.strip_prefix("Option<").and_then(|r| r.strip_suffix('>')) {
+    let (optional, inner) = match rust
+        .strip_prefix("Option<")
+        .and_then(|r| r.strip_suffix('>'))
+    {
         Some(i) => (true, i),
         None => (false, rust),
     };
@@ -237,7 +253,8 @@ fn section_defaults(defaults: &toml::Table, path: &[&str]) -> (toml::Table, Vec<
                 {
                     given.insert(f.to_string(), toml::Value::String(String::new()));
                     required.push(f.to_string());
-                } else if let (true, Some(f)) = (m.contains("invalid type: string"), required.last())
+                } else if let (true, Some(f)) =
+                    (m.contains("invalid type: string"), required.last())
                 {
                     if given.get(f).is_some_and(|v| v.is_array()) {
                         break;
@@ -280,7 +297,9 @@ fn walk(
         format!("[{}]", path.join("."))
     };
     let src = structs.get(ty).ok_or_else(|| {
-        format!("struct {ty} (for {here}) is not declared in the files of config::reference::SOURCES")
+        format!(
+            "struct {ty} (for {here}) is not declared in the files of config::reference::SOURCES"
+        )
     })?;
     let p: Vec<&str> = path.iter().map(String::as_str).collect();
     let names = fields(&p).ok_or_else(|| format!("{here} is not a table"))?;
@@ -322,7 +341,11 @@ fn walk(
     }
     out.push(SectionDoc {
         path: p.join("."),
-        meaning: if meaning.is_empty() { src.doc.clone() } else { meaning.to_string() },
+        meaning: if meaning.is_empty() {
+            src.doc.clone()
+        } else {
+            meaning.to_string()
+        },
         optional: t.is_none(),
         keys,
     });
@@ -376,7 +399,10 @@ pub fn markdown(sections: &[SectionDoc]) -> String {
             let _ = writeln!(md, "{}\n", s.meaning);
         }
         if s.optional {
-            let _ = writeln!(md, "Absent by default: the section exists only when a config sets it.\n");
+            let _ = writeln!(
+                md,
+                "Absent by default: the section exists only when a config sets it.\n"
+            );
         }
         let _ = writeln!(md, "| key | type | default | meaning |\n|---|---|---|---|");
         for k in &s.keys {
@@ -480,16 +506,25 @@ mod tests {
     fn keys_types_defaults_and_names_come_from_the_types() {
         let r = reference().unwrap();
         let steps = key(&r, "train.steps");
-        assert_eq!((steps.ty.as_str(), steps.default.as_str()), ("integer", "300"));
+        assert_eq!(
+            (steps.ty.as_str(), steps.default.as_str()),
+            ("integer", "300")
+        );
         assert!(steps.meaning.contains("RL steps"), "{steps:?}");
         let st = key(&r, "sync.max_staleness");
-        assert_eq!((st.ty.as_str(), st.default.as_str()), ("integer, optional", "unset"));
+        assert_eq!(
+            (st.ty.as_str(), st.default.as_str()),
+            ("integer, optional", "unset")
+        );
         let mode = key(&r, "sync.mode");
         assert_eq!(mode.allowed, ["on-policy", "lagged", "async"]);
         assert_eq!(mode.default, "\"on-policy\"");
         let est = key(&r, "advantage.estimator");
         for e in crate::advantage::Estimator::ALL {
-            assert!(est.allowed.iter().any(|a| a == e.name()), "{e:?} not in {est:?}");
+            assert!(
+                est.allowed.iter().any(|a| a == e.name()),
+                "{e:?} not in {est:?}"
+            );
         }
         // Optional sections: their keys with the defaults serde fills in.
         assert_eq!(key(&r, "remote.url").default, "required");
@@ -503,7 +538,11 @@ mod tests {
         };
         fn leaves(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
             for (k, v) in t {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match v.as_table() {
                     Some(sub) if !sub.is_empty() => leaves(sub, &key, out),
                     _ => out.push(key),
@@ -514,7 +553,10 @@ mod tests {
         leaves(&all, "", &mut written);
         for k in written {
             let in_ref = r.iter().flat_map(|s| &s.keys).any(|x| x.key == k);
-            assert!(in_ref, "{k} is written by the default config but not in the reference");
+            assert!(
+                in_ref,
+                "{k} is written by the default config but not in the reference"
+            );
         }
     }
 

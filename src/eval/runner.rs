@@ -211,7 +211,10 @@ impl std::fmt::Display for EvalReport {
         let decoding = if self.temperature == 0.0 {
             "greedy decoding".to_string()
         } else if self.top_p < 1.0 {
-            format!("sampled at temperature {}, top-p {}", self.temperature, self.top_p)
+            format!(
+                "sampled at temperature {}, top-p {}",
+                self.temperature, self.top_p
+            )
         } else {
             format!("sampled at temperature {}", self.temperature)
         };

@@ -139,7 +139,10 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
     while written < limit {
         if let Some(dir) = opts.weights.as_deref().filter(|d| publish::is_finished(d)) {
             say_stop(
-                format!("the learner has finished ({})", dir.join(publish::FINISHED).display()),
+                format!(
+                    "the learner has finished ({})",
+                    dir.join(publish::FINISHED).display()
+                ),
                 written,
             );
             break;

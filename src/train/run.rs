@@ -193,7 +193,10 @@ fn train_in(
     }
     let already_finished = ckpt.is_some() && start.step >= run.steps;
     let (step, acc_final) = if already_finished {
-        (start.step, last_heldout_accuracy(&run_dir, start.acc_after_warmup)?)
+        (
+            start.step,
+            last_heldout_accuracy(&run_dir, start.acc_after_warmup)?,
+        )
     } else {
         run.rl_loop(
             &mut learner,
