@@ -271,7 +271,7 @@ fn section_defaults(defaults: &toml::Table, path: &[&str]) -> (toml::Table, Vec<
 
 /// Every section and key of [`RunConfig`], top level first, then each table in declaration
 /// order. An error names a field serde accepts but the source does not declare as
-/// `pub NAME:` (a rename), or a struct missing from [`SOURCES`].
+/// `pub NAME:` (a rename), or a struct missing from the `SOURCES` list.
 pub fn reference() -> Result<Vec<SectionDoc>, String> {
     let structs = parse_structs();
     let defaults = match toml::Value::try_from(RunConfig::default()) {
