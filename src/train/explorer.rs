@@ -1,7 +1,9 @@
 //! `grove explore`: a separate process that samples experience groups and writes them to a
 //! shared buffer (for a learner started with `sync.buffer`) or to a JSONL file (offline data).
 //! With a `[remote]` server (`--remote URL`) it samples through that server and tags groups
-//! with the policy version the server reports (`grove serve`) or 0.
+//! with the policy version the server reports (`grove serve`) or 0. A buffer explorer keeps at
+//! most [`buffer_bound`] groups in the buffer and stops by itself when the learner it follows
+//! has finished ([`publish::FINISHED`]) or the buffer stays full for `sync.wait_timeout_s`.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,8 @@ pub struct ExploreOptions {
     pub weights: Option<PathBuf>,
     /// Sample with the weights of this grove checkpoint directory.
     pub policy: Option<PathBuf>,
-    /// Stop after this many groups (default: forever with `buffer`, one step's worth with `out`).
+    /// Stop after this many groups (default: one step's worth with `out`; with `buffer`, until
+    /// the learner has finished or the buffer stays full for `sync.wait_timeout_s`).
     pub groups: Option<usize>,
     /// Explorer number (1, 2, ...): separate processes draw different prompts.
     pub explorer_id: u64,
