@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::compute::optim::{AdamW, AdamWParams};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::batch;
 use crate::model::{Config, Llama};
 use crate::rollout::{generate, SamplingParams};
@@ -99,7 +99,39 @@ pub fn peak_rss_gb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The default `--train-seq`: 256 tokens, or the model's positions when it has fewer (the
+/// built-in policy has 64).
+pub fn default_train_seq(cfg: &Config) -> usize {
+    256.min(cfg.max_positions())
+}
+
+/// Checks that every sequence the bench builds fits the model's positions; the message names
+/// the flag, its value and the limit.
+pub fn check_positions(cfg: &Config, opts: &BenchOptions) -> Result<()> {
+    let limit = cfg.max_positions();
+    let too_long = |flag: &str, n: usize| {
+        Err(Error::config(
+            "grove bench",
+            format!(
+                "{flag} {n} exceeds the model's {limit} positions (max_position_embeddings); \
+                 give at most {limit}"
+            ),
+        ))
+    };
+    if opts.train_seq > limit {
+        return too_long("--train-seq", opts.train_seq);
+    }
+    if opts.prompt_len + opts.new_tokens > limit {
+        return too_long(
+            &format!("--new-tokens (plus the {}-token prompt)", opts.prompt_len),
+            opts.prompt_len + opts.new_tokens,
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
+    check_positions(cfg, opts)?;
     let dev = crate::compute::device();
     let model = Llama::init(cfg, 0, &dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -548,4 +580,40 @@ pub fn ops_profile(
         });
     }
     Ok((out, gemms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_model_gets_a_train_seq_within_its_positions() {
+        let cfg = Config::builtin_tiny(19);
+        assert_eq!(cfg.max_positions(), 64);
+        assert_eq!(default_train_seq(&cfg), 64);
+        let fits = BenchOptions {
+            train_seq: default_train_seq(&cfg),
+            ..Default::default()
+        };
+        check_positions(&cfg, &fits).unwrap();
+        // The old default (256 tokens) failed deep inside the model with an index error.
+        let e = check_positions(&cfg, &BenchOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--train-seq 256") && e.contains("64 positions"),
+            "{e}"
+        );
+        let e = check_positions(
+            &cfg,
+            &BenchOptions {
+                train_seq: 64,
+                new_tokens: 60,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--new-tokens") && e.contains("68"), "{e}");
+    }
 }

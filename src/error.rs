@@ -177,6 +177,22 @@ fn redact_password_params(text: &str) -> String {
     out
 }
 
+/// An error and its causes on one line, each cause once: a message that already quotes its
+/// source (`{path}: {source}`) is not followed by the source again.
+pub fn render_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +226,27 @@ mod tests {
         let once = redact_url("https://u:k@h/x?password=p");
         assert_eq!(once, "https://u:***@h/x?password=***");
         assert_eq!(redact_url(&once), once);
+    }
+
+    #[test]
+    fn an_io_error_prints_its_cause_once() {
+        let e = Error::io(
+            "runs/x/metrics.jsonl",
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied"),
+        );
+        assert_eq!(
+            render_chain(&e),
+            "runs/x/metrics.jsonl: permission denied",
+            "was printed as `...: permission denied: permission denied`"
+        );
+    }
+
+    #[test]
+    fn a_cause_the_message_does_not_quote_is_appended() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading stdin")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("broken pipe"));
+        assert_eq!(render_chain(&e), "reading stdin: broken pipe");
     }
 }

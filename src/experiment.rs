@@ -1,5 +1,6 @@
 //! `grove experiment NAME`: small-scale reproductions of the seed papers' claims, one command
-//! each, writing a table and a plot under docs/experiments/.
+//! each, writing a table and a plot into the runs folder (`runs/experiments/NAME/`), or into
+//! docs/experiments/ when published (`--publish`), keeping the page's hand-written reading.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -162,6 +163,72 @@ pub fn run_experiment(
     }
     let _ = writeln!(md, "\n![accuracy]({}.png)", exp.name);
     let path = out.join(format!("{}.md", exp.name));
+    let md = match std::fs::read_to_string(&path) {
+        Ok(old) => keep_reading(&old, md),
+        Err(_) => md,
+    };
     std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+/// The folder where the command writes the table and plot: `--out`, docs/experiments with
+/// `--publish`, else `<runs_dir>/<name>` (next to its runs, so a plain run never rewrites the
+/// committed page).
+pub fn output_dir(runs_dir: &Path, name: &str, out: Option<&Path>, publish: bool) -> PathBuf {
+    match (out, publish) {
+        (Some(o), _) => o.to_path_buf(),
+        (None, true) => PathBuf::from(PUBLISHED_DIR),
+        (None, false) => runs_dir.join(name),
+    }
+}
+
+/// Where `--publish` writes: the committed pages.
+pub const PUBLISHED_DIR: &str = "docs/experiments";
+
+/// The heading from which a page is written by hand; regenerating keeps it and what follows.
+pub const READING_HEADING: &str = "## Reading";
+
+/// `generated` followed by the hand-written part of `old` (from [`READING_HEADING`] on).
+pub fn keep_reading(old: &str, generated: String) -> String {
+    let at = old
+        .match_indices(READING_HEADING)
+        .find(|(i, _)| *i == 0 || old.as_bytes()[i - 1] == b'\n')
+        .map(|(i, _)| i);
+    match at {
+        Some(i) => format!("{}\n\n{}", generated.trim_end(), &old[i..]),
+        None => generated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_run_writes_next_to_its_runs_and_only_publish_writes_docs() {
+        let runs = Path::new("runs/experiments");
+        assert_eq!(
+            output_dir(runs, "rec-offpolicy", None, false),
+            Path::new("runs/experiments/rec-offpolicy")
+        );
+        assert_eq!(
+            output_dir(runs, "rec-offpolicy", None, true),
+            Path::new("docs/experiments")
+        );
+        assert_eq!(
+            output_dir(runs, "x", Some(Path::new("elsewhere")), false),
+            Path::new("elsewhere")
+        );
+    }
+
+    #[test]
+    fn regenerating_a_page_keeps_its_hand_written_reading() {
+        let old = "# Experiment\n\n| old table |\n\n## Reading (by hand)\n\nIt holds.\n";
+        let new = keep_reading(old, "# Experiment\n\n| new table |\n".to_string());
+        assert_eq!(
+            new,
+            "# Experiment\n\n| new table |\n\n## Reading (by hand)\n\nIt holds.\n"
+        );
+        assert_eq!(keep_reading("no reading\n", "gen\n".into()), "gen\n");
+    }
 }

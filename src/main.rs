@@ -25,7 +25,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Sample experience groups into a shared buffer (for `grove train --buffer`) or a JSONL file.
     Explore(cli::explore::ExploreArgs),
-    /// Run a small-scale reproduction (e.g. rec-offpolicy): table and plot under docs/experiments/.
+    /// Run a small-scale reproduction (e.g. rec-offpolicy): table and plot in its runs folder
+    /// (docs/experiments/ with --publish).
     Experiment(cli::experiment::ExperimentArgs),
     /// Serve a model on an OpenAI-compatible completions endpoint (POST /v1/completions with
     /// per-token log-probs, GET /v1/models), for `grove explore --remote`.
@@ -36,6 +37,7 @@ enum Command {
         /// TCP port; 0 picks a free one. The first stdout line is "listening on HOST:PORT".
         #[arg(long, default_value_t = 8000)]
         port: u16,
+        /// Address to bind; anything but loopback needs --api-key.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// The model name clients send (default: MODEL as given).
@@ -63,6 +65,7 @@ enum Command {
         /// TCP port; 0 picks a free one. The first stdout line is "listening on URL".
         #[arg(long, default_value_t = 6060)]
         port: u16,
+        /// Address to bind (the page has no authentication: keep it on loopback).
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// No log lines for failed requests.
@@ -71,9 +74,26 @@ enum Command {
     },
     /// List the recipes: named presets of config values, with their papers.
     Recipes,
+    /// Print a config as grove resolves it (file, recipe, --set), the defaults as commented
+    /// TOML (--defaults), or the reference of every key as Markdown (--reference, which is
+    /// docs/configuration.md).
+    Config {
+        /// A TOML run config (default: the built-in quickstart).
+        #[arg(conflicts_with_all = ["defaults", "reference"])]
+        config: Option<PathBuf>,
+        /// Override a value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with_all = ["defaults", "reference"])]
+        set: Vec<String>,
+        /// Every key at its default, with its meaning as a comment.
+        #[arg(long, conflicts_with = "reference")]
+        defaults: bool,
+        /// Every key with type, default, allowed values and meaning, as Markdown.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Advantage calculator: reads {"groups": [[r, ...], ...]} on stdin, prints advantages.
     Advantage {
-        #[arg(long)]
+        #[arg(long, help = names_help("Advantage estimator", &grove::advantage::Estimator::known_names()))]
         estimator: String,
         /// key=value for an advantage config field (repeatable).
         #[arg(long = "param", value_name = "KEY=VALUE")]
@@ -82,9 +102,9 @@ enum Command {
     /// Loss calculator: reads {"logp": [[...]], "logp_old": [[...]], "adv": [...]} on stdin,
     /// prints the aggregated loss and its gradient w.r.t. each token log-prob.
     Loss {
-        #[arg(long)]
+        #[arg(long, help = names_help("Policy loss", &names(grove::loss::PolicyLoss::ALL.iter().map(|l| l.name()))))]
         loss: String,
-        #[arg(long)]
+        #[arg(long, help = names_help("Aggregation over tokens (default: the loss config's, token-mean)", &names(grove::loss::Aggregation::ALL.iter().map(|a| a.name()))))]
         agg: Option<String>,
         /// key=value for a loss config field (repeatable).
         #[arg(long = "param", value_name = "KEY=VALUE")]
@@ -93,10 +113,13 @@ enum Command {
     /// Write a preference set from the built-in arithmetic task: correct answer preferred to a
     /// perturbed one, strength 1–3 by how wrong (JSONL for `grove rm-train`).
     RmData {
+        /// The JSONL file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Preference pairs to write.
         #[arg(long, default_value_t = 4000)]
         pairs: usize,
+        /// Seed of the problems and perturbations.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Operand digits of the problems (as task.digits).
@@ -129,12 +152,46 @@ enum Command {
     /// Write a model (HF folder, .gguf file or grove checkpoint) as an HF folder that
     /// `transformers` loads: config.json, model.safetensors (f32), tokenizer files.
     Export {
+        /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
         model: PathBuf,
         /// The output folder (created).
         out: PathBuf,
     },
     /// Sample n responses per question from a model and report pass@k, mean@n and maj@n.
     Eval(cli::eval::EvalArgs),
+}
+
+/// Help text that lists the known names, from the table they are declared in.
+fn names_help(what: &str, known: &str) -> String {
+    format!("{what}: {known}")
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    it.collect::<Vec<_>>().join(", ")
+}
+
+fn print_config(
+    config: Option<PathBuf>,
+    set: Vec<String>,
+    defaults: bool,
+    reference: bool,
+) -> Result<()> {
+    use grove::config::reference as r;
+    if defaults || reference {
+        let sections = r::reference().map_err(anyhow::Error::msg)?;
+        let text = if defaults {
+            r::defaults_toml(&sections)
+        } else {
+            r::markdown(&sections)
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    print!(
+        "{}",
+        grove::config::load(config.as_deref(), &set)?.to_toml()?
+    );
+    Ok(())
 }
 
 fn stdin_text() -> Result<String> {
@@ -213,6 +270,12 @@ fn real_main() -> Result<()> {
             let opts = grove::view::ViewOptions { host, port, quiet };
             grove::view::serve(&dir, &opts)?;
         }
+        Command::Config {
+            config,
+            set,
+            defaults,
+            reference,
+        } => print_config(config, set, defaults, reference)?,
         Command::Recipes => {
             for r in grove::config::recipes::RECIPES {
                 println!("{:<20} {}  [{}]", r.name, r.description, r.source);
@@ -275,8 +338,66 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", grove::error::render_chain(e.as_ref()));
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand says what it takes: `--estimator`, `--loss` and
+    /// `--agg` once had none.
+    #[test]
+    fn every_argument_has_help() {
+        let cli = super::Cli::command();
+        let mut missing = vec![];
+        for sub in cli.get_subcommands() {
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = a
+                    .get_help()
+                    .or(a.get_long_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("grove {} {id}", sub.get_name()));
+                }
+                assert!(!help.contains("configs/"), "{id}: {help}");
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn name_flags_list_the_names_of_their_tables() {
+        let cli = super::Cli::command();
+        let help = |sub: &str, arg: &str| {
+            cli.find_subcommand(sub)
+                .unwrap()
+                .get_arguments()
+                .find(|a| a.get_id().as_str() == arg)
+                .unwrap()
+                .get_help()
+                .unwrap()
+                .to_string()
+        };
+        let est = help("advantage", "estimator");
+        for e in grove::advantage::Estimator::ALL {
+            assert!(est.contains(e.name()), "{est}");
+        }
+        let loss = help("loss", "loss");
+        for l in grove::loss::PolicyLoss::ALL {
+            assert!(loss.contains(l.name()), "{loss}");
+        }
+        let agg = help("loss", "agg");
+        for a in grove::loss::Aggregation::ALL {
+            assert!(agg.contains(a.name()), "{agg}");
         }
     }
 }

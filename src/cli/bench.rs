@@ -30,14 +30,20 @@ pub struct BenchArgs {
     /// (full log-softmax) or chunked.
     #[arg(long, default_value = "auto")]
     pub logprobs: String,
+    /// Sequences sampled together (8-token random prompts).
     #[arg(long, default_value_t = 64)]
     pub sample_batch: usize,
+    /// Tokens generated per sequence; with the prompt at most the model's positions.
     #[arg(long, default_value_t = 32)]
     pub new_tokens: usize,
+    /// Sequences per timed training step.
     #[arg(long, default_value_t = 8)]
     pub train_batch: usize,
-    #[arg(long, default_value_t = 256)]
-    pub train_seq: usize,
+    /// Tokens per training sequence (default: 256, or the model's positions when fewer:
+    /// 64 for builtin); at most the model's positions.
+    #[arg(long)]
+    pub train_seq: Option<usize>,
+    /// Timed repetitions, after one untimed warm-up repetition.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
 }
@@ -68,6 +74,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         grove::model::io::load_config(std::path::Path::new(&model))?
     };
+    let train_seq = train_seq.unwrap_or_else(|| grove::bench::default_train_seq(&cfg));
     if rl_step {
         let path = tokenizer.ok_or_else(|| {
             anyhow::anyhow!("--rl-step needs --tokenizer tokenizer.json (the anchor uses GPT-2's)")
@@ -91,6 +98,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     if ops {
+        grove::bench::check_positions(
+            &cfg,
+            &grove::bench::BenchOptions {
+                train_seq,
+                ..Default::default()
+            },
+        )?;
         let (op_t, gemm_t) = grove::bench::ops_profile(&cfg, train_batch, train_seq, reps)?;
         for o in op_t {
             println!("{}", serde_json::to_string(&o)?);

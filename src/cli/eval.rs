@@ -11,7 +11,7 @@ pub struct EvalArgs {
     /// gsm8k, math500 or builtin (the arithmetic task's held-out split).
     #[arg(long)]
     pub task: String,
-    /// Samples per question.
+    /// Samples per question (with n > 1 the default temperature is 1.0).
     #[arg(long, default_value_t = 1)]
     pub n: usize,
     /// The k of pass@k, comma-separated, each at most n (default: 1 and n).
@@ -20,9 +20,12 @@ pub struct EvalArgs {
     /// Only the first L questions.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
+    /// Sampling temperature; 0 is greedy. Default: 0 (greedy) with --n 1, which is what
+    /// training's held-out accuracy (acc/eval) reports, so the figures compare; 1.0 with
+    /// --n > 1 (pass@k and maj@n need distinct samples). The header line says which.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (1: all).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
     /// Default: 512 (gsm8k), 1024 (math500), longest answer + 1 (builtin).
@@ -40,6 +43,7 @@ pub struct EvalArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Seed of the sampling (no effect when greedy).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// No progress bar.
@@ -82,7 +86,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         n,
         ks,
         limit,
-        temperature,
+        temperature: temperature.unwrap_or_else(|| grove::eval::runner::default_temperature(n)),
         top_p,
         max_new_tokens,
         data,

@@ -6,6 +6,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ExperimentArgs {
+    /// The experiment: rec-offpolicy.
     pub name: String,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0,1,2")]
@@ -16,9 +17,13 @@ pub struct ExperimentArgs {
     /// Where the runs go.
     #[arg(long, default_value = "runs/experiments")]
     pub runs_dir: PathBuf,
-    /// Where the table and plot go.
-    #[arg(long, default_value = "docs/experiments")]
-    pub out: PathBuf,
+    /// Where the table and plot go (default: RUNS_DIR/NAME, next to the runs).
+    #[arg(long, conflicts_with = "publish")]
+    pub out: Option<PathBuf>,
+    /// Update the committed page docs/experiments/NAME.md (and .png) instead, keeping its
+    /// hand-written "## Reading" section; run from the repository root.
+    #[arg(long)]
+    pub publish: bool,
 }
 
 pub fn run(args: ExperimentArgs) -> Result<()> {
@@ -28,6 +33,7 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
         set,
         runs_dir,
         out,
+        publish,
     } = args;
     let exp = grove::experiment::find(&name)?;
     let seeds: Vec<u64> = seeds
@@ -49,6 +55,7 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
     for s in &set {
         command.push_str(&format!(" --set {s}"));
     }
+    let out = grove::experiment::output_dir(&runs_dir, &name, out.as_deref(), publish);
     let path = grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command)?;
     println!("wrote {}", path.display());
     Ok(())

@@ -8,6 +8,7 @@ use clap::Args;
 pub struct ExploreArgs {
     /// A TOML run config (the same one the learner uses).
     pub config: Option<PathBuf>,
+    /// Override a value: --set section.key=value (repeatable), as for `grove train`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Write groups to this JSONL file (offline data).
@@ -26,12 +27,15 @@ pub struct ExploreArgs {
     /// `grove serve`) instead of local weights (sets remote.url; see [remote] in the README).
     #[arg(long, value_name = "URL", conflicts_with_all = ["weights", "policy"])]
     pub remote: Option<String>,
-    /// Stop after this many groups.
+    /// Stop after this many groups. Default: one step's worth with --out; with --buffer, until
+    /// the learner finishes (its finished.json in --weights DIR) or the buffer stays full for
+    /// sync.wait_timeout_s (600 s) because nobody takes from it.
     #[arg(long)]
     pub groups: Option<usize>,
     /// Explorer number 1, 2, ...: separate explorers draw different prompts.
     #[arg(long, default_value_t = 1)]
     pub explorer_id: u64,
+    /// No progress lines and no stop message.
     #[arg(long)]
     pub quiet: bool,
 }

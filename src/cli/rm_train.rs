@@ -12,22 +12,28 @@ pub struct RmTrainArgs {
     /// bt, margin-bt, scaled-bt, regression or regression-then-scaled-bt.
     #[arg(long, default_value = "bt")]
     pub loss: String,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: u64,
     /// Output folder: config.json, model.safetensors (head: score.weight), tokenizer.json.
     #[arg(long, default_value = "rm")]
     pub out: PathBuf,
+    /// Preference pairs per step.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// regression-then-scaled-bt: regression steps before the switch.
     #[arg(long, default_value_t = 200)]
     pub switch_step: u64,
+    /// Fraction of the pairs held out for the accuracy (0 to 1).
     #[arg(long, default_value_t = 0.1)]
     pub heldout_frac: f64,
+    /// Held-out pairwise accuracy every this many steps.
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
+    /// Seed of the split, the initialisation and the batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Weight of an auxiliary language-modelling loss on the chosen responses (0: off).
@@ -36,6 +42,7 @@ pub struct RmTrainArgs {
     /// Start the body from a model folder (e.g. a grove checkpoint) instead of scratch.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// No per-evaluation lines, only the final summary.
     #[arg(long)]
     pub quiet: bool,
 }

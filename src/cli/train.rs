@@ -6,9 +6,10 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// A TOML run config (see `grove recipes`). With --resume: the run's own config again,
-    /// which supplies its secrets (saved as `***`) and confirms its external programs; it must
-    /// equal the recorded config.
+    /// A TOML run config: see examples/*.toml, docs/configuration.md (every key) and
+    /// `grove recipes`; `grove config --defaults` prints the defaults. With --resume: the run's
+    /// own config again, which supplies its secrets (saved as `***`) and confirms its external
+    /// programs; it must equal the recorded config.
     pub config: Option<PathBuf>,
     /// Override a value: --set section.key=value (repeatable). With --resume only a secret the
     /// run directory holds as `***` may be given (the rest must equal the recorded config).
@@ -96,7 +97,16 @@ fn train(
         quiet,
     };
     let s = grove::train::run(cfg, &opts)?;
-    if !quiet {
+    if !quiet && s.already_finished {
+        println!(
+            "the run had already finished: {} RL steps; held-out accuracy {:.1}% after warm-up \
+             -> {:.1}% at the last evaluation (metrics.jsonl); nothing trained",
+            s.rl_steps_done,
+            s.acc_after_warmup * 100.0,
+            s.acc_final * 100.0,
+        );
+        println!("run directory: {}", s.run_dir.display());
+    } else if !quiet {
         println!(
             "held-out accuracy: {:.1}% after warm-up ({} steps) -> {:.1}% after {} RL steps ({:+.1} points) in {:.0} s",
             s.acc_after_warmup * 100.0,

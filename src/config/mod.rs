@@ -7,6 +7,7 @@
 pub mod pipeline_rules;
 mod plan;
 pub mod recipes;
+pub mod reference;
 pub mod resume;
 pub mod secrets;
 
@@ -45,7 +46,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub sync: SyncConfig,
     /// `grove explore` samples through this OpenAI-compatible completions server instead of
-    /// its own weights (`--remote URL` sets `remote.url`); other commands ignore it.
+    /// its own weights (`--remote URL` sets `remote.url`). `grove train` refuses it unless the
+    /// config also names the `sync.buffer` its explorers fill.
     pub remote: Option<crate::rollout::remote::RemoteConfig>,
     /// Trackers besides metrics.jsonl: TensorBoard (on by default), MLflow (docs/metrics.md).
     pub report: crate::report::sinks::ReportConfig,
@@ -82,10 +84,15 @@ pub struct ModelConfig {
     /// "builtin", or a pretrained model: an HF folder (config.json + safetensors +
     /// tokenizer.json), a GGUF file, a grove checkpoint or `hf://ORG/NAME` (feature `hub`).
     pub source: String,
+    /// Built-in model: width of the residual stream.
     pub hidden_size: usize,
+    /// Built-in model: transformer blocks.
     pub num_layers: usize,
+    /// Built-in model: attention heads (must divide hidden_size).
     pub num_heads: usize,
+    /// Built-in model: key/value heads (grouped-query attention; must divide num_heads).
     pub num_kv_heads: usize,
+    /// Built-in model: width of the MLP's hidden layer.
     pub intermediate_size: usize,
 }
 
@@ -109,9 +116,11 @@ impl Default for ModelConfig {
 pub struct WarmupConfig {
     /// Stop once greedy held-out accuracy reaches this fraction.
     pub target_acc: f64,
-    /// Hard cap on warm-up steps.
+    /// Hard cap on warm-up steps (0: no warm-up).
     pub max_steps: usize,
+    /// Problems per supervised step.
     pub batch_size: usize,
+    /// AdamW learning rate of the warm-up.
     pub lr: f64,
     /// Check the stop rule every this many steps.
     pub eval_every: usize,
@@ -132,14 +141,19 @@ impl Default for WarmupConfig {
     }
 }
 
+/// Sampling of each RL step's responses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
+    /// Prompts per RL step (each gets `group_size` responses).
     pub prompts_per_step: usize,
     /// G: responses per prompt.
     pub group_size: usize,
+    /// Sampling temperature (> 0; the learner's log-probs use the same temperature).
     pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (1: all).
     pub top_p: f64,
+    /// Generation budget per response, in tokens (EOS included).
     pub max_new_tokens: usize,
 }
 
@@ -180,18 +194,24 @@ pub enum SyncMode {
     Async,
 }
 
+/// How rollouts reach the learner: sampled in-process (on-policy, lagged, async), from a shared
+/// buffer filled by `grove explore` processes, or from an offline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
+    /// on-policy (sample with the current weights), lagged (older weights refreshed every
+    /// `interval` steps) or async (an explorer thread and a bounded buffer).
     pub mode: SyncMode,
     /// Refresh (lagged) or publish (async, buffer) the rollout weights every this many steps.
     pub interval: usize,
     /// Lagged mode: rollouts run this many steps ahead of the learner.
     pub offset: usize,
     /// Experiences more than this many versions older than the learner are dropped and
-    /// counted in `staleness/dropped` (async and buffer modes; unset = keep everything).
+    /// counted in `staleness/dropped` (async and buffer modes; unset = keep everything, except
+    /// with `buffer`, where it defaults to 4 or `interval`, whichever is larger).
     pub max_staleness: Option<u64>,
-    /// Async mode: buffer capacity in groups (0 = 4 steps' worth).
+    /// Async mode: buffer capacity in groups; also the most groups a `grove explore` process
+    /// lets a shared buffer hold (0 = 4 steps' worth).
     pub capacity: usize,
     /// Train from experiences in this buffer (`sqlite:PATH`, `postgres://...`) written by
     /// `grove explore` processes, instead of sampling.
@@ -229,10 +249,12 @@ impl Default for SyncConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
-    /// Experiments with noisy verifiers: flip a correct (1) observed reward to 0 with
-    /// probability `noise_rho1` and an incorrect one to 1 with `noise_rho0` (seeded).
-    /// `acc/train` stays the clean accuracy; `reward/mean` is what the learner saw.
+    /// Noisy-verifier experiments: probability that an incorrect response's observed reward
+    /// is flipped to 1 (seeded; `acc/train` stays the clean accuracy, `reward/mean` is what the
+    /// learner saw).
     pub noise_rho0: f64,
+    /// Noisy-verifier experiments: probability that a correct response's observed reward is
+    /// flipped to 0.
     pub noise_rho1: f64,
     /// A composable reward pipeline (`[reward.pipeline]`, docs/rewards.md); None: the task's
     /// verifier alone.
@@ -240,14 +262,17 @@ pub struct RewardConfig {
     pub pipeline: Option<crate::reward::pipeline::PipelineConfig>,
 }
 
+/// The RL phase: steps, optimizer, evaluation, checkpoints and samples.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// RL steps (one optimizer update per step).
     pub steps: usize,
+    /// AdamW learning rate of the RL updates.
     pub lr: f64,
     /// Linear learning-rate warm-up over this many RL steps.
     pub lr_warmup_steps: usize,
+    /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value (0 disables).
     pub grad_clip: f64,
@@ -282,6 +307,9 @@ impl Default for TrainConfig {
         }
     }
 }
+
+/// `sync.max_staleness` of a shared buffer (`sync.buffer`) when the config sets none.
+pub const DEFAULT_BUFFER_MAX_STALENESS: u64 = 4;
 
 /// Sets `path` (dotted) in a TOML table to `value`, parsed as a TOML value when it parses
 /// (numbers, booleans, arrays, quoted strings); a bare word such as `lagged` is a string. A
@@ -458,7 +486,15 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
 impl RunConfig {
     /// Values derived from others when not given: `loss.max_len` (Dr. GRPO's fixed L_max) is
     /// the generation budget `rollout.max_new_tokens`.
+    ///
+    /// A shared buffer without `sync.max_staleness` (and without replay, which bounds reuse by
+    /// itself) gets [`DEFAULT_BUFFER_MAX_STALENESS`] (at least `sync.interval`): unbounded,
+    /// a learner behind fast explorers trained on data over 100 versions old.
     pub fn derive_defaults(&mut self) {
+        let sy = &mut self.sync;
+        if sy.buffer.is_some() && sy.replay.is_none() && sy.max_staleness.is_none() {
+            sy.max_staleness = Some(DEFAULT_BUFFER_MAX_STALENESS.max(sy.interval as u64));
+        }
         if self.loss.agg == crate::loss::Aggregation::SeqMeanTokenSumNorm
             && self.loss.max_len.is_none()
         {

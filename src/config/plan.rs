@@ -29,6 +29,9 @@ pub struct Plan {
     /// The least memory the run needs ([`MemoryEstimate`]).
     #[serde(default)]
     pub memory: MemoryEstimate,
+    /// Why `rl_steps` is below `train.steps` (offline data holds fewer steps), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl_steps_limited_by: Option<String>,
 }
 
 /// A lower bound of a run's memory, in bytes: the parts that are certain to be allocated at
@@ -124,7 +127,22 @@ impl Plan {
             seed: cfg.seed,
             external_programs: resume::external_programs(cfg),
             memory: MemoryEstimate::new(cfg, model, model_params, tokens as f64),
+            rl_steps_limited_by: None,
         })
+    }
+
+    /// Caps the RL steps at what offline data holds (`groups` groups, `prompts_per_step` a
+    /// step), saying so in the plan.
+    pub fn limit_to_offline(&mut self, groups: usize) {
+        let available = groups / self.prompts_per_step.max(1);
+        if available < self.rl_steps {
+            self.rl_steps_limited_by = Some(format!(
+                "offline data: {groups} groups of {} per step; train.steps = {}",
+                self.prompts_per_step, self.rl_steps
+            ));
+            self.rl_steps = available;
+            self.total_samples = available * self.samples_per_step;
+        }
     }
 
     /// Refuses a run whose [`MemoryEstimate`] exceeds `available` bytes (None: not known, not
@@ -164,7 +182,7 @@ impl Plan {
         };
         format!(
             "plan: recipe {} | {} advantage, {} loss, {} | model {} params | {} prompts x {} = {} samples/step, \
-             <= {} tokens/step | {} RL steps ({} samples) | {} | held-out {} | seed {} | \
+             <= {} tokens/step | {} RL steps{} ({} samples) | {} | held-out {} | seed {} | \
              memory >= {} | external programs: {programs}",
             self.recipe,
             self.estimator,
@@ -176,6 +194,10 @@ impl Plan {
             self.samples_per_step,
             self.max_tokens_per_step,
             self.rl_steps,
+            match &self.rl_steps_limited_by {
+                Some(why) => format!(" ({why})"),
+                None => String::new(),
+            },
             self.total_samples,
             if self.warmup_max_steps == 0 {
                 "no warm-up".to_string()

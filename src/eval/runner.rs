@@ -93,6 +93,17 @@ pub struct EvalOptions {
     pub progress: bool,
 }
 
+/// The temperature `grove eval` uses when none is given: greedy (0) for one sample per
+/// question, which is what training's held-out `acc/eval` reports, so the two compare; 1.0 for
+/// several samples (pass@k and maj@n need distinct samples).
+pub fn default_temperature(n: usize) -> f64 {
+    if n <= 1 {
+        0.0
+    } else {
+        1.0
+    }
+}
+
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
@@ -100,7 +111,7 @@ impl Default for EvalOptions {
             n: 1,
             ks: vec![1],
             limit: None,
-            temperature: 1.0,
+            temperature: default_temperature(1),
             top_p: 1.0,
             max_new_tokens: None,
             data: None,
@@ -190,6 +201,7 @@ pub struct EvalReport {
     pub prompt_style: PromptStyle,
     pub max_new_tokens: usize,
     pub temperature: f64,
+    pub top_p: f64,
     pub summary: EvalSummary,
     pub generated_tokens: usize,
     pub wall_s: f64,
@@ -201,14 +213,23 @@ impl std::fmt::Display for EvalReport {
             PromptStyle::Base => "base",
             PromptStyle::Chat => "chat",
         };
+        let decoding = if self.temperature == 0.0 {
+            "greedy decoding".to_string()
+        } else if self.top_p < 1.0 {
+            format!(
+                "sampled at temperature {}, top-p {}",
+                self.temperature, self.top_p
+            )
+        } else {
+            format!("sampled at temperature {}", self.temperature)
+        };
         writeln!(
             f,
-            "{}: {} questions x {} samples ({style} prompts, temperature {}, max {} new tokens), \
+            "{}: {} questions x {} samples, {decoding} ({style} prompts, max {} new tokens), \
              {} tokens in {:.1} s",
             self.task.name(),
             self.questions,
             self.n,
-            self.temperature,
             self.max_new_tokens,
             self.generated_tokens,
             self.wall_s
@@ -485,6 +506,7 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
         prompt_style: style,
         max_new_tokens,
         temperature: opts.temperature,
+        top_p: opts.top_p,
         summary: summarize(&all, &opts.ks),
         generated_tokens: generated,
         wall_s: start.elapsed().as_secs_f64(),

@@ -78,13 +78,22 @@ pub fn parse(spec: &str) -> Result<ModelRef> {
         return hub_ref(spec, rest);
     }
     let p = Path::new(spec);
-    if p.exists() {
+    if p.exists() || names_model_file(p) {
         return Ok(ModelRef::Local(p.to_path_buf()));
     }
     if is_repo_id(spec) {
         return hub_ref(spec, spec);
     }
     Ok(ModelRef::Local(p.to_path_buf()))
+}
+
+/// A path ending in a model file's extension (`models/x.gguf`) is a file the user means to
+/// have, never a Hub repository, even when it is of the form ORG/NAME: its absence is then
+/// reported as a missing file.
+fn names_model_file(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["gguf", "safetensors"].contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// The download cache root (see the module docs).

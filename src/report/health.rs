@@ -19,6 +19,7 @@ pub enum Signal {
     ZeroVarianceGroups,
     Truncation,
     NonFiniteLoss,
+    StaleData,
 }
 
 /// One RL step's progress line: reward, accuracy, KL, entropy and clip fraction.
@@ -76,6 +77,16 @@ pub fn signals(m: &Metrics, first_entropy: Option<f64>) -> Vec<(Signal, String)>
                 ),
             ));
         }
+    }
+    if let Some(&d) = m.get("staleness/dropped").filter(|&&d| d > 0.0) {
+        out.push((
+            Signal::StaleData,
+            format!(
+                "{d} groups older than sync.max_staleness were dropped: the data arrives \
+                 stale (explorers lag the learner's weights; a smaller sync.capacity or faster \
+                 explorers help)"
+            ),
+        ));
     }
     let loss = m.get("loss/policy").copied().unwrap_or(0.0);
     let gnorm = m.get("grad/norm").copied().unwrap_or(0.0);
@@ -172,6 +183,19 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].0, Signal::ZeroVarianceGroups);
         assert!(s[0].1.starts_with("75% of groups"), "{}", s[0].1);
+    }
+
+    #[test]
+    fn dropped_stale_groups_warn_once_until_it_clears() {
+        let mut mon = Monitor::default();
+        assert!(mon.check(1, &m(&[("staleness/dropped", 0.0)])).is_empty());
+        let w = mon.check(2, &m(&[("staleness/dropped", 3.0)]));
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("step 2") && w[0].contains("3 groups") && w[0].contains("max_staleness"),
+            "{w:?}"
+        );
+        assert!(mon.check(3, &m(&[("staleness/dropped", 5.0)])).is_empty());
     }
 
     #[test]

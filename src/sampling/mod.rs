@@ -5,6 +5,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// Which samples of a step reach the loss: group filters between reward and advantage, and
+/// reference solutions injected into groups (docs/algorithms.md#sampling-rules).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingConfig {

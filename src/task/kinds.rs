@@ -57,6 +57,8 @@ impl TaskKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
+    /// The task: arithmetic (built in, the default), gsm8k or math500 (datasets; they need a
+    /// pretrained model.source).
     #[serde(skip_serializing_if = "TaskKind::is_arithmetic")]
     pub kind: TaskKind,
     /// Arithmetic: digits of each operand (2: operands 10..=99).

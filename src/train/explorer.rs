@@ -1,7 +1,9 @@
 //! `grove explore`: a separate process that samples experience groups and writes them to a
 //! shared buffer (for a learner started with `sync.buffer`) or to a JSONL file (offline data).
 //! With a `[remote]` server (`--remote URL`) it samples through that server and tags groups
-//! with the policy version the server reports (`grove serve`) or 0.
+//! with the policy version the server reports (`grove serve`) or 0. A buffer explorer keeps at
+//! most [`buffer_bound`] groups in the buffer and stops by itself when the learner it follows
+//! has finished ([`publish::FINISHED`]) or the buffer stays full for `sync.wait_timeout_s`.
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,8 @@ pub struct ExploreOptions {
     pub weights: Option<PathBuf>,
     /// Sample with the weights of this grove checkpoint directory.
     pub policy: Option<PathBuf>,
-    /// Stop after this many groups (default: forever with `buffer`, one step's worth with `out`).
+    /// Stop after this many groups (default: one step's worth with `out`; with `buffer`, until
+    /// the learner has finished or the buffer stays full for `sync.wait_timeout_s`).
     pub groups: Option<usize>,
     /// Explorer number (1, 2, ...): separate processes draw different prompts.
     pub explorer_id: u64,
@@ -121,11 +124,34 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
     });
     let mut st = ExploreState::new(&env.cfg, opts.explorer_id.max(1))?;
     let mut store = match &opts.buffer {
-        Some(url) => Some(buffer::open(url, usize::MAX / 2)?),
+        Some(url) => Some(
+            buffer::open(url, buffer_bound(&env.cfg)).map_err(|e| Error::Usage {
+                option: "--buffer".into(),
+                msg: e.to_string(),
+            })?,
+        ),
         None => None,
     };
     let mut written = 0usize;
+    let say_stop = |why: String, written: usize| {
+        if !opts.quiet {
+            eprintln!(
+                "explorer {}: {why}; stopping after {written} groups",
+                opts.explorer_id.max(1)
+            );
+        }
+    };
     while written < limit {
+        if let Some(dir) = opts.weights.as_deref().filter(|d| publish::is_finished(d)) {
+            say_stop(
+                format!(
+                    "the learner has finished ({})",
+                    dir.join(publish::FINISHED).display()
+                ),
+                written,
+            );
+            break;
+        }
         let groups = match &sampler {
             Sampler::Local(model) => {
                 if let Some(dir) = &opts.weights {
@@ -155,16 +181,9 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
         let groups = &groups[..take];
         match (&mut store, &opts.out) {
             (Some(b), _) => {
-                for g in groups {
-                    loop {
-                        match b.put(g.clone()) {
-                            Ok(()) => break,
-                            Err(BufferError::Full { .. }) => {
-                                std::thread::sleep(Duration::from_millis(50))
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
+                if let Some(why) = put_all(b.as_mut(), groups, &env.cfg, opts)? {
+                    say_stop(why, written);
+                    break;
                 }
             }
             (None, Some(path)) => {
@@ -181,4 +200,53 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
         }
     }
     Ok(written)
+}
+
+/// The most groups an explorer lets a shared buffer hold before it waits for the learner:
+/// `sync.capacity`, else 4 steps' worth (times `max_uses` under priority replay, whose groups
+/// stay after use). Without a bound explorers flood the buffer with data the learner only
+/// drops as stale.
+pub fn buffer_bound(cfg: &RunConfig) -> usize {
+    if cfg.sync.capacity > 0 {
+        return cfg.sync.capacity;
+    }
+    let uses = cfg.sync.replay.map_or(1, |r| r.max_uses.max(1) as usize);
+    4 * cfg.rollout.prompts_per_step * uses
+}
+
+/// Puts `groups` into the buffer, waiting while it is full. Returns why the explorer should
+/// stop instead: the learner has finished (`--weights`), or the buffer stayed full for
+/// `sync.wait_timeout_s` (nobody takes from it).
+fn put_all(
+    b: &mut dyn buffer::Buffer,
+    groups: &[crate::buffer::ExperienceGroup],
+    cfg: &RunConfig,
+    opts: &ExploreOptions,
+) -> Result<Option<String>> {
+    for g in groups {
+        let waited = Instant::now();
+        loop {
+            match b.put(g.clone()) {
+                Ok(()) => break,
+                Err(BufferError::Full { capacity }) => {
+                    if let Some(dir) = opts.weights.as_deref().filter(|d| publish::is_finished(d)) {
+                        return Ok(Some(format!(
+                            "the learner has finished ({})",
+                            dir.join(publish::FINISHED).display()
+                        )));
+                    }
+                    if waited.elapsed().as_secs_f64() > cfg.sync.wait_timeout_s {
+                        return Ok(Some(format!(
+                            "the buffer stayed full ({capacity} groups) for sync.wait_timeout_s = \
+                             {} s: no learner is taking from it",
+                            cfg.sync.wait_timeout_s
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(Error::from(e)),
+            }
+        }
+    }
+    Ok(None)
 }

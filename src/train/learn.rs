@@ -391,8 +391,14 @@ impl Learner {
         for (p, r) in b.ranges.iter().enumerate().take(env.cfg.train.log_samples) {
             let mut rs = Vec::with_capacity(r.len());
             for i in r.clone() {
+                let e = &b.exps[i];
+                let text = response_text(&env.tok, &e.response_ids)?;
+                // The task verifier's judgement, so a reader sees why (pipeline rewards add
+                // their components below).
+                let reason = env.task.verify(&text, e.finished, &e.answer).reason;
                 rs.push(serde_json::json!({
-                    "text": response_text(&env.tok, &b.exps[i].response_ids)?,
+                    "text": text,
+                    "reason": reason,
                     "reward": b.rewards[i],
                     "correct": b.correct[i],
                     "advantage": sel.adv[i],

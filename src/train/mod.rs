@@ -52,6 +52,9 @@ pub struct Summary {
     pub acc_final: f64,
     pub rl_steps_done: usize,
     pub wall_s: f64,
+    /// A resumed run that had already taken all its steps: nothing was trained, and
+    /// `acc_final` is the last held-out accuracy its metrics.jsonl records.
+    pub already_finished: bool,
 }
 
 /// The built-in policy shape for a vocabulary.

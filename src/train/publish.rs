@@ -36,6 +36,31 @@ pub fn publish(dir: &Path, version: u64, model: &Llama) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The marker the learner writes into its publish folder when its run has ended, so that
+/// `grove explore --weights DIR` processes stop instead of sampling forever.
+pub const FINISHED: &str = "finished.json";
+
+/// Marks the learner's run as ended at `step` (policy `version`).
+pub fn mark_finished(dir: &Path, step: usize, version: u64) -> Result<()> {
+    let text = serde_json::json!({"step": step, "version": version}).to_string();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_atomic(&dir.join(FINISHED), text.as_bytes())
+}
+
+/// Removes an earlier run's end marker (a learner starting to publish into `dir`).
+pub fn clear_finished(dir: &Path) -> Result<()> {
+    let p = dir.join(FINISHED);
+    match std::fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&p, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the learner publishing into `dir` has ended its run.
+pub fn is_finished(dir: &Path) -> bool {
+    dir.join(FINISHED).exists()
+}
+
 /// The newest published version and its file, if any.
 pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
     let p = dir.join("latest.json");

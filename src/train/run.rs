@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::{self, Metrics};
 
-/// Runs (or resumes) a training run to its end, or to `opts.stop_after`.
+/// Runs (or resumes) a training run to its end, or to `opts.stop_after`. Everything that can
+/// be checked before the warm-up is checked before the run directory is created, and a fresh
+/// run that fails before its first checkpoint removes its directory again.
 pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     crate::compute::tuning::allocator();
     if opts.resume.is_some() {
@@ -28,9 +30,6 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     let env = Arc::new(Env::new(cfg)?);
     let cfg = &env.cfg;
     let model = env.initial_policy(&dev)?;
-    let plan = plan_for(&env, &model)?;
-    // Sizes are checked against the machine before anything is written.
-    plan.check_memory(crate::compute::available_memory())?;
     // Offline data is read (and checked) before anything is created.
     let offline = match &cfg.sync.offline {
         Some(p) => Some(
@@ -43,7 +42,73 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         ),
         None => None,
     };
+    check_before_start(cfg)?;
+    let mut plan = plan_for(&env, &model)?;
+    if let Some(groups) = &offline {
+        plan.limit_to_offline(groups.len());
+    }
+    // Sizes are checked against the machine before anything is written.
+    plan.check_memory(crate::compute::available_memory())?;
     let (run_dir, ckpt) = open_run_dir(cfg, &plan, opts)?;
+    let fresh = opts.resume.is_none();
+    let result = train_in(&env, model, &plan, offline, &run_dir, ckpt, opts, t0);
+    if result.is_err() && fresh && !run_dir.join("checkpoints").exists() {
+        // Nothing worth keeping (no checkpoint to resume from): leave no half-made run behind.
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+    result
+}
+
+/// What can fail without a model step, checked before the run directory exists: the shared
+/// buffer is reachable, reward-model folders exist.
+fn check_before_start(cfg: &RunConfig) -> Result<()> {
+    if cfg.remote.is_some() && cfg.sync.buffer.is_none() {
+        // Only `grove explore` samples through a server; a trainer would silently ignore it.
+        return Err(Error::config(
+            "[remote]",
+            "`grove train` samples with its own weights and never reads [remote]; it is for \
+             `grove explore --buffer URL` processes feeding a trainer started with --buffer URL. \
+             Remove the [remote] section (or remote.* overrides) from the trainer's config",
+        ));
+    }
+    if let Some(url) = &cfg.sync.buffer {
+        buffer::open(url, 1).map_err(|e| {
+            Error::config(
+                "sync.buffer",
+                format!("{}: {e}", crate::error::redact_url(url)),
+            )
+        })?;
+    }
+    if let Some(p) = &cfg.reward.pipeline {
+        for dir in p.model_folders() {
+            if !Path::new(&dir).join("config.json").exists() {
+                return Err(Error::config(
+                    "reward.pipeline",
+                    format!(
+                        "reward model folder {dir} has no config.json (train one with \
+                         `grove rm-train --out {dir}`)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The run in its directory: warm-up or restore, the RL loop, plots and trackers.
+#[allow(clippy::too_many_arguments)]
+fn train_in(
+    env: &Arc<Env>,
+    model: Llama,
+    plan: &Plan,
+    offline: Option<Vec<ExperienceGroup>>,
+    run_dir: &Path,
+    ckpt: Option<PathBuf>,
+    opts: &TrainOptions,
+    t0: Instant,
+) -> Result<Summary> {
+    let cfg = &env.cfg;
+    let run_dir = run_dir.to_path_buf();
     if !opts.quiet {
         println!("{}", plan.render());
         println!("run directory: {}", run_dir.display());
@@ -58,7 +123,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     // Everything is read and checked from the checkpoint, and metrics.jsonl/samples.jsonl
     // truncated to it (or removed on a fresh start), before the learner opens them to append.
     let resumed = match &ckpt {
-        Some(c) => Some(restore(&env, &model, &mut opt, &run_dir, c)?),
+        Some(c) => Some(restore(env, &model, &mut opt, &run_dir, c)?),
         None => {
             for name in ["metrics.jsonl", "samples.jsonl"] {
                 let p = run_dir.join(name);
@@ -84,7 +149,7 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
             learner.adv_state = st.adv_state;
             start
         }
-        None => fresh_start(&env, &mut learner, &pb)?,
+        None => fresh_start(env, &mut learner, &pb)?,
     };
     // Reward-pipeline hook ([reward.pipeline], reward_hook.rs): its frozen reference policy is
     // the warm-up result (checkpoint step-0 on resume).
@@ -106,10 +171,11 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         pending: start.pending,
     };
     let mut explore_st = start.explore_st;
-    let mut source = source::open(&env, &learner, &explore_st, start.step, restored)?;
+    let mut source = source::open(env, &learner, &explore_st, start.step, restored)?;
     let mut run = RunState {
-        env: &env,
+        env,
         run_dir: &run_dir,
+        steps: plan.rl_steps,
         warmup_steps: start.warmup_steps,
         acc_after_warmup: start.acc_after_warmup,
         reporter,
@@ -119,16 +185,30 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
     if ckpt.is_none() {
         run.save(&learner, 0, &explore_st, source.as_ref())?;
     }
-    let (step, acc_final) = run.rl_loop(
-        &mut learner,
-        source.as_mut(),
-        &mut explore_st,
-        start.step,
-        &pb,
-        opts,
-    )?;
+    let already_finished = ckpt.is_some() && start.step >= run.steps;
+    let (step, acc_final) = if already_finished {
+        (
+            start.step,
+            last_heldout_accuracy(&run_dir, start.acc_after_warmup)?,
+        )
+    } else {
+        run.rl_loop(
+            &mut learner,
+            source.as_mut(),
+            &mut explore_st,
+            start.step,
+            &pb,
+            opts,
+        )?
+    };
     drop(source);
     pb.finish_and_clear();
+    if step >= run.steps {
+        if let (Some(dir), Some(_)) = (&cfg.sync.publish_dir, &cfg.sync.buffer) {
+            // Explorers following these weights stop on this marker.
+            super::publish::mark_finished(Path::new(dir), step, learner.version)?;
+        }
+    }
     report::plot::plot_run(&run_dir)?;
     run.reporter.finish()?;
     Ok(Summary {
@@ -138,7 +218,24 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         acc_final,
         rl_steps_done: step,
         wall_s: t0.elapsed().as_secs_f64(),
+        already_finished,
     })
+}
+
+/// The last held-out accuracy metrics.jsonl records for the RL phase (a finished run that is
+/// resumed reports it instead of re-evaluating); `fallback` when it holds none.
+fn last_heldout_accuracy(run_dir: &Path, fallback: f64) -> Result<f64> {
+    let p = run_dir.join("metrics.jsonl");
+    if !p.exists() {
+        return Ok(fallback);
+    }
+    let lines = report::read_jsonl(&p)?;
+    Ok(lines
+        .iter()
+        .rev()
+        .filter(|v| v["phase"] == "rl")
+        .find_map(|v| v["acc/eval"].as_f64())
+        .unwrap_or(fallback))
 }
 
 /// The derived numbers printed at start and saved as plan.json.
@@ -284,6 +381,8 @@ fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) ->
 struct RunState<'a> {
     env: &'a Env,
     run_dir: &'a Path,
+    /// The RL steps this run takes: `train.steps`, or fewer when offline data holds fewer.
+    steps: usize,
     warmup_steps: usize,
     acc_after_warmup: f64,
     /// The [report] sinks (TensorBoard, MLflow), fed from metrics.jsonl and samples.jsonl.
@@ -338,7 +437,7 @@ impl RunState<'_> {
     ) -> Result<(usize, f64)> {
         let env = self.env;
         let cfg = &env.cfg;
-        let steps = cfg.train.steps;
+        let steps = self.steps;
         self.reporter.sync()?;
         pb.set_prefix("RL");
         pb.set_length(steps as u64);

@@ -122,6 +122,28 @@ fn corrupt_checkpoint_on_resume_is_named_and_run_is_untouched() {
     );
     assert_eq!(code, 0, "{err}");
     let run = dir.join("runs").join("quickstart");
+
+    // Resuming the finished run trains nothing and reports the run's real figures (it used to
+    // print "X% -> X%, +0.0 points": the warm-up accuracy as the final one).
+    let last_eval = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["phase"] == "rl")
+        .find_map(|v| v["acc/eval"].as_f64())
+        .unwrap();
+    let (code, out, err) = grove(&["train", "--resume", run.to_str().unwrap()], dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("the run had already finished: 2 RL steps")
+            && out.contains(&format!(
+                "-> {:.1}% at the last evaluation",
+                last_eval * 100.0
+            )),
+        "{out}"
+    );
+
     let model = run
         .join("checkpoints")
         .join("step-2")
@@ -227,4 +249,100 @@ fn loss_calculator_prints_loss_and_gradient() {
     let (code, _, err) = grove_stdin(&["loss", "--loss", "ppo-clip"], ragged);
     assert_ne!(code, 0);
     assert!(err.contains("logp_old[0]"), "{err}");
+}
+
+#[test]
+fn failed_starts_are_caught_before_the_warm_up_and_leave_no_run_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let runs = dir.join("runs");
+    let no_runs = |what: &str| {
+        let left: Vec<_> = std::fs::read_dir(&runs)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+    };
+
+    // [remote] is read by `grove explore` only: a trainer used to ignore it silently.
+    let (code, _, err) = grove(
+        &["train", "--set", "remote.url=\"http://127.0.0.1:9\""],
+        dir,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("[remote]") && err.contains("grove explore"),
+        "{err}"
+    );
+    no_runs("[remote]");
+
+    // A buffer host that does not resolve: named at once, not after the warm-up.
+    let t = std::time::Instant::now();
+    let (code, _, err) = grove(
+        &[
+            "train",
+            "--buffer",
+            "postgres://grove@no-such-host.invalid:5432/grove",
+            "--publish-dir",
+            "weights",
+        ],
+        dir,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("sync.buffer") && err.contains("no-such-host.invalid"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
+    no_runs("unreachable buffer");
+
+    // A reward model folder that does not exist.
+    std::fs::write(
+        dir.join("rm.toml"),
+        "[[reward.pipeline.components]]\nname = \"rm\"\nkind = \"reward-model\"\npath = \"no-such-rm\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = grove(&["train", "rm.toml"], dir);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no-such-rm") && err.contains("config.json"),
+        "{err}"
+    );
+    no_runs("missing reward model");
+
+    // An I/O error names the path and its cause once.
+    let (code, _, err) = grove(&["train", "missing.toml"], dir);
+    assert_ne!(code, 0);
+    let cause = "No such file or directory";
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+    assert!(err.contains("missing.toml"), "{err}");
+    no_runs("missing config file");
+}
+
+#[test]
+fn bench_defaults_fit_the_builtin_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The default --train-seq (256) used to exceed the built-in model's 64 positions.
+    let (code, out, err) = grove(
+        &[
+            "bench",
+            "--reps",
+            "1",
+            "--sample-batch",
+            "2",
+            "--new-tokens",
+            "4",
+            "--train-batch",
+            "2",
+        ],
+        tmp.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["model"], "builtin");
+    let (code, _, err) = grove(&["bench", "--train-seq", "256"], tmp.path());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--train-seq 256") && err.contains("64 positions"),
+        "{err}"
+    );
 }

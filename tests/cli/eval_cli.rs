@@ -187,7 +187,7 @@ fn eval_runs_on_the_tiny_gguf() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("gsm8k: 2 questions x 2 samples (base prompts"),
+        out.contains("gsm8k: 2 questions x 2 samples, sampled at temperature 1 (base prompts"),
         "{out}"
     );
     for key in ["pass@1: ", "pass@2: ", "mean@2: ", "maj@2: "] {
@@ -255,8 +255,6 @@ fn eval_of_a_trained_checkpoint_matches_the_trainers_greedy_accuracy() {
             "builtin",
             "--limit",
             "40",
-            "--temperature",
-            "0",
             "--batch-size",
             "40",
             "--out",
@@ -266,6 +264,9 @@ fn eval_of_a_trained_checkpoint_matches_the_trainers_greedy_accuracy() {
         tmp.path(),
     );
     assert_eq!(code, 0, "{err}");
+    // No --temperature: one greedy sample per question, like training's acc/eval, and the
+    // header says so (it used to sample at temperature 1 and report a far lower pass@1).
+    assert!(out.contains("x 1 samples, greedy decoding"), "{out}");
     let mean: f64 = out
         .lines()
         .find_map(|l| l.strip_prefix("mean@1: "))

@@ -53,6 +53,87 @@ fn postgres_url() -> Option<String> {
     }
 }
 
+/// Waits for `child` to exit, killing it (and failing) after `limit_s` seconds.
+fn wait_for_exit(child: &mut std::process::Child, limit_s: u64) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if t.elapsed().as_secs() > limit_s {
+            let _ = child.kill();
+            panic!("the explorer was still running {limit_s} s after the learner finished");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_explorer_stops_when_its_learner_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", tmp.path().join("buffer.db").display());
+    let weights = tmp.path().join("weights");
+    let small = [
+        "--set",
+        "warmup.max_steps=20",
+        "--set",
+        "warmup.target_acc=1.0",
+        "--set",
+        "rollout.prompts_per_step=4",
+        "--set",
+        "rollout.group_size=4",
+        "--set",
+        "train.eval_size=16",
+        "--set",
+        "train.eval_every=2",
+    ];
+    let mut explorer = grove()
+        .args(["explore", "--buffer", &url, "--weights"])
+        .arg(&weights)
+        .args(small)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drained as it comes, so a full pipe never blocks the explorer.
+    let mut stderr = explorer.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
+    let learner = grove()
+        .args(["train", "--quiet", "--buffer", &url, "--publish-dir"])
+        .arg(&weights)
+        .args(small)
+        .args(["--set", "train.steps=3"])
+        .args([
+            "--set",
+            &format!(
+                "output_dir={:?}",
+                tmp.path().join("runs").display().to_string()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        learner.status.success(),
+        "{}",
+        String::from_utf8_lossy(&learner.stderr)
+    );
+    assert!(weights.join("finished.json").exists());
+    let status = wait_for_exit(&mut explorer, 60);
+    let err = reader.join().unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("the learner has finished"), "{err}");
+    // The explorer kept at most its bound (4 steps' worth) in the buffer.
+    let left = grove::buffer::open(&url, 1 << 20).unwrap().len().unwrap();
+    assert!(left <= 16, "{left} groups left");
+    // The learner's config got the bounded default staleness.
+    let cfg = std::fs::read_to_string(tmp.path().join("runs/quickstart/config.toml")).unwrap();
+    assert!(cfg.contains("max_staleness = 4"), "{cfg}");
+}
+
 #[test]
 fn explorer_and_learner_processes_through_postgres() {
     let Some(base) = postgres_url() else { return };
@@ -102,9 +183,9 @@ fn explorer_and_learner_processes_through_postgres() {
         ])
         .output()
         .unwrap();
-    // Kill the explorer mid-run (it samples forever).
-    explorer.kill().unwrap();
-    let _ = explorer.wait();
+    // The explorer stops by itself once the learner has finished (publish_dir/finished.json).
+    let status = wait_for_exit(&mut explorer, 120);
+    assert!(status.success(), "explorer failed: {status}");
     let committed: usize = reader
         .join()
         .unwrap()
@@ -246,6 +327,25 @@ fn offline_file_from_explore_trains() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![0, 1, 2]);
+    // The last step is evaluated and its held-out accuracy recorded (it used to be printed
+    // only), and the plan says 2 RL steps, not train.steps = 5.
+    let last = grove::report::read_jsonl(&out.join("quickstart/metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .rfind(|v| v["phase"] == "rl")
+        .unwrap();
+    assert!(last["acc/eval"].is_number(), "{last}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quickstart/plan.json")).unwrap())
+            .unwrap();
+    assert_eq!(plan["rl_steps"], 2);
+    assert!(
+        plan["rl_steps_limited_by"]
+            .as_str()
+            .unwrap()
+            .contains("offline data: 32 groups"),
+        "{plan}"
+    );
 
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"group_id\": 1}\n").unwrap();

@@ -101,6 +101,15 @@ fn run_directory_has_the_documented_contents() {
             lines[1]
         );
     }
+    // samples.jsonl: every response carries the verifier's reason (docs/metrics.md).
+    let samples = grove::report::read_jsonl(&s.run_dir.join("samples.jsonl")).unwrap();
+    assert!(!samples.is_empty());
+    for line in &samples {
+        for resp in line["responses"].as_array().unwrap() {
+            let reason = resp["reason"].as_str().unwrap_or_else(|| panic!("{resp}"));
+            assert!(!reason.is_empty(), "{resp}");
+        }
+    }
     // On-policy: the behaviour log-probs are the current policy's, so the ratio is 1.
     let r = lines[1]["is/ratio_mean"].as_f64().unwrap();
     assert!((r - 1.0).abs() < 1e-3, "on-policy ratio {r}");

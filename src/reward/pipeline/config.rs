@@ -159,6 +159,10 @@ fn default_cache_size() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// The reward components, each a `[[reward.pipeline.components]]` table with `name`,
+    /// `kind` (verifier, length-penalty, external, reward-model, sar, consistency, gated,
+    /// milestones, function), optional `weight` and `shaping`, and the kind's own keys
+    /// (docs/rewards.md).
     pub components: Vec<ComponentConfig>,
     /// Shaping of the weighted sum.
     #[serde(default, skip_serializing_if = "is_no_shaping")]
@@ -166,11 +170,23 @@ pub struct PipelineConfig {
     /// M: reference responses per prompt (par, lsc, centered).
     #[serde(default = "default_reference_samples")]
     pub reference_samples: usize,
+    /// Prompts whose reference rewards are kept for reuse (the oldest are evicted beyond it).
     #[serde(default = "default_cache_size")]
     pub reference_cache_size: usize,
 }
 
 impl PipelineConfig {
+    /// The folders of the `reward-model` components, in order (checked before a run starts).
+    pub fn model_folders(&self) -> Vec<String> {
+        self.components
+            .iter()
+            .filter_map(|c| match &c.kind {
+                ComponentKind::RewardModel { path, .. } => Some(path.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn new(components: Vec<ComponentConfig>) -> Self {
         PipelineConfig {
             components,

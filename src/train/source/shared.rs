@@ -26,6 +26,7 @@ impl SharedBuffer {
         };
         let buffer = buffer::open_with_mode(url, usize::MAX / 2, mode)?;
         let publish_dir = PathBuf::from(cfg.sync.publish_dir.clone().unwrap_or_default());
+        publish::clear_finished(&publish_dir)?;
         publish::publish(&publish_dir, learner.version, &learner.model)?;
         Ok(SharedBuffer {
             buffer,
