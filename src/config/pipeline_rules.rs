@@ -7,7 +7,13 @@ use crate::reward::CORRECT_KEY;
 
 /// What `grove train` supports with a `[reward.pipeline]`; the message names the setting.
 pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
+    let named = cfg.task.reward_kind()? == Some(crate::task::scorers::RewardKind::Pipeline);
     let Some(p) = &cfg.reward.pipeline else {
+        if named {
+            return Err("task.reward = \"pipeline\" needs a [reward.pipeline] section \
+                        (docs/rewards.md)"
+                .into());
+        }
         return Ok(());
     };
     if let Some(c) = p.components.iter().find(|c| {
