@@ -64,7 +64,10 @@ fn assert_trained(dir: &Path, file: &str) {
     let prompt = first["prompt"].as_str().unwrap();
     assert!(known.iter().any(|k| k == prompt), "{prompt:?}");
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(config.contains("kind = \"dataset\"") && config.contains("split_seed = 0"), "{config}");
+    assert!(
+        config.contains("kind = \"dataset\"") && config.contains("split_seed = 0"),
+        "{config}"
+    );
 }
 
 fn write_parquet(path: &Path) {
@@ -106,7 +109,12 @@ fn trains_on_jsonl_csv_and_parquet_with_custom_fields() {
         .collect();
     std::fs::write(dir.join("sums.jsonl"), jsonl).unwrap();
     let csv: String = std::iter::once("id,question_text,gold\n".to_string())
-        .chain(sums().iter().enumerate().map(|(i, (p, a))| format!("{i},{p},{a}\n")))
+        .chain(
+            sums()
+                .iter()
+                .enumerate()
+                .map(|(i, (p, a))| format!("{i},{p},{a}\n")),
+        )
         .collect();
     std::fs::write(dir.join("sums.csv"), csv).unwrap();
     write_parquet(&dir.join("sums.parquet"));
@@ -154,6 +162,9 @@ fn bad_files_stop_before_the_run_directory_with_file_row_and_field() {
         let (code, err) = train_on(dir, file, field_q, field_a);
         assert_ne!(code, 0, "{file}");
         assert!(err.contains(want), "{file}: {err}");
-        assert!(!dir.join("runs").exists(), "{file}: a run directory was made");
+        assert!(
+            !dir.join("runs").exists(),
+            "{file}: a run directory was made"
+        );
     }
 }

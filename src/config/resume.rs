@@ -24,8 +24,7 @@ pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
         return task.into_iter().collect();
     };
     task.into_iter()
-        .chain(p.components.iter()
-        .filter_map(|c| match &c.kind {
+        .chain(p.components.iter().filter_map(|c| match &c.kind {
             ComponentKind::External(e) => Some(format!(
                 "reward.pipeline `{}`: {}",
                 c.name,

@@ -63,10 +63,13 @@ pub fn refuse_fields_of_other_kinds(cfg: &TaskConfig) -> std::result::Result<(),
     }
     if cfg.kind == TaskKind::Dataset {
         set.extend(
-            [("train_data", cfg.train_data.is_some()), ("eval_data", cfg.eval_data.is_some())]
-                .iter()
-                .filter(|f| f.1)
-                .map(|f| f.0),
+            [
+                ("train_data", cfg.train_data.is_some()),
+                ("eval_data", cfg.eval_data.is_some()),
+            ]
+            .iter()
+            .filter(|f| f.1)
+            .map(|f| f.0),
         );
     }
     match set.as_slice() {
@@ -88,7 +91,10 @@ pub fn validate(cfg: &TaskConfig) -> std::result::Result<(), String> {
         return Err("task.check applies to reward = \"pipeline\" only".into());
     }
     if cfg.kind == TaskKind::Dataset && cfg.path.is_none() {
-        return Err("task.kind = \"dataset\" needs task.path (a .jsonl, .json, .csv or .parquet file)".into());
+        return Err(
+            "task.kind = \"dataset\" needs task.path (a .jsonl, .json, .csv or .parquet file)"
+                .into(),
+        );
     }
     if let Some(p) = &cfg.path {
         rows::Format::of(Path::new(p)).map_err(|e| format!("task.path: {e}"))?;
@@ -97,15 +103,23 @@ pub fn validate(cfg: &TaskConfig) -> std::result::Result<(), String> {
         rows::Format::of(Path::new(p)).map_err(|e| format!("task.eval_path: {e}"))?;
     }
     if cfg.eval_path.is_some() && cfg.eval_fraction.is_some() {
-        return Err("task.eval_path and task.eval_fraction are two ways to hold rows out: give one".into());
+        return Err(
+            "task.eval_path and task.eval_fraction are two ways to hold rows out: give one".into(),
+        );
     }
     if let Some(f) = cfg.eval_fraction {
         if !(f > 0.0 && f < 1.0) {
-            return Err(format!("task.eval_fraction: expected a number in (0, 1), found {f}"));
+            return Err(format!(
+                "task.eval_fraction: expected a number in (0, 1), found {f}"
+            ));
         }
     }
     let tol = tolerance(cfg);
-    if !(tol.absolute >= 0.0 && tol.absolute.is_finite() && tol.relative >= 0.0 && tol.relative.is_finite()) {
+    if !(tol.absolute >= 0.0
+        && tol.absolute.is_finite()
+        && tol.relative >= 0.0
+        && tol.relative.is_finite())
+    {
         return Err(format!(
             "task.tolerance / task.rel_tolerance: expected finite numbers >= 0, found {} / {}",
             tol.absolute, tol.relative
@@ -120,10 +134,9 @@ pub fn validate(cfg: &TaskConfig) -> std::result::Result<(), String> {
             crate::task::scorers::compile_answer_regex(pattern)?;
         }
         Some(RewardKind::External) => {
-            let ext = cfg
-                .external
-                .as_ref()
-                .ok_or("reward \"external\" needs [task.external] with command = [program, args...]")?;
+            let ext = cfg.external.as_ref().ok_or(
+                "reward \"external\" needs [task.external] with command = [program, args...]",
+            )?;
             ext.validate().map_err(|m| format!("task.external.{m}"))?;
         }
         _ => {}
@@ -184,7 +197,10 @@ impl DatasetTask {
             (None, Some(_)) => PromptStyle::Chat,
             (None, None) => PromptStyle::Base,
         };
-        let check = cfg.check_kind().map_err(cfg_err)?.unwrap_or(RewardKind::Exact);
+        let check = cfg
+            .check_kind()
+            .map_err(cfg_err)?
+            .unwrap_or(RewardKind::Exact);
         let scorer = Scorer::new(
             check,
             &ScorerOptions {
@@ -253,7 +269,9 @@ fn preset_items(
     let (train_path, eval_path) = cfg.data_paths(kind);
     let load = |p: &Path| -> Result<Vec<Item>> {
         let rows = datasets::load(kind, p).map_err(|e| {
-            cfg_err(format!("{e} (task.train_data / task.eval_data name the files)"))
+            cfg_err(format!(
+                "{e} (task.train_data / task.eval_data name the files)"
+            ))
         })?;
         Ok(rows
             .iter()
@@ -329,7 +347,11 @@ fn file_items(cfg: &TaskConfig) -> Result<(Vec<Item>, Vec<Item>)> {
             let held = fraction_split(&keys, fraction, cfg.split_seed.unwrap_or(0));
             let (mut train, mut eval) = (Vec::new(), Vec::new());
             for (item, is_held) in items.into_iter().zip(held) {
-                if is_held { eval.push(item) } else { train.push(item) }
+                if is_held {
+                    eval.push(item)
+                } else {
+                    train.push(item)
+                }
             }
             (train, eval)
         }
@@ -533,9 +555,10 @@ fn check_encodable(tok: &Tokenizer, text: &str, at: &str, field: &str) -> Result
     if !tok.encode(text)?.contains(&unk) {
         return Ok(());
     }
-    let bad = text
-        .chars()
-        .find(|c| tok.encode(&c.to_string()).is_ok_and(|ids| ids.contains(&unk)));
+    let bad = text.chars().find(|c| {
+        tok.encode(&c.to_string())
+            .is_ok_and(|ids| ids.contains(&unk))
+    });
     Err(cfg_err(format!(
         "{at}: field `{field}`: {} is not in the model's vocabulary (the built-in model \
          knows only {:?}); use a pretrained model (model.source) for this data",
@@ -559,7 +582,13 @@ impl Task for DatasetTask {
                 extracted: None,
             })
     }
-    fn score(&self, prompt: &str, response: &str, finished: bool, reference: &str) -> Result<Verdict> {
+    fn score(
+        &self,
+        prompt: &str,
+        response: &str,
+        finished: bool,
+        reference: &str,
+    ) -> Result<Verdict> {
         let mut text = response;
         let mut finished = finished;
         if let Some(stop) = self.base_stop {

@@ -171,7 +171,9 @@ mod tests {
         assert!(prompt_value(&json!([]), "p")
             .unwrap_err()
             .ends_with("found an empty array"));
-        assert!(prompt_value(&json!(3), "p").unwrap_err().ends_with("found a number"));
+        assert!(prompt_value(&json!(3), "p")
+            .unwrap_err()
+            .ends_with("found a number"));
     }
 
     #[test]

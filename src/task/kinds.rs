@@ -176,7 +176,7 @@ impl TaskConfig {
                 crate::task::dataset::refuse_fields_of_other_kinds(self)?;
                 self.arithmetic().validate()
             }
-            _ => {
+            TaskKind::Gsm8k | TaskKind::Math500 | TaskKind::Dataset => {
                 if self.heldout_size == 0 {
                     return Err("task.heldout_size must be positive".into());
                 }
@@ -307,7 +307,9 @@ pub fn build(cfg: &TaskConfig, tok: &Tokenizer, model: &str) -> Result<Box<dyn T
         TaskKind::Arithmetic => Ok(Box::new(
             ArithmeticTask::new(cfg.arithmetic()).map_err(|m| Error::config("task", m))?,
         )),
-        _ => Ok(Box::new(DatasetTask::new(cfg, tok, model)?)),
+        TaskKind::Gsm8k | TaskKind::Math500 | TaskKind::Dataset => {
+            Ok(Box::new(DatasetTask::new(cfg, tok, model)?))
+        }
     }
 }
 
@@ -432,10 +434,7 @@ mod tests {
             heldout_size: 500,
             ..cfg.clone()
         };
-        let e = DatasetTask::new(&all, &tok, "m")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = DatasetTask::new(&all, &tok, "m").err().unwrap().to_string();
         assert!(e.contains("no training rows"), "{e}");
         let forced = TaskConfig {
             prompt_style: Some("chat".into()),

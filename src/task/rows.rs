@@ -26,7 +26,11 @@ pub const FORMATS: &[(&str, Format, &str)] = &[
     ("ndjson", Format::Jsonl, "one JSON object per line"),
     ("json", Format::JsonArray, "a JSON array of objects"),
     ("csv", Format::Csv, "a header row, then one row per line"),
-    ("parquet", Format::Parquet, "Parquet rows (snappy, lz4, gzip or uncompressed)"),
+    (
+        "parquet",
+        Format::Parquet,
+        "Parquet rows (snappy, lz4, gzip or uncompressed)",
+    ),
 ];
 
 impl Format {
@@ -114,7 +118,10 @@ pub enum RowError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("{path}: no rows (expected {expected})")]
-    Empty { path: PathBuf, expected: &'static str },
+    Empty {
+        path: PathBuf,
+        expected: &'static str,
+    },
 }
 
 /// Reads every row of `path`; an empty file is an error.
@@ -171,7 +178,10 @@ fn jsonl_rows(text: &str, at: impl Fn(usize) -> RowAt) -> Result<Vec<RawRow>, Ro
             at: at(i + 1),
             message: format!("not valid JSON: {e}"),
         })?;
-        rows.push(RawRow { at: at(i + 1), value });
+        rows.push(RawRow {
+            at: at(i + 1),
+            value,
+        });
     }
     Ok(rows)
 }
@@ -189,7 +199,10 @@ fn json_array_rows(
         Value::Array(items) => Ok(items
             .into_iter()
             .enumerate()
-            .map(|(i, value)| RawRow { at: at(i + 1), value })
+            .map(|(i, value)| RawRow {
+                at: at(i + 1),
+                value,
+            })
             .collect()),
         other => Err(RowError::File {
             path: path.to_path_buf(),
@@ -201,11 +214,7 @@ fn json_array_rows(
     }
 }
 
-fn csv_rows(
-    text: &str,
-    path: &Path,
-    at: impl Fn(usize) -> RowAt,
-) -> Result<Vec<RawRow>, RowError> {
+fn csv_rows(text: &str, path: &Path, at: impl Fn(usize) -> RowAt) -> Result<Vec<RawRow>, RowError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_reader(text.as_bytes());
@@ -322,7 +331,10 @@ mod tests {
             e,
             "data.txt: unknown dataset extension \"txt\"; known: .jsonl, .ndjson, .json, .csv, .parquet"
         );
-        assert!(Format::of(&p("noext")).unwrap_err().to_string().contains("\"\""));
+        assert!(Format::of(&p("noext"))
+            .unwrap_err()
+            .to_string()
+            .contains("\"\""));
     }
 
     #[test]
@@ -352,7 +364,10 @@ mod tests {
         let text = "q,sol\n12+34=,46\n\"1,2\",3\n";
         let rows = parse_text(text, &p("d.csv"), Format::Csv).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].value, serde_json::json!({"q": "12+34=", "sol": "46"}));
+        assert_eq!(
+            rows[0].value,
+            serde_json::json!({"q": "12+34=", "sol": "46"})
+        );
         assert_eq!(rows[1].at.to_string(), "d.csv: line 3");
         assert_eq!(rows[1].value["q"], "1,2");
         let e = parse_text("q,sol\n1,2\n3\n", &p("d.csv"), Format::Csv)
@@ -367,15 +382,24 @@ mod tests {
     #[test]
     fn empty_files_are_errors_naming_what_was_expected() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, text) in [("e.jsonl", "\n  \n"), ("e.json", "[]"), ("e.csv", "q,sol\n")] {
+        for (name, text) in [
+            ("e.jsonl", "\n  \n"),
+            ("e.json", "[]"),
+            ("e.csv", "q,sol\n"),
+        ] {
             let f = dir.path().join(name);
             std::fs::write(&f, text).unwrap();
             let e = read_rows(&f).unwrap_err();
             assert!(matches!(e, RowError::Empty { .. }), "{name}: {e}");
             assert!(e.to_string().contains("no rows"), "{e}");
         }
-        let e = read_rows(&dir.path().join("missing.csv")).unwrap_err().to_string();
-        assert!(e.starts_with("cannot read ") && e.contains("missing.csv"), "{e}");
+        let e = read_rows(&dir.path().join("missing.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("missing.csv"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -399,17 +423,24 @@ mod tests {
         let mut rg = w.next_row_group().unwrap();
         let mut col = rg.next_column().unwrap().unwrap();
         let texts: Vec<ByteArray> = ["1+2=", "3+4="].iter().map(|s| (*s).into()).collect();
-        col.typed::<ByteArrayType>().write_batch(&texts, None, None).unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&texts, None, None)
+            .unwrap();
         col.close().unwrap();
         let mut col = rg.next_column().unwrap().unwrap();
-        col.typed::<Int64Type>().write_batch(&[3, 7], None, None).unwrap();
+        col.typed::<Int64Type>()
+            .write_batch(&[3, 7], None, None)
+            .unwrap();
         col.close().unwrap();
         rg.close().unwrap();
         w.close().unwrap();
 
         let rows = read_rows(&path).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].value, serde_json::json!({"q": {"text": "3+4="}, "n": 7}));
+        assert_eq!(
+            rows[1].value,
+            serde_json::json!({"q": {"text": "3+4="}, "n": 7})
+        );
         assert_eq!(rows[1].at.number, 2);
         assert!(rows[1].at.to_string().ends_with("d.parquet: row 2"));
 

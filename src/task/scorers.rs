@@ -42,7 +42,8 @@ pub const REWARDS: &[RewardSpec] = &[
         kind: RewardKind::Math,
         name: "math",
         options: "",
-        summary: "the math verifier: the marked answer (`#### n`, `\\boxed{}`, \"the answer is\"), \
+        summary:
+            "the math verifier: the marked answer (`#### n`, `\\boxed{}`, \"the answer is\"), \
                   else the last number, compared as math (fractions, LaTeX, sets); cut-off \
                   responses count only with a marked answer",
     },
@@ -112,14 +113,22 @@ impl RewardKind {
 
 /// `math, exact, ...` for messages.
 pub fn known_rewards() -> String {
-    REWARDS.iter().map(|r| r.name).collect::<Vec<_>>().join(", ")
+    REWARDS
+        .iter()
+        .map(|r| r.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The reward table of docs/tasks.md (between its `rewards` markers), from [`REWARDS`].
 pub fn rewards_markdown() -> String {
     let mut out = String::from("| reward | options | what it scores |\n|---|---|---|\n");
     for r in REWARDS {
-        let options = if r.options.is_empty() { "none" } else { r.options };
+        let options = if r.options.is_empty() {
+            "none"
+        } else {
+            r.options
+        };
         out.push_str(&format!("| `{}` | {options} | {} |\n", r.name, r.summary));
     }
     out
@@ -242,9 +251,9 @@ impl Scorer {
                     references: vec![reference.to_string()],
                     metadata: json!({ "finished": finished }),
                 };
-                let mut cmd = cmd
-                    .lock()
-                    .map_err(|_| Error::Task("the external reward command's lock was poisoned".into()))?;
+                let mut cmd = cmd.lock().map_err(|_| {
+                    Error::Task("the external reward command's lock was poisoned".into())
+                })?;
                 let score = cmd.score(&req)?;
                 Verdict {
                     score,
@@ -329,7 +338,10 @@ pub fn choice_letter(response: &str, finished: bool) -> Option<(char, &'static s
 
 pub fn choice(response: &str, finished: bool, reference: &str) -> Verdict {
     let Some(want) = reference_letter(reference) else {
-        return fail(format!("reference {reference:?} is not a choice letter"), None);
+        return fail(
+            format!("reference {reference:?} is not a choice letter"),
+            None,
+        );
     };
     match choice_letter(response, finished) {
         None if !finished => fail("truncated (no EOS) and no marked answer".into(), None),
@@ -350,7 +362,9 @@ pub fn choice(response: &str, finished: bool, reference: &str) -> Verdict {
 /// and exponent.
 pub fn parse_number(text: &str) -> Option<f64> {
     let cleaned: String = text.chars().filter(|&c| c != ',').collect();
-    if cleaned.is_empty() || cleaned.contains(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E') {
+    if cleaned.is_empty()
+        || cleaned.contains(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+    {
         return None;
     }
     cleaned.parse::<f64>().ok().filter(|x| x.is_finite())
@@ -446,8 +460,8 @@ mod tests {
     /// docs/tasks.md shows the table generated from REWARDS and FORMATS, word for word.
     #[test]
     fn docs_list_every_reward_and_format() {
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tasks.md"))
-            .unwrap();
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tasks.md")).unwrap();
         for (marker, want) in [
             ("rewards", rewards_markdown()),
             ("formats", crate::task::rows::formats_markdown()),
@@ -458,7 +472,11 @@ mod tests {
                 .split_once(&begin)
                 .and_then(|(_, rest)| rest.split_once(&end))
                 .map(|(table, _)| table);
-            assert_eq!(found, Some(want.as_str()), "docs/tasks.md {marker} table:\n{want}");
+            assert_eq!(
+                found,
+                Some(want.as_str()),
+                "docs/tasks.md {marker} table:\n{want}"
+            );
         }
     }
 
@@ -488,7 +506,7 @@ mod tests {
         // Cut off: only a marked answer counts.
         assert_eq!(s("(B) seems", false), 0.0);
         assert_eq!(s("so the answer is B and", false), 1.0);
-        assert_eq!(choice("(b)", true, "(b)").score, 1.0);
+        assert_eq!(choice("(B)", true, "(b)").score, 1.0);
         assert_eq!(reference_letter("(C)."), Some('C'));
         assert_eq!(reference_letter("CD"), None);
         let v = choice("Answer: D", true, "B");
@@ -527,14 +545,21 @@ mod tests {
     #[test]
     fn regex_takes_the_last_match_group() {
         let re = compile_answer_regex(r"ANSWER:\s*(\S+)").unwrap();
-        assert_eq!(regex_answer(&re, "ANSWER: 3 then ANSWER: 46 ", "46").score, 1.0);
+        assert_eq!(
+            regex_answer(&re, "ANSWER: 3 then ANSWER: 46 ", "46").score,
+            1.0
+        );
         assert_eq!(regex_answer(&re, "ANSWER: 45", "46").score, 0.0);
         assert_eq!(
             regex_answer(&re, "46", "46").reason,
             "no match of \"ANSWER:\\\\s*(\\\\S+)\""
         );
-        assert!(compile_answer_regex("no group").unwrap_err().contains("no capture group"));
-        assert!(compile_answer_regex("(").unwrap_err().contains("task.answer_regex"));
+        assert!(compile_answer_regex("no group")
+            .unwrap_err()
+            .contains("no capture group"));
+        assert!(compile_answer_regex("(")
+            .unwrap_err()
+            .contains("task.answer_regex"));
     }
 
     #[test]
@@ -557,7 +582,10 @@ mod tests {
             n.check_reference("ten").unwrap_err(),
             "expected a number, found \"ten\""
         );
-        assert_eq!(Scorer::Exact.check_reference(" ").unwrap_err(), "the answer is empty");
+        assert_eq!(
+            Scorer::Exact.check_reference(" ").unwrap_err(),
+            "the answer is empty"
+        );
         let e = Scorer::new(RewardKind::Regex, &ScorerOptions::default())
             .err()
             .unwrap()
