@@ -138,6 +138,14 @@ pub fn validate(cfg: &TaskConfig) -> std::result::Result<(), String> {
                 "reward \"external\" needs [task.external] with command = [program, args...]",
             )?;
             ext.validate().map_err(|m| format!("task.external.{m}"))?;
+            if ext.concurrency.is_some() {
+                return Err(
+                    "task.external.concurrency: the task's command scores one response \
+                            at a time; for a pool of copies use an `external` component of \
+                            [reward.pipeline] (docs/rewards.md)"
+                        .into(),
+                );
+            }
         }
         _ => {}
     }
