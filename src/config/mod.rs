@@ -500,6 +500,10 @@ impl RunConfig {
         {
             self.loss.max_len = Some(self.rollout.max_new_tokens);
         }
+        // A dataset's held-out fraction is drawn with the run seed unless given its own.
+        if self.task.kind == TaskKind::Dataset && self.task.split_seed.is_none() {
+            self.task.split_seed = Some(self.seed);
+        }
     }
 
     /// What is allowed but probably not meant, printed as warnings at start.
@@ -643,7 +647,8 @@ impl RunConfig {
                     .into(),
             );
         }
-        if self.model.source == "builtin" && self.task.kind != TaskKind::Arithmetic {
+        // A dataset on the built-in model is checked row by row against its 19 tokens.
+        if self.model.source == "builtin" && self.task.kind.dataset().is_some() {
             return err(format!(
                 "task.kind = {:?} needs a pretrained model with a real tokenizer: set model.source \
                  to an HF folder, a .gguf file or hf://ORG/NAME (the built-in model only knows \

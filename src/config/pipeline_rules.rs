@@ -7,7 +7,15 @@ use crate::reward::CORRECT_KEY;
 
 /// What `grove train` supports with a `[reward.pipeline]`; the message names the setting.
 pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
+    let named = cfg.task.reward_kind()? == Some(crate::task::scorers::RewardKind::Pipeline);
     let Some(p) = &cfg.reward.pipeline else {
+        if named {
+            return Err(
+                "task.reward = \"pipeline\" needs a [reward.pipeline] section \
+                        (docs/rewards.md)"
+                    .into(),
+            );
+        }
         return Ok(());
     };
     if let Some(c) = p.components.iter().find(|c| {
@@ -37,29 +45,6 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
         return Err(
             "sampling.inject_ground_truth gives injected answers reward 1, which is not \
                     on the reward.pipeline's scale: not supported together"
-                .into(),
-        );
-    }
-    let sy = &cfg.sync;
-    if sy.mode == crate::config::SyncMode::Async {
-        return Err(
-            "reward.pipeline with sync.mode = \"async\" is not supported yet (the \
-                    explorer thread would need its own pipeline and checkpointed state): use \
-                    \"on-policy\" or \"lagged\""
-                .into(),
-        );
-    }
-    if sy.buffer.is_some() {
-        return Err(
-            "reward.pipeline with sync.buffer is not supported yet: rewards are computed \
-                    by the `grove explore` processes, which do not run a pipeline"
-                .into(),
-        );
-    }
-    if sy.offline.is_some() {
-        return Err(
-            "reward.pipeline with sync.offline: offline experience files carry their \
-                    own rewards, so the pipeline would be ignored; remove one of the two"
                 .into(),
         );
     }

@@ -16,19 +16,22 @@ use crate::reward::pipeline::ComponentKind;
 
 /// Every external program the run will start, as `name: program args...`, in config order.
 pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
+    let task = cfg
+        .task
+        .external_command()
+        .map(|e| format!("task.external: {}", shell_words(&e.command)));
     let Some(p) = &cfg.reward.pipeline else {
-        return Vec::new();
+        return task.into_iter().collect();
     };
-    p.components
-        .iter()
-        .filter_map(|c| match &c.kind {
+    task.into_iter()
+        .chain(p.components.iter().filter_map(|c| match &c.kind {
             ComponentKind::External(e) => Some(format!(
                 "reward.pipeline `{}`: {}",
                 c.name,
                 shell_words(&e.command)
             )),
             _ => None,
-        })
+        }))
         .collect()
 }
 

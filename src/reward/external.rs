@@ -103,6 +103,10 @@ pub struct ExternalConfig {
     pub failure_reward: f64,
     #[serde(default = "default_max_consecutive_failures")]
     pub max_consecutive_failures: u64,
+    /// Copies of the command scoring a batch at once (`reward::external_pool`; default: the
+    /// machine's cores). Each copy counts its own failures in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
 }
 
 impl ExternalConfig {
@@ -113,6 +117,7 @@ impl ExternalConfig {
             on_error: OnError::Stop,
             failure_reward: 0.0,
             max_consecutive_failures: DEFAULT_MAX_CONSECUTIVE_FAILURES,
+            concurrency: None,
         }
     }
 
@@ -134,6 +139,9 @@ impl ExternalConfig {
         }
         if self.max_consecutive_failures == 0 {
             return Err("`max_consecutive_failures`: expected >= 1, found 0".into());
+        }
+        if self.concurrency == Some(0) {
+            return Err("`concurrency`: expected >= 1 copies of the command, found 0".into());
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod exact;
 pub mod external;
+pub mod external_pool;
 pub mod gates;
 pub mod math;
 pub mod noise;

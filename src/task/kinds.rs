@@ -3,25 +3,28 @@
 //!
 //! - `kind = "arithmetic"` (default): the built-in generator ([`ArithmeticTask`]), judged by
 //!   exact match followed by EOS.
-//! - `kind = "gsm8k"` / `"math500"`: JSONL datasets (`task::datasets`), prompts rendered with
-//!   the base or chat template (chat: the model's own chat template), judged by the math
-//!   verifier (`reward::math`). Training prompts are drawn uniformly from `train_data`; the
-//!   held-out set is the first `heldout_size` rows of `eval_data`; when both are the same file
-//!   (MATH-500 has only a test split) those rows are left out of training.
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+//! - `kind = "dataset"`: the user's own file (JSONL, JSON array, CSV, Parquet), fields mapped
+//!   by name, scored by the reward named in `reward` ([`crate::task::dataset`],
+//!   docs/tasks.md).
+//! - `kind = "gsm8k"` / `"math500"`: presets of the dataset path: the JSONL files of
+//!   `task::datasets`, their prompt templates (base, or the model's chat template), the math
+//!   verifier. Training prompts are drawn uniformly from `train_data`; the held-out set is the
+//!   first `heldout_size` rows of `eval_data`; when both are the same file (MATH-500 has only a
+//!   test split) those rows are left out of training.
+use std::path::PathBuf;
 
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{ChatTemplate, Tokenizer};
+use crate::model::Tokenizer;
 use crate::reward::exact::exact_answer;
-use crate::reward::math::MathVerifier;
+use crate::reward::external::ExternalConfig;
 use crate::reward::Verdict;
 use crate::task::arithmetic::{ArithmeticConfig, ArithmeticTask, Problem};
-use crate::task::datasets::{self, DatasetKind, MathProblem, PromptStyle};
+use crate::task::dataset::DatasetTask;
+use crate::task::datasets::{DatasetKind, PromptStyle};
+use crate::task::scorers::RewardKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,6 +33,7 @@ pub enum TaskKind {
     Arithmetic,
     Gsm8k,
     Math500,
+    Dataset,
 }
 
 impl TaskKind {
@@ -41,19 +45,21 @@ impl TaskKind {
             TaskKind::Arithmetic => "arithmetic",
             TaskKind::Gsm8k => "gsm8k",
             TaskKind::Math500 => "math500",
+            TaskKind::Dataset => "dataset",
         }
     }
+    /// The preset dataset of `gsm8k` / `math500`.
     pub fn dataset(self) -> Option<DatasetKind> {
         match self {
-            TaskKind::Arithmetic => None,
             TaskKind::Gsm8k => Some(DatasetKind::Gsm8k),
             TaskKind::Math500 => Some(DatasetKind::Math500),
+            TaskKind::Arithmetic | TaskKind::Dataset => None,
         }
     }
 }
 
-/// The `[task]` section. Fields of other kinds are ignored; the dataset fields are left out
-/// of a saved config when unset, so the built-in task's `config.toml` is unchanged.
+/// The `[task]` section. Optional fields are left out of a saved config when unset, so the
+/// built-in task's `config.toml` is unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
@@ -67,16 +73,63 @@ pub struct TaskConfig {
     pub ops: Vec<String>,
     /// Size of the fixed held-out split (datasets: the first rows of `eval_data`).
     pub heldout_size: usize,
-    /// Datasets: training rows (default `../shared/data/gsm8k/train.jsonl`; MATH-500:
+    /// Presets: training rows (default `../shared/data/gsm8k/train.jsonl`; MATH-500:
     /// `../shared/data/math500/test.jsonl`, without its held-out rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_data: Option<String>,
-    /// Datasets: held-out rows (default `../shared/data/<kind>/test.jsonl`).
+    /// Presets: held-out rows (default `../shared/data/<kind>/test.jsonl`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_data: Option<String>,
-    /// Datasets: "base" or "chat" prompts (default: chat when the model has a chat template).
+    /// Datasets and presets: "base" or "chat" prompts (default: chat when the model has a
+    /// chat template).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_style: Option<String>,
+    // kind = "dataset" (docs/tasks.md); `reward` and its options are read by the presets too.
+    /// Training rows: a .jsonl, .ndjson, .json (array), .csv or .parquet file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Held-out rows in a second file (the first `heldout_size` of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_path: Option<String>,
+    /// Or: this fraction of `path`'s rows held out (default 0.1 when no `eval_path`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_fraction: Option<f64>,
+    /// Seed of the fraction split (default: the run seed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
+    /// Dotted path of the prompt: text, or a list of {role, content} messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_field: Option<String>,
+    /// Dotted path of the reference answer (a string or a number).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_field: Option<String>,
+    /// Dotted path of a system message (chat prompts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_field: Option<String>,
+    /// Dotted path of a unique row id (the fraction split then follows ids, not positions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_field: Option<String>,
+    /// minijinja template of a text prompt, the row's fields in scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_template: Option<String>,
+    /// The reward by name (`task::scorers::REWARDS`; presets: "math").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward: Option<String>,
+    /// With `reward = "pipeline"`: the correctness check (default "exact").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// `numeric`: absolute tolerance (default 1e-6).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+    /// `numeric`: relative tolerance (default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_tolerance: Option<f64>,
+    /// `regex`: the pattern whose first capture group is the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_regex: Option<String>,
+    /// `external`: the reward command ([task.external]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalConfig>,
 }
 
 impl Default for TaskConfig {
@@ -90,6 +143,21 @@ impl Default for TaskConfig {
             train_data: None,
             eval_data: None,
             prompt_style: None,
+            path: None,
+            eval_path: None,
+            eval_fraction: None,
+            split_seed: None,
+            prompt_field: None,
+            answer_field: None,
+            system_field: None,
+            id_field: None,
+            prompt_template: None,
+            reward: None,
+            check: None,
+            tolerance: None,
+            rel_tolerance: None,
+            answer_regex: None,
+            external: None,
         }
     }
 }
@@ -106,12 +174,16 @@ impl TaskConfig {
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self.kind {
-            TaskKind::Arithmetic => self.arithmetic().validate(),
-            _ => {
+            TaskKind::Arithmetic => {
+                crate::task::dataset::refuse_fields_of_other_kinds(self)?;
+                self.arithmetic().validate()
+            }
+            TaskKind::Gsm8k | TaskKind::Math500 | TaskKind::Dataset => {
                 if self.heldout_size == 0 {
                     return Err("task.heldout_size must be positive".into());
                 }
-                self.style().map(|_| ())
+                self.style()?;
+                crate::task::dataset::validate(self)
             }
         }
     }
@@ -128,7 +200,47 @@ impl TaskConfig {
         }
     }
 
-    /// (training file, held-out file) of a dataset task.
+    /// The reward that trains (presets: "math"; the built-in task has none to choose).
+    pub fn reward_kind(&self) -> std::result::Result<Option<RewardKind>, String> {
+        match (self.kind, self.reward.as_deref()) {
+            (_, Some(name)) => RewardKind::parse(name)
+                .map(Some)
+                .map_err(|m| format!("task.reward: {m}")),
+            (TaskKind::Gsm8k | TaskKind::Math500, None) => Ok(Some(RewardKind::Math)),
+            (TaskKind::Dataset, None) => Err(format!(
+                "task.reward: kind = \"dataset\" needs a reward by name; known: {}",
+                crate::task::scorers::known_rewards()
+            )),
+            (TaskKind::Arithmetic, None) => Ok(None),
+        }
+    }
+
+    /// The check that judges correctness: the reward itself, or `check` under "pipeline".
+    pub fn check_kind(&self) -> std::result::Result<Option<RewardKind>, String> {
+        match self.reward_kind()? {
+            Some(RewardKind::Pipeline) => match self.check.as_deref() {
+                None => Ok(Some(RewardKind::Exact)),
+                Some(name) => match RewardKind::parse(name) {
+                    Ok(RewardKind::Pipeline) | Err(_) => Err(format!(
+                        "task.check: expected a correctness check, one of math, exact, choice, \
+                         numeric, regex, external; found {name:?}"
+                    )),
+                    Ok(k) => Ok(Some(k)),
+                },
+            },
+            other => Ok(other),
+        }
+    }
+
+    /// The reward command the task starts, if its check is `external`.
+    pub fn external_command(&self) -> Option<&ExternalConfig> {
+        match self.check_kind() {
+            Ok(Some(RewardKind::External)) => self.external.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// (training file, held-out file) of a preset.
     pub fn data_paths(&self, kind: DatasetKind) -> (PathBuf, PathBuf) {
         let dir = match kind {
             DatasetKind::Gsm8k => "../shared/data/gsm8k",
@@ -156,6 +268,17 @@ pub trait Task: Send + Sync {
     fn heldout(&self) -> &[Problem];
     /// Scores a decoded response (EOS removed); `finished`: it ended with EOS.
     fn verify(&self, response: &str, finished: bool, reference: &str) -> Verdict;
+    /// [`Task::verify`] for a response to `prompt`, where scoring may need the prompt or may
+    /// fail (an external reward command): what training and evaluation call.
+    fn score(
+        &self,
+        _prompt: &str,
+        response: &str,
+        finished: bool,
+        reference: &str,
+    ) -> Result<Verdict> {
+        Ok(self.verify(response, finished, reference))
+    }
     /// Whether prompts get the tokenizer's BOS prepended (chat templates write their own).
     fn prompt_bos(&self) -> bool {
         true
@@ -180,155 +303,15 @@ impl Task for ArithmeticTask {
     }
 }
 
-/// GSM8K or MATH-500 with rendered prompts and the math verifier.
-pub struct MathTask {
-    pub kind: DatasetKind,
-    pub style: PromptStyle,
-    train: Vec<Problem>,
-    heldout: Vec<Problem>,
-    verifier: MathVerifier,
-    /// Training prompt → its worked solution rendered as a response.
-    references: HashMap<String, String>,
-}
-
-impl MathTask {
-    /// Loads the dataset and renders every prompt with `tok`'s chat template (chat style) or
-    /// the base template. `model` names the model in errors.
-    pub fn new(cfg: &TaskConfig, kind: DatasetKind, tok: &Tokenizer, model: &str) -> Result<Self> {
-        let template = ChatTemplate::from_tokenizer(tok, model).transpose()?;
-        let style = match (
-            cfg.style().map_err(|m| Error::config("task", m))?,
-            &template,
-        ) {
-            (Some(PromptStyle::Chat), None) => {
-                return Err(Error::config(
-                    "task",
-                    format!("task.prompt_style = \"chat\", but {model} has no chat template"),
-                ))
-            }
-            (Some(s), _) => s,
-            (None, Some(_)) => PromptStyle::Chat,
-            (None, None) => PromptStyle::Base,
-        };
-        let (train_path, eval_path) = cfg.data_paths(kind);
-        let load = |p: &Path| -> Result<Vec<MathProblem>> {
-            datasets::load(kind, p).map_err(|e| {
-                Error::config(
-                    "task",
-                    format!("{e} (task.train_data / task.eval_data name the files)"),
-                )
-            })
-        };
-        let eval_rows = load(&eval_path)?;
-        let n_held = cfg.heldout_size.min(eval_rows.len());
-        let same = match (train_path.canonicalize(), eval_path.canonicalize()) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => train_path == eval_path,
-        };
-        let train_rows = if same {
-            eval_rows[n_held..].to_vec()
-        } else {
-            load(&train_path)?
-        };
-        if train_rows.is_empty() {
-            return Err(Error::config(
-                "task",
-                format!(
-                    "no training rows: {} has {} rows and task.heldout_size = {} of them are held out",
-                    train_path.display(),
-                    eval_rows.len(),
-                    cfg.heldout_size
-                ),
-            ));
-        }
-        let render = |rows: &[MathProblem]| -> Result<Vec<Problem>> {
-            rows.iter()
-                .map(|p| {
-                    let text = datasets::render_prompt(p, style, kind);
-                    let prompt = match (&template, style) {
-                        (Some(t), PromptStyle::Chat) => t.render_user(&text)?,
-                        _ => text,
-                    };
-                    Ok(Problem {
-                        prompt,
-                        answer: p.answer.clone(),
-                    })
-                })
-                .collect()
-        };
-        let train = render(&train_rows)?;
-        let references = train
-            .iter()
-            .zip(&train_rows)
-            .map(|(p, row)| (p.prompt.clone(), datasets::reference_response(row, kind)))
-            .collect();
-        Ok(MathTask {
-            kind,
-            style,
-            train,
-            heldout: render(&eval_rows[..n_held])?,
-            verifier: MathVerifier::default(),
-            references,
-        })
-    }
-
-    pub fn train_len(&self) -> usize {
-        self.train.len()
-    }
-}
-
-impl Task for MathTask {
-    fn sample_train(&self, rng: &mut ChaCha8Rng) -> Problem {
-        self.train[rng.gen_range(0..self.train.len())].clone()
-    }
-    fn heldout(&self) -> &[Problem] {
-        &self.heldout
-    }
-    fn verify(&self, response: &str, finished: bool, reference: &str) -> Verdict {
-        let mut text = response;
-        let mut finished = finished;
-        if self.style == PromptStyle::Base {
-            // A base model runs on into the next "Question:"; judge its answer only. Reaching
-            // the next question means the answer was complete.
-            if let Some(cut) = text.find("\nQuestion:") {
-                text = &text[..cut];
-                finished = true;
-            }
-        }
-        if finished {
-            return self.verifier.verify(text, reference);
-        }
-        // Cut off at the token limit: only an explicitly marked answer (`####`, `\boxed{}`, an
-        // answer line) counts. The last-number fallback would score whatever number the
-        // reasoning had reached when it was cut.
-        let strict = MathVerifier {
-            last_number_fallback: false,
-            ..self.verifier.clone()
-        };
-        let mut v = strict.verify(text, reference);
-        if v.extracted.is_none() {
-            v.reason = "truncated (no EOS) and no marked answer".to_string();
-        }
-        v
-    }
-    fn prompt_bos(&self) -> bool {
-        self.style == PromptStyle::Base
-    }
-    fn reference_response(&self, prompt: &str, answer: &str) -> String {
-        self.references
-            .get(prompt)
-            .cloned()
-            .unwrap_or_else(|| answer.to_string())
-    }
-}
-
 /// The task of a run config, prompts rendered for `tok` (the model named `model`).
 pub fn build(cfg: &TaskConfig, tok: &Tokenizer, model: &str) -> Result<Box<dyn Task>> {
-    match cfg.kind.dataset() {
-        None => Ok(Box::new(
+    match cfg.kind {
+        TaskKind::Arithmetic => Ok(Box::new(
             ArithmeticTask::new(cfg.arithmetic()).map_err(|m| Error::config("task", m))?,
         )),
-        Some(kind) => Ok(Box::new(MathTask::new(cfg, kind, tok, model)?)),
+        TaskKind::Gsm8k | TaskKind::Math500 | TaskKind::Dataset => {
+            Ok(Box::new(DatasetTask::new(cfg, tok, model)?))
+        }
     }
 }
 
@@ -336,6 +319,7 @@ pub fn build(cfg: &TaskConfig, tok: &Tokenizer, model: &str) -> Result<Box<dyn T
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use std::path::Path;
 
     fn data(rel: &str) -> String {
         format!("{}/../shared/data/{rel}", env!("CARGO_MANIFEST_DIR"))
@@ -381,7 +365,7 @@ mod tests {
     fn gsm8k_task_renders_base_prompts_and_scores_with_the_math_verifier() {
         let cfg = gsm8k_cfg();
         let tok = gpt2();
-        let task = MathTask::new(&cfg, DatasetKind::Gsm8k, &tok, "gpt2").unwrap();
+        let task = DatasetTask::new(&cfg, &tok, "gpt2").unwrap();
         // gpt2-tiny-random has no chat template: base prompts.
         assert_eq!(task.style, PromptStyle::Base);
         assert_eq!(task.train_len(), 7473);
@@ -431,7 +415,7 @@ mod tests {
             eval_data: Some(data("math500/test.jsonl")),
             ..Default::default()
         };
-        let task = MathTask::new(&cfg, DatasetKind::Math500, &tok, "m").unwrap();
+        let task = DatasetTask::new(&cfg, &tok, "m").unwrap();
         assert_eq!(task.style, PromptStyle::Chat);
         assert!(!task.prompt_bos());
         // 500 rows, the first 490 held out, the last 10 for training.
@@ -452,16 +436,13 @@ mod tests {
             heldout_size: 500,
             ..cfg.clone()
         };
-        let e = MathTask::new(&all, DatasetKind::Math500, &tok, "m")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = DatasetTask::new(&all, &tok, "m").err().unwrap().to_string();
         assert!(e.contains("no training rows"), "{e}");
         let forced = TaskConfig {
             prompt_style: Some("chat".into()),
             ..cfg
         };
-        let e = MathTask::new(&forced, DatasetKind::Math500, &gpt2(), "plain")
+        let e = DatasetTask::new(&forced, &gpt2(), "plain")
             .err()
             .unwrap()
             .to_string();
@@ -478,10 +459,10 @@ mod tests {
             eval_data: Some(data("math500/test.jsonl")),
             ..Default::default()
         };
-        for (cfg, kind) in [(gsm, DatasetKind::Gsm8k), (math, DatasetKind::Math500)] {
-            let task = MathTask::new(&cfg, kind, &tok, "gpt2").unwrap();
+        for (cfg, kind) in [(gsm, TaskKind::Gsm8k), (math, TaskKind::Math500)] {
+            let task = DatasetTask::new(&cfg, &tok, "gpt2").unwrap();
             let mut failed = Vec::new();
-            for p in &task.train {
+            for p in task.train_problems() {
                 let r = task.reference_response(&p.prompt, &p.answer);
                 assert!(!r.contains("<<") && r.len() > p.answer.len(), "{r}");
                 if task.verify(&r, true, &p.answer).score != 1.0 {
@@ -492,8 +473,8 @@ mod tests {
             assert!(failed.is_empty(), "{kind:?}: {failed:?}");
         }
         // By hand, GSM8K train row 1 (Natalia's clips), annotations removed:
-        let task = MathTask::new(&gsm8k_cfg(), DatasetKind::Gsm8k, &tok, "gpt2").unwrap();
-        let natalia = &task.train[0];
+        let task = DatasetTask::new(&gsm8k_cfg(), &tok, "gpt2").unwrap();
+        let natalia = &task.train_problems()[0];
         assert_eq!(
             task.reference_response(&natalia.prompt, &natalia.answer),
             "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether \

@@ -208,7 +208,10 @@ where
         let mut experiences = Vec::with_capacity(g);
         for gen in &gens[p * g..(p + 1) * g] {
             let text = response_text(&env.tok, &gen.tokens)?;
-            let clean = env.task.verify(&text, gen.finished, &prob.answer).score;
+            let clean = env
+                .task
+                .score(&prob.prompt, &text, gen.finished, &prob.answer)?
+                .score;
             let observed = match st.noise.as_mut() {
                 Some(inj) => inj
                     .flip(clean)

@@ -143,7 +143,12 @@ pub fn evaluate_task(
         let gens = generate(model, &prompts, tok.eos, tok.pad, &params, &mut rng)?;
         for (g, p) in gens.iter().zip(chunk) {
             let text = response_text(tok, &g.tokens)?;
-            if env.task.verify(&text, g.finished, &p.answer).score > 0.5 {
+            if env
+                .task
+                .score(&p.prompt, &text, g.finished, &p.answer)?
+                .score
+                > 0.5
+            {
                 correct += 1;
             }
         }

@@ -447,12 +447,21 @@ impl RunState<'_> {
         let mut last_eval = self.acc_after_warmup;
         while step < steps {
             let s = step + 1;
-            let Some(batch) = source.next_batch(env, learner, explore_st, s)? else {
+            let Some(mut batch) = source.next_batch(env, learner, explore_st, s)? else {
                 if !opts.quiet {
                     eprintln!("offline data exhausted after {step} steps");
                 }
                 break;
             };
+            if !source.scored_by_pipeline() {
+                // Async, shared-buffer and offline groups come with the verifier's reward: the
+                // pipeline scores them here (SAR's p(a) pass then uses the learner's weights).
+                if let Some(rw) = learner.rewards.as_mut() {
+                    for g in &mut batch.groups {
+                        rw.score_group(&env.tok, &learner.model, &mut g.experiences)?;
+                    }
+                }
+            }
             let mut m = learner.learn(env, &batch.groups, s, batch.generate_s, batch.dropped)?;
             source.after_update(env, learner)?;
             step = s;

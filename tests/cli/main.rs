@@ -3,6 +3,7 @@
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
 mod cli;
+mod dataset_cli;
 mod docs_commands;
 mod eval_cli;
 mod observability;

@@ -145,3 +145,58 @@ fn lagged_pipeline_with_a_reward_model_resumes_exactly() {
         assert_eq!(f("acc/train"), f("reward/correct/mean"));
     }
 }
+
+/// The pipeline of the sync-mode tests: the verifier, a length penalty that makes rewards
+/// differ within a group, and running-norm shaping, whose statistics must survive a resume.
+fn length_pipeline() -> Vec<String> {
+    vec![
+        r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", coef=0.25, free_len=1}]"#
+            .to_string(),
+        r#"reward.pipeline.shaping={kind="running-norm"}"#.to_string(),
+    ]
+}
+
+#[test]
+fn offline_groups_are_scored_by_the_pipeline_and_resume_exactly() {
+    use grove::train::explore::{collect, Env, ExploreState};
+    let tmp = tempfile::tempdir().unwrap();
+    // 30 groups sampled by the untrained built-in model: 5 steps of 6 prompts.
+    let env = Env::new(small(&tmp.path().join("gen"), 5, &[])).unwrap();
+    let model = env.initial_policy(&candle_core::Device::Cpu).unwrap();
+    let mut st = ExploreState::new(&env.cfg, 0).unwrap();
+    let mut groups = Vec::new();
+    for _ in 0..5 {
+        groups.extend(collect(&env, &model, 0, &mut st).unwrap());
+    }
+    let data = tmp.path().join("exp.jsonl");
+    grove::buffer::jsonl::write_groups(&data, &groups).unwrap();
+    let mut extra = length_pipeline();
+    extra.push(format!("sync.offline={:?}", data.display().to_string()));
+    let lines = assert_resumes_exactly(tmp.path(), 5, &extra);
+    for m in &lines[1..] {
+        let f = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("no {k} in {m}"));
+        // The length penalty was computed (every response is at least 1 token long, so it
+        // is <= 0), and the running-norm reward is not the file's verifier reward.
+        assert!(f("reward/len/mean") <= 0.0, "{m}");
+        assert_eq!(f("acc/train"), f("reward/correct/mean"));
+    }
+    assert!(lines[1..]
+        .iter()
+        .any(|m| m["reward/mean"] != m["reward/correct/mean"]));
+}
+
+#[test]
+fn async_explorer_groups_are_scored_by_the_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut extra = length_pipeline();
+    extra.push("sync.mode=\"async\"".to_string());
+    let s = run(small(&tmp.path().join("a"), 3, &extra), &quiet()).unwrap();
+    let lines = rl_lines(&s.run_dir);
+    assert_eq!(lines.len(), 4);
+    for m in &lines[1..] {
+        let len = m["reward/len/mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{m}"));
+        assert!(len <= 0.0, "{m}");
+    }
+}

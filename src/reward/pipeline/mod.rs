@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::reward::exact::exact_answer;
-use crate::reward::external::{ExternalCommandReward, ExternalConfig, RewardFn, RewardRequest};
+use crate::reward::external::{ExternalConfig, RewardFn, RewardRequest};
+use crate::reward::external_pool::ExternalPool;
 use crate::reward::gates::{
     consistency_reward, gated_channels, Channel, ConsistencyJudge, LastNumberJudge,
     MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
@@ -74,7 +75,7 @@ pub use config::*;
 enum Scorer {
     Verifier(VerifierCheck),
     LengthPenalty { coef: f64, free_len: usize },
-    External(Box<ExternalCommandReward>),
+    External(Box<ExternalPool>),
     RewardModel(Box<RewardModelScorer>),
     Sar,
     Consistency(Box<dyn ConsistencyJudge>),
@@ -167,7 +168,7 @@ impl RewardPipeline {
                     free_len: *free_len,
                 },
                 ComponentKind::External(e) => Scorer::External(Box::new(
-                    ExternalCommandReward::new(e.clone())
+                    ExternalPool::new(e.clone())
                         .map_err(|err| pipeline_err(format!("{at}: {err}")))?,
                 )),
                 ComponentKind::RewardModel {
@@ -574,7 +575,7 @@ impl RewardPipeline {
                 .iter()
                 .map(|r| -*coef * r.num_tokens.saturating_sub(*free_len) as f64)
                 .collect()),
-            Scorer::External(e) => responses.iter().map(|r| e.score(&request(r))).collect(),
+            Scorer::External(e) => e.score_all(&responses.iter().map(request).collect::<Vec<_>>()),
             Scorer::Function(f) => responses
                 .iter()
                 .map(|r| {

@@ -22,6 +22,9 @@ pub struct Lagged {
 }
 
 impl BatchSource for Lagged {
+    fn scored_by_pipeline(&self) -> bool {
+        true
+    }
     fn next_batch(
         &mut self,
         env: &Env,

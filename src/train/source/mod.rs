@@ -44,6 +44,15 @@ pub trait BatchSource {
         s: usize,
     ) -> Result<Option<Batch>>;
 
+    /// Whether this source's batches arrive scored by the run's `[reward.pipeline]` (sampled
+    /// in this thread, with the learner's rewarder). The others (the async explorer thread,
+    /// `grove explore` processes, offline files) are scored by the learner as it takes each
+    /// batch, in batch order, so the pipeline's state follows the learner's steps and is
+    /// checkpointed with them.
+    fn scored_by_pipeline(&self) -> bool {
+        false
+    }
+
     /// Called after every update (publishing weights, waking an explorer).
     fn after_update(&mut self, _env: &Env, _learner: &Learner) -> Result<()> {
         Ok(())
@@ -113,6 +122,9 @@ pub fn open(
 pub struct OnPolicy;
 
 impl BatchSource for OnPolicy {
+    fn scored_by_pipeline(&self) -> bool {
+        true
+    }
     fn next_batch(
         &mut self,
         env: &Env,
