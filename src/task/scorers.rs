@@ -252,7 +252,7 @@ impl Scorer {
                     metadata: json!({ "finished": finished }),
                 };
                 let mut cmd = cmd.lock().map_err(|_| {
-                    Error::Task("the external reward command's lock was poisoned".into())
+                    Error::Internal("the external reward command's lock was poisoned".into())
                 })?;
                 let score = cmd.score(&req)?;
                 Verdict {
