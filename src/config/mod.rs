@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub output_dir: String,
     pub model: ModelConfig,
     pub task: TaskConfig,
+    /// A multi-turn environment (`[env]`, docs/environments.md); it replaces `[task]`.
+    pub env: Option<crate::env::EnvConfig>,
     pub warmup: WarmupConfig,
     pub rollout: RolloutConfig,
     pub sampling: SamplingConfig,
@@ -56,6 +58,7 @@ impl Default for RunConfig {
             output_dir: "runs".into(),
             model: ModelConfig::default(),
             task: TaskConfig::default(),
+            env: None,
             warmup: WarmupConfig::default(),
             rollout: RolloutConfig::default(),
             sampling: SamplingConfig::default(),
@@ -390,6 +393,20 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
 }
 
 impl RunConfig {
+    /// An `[env]` section and what it cannot be combined with.
+    fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
+        e.validate()?;
+        let clash = [
+            (self.sampling.inject_ground_truth, "sampling.inject_ground_truth (an episode has no reference solution)"),
+            (self.reward.pipeline.is_some(), "[reward.pipeline] (the environment gives the rewards)"),
+            (self.reward.noise_rho0 > 0.0 || self.reward.noise_rho1 > 0.0, "reward.noise_rho0/1"),
+        ];
+        match clash.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(format!("[env] cannot be combined with {what}")),
+            None => Ok(()),
+        }
+    }
+
     /// Values derived from others when not given: `loss.max_len` (Dr. GRPO's fixed L_max) is
     /// the generation budget `rollout.max_new_tokens`.
     pub fn derive_defaults(&mut self) {
@@ -439,6 +456,9 @@ impl RunConfig {
                 .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
         }
         pipeline_rules::validate_for_train(self).map_err(|m| Error::config(source, m))?;
+        if let Some(e) = &self.env {
+            self.validate_env(e).map_err(|m| Error::config(source, m))?;
+        }
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

@@ -16,10 +16,12 @@ use crate::reward::pipeline::ComponentKind;
 
 /// Every external program the run will start, as `name: program args...`, in config order.
 pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
+    let env = cfg.env.iter().flat_map(|e| e.external_programs());
     let Some(p) = &cfg.reward.pipeline else {
-        return Vec::new();
+        return env.collect();
     };
-    p.components
+    let rewards = p
+        .components
         .iter()
         .filter_map(|c| match &c.kind {
             ComponentKind::External(e) => Some(format!(
@@ -28,8 +30,8 @@ pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
                 shell_words(&e.command)
             )),
             _ => None,
-        })
-        .collect()
+        });
+    rewards.chain(env).collect()
 }
 
 /// The command as one line, each word quoted when it holds a space or a quote.

@@ -6,6 +6,7 @@
 pub mod remote;
 pub mod sampler;
 pub mod serve;
+pub mod session;
 
 use candle_core::{Device, Tensor};
 use rand::Rng;
