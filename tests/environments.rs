@@ -53,7 +53,11 @@ fn first_episode(run_dir: &Path) -> serde_json::Value {
 #[test]
 fn guess_trains_end_to_end_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = run(small(&tmp.path().join("a"), 2, &["env.kind=\"guess\""]), &quiet()).unwrap();
+    let a = run(
+        small(&tmp.path().join("a"), 2, &["env.kind=\"guess\""]),
+        &quiet(),
+    )
+    .unwrap();
     assert_eq!((a.rl_steps_done, a.warmup_steps), (2, 0));
     let lines = rl_lines(&a.run_dir);
     assert_eq!(lines.len(), 3, "step 0 and two RL steps");
@@ -65,9 +69,15 @@ fn guess_trains_end_to_end_and_resumes_exactly() {
     let ep = first_episode(&a.run_dir);
     let msgs = ep["messages"].as_array().unwrap();
     assert_eq!(msgs[0]["role"], "user");
-    assert!(msgs[0]["content"].as_str().unwrap().starts_with("guess my number"));
+    assert!(msgs[0]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("guess my number"));
     assert_eq!(msgs[1]["role"], "assistant");
-    assert_eq!(ep["rewards"].as_array().unwrap().len(), ep["infos"].as_array().unwrap().len());
+    assert_eq!(
+        ep["rewards"].as_array().unwrap().len(),
+        ep["infos"].as_array().unwrap().len()
+    );
     // Stopped after one step and resumed from its saved config: the same run.
     let b = run(
         small(&tmp.path().join("b"), 2, &["env.kind=\"guess\""]),
@@ -117,7 +127,10 @@ fn the_python_example_environment_trains_end_to_end() {
     let e = config::resume::check_trust(&s.run_dir, &cfg, false)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("env.program: python3 examples/env_hangman.py"), "{e}");
+    assert!(
+        e.contains("env.program: python3 examples/env_hangman.py"),
+        "{e}"
+    );
     assert!(e.contains("--trust-commands"), "{e}");
 }
 
@@ -126,14 +139,23 @@ fn env_config_errors_name_the_field_and_the_known_kinds() {
     let e = config::load(None, &["env.kind=\"chess\"".to_string()])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("chess") && e.contains("countdown") && e.contains("bandit"), "{e}");
+    assert!(
+        e.contains("chess") && e.contains("countdown") && e.contains("bandit"),
+        "{e}"
+    );
     let e = config::load(
         None,
-        &["env.kind=\"guess\"".to_string(), "sampling.inject_ground_truth=true".to_string()],
+        &[
+            "env.kind=\"guess\"".to_string(),
+            "sampling.inject_ground_truth=true".to_string(),
+        ],
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("[env] cannot be combined with sampling.inject_ground_truth"), "{e}");
+    assert!(
+        e.contains("[env] cannot be combined with sampling.inject_ground_truth"),
+        "{e}"
+    );
     let e = config::load(None, &["env.kind=\"program\"".to_string()])
         .unwrap_err()
         .to_string();

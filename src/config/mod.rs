@@ -397,9 +397,18 @@ impl RunConfig {
     fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
         e.validate()?;
         let clash = [
-            (self.sampling.inject_ground_truth, "sampling.inject_ground_truth (an episode has no reference solution)"),
-            (self.reward.pipeline.is_some(), "[reward.pipeline] (the environment gives the rewards)"),
-            (self.reward.noise_rho0 > 0.0 || self.reward.noise_rho1 > 0.0, "reward.noise_rho0/1"),
+            (
+                self.sampling.inject_ground_truth,
+                "sampling.inject_ground_truth (an episode has no reference solution)",
+            ),
+            (
+                self.reward.pipeline.is_some(),
+                "[reward.pipeline] (the environment gives the rewards)",
+            ),
+            (
+                self.reward.noise_rho0 > 0.0 || self.reward.noise_rho1 > 0.0,
+                "reward.noise_rho0/1",
+            ),
         ];
         match clash.iter().find(|(on, _)| *on) {
             Some((_, what)) => Err(format!("[env] cannot be combined with {what}")),

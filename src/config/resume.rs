@@ -20,17 +20,14 @@ pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
     let Some(p) = &cfg.reward.pipeline else {
         return env.collect();
     };
-    let rewards = p
-        .components
-        .iter()
-        .filter_map(|c| match &c.kind {
-            ComponentKind::External(e) => Some(format!(
-                "reward.pipeline `{}`: {}",
-                c.name,
-                shell_words(&e.command)
-            )),
-            _ => None,
-        });
+    let rewards = p.components.iter().filter_map(|c| match &c.kind {
+        ComponentKind::External(e) => Some(format!(
+            "reward.pipeline `{}`: {}",
+            c.name,
+            shell_words(&e.command)
+        )),
+        _ => None,
+    });
     rewards.chain(env).collect()
 }
 

@@ -13,7 +13,11 @@ use super::{EnvConfig, EnvKind, Environment, Message, Reset, StepResult};
 use crate::error::Result;
 
 /// The built-in environment `kind` (not `program`).
-pub fn make(kind: EnvKind, cfg: &EnvConfig, user_tools: Vec<Box<dyn Tool>>) -> Box<dyn Environment> {
+pub fn make(
+    kind: EnvKind,
+    cfg: &EnvConfig,
+    user_tools: Vec<Box<dyn Tool>>,
+) -> Box<dyn Environment> {
     match kind {
         EnvKind::Countdown => Box::new(Countdown::default()),
         EnvKind::CalculatorArithmetic => {
@@ -98,7 +102,11 @@ impl Environment for Guess {
             Some(_) => ("lower", false),
         };
         Ok(StepResult {
-            messages: if done { vec![] } else { vec![user(reply.into())] },
+            messages: if done {
+                vec![]
+            } else {
+                vec![user(reply.into())]
+            },
             reward: if done { 1.0 } else { 0.0 },
             done,
             info: json!({"success": done, "reply": reply}),
@@ -307,7 +315,10 @@ impl Environment for Bandit {
             });
         };
         let (duration, mean) = BANDIT_ARMS[arm as usize - 1];
-        let u: f64 = self.rng.get_or_insert_with(|| ChaCha8Rng::seed_from_u64(0)).gen();
+        let u: f64 = self
+            .rng
+            .get_or_insert_with(|| ChaCha8Rng::seed_from_u64(0))
+            .gen();
         let payout = mean * (0.5 + u);
         self.elapsed_s += duration;
         let left = BANDIT_BUDGET_S - self.elapsed_s;
@@ -338,14 +349,20 @@ mod tests {
     fn guess_answers_higher_lower_and_correct() {
         let mut g = Guess::new(16);
         let r = g.reset(5).unwrap();
-        assert_eq!(r.messages[0].content, "guess my number from 1 to 16. reply with a number.");
+        assert_eq!(
+            r.messages[0].content,
+            "guess my number from 1 to 16. reply with a number."
+        );
         let secret = g.secret;
         assert!((1..=16).contains(&secret));
         // The same seed gives the same secret.
         g.reset(5).unwrap();
         assert_eq!(g.secret, secret);
         let s = g.step("no idea", soon()).unwrap();
-        assert_eq!((s.messages[0].content.as_str(), s.done), ("reply with a number.", false));
+        assert_eq!(
+            (s.messages[0].content.as_str(), s.done),
+            ("reply with a number.", false)
+        );
         if secret > 1 {
             let s = g.step(&format!("{}", secret - 1), soon()).unwrap();
             assert_eq!(s.messages[0].content, "higher");
@@ -355,7 +372,10 @@ mod tests {
             assert_eq!(s.messages[0].content, "lower");
         }
         let s = g.step(&secret.to_string(), soon()).unwrap();
-        assert_eq!((s.reward, s.done, s.info["success"].clone()), (1.0, true, json!(true)));
+        assert_eq!(
+            (s.reward, s.done, s.info["success"].clone()),
+            (1.0, true, json!(true))
+        );
     }
 
     #[test]
@@ -372,8 +392,14 @@ mod tests {
             c.check("(25 + 7) * 3 + 7"),
             Err("7 is not one of the numbers left to use".into())
         );
-        assert_eq!(c.check("25 * 4"), Err("the expression makes 100, not 103".into()));
-        assert_eq!(c.check("-3 + 106"), Err("unary minus is not allowed".into()));
+        assert_eq!(
+            c.check("25 * 4"),
+            Err("the expression makes 100, not 103".into())
+        );
+        assert_eq!(
+            c.check("-3 + 106"),
+            Err("unary minus is not allowed".into())
+        );
         // (7 - 3/3)... 3 is given once: 3/3 reuses it.
         assert!(c.check("7 - 3/3").is_err());
         // Division stays exact: (25 - 7/7)... not available; 100/(4/4) reuses 4.
@@ -393,7 +419,10 @@ mod tests {
             target: 12,
         };
         assert_eq!(twice.check("7 / (4 - 4)"), Err("division by zero".into()));
-        assert_eq!(twice.check("(4 + 4) * 3 / 2"), Err("2 is not one of the numbers left to use".into()));
+        assert_eq!(
+            twice.check("(4 + 4) * 3 / 2"),
+            Err("2 is not one of the numbers left to use".into())
+        );
         // 4*3 = 12, and (7 - 4 + 3) * ... : exact fractions count, 4 / (7 - 4 - 3 + 1/... no.
         assert_eq!(twice.check("4 * 3"), Ok(()));
         assert_eq!(twice.check("(7 + 4 + 4) - 3"), Ok(()));
@@ -401,7 +430,14 @@ mod tests {
         env.reset(1).unwrap();
         let s = env.step("no idea", soon()).unwrap();
         assert!(s.done && s.reward == 0.0);
-        assert!(s.info["reason"].as_str().unwrap().starts_with("at character 1"), "{}", s.info);
+        assert!(
+            s.info["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("at character 1"),
+            "{}",
+            s.info
+        );
     }
 
     #[test]
@@ -417,7 +453,10 @@ mod tests {
         let mut again = CalculatorArithmetic::new(3, Toolbox::new(vec![Box::new(Calculator)]));
         again.reset(2).unwrap();
         let s = again.step(&answer, soon()).unwrap();
-        assert_eq!((s.reward, s.info["answer_right"].clone()), (0.0, json!(true)));
+        assert_eq!(
+            (s.reward, s.info["answer_right"].clone()),
+            (0.0, json!(true))
+        );
         let call = format!(
             "<tool_call>{{\"name\": \"calculator\", \"arguments\": {{\"expression\": \"{expr}\"}}}}</tool_call>"
         );
@@ -425,7 +464,9 @@ mod tests {
         assert_eq!(s.messages[0].role, "tool");
         assert_eq!(s.messages[0].content, answer);
         assert!(!s.done);
-        let s = env.step(&format!("the answer is {answer}"), soon()).unwrap();
+        let s = env
+            .step(&format!("the answer is {answer}"), soon())
+            .unwrap();
         assert_eq!((s.reward, s.done), (1.0, true));
         assert_eq!(last_integer("it is 1,234 or -56"), Some(-56));
         assert_eq!(first_integer("it is 1,234 or -56"), Some(1234));
@@ -436,7 +477,10 @@ mod tests {
         let mut b = Bandit::default();
         b.reset(9).unwrap();
         let s = b.step("2", soon()).unwrap();
-        assert_eq!((s.info["arm"].clone(), s.info["duration_s"].clone()), (json!(2), json!(3.0)));
+        assert_eq!(
+            (s.info["arm"].clone(), s.info["duration_s"].clone()),
+            (json!(2), json!(3.0))
+        );
         // Payout = mean × (0.5 + u): within [2, 6) for arm 2.
         assert!((2.0..6.0).contains(&s.reward));
         // 3 + 3 + 3 = 9 s; the fourth pull of arm 1 reaches 10 s and ends the episode.

@@ -34,7 +34,10 @@ impl Transcript {
     }
 
     fn plain_text(messages: &[Message]) -> String {
-        messages.iter().map(|m| format!("{}\n", m.content)).collect()
+        messages
+            .iter()
+            .map(|m| format!("{}\n", m.content))
+            .collect()
     }
 
     /// Text and token ids of an episode's first prompt.
@@ -193,38 +196,22 @@ impl Rollout<'_> {
         self.factory.config()
     }
 
-    /// Plays one episode per seed, all at once; episode `i` is numbered `first_id + i` (for
-    /// program environments). Draws from `rng` as [`Session::sample`] does.
-    pub fn run<M: CausalLm + ?Sized, R: Rng>(
+    /// Environments reset for `seeds`, their episodes with first prompts, and the text of
+    /// each prompt (what a chat transcript's cache holds).
+    #[allow(clippy::type_complexity)]
+    fn start(
         &self,
-        model: &M,
         seeds: &[u64],
         first_id: u64,
-        rng: &mut R,
-    ) -> Result<Vec<Episode>> {
+        width: usize,
+    ) -> Result<(Vec<Box<dyn Environment>>, Vec<Episode>, Vec<String>)> {
         let cfg = self.cfg();
-        let max_pos = model.config().max_positions();
-        if cfg.max_tokens > max_pos {
-            return Err(Error::config(
-                "env",
-                format!(
-                    "env.max_tokens = {} exceeds the model's {max_pos} positions",
-                    cfg.max_tokens
-                ),
-            ));
-        }
-        let width = match cfg.kind {
-            super::EnvKind::Program => cfg.pool,
-            _ => 1,
-        };
         let mut envs: Vec<Box<dyn Environment>> = (0..seeds.len())
             .map(|i| self.factory.make(first_id + i as u64))
             .collect();
-        let resets = par_map(
-            envs.iter_mut().zip(seeds).collect(),
-            width,
-            |(e, &s)| e.reset(s),
-        );
+        let resets = par_map(envs.iter_mut().zip(seeds).collect(), width, |(e, &s)| {
+            e.reset(s)
+        });
         let mut eps = Vec::with_capacity(seeds.len());
         let mut held = Vec::with_capacity(seeds.len());
         for (reset, &seed) in resets.into_iter().zip(seeds) {
@@ -259,6 +246,34 @@ impl Rollout<'_> {
                 success: false,
             });
         }
+        Ok((envs, eps, held))
+    }
+
+    /// Plays one episode per seed, all at once; episode `i` is numbered `first_id + i` (for
+    /// program environments). Draws from `rng` as [`Session::sample`] does.
+    pub fn run<M: CausalLm + ?Sized, R: Rng>(
+        &self,
+        model: &M,
+        seeds: &[u64],
+        first_id: u64,
+        rng: &mut R,
+    ) -> Result<Vec<Episode>> {
+        let cfg = self.cfg();
+        let max_pos = model.config().max_positions();
+        if cfg.max_tokens > max_pos {
+            return Err(Error::config(
+                "env",
+                format!(
+                    "env.max_tokens = {} exceeds the model's {max_pos} positions",
+                    cfg.max_tokens
+                ),
+            ));
+        }
+        let width = match cfg.kind {
+            super::EnvKind::Program => cfg.pool,
+            _ => 1,
+        };
+        let (mut envs, mut eps, mut held) = self.start(seeds, first_id, width)?;
         let prompts: Vec<Vec<u32>> = eps.iter().map(|e| e.prompt_ids.clone()).collect();
         let mut session = Session::new(model, &prompts, self.tok.pad)?;
         let mut turns = vec![0usize; eps.len()];
@@ -275,7 +290,12 @@ impl Rollout<'_> {
                 let Some(g) = g else { continue };
                 let ep = &mut eps[i];
                 ep.push(&g.tokens, Some(&g.logprobs));
-                let body: Vec<u32> = g.tokens.iter().copied().filter(|&t| t != self.tok.eos).collect();
+                let body: Vec<u32> = g
+                    .tokens
+                    .iter()
+                    .copied()
+                    .filter(|&t| t != self.tok.eos)
+                    .collect();
                 let text = self.tok.decode(&body)?;
                 if let Transcript::Chat(t) = self.transcript {
                     held[i].push_str(&text);

@@ -21,8 +21,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::model::chat::Message;
 use crate::error::{Error, Result};
+pub use crate::model::chat::Message;
 
 /// What a reset gives the model: its first messages and the tool schemas (OpenAI style,
 /// passed to the chat template's `tools`).
@@ -159,14 +159,22 @@ impl EnvConfig {
             return Err(format!("env.gamma must be in [0, 1], found {}", self.gamma));
         }
         if self.guess_max < 2 {
-            return Err(format!("env.guess_max must be >= 2, found {}", self.guess_max));
+            return Err(format!(
+                "env.guess_max must be >= 2, found {}",
+                self.guess_max
+            ));
         }
         if !(1..=18).contains(&self.digits) {
-            return Err(format!("env.digits must be in 1..=18, found {}", self.digits));
+            return Err(format!(
+                "env.digits must be in 1..=18, found {}",
+                self.digits
+            ));
         }
         match (self.kind, self.program.first()) {
             (EnvKind::Program, None) => {
-                return Err("env.kind = \"program\" needs env.program = [\"program\", \"args\"...]".into())
+                return Err(
+                    "env.kind = \"program\" needs env.program = [\"program\", \"args\"...]".into(),
+                )
             }
             (EnvKind::Program, Some(p)) if p.is_empty() => {
                 return Err("env.program: the program name is empty".into())
@@ -269,7 +277,13 @@ mod tests {
         let e = toml::from_str::<EnvConfig>("kind = \"chess\"")
             .unwrap_err()
             .to_string();
-        for known in ["guess", "countdown", "calculator-arithmetic", "bandit", "program"] {
+        for known in [
+            "guess",
+            "countdown",
+            "calculator-arithmetic",
+            "bandit",
+            "program",
+        ] {
             assert!(e.contains(known), "{e}");
         }
         let p: EnvConfig =

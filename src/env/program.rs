@@ -92,7 +92,9 @@ impl Pool {
             .map_err(|_| Error::Task("environment pool lock poisoned".into()))?;
         if s.process.is_none() {
             if generation.is_some() {
-                return Ok(Err("the program was restarted; this episode's state was lost".into()));
+                return Ok(Err(
+                    "the program was restarted; this episode's state was lost".into(),
+                ));
             }
             match LineProcess::spawn(&self.command) {
                 Ok(p) => {
@@ -103,7 +105,9 @@ impl Pool {
             }
         }
         if generation.is_some_and(|g| g != s.generation) {
-            return Ok(Err("the program was restarted; this episode's state was lost".into()));
+            return Ok(Err(
+                "the program was restarted; this episode's state was lost".into(),
+            ));
         }
         let p = s.process.as_mut().expect("started above");
         let line = match p.exchange(req, deadline) {
@@ -112,7 +116,10 @@ impl Pool {
                 s.process = None;
                 let op = req["op"].as_str().unwrap_or("?");
                 return self
-                    .failure(format!("environment program `{}` ({op}): {f}", self.display()))
+                    .failure(format!(
+                        "environment program `{}` ({op}): {f}",
+                        self.display()
+                    ))
                     .map(Err);
             }
         };
@@ -132,7 +139,10 @@ impl Pool {
         };
         if let Some(e) = v.get("error") {
             return self
-                .failure(format!("environment program `{}` reported: {e}", self.display()))
+                .failure(format!(
+                    "environment program `{}` reported: {e}",
+                    self.display()
+                ))
                 .map(Err);
         }
         // Only a working step or close clears the count: a program that answers resets but
@@ -308,7 +318,10 @@ mod tests {
         envs[0].step("l", soon()).unwrap();
         envs[0].step("a", soon()).unwrap();
         let s = envs[0].step("f", soon()).unwrap();
-        assert_eq!((s.reward, s.done, s.info["success"].clone()), (1.0, true, json!(true)));
+        assert_eq!(
+            (s.reward, s.done, s.info["success"].clone()),
+            (1.0, true, json!(true))
+        );
         for e in &mut envs {
             e.close();
         }
@@ -323,7 +336,9 @@ mod tests {
         let mut neighbour = f.make(2);
         neighbour.reset(3).unwrap();
         let t0 = Instant::now();
-        let s = e.step("hi", Instant::now() + Duration::from_millis(500)).unwrap();
+        let s = e
+            .step("hi", Instant::now() + Duration::from_millis(500))
+            .unwrap();
         assert!(t0.elapsed() < Duration::from_secs(5));
         assert!(s.done && s.reward == 0.0);
         let why = s.info["error"].as_str().unwrap();
@@ -346,7 +361,10 @@ mod tests {
         e.reset(1).unwrap();
         let s = e.step("hi", soon()).unwrap();
         let why = s.info["error"].as_str().unwrap();
-        assert!(why.contains("printed \"hello there\", expected one JSON object"), "{why}");
+        assert!(
+            why.contains("printed \"hello there\", expected one JSON object"),
+            "{why}"
+        );
         let f = Factory::new(&cfg(faulty("sys.exit(4)"), 5.0, 3)).unwrap();
         let mut e = f.make(0);
         e.reset(1).unwrap();
@@ -364,6 +382,9 @@ mod tests {
         // A program that cannot start at all stops the run at reset.
         let f = Factory::new(&cfg(vec!["/nonexistent/env-program".into()], 5.0, 2)).unwrap();
         let err = f.make(0).reset(1).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/env-program") && err.contains("cannot start"), "{err}");
+        assert!(
+            err.contains("/nonexistent/env-program") && err.contains("cannot start"),
+            "{err}"
+        );
     }
 }

@@ -68,12 +68,8 @@ impl Rational {
         // Cross-cancel first so that products of reduced fractions stay small.
         let g1 = gcd(self.num, o.den).max(1);
         let g2 = gcd(o.num, self.den).max(1);
-        let num = (self.num / g1)
-            .checked_mul(o.num / g2)
-            .ok_or(OVERFLOW)?;
-        let den = (self.den / g2)
-            .checked_mul(o.den / g1)
-            .ok_or(OVERFLOW)?;
+        let num = (self.num / g1).checked_mul(o.num / g2).ok_or(OVERFLOW)?;
+        let den = (self.den / g2).checked_mul(o.den / g1).ok_or(OVERFLOW)?;
         Rational::new(num, den)
     }
 
@@ -304,10 +300,7 @@ mod tests {
         assert_eq!(ev("8 / 4 / 2"), "1"); // left-associative
         assert_eq!(ev("8 - 4 - 2"), "2");
         // 123456789012 × 987654321 = 121932631124487120852
-        assert_eq!(
-            ev("123456789012 * 987654321"),
-            "121932631124487120852"
-        );
+        assert_eq!(ev("123456789012 * 987654321"), "121932631124487120852");
     }
 
     #[test]
@@ -316,9 +309,18 @@ mod tests {
         assert_eq!(ev("1/(2-2)"), "error: division by zero");
         assert!(ev("99999999999999999999 * 99999999999999999999").contains("overflow"));
         assert!(ev("999999999999999999999999999999999999999999").contains("does not fit"));
-        assert_eq!(ev("1 +"), "error: expected a number, found the end of the expression");
-        assert_eq!(ev("2 x 3"), "error: at character 3: expected an operator or the end, found 'x'");
-        assert_eq!(ev("(1 + 2"), "error: unclosed '(' at the end of the expression");
+        assert_eq!(
+            ev("1 +"),
+            "error: expected a number, found the end of the expression"
+        );
+        assert_eq!(
+            ev("2 x 3"),
+            "error: at character 3: expected an operator or the end, found 'x'"
+        );
+        assert_eq!(
+            ev("(1 + 2"),
+            "error: unclosed '(' at the end of the expression"
+        );
         assert!(ev(&"(".repeat(100)).contains("nested deeper"));
         assert!(ev(&"1+".repeat(2000)).contains("longer than"));
     }

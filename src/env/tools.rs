@@ -196,10 +196,7 @@ impl Toolbox {
                 let known = self.known();
                 match self.tools.iter_mut().find(|t| t.name() == c.name) {
                     Some(t) => t.call(&c.arguments, deadline),
-                    None => Err(format!(
-                        "unknown tool {:?}; known tools: {known}",
-                        c.name
-                    )),
+                    None => Err(format!("unknown tool {:?}; known tools: {known}", c.name)),
                 }
             });
             let content = match result {
@@ -245,9 +242,16 @@ mod tests {
             contents[1],
             "error: unknown tool \"search\"; known tools: calculator"
         );
-        assert!(contents[2].starts_with("error: the tool call is not valid JSON"), "{}", contents[2]);
+        assert!(
+            contents[2].starts_with("error: the tool call is not valid JSON"),
+            "{}",
+            contents[2]
+        );
         assert_eq!(contents[3], "error: division by zero");
-        assert_eq!(contents[4], "error: <tool_call> without a closing </tool_call>");
+        assert_eq!(
+            contents[4],
+            "error: <tool_call> without a closing </tool_call>"
+        );
         assert_eq!((msgs.len(), ok), (5, 1));
         // No calls, no messages; a past deadline stops calls.
         assert_eq!(tb.run("the answer is 4", soon()).0.len(), 0);
@@ -276,13 +280,23 @@ mod tests {
         };
         let mut tb = Toolbox::new(vec![Box::new(CommandTool::new(cfg)), Box::new(Calculator)]);
         assert_eq!(tb.schemas()[0]["function"]["name"], "upper");
-        let call = |args: &str| format!("<tool_call>{{\"name\": \"upper\", \"arguments\": {args}}}</tool_call>");
+        let call = |args: &str| {
+            format!("<tool_call>{{\"name\": \"upper\", \"arguments\": {args}}}</tool_call>")
+        };
         let (m, _) = tb.run(&call("{\"word\": \"grove\"}"), soon());
         assert_eq!(m[0].content, "GROVE");
         let (m, _) = tb.run(&call("{\"mode\": \"garbage\"}"), soon());
-        assert!(m[0].content.contains("answered \"not json\""), "{}", m[0].content);
+        assert!(
+            m[0].content.contains("answered \"not json\""),
+            "{}",
+            m[0].content
+        );
         let (m, _) = tb.run(&call("{\"mode\": \"crash\"}"), soon());
-        assert!(m[0].content.contains("exited (exit status: 3)"), "{}", m[0].content);
+        assert!(
+            m[0].content.contains("exited (exit status: 3)"),
+            "{}",
+            m[0].content
+        );
         let t0 = Instant::now();
         let (m, _) = tb.run(
             &call("{\"mode\": \"hang\"}"),

@@ -214,7 +214,10 @@ mod tests {
     fn builtin_text_extends_the_arithmetic_ids() {
         let a = Tokenizer::builtin_arithmetic();
         let t = Tokenizer::builtin_text();
-        assert_eq!(t.vocab_size(), a.vocab_size() + BUILTIN_TEXT_CHARS.chars().count());
+        assert_eq!(
+            t.vocab_size(),
+            a.vocab_size() + BUILTIN_TEXT_CHARS.chars().count()
+        );
         assert_eq!(t.encode("37+48=85").unwrap(), a.encode("37+48=85").unwrap());
         let text = "guess my number from 1 to 16. reply with a number.\nhigher\n";
         let ids = t.encode(text).unwrap();

@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::{Experience, ExperienceGroup};
-use crate::env::runner::{EnvRunner, EnvTask};
 use crate::config::RunConfig;
+use crate::env::runner::{EnvRunner, EnvTask};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
@@ -42,7 +42,10 @@ impl Env {
             (tok, None)
         } else {
             let path = super::pretrained::model_path(&cfg.model.source)?;
-            (crate::model::io::load_pretrained_tokenizer(&path)?, Some(path))
+            (
+                crate::model::io::load_pretrained_tokenizer(&path)?,
+                Some(path),
+            )
         };
         let model_name = match &model_path {
             Some(p) => p.display().to_string(),
@@ -56,7 +59,10 @@ impl Env {
                     Some(std::sync::Arc::new(runner)),
                 )
             }
-            None => (crate::task::kinds::build(&cfg.task, &tok, &model_name)?, None),
+            None => (
+                crate::task::kinds::build(&cfg.task, &tok, &model_name)?,
+                None,
+            ),
         };
         Ok(Env {
             cfg,

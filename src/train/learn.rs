@@ -770,7 +770,8 @@ mod tests {
         {
             let tmp = tempfile::tempdir().unwrap();
             let opt = AdamW::new(model.params(), AdamWParams::default());
-            let mut learner = Learner::new(model.deep_clone().unwrap(), opt, tmp.path(), 0).unwrap();
+            let mut learner =
+                Learner::new(model.deep_clone().unwrap(), opt, tmp.path(), 0).unwrap();
             let b = StepBatch::flatten(&garbled);
             let lp = learner.logprobs(&env, &b).unwrap();
             let behaviour = b.behaviour(&lp.rows);
@@ -806,16 +807,28 @@ mod tests {
             runs.push((m, params, dir));
         }
         let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
-        for key in ["is/ratio_mean", "is/ratio_max", "loss/clipfrac", "loss/policy", "grad/norm", "entropy"] {
+        for key in [
+            "is/ratio_mean",
+            "is/ratio_max",
+            "loss/clipfrac",
+            "loss/policy",
+            "grad/norm",
+            "entropy",
+        ] {
             assert_eq!(a.0[key], b.0[key], "{key}");
         }
         assert_eq!(a.1, b.1, "the update must not see environment tokens");
         // On-policy: the model's own tokens have ratio 1; unmasked garbage does not.
-        assert!((a.0["is/ratio_max"] - 1.0).abs() < 1e-3, "{}", a.0["is/ratio_max"]);
+        assert!(
+            (a.0["is/ratio_max"] - 1.0).abs() < 1e-3,
+            "{}",
+            a.0["is/ratio_max"]
+        );
         assert!(c.0["is/ratio_max"] > 10.0, "{}", c.0["is/ratio_max"]);
         // samples.jsonl carries the episode as messages.
         let samples = std::fs::read_to_string(a.2.join("samples.jsonl")).unwrap();
-        let line: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(samples.lines().next().unwrap()).unwrap();
         let msgs = &line["responses"][0]["episode"]["messages"];
         assert_eq!(msgs[0]["role"], "user");
         assert_eq!(msgs[1]["role"], "assistant");

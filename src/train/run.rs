@@ -143,7 +143,10 @@ fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
     let cfg = &env.cfg;
     if let Some(r) = &env.environment {
         // An episode is at most env.max_tokens long; there is no warm-up.
-        let prompt = r.config().max_tokens.saturating_sub(cfg.rollout.max_new_tokens);
+        let prompt = r
+            .config()
+            .max_tokens
+            .saturating_sub(cfg.rollout.max_new_tokens);
         let mut plan = Plan::new(cfg, model.num_params(), prompt);
         plan.warmup_max_steps = 0;
         plan.heldout_size = heldout(env).len();
