@@ -139,10 +139,10 @@ impl Countdown {
             for &n in &order[1..k] {
                 let n = Rational::integer(n);
                 acc = match rng.gen_range(0..4) {
-                    0 => acc.add(n),
-                    1 => acc.sub(n),
-                    2 => acc.mul(n),
-                    _ => acc.div(n),
+                    0 => acc.checked_add(n),
+                    1 => acc.checked_sub(n),
+                    2 => acc.checked_mul(n),
+                    _ => acc.checked_div(n),
                 }
                 .unwrap_or(Rational::integer(0));
             }

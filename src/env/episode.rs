@@ -21,14 +21,14 @@ pub enum Transcript {
     /// message is its content and a newline; the model's message ends with EOS.
     Plain,
     /// The model's chat template, with the environment's tools as `tools`.
-    Chat(ChatTemplate),
+    Chat(Box<ChatTemplate>),
 }
 
 impl Transcript {
     /// The chat template of `tok` when it has one, else plain text.
     pub fn for_tokenizer(tok: &Tokenizer, model: &str) -> Result<Self> {
         match ChatTemplate::from_tokenizer(tok, model) {
-            Some(t) => Ok(Transcript::Chat(t?)),
+            Some(t) => Ok(Transcript::Chat(Box::new(t?))),
             None => Ok(Transcript::Plain),
         }
     }

@@ -44,7 +44,7 @@ impl Rational {
         self.den
     }
 
-    pub fn add(self, o: Self) -> Result<Self, String> {
+    pub fn checked_add(self, o: Self) -> Result<Self, String> {
         // a/b + c/d = (a·(l/b) + c·(l/d)) / l with l = lcm(b, d): smaller intermediates.
         let g = gcd(self.den, o.den);
         let l = (self.den / g).checked_mul(o.den).ok_or(OVERFLOW)?;
@@ -53,18 +53,18 @@ impl Rational {
         Rational::new(a.checked_add(c).ok_or(OVERFLOW)?, l)
     }
 
-    pub fn neg(self) -> Result<Self, String> {
+    pub fn checked_neg(self) -> Result<Self, String> {
         Ok(Rational {
             num: self.num.checked_neg().ok_or(OVERFLOW)?,
             den: self.den,
         })
     }
 
-    pub fn sub(self, o: Self) -> Result<Self, String> {
-        self.add(o.neg()?)
+    pub fn checked_sub(self, o: Self) -> Result<Self, String> {
+        self.checked_add(o.checked_neg()?)
     }
 
-    pub fn mul(self, o: Self) -> Result<Self, String> {
+    pub fn checked_mul(self, o: Self) -> Result<Self, String> {
         // Cross-cancel first so that products of reduced fractions stay small.
         let g1 = gcd(self.num, o.den).max(1);
         let g2 = gcd(o.num, self.den).max(1);
@@ -73,11 +73,11 @@ impl Rational {
         Rational::new(num, den)
     }
 
-    pub fn div(self, o: Self) -> Result<Self, String> {
+    pub fn checked_div(self, o: Self) -> Result<Self, String> {
         if o.num == 0 {
             return Err("division by zero".into());
         }
-        self.mul(Rational::new(o.den, o.num)?)
+        self.checked_mul(Rational::new(o.den, o.num)?)
     }
 }
 
@@ -104,14 +104,14 @@ impl Expr {
     pub fn eval(&self) -> Result<Rational, String> {
         match self {
             Expr::Num(v, _) => Ok(*v),
-            Expr::Neg(e) => e.eval()?.neg(),
+            Expr::Neg(e) => e.eval()?.checked_neg(),
             Expr::Bin(op, a, b) => {
                 let (a, b) = (a.eval()?, b.eval()?);
                 match op {
-                    '+' => a.add(b),
-                    '-' => a.sub(b),
-                    '*' => a.mul(b),
-                    _ => a.div(b),
+                    '+' => a.checked_add(b),
+                    '-' => a.checked_sub(b),
+                    '*' => a.checked_mul(b),
+                    _ => a.checked_div(b),
                 }
             }
         }

@@ -725,11 +725,13 @@ mod tests {
     /// trainable, the hand-built equivalent of not masking) the ratio statistics move.
     #[test]
     fn environment_tokens_get_zero_gradient_and_stay_out_of_ratio_statistics() {
-        let mut cfg = RunConfig::default();
-        cfg.env = Some(crate::env::EnvConfig {
-            max_turns: 3,
+        let mut cfg = RunConfig {
+            env: Some(crate::env::EnvConfig {
+                max_turns: 3,
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         cfg.rollout.prompts_per_step = 2;
         cfg.rollout.group_size = 3;
         cfg.rollout.max_new_tokens = 3;
