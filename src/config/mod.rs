@@ -422,7 +422,11 @@ impl RunConfig {
         if self.loss.agg == crate::loss::Aggregation::SeqMeanTokenSumNorm
             && self.loss.max_len.is_none()
         {
-            self.loss.max_len = Some(self.rollout.max_new_tokens);
+            // An episode's response spans every turn: its budget is env.max_tokens.
+            self.loss.max_len = Some(match &self.env {
+                Some(e) => e.max_tokens,
+                None => self.rollout.max_new_tokens,
+            });
         }
     }
 

@@ -329,7 +329,9 @@ mod tests {
 
     #[test]
     fn a_hanging_program_times_out_and_the_episode_ends_with_the_reason() {
-        let f = Factory::new(&cfg(faulty("import time; time.sleep(60)"), 0.5, 5)).unwrap();
+        // Resets get the configured 30 s (python may start slowly on a loaded machine); the
+        // step is given half a second.
+        let f = Factory::new(&cfg(faulty("import time; time.sleep(60)"), 30.0, 5)).unwrap();
         let mut e = f.make(0);
         e.reset(1).unwrap();
         // Episode 2 lives on the same process (slot 0 of 2).
@@ -356,7 +358,7 @@ mod tests {
 
     #[test]
     fn garbage_and_crashes_are_observations_until_they_repeat() {
-        let f = Factory::new(&cfg(faulty("print('hello there', flush=True)"), 5.0, 3)).unwrap();
+        let f = Factory::new(&cfg(faulty("print('hello there', flush=True)"), 30.0, 3)).unwrap();
         let mut e = f.make(0);
         e.reset(1).unwrap();
         let s = e.step("hi", soon()).unwrap();
@@ -365,7 +367,7 @@ mod tests {
             why.contains("printed \"hello there\", expected one JSON object"),
             "{why}"
         );
-        let f = Factory::new(&cfg(faulty("sys.exit(4)"), 5.0, 3)).unwrap();
+        let f = Factory::new(&cfg(faulty("sys.exit(4)"), 30.0, 3)).unwrap();
         let mut e = f.make(0);
         e.reset(1).unwrap();
         let s = e.step("hi", soon()).unwrap();
@@ -380,7 +382,7 @@ mod tests {
         assert!(err.contains("environment program `python3 -c"), "{err}");
         assert!(err.contains("failed 3 times in a row"), "{err}");
         // A program that cannot start at all stops the run at reset.
-        let f = Factory::new(&cfg(vec!["/nonexistent/env-program".into()], 5.0, 2)).unwrap();
+        let f = Factory::new(&cfg(vec!["/nonexistent/env-program".into()], 30.0, 2)).unwrap();
         let err = f.make(0).reset(1).unwrap_err().to_string();
         assert!(
             err.contains("/nonexistent/env-program") && err.contains("cannot start"),
