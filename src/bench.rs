@@ -356,6 +356,7 @@ pub fn rl_step(
         model_path: None,
         cfg,
         tok: tokenizer,
+        environment: None,
     };
     let scratch = std::env::temp_dir().join(format!("grove-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| crate::error::Error::io(&scratch, e))?;

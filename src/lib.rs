@@ -8,6 +8,7 @@ pub mod bench;
 pub mod buffer;
 pub mod compute;
 pub mod config;
+pub mod env;
 pub mod error;
 pub mod eval;
 pub mod experiment;

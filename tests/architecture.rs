@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["advantage", "loss", "sampling"],
     &["rollout"],
     &["reward"],
-    &["task"],
+    &["task", "env"],
     &["config"],
     &["train", "eval", "view"],
     &["experiment", "bench"],

@@ -33,6 +33,21 @@ pub struct Experience {
     /// How many times this experience has been handed to a trainer.
     #[serde(default)]
     pub use_count: u32,
+    /// Per response token: true where the policy sampled it, false where an environment or
+    /// tool wrote it (masked out of the loss and the ratio statistics). Empty: all trainable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trainable: Vec<bool>,
+    /// A multi-turn episode's transcript (messages, per-turn rewards and infos); None for a
+    /// single response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub episode: Option<serde_json::Value>,
+}
+
+impl Experience {
+    /// Whether response token `t` is the policy's own (trained).
+    pub fn is_trainable(&self, t: usize) -> bool {
+        self.trainable.get(t).copied().unwrap_or(true)
+    }
 }
 
 /// All responses to one prompt, sampled by one policy version.
@@ -64,6 +79,16 @@ pub enum ExperienceError {
          (one per response token)"
     )]
     LogprobLength {
+        group_id: u64,
+        index: usize,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "group {group_id}: experiences[{index}].trainable has {found} entries, expected {expected} \
+         (one per response token) or none (all trainable)"
+    )]
+    TrainableLength {
         group_id: u64,
         index: usize,
         expected: usize,
@@ -152,6 +177,14 @@ impl ExperienceGroup {
                 found: e.logprobs.len(),
             });
         }
+        if !e.trainable.is_empty() && e.trainable.len() != e.response_ids.len() {
+            return Err(ExperienceError::TrainableLength {
+                group_id: self.group_id,
+                index,
+                expected: e.response_ids.len(),
+                found: e.trainable.len(),
+            });
+        }
         let not_finite = |field: String, value: f64| ExperienceError::NotFinite {
             group_id: self.group_id,
             index,
@@ -211,6 +244,8 @@ pub(super) mod tests {
                 finished: i % 2 == 0,
                 policy_version: version,
                 use_count: 0,
+                trainable: vec![],
+                episode: None,
             })
             .collect();
         ExperienceGroup {
@@ -326,5 +361,22 @@ pub(super) mod tests {
         let e: Experience = serde_json::from_str(line).unwrap();
         assert_eq!(e.use_count, 0);
         assert!(e.components.is_empty());
+        // Lines written before multi-turn episodes: every token trainable, no transcript.
+        assert!(e.trainable.is_empty() && e.is_trainable(0) && e.episode.is_none());
+        assert!(!serde_json::to_string(&e).unwrap().contains("trainable"));
+    }
+
+    #[test]
+    fn trainable_mask_length_must_match_response() {
+        let mut g = sample_group(1, 0, 2);
+        g.experiences[1].trainable = vec![true, false, true];
+        assert_eq!(g.validate(), Ok(()));
+        assert!(!g.experiences[1].is_trainable(1));
+        g.experiences[1].trainable.pop();
+        assert_eq!(
+            g.validate().unwrap_err().to_string(),
+            "group 1: experiences[1].trainable has 2 entries, expected 3 (one per response \
+             token) or none (all trainable)"
+        );
     }
 }

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub output_dir: String,
     pub model: ModelConfig,
     pub task: TaskConfig,
+    /// A multi-turn environment (`[env]`, docs/environments.md); it replaces `[task]`.
+    pub env: Option<crate::env::EnvConfig>,
     pub warmup: WarmupConfig,
     pub rollout: RolloutConfig,
     pub sampling: SamplingConfig,
@@ -62,6 +64,7 @@ impl Default for RunConfig {
             output_dir: "runs".into(),
             model: ModelConfig::default(),
             task: TaskConfig::default(),
+            env: None,
             warmup: WarmupConfig::default(),
             rollout: RolloutConfig::default(),
             sampling: SamplingConfig::default(),
@@ -484,6 +487,29 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
 }
 
 impl RunConfig {
+    /// An `[env]` section and what it cannot be combined with.
+    fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
+        e.validate()?;
+        let clash = [
+            (
+                self.sampling.inject_ground_truth,
+                "sampling.inject_ground_truth (an episode has no reference solution)",
+            ),
+            (
+                self.reward.pipeline.is_some(),
+                "[reward.pipeline] (the environment gives the rewards)",
+            ),
+            (
+                self.reward.noise_rho0 > 0.0 || self.reward.noise_rho1 > 0.0,
+                "reward.noise_rho0/1",
+            ),
+        ];
+        match clash.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(format!("[env] cannot be combined with {what}")),
+            None => Ok(()),
+        }
+    }
+
     /// Values derived from others when not given: `loss.max_len` (Dr. GRPO's fixed L_max) is
     /// the generation budget `rollout.max_new_tokens`.
     ///
@@ -498,7 +524,11 @@ impl RunConfig {
         if self.loss.agg == crate::loss::Aggregation::SeqMeanTokenSumNorm
             && self.loss.max_len.is_none()
         {
-            self.loss.max_len = Some(self.rollout.max_new_tokens);
+            // An episode's response spans every turn: its budget is env.max_tokens.
+            self.loss.max_len = Some(match &self.env {
+                Some(e) => e.max_tokens,
+                None => self.rollout.max_new_tokens,
+            });
         }
         // A dataset's held-out fraction is drawn with the run seed unless given its own.
         if self.task.kind == TaskKind::Dataset && self.task.split_seed.is_none() {
@@ -562,6 +592,9 @@ impl RunConfig {
                 .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
         }
         pipeline_rules::validate_for_train(self).map_err(|m| Error::config(source, m))?;
+        if let Some(e) = &self.env {
+            self.validate_env(e).map_err(|m| Error::config(source, m))?;
+        }
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

@@ -20,19 +20,18 @@ pub fn external_programs(cfg: &RunConfig) -> Vec<String> {
         .task
         .external_command()
         .map(|e| format!("task.external: {}", shell_words(&e.command)));
-    let Some(p) = &cfg.reward.pipeline else {
-        return task.into_iter().collect();
-    };
-    task.into_iter()
-        .chain(p.components.iter().filter_map(|c| match &c.kind {
+    let env = cfg.env.iter().flat_map(|e| e.external_programs());
+    let rewards = cfg.reward.pipeline.iter().flat_map(|p| {
+        p.components.iter().filter_map(|c| match &c.kind {
             ComponentKind::External(e) => Some(format!(
                 "reward.pipeline `{}`: {}",
                 c.name,
                 shell_words(&e.command)
             )),
             _ => None,
-        }))
-        .collect()
+        })
+    });
+    task.into_iter().chain(rewards).chain(env).collect()
 }
 
 /// The command as one line, each word quoted when it holds a space or a quote.

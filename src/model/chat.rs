@@ -169,6 +169,17 @@ impl ChatTemplate {
 
     /// Renders a conversation; `add_generation_prompt` appends the assistant header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with tool schemas (OpenAI style) as the template's `tools`
+    /// (none: `tools` is undefined, as transformers passes it).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat_template")
@@ -178,6 +189,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
+            tools => (!tools.is_empty()).then(|| minijinja::Value::from(minijinja::value::Serde(tools))),
         };
         tmpl.render(ctx)
             .map_err(|e| template_error(&self.source, e))

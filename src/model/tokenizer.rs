@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 /// Characters of the built-in arithmetic vocabulary, after the special tokens.
 pub const BUILTIN_CHARS: &str = "0123456789+-*= ";
 pub const BUILTIN_SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
+/// Characters the built-in model gets besides [`BUILTIN_CHARS`] when it plays an environment
+/// (plain-text transcripts); the arithmetic vocabulary and its ids stay as they are.
+pub const BUILTIN_TEXT_CHARS: &str = "abcdefghijklmnopqrstuvwxyz.,:;?!()/<>_\n";
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -117,7 +120,16 @@ impl Tokenizer {
 
     /// The character-level vocabulary of the built-in arithmetic task.
     pub fn builtin_arithmetic() -> Self {
-        let json = builtin_tokenizer_json();
+        Self::builtin_with(builtin_tokenizer_json())
+    }
+
+    /// The built-in vocabulary plus lower-case text ([`BUILTIN_TEXT_CHARS`]), for
+    /// environments.
+    pub fn builtin_text() -> Self {
+        Self::builtin_with(builtin_tokenizer_json_with(BUILTIN_TEXT_CHARS))
+    }
+
+    fn builtin_with(json: String) -> Self {
         // The JSON is generated here and covered by tests; failure would be a programming error.
         Self::from_json(
             json,
@@ -172,6 +184,11 @@ pub(crate) fn parse(json: &str, source: &str) -> Result<tokenizers::Tokenizer> {
 
 /// HF `tokenizer.json` for the built-in vocabulary: WordLevel over single characters.
 pub fn builtin_tokenizer_json() -> String {
+    builtin_tokenizer_json_with("")
+}
+
+/// The built-in `tokenizer.json` with `extra` characters after the arithmetic ones.
+pub fn builtin_tokenizer_json_with(extra: &str) -> String {
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
     for (i, s) in BUILTIN_SPECIALS.iter().enumerate() {
@@ -181,7 +198,7 @@ pub fn builtin_tokenizer_json() -> String {
             "normalized": false, "special": true
         }));
     }
-    for (i, c) in BUILTIN_CHARS.chars().enumerate() {
+    for (i, c) in BUILTIN_CHARS.chars().chain(extra.chars()).enumerate() {
         vocab.insert(c.to_string(), (BUILTIN_SPECIALS.len() + i).into());
     }
     let doc = serde_json::json!({
@@ -201,6 +218,21 @@ pub fn builtin_tokenizer_json() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builtin_text_extends_the_arithmetic_ids() {
+        let a = Tokenizer::builtin_arithmetic();
+        let t = Tokenizer::builtin_text();
+        assert_eq!(
+            t.vocab_size(),
+            a.vocab_size() + BUILTIN_TEXT_CHARS.chars().count()
+        );
+        assert_eq!(t.encode("37+48=85").unwrap(), a.encode("37+48=85").unwrap());
+        let text = "guess my number from 1 to 16. reply with a number.\nhigher\n";
+        let ids = t.encode(text).unwrap();
+        assert_eq!(ids.len(), text.len());
+        assert_eq!(t.decode(&ids).unwrap(), text);
+    }
 
     #[test]
     fn builtin_round_trip() {

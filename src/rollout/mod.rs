@@ -7,6 +7,7 @@ pub mod engine;
 pub mod remote;
 pub mod sampler;
 pub mod serve;
+pub mod session;
 
 use candle_core::{Device, Tensor};
 use rand::Rng;

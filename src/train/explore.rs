@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::{Experience, ExperienceGroup};
 use crate::config::RunConfig;
+use crate::env::runner::{EnvRunner, EnvTask};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
@@ -25,30 +26,51 @@ pub struct Env {
     pub task: Box<dyn Task>,
     /// Local path of the pretrained policy (`model.source`); None: the built-in model.
     pub model_path: Option<std::path::PathBuf>,
+    /// The `[env]` environment that replaces the task's single prompts with episodes.
+    pub environment: Option<std::sync::Arc<EnvRunner>>,
 }
 
 impl Env {
     /// The built-in model's vocabulary, or the pretrained model's own tokenizer (and chat
     /// template, which renders the task's prompts).
     pub fn new(cfg: RunConfig) -> Result<Self> {
-        if cfg.model.source == "builtin" {
-            let tok = Tokenizer::builtin_arithmetic();
-            let task = crate::task::kinds::build(&cfg.task, &tok, "the built-in model")?;
-            return Ok(Env {
-                cfg,
-                tok,
-                task,
-                model_path: None,
-            });
-        }
-        let path = super::pretrained::model_path(&cfg.model.source)?;
-        let tok = crate::model::io::load_pretrained_tokenizer(&path)?;
-        let task = crate::task::kinds::build(&cfg.task, &tok, &path.display().to_string())?;
+        let (tok, model_path) = if cfg.model.source == "builtin" {
+            // Environments talk in text: the built-in model then gets letters too.
+            let tok = match cfg.env {
+                Some(_) => Tokenizer::builtin_text(),
+                None => Tokenizer::builtin_arithmetic(),
+            };
+            (tok, None)
+        } else {
+            let path = super::pretrained::model_path(&cfg.model.source)?;
+            (
+                crate::model::io::load_pretrained_tokenizer(&path)?,
+                Some(path),
+            )
+        };
+        let model_name = match &model_path {
+            Some(p) => p.display().to_string(),
+            None => "the built-in model".to_string(),
+        };
+        let (task, environment): (Box<dyn Task>, _) = match &cfg.env {
+            Some(ec) => {
+                let runner = EnvRunner::new(ec, &tok, &model_name)?;
+                (
+                    Box::new(EnvTask::new(&runner)),
+                    Some(std::sync::Arc::new(runner)),
+                )
+            }
+            None => (
+                crate::task::kinds::build(&cfg.task, &tok, &model_name)?,
+                None,
+            ),
+        };
         Ok(Env {
             cfg,
             tok,
             task,
-            model_path: Some(path),
+            model_path,
+            environment,
         })
     }
 
@@ -153,6 +175,19 @@ pub fn collect_rewarded(
     st: &mut ExploreState,
     rewarder: Option<&mut PipelineRewarder>,
 ) -> Result<Vec<ExperienceGroup>> {
+    if let Some(runner) = &env.environment {
+        let r = &env.cfg.rollout;
+        return runner.collect(
+            model,
+            &env.tok,
+            r.sampling(),
+            (r.prompts_per_step, r.group_size),
+            version,
+            &mut st.prompt_rng,
+            &mut st.sample_rng,
+            &mut st.next_group_id,
+        );
+    }
     let hook = rewarder.map(|r| (r, model));
     let engine = LocalEngine::new(model, &env.tok);
     collect_hooked(env, version, st, hook, |prompts, g, rng| {
@@ -171,6 +206,13 @@ pub fn collect_with<F>(
 where
     F: FnOnce(&[Vec<u32>], usize, &mut ChaCha8Rng) -> Result<Vec<Generation>>,
 {
+    if env.environment.is_some() {
+        return Err(Error::config(
+            "[env]",
+            "[env] episodes are rolled out by grove's own engine, not through a remote server \
+             (remove --remote / [remote])",
+        ));
+    }
     collect_hooked(env, version, st, None, sample)
 }
 
@@ -232,6 +274,8 @@ where
                 finished: gen.finished,
                 policy_version: version,
                 use_count: 0,
+                trainable: vec![],
+                episode: None,
             });
         }
         // Reward-pipeline hook ([reward.pipeline], src/train/reward_hook.rs): the pipeline's

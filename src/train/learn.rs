@@ -149,12 +149,21 @@ impl Learner {
         let batches = chunks
             .iter()
             .map(|c| {
-                batch::build(
+                let mut bc = batch::build(
                     &prompts[c.clone()],
                     &responses[c.clone()],
                     env.tok.pad,
                     &dev,
-                )
+                )?;
+                // Environment and tool tokens count as padding for the entropy term.
+                for (row, e) in bc.valid.iter_mut().zip(&b.exps[c.clone()]) {
+                    for (t, v) in row.iter_mut().enumerate().take(e.response_ids.len()) {
+                        if !e.is_trainable(t) {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                Ok(bc)
             })
             .collect::<Result<Vec<_>>>()?;
         let rows_of = |model: &Llama| -> Result<Vec<Vec<f64>>> {
@@ -393,12 +402,8 @@ impl Learner {
             for i in r.clone() {
                 let e = &b.exps[i];
                 let text = response_text(&env.tok, &e.response_ids)?;
-                // The task verifier's judgement, so a reader sees why (pipeline rewards add
-                // their components below).
-                let reason = env.task.verify(&text, e.finished, &e.answer).reason;
-                rs.push(serde_json::json!({
+                let mut r = serde_json::json!({
                     "text": text,
-                    "reason": reason,
                     "reward": b.rewards[i],
                     "correct": b.correct[i],
                     "advantage": sel.adv[i],
@@ -407,7 +412,14 @@ impl Learner {
                     "finished": b.exps[i].finished,
                     "masked": !sel.keep[i],
                     "components": b.exps[i].components,
-                }));
+                });
+                match &e.episode {
+                    Some(ep) => r["episode"] = ep.clone(),
+                    // The task verifier's judgement, so a reader sees why (pipeline rewards add
+                    // their components).
+                    None => r["reason"] = env.task.verify(&text, e.finished, &e.answer).reason.into(),
+                }
+                rs.push(r);
             }
             self.samples.write(&serde_json::json!({
                 "step": step, "phase": "rl", "policy_version": groups[p].policy_version,
@@ -457,6 +469,15 @@ impl StepBatch {
         self.exps.len()
     }
 
+    /// `weight` on sample i's trainable tokens, 0 on environment and tool tokens: those
+    /// enter neither the loss nor the ratio statistics.
+    fn trainable_mask(&self, i: usize, weight: f64) -> Vec<f64> {
+        let e = &self.exps[i];
+        (0..e.response_ids.len())
+            .map(|t| if e.is_trainable(t) { weight } else { 0.0 })
+            .collect()
+    }
+
     fn len(&self, i: usize) -> usize {
         self.exps[i].response_ids.len()
     }
@@ -492,6 +513,8 @@ impl StepBatch {
             let e = &mut self.exps[i];
             e.logprobs = vec![0.0; tokens.len()];
             e.response_ids = tokens;
+            e.trainable.clear();
+            e.episode = None;
             e.finished = true;
             e.reward = 1.0;
             e.components.insert("correct".into(), 1.0);
@@ -530,7 +553,7 @@ impl StepBatch {
                     &cfg.loss,
                     &behaviour[i],
                     &rr[i][..len],
-                    &vec![1.0; len],
+                    &self.trainable_mask(i, 1.0),
                 );
                 kl_penalty_mean += pen / n as f64;
                 self.rewards[i] -= pen;
@@ -556,7 +579,7 @@ impl StepBatch {
                     logp: lp.rows[i][..len].to_vec(),
                     logp_old: behaviour[i].clone(),
                     logp_ref: lp.ref_rows.as_ref().map(|rr| rr[i][..len].to_vec()),
-                    mask: vec![if sel.keep[i] { 1.0 } else { 0.0 }; len],
+                    mask: self.trainable_mask(i, if sel.keep[i] { 1.0 } else { 0.0 }),
                     adv: vec![sel.adv[i]; len],
                     kl_weight: if cfg.loss.dads {
                         loss::dads_weight(sel.adv[i] > 0.0, n_correct, r.len())
@@ -699,5 +722,122 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
         assert!(worst < 1e-8, "parameters differ by {worst}");
+    }
+
+    /// Episodes of the built-in `guess` environment: environment tokens get exactly zero
+    /// dL/dℓ and do not enter the ratio statistics. Their behaviour log-probs are replaced by
+    /// wild values: with the mask the update is bit-identical; without it (every token
+    /// trainable, the hand-built equivalent of not masking) the ratio statistics move.
+    #[test]
+    fn environment_tokens_get_zero_gradient_and_stay_out_of_ratio_statistics() {
+        let mut cfg = RunConfig {
+            env: Some(crate::env::EnvConfig {
+                max_turns: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        cfg.rollout.prompts_per_step = 2;
+        cfg.rollout.group_size = 3;
+        cfg.rollout.max_new_tokens = 3;
+        cfg.train.lr_warmup_steps = 0;
+        cfg.train.log_samples = 1;
+        cfg.loss.entropy_coef = 0.01;
+        let env = Env::new(cfg.clone()).unwrap();
+        let model = env.initial_policy(&Device::Cpu).unwrap();
+        let mut st = ExploreState::new(&cfg, 0).unwrap();
+        let mut groups = collect(&env, &model, 0, &mut st).unwrap();
+        for (i, e) in groups
+            .iter_mut()
+            .flat_map(|g| &mut g.experiences)
+            .enumerate()
+        {
+            e.reward = (i % 2) as f64;
+        }
+        let masked: usize = groups
+            .iter()
+            .flat_map(|g| &g.experiences)
+            .map(|e| e.trainable.iter().filter(|t| !**t).count())
+            .sum();
+        assert!(masked > 0, "the episodes must hold environment tokens");
+        // The same episodes with the environment tokens' behaviour log-probs garbled.
+        let mut garbled = groups.clone();
+        for e in garbled.iter_mut().flat_map(|g| &mut g.experiences) {
+            for t in 0..e.logprobs.len() {
+                if !e.is_trainable(t) {
+                    e.logprobs[t] = -7.5;
+                }
+            }
+        }
+        let mut all_trainable = garbled.clone();
+        for e in all_trainable.iter_mut().flat_map(|g| &mut g.experiences) {
+            e.trainable.clear();
+        }
+        // dL/dℓ is exactly 0 at every environment token.
+        {
+            let tmp = tempfile::tempdir().unwrap();
+            let opt = AdamW::new(model.params(), AdamWParams::default());
+            let mut learner =
+                Learner::new(model.deep_clone().unwrap(), opt, tmp.path(), 0).unwrap();
+            let b = StepBatch::flatten(&garbled);
+            let lp = learner.logprobs(&env, &b).unwrap();
+            let behaviour = b.behaviour(&lp.rows);
+            let sel = learner.select_and_advantage(&env.cfg, &b).unwrap();
+            let seqs = b.seq_inputs(&env.cfg, &lp, &behaviour, &sel);
+            let out = loss::compute(&env.cfg.loss, &seqs).unwrap();
+            let mut env_tokens = 0;
+            for (i, g) in out.grad_logp.iter().enumerate() {
+                for (t, &d) in g.iter().enumerate() {
+                    if !b.exps[i].is_trainable(t) {
+                        assert_eq!(d, 0.0, "sample {i}, token {t}");
+                        env_tokens += 1;
+                    }
+                }
+            }
+            assert_eq!(env_tokens, masked);
+            assert!(sel.adv.iter().any(|a| *a != 0.0));
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut runs = vec![];
+        for (k, gs) in [&groups, &garbled, &all_trainable].into_iter().enumerate() {
+            let opt = AdamW::new(model.params(), AdamWParams::default());
+            let dir = tmp.path().join(format!("run{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut learner = Learner::new(model.deep_clone().unwrap(), opt, &dir, 0).unwrap();
+            let m = learner.learn(&env, gs, 1, 0.0, 0).unwrap();
+            let params: Vec<Vec<f32>> = learner
+                .model
+                .params()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            runs.push((m, params, dir));
+        }
+        let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
+        for key in [
+            "is/ratio_mean",
+            "is/ratio_max",
+            "loss/clipfrac",
+            "loss/policy",
+            "grad/norm",
+            "entropy",
+        ] {
+            assert_eq!(a.0[key], b.0[key], "{key}");
+        }
+        assert_eq!(a.1, b.1, "the update must not see environment tokens");
+        // On-policy: the model's own tokens have ratio 1; unmasked garbage does not.
+        assert!(
+            (a.0["is/ratio_max"] - 1.0).abs() < 1e-3,
+            "{}",
+            a.0["is/ratio_max"]
+        );
+        assert!(c.0["is/ratio_max"] > 10.0, "{}", c.0["is/ratio_max"]);
+        // samples.jsonl carries the episode as messages.
+        let samples = std::fs::read_to_string(a.2.join("samples.jsonl")).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+        let msgs = &line["responses"][0]["episode"]["messages"];
+        assert_eq!(msgs[0]["role"], "user");
+        assert_eq!(msgs[1]["role"], "assistant");
     }
 }

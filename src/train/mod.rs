@@ -60,6 +60,10 @@ pub struct Summary {
 /// The built-in policy shape for a vocabulary.
 pub fn builtin_shape(cfg: &RunConfig, vocab: usize) -> ModelShape {
     let mut s = ModelShape::builtin_tiny(vocab);
+    if let Some(e) = &cfg.env {
+        // Episodes are longer than an arithmetic prompt and answer.
+        s.max_position_embeddings = Some(e.max_tokens);
+    }
     s.hidden_size = cfg.model.hidden_size;
     s.num_hidden_layers = cfg.model.num_layers;
     s.num_attention_heads = cfg.model.num_heads;
@@ -125,6 +129,9 @@ pub fn evaluate_task(
     problems: &[Problem],
     max_new_tokens: usize,
 ) -> Result<f64> {
+    if let Some(runner) = &env.environment {
+        return runner.evaluate(model, &env.tok, problems.len(), max_new_tokens);
+    }
     if problems.is_empty() {
         return Ok(0.0);
     }
@@ -172,7 +179,8 @@ pub fn warmup(
     metrics: &mut JsonlWriter,
     pb: &indicatif::ProgressBar,
 ) -> Result<usize> {
-    if env.model_path.is_some() {
+    // Pretrained policies need none; environments have no single reference answer to imitate.
+    if env.model_path.is_some() || env.environment.is_some() {
         return Ok(0);
     }
     let w = &env.cfg.warmup;

@@ -276,6 +276,8 @@ mod tests {
             finished,
             policy_version: 0,
             use_count: 0,
+            trainable: vec![],
+            episode: None,
         }
     }
 

@@ -241,6 +241,17 @@ fn last_heldout_accuracy(run_dir: &Path, fallback: f64) -> Result<f64> {
 /// The derived numbers printed at start and saved as plan.json.
 fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
     let cfg = &env.cfg;
+    if let Some(r) = &env.environment {
+        // An episode is at most env.max_tokens long; there is no warm-up.
+        let prompt = r
+            .config()
+            .max_tokens
+            .saturating_sub(cfg.rollout.max_new_tokens);
+        let mut plan = Plan::new(cfg, model.num_params(), prompt);
+        plan.warmup_max_steps = 0;
+        plan.heldout_size = heldout(env).len();
+        return Ok(plan);
+    }
     if env.model_path.is_none() {
         let prompt_tokens = 1 + env
             .task

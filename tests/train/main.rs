@@ -3,6 +3,7 @@
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
 mod distributed;
+mod environments;
 mod pretrained_train;
 mod remote;
 mod train;

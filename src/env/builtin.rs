@@ -1,0 +1,496 @@
+//! The built-in environments: `guess`, `countdown`, `calculator-arithmetic` and `bandit`
+//! (docs/environments.md). Each is a pure function of its seed and the model's messages.
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::rational::{self, Rational};
+use super::tools::{Calculator, Tool, Toolbox};
+use super::{EnvConfig, EnvKind, Environment, Message, Reset, StepResult};
+use crate::error::Result;
+
+/// The built-in environment `kind` (not `program`).
+pub fn make(
+    kind: EnvKind,
+    cfg: &EnvConfig,
+    user_tools: Vec<Box<dyn Tool>>,
+) -> Box<dyn Environment> {
+    match kind {
+        EnvKind::Countdown => Box::new(Countdown::default()),
+        EnvKind::CalculatorArithmetic => {
+            let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Calculator)];
+            tools.extend(user_tools);
+            Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)))
+        }
+        EnvKind::Bandit => Box::new(Bandit::default()),
+        EnvKind::Guess | EnvKind::Program => Box::new(Guess::new(cfg.guess_max)),
+    }
+}
+
+fn user(content: String) -> Message {
+    Message {
+        role: "user".into(),
+        content,
+    }
+}
+
+/// The first whole number in `text` (optionally negative), if any.
+pub fn first_integer(text: &str) -> Option<i128> {
+    integers(text).into_iter().next()
+}
+
+/// The last whole number in `text`.
+pub fn last_integer(text: &str) -> Option<i128> {
+    integers(text).pop()
+}
+
+fn integers(text: &str) -> Vec<i128> {
+    let mut out = Vec::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            let neg = i > 0 && b[i - 1] == b'-';
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_digit() || b[i] == b',') {
+                i += 1;
+            }
+            let digits: String = text[start..i].chars().filter(|c| *c != ',').collect();
+            if let Ok(v) = digits.parse::<i128>() {
+                out.push(if neg { -v } else { v });
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Number guessing: a secret in 1..=max; each guess is answered "higher", "lower" or
+/// "correct". Reward 1 when found.
+pub struct Guess {
+    max: u64,
+    secret: u64,
+}
+
+impl Guess {
+    pub fn new(max: u64) -> Self {
+        Guess { max, secret: 1 }
+    }
+}
+
+impl Environment for Guess {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        self.secret = ChaCha8Rng::seed_from_u64(seed).gen_range(1..=self.max);
+        Ok(Reset {
+            messages: vec![user(format!(
+                "guess my number from 1 to {}. reply with a number.",
+                self.max
+            ))],
+            tools: vec![],
+        })
+    }
+
+    fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {
+        let (reply, done) = match first_integer(message) {
+            None => ("reply with a number.", false),
+            Some(g) if g == self.secret as i128 => ("correct", true),
+            Some(g) if g < self.secret as i128 => ("higher", false),
+            Some(_) => ("lower", false),
+        };
+        Ok(StepResult {
+            messages: if done {
+                vec![]
+            } else {
+                vec![user(reply.into())]
+            },
+            reward: if done { 1.0 } else { 0.0 },
+            done,
+            info: json!({"success": done, "reply": reply}),
+        })
+    }
+}
+
+/// Countdown: make `target` from `numbers` with + − × ÷ and parentheses, each number at most
+/// once. One turn; checked by exact evaluation, so every correct expression counts.
+#[derive(Default)]
+pub struct Countdown {
+    pub numbers: Vec<i128>,
+    pub target: i128,
+}
+
+const COUNTDOWN_POOL: [i128; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 25, 50, 75, 100];
+
+impl Countdown {
+    /// Draws 4 numbers and a reachable target (10..=999) made from 2 to 4 of them.
+    fn draw(seed: u64) -> (Vec<i128>, i128) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        loop {
+            let numbers: Vec<i128> = (0..4)
+                .map(|_| *COUNTDOWN_POOL.choose(&mut rng).expect("non-empty pool"))
+                .collect();
+            let mut order = numbers.clone();
+            order.shuffle(&mut rng);
+            let k = rng.gen_range(2..=4);
+            let mut acc = Rational::integer(order[0]);
+            for &n in &order[1..k] {
+                let n = Rational::integer(n);
+                acc = match rng.gen_range(0..4) {
+                    0 => acc.checked_add(n),
+                    1 => acc.checked_sub(n),
+                    2 => acc.checked_mul(n),
+                    _ => acc.checked_div(n),
+                }
+                .unwrap_or(Rational::integer(0));
+            }
+            if acc.denom() == 1 && (10..=999).contains(&acc.numer()) {
+                return (numbers, acc.numer());
+            }
+        }
+    }
+
+    /// Whether `expression` reaches the target with the allowed numbers, or why not.
+    pub fn check(&self, expression: &str) -> std::result::Result<(), String> {
+        let e = rational::parse(expression)?;
+        if e.has_negation() {
+            return Err("unary minus is not allowed".into());
+        }
+        let mut left = self.numbers.clone();
+        for lit in e.literals() {
+            let v: Option<i128> = lit.parse().ok();
+            match v.and_then(|v| left.iter().position(|&n| n == v)) {
+                Some(i) => {
+                    left.swap_remove(i);
+                }
+                None => return Err(format!("{lit} is not one of the numbers left to use")),
+            }
+        }
+        let v = e.eval()?;
+        if v == Rational::integer(self.target) {
+            Ok(())
+        } else {
+            Err(format!("the expression makes {v}, not {}", self.target))
+        }
+    }
+}
+
+/// The expression a countdown answer gives: inside `<answer>...</answer>` when present,
+/// else the last non-empty line, without a trailing `= result`.
+pub fn countdown_expression(message: &str) -> &str {
+    let inner = match (message.find("<answer>"), message.find("</answer>")) {
+        (Some(a), Some(b)) if a + 8 <= b => &message[a + 8..b],
+        _ => message
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(""),
+    };
+    inner.split('=').next().unwrap_or("").trim()
+}
+
+impl Environment for Countdown {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        (self.numbers, self.target) = Countdown::draw(seed);
+        let list: Vec<String> = self.numbers.iter().map(|n| n.to_string()).collect();
+        Ok(Reset {
+            messages: vec![user(format!(
+                "use the numbers {} to make {} with + - * / and parentheses, each number at \
+                 most once. reply with the expression only.",
+                list.join(", "),
+                self.target
+            ))],
+            tools: vec![],
+        })
+    }
+
+    fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {
+        let verdict = self.check(countdown_expression(message));
+        Ok(StepResult {
+            messages: vec![],
+            reward: if verdict.is_ok() { 1.0 } else { 0.0 },
+            done: true,
+            info: json!({"success": verdict.is_ok(), "reason": verdict.err(), "target": self.target}),
+        })
+    }
+}
+
+/// Arithmetic on large numbers; success needs the right number and at least one successful
+/// calculator call.
+pub struct CalculatorArithmetic {
+    digits: u32,
+    tools: Toolbox,
+    answer: i128,
+    calls_ok: usize,
+}
+
+impl CalculatorArithmetic {
+    pub fn new(digits: u32, tools: Toolbox) -> Self {
+        CalculatorArithmetic {
+            digits,
+            tools,
+            answer: 0,
+            calls_ok: 0,
+        }
+    }
+}
+
+impl Environment for CalculatorArithmetic {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let lo = 10i128.pow(self.digits - 1);
+        let (a, b) = (rng.gen_range(lo..lo * 10), rng.gen_range(lo..lo * 10));
+        let (op, answer) = match rng.gen_range(0..3) {
+            0 => ('+', a + b),
+            1 => ('-', a - b),
+            _ => ('*', a * b),
+        };
+        self.answer = answer;
+        self.calls_ok = 0;
+        Ok(Reset {
+            messages: vec![user(format!(
+                "what is {a} {op} {b}? call the calculator tool, then reply with the number only."
+            ))],
+            tools: self.tools.schemas(),
+        })
+    }
+
+    fn step(&mut self, message: &str, deadline: Instant) -> Result<StepResult> {
+        let (tool_msgs, ok) = self.tools.run(message, deadline);
+        self.calls_ok += ok;
+        if !tool_msgs.is_empty() {
+            return Ok(StepResult {
+                info: json!({"tool_calls": tool_msgs.len(), "tool_calls_ok": ok}),
+                messages: tool_msgs,
+                reward: 0.0,
+                done: false,
+            });
+        }
+        let right = last_integer(message) == Some(self.answer);
+        let success = right && self.calls_ok > 0;
+        Ok(StepResult {
+            messages: vec![],
+            reward: if success { 1.0 } else { 0.0 },
+            done: true,
+            info: json!({"success": success, "answer_right": right, "used_calculator": self.calls_ok > 0}),
+        })
+    }
+}
+
+/// A timed bandit: arm 1 takes 1 simulated second and pays 1 on average, arm 2 takes 3 and
+/// pays 4 (more per pull and per second). Pulls go on until 10 simulated seconds are spent;
+/// each step's info records the arm and its duration.
+#[derive(Default)]
+pub struct Bandit {
+    rng: Option<ChaCha8Rng>,
+    elapsed_s: f64,
+}
+
+/// (duration in simulated seconds, mean payout) of each arm.
+pub const BANDIT_ARMS: [(f64, f64); 2] = [(1.0, 1.0), (3.0, 4.0)];
+pub const BANDIT_BUDGET_S: f64 = 10.0;
+
+impl Environment for Bandit {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        self.rng = Some(ChaCha8Rng::seed_from_u64(seed));
+        self.elapsed_s = 0.0;
+        Ok(Reset {
+            messages: vec![user(format!(
+                "arm 1 takes 1s, arm 2 takes 3s. time left {BANDIT_BUDGET_S}s. reply 1 or 2."
+            ))],
+            tools: vec![],
+        })
+    }
+
+    fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {
+        let arm = first_integer(message).filter(|a| (1..=2).contains(a));
+        let Some(arm) = arm else {
+            return Ok(StepResult {
+                messages: vec![user("reply 1 or 2.".into())],
+                reward: 0.0,
+                done: false,
+                info: json!({"arm": null, "duration_s": 0.0, "elapsed_s": self.elapsed_s}),
+            });
+        };
+        let (duration, mean) = BANDIT_ARMS[arm as usize - 1];
+        let u: f64 = self
+            .rng
+            .get_or_insert_with(|| ChaCha8Rng::seed_from_u64(0))
+            .gen();
+        let payout = mean * (0.5 + u);
+        self.elapsed_s += duration;
+        let left = BANDIT_BUDGET_S - self.elapsed_s;
+        let done = left <= 0.0;
+        Ok(StepResult {
+            messages: if done {
+                vec![]
+            } else {
+                vec![user(format!("paid {payout:.1}. time left {left}s."))]
+            },
+            reward: payout,
+            done,
+            info: json!({"arm": arm, "duration_s": duration, "elapsed_s": self.elapsed_s}),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[test]
+    fn guess_answers_higher_lower_and_correct() {
+        let mut g = Guess::new(16);
+        let r = g.reset(5).unwrap();
+        assert_eq!(
+            r.messages[0].content,
+            "guess my number from 1 to 16. reply with a number."
+        );
+        let secret = g.secret;
+        assert!((1..=16).contains(&secret));
+        // The same seed gives the same secret.
+        g.reset(5).unwrap();
+        assert_eq!(g.secret, secret);
+        let s = g.step("no idea", soon()).unwrap();
+        assert_eq!(
+            (s.messages[0].content.as_str(), s.done),
+            ("reply with a number.", false)
+        );
+        if secret > 1 {
+            let s = g.step(&format!("{}", secret - 1), soon()).unwrap();
+            assert_eq!(s.messages[0].content, "higher");
+        }
+        if secret < 16 {
+            let s = g.step(&format!("maybe {}?", secret + 1), soon()).unwrap();
+            assert_eq!(s.messages[0].content, "lower");
+        }
+        let s = g.step(&secret.to_string(), soon()).unwrap();
+        assert_eq!(
+            (s.reward, s.done, s.info["success"].clone()),
+            (1.0, true, json!(true))
+        );
+    }
+
+    #[test]
+    fn countdown_accepts_every_correct_expression_and_names_mistakes() {
+        let c = Countdown {
+            numbers: vec![25, 4, 7, 3],
+            target: 103,
+        };
+        // 25*4 + 3 = 103; (7-3)*25 + 4 - 1 is not allowed (1 is not given); 4*25+3 again.
+        assert_eq!(c.check("25*4 + 3"), Ok(()));
+        assert_eq!(c.check("3 + 4 * 25"), Ok(()));
+        // (25 + 7) * 3 + 4 + ... : 32*3 = 96, + 7 would reuse 7.
+        assert_eq!(
+            c.check("(25 + 7) * 3 + 7"),
+            Err("7 is not one of the numbers left to use".into())
+        );
+        assert_eq!(
+            c.check("25 * 4"),
+            Err("the expression makes 100, not 103".into())
+        );
+        assert_eq!(
+            c.check("-3 + 106"),
+            Err("unary minus is not allowed".into())
+        );
+        // (7 - 3/3)... 3 is given once: 3/3 reuses it.
+        assert!(c.check("7 - 3/3").is_err());
+        // Division stays exact: (25 - 7/7)... not available; 100/(4/4) reuses 4.
+        assert_eq!(
+            countdown_expression("I think:\n<answer>25*4+3</answer>"),
+            "25*4+3"
+        );
+        assert_eq!(countdown_expression("steps...\n25*4+3 = 103\n"), "25*4+3");
+        // Drawn puzzles are reachable: the generator's own target is made from the numbers.
+        for seed in 0..50 {
+            let (numbers, target) = Countdown::draw(seed);
+            assert_eq!(numbers.len(), 4);
+            assert!((10..=999).contains(&target), "{target}");
+        }
+        let twice = Countdown {
+            numbers: vec![4, 4, 7, 3],
+            target: 12,
+        };
+        assert_eq!(twice.check("7 / (4 - 4)"), Err("division by zero".into()));
+        assert_eq!(
+            twice.check("(4 + 4) * 3 / 2"),
+            Err("2 is not one of the numbers left to use".into())
+        );
+        // 4*3 = 12, and (7 - 4 + 3) * ... : exact fractions count, 4 / (7 - 4 - 3 + 1/... no.
+        assert_eq!(twice.check("4 * 3"), Ok(()));
+        assert_eq!(twice.check("(7 + 4 + 4) - 3"), Ok(()));
+        let mut env = Countdown::default();
+        env.reset(1).unwrap();
+        let s = env.step("no idea", soon()).unwrap();
+        assert!(s.done && s.reward == 0.0);
+        assert!(
+            s.info["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("at character 1"),
+            "{}",
+            s.info
+        );
+    }
+
+    #[test]
+    fn calculator_arithmetic_needs_a_successful_calculator_call() {
+        let mut env = CalculatorArithmetic::new(3, Toolbox::new(vec![Box::new(Calculator)]));
+        let r = env.reset(2).unwrap();
+        assert_eq!(r.tools[0]["function"]["name"], "calculator");
+        let q = &r.messages[0].content;
+        // "what is A op B? ..." → compute it by hand from the text.
+        let expr = q.trim_start_matches("what is ").split('?').next().unwrap();
+        let answer = rational::evaluate(expr).unwrap().to_string();
+        // Right answer without a call: not a success.
+        let mut again = CalculatorArithmetic::new(3, Toolbox::new(vec![Box::new(Calculator)]));
+        again.reset(2).unwrap();
+        let s = again.step(&answer, soon()).unwrap();
+        assert_eq!(
+            (s.reward, s.info["answer_right"].clone()),
+            (0.0, json!(true))
+        );
+        let call = format!(
+            "<tool_call>{{\"name\": \"calculator\", \"arguments\": {{\"expression\": \"{expr}\"}}}}</tool_call>"
+        );
+        let s = env.step(&call, soon()).unwrap();
+        assert_eq!(s.messages[0].role, "tool");
+        assert_eq!(s.messages[0].content, answer);
+        assert!(!s.done);
+        let s = env
+            .step(&format!("the answer is {answer}"), soon())
+            .unwrap();
+        assert_eq!((s.reward, s.done), (1.0, true));
+        assert_eq!(last_integer("it is 1,234 or -56"), Some(-56));
+        assert_eq!(first_integer("it is 1,234 or -56"), Some(1234));
+    }
+
+    #[test]
+    fn bandit_records_durations_and_pays_more_on_the_slow_arm() {
+        let mut b = Bandit::default();
+        b.reset(9).unwrap();
+        let s = b.step("2", soon()).unwrap();
+        assert_eq!(
+            (s.info["arm"].clone(), s.info["duration_s"].clone()),
+            (json!(2), json!(3.0))
+        );
+        // Payout = mean × (0.5 + u): within [2, 6) for arm 2.
+        assert!((2.0..6.0).contains(&s.reward));
+        // 3 + 3 + 3 = 9 s; the fourth pull of arm 1 reaches 10 s and ends the episode.
+        b.step("2", soon()).unwrap();
+        b.step("2", soon()).unwrap();
+        let s = b.step("1", soon()).unwrap();
+        assert_eq!((s.done, s.info["elapsed_s"].clone()), (true, json!(10.0)));
+        assert!((0.5..1.5).contains(&s.reward));
+        let mut b = Bandit::default();
+        b.reset(9).unwrap();
+        assert!(!b.step("3", soon()).unwrap().done);
+    }
+}

@@ -1,0 +1,293 @@
+//! Environments: multi-turn episodes in which the policy talks with something that answers
+//! back (docs/environments.md).
+//!
+//! An [`Environment`] is reset with a seed to its first messages (and the tools the model
+//! may call), then stepped on each model message to new `user`/`tool` messages, a per-turn
+//! reward, whether the episode is done, and free-form info. [`episode`] rolls episodes out
+//! turn by turn on a kept KV cache and marks which response tokens the model wrote (the
+//! only ones trained); [`builtin`] holds the built-in environments, [`program`] runs user
+//! programs speaking JSON lines, [`tools`] parses and answers tool calls.
+pub mod builtin;
+pub mod episode;
+pub mod process;
+pub mod program;
+pub mod rational;
+pub mod runner;
+pub mod tools;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+pub use crate::model::chat::Message;
+
+/// What a reset gives the model: its first messages and the tool schemas (OpenAI style,
+/// passed to the chat template's `tools`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reset {
+    pub messages: Vec<Message>,
+    pub tools: Vec<Value>,
+}
+
+/// The environment's answer to one model message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResult {
+    /// New `user` or `tool` messages (empty when done).
+    pub messages: Vec<Message>,
+    pub reward: f64,
+    pub done: bool,
+    /// Anything worth logging; `{"success": bool}` marks a solved episode, `{"error": ...}`
+    /// an episode ended by a failure.
+    pub info: Value,
+}
+
+impl StepResult {
+    /// An episode ended by a failure (reward 0), with the reason in `info.error`.
+    pub fn failed(message: impl Into<String>) -> Self {
+        StepResult {
+            messages: vec![],
+            reward: 0.0,
+            done: true,
+            info: serde_json::json!({"error": message.into()}),
+        }
+    }
+}
+
+/// A multi-turn environment. One instance plays one episode at a time.
+pub trait Environment: Send {
+    /// Starts an episode; the same seed gives the same episode.
+    fn reset(&mut self, seed: u64) -> Result<Reset>;
+    /// Answers the model's message (its text, EOS removed) before `deadline`. Failures the
+    /// episode can absorb are a [`StepResult::failed`] or an error observation; `Err` stops
+    /// the run (an environment program that keeps failing).
+    fn step(&mut self, message: &str, deadline: Instant) -> Result<StepResult>;
+    /// Ends the episode (frees a program's state).
+    fn close(&mut self) {}
+}
+
+/// Which environment, by name (`[env] kind`); unknown names list these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EnvKind {
+    /// Multi-turn number guessing: the environment answers "higher" or "lower".
+    #[default]
+    Guess,
+    /// Reach a target from given numbers with + − × ÷, each used at most once.
+    Countdown,
+    /// Large-number arithmetic that needs the calculator tool.
+    CalculatorArithmetic,
+    /// A timed bandit: arms take different simulated times; the slow arm pays more.
+    Bandit,
+    /// A user program speaking the JSON-lines protocol (`env.program`).
+    Program,
+}
+
+/// The `[env]` section: an environment replaces the `[task]` of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvConfig {
+    pub kind: EnvKind,
+    /// Model turns per episode at most.
+    pub max_turns: usize,
+    /// Tokens per episode at most (prompt, model turns and environment messages).
+    pub max_tokens: usize,
+    /// Seconds an environment step (tool calls included) may take; a slower step ends the
+    /// episode with an error in its info.
+    pub step_timeout_s: f64,
+    /// Discount over turns: the return is Σ_t γ^t r_t.
+    pub gamma: f64,
+    /// Held-out episodes (seeds 0..n of the held-out stream).
+    pub heldout_size: usize,
+    /// `guess`: the secret is drawn from 1..=guess_max.
+    pub guess_max: u64,
+    /// `calculator-arithmetic`: digits of each operand.
+    pub digits: u32,
+    /// `program`: the program and its arguments.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub program: Vec<String>,
+    /// `program`: processes started (episodes are spread over them).
+    pub pool: usize,
+    /// `program`: failures in a row (crash, hang, garbage) after which the run stops.
+    pub max_consecutive_failures: usize,
+    /// User commands offered to the model as tools (`calculator-arithmetic` adds the
+    /// calculator).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<tools::CommandToolConfig>,
+}
+
+impl Default for EnvConfig {
+    fn default() -> Self {
+        EnvConfig {
+            kind: EnvKind::Guess,
+            max_turns: 6,
+            max_tokens: 256,
+            step_timeout_s: 10.0,
+            gamma: 1.0,
+            heldout_size: 64,
+            guess_max: 16,
+            digits: 9,
+            program: vec![],
+            pool: 4,
+            max_consecutive_failures: 5,
+            tools: vec![],
+        }
+    }
+}
+
+impl EnvConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("max_turns", self.max_turns),
+            ("max_tokens", self.max_tokens),
+            ("heldout_size", self.heldout_size),
+            ("pool", self.pool),
+            ("max_consecutive_failures", self.max_consecutive_failures),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("env.{name} must be positive, found 0"));
+        }
+        if !(self.step_timeout_s.is_finite() && self.step_timeout_s > 0.0) {
+            return Err(format!(
+                "env.step_timeout_s must be a finite number > 0, found {}",
+                self.step_timeout_s
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return Err(format!("env.gamma must be in [0, 1], found {}", self.gamma));
+        }
+        if self.guess_max < 2 {
+            return Err(format!(
+                "env.guess_max must be >= 2, found {}",
+                self.guess_max
+            ));
+        }
+        if !(1..=18).contains(&self.digits) {
+            return Err(format!(
+                "env.digits must be in 1..=18, found {}",
+                self.digits
+            ));
+        }
+        match (self.kind, self.program.first()) {
+            (EnvKind::Program, None) => {
+                return Err(
+                    "env.kind = \"program\" needs env.program = [\"program\", \"args\"...]".into(),
+                )
+            }
+            (EnvKind::Program, Some(p)) if p.is_empty() => {
+                return Err("env.program: the program name is empty".into())
+            }
+            (k, Some(_)) if k != EnvKind::Program => {
+                return Err("env.program applies to env.kind = \"program\" only".into())
+            }
+            _ => {}
+        }
+        if !self.tools.is_empty() && self.kind != EnvKind::CalculatorArithmetic {
+            return Err(
+                "env.tools applies to env.kind = \"calculator-arithmetic\" (a program answers its own tool calls)"
+                    .into(),
+            );
+        }
+        for (i, t) in self.tools.iter().enumerate() {
+            if t.name.is_empty() || t.command.first().is_none_or(|p| p.is_empty()) {
+                return Err(format!(
+                    "env.tools[{i}]: needs a name and command = [\"program\", \"args\"...]"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every external program the environment starts, for the plan and `--resume` checks.
+    pub fn external_programs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.kind == EnvKind::Program {
+            out.push(format!("env.program: {}", self.program.join(" ")));
+        }
+        for t in &self.tools {
+            out.push(format!("env.tools `{}`: {}", t.name, t.command.join(" ")));
+        }
+        out
+    }
+}
+
+/// Makes one environment instance per episode.
+pub struct Factory {
+    cfg: EnvConfig,
+    pool: Option<Arc<program::Pool>>,
+}
+
+impl Factory {
+    pub fn new(cfg: &EnvConfig) -> Result<Self> {
+        cfg.validate().map_err(|m| Error::config("env", m))?;
+        let pool = match cfg.kind {
+            EnvKind::Program => Some(Arc::new(program::Pool::new(cfg))),
+            _ => None,
+        };
+        Ok(Factory {
+            cfg: cfg.clone(),
+            pool,
+        })
+    }
+
+    pub fn config(&self) -> &EnvConfig {
+        &self.cfg
+    }
+
+    /// A fresh instance for episode number `episode` (spreads program episodes over the pool).
+    pub fn make(&self, episode: u64) -> Box<dyn Environment> {
+        let user_tools = || -> Vec<Box<dyn tools::Tool>> {
+            self.cfg
+                .tools
+                .iter()
+                .map(|t| Box::new(tools::CommandTool::new(t.clone())) as Box<dyn tools::Tool>)
+                .collect()
+        };
+        match (self.cfg.kind, &self.pool) {
+            (EnvKind::Program, Some(pool)) => {
+                Box::new(program::ProgramEnv::new(Arc::clone(pool), episode))
+            }
+            (kind, _) => builtin::make(kind, &self.cfg, user_tools()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_names_its_problems() {
+        assert_eq!(EnvConfig::default().validate(), Ok(()));
+        let bad = EnvConfig {
+            max_turns: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            "env.max_turns must be positive, found 0"
+        );
+        let prog = EnvConfig {
+            kind: EnvKind::Program,
+            ..Default::default()
+        };
+        assert!(prog.validate().unwrap_err().contains("needs env.program"));
+        let e = toml::from_str::<EnvConfig>("kind = \"chess\"")
+            .unwrap_err()
+            .to_string();
+        for known in [
+            "guess",
+            "countdown",
+            "calculator-arithmetic",
+            "bandit",
+            "program",
+        ] {
+            assert!(e.contains(known), "{e}");
+        }
+        let p: EnvConfig =
+            toml::from_str("kind = \"program\"\nprogram = [\"python3\", \"g.py\"]").unwrap();
+        assert_eq!(p.external_programs(), vec!["env.program: python3 g.py"]);
+    }
+}

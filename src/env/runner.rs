@@ -1,0 +1,211 @@
+//! An environment as the source of a training run: groups of episodes from one seed (GRPO
+//! compares the group's returns), episodes turned into experiences with their trainable
+//! masks, and greedy held-out success.
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::episode::{Episode, Rollout, Transcript};
+use super::{EnvConfig, Factory};
+use crate::buffer::{Experience, ExperienceGroup};
+use crate::error::Result;
+use crate::model::{CausalLm, Tokenizer};
+use crate::reward::Verdict;
+use crate::rollout::SamplingParams;
+use crate::task::{Problem, Task};
+
+/// Held-out seeds have the top bit set, training seeds do not: the splits never share one.
+const HELDOUT_BIT: u64 = 1 << 63;
+
+pub struct EnvRunner {
+    factory: Factory,
+    transcript: Transcript,
+    /// Episode numbers handed to program environments, unique within the run.
+    next_episode: AtomicU64,
+}
+
+impl EnvRunner {
+    /// `model` names the model in errors.
+    pub fn new(cfg: &EnvConfig, tok: &Tokenizer, model: &str) -> Result<Self> {
+        Ok(EnvRunner {
+            factory: Factory::new(cfg)?,
+            transcript: Transcript::for_tokenizer(tok, model)?,
+            next_episode: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &EnvConfig {
+        self.factory.config()
+    }
+
+    /// Whether prompts start with the tokenizer's BOS (plain transcripts).
+    pub fn prompt_bos(&self) -> bool {
+        matches!(self.transcript, Transcript::Plain)
+    }
+
+    pub fn heldout_seeds(&self) -> Vec<u64> {
+        (0..self.config().heldout_size as u64)
+            .map(|i| i | HELDOUT_BIT)
+            .collect()
+    }
+
+    fn episodes<M: CausalLm + ?Sized>(
+        &self,
+        model: &M,
+        tok: &Tokenizer,
+        params: SamplingParams,
+        seeds: &[u64],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Episode>> {
+        let first = self
+            .next_episode
+            .fetch_add(seeds.len() as u64, Ordering::SeqCst);
+        let rollout = Rollout {
+            tok,
+            transcript: &self.transcript,
+            factory: &self.factory,
+            params,
+        };
+        rollout.run(model, seeds, first, rng)
+    }
+
+    /// `prompts` groups of `group` episodes, each group from one training seed drawn from
+    /// `prompt_rng`; token draws from `sample_rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn collect<M: CausalLm + ?Sized>(
+        &self,
+        model: &M,
+        tok: &Tokenizer,
+        params: SamplingParams,
+        (prompts, group): (usize, usize),
+        version: u64,
+        prompt_rng: &mut ChaCha8Rng,
+        sample_rng: &mut ChaCha8Rng,
+        next_group_id: &mut u64,
+    ) -> Result<Vec<ExperienceGroup>> {
+        let seeds: Vec<u64> = (0..prompts)
+            .flat_map(|_| {
+                let s = prompt_rng.gen::<u64>() & !HELDOUT_BIT;
+                std::iter::repeat_n(s, group)
+            })
+            .collect();
+        let eps = self.episodes(model, tok, params, &seeds, sample_rng)?;
+        let gamma = self.config().gamma;
+        let mut out = Vec::with_capacity(prompts);
+        for chunk in eps.chunks(group) {
+            let group_id = *next_group_id;
+            *next_group_id += 1;
+            let experiences = chunk
+                .iter()
+                .map(|e| experience(e, gamma, group_id, version))
+                .collect();
+            out.push(ExperienceGroup {
+                group_id,
+                policy_version: version,
+                experiences,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fraction of the first `n` held-out episodes (all when 0) the greedy policy solves.
+    pub fn evaluate<M: CausalLm + ?Sized>(
+        &self,
+        model: &M,
+        tok: &Tokenizer,
+        n: usize,
+        max_new_tokens: usize,
+    ) -> Result<f64> {
+        let mut seeds = self.heldout_seeds();
+        if n > 0 {
+            seeds.truncate(n);
+        }
+        if seeds.is_empty() {
+            return Ok(0.0);
+        }
+        // Greedy decoding draws nothing; a fixed RNG keeps the signature simple.
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let eps = self.episodes(
+            model,
+            tok,
+            SamplingParams::greedy(max_new_tokens),
+            &seeds,
+            &mut rng,
+        )?;
+        Ok(eps.iter().filter(|e| e.success).count() as f64 / eps.len() as f64)
+    }
+}
+
+/// An episode as the learner stores it: the return as reward, `correct` = solved, the
+/// transcript in `episode`.
+pub fn experience(e: &Episode, gamma: f64, group_id: u64, version: u64) -> Experience {
+    let ret = e.discounted_return(gamma);
+    let components = BTreeMap::from([
+        ("correct".to_string(), if e.success { 1.0 } else { 0.0 }),
+        ("turns".to_string(), e.rewards.len() as f64),
+    ]);
+    Experience {
+        group_id,
+        prompt: e.prompt.clone(),
+        prompt_ids: e.prompt_ids.clone(),
+        response_ids: e.response_ids.clone(),
+        logprobs: e.logprobs.clone(),
+        reward: ret,
+        components,
+        answer: format!("seed {}", e.seed),
+        finished: e.ended_by_env,
+        policy_version: version,
+        use_count: 0,
+        trainable: e.trainable.clone(),
+        episode: Some(e.to_json()),
+    }
+}
+
+/// The task face of an environment run: held-out "problems" are the held-out seeds (the
+/// prompt names the episode; the environment writes the real prompt at reset).
+pub struct EnvTask {
+    heldout: Vec<Problem>,
+    prompt_bos: bool,
+}
+
+impl EnvTask {
+    pub fn new(runner: &EnvRunner) -> Self {
+        let kind = serde_json::to_value(runner.config().kind).unwrap_or_default();
+        EnvTask {
+            heldout: runner
+                .heldout_seeds()
+                .into_iter()
+                .map(|s| Problem {
+                    prompt: format!("{} episode", kind.as_str().unwrap_or("env")),
+                    answer: format!("seed {s}"),
+                })
+                .collect(),
+            prompt_bos: runner.prompt_bos(),
+        }
+    }
+}
+
+impl Task for EnvTask {
+    fn sample_train(&self, rng: &mut ChaCha8Rng) -> Problem {
+        let s = rng.gen::<u64>() & !HELDOUT_BIT;
+        Problem {
+            prompt: "episode".into(),
+            answer: format!("seed {s}"),
+        }
+    }
+    fn heldout(&self) -> &[Problem] {
+        &self.heldout
+    }
+    fn verify(&self, _response: &str, _finished: bool, _reference: &str) -> Verdict {
+        Verdict {
+            score: 0.0,
+            extracted: None,
+            reason: "environments score episodes, not single responses".into(),
+        }
+    }
+    fn prompt_bos(&self) -> bool {
+        self.prompt_bos
+    }
+}
