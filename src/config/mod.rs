@@ -83,6 +83,10 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub intermediate_size: usize,
+    /// `[model.lora]`: train a LoRA adapter on a frozen base instead of every weight
+    /// (docs/lora.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraConfig>,
 }
 
 impl Default for ModelConfig {
@@ -94,6 +98,7 @@ impl Default for ModelConfig {
             num_heads: 4,
             num_kv_heads: 4,
             intermediate_size: 352,
+            lora: None,
         }
     }
 }
@@ -517,6 +522,9 @@ impl RunConfig {
                  grove checkpoint, hf://ORG/NAME)"
                     .into(),
             );
+        }
+        if let Some(l) = &self.model.lora {
+            l.validate().map_err(|m| Error::config(source, m))?;
         }
         if self.model.source == "builtin" && self.task.kind != TaskKind::Arithmetic {
             return err(format!(

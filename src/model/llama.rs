@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use super::lora::{self, Adapter, BaseIdentity, LoraConfig};
 use crate::error::{Error, Result};
 
 /// The subset of an HF `config.json` that shapes the network. Unknown keys are ignored and
@@ -275,7 +276,11 @@ impl KvCache {
 
 pub struct Llama {
     pub cfg: Config,
+    /// The trainable parameters: every weight, or with an adapter the adapter's A and B alone.
     params: Vec<(String, Var)>,
+    /// With an adapter: the frozen base weights (plain tensors, no gradient), key order.
+    frozen: Vec<(String, Tensor)>,
+    adapter: Option<Adapter>,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -365,6 +370,16 @@ impl Llama {
                 ),
             ));
         }
+        Self::assemble(cfg, &by_name, params, device)
+    }
+
+    /// The model over named weights (checked by the caller), trainable `params`.
+    fn assemble(
+        cfg: &Config,
+        by_name: &HashMap<String, Tensor>,
+        params: Vec<(String, Var)>,
+        device: &Device,
+    ) -> Result<Self> {
         let take = |n: &str| by_name[n].clone();
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
@@ -406,6 +421,8 @@ impl Llama {
         Ok(Llama {
             cfg: cfg.clone(),
             params,
+            frozen: Vec::new(),
+            adapter: None,
             embed,
             layers,
             norm: take("model.norm.weight"),
@@ -437,9 +454,13 @@ impl Llama {
             .collect()
     }
 
-    /// An independent copy of the weights: the behaviour policy of lagged/async modes, which
-    /// must not move when the trainer updates in place.
+    /// An independent copy of the trainable weights: the behaviour policy of lagged/async
+    /// modes, which must not move when the trainer updates in place. With an adapter the
+    /// frozen base is shared, not copied.
     pub fn deep_clone(&self) -> Result<Self> {
+        if let Some(a) = &self.adapter {
+            return self.frozen_view()?.with_adapter(a.deep_clone()?);
+        }
         let mut tensors = HashMap::new();
         for (n, v) in &self.params {
             tensors.insert(n.clone(), v.as_tensor().detach().copy()?);
@@ -449,11 +470,146 @@ impl Llama {
 
     /// Overwrites this model's weights with `other`'s (same config), keeping the Vars.
     pub fn copy_weights_from(&self, other: &Llama) -> Result<()> {
+        if self.params.len() != other.params.len() {
+            return Err(Error::Model(
+                "copy of weights between a LoRA model and a full one".into(),
+            ));
+        }
         for ((n, dst), (_, src)) in self.params.iter().zip(other.params.iter()) {
             dst.set(&src.as_tensor().detach().copy()?)
                 .map_err(|e| Error::Model(format!("copy of `{n}`: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Sets the trainable weights from `tensors` (the keys of [`Self::named_tensors`], every
+    /// one with its shape); `source` names the file in errors.
+    pub fn set_trainable(&self, tensors: HashMap<String, Tensor>, source: &str) -> Result<()> {
+        match &self.adapter {
+            Some(a) => a.load_values(&tensors, source),
+            None => {
+                let loaded = Self::from_tensors(&self.cfg, tensors, &self.device, source)?;
+                self.copy_weights_from(&loaded)
+            }
+        }
+    }
+
+    /// A model like this one with the trainable weights from `tensors` (a full model is
+    /// rebuilt from them; a LoRA model shares this one's base).
+    pub fn sibling_with(&self, tensors: HashMap<String, Tensor>, source: &str) -> Result<Self> {
+        if self.adapter.is_none() {
+            return Self::from_tensors(&self.cfg, tensors, &self.device, source);
+        }
+        let m = self.deep_clone()?;
+        m.set_trainable(tensors, source)?;
+        Ok(m)
+    }
+
+    /// The frozen KL reference: a full model's copy, or for a LoRA model the shared base with
+    /// a copy of the adapter, switched off unless `adapter_on` (the adapter was warmed up).
+    pub fn reference_copy(&self, adapter_on: bool) -> Result<Self> {
+        Ok(self.deep_clone()?.switch_adapter(adapter_on))
+    }
+
+    /// This model with its adapter (if any) switched on or off.
+    pub fn switch_adapter(mut self, on: bool) -> Self {
+        if let Some(a) = self.adapter.as_mut() {
+            a.enabled = on;
+        }
+        self
+    }
+
+    /// The base weights, frozen: plain tensors sharing storage with this model's.
+    fn frozen_view(&self) -> Result<Self> {
+        let by_name: HashMap<String, Tensor> = self.base_tensors().into_iter().collect();
+        let mut m = Self::assemble(&self.cfg, &by_name, Vec::new(), &self.device)?;
+        m.frozen = self.base_tensors();
+        Ok(m)
+    }
+
+    /// The base weights in key order (with an adapter: the frozen ones, without its ΔW).
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        if self.adapter.is_some() {
+            return self.frozen.clone();
+        }
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// This model with a fresh LoRA adapter (`lora`, A drawn from `seed`) on a frozen base
+    /// whose identity records `source`.
+    pub fn with_lora(self, lora: &LoraConfig, seed: u64, source: &str) -> Result<Self> {
+        let base = self.base_identity(source)?;
+        let adapter = Adapter::init(lora, &self.cfg, seed, base, &self.device)?;
+        self.frozen_view()?.with_adapter(adapter)
+    }
+
+    /// The identity of this model's base weights, loaded from `source`.
+    pub fn base_identity(&self, source: &str) -> Result<BaseIdentity> {
+        Ok(BaseIdentity {
+            source: source.to_string(),
+            hash: lora::content_hash(&self.base_tensors())?,
+        })
+    }
+
+    /// Puts `adapter` on this model's base, which becomes frozen; only the adapter trains.
+    pub fn with_adapter(self, adapter: Adapter) -> Result<Self> {
+        if self.adapter.is_some() {
+            return Err(Error::Model("the model already has an adapter".into()));
+        }
+        let mut m = if self.frozen.is_empty() {
+            self.frozen_view()?
+        } else {
+            self
+        };
+        m.params = adapter.named_vars();
+        m.adapter = Some(adapter);
+        Ok(m)
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Dropout of the adapter's input for the learner's gradient pass of `step` (None: off).
+    pub fn set_dropout_step(&self, step: Option<u64>) {
+        if let Some(a) = &self.adapter {
+            a.set_dropout_step(step);
+        }
+    }
+
+    /// A full model with every adapted weight replaced by W + s·B·A (PEFT's
+    /// `merge_and_unload`); a model without an adapter is copied.
+    pub fn merged(&self) -> Result<Self> {
+        let mut tensors: HashMap<String, Tensor> = self
+            .base_tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.copy()?)))
+            .collect::<Result<_>>()?;
+        if let Some(a) = self.adapter.as_ref().filter(|a| a.enabled) {
+            for (key, d) in a.deltas()? {
+                let w = tensors
+                    .remove(&key)
+                    .ok_or_else(|| Error::Model(format!("merge: no base weight `{key}`")))?;
+                tensors.insert(key, (w + d)?);
+            }
+        }
+        Self::from_tensors(&self.cfg, tensors, &self.device, "merge")
+    }
+
+    /// A projection of layer `li`: the base linear plus the adapter's ΔW when it adapts it.
+    fn proj(&self, li: usize, t: lora::Target, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = linear(x, w, b)?;
+        match self.adapter.as_ref().map(|a| a.delta(li, t, x)).transpose()?.flatten() {
+            Some(d) => Ok((y + d)?),
+            None => Ok(y),
+        }
+    }
+
+    fn adapts(&self, li: usize, t: lora::Target) -> bool {
+        self.adapter.as_ref().is_some_and(|a| a.adapts(li, t))
     }
 
     /// Final-norm hidden states (b, t, hidden).
@@ -492,9 +648,9 @@ impl Llama {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
-            let q = linear(&h, &layer.q, qb)?;
-            let k = linear(&h, &layer.k, kb)?;
-            let v = linear(&h, &layer.v, vb)?;
+            let q = self.proj(li, lora::Q, &h, &layer.q, qb)?;
+            let k = self.proj(li, lora::K, &h, &layer.k, kb)?;
+            let v = self.proj(li, lora::V, &h, &layer.v, vb)?;
             // Training and scoring (no cache, no per-head norms): projections to the o_proj
             // input in one fused node (`fused::attention`, RoPE inside). Decoding and Qwen3's
             // q/k norms take the composed path.
@@ -532,10 +688,17 @@ impl Llama {
                     .transpose(1, 2)?
                     .reshape((b, t, nh * hd))?
             };
-            x = (x + linear(&y, &layer.o, None)?)?;
+            x = (x + self.proj(li, lora::O, &y, &layer.o, None)?)?;
             let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let s = super::fused::gate_up_swiglu(&h, &layer.gate, &layer.up)?;
-            x = (x + linear(&s, &layer.down, None)?)?;
+            let s = if self.adapts(li, lora::GATE) || self.adapts(li, lora::UP) {
+                super::fused::swiglu(
+                    &self.proj(li, lora::GATE, &h, &layer.gate, None)?,
+                    &self.proj(li, lora::UP, &h, &layer.up, None)?,
+                )?
+            } else {
+                super::fused::gate_up_swiglu(&h, &layer.gate, &layer.up)?
+            };
+            x = (x + self.proj(li, lora::DOWN, &s, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
     }

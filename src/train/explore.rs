@@ -63,13 +63,18 @@ impl Env {
 
     /// The weights a run starts from: the seeded built-in model or the pretrained one.
     pub fn initial_policy(&self, dev: &candle_core::Device) -> Result<Llama> {
-        match &self.model_path {
+        let base = match &self.model_path {
             None => Llama::init(
                 &super::builtin_shape(&self.cfg, self.tok.vocab_size()),
                 self.cfg.seed,
                 dev,
-            ),
-            Some(p) => Ok(crate::model::io::load_pretrained(p, dev)?.0),
+            )?,
+            Some(p) => crate::model::io::load_pretrained(p, dev)?.0,
+        };
+        match &self.cfg.model.lora {
+            // [model.lora]: only an adapter trains; the base stays frozen (docs/lora.md).
+            Some(l) => crate::model::lora::apply(base, l, self.cfg.seed, &self.cfg.model.source),
+            None => Ok(base),
         }
     }
 }
