@@ -178,6 +178,22 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     Ok((model, tok))
 }
 
+/// A GGUF file as the frozen base of a LoRA run (`model.lora.quantized_base`): projections kept
+/// in their ggml blocks, the rest f32.
+pub fn load_gguf_frozen(path: &Path, device: &Device) -> Result<Llama> {
+    if !is_gguf(path) {
+        return Err(Error::config(
+            "model.lora.quantized_base",
+            format!(
+                "needs a GGUF model.source, but {} is not a GGUF file",
+                path.display()
+            ),
+        ));
+    }
+    let (cfg, qtensors, _) = load_gguf_quantized(path, device)?;
+    Llama::frozen_quantized(&cfg, qtensors, device, &path.display().to_string())
+}
+
 /// A Llama-family GGUF file as candle `QTensor`s (still in their ggml blocks) under their HF
 /// names, Q/K rows un-permuted for `llama` files; `config.json` and `tokenizer.json` rebuilt
 /// from the metadata, BOS prepended when `tokenizer.ggml.add_bos_token` says so (default: yes

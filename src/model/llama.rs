@@ -11,6 +11,9 @@
 //! detach most parameters.
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -216,17 +219,49 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
 
 struct Layer {
     ln1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    q: Weight,
+    k: Weight,
+    v: Weight,
     qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     /// Qwen3's per-head query and key norms.
     qk_norm: Option<(Tensor, Tensor)>,
-    o: Tensor,
+    o: Weight,
     ln2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
+/// `model.lora.quantized_base`).
+#[derive(Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// The f32 values (of a quantized weight: a fresh dequantized copy).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// `x · wᵀ (+ b)`.
+    fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => linear(x, w, b),
+            Weight::Quantized(q) => {
+                let y = super::fused::linear_quantized(x, q)?;
+                Ok(match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
 }
 
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
@@ -279,7 +314,7 @@ pub struct Llama {
     /// The trainable parameters: every weight, or with an adapter the adapter's A and B alone.
     params: Vec<(String, Var)>,
     /// With an adapter: the frozen base weights (plain tensors, no gradient), key order.
-    frozen: Vec<(String, Tensor)>,
+    frozen: Vec<(String, Weight)>,
     adapter: Option<Adapter>,
     embed: Tensor,
     layers: Vec<Layer>,
@@ -370,17 +405,23 @@ impl Llama {
                 ),
             ));
         }
-        Self::assemble(cfg, &by_name, params, device)
+        Self::assemble(cfg, &by_name, &HashMap::new(), params, device)
     }
 
-    /// The model over named weights (checked by the caller), trainable `params`.
+    /// The model over named weights (checked by the caller: every key present), trainable
+    /// `params`; projections in `quantized` stay in their blocks.
     fn assemble(
         cfg: &Config,
         by_name: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, Arc<QTensor>>,
         params: Vec<(String, Var)>,
         device: &Device,
     ) -> Result<Self> {
         let take = |n: &str| by_name[n].clone();
+        let proj = |n: &str| match quantized.get(n) {
+            Some(q) => Weight::Quantized(q.clone()),
+            None => Weight::Dense(by_name[n].clone()),
+        };
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -400,15 +441,15 @@ impl Llama {
             layers.push(Layer {
                 qk_norm,
                 ln1: take(&format!("{p}.input_layernorm.weight")),
-                q: take(&format!("{p}.self_attn.q_proj.weight")),
-                k: take(&format!("{p}.self_attn.k_proj.weight")),
-                v: take(&format!("{p}.self_attn.v_proj.weight")),
+                q: proj(&format!("{p}.self_attn.q_proj.weight")),
+                k: proj(&format!("{p}.self_attn.k_proj.weight")),
+                v: proj(&format!("{p}.self_attn.v_proj.weight")),
                 qkv_bias,
-                o: take(&format!("{p}.self_attn.o_proj.weight")),
+                o: proj(&format!("{p}.self_attn.o_proj.weight")),
                 ln2: take(&format!("{p}.post_attention_layernorm.weight")),
-                gate: take(&format!("{p}.mlp.gate_proj.weight")),
-                up: take(&format!("{p}.mlp.up_proj.weight")),
-                down: take(&format!("{p}.mlp.down_proj.weight")),
+                gate: proj(&format!("{p}.mlp.gate_proj.weight")),
+                up: proj(&format!("{p}.mlp.up_proj.weight")),
+                down: proj(&format!("{p}.mlp.down_proj.weight")),
             });
         }
         let embed = take("model.embed_tokens.weight");
@@ -521,20 +562,84 @@ impl Llama {
 
     /// The base weights, frozen: plain tensors sharing storage with this model's.
     fn frozen_view(&self) -> Result<Self> {
-        let by_name: HashMap<String, Tensor> = self.base_tensors().into_iter().collect();
-        let mut m = Self::assemble(&self.cfg, &by_name, Vec::new(), &self.device)?;
-        m.frozen = self.base_tensors();
+        Self::frozen_from(&self.cfg, self.base_weights(), &self.device)
+    }
+
+    /// A model over frozen weights (no trainable parameters until an adapter is put on).
+    fn frozen_from(cfg: &Config, weights: Vec<(String, Weight)>, device: &Device) -> Result<Self> {
+        let mut dense = HashMap::new();
+        let mut quantized = HashMap::new();
+        for (n, w) in &weights {
+            match w {
+                Weight::Dense(t) => {
+                    dense.insert(n.clone(), t.clone());
+                }
+                Weight::Quantized(q) => {
+                    quantized.insert(n.clone(), q.clone());
+                }
+            }
+        }
+        let mut m = Self::assemble(cfg, &dense, &quantized, Vec::new(), device)?;
+        m.frozen = weights;
         Ok(m)
     }
 
+    /// A frozen base from a GGUF file's tensors (HF names), its projections kept in their ggml
+    /// blocks and dequantized per matmul; embeddings, norms and biases f32. Missing, misshapen
+    /// and extra tensors are errors naming `source`.
+    pub fn frozen_quantized(
+        cfg: &Config,
+        mut tensors: HashMap<String, QTensor>,
+        device: &Device,
+        source: &str,
+    ) -> Result<Self> {
+        cfg.validate(source)?;
+        if cfg.tied() {
+            tensors.remove("lm_head.weight");
+        }
+        let mut weights = Vec::new();
+        for (name, shape) in parameter_shapes(cfg) {
+            let q = tensors.remove(&name).ok_or_else(|| {
+                Error::checkpoint(source, format!("missing tensor `{name}` (expected shape {shape:?})"))
+            })?;
+            if q.shape().dims() != shape.as_slice() {
+                return Err(Error::checkpoint(
+                    source,
+                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", q.shape().dims()),
+                ));
+            }
+            let w = if name.ends_with("_proj.weight") {
+                Weight::Quantized(Arc::new(q))
+            } else {
+                Weight::Dense(q.dequantize(device)?.to_dtype(DType::F32)?)
+            };
+            weights.push((name, w));
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(Error::checkpoint(
+                source,
+                format!("unexpected tensor `{extra}` ({} extra in all) for this config", tensors.len()),
+            ));
+        }
+        Self::frozen_from(cfg, weights, device)
+    }
+
     /// The base weights in key order (with an adapter: the frozen ones, without its ΔW).
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
-        if self.adapter.is_some() {
+    pub fn base_weights(&self) -> Vec<(String, Weight)> {
+        if !self.frozen.is_empty() {
             return self.frozen.clone();
         }
         self.params
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .map(|(n, v)| (n.clone(), Weight::Dense(v.as_tensor().detach())))
+            .collect()
+    }
+
+    /// [`Self::base_weights`] as f32 tensors (quantized ones dequantized: fresh copies).
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.base_weights()
+            .into_iter()
+            .map(|(n, w)| Ok((n, w.to_dense(&self.device)?)))
             .collect()
     }
 
@@ -550,7 +655,7 @@ impl Llama {
     pub fn base_identity(&self, source: &str) -> Result<BaseIdentity> {
         Ok(BaseIdentity {
             source: source.to_string(),
-            hash: lora::content_hash(&self.base_tensors())?,
+            hash: lora::content_hash(&self.base_weights(), &self.device)?,
         })
     }
 
@@ -584,7 +689,7 @@ impl Llama {
     /// `merge_and_unload`); a model without an adapter is copied.
     pub fn merged(&self) -> Result<Self> {
         let mut tensors: HashMap<String, Tensor> = self
-            .base_tensors()
+            .base_tensors()?
             .into_iter()
             .map(|(n, t)| Ok((n, t.copy()?)))
             .collect::<Result<_>>()?;
@@ -600,8 +705,15 @@ impl Llama {
     }
 
     /// A projection of layer `li`: the base linear plus the adapter's ΔW when it adapts it.
-    fn proj(&self, li: usize, t: lora::Target, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let y = linear(x, w, b)?;
+    fn proj(
+        &self,
+        li: usize,
+        t: lora::Target,
+        x: &Tensor,
+        w: &Weight,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = w.linear(x, b)?;
         match self.adapter.as_ref().map(|a| a.delta(li, t, x)).transpose()?.flatten() {
             Some(d) => Ok((y + d)?),
             None => Ok(y),
@@ -690,13 +802,16 @@ impl Llama {
             };
             x = (x + self.proj(li, lora::O, &y, &layer.o, None)?)?;
             let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let s = if self.adapts(li, lora::GATE) || self.adapts(li, lora::UP) {
-                super::fused::swiglu(
-                    &self.proj(li, lora::GATE, &h, &layer.gate, None)?,
-                    &self.proj(li, lora::UP, &h, &layer.up, None)?,
-                )?
-            } else {
-                super::fused::gate_up_swiglu(&h, &layer.gate, &layer.up)?
+            let s = match (&layer.gate, &layer.up) {
+                (Weight::Dense(g), Weight::Dense(u))
+                    if !self.adapts(li, lora::GATE) && !self.adapts(li, lora::UP) =>
+                {
+                    super::fused::gate_up_swiglu(&h, g, u)?
+                }
+                (g, u) => super::fused::swiglu(
+                    &self.proj(li, lora::GATE, &h, g, None)?,
+                    &self.proj(li, lora::UP, &h, u, None)?,
+                )?,
             };
             x = (x + self.proj(li, lora::DOWN, &s, &layer.down, None)?)?;
         }

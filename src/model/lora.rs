@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::llama::{Config, Llama};
+use super::llama::{Config, Llama, Weight};
 use crate::error::{Error, Result};
 
 /// The projections an adapter may target: PEFT's module name and the block that holds it, in
@@ -65,6 +65,9 @@ pub struct LoraConfig {
     /// A PEFT adapter folder to start from instead of a fresh adapter; its r, α, targets and
     /// rsLoRA must equal this section's.
     pub init_from: Option<String>,
+    /// Keep a GGUF base in its ggml blocks (Q8_0, Q4_0, Q4_1, …), dequantized per matmul in
+    /// the forward and backward passes instead of held as f32: QLoRA's memory saving.
+    pub quantized_base: bool,
 }
 
 impl Default for LoraConfig {
@@ -76,6 +79,7 @@ impl Default for LoraConfig {
             target_modules: TARGETS.iter().map(|t| t.0.to_string()).collect(),
             rslora: false,
             init_from: None,
+            quantized_base: false,
         }
     }
 }
@@ -174,9 +178,10 @@ pub struct BaseIdentity {
 }
 
 /// 64-bit FNV-1a over every tensor's name and little-endian f32 values, in key order: the
-/// same weights give the same digest however they were stored (GGUF, safetensors, built-in).
-pub fn content_hash(tensors: &[(String, Tensor)]) -> Result<String> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+/// same weights give the same digest however they were stored (GGUF, safetensors, built-in;
+/// a quantized weight is dequantized one tensor at a time).
+pub fn content_hash(tensors: &[(String, Weight)], device: &Device) -> Result<String> {
+    let mut sorted: Vec<&(String, Weight)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -187,7 +192,7 @@ pub fn content_hash(tensors: &[(String, Tensor)]) -> Result<String> {
     };
     for (name, t) in sorted {
         feed(name.as_bytes());
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = t.to_dense(device)?.flatten_all()?.to_vec1::<f32>()?;
         for x in v {
             feed(&x.to_le_bytes());
         }
@@ -561,6 +566,7 @@ fn lora_config_from_peft(v: &serde_json::Value) -> std::result::Result<LoraConfi
         target_modules,
         rslora,
         init_from: None,
+        quantized_base: false,
     };
     // PEFT lists targets in any order (it saves a set); grove keeps layer order.
     let targets = cfg.targets()?;

@@ -1,6 +1,7 @@
 use super::*;
 use crate::compute::optim::{AdamW, AdamWParams};
 use crate::model::attention_mask;
+use crate::model::llama::Weight;
 
 fn tiny_cfg() -> Config {
     let mut cfg = Config::builtin_tiny(29);
@@ -131,6 +132,7 @@ fn a_step_changes_only_adapter_tensors_and_base_weights_get_no_gradient() {
     perturb_b(&m, 1);
     let base_before: Vec<(String, Vec<f32>)> = m
         .base_tensors()
+        .unwrap()
         .iter()
         .map(|(n, t)| (n.clone(), values(t)))
         .collect();
@@ -138,14 +140,14 @@ fn a_step_changes_only_adapter_tensors_and_base_weights_get_no_gradient() {
     let mut opt = AdamW::new(m.params(), AdamWParams::default());
     let loss = logits(&m).sqr().unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    for (n, t) in m.base_tensors() {
+    for (n, t) in m.base_tensors().unwrap() {
         assert!(grads.get(&t).is_none(), "frozen `{n}` got a gradient");
     }
     for (n, v) in m.params() {
         assert!(grads.get(v.as_tensor()).is_some(), "`{n}` has no gradient");
     }
     opt.step(&grads, 1e-2, 1.0).unwrap();
-    for ((n, before), (_, t)) in base_before.iter().zip(m.base_tensors()) {
+    for ((n, before), (_, t)) in base_before.iter().zip(m.base_tensors().unwrap()) {
         assert!(before == &values(&t), "base tensor `{n}` changed");
     }
     let changed = m
@@ -296,4 +298,67 @@ fn bad_adapters_and_configs_are_clear_errors() {
     .unwrap()
     .to_string();
     assert!(e.contains("rank = 8") && e.contains("model.lora.rank"), "{e}");
+}
+
+#[test]
+fn a_quantized_base_gives_the_logits_and_gradients_of_its_dequantized_copy() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    // Q8_0 blocks hold 32 values: every projection's in-features are multiples of 32 here.
+    let mut cfg = Config::builtin_tiny(40);
+    cfg.hidden_size = 64;
+    cfg.intermediate_size = 96;
+    cfg.num_attention_heads = 2;
+    cfg.num_key_value_heads = Some(2);
+    cfg.tie_word_embeddings = Some(false);
+    let dev = Device::Cpu;
+    let dense = Llama::init(&cfg, 8, &dev).unwrap();
+    let mut blocks = HashMap::new();
+    for (n, t) in dense.base_tensors().unwrap() {
+        let t = (t * 10.0).unwrap();
+        let dtype = match n.ends_with("_proj.weight") {
+            true => GgmlDType::Q8_0,
+            false => GgmlDType::F32,
+        };
+        blocks.insert(n, QTensor::quantize(&t, dtype).unwrap());
+    }
+    // The f32 reference: the same blocks dequantized up front.
+    let deq: HashMap<String, Tensor> = blocks
+        .iter()
+        .map(|(n, q)| (n.clone(), q.dequantize(&dev).unwrap()))
+        .collect();
+    let lora = LoraConfig::default();
+    let f32_model = Llama::from_tensors(&cfg, deq, &dev, "deq")
+        .unwrap()
+        .with_lora(&lora, 2, "base")
+        .unwrap();
+    let q_model = Llama::frozen_quantized(&cfg, blocks, &dev, "blocks")
+        .unwrap()
+        .with_lora(&lora, 2, "base")
+        .unwrap();
+    let kept = q_model
+        .base_weights()
+        .iter()
+        .filter(|(_, w)| matches!(w, Weight::Quantized(_)))
+        .count();
+    assert_eq!(kept, 2 * 7, "every projection stays in its blocks");
+    assert_eq!(
+        q_model.adapter().unwrap().base.hash,
+        f32_model.adapter().unwrap().base.hash
+    );
+    perturb_b(&f32_model, 5);
+    perturb_b(&q_model, 5);
+    let (lf, lq) = (logits(&f32_model), logits(&q_model));
+    let d = max_diff(&lf, &lq);
+    assert!(d < 1e-4, "logits differ by {d}");
+    let gf = lf.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let gq = lq.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for ((n, vf), (_, vq)) in f32_model.params().iter().zip(q_model.params()) {
+        let (a, b) = (
+            gf.get(vf.as_tensor()).unwrap(),
+            gq.get(vq.as_tensor()).unwrap(),
+        );
+        let scale = values(a).iter().fold(1f32, |m, x| m.max(x.abs()));
+        let d = max_diff(a, b) / scale;
+        assert!(d < 1e-4, "gradient of `{n}` differs by {d} (relative)");
+    }
 }

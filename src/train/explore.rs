@@ -63,7 +63,15 @@ impl Env {
 
     /// The weights a run starts from: the seeded built-in model or the pretrained one.
     pub fn initial_policy(&self, dev: &candle_core::Device) -> Result<Llama> {
+        let quantized = self.cfg.model.lora.as_ref().is_some_and(|l| l.quantized_base);
         let base = match &self.model_path {
+            Some(p) if quantized => crate::model::io::load_gguf_frozen(p, dev)?,
+            None if quantized => {
+                return Err(Error::config(
+                    "model.lora.quantized_base",
+                    "needs a GGUF model.source; the built-in model has no quantized weights",
+                ))
+            }
             None => Llama::init(
                 &super::builtin_shape(&self.cfg, self.tok.vocab_size()),
                 self.cfg.seed,

@@ -190,11 +190,12 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = linear_bwd(x, w, g, true)?;
+        // A frozen bias (LoRA's base) gets no gradient.
+        let (dx, dw, db) = linear_bwd(x, w, g, b.track_op())?;
         Ok((dx, dw, db))
     }
 }
