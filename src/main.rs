@@ -159,6 +159,16 @@ enum Command {
     },
     /// Sample n responses per question from a model and report pass@k, mean@n and maj@n.
     Eval(cli::eval::EvalArgs),
+    /// Merge a LoRA adapter (PEFT folder or a LoRA run's checkpoint) into its base and write
+    /// an HF folder (docs/lora.md).
+    Merge {
+        /// The base: HF folder, .gguf file or grove checkpoint.
+        base: PathBuf,
+        /// The adapter folder (adapter_config.json, adapter_model.safetensors).
+        adapter: PathBuf,
+        /// The output folder (created).
+        out: PathBuf,
+    },
 }
 
 /// Help text that lists the known names, from the table they are declared in.
@@ -312,6 +322,15 @@ fn real_main() -> Result<()> {
             );
         }
         Command::Eval(args) => cli::eval::run(args)?,
+        Command::Merge { base, adapter, out } => {
+            let n = grove::model::lora::merge_to_folder(&base, &adapter, &out)?;
+            println!(
+                "{} + {} ({n} parameters) -> {}",
+                base.display(),
+                adapter.display(),
+                out.display()
+            );
+        }
 
         Command::RmData {
             out,

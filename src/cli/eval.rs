@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// A LoRA adapter folder (PEFT format) to apply to MODEL.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -67,6 +70,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         batch_size,
         seed,
         quiet,
+        adapter,
     } = args;
     use grove::eval::runner::{parse_ks, run_eval, EvalOptions};
     use grove::task::datasets::PromptStyle;
@@ -96,7 +100,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
         seed,
         progress: !quiet,
     };
-    let report = run_eval(&model, &opts)?;
+    let report = match adapter {
+        None => run_eval(&model, &opts)?,
+        Some(dir) => {
+            let dev = grove::compute::device();
+            let (base, tok) = grove::model::io::load_pretrained(&model, &dev)?;
+            let m = grove::model::lora::load_onto(base, &dir, &model.display().to_string())?;
+            grove::eval::runner::run_eval_with(&m, &tok, &model, &opts)?
+        }
+    };
     println!("{report}");
     if let Some(out) = out {
         println!("per-question results: {}", out.display());

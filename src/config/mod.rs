@@ -97,6 +97,10 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     /// Built-in model: width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// `[model.lora]`: train a LoRA adapter on a frozen base instead of every weight
+    /// (docs/lora.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraConfig>,
 }
 
 impl Default for ModelConfig {
@@ -108,6 +112,7 @@ impl Default for ModelConfig {
             num_heads: 4,
             num_kv_heads: 4,
             intermediate_size: 352,
+            lora: None,
         }
     }
 }
@@ -679,6 +684,9 @@ impl RunConfig {
                  grove checkpoint, hf://ORG/NAME)"
                     .into(),
             );
+        }
+        if let Some(l) = &self.model.lora {
+            l.validate().map_err(|m| Error::config(source, m))?;
         }
         // A dataset on the built-in model is checked row by row against its 19 tokens.
         if self.model.source == "builtin" && self.task.kind.dataset().is_some() {

@@ -92,6 +92,12 @@ pub fn load_pretrained(path: &Path, device: &Device) -> Result<(Llama, Tokenizer
         return load_gguf(path, device);
     }
     if path.is_dir() {
+        if path.join(super::lora::ADAPTER_CONFIG).exists()
+            && !path.join("model.safetensors").exists()
+        {
+            // A LoRA run's checkpoint: its base (by the recorded source) with the adapter.
+            return super::lora::load_checkpoint(path, device);
+        }
         let model = load_hf_folder(path, device)?;
         let tok = load_hf_tokenizer(path, &model.cfg)?;
         if tok.vocab_size() > model.cfg.vocab_size {
@@ -171,6 +177,22 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
     }
     let model = Llama::from_tensors(&cfg, tensors, device, &path.display().to_string())?;
     Ok((model, tok))
+}
+
+/// A GGUF file as the frozen base of a LoRA run (`model.lora.quantized_base`): projections kept
+/// in their ggml blocks, the rest f32.
+pub fn load_gguf_frozen(path: &Path, device: &Device) -> Result<Llama> {
+    if !is_gguf(path) {
+        return Err(Error::config(
+            "model.lora.quantized_base",
+            format!(
+                "needs a GGUF model.source, but {} is not a GGUF file",
+                path.display()
+            ),
+        ));
+    }
+    let (cfg, qtensors, _) = load_gguf_quantized(path, device)?;
+    Llama::frozen_quantized(&cfg, qtensors, device, &path.display().to_string())
 }
 
 /// A Llama-family GGUF file as candle `QTensor`s (still in their ggml blocks) under their HF
@@ -385,7 +407,15 @@ fn hf_architecture(cfg: &Config) -> (&'static str, &'static str) {
 /// prepends a BOS that the tokenizer's own post-processor would not add, the saved
 /// tokenizer.json gets a `TemplateProcessing` post-processor so that `transformers` encodes
 /// prompts the same way.
+/// A model with a LoRA adapter is saved merged (W + s·B·A).
 pub fn save_pretrained(model: &Llama, tok: &Tokenizer, dir: &Path) -> Result<()> {
+    let merged;
+    let model = if model.adapter().is_some() {
+        merged = model.merged()?;
+        &merged
+    } else {
+        model
+    };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = &model.cfg;
     let (model_type, class) = hf_architecture(cfg);

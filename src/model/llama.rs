@@ -11,12 +11,16 @@
 //! detach most parameters.
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use super::lora::{self, Adapter, BaseIdentity, LoraConfig};
 use crate::error::{Error, Result};
 
 /// The subset of an HF `config.json` that shapes the network. Unknown keys are ignored and
@@ -215,17 +219,49 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
 
 struct Layer {
     ln1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    q: Weight,
+    k: Weight,
+    v: Weight,
     qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     /// Qwen3's per-head query and key norms.
     qk_norm: Option<(Tensor, Tensor)>,
-    o: Tensor,
+    o: Weight,
     ln2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
+/// `model.lora.quantized_base`).
+#[derive(Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// The f32 values (of a quantized weight: a fresh dequantized copy).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// `x · wᵀ (+ b)`.
+    fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => linear(x, w, b),
+            Weight::Quantized(q) => {
+                let y = super::fused::linear_quantized(x, q)?;
+                Ok(match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
 }
 
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
@@ -275,7 +311,11 @@ impl KvCache {
 
 pub struct Llama {
     pub cfg: Config,
+    /// The trainable parameters: every weight, or with an adapter the adapter's A and B alone.
     params: Vec<(String, Var)>,
+    /// With an adapter: the frozen base weights (plain tensors, no gradient), key order.
+    frozen: Vec<(String, Weight)>,
+    adapter: Option<Adapter>,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -365,7 +405,23 @@ impl Llama {
                 ),
             ));
         }
+        Self::assemble(cfg, &by_name, &HashMap::new(), params, device)
+    }
+
+    /// The model over named weights (checked by the caller: every key present), trainable
+    /// `params`; projections in `quantized` stay in their blocks.
+    fn assemble(
+        cfg: &Config,
+        by_name: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, Arc<QTensor>>,
+        params: Vec<(String, Var)>,
+        device: &Device,
+    ) -> Result<Self> {
         let take = |n: &str| by_name[n].clone();
+        let proj = |n: &str| match quantized.get(n) {
+            Some(q) => Weight::Quantized(q.clone()),
+            None => Weight::Dense(by_name[n].clone()),
+        };
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -385,15 +441,15 @@ impl Llama {
             layers.push(Layer {
                 qk_norm,
                 ln1: take(&format!("{p}.input_layernorm.weight")),
-                q: take(&format!("{p}.self_attn.q_proj.weight")),
-                k: take(&format!("{p}.self_attn.k_proj.weight")),
-                v: take(&format!("{p}.self_attn.v_proj.weight")),
+                q: proj(&format!("{p}.self_attn.q_proj.weight")),
+                k: proj(&format!("{p}.self_attn.k_proj.weight")),
+                v: proj(&format!("{p}.self_attn.v_proj.weight")),
                 qkv_bias,
-                o: take(&format!("{p}.self_attn.o_proj.weight")),
+                o: proj(&format!("{p}.self_attn.o_proj.weight")),
                 ln2: take(&format!("{p}.post_attention_layernorm.weight")),
-                gate: take(&format!("{p}.mlp.gate_proj.weight")),
-                up: take(&format!("{p}.mlp.up_proj.weight")),
-                down: take(&format!("{p}.mlp.down_proj.weight")),
+                gate: proj(&format!("{p}.mlp.gate_proj.weight")),
+                up: proj(&format!("{p}.mlp.up_proj.weight")),
+                down: proj(&format!("{p}.mlp.down_proj.weight")),
             });
         }
         let embed = take("model.embed_tokens.weight");
@@ -406,6 +462,8 @@ impl Llama {
         Ok(Llama {
             cfg: cfg.clone(),
             params,
+            frozen: Vec::new(),
+            adapter: None,
             embed,
             layers,
             norm: take("model.norm.weight"),
@@ -446,9 +504,13 @@ impl Llama {
             .collect()
     }
 
-    /// An independent copy of the weights: the behaviour policy of lagged/async modes, which
-    /// must not move when the trainer updates in place.
+    /// An independent copy of the trainable weights: the behaviour policy of lagged/async
+    /// modes, which must not move when the trainer updates in place. With an adapter the
+    /// frozen base is shared, not copied.
     pub fn deep_clone(&self) -> Result<Self> {
+        if let Some(a) = &self.adapter {
+            return self.frozen_view()?.with_adapter(a.deep_clone()?);
+        }
         let mut tensors = HashMap::new();
         for (n, v) in &self.params {
             tensors.insert(n.clone(), v.as_tensor().detach().copy()?);
@@ -458,11 +520,232 @@ impl Llama {
 
     /// Overwrites this model's weights with `other`'s (same config), keeping the Vars.
     pub fn copy_weights_from(&self, other: &Llama) -> Result<()> {
+        if self.params.len() != other.params.len() {
+            return Err(Error::Model(
+                "copy of weights between a LoRA model and a full one".into(),
+            ));
+        }
         for ((n, dst), (_, src)) in self.params.iter().zip(other.params.iter()) {
             dst.set(&src.as_tensor().detach().copy()?)
                 .map_err(|e| Error::Model(format!("copy of `{n}`: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Sets the trainable weights from `tensors` (the keys of [`Self::named_tensors`], every
+    /// one with its shape); `source` names the file in errors.
+    pub fn set_trainable(&self, tensors: HashMap<String, Tensor>, source: &str) -> Result<()> {
+        match &self.adapter {
+            Some(a) => a.load_values(&tensors, source),
+            None => {
+                let loaded = Self::from_tensors(&self.cfg, tensors, &self.device, source)?;
+                self.copy_weights_from(&loaded)
+            }
+        }
+    }
+
+    /// A model like this one with the trainable weights from `tensors` (a full model is
+    /// rebuilt from them; a LoRA model shares this one's base).
+    pub fn sibling_with(&self, tensors: HashMap<String, Tensor>, source: &str) -> Result<Self> {
+        if self.adapter.is_none() {
+            return Self::from_tensors(&self.cfg, tensors, &self.device, source);
+        }
+        let m = self.deep_clone()?;
+        m.set_trainable(tensors, source)?;
+        Ok(m)
+    }
+
+    /// The frozen KL reference: a full model's copy, or for a LoRA model the shared base with
+    /// a copy of the adapter, switched off unless `adapter_on` (the adapter was warmed up).
+    pub fn reference_copy(&self, adapter_on: bool) -> Result<Self> {
+        Ok(self.deep_clone()?.switch_adapter(adapter_on))
+    }
+
+    /// This model with its adapter (if any) switched on or off.
+    pub fn switch_adapter(mut self, on: bool) -> Self {
+        if let Some(a) = self.adapter.as_mut() {
+            a.enabled = on;
+        }
+        self
+    }
+
+    /// The base weights, frozen: plain tensors sharing storage with this model's.
+    fn frozen_view(&self) -> Result<Self> {
+        Self::frozen_from(&self.cfg, self.base_weights(), &self.device)
+    }
+
+    /// A model over frozen weights (no trainable parameters until an adapter is put on).
+    fn frozen_from(cfg: &Config, weights: Vec<(String, Weight)>, device: &Device) -> Result<Self> {
+        let mut dense = HashMap::new();
+        let mut quantized = HashMap::new();
+        for (n, w) in &weights {
+            match w {
+                Weight::Dense(t) => {
+                    dense.insert(n.clone(), t.clone());
+                }
+                Weight::Quantized(q) => {
+                    quantized.insert(n.clone(), q.clone());
+                }
+            }
+        }
+        let mut m = Self::assemble(cfg, &dense, &quantized, Vec::new(), device)?;
+        m.frozen = weights;
+        Ok(m)
+    }
+
+    /// A frozen base from a GGUF file's tensors (HF names), its projections kept in their ggml
+    /// blocks and dequantized per matmul; embeddings, norms and biases f32. Missing, misshapen
+    /// and extra tensors are errors naming `source`.
+    pub fn frozen_quantized(
+        cfg: &Config,
+        mut tensors: HashMap<String, QTensor>,
+        device: &Device,
+        source: &str,
+    ) -> Result<Self> {
+        cfg.validate(source)?;
+        if cfg.tied() {
+            tensors.remove("lm_head.weight");
+        }
+        let mut weights = Vec::new();
+        for (name, shape) in parameter_shapes(cfg) {
+            let q = tensors.remove(&name).ok_or_else(|| {
+                Error::checkpoint(
+                    source,
+                    format!("missing tensor `{name}` (expected shape {shape:?})"),
+                )
+            })?;
+            if q.shape().dims() != shape.as_slice() {
+                return Err(Error::checkpoint(
+                    source,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        q.shape().dims()
+                    ),
+                ));
+            }
+            let w = if name.ends_with("_proj.weight") {
+                Weight::Quantized(Arc::new(q))
+            } else {
+                Weight::Dense(q.dequantize(device)?.to_dtype(DType::F32)?)
+            };
+            weights.push((name, w));
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(Error::checkpoint(
+                source,
+                format!(
+                    "unexpected tensor `{extra}` ({} extra in all) for this config",
+                    tensors.len()
+                ),
+            ));
+        }
+        Self::frozen_from(cfg, weights, device)
+    }
+
+    /// The base weights in key order (with an adapter: the frozen ones, without its ΔW).
+    pub fn base_weights(&self) -> Vec<(String, Weight)> {
+        if !self.frozen.is_empty() {
+            return self.frozen.clone();
+        }
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), Weight::Dense(v.as_tensor().detach())))
+            .collect()
+    }
+
+    /// [`Self::base_weights`] as f32 tensors (quantized ones dequantized: fresh copies).
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.base_weights()
+            .into_iter()
+            .map(|(n, w)| Ok((n, w.to_dense(&self.device)?)))
+            .collect()
+    }
+
+    /// This model with a fresh LoRA adapter (`lora`, A drawn from `seed`) on a frozen base
+    /// whose identity records `source`.
+    pub fn with_lora(self, lora: &LoraConfig, seed: u64, source: &str) -> Result<Self> {
+        let base = self.base_identity(source)?;
+        let adapter = Adapter::init(lora, &self.cfg, seed, base, &self.device)?;
+        self.frozen_view()?.with_adapter(adapter)
+    }
+
+    /// The identity of this model's base weights, loaded from `source`.
+    pub fn base_identity(&self, source: &str) -> Result<BaseIdentity> {
+        Ok(BaseIdentity {
+            source: source.to_string(),
+            hash: lora::content_hash(&self.base_weights(), &self.device)?,
+        })
+    }
+
+    /// Puts `adapter` on this model's base, which becomes frozen; only the adapter trains.
+    pub fn with_adapter(self, adapter: Adapter) -> Result<Self> {
+        if self.adapter.is_some() {
+            return Err(Error::Model("the model already has an adapter".into()));
+        }
+        let mut m = if self.frozen.is_empty() {
+            self.frozen_view()?
+        } else {
+            self
+        };
+        m.params = adapter.named_vars();
+        m.adapter = Some(adapter);
+        Ok(m)
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Dropout of the adapter's input for the learner's gradient pass of `step` (None: off).
+    pub fn set_dropout_step(&self, step: Option<u64>) {
+        if let Some(a) = &self.adapter {
+            a.set_dropout_step(step);
+        }
+    }
+
+    /// A full model with every adapted weight replaced by W + s·B·A (PEFT's
+    /// `merge_and_unload`); a model without an adapter is copied.
+    pub fn merged(&self) -> Result<Self> {
+        let mut tensors: HashMap<String, Tensor> = self
+            .base_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.copy()?)))
+            .collect::<Result<_>>()?;
+        if let Some(a) = self.adapter.as_ref().filter(|a| a.enabled) {
+            for (key, d) in a.deltas()? {
+                let w = tensors
+                    .remove(&key)
+                    .ok_or_else(|| Error::Model(format!("merge: no base weight `{key}`")))?;
+                tensors.insert(key, (w + d)?);
+            }
+        }
+        Self::from_tensors(&self.cfg, tensors, &self.device, "merge")
+    }
+
+    /// A projection of layer `li`: the base linear plus the adapter's ΔW when it adapts it.
+    fn proj(
+        &self,
+        li: usize,
+        t: lora::Target,
+        x: &Tensor,
+        w: &Weight,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = w.linear(x, b)?;
+        match self
+            .adapter
+            .as_ref()
+            .map(|a| a.delta(li, t, x))
+            .transpose()?
+            .flatten()
+        {
+            Some(d) => Ok((y + d)?),
+            None => Ok(y),
+        }
+    }
+
+    fn adapts(&self, li: usize, t: lora::Target) -> bool {
+        self.adapter.as_ref().is_some_and(|a| a.adapts(li, t))
     }
 
     /// Final-norm hidden states (b, t, hidden).
@@ -501,9 +784,9 @@ impl Llama {
                 Some((q, k, v)) => (Some(q), Some(k), Some(v)),
                 None => (None, None, None),
             };
-            let q = linear(&h, &layer.q, qb)?;
-            let k = linear(&h, &layer.k, kb)?;
-            let v = linear(&h, &layer.v, vb)?;
+            let q = self.proj(li, lora::Q, &h, &layer.q, qb)?;
+            let k = self.proj(li, lora::K, &h, &layer.k, kb)?;
+            let v = self.proj(li, lora::V, &h, &layer.v, vb)?;
             // Training and scoring (no cache, no per-head norms): projections to the o_proj
             // input in one fused node (`fused::attention`, RoPE inside). Decoding and Qwen3's
             // q/k norms take the composed path.
@@ -541,10 +824,20 @@ impl Llama {
                     .transpose(1, 2)?
                     .reshape((b, t, nh * hd))?
             };
-            x = (x + linear(&y, &layer.o, None)?)?;
+            x = (x + self.proj(li, lora::O, &y, &layer.o, None)?)?;
             let h = rms_norm(&x, &layer.ln2, cfg.rms_eps())?;
-            let s = super::fused::gate_up_swiglu(&h, &layer.gate, &layer.up)?;
-            x = (x + linear(&s, &layer.down, None)?)?;
+            let s = match (&layer.gate, &layer.up) {
+                (Weight::Dense(g), Weight::Dense(u))
+                    if !self.adapts(li, lora::GATE) && !self.adapts(li, lora::UP) =>
+                {
+                    super::fused::gate_up_swiglu(&h, g, u)?
+                }
+                (g, u) => super::fused::swiglu(
+                    &self.proj(li, lora::GATE, &h, g, None)?,
+                    &self.proj(li, lora::UP, &h, u, None)?,
+                )?,
+            };
+            x = (x + self.proj(li, lora::DOWN, &s, &layer.down, None)?)?;
         }
         rms_norm(&x, &self.norm, cfg.rms_eps())
     }

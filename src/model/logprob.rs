@@ -433,7 +433,8 @@ impl ChunkedLogprobOp {
         w: &Tensor,
         g_lp: &Tensor,
         g_ent: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+        want_w: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (n, hs) = h.dims2()?;
         let (v, _) = w.dims2()?;
         let rows = Tensor::cat(&[&self.log_z, &self.mean_z, g_lp, g_ent], 1)?.contiguous()?;
@@ -441,7 +442,8 @@ impl ChunkedLogprobOp {
         // ∂h is accumulated over chunks, so it starts at zero; ∂W's rows are written in full,
         // chunk by chunk.
         let mut grad_h = vec![0f32; n * hs];
-        let mut grad_w = output_buffer(v * hs);
+        // A frozen head (LoRA's base) gets no ∂W: no GEMM, no (V, H) buffer.
+        let mut grad_w = output_buffer(if want_w { v * hs } else { 0 });
         for (k, v0) in (0..v).step_by(self.chunk).enumerate() {
             let c = self.chunk.min(v - v0);
             let z = match self.cached.as_ref().and_then(|cs| cs.get(k)) {
@@ -459,15 +461,19 @@ impl ChunkedLogprobOp {
             with_cpu_f32([h, w, &gz], "chunked log-prob backward", |[hd, wd, gzd]| {
                 let wc = &wd[v0 * hs..(v0 + c) * hs];
                 gemm_acc(&mut grad_h, true, n, hs, c, gzd, (c, 1), wc, (hs, 1), par);
-                let gw = &mut grad_w[v0 * hs..(v0 + c) * hs];
-                gemm_into(gw, c, hs, n, gzd, (1, c), hd, (hs, 1), par);
+                if want_w {
+                    let gw = &mut grad_w[v0 * hs..(v0 + c) * hs];
+                    gemm_into(gw, c, hs, n, gzd, (1, c), hd, (hs, 1), par);
+                }
                 Ok(())
             })?;
         }
         let dev = h.device();
         Ok((
             Tensor::from_vec(grad_h, (n, hs), dev)?,
-            Tensor::from_vec(grad_w, (v, hs), dev)?,
+            want_w
+                .then(|| Tensor::from_vec(grad_w, (v, hs), dev))
+                .transpose()?,
         ))
     }
 }
@@ -526,10 +532,11 @@ impl CustomOp3 for ChunkedLogprobOp {
         let g_lp = g.narrow(1, 0, 1)?.contiguous()?;
         let g_ent = g.narrow(1, 1, 1)?.contiguous()?;
         if h.device().is_cpu() && !composed_bwd_forced() {
-            let (grad_h, grad_w) = self.cpu_bwd(&h, &w.contiguous()?, &g_lp, &g_ent)?;
+            let want_w = lm_head.track_op();
+            let (grad_h, grad_w) = self.cpu_bwd(&h, &w.contiguous()?, &g_lp, &g_ent, want_w)?;
             let grad_h = grad_h.to_dtype(hidden.dtype())?;
-            let grad_w = grad_w.to_dtype(lm_head.dtype())?;
-            return Ok((Some(grad_h), Some(grad_w), None));
+            let grad_w = grad_w.map(|g| g.to_dtype(lm_head.dtype())).transpose()?;
+            return Ok((Some(grad_h), grad_w, None));
         }
         let mut grad_h = h.zeros_like()?;
         let grad_w = Tensor::zeros(w.dims(), DType::F32, w.device())?;

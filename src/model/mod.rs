@@ -8,6 +8,7 @@ pub mod hub;
 pub mod io;
 pub mod llama;
 pub mod logprob;
+pub mod lora;
 pub mod quantized;
 pub mod simd;
 

@@ -58,6 +58,15 @@ pub struct Extras<'a> {
     pub plan: Option<&'a crate::config::Plan>,
 }
 
+/// The checkpoint file of the policy's trainable weights: the whole model, or a LoRA run's
+/// adapter (PEFT keys).
+pub fn policy_file(model: &Llama) -> &'static str {
+    match model.adapter() {
+        Some(_) => crate::model::lora::ADAPTER_WEIGHTS,
+        None => "model.safetensors",
+    }
+}
+
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step}"))
 }
@@ -80,7 +89,11 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    save_safetensors(&model.named_tensors(), &tmp.join("model.safetensors"))?;
+    match model.adapter() {
+        // A LoRA run: PEFT's adapter files (and the base's identity) instead of the weights.
+        Some(a) => a.save(&tmp)?,
+        None => save_safetensors(&model.named_tensors(), &tmp.join("model.safetensors"))?,
+    }
     save_safetensors(&opt.state_tensors()?, &tmp.join("optimizer.safetensors"))?;
     let write = |name: &str, text: &str| -> Result<()> {
         let p = tmp.join(name);
@@ -266,16 +279,23 @@ fn remove_stale_tmp(checkpoints: &Path) -> Result<()> {
 /// checking the checksums and that the weights are finite.
 pub fn restore(ckpt: &Path, model: &Llama, opt: &mut AdamW, state: &TrainState) -> Result<()> {
     verify_checksums(ckpt)?;
-    let weights_path = ckpt.join("model.safetensors");
+    let weights_path = ckpt.join(policy_file(model));
     let weights = load_safetensors(&weights_path, model.device())?;
     check_finite(&weights_path, &weights)?;
-    let loaded = Llama::from_tensors(
-        &model.cfg,
-        weights,
-        model.device(),
-        &weights_path.display().to_string(),
-    )?;
-    model.copy_weights_from(&loaded)?;
+    if let Some(a) = model.adapter() {
+        let peft = crate::model::lora::read_peft(ckpt, model.device())?;
+        if let Some(b) = peft.base.filter(|b| b.hash != a.base.hash) {
+            return Err(Error::checkpoint(
+                ckpt,
+                format!(
+                    "the adapter was trained on base {} (content hash {}), but this run's base \
+                     {} has content hash {}",
+                    b.source, b.hash, a.base.source, a.base.hash
+                ),
+            ));
+        }
+    }
+    model.set_trainable(weights, &weights_path.display().to_string())?;
     let opt_path = ckpt.join("optimizer.safetensors");
     let st = load_safetensors(&opt_path, &candle_core::Device::Cpu)?;
     opt.load_state(st, state.optimizer_t, &opt_path)

@@ -86,13 +86,31 @@ impl Env {
 
     /// The weights a run starts from: the seeded built-in model or the pretrained one.
     pub fn initial_policy(&self, dev: &candle_core::Device) -> Result<Llama> {
-        match &self.model_path {
+        let quantized = self
+            .cfg
+            .model
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.quantized_base);
+        let base = match &self.model_path {
+            Some(p) if quantized => crate::model::io::load_gguf_frozen(p, dev)?,
+            None if quantized => {
+                return Err(Error::config(
+                    "model.lora.quantized_base",
+                    "needs a GGUF model.source; the built-in model has no quantized weights",
+                ))
+            }
             None => Llama::init(
                 &super::builtin_shape(&self.cfg, self.tok.vocab_size()),
                 self.cfg.seed,
                 dev,
-            ),
-            Some(p) => Ok(crate::model::io::load_pretrained(p, dev)?.0),
+            )?,
+            Some(p) => crate::model::io::load_pretrained(p, dev)?.0,
+        };
+        match &self.cfg.model.lora {
+            // [model.lora]: only an adapter trains; the base stays frozen (docs/lora.md).
+            Some(l) => crate::model::lora::apply(base, l, self.cfg.seed, &self.cfg.model.source),
+            None => Ok(base),
         }
     }
 }

@@ -89,6 +89,8 @@ impl Learner {
         let mut b = StepBatch::flatten(groups);
         b.inject_ground_truth(env)?;
         // 2. Current-policy log-probs (with gradient) and, when KL is used, the reference's.
+        // A LoRA adapter's dropout is on for this step's passes only (keyed by the step).
+        self.model.set_dropout_step(Some(step as u64));
         let lp = self.logprobs(env, &b)?;
         let behaviour = b.behaviour(&lp.rows);
         let kl_penalty_mean = b.kl_in_reward(cfg, &behaviour, lp.ref_rows.as_deref());
@@ -98,7 +100,9 @@ impl Learner {
         let seqs = b.seq_inputs(cfg, &lp, &behaviour, &sel);
         let out = loss::compute(&cfg.loss, &seqs)?;
         // 5. Backward, clip, update.
-        let upd = self.update(cfg, &lp, &out.grad_logp, out.metrics.policy_loss, step)?;
+        let upd = self.update(cfg, &lp, &out.grad_logp, out.metrics.policy_loss, step);
+        self.model.set_dropout_step(None);
+        let upd = upd?;
         let train_s = t_train.elapsed().as_secs_f64();
         // 6. Metrics (names: docs/metrics.md) and samples.
         let mut m = b.reward_metrics(kl_penalty_mean);
@@ -417,7 +421,9 @@ impl Learner {
                     Some(ep) => r["episode"] = ep.clone(),
                     // The task verifier's judgement, so a reader sees why (pipeline rewards add
                     // their components).
-                    None => r["reason"] = env.task.verify(&text, e.finished, &e.answer).reason.into(),
+                    None => {
+                        r["reason"] = env.task.verify(&text, e.finished, &e.answer).reason.into()
+                    }
                 }
                 rs.push(r);
             }

@@ -82,6 +82,5 @@ pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
 /// Loads published weights into `model` (same architecture).
 pub fn load_into(model: &Llama, path: &Path) -> Result<()> {
     let w = load_safetensors(path, model.device())?;
-    let other = Llama::from_tensors(&model.cfg, w, model.device(), &path.display().to_string())?;
-    model.copy_weights_from(&other)
+    model.set_trainable(w, &path.display().to_string())
 }

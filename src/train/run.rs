@@ -324,13 +324,13 @@ fn restore(
     let dev = model.device().clone();
     let load = |p: PathBuf| -> Result<Llama> {
         let w = crate::model::io::load_safetensors(&p, &dev)?;
-        Llama::from_tensors(&model.cfg, w, &dev, &p.display().to_string())
+        model.sibling_with(w, &p.display().to_string())
     };
-    // The reference policy is the warm-up result, kept as checkpoint step-0.
+    // The reference policy is the warm-up result, kept as checkpoint step-0 (a LoRA run's:
+    // the shared base, its adapter off unless the warm-up trained it).
     let reference = if uses_reference(&env.cfg) {
-        Some(load(
-            checkpoint::step_dir(run_dir, 0).join("model.safetensors"),
-        )?)
+        let r = load(checkpoint::step_dir(run_dir, 0).join(checkpoint::policy_file(model)))?;
+        Some(r.switch_adapter(st.warmup_steps > 0))
     } else {
         None
     };
@@ -375,7 +375,7 @@ fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) ->
     m.insert("acc/eval".into(), acc);
     learner.metrics.write(&report::metrics_line(0, "rl", &m))?;
     if uses_reference(cfg) {
-        learner.reference = Some(learner.model.deep_clone()?);
+        learner.reference = Some(learner.model.reference_copy(warmup_steps > 0)?);
     }
     Ok(Start {
         step: 0,

@@ -3,6 +3,7 @@
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
 mod gguf_quantized;
+mod lora;
 mod model;
 mod pretrained;
 mod qwen3;

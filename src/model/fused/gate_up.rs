@@ -116,8 +116,11 @@ impl CustomOp3 for GateUpSwiglu {
         let mut dg = output_buffer(n * inter);
         let mut du = output_buffer(n * inter);
         let mut dx = output_buffer(n * hidden);
-        let mut dwg = output_buffer(inter * hidden);
-        let mut dwu = output_buffer(inter * hidden);
+        // Frozen weights (LoRA's base) get no gradient: no GEMM, no (I, H) buffer.
+        let want_dw = w_gate.track_op() || w_up.track_op();
+        let dw_len = if want_dw { inter * hidden } else { 0 };
+        let mut dwg = output_buffer(dw_len);
+        let mut dwu = output_buffer(dw_len);
         with_cpu_f32(
             [&grad, x, w_gate, w_up],
             "gate_up_swiglu backward",
@@ -147,6 +150,9 @@ impl CustomOp3 for GateUpSwiglu {
                     (hidden, 1),
                     par,
                 );
+                if !want_dw {
+                    return Ok(());
+                }
                 // ∂w = ∂ᵀ·x, ∂ᵀ read through strides.
                 gemm_into(
                     &mut dwg,
@@ -174,10 +180,15 @@ impl CustomOp3 for GateUpSwiglu {
             },
         )?;
         let dev = x.device();
+        let dw = |v: Vec<f32>| {
+            want_dw
+                .then(|| Tensor::from_vec(v, (inter, hidden), dev))
+                .transpose()
+        };
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dwg, (inter, hidden), dev)?),
-            Some(Tensor::from_vec(dwu, (inter, hidden), dev)?),
+            dw(dwg)?,
+            dw(dwu)?,
         ))
     }
 }

@@ -160,7 +160,7 @@ impl CustomOp2 for Linear {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = linear_bwd(x, w, g, false)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, dw))
     }
 }
 
@@ -190,12 +190,13 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = linear_bwd(x, w, g, true)?;
-        Ok((Some(dx), Some(dw), db))
+        // A frozen bias (LoRA's base) gets no gradient.
+        let (dx, dw, db) = linear_bwd(x, w, g, b.track_op())?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -264,26 +265,33 @@ pub(super) fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
     acc
 }
 
-/// ∂x = g·w, ∂w = gᵀ·x and, with `bias`, ∂b = Σ_rows g.
+/// ∂x = g·w, ∂w = gᵀ·x and, with `bias`, ∂b = Σ_rows g. A gradient is computed only for an
+/// input that tracks one: a frozen weight (LoRA's base, a plain tensor) costs no GEMM and no
+/// (out, in) buffer, and neither does the input of the first adapted layer.
 pub(super) fn linear_bwd(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
     bias: bool,
-) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (out_f, in_f) = w.dims2()?;
     let n = x.elem_count() / in_f.max(1);
     let g = g.contiguous()?;
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    let (want_dx, want_dw) = (x.track_op(), w.track_op());
     // Both written in full by their GEMM.
-    let mut dx = output_buffer(n * in_f);
-    let mut dw = output_buffer(out_f * in_f);
+    let mut dx = output_buffer(if want_dx { n * in_f } else { 0 });
+    let mut dw = output_buffer(if want_dw { out_f * in_f } else { 0 });
     let mut db = None;
     with_cpu_f32([x, w, &g], "linear backward", |[xs, ws, gs]| {
-        // ∂x (n, in) = g (n, out) · w (out, in)
-        gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
-        // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
-        gemm_into(&mut dw, out_f, in_f, n, gs, (1, out_f), xs, (in_f, 1), par);
+        if want_dx {
+            // ∂x (n, in) = g (n, out) · w (out, in)
+            gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
+        }
+        if want_dw {
+            // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
+            gemm_into(&mut dw, out_f, in_f, n, gs, (1, out_f), xs, (in_f, 1), par);
+        }
         if bias {
             db = Some(column_sums(gs, out_f));
         }
@@ -291,8 +299,12 @@ pub(super) fn linear_bwd(
     })?;
     let dev = w.device();
     Ok((
-        Tensor::from_vec(dx, x.shape(), dev)?,
-        Tensor::from_vec(dw, (out_f, in_f), dev)?,
+        want_dx
+            .then(|| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?,
+        want_dw
+            .then(|| Tensor::from_vec(dw, (out_f, in_f), dev))
+            .transpose()?,
         db.map(|v| Tensor::from_vec(v, out_f, dev)).transpose()?,
     ))
 }

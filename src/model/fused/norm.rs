@@ -100,7 +100,8 @@ impl CustomOp2 for RmsNorm {
         let packed = x.apply_op3_no_bwd(w, &g, &RmsNormBwd { eps: self.eps })?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen norm weight (LoRA's base) gets no gradient entry.
+        Ok((Some(dx), w.track_op().then_some(dw)))
     }
 }
 
