@@ -451,7 +451,7 @@ mod tests {
                 );
                 let sampled: usize = e.trainable.iter().filter(|t| **t).count();
                 let env_tokens = e.response_ids.len() - sampled;
-                assert!(e.rewards.len() >= 1 && sampled >= 1);
+                assert!(!e.rewards.is_empty() && sampled >= 1);
                 // Turns after the first were preceded by environment tokens (a cut turn's
                 // closing EOS is one too).
                 assert!(e.messages.len() <= 2 || env_tokens > 0, "{:?}", e.messages);
