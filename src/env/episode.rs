@@ -373,3 +373,98 @@ impl Rollout<'_> {
         Ok(eps)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{EnvConfig, EnvKind};
+    use crate::model::{Config, Llama};
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    /// The real GPT-2 tokenizer with a ChatML-like template whose turns end in EOS.
+    fn chat_tokenizer() -> Tokenizer {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/models/gpt2-tiny-random/tokenizer.json"
+        );
+        let mut tok =
+            Tokenizer::from_file(std::path::Path::new(path), None, "<|endoftext|>", None).unwrap();
+        tok.chat_template = Some(
+            "{% if tools %}tools: {{ tools | length }}\n{% endif %}\
+             {% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}\n{% endfor %}\
+             {% if add_generation_prompt %}<|assistant|>{% endif %}"
+                .into(),
+        );
+        tok
+    }
+
+    /// Through a chat template, turn by turn on the kept cache: the tokens of every episode
+    /// spell exactly the template's rendering of its conversation, the tools reach the
+    /// template, and only the sampled tokens are trainable.
+    #[test]
+    fn chat_episodes_are_the_template_rendering_of_their_conversation() {
+        let tok = chat_tokenizer();
+        let transcript = Transcript::for_tokenizer(&tok, "gpt2").unwrap();
+        let mut shape = Config::builtin_tiny(tok.vocab_size());
+        shape.hidden_size = 32;
+        shape.intermediate_size = 64;
+        shape.max_position_embeddings = Some(256);
+        let model = Llama::init(&shape, 1, &Device::Cpu).unwrap();
+        for kind in [EnvKind::Guess, EnvKind::CalculatorArithmetic] {
+            let cfg = EnvConfig {
+                kind,
+                max_turns: 3,
+                max_tokens: 256,
+                digits: 3,
+                ..Default::default()
+            };
+            let factory = Factory::new(&cfg).unwrap();
+            let rollout = Rollout {
+                tok: &tok,
+                transcript: &transcript,
+                factory: &factory,
+                params: SamplingParams {
+                    temperature: 1.0,
+                    top_p: 1.0,
+                    max_new_tokens: 4,
+                },
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let eps = rollout.run(&model, &[3, 3, 8], 0, &mut rng).unwrap();
+            let Transcript::Chat(t) = &transcript else {
+                panic!("a chat transcript")
+            };
+            for e in &eps {
+                let mut ids = e.prompt_ids.clone();
+                ids.extend(&e.response_ids);
+                // Decoding drops the special EOS; so does the expected text.
+                let got = tok.decode(&ids).unwrap();
+                let want = t
+                    .render_with_tools(&e.messages, &e.tools, false)
+                    .unwrap()
+                    .replace("<|endoftext|>", "");
+                assert_eq!(got, want.trim_end_matches('\n'), "{kind:?} {}", e.stop);
+                assert_eq!(
+                    e.prompt.starts_with("tools: 1\n"),
+                    kind == EnvKind::CalculatorArithmetic
+                );
+                let sampled: usize = e.trainable.iter().filter(|t| **t).count();
+                let env_tokens = e.response_ids.len() - sampled;
+                assert!(!e.rewards.is_empty() && sampled >= 1);
+                // Turns after the first were preceded by environment tokens (a cut turn's
+                // closing EOS is one too).
+                assert!(e.messages.len() <= 2 || env_tokens > 0, "{:?}", e.messages);
+                assert!(e
+                    .logprobs
+                    .iter()
+                    .zip(&e.trainable)
+                    .all(|(l, t)| *t || *l == 0.0));
+            }
+            // Every guess episode that was not solved ran its 3 turns.
+            if kind == EnvKind::Guess {
+                assert!(eps.iter().all(|e| e.success || e.stop == "max_turns"));
+            }
+        }
+    }
+}
