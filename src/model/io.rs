@@ -29,7 +29,34 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
             .map_err(|e| Error::checkpoint(path, format!("tensor `{name}`: {e}")))?;
         out.insert(name, t);
     }
+    // Every load of weights (a model folder, a checkpoint, published weights) refuses NaN or
+    // infinity here, naming the file and the tensor, rather than sampling garbage later.
+    check_finite(path, &out)?;
     Ok(out)
+}
+
+/// Errors on the first tensor with a NaN or infinite value, naming `file` and the tensor.
+pub fn check_finite(file: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::checkpoint(
+                file,
+                format!(
+                    "tensor `{name}` holds a non-finite value ({} at flat index {i}); weights \
+                     must be finite",
+                    values[i]
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes tensors to `path` (callers make the enclosing directory atomic).
@@ -531,4 +558,36 @@ fn tokenizer_json_for_hf(tok: &Tokenizer) -> Result<String> {
     };
     doc["post_processor"] = post;
     Ok(serde_json::to_string(&doc)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_weights_name_the_file_and_tensor() {
+        let dev = Device::Cpu;
+        let mut w = HashMap::new();
+        w.insert(
+            "a.weight".to_string(),
+            Tensor::new(&[1f32, 2.0], &dev).unwrap(),
+        );
+        let f = Path::new("ck/model.safetensors");
+        check_finite(f, &w).unwrap();
+        w.insert(
+            "b.weight".to_string(),
+            Tensor::new(&[0f32, f32::NAN, 1.0], &dev).unwrap(),
+        );
+        let e = check_finite(f, &w).unwrap_err().to_string();
+        assert!(
+            e.contains("ck/model.safetensors") && e.contains("`b.weight`") && e.contains("index 1"),
+            "{e}"
+        );
+        // Loading such a file is the same error: eval, serve and resume all load through here.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        save_safetensors(&w, &p).unwrap();
+        let e = load_safetensors(&p, &dev).unwrap_err().to_string();
+        assert!(e.contains("`b.weight`") && e.contains("non-finite"), "{e}");
+    }
 }
