@@ -189,22 +189,33 @@ fn a_lora_run_checkpoints_peft_files_and_resumes_exactly() {
     }
     assert!(!ck.join("model.safetensors").exists());
     let wa = std::fs::read(ck.join("adapter_model.safetensors")).unwrap();
-    let wb = std::fs::read(b.run_dir.join("checkpoints/step-4/adapter_model.safetensors")).unwrap();
-    assert!(wa == wb, "final adapters differ");
-    // The adapter moved during training; step-0 (after warm-up) and step-4 differ.
-    let w0 = std::fs::read(a.run_dir.join("checkpoints/step-0/adapter_model.safetensors")).unwrap();
-    assert!(w0 != wa, "the adapter did not train");
-    // Only A and B are in the optimizer state: 2 layers × 7 projections × 2, two moments each.
-    let opt =
-        grove::model::io::load_safetensors(&ck.join("optimizer.safetensors"), &Device::Cpu)
-            .unwrap();
-    let cfg: HashMap<String, serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(ck.join("adapter_config.json")).unwrap(),
+    let wb = std::fs::read(
+        b.run_dir
+            .join("checkpoints/step-4/adapter_model.safetensors"),
     )
     .unwrap();
+    assert!(wa == wb, "final adapters differ");
+    // The adapter moved during training; step-0 (after warm-up) and step-4 differ.
+    let w0 = std::fs::read(
+        a.run_dir
+            .join("checkpoints/step-0/adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert!(w0 != wa, "the adapter did not train");
+    // Only A and B are in the optimizer state: 2 layers × 7 projections × 2, two moments each.
+    let opt = grove::model::io::load_safetensors(&ck.join("optimizer.safetensors"), &Device::Cpu)
+        .unwrap();
+    let cfg: HashMap<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["peft_type"], "LORA");
-    assert_eq!(opt.len(), 2 * 7 * 2 * 2, "{:?}", opt.keys().collect::<Vec<_>>());
+    assert_eq!(
+        opt.len(),
+        2 * 7 * 2 * 2,
+        "{:?}",
+        opt.keys().collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -216,12 +227,20 @@ fn bad_lora_settings_fail_before_any_step() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("unknown module \"qkv\"") && e.contains("down_proj"), "{e}");
+    assert!(
+        e.contains("unknown module \"qkv\"") && e.contains("down_proj"),
+        "{e}"
+    );
     // The built-in model's k_proj is 128×128.
     let cfg = small(tmp.path(), 2, &["model.lora.rank=200"]);
     let e = run(cfg, &quiet()).err().unwrap().to_string();
     assert!(e.contains("rank 200 is larger than the layer"), "{e}");
-    assert!(std::fs::read_dir(tmp.path()).map(|d| d.count()).unwrap_or(0) == 0);
+    assert!(
+        std::fs::read_dir(tmp.path())
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
     let e = LoraConfig {
         dropout: 1.0,
         ..Default::default()

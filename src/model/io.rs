@@ -92,7 +92,8 @@ pub fn load_pretrained(path: &Path, device: &Device) -> Result<(Llama, Tokenizer
         return load_gguf(path, device);
     }
     if path.is_dir() {
-        if path.join(super::lora::ADAPTER_CONFIG).exists() && !path.join("model.safetensors").exists()
+        if path.join(super::lora::ADAPTER_CONFIG).exists()
+            && !path.join("model.safetensors").exists()
         {
             // A LoRA run's checkpoint: its base (by the recorded source) with the adapter.
             return super::lora::load_checkpoint(path, device);

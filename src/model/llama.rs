@@ -232,37 +232,7 @@ struct Layer {
     down: Weight,
 }
 
-/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
-/// `model.lora.quantized_base`).
-#[derive(Clone)]
-pub enum Weight {
-    Dense(Tensor),
-    Quantized(Arc<QTensor>),
-}
-
-impl Weight {
-    /// The f32 values (of a quantized weight: a fresh dequantized copy).
-    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
-        match self {
-            Weight::Dense(t) => Ok(t.clone()),
-            Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
-        }
-    }
-
-    /// `x · wᵀ (+ b)`.
-    fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Weight::Dense(w) => linear(x, w, b),
-            Weight::Quantized(q) => {
-                let y = super::fused::linear_quantized(x, q)?;
-                Ok(match b {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            }
-        }
-    }
-}
+pub use super::fused::Weight;
 
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
 #[derive(Default)]
@@ -600,12 +570,18 @@ impl Llama {
         let mut weights = Vec::new();
         for (name, shape) in parameter_shapes(cfg) {
             let q = tensors.remove(&name).ok_or_else(|| {
-                Error::checkpoint(source, format!("missing tensor `{name}` (expected shape {shape:?})"))
+                Error::checkpoint(
+                    source,
+                    format!("missing tensor `{name}` (expected shape {shape:?})"),
+                )
             })?;
             if q.shape().dims() != shape.as_slice() {
                 return Err(Error::checkpoint(
                     source,
-                    format!("tensor `{name}` has shape {:?}, expected {shape:?}", q.shape().dims()),
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        q.shape().dims()
+                    ),
                 ));
             }
             let w = if name.ends_with("_proj.weight") {
@@ -618,7 +594,10 @@ impl Llama {
         if let Some(extra) = tensors.keys().min() {
             return Err(Error::checkpoint(
                 source,
-                format!("unexpected tensor `{extra}` ({} extra in all) for this config", tensors.len()),
+                format!(
+                    "unexpected tensor `{extra}` ({} extra in all) for this config",
+                    tensors.len()
+                ),
             ));
         }
         Self::frozen_from(cfg, weights, device)
@@ -713,8 +692,17 @@ impl Llama {
         w: &Weight,
         b: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some((a, bm, s)) = self.adapter.as_ref().and_then(|a| a.fused_parts(li, t)) {
+            return super::fused::lora_linear(x, w, b, a, bm, s);
+        }
         let y = w.linear(x, b)?;
-        match self.adapter.as_ref().map(|a| a.delta(li, t, x)).transpose()?.flatten() {
+        match self
+            .adapter
+            .as_ref()
+            .map(|a| a.delta(li, t, x))
+            .transpose()?
+            .flatten()
+        {
             Some(d) => Ok((y + d)?),
             None => Ok(y),
         }

@@ -120,9 +120,7 @@ impl LoraConfig {
                 ));
             };
             if out.contains(&t) {
-                return Err(format!(
-                    "model.lora.target_modules names {name:?} twice"
-                ));
+                return Err(format!("model.lora.target_modules names {name:?} twice"));
             }
             out.push(t);
         }
@@ -257,7 +255,12 @@ impl Adapter {
         Ok(Self::assemble(lora.clone(), base, pairs, seed))
     }
 
-    fn assemble(cfg: LoraConfig, base: BaseIdentity, pairs: Vec<Vec<Option<Pair>>>, seed: u64) -> Self {
+    fn assemble(
+        cfg: LoraConfig,
+        base: BaseIdentity,
+        pairs: Vec<Vec<Option<Pair>>>,
+        seed: u64,
+    ) -> Self {
         Adapter {
             scale: cfg.scale(),
             cfg,
@@ -288,6 +291,21 @@ impl Adapter {
         self.enabled && self.pairs.get(l).is_some_and(|r| r[t].is_some())
     }
 
+    /// (A, B, s) of layer `l`'s projection `t` for the one-node [`lora_linear`]: None where
+    /// it is not adapted, the adapter is off, or dropout is active (then [`Adapter::delta`]).
+    ///
+    /// [`lora_linear`]: super::fused::lora_linear
+    pub fn fused_parts(&self, l: usize, t: Target) -> Option<(&Tensor, &Tensor, f64)> {
+        let dropping =
+            self.cfg.dropout > 0.0 && self.dropout_step.load(Ordering::Relaxed) != NO_DROPOUT;
+        match self.pairs.get(l).map(|r| &r[t]) {
+            Some(Some(p)) if self.enabled && !dropping => {
+                Some((p.a.as_tensor(), p.b.as_tensor(), self.scale))
+            }
+            _ => None,
+        }
+    }
+
     /// s·(drop(x)·Aᵀ)·Bᵀ for layer `l`'s projection `t`, x (…, in) → (…, out); None where
     /// the projection is not adapted or the adapter is off.
     pub fn delta(&self, l: usize, t: Target, x: &Tensor) -> Result<Option<Tensor>> {
@@ -310,7 +328,8 @@ impl Adapter {
         if p <= 0.0 || step == NO_DROPOUT {
             return Ok(x.clone());
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         rng.set_stream((l * TARGETS.len() + t) as u64);
         let keep = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
@@ -374,7 +393,10 @@ impl Adapter {
             let p = dir.join(name);
             std::fs::write(&p, serde_json::to_string_pretty(v)?).map_err(|e| Error::io(&p, e))
         };
-        write(ADAPTER_CONFIG, &peft_config_json(&self.cfg, &self.base.source))?;
+        write(
+            ADAPTER_CONFIG,
+            &peft_config_json(&self.cfg, &self.base.source),
+        )?;
         write(BASE_IDENTITY, &serde_json::to_value(&self.base)?)
     }
 
@@ -394,7 +416,10 @@ impl Adapter {
                     ),
                 ));
             }
-            var.set(&t.to_dtype(DType::F32)?.to_device(var.as_tensor().device())?)?;
+            var.set(
+                &t.to_dtype(DType::F32)?
+                    .to_device(var.as_tensor().device())?,
+            )?;
         }
         let expected = self.named_vars().len();
         if tensors.len() != expected {
@@ -420,9 +445,7 @@ pub const BASE_IDENTITY: &str = "grove_base.json";
 /// The targets, checked against the model: the rank may not exceed any targeted projection's
 /// smaller side (B·A could not have that rank).
 fn check_fits(lora: &LoraConfig, cfg: &Config) -> Result<Vec<Target>> {
-    let targets = lora
-        .targets()
-        .map_err(|m| Error::config("model.lora", m))?;
+    let targets = lora.targets().map_err(|m| Error::config("model.lora", m))?;
     for &t in &targets {
         let (out_f, in_f) = target_shape(cfg, t);
         if lora.rank > out_f.min(in_f) {
@@ -515,7 +538,9 @@ fn lora_config_from_peft(v: &serde_json::Value) -> std::result::Result<LoraConfi
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());
     if let Some(t) = field("peft_type").and_then(|x| x.as_str()) {
         if t != "LORA" {
-            return Err(format!("peft_type is {t:?}; grove reads LORA adapters only"));
+            return Err(format!(
+                "peft_type is {t:?}; grove reads LORA adapters only"
+            ));
         }
     }
     let rank = field("r")
@@ -524,8 +549,12 @@ fn lora_config_from_peft(v: &serde_json::Value) -> std::result::Result<LoraConfi
     let alpha = field("lora_alpha")
         .and_then(|x| x.as_f64())
         .ok_or("field `lora_alpha` missing or not a number")?;
-    let dropout = field("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0);
-    let rslora = field("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
+    let dropout = field("lora_dropout")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0);
+    let rslora = field("use_rslora")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
     let target_modules: Vec<String> = match field("target_modules") {
         Some(serde_json::Value::Array(a)) => a
             .iter()
@@ -542,15 +571,29 @@ fn lora_config_from_peft(v: &serde_json::Value) -> std::result::Result<LoraConfi
     type Check = fn(&serde_json::Value) -> bool;
     let unsupported: [(&str, Check); 10] = [
         ("bias", |x: &serde_json::Value| x.as_str() != Some("none")),
-        ("fan_in_fan_out", |x: &serde_json::Value| x.as_bool() == Some(true)),
-        ("rank_pattern", |x: &serde_json::Value| x.as_object().is_some_and(|o| !o.is_empty())),
-        ("alpha_pattern", |x: &serde_json::Value| x.as_object().is_some_and(|o| !o.is_empty())),
+        ("fan_in_fan_out", |x: &serde_json::Value| {
+            x.as_bool() == Some(true)
+        }),
+        ("rank_pattern", |x: &serde_json::Value| {
+            x.as_object().is_some_and(|o| !o.is_empty())
+        }),
+        ("alpha_pattern", |x: &serde_json::Value| {
+            x.as_object().is_some_and(|o| !o.is_empty())
+        }),
         ("layers_to_transform", |_: &serde_json::Value| true),
-        ("modules_to_save", |x: &serde_json::Value| x.as_array().is_some_and(|a| !a.is_empty())),
-        ("use_dora", |x: &serde_json::Value| x.as_bool() == Some(true)),
-        ("lora_bias", |x: &serde_json::Value| x.as_bool() == Some(true)),
+        ("modules_to_save", |x: &serde_json::Value| {
+            x.as_array().is_some_and(|a| !a.is_empty())
+        }),
+        ("use_dora", |x: &serde_json::Value| {
+            x.as_bool() == Some(true)
+        }),
+        ("lora_bias", |x: &serde_json::Value| {
+            x.as_bool() == Some(true)
+        }),
         ("trainable_token_indices", |_: &serde_json::Value| true),
-        ("target_parameters", |x: &serde_json::Value| x.as_array().is_some_and(|a| !a.is_empty())),
+        ("target_parameters", |x: &serde_json::Value| {
+            x.as_array().is_some_and(|a| !a.is_empty())
+        }),
     ];
     for (k, bad) in unsupported {
         if let Some(x) = field(k) {
@@ -622,7 +665,10 @@ pub fn check_same_shape(want: &LoraConfig, file: &LoraConfig, dir: &Path) -> Res
     if want.rslora != file.rslora {
         return mismatch("rslora", want.rslora.to_string(), file.rslora.to_string());
     }
-    let (a, b) = (want.targets().unwrap_or_default(), file.targets().unwrap_or_default());
+    let (a, b) = (
+        want.targets().unwrap_or_default(),
+        file.targets().unwrap_or_default(),
+    );
     if a != b {
         return mismatch(
             "target_modules",

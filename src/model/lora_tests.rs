@@ -63,13 +63,18 @@ fn a_fresh_adapter_gives_exactly_the_base_outputs() {
     assert_eq!(values(&logits(&m)), want);
     // Only A and B train: 2 layers × 7 projections × (A, B).
     assert_eq!(m.params().len(), 2 * 7 * 2);
-    assert!(m.params().iter().all(|(n, _)| n.starts_with("base_model.model.model.layers.")));
+    assert!(m
+        .params()
+        .iter()
+        .all(|(n, _)| n.starts_with("base_model.model.model.layers.")));
     // A is uniform in ±1/√in, from the seed: the same seed draws the same A.
     let a = m.params()[0].1.as_tensor().clone();
     let bound = 1.0 / (16f32).sqrt();
     assert!(values(&a).iter().all(|x| x.abs() <= bound));
     assert!(values(&a).iter().any(|&x| x != 0.0));
-    let m2 = base().with_lora(&LoraConfig::default(), 9, "builtin").unwrap();
+    let m2 = base()
+        .with_lora(&LoraConfig::default(), 9, "builtin")
+        .unwrap();
     assert_eq!(values(m2.params()[0].1.as_tensor()), values(&a));
 }
 
@@ -94,8 +99,14 @@ fn the_adapter_adds_x_a_b_times_the_scale_computed_by_hand() {
     let xv: Vec<f32> = (0..3 * in_f).map(|i| (i as f32 * 0.11).sin()).collect();
     let mut t = HashMap::new();
     for l in 0..2 {
-        t.insert(peft_key(l, V, "A"), Tensor::from_vec(av.clone(), (r, in_f), &Device::Cpu).unwrap());
-        t.insert(peft_key(l, V, "B"), Tensor::from_vec(bv.clone(), (out_f, r), &Device::Cpu).unwrap());
+        t.insert(
+            peft_key(l, V, "A"),
+            Tensor::from_vec(av.clone(), (r, in_f), &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            peft_key(l, V, "B"),
+            Tensor::from_vec(bv.clone(), (out_f, r), &Device::Cpu).unwrap(),
+        );
     }
     a.load_values(&t, "test").unwrap();
     let x = Tensor::from_vec(xv.clone(), (1, 3, in_f), &Device::Cpu).unwrap();
@@ -136,7 +147,11 @@ fn a_step_changes_only_adapter_tensors_and_base_weights_get_no_gradient() {
         .iter()
         .map(|(n, t)| (n.clone(), values(t)))
         .collect();
-    let adapter_before: Vec<Vec<f32>> = m.params().iter().map(|(_, v)| values(v.as_tensor())).collect();
+    let adapter_before: Vec<Vec<f32>> = m
+        .params()
+        .iter()
+        .map(|(_, v)| values(v.as_tensor()))
+        .collect();
     let mut opt = AdamW::new(m.params(), AdamWParams::default());
     let loss = logits(&m).sqr().unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -170,7 +185,9 @@ fn adapter_gradients_match_finite_differences() {
     perturb_b(&m, 2);
     // A fixed weighting of the logits, so the loss is not symmetric.
     let w = logits(&m).ones_like().unwrap();
-    let wv: Vec<f32> = (0..w.elem_count()).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    let wv: Vec<f32> = (0..w.elem_count())
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
+        .collect();
     let w = Tensor::from_vec(wv, w.shape(), &Device::Cpu).unwrap();
     let loss = |m: &Llama| -> f64 {
         let l = (logits(m) * &w).unwrap().sum_all().unwrap();
@@ -214,7 +231,10 @@ fn merged_weights_give_the_adapted_logits_and_the_reference_is_the_base() {
     let m = b.with_lora(&LoraConfig::default(), 6, "builtin").unwrap();
     perturb_b(&m, 3);
     let adapted = logits(&m);
-    assert!(max_diff(&adapted, &base_logits) > 1e-3, "the adapter changes the outputs");
+    assert!(
+        max_diff(&adapted, &base_logits) > 1e-3,
+        "the adapter changes the outputs"
+    );
     let merged = m.merged().unwrap();
     assert!(merged.adapter().is_none());
     let d = max_diff(&logits(&merged), &adapted);
@@ -247,11 +267,17 @@ fn peft_files_round_trip_with_peft_key_names() {
     let peft = read_peft(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(peft.cfg.rank, 4);
     assert_eq!(peft.cfg.alpha, 16.0);
-    assert_eq!(peft.cfg.target_modules, vec!["q_proj", "v_proj", "down_proj"]);
+    assert_eq!(
+        peft.cfg.target_modules,
+        vec!["q_proj", "v_proj", "down_proj"]
+    );
     let mut keys: Vec<&String> = peft.tensors.keys().collect();
     keys.sort();
     assert_eq!(keys.len(), 2 * 3 * 2);
-    assert_eq!(keys[0], "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight");
+    assert_eq!(
+        keys[0],
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    );
     assert_eq!(
         peft.tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].dims(),
         &[8, 4]
@@ -264,25 +290,48 @@ fn peft_files_round_trip_with_peft_key_names() {
 fn bad_adapters_and_configs_are_clear_errors() {
     // A rank larger than a targeted layer (k_proj is 8×16 here).
     let e = base()
-        .with_lora(&LoraConfig { rank: 9, ..Default::default() }, 1, "builtin")
+        .with_lora(
+            &LoraConfig {
+                rank: 9,
+                ..Default::default()
+            },
+            1,
+            "builtin",
+        )
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("rank 9 is larger than the layer") && e.contains("k_proj") && e.contains("at most 8"), "{e}");
+    assert!(
+        e.contains("rank 9 is larger than the layer")
+            && e.contains("k_proj")
+            && e.contains("at most 8"),
+        "{e}"
+    );
     // A module that does not exist.
     let bad = LoraConfig {
         target_modules: vec!["q_proj".into(), "qkv_proj".into()],
         ..Default::default()
     };
     let e = bad.validate().unwrap_err();
-    assert!(e.contains("unknown module \"qkv_proj\"") && e.contains("gate_proj"), "{e}");
+    assert!(
+        e.contains("unknown module \"qkv_proj\"") && e.contains("gate_proj"),
+        "{e}"
+    );
     // An adapter whose base hash does not match the base it is loaded onto.
-    let m = base().with_lora(&LoraConfig::default(), 1, "builtin").unwrap();
+    let m = base()
+        .with_lora(&LoraConfig::default(), 1, "builtin")
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     m.adapter().unwrap().save(dir.path()).unwrap();
     let other = Llama::init(&tiny_cfg(), 99, &Device::Cpu).unwrap();
-    let e = load_onto(other, dir.path(), "other-base").err().unwrap().to_string();
-    assert!(e.contains("content hash") && e.contains("other-base"), "{e}");
+    let e = load_onto(other, dir.path(), "other-base")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("content hash") && e.contains("other-base"),
+        "{e}"
+    );
     // init_from with a different rank than [model.lora].
     let e = apply(
         base(),
@@ -297,7 +346,10 @@ fn bad_adapters_and_configs_are_clear_errors() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("rank = 8") && e.contains("model.lora.rank"), "{e}");
+    assert!(
+        e.contains("rank = 8") && e.contains("model.lora.rank"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -361,4 +413,63 @@ fn a_quantized_base_gives_the_logits_and_gradients_of_its_dequantized_copy() {
         let d = max_diff(a, b) / scale;
         assert!(d < 1e-4, "gradient of `{n}` differs by {d} (relative)");
     }
+}
+
+#[test]
+fn the_one_node_lora_linear_matches_the_composed_values_and_gradients() {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let (w, bias) = (t(&[24, 20]), t(&[24]));
+    let x = Var::from_tensor(&t(&[2, 19, 20])).unwrap();
+    let a = Var::from_tensor(&t(&[3, 20])).unwrap();
+    let b = Var::from_tensor(&t(&[24, 3])).unwrap();
+    let g = t(&[2, 19, 24]);
+    let s = 0.7;
+    let fused = crate::model::fused::lora_linear(
+        x.as_tensor(),
+        &Weight::Dense(w.clone()),
+        Some(&bias),
+        a.as_tensor(),
+        b.as_tensor(),
+        s,
+    )
+    .unwrap();
+    let composed = (crate::model::fused::linear_composed(x.as_tensor(), &w)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap()
+        + crate::model::fused::linear_composed(
+            &crate::model::fused::linear_composed(x.as_tensor(), a.as_tensor()).unwrap(),
+            b.as_tensor(),
+        )
+        .unwrap()
+        .affine(s, 0.0)
+        .unwrap())
+    .unwrap();
+    assert!(max_diff(&fused, &composed) < 1e-5);
+    let gf = (&fused * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gc = (&composed * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &a, &b] {
+        let d = max_diff(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-4, "gradient differs by {d}");
+    }
+    assert!(gf.get(&w).is_none() && gf.get(&bias).is_none());
 }

@@ -63,7 +63,12 @@ impl Env {
 
     /// The weights a run starts from: the seeded built-in model or the pretrained one.
     pub fn initial_policy(&self, dev: &candle_core::Device) -> Result<Llama> {
-        let quantized = self.cfg.model.lora.as_ref().is_some_and(|l| l.quantized_base);
+        let quantized = self
+            .cfg
+            .model
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.quantized_base);
         let base = match &self.model_path {
             Some(p) if quantized => crate::model::io::load_gguf_frozen(p, dev)?,
             None if quantized => {
