@@ -217,7 +217,7 @@ pub struct Adapter {
     /// Off: the model computes the base alone (the reference policy of a LoRA run).
     pub enabled: bool,
     seed: u64,
-    /// The learner's step while its gradient pass runs ([`NO_DROPOUT`] otherwise): dropout
+    /// The learner's step while its gradient pass runs (`NO_DROPOUT` otherwise): dropout
     /// masks are drawn from (seed, step, layer, target), so a resumed run draws the same.
     dropout_step: AtomicU64,
 }
