@@ -232,37 +232,7 @@ struct Layer {
     down: Weight,
 }
 
-/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
-/// `model.lora.quantized_base`).
-#[derive(Clone)]
-pub enum Weight {
-    Dense(Tensor),
-    Quantized(Arc<QTensor>),
-}
-
-impl Weight {
-    /// The f32 values (of a quantized weight: a fresh dequantized copy).
-    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
-        match self {
-            Weight::Dense(t) => Ok(t.clone()),
-            Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
-        }
-    }
-
-    /// `x · wᵀ (+ b)`.
-    fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Weight::Dense(w) => linear(x, w, b),
-            Weight::Quantized(q) => {
-                let y = super::fused::linear_quantized(x, q)?;
-                Ok(match b {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            }
-        }
-    }
-}
+pub use super::fused::Weight;
 
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
 #[derive(Default)]
@@ -731,6 +701,9 @@ impl Llama {
         w: &Weight,
         b: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some((a, bm, s)) = self.adapter.as_ref().and_then(|a| a.fused_parts(li, t)) {
+            return super::fused::lora_linear(x, w, b, a, bm, s);
+        }
         let y = w.linear(x, b)?;
         match self
             .adapter

@@ -217,7 +217,7 @@ pub struct Adapter {
     /// Off: the model computes the base alone (the reference policy of a LoRA run).
     pub enabled: bool,
     seed: u64,
-    /// The learner's step while its gradient pass runs ([`NO_DROPOUT`] otherwise): dropout
+    /// The learner's step while its gradient pass runs (`NO_DROPOUT` otherwise): dropout
     /// masks are drawn from (seed, step, layer, target), so a resumed run draws the same.
     dropout_step: AtomicU64,
 }
@@ -289,6 +289,21 @@ impl Adapter {
     /// Whether layer `l`'s projection `t` is adapted (and the adapter on).
     pub fn adapts(&self, l: usize, t: Target) -> bool {
         self.enabled && self.pairs.get(l).is_some_and(|r| r[t].is_some())
+    }
+
+    /// (A, B, s) of layer `l`'s projection `t` for the one-node [`lora_linear`]: None where
+    /// it is not adapted, the adapter is off, or dropout is active (then [`Adapter::delta`]).
+    ///
+    /// [`lora_linear`]: super::fused::lora_linear
+    pub fn fused_parts(&self, l: usize, t: Target) -> Option<(&Tensor, &Tensor, f64)> {
+        let dropping =
+            self.cfg.dropout > 0.0 && self.dropout_step.load(Ordering::Relaxed) != NO_DROPOUT;
+        match self.pairs.get(l).map(|r| &r[t]) {
+            Some(Some(p)) if self.enabled && !dropping => {
+                Some((p.a.as_tensor(), p.b.as_tensor(), self.scale))
+            }
+            _ => None,
+        }
     }
 
     /// s·(drop(x)·Aᵀ)·Bᵀ for layer `l`'s projection `t`, x (…, in) → (…, out); None where

@@ -414,3 +414,62 @@ fn a_quantized_base_gives_the_logits_and_gradients_of_its_dequantized_copy() {
         assert!(d < 1e-4, "gradient of `{n}` differs by {d} (relative)");
     }
 }
+
+#[test]
+fn the_one_node_lora_linear_matches_the_composed_values_and_gradients() {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let (w, bias) = (t(&[24, 20]), t(&[24]));
+    let x = Var::from_tensor(&t(&[2, 19, 20])).unwrap();
+    let a = Var::from_tensor(&t(&[3, 20])).unwrap();
+    let b = Var::from_tensor(&t(&[24, 3])).unwrap();
+    let g = t(&[2, 19, 24]);
+    let s = 0.7;
+    let fused = crate::model::fused::lora_linear(
+        x.as_tensor(),
+        &Weight::Dense(w.clone()),
+        Some(&bias),
+        a.as_tensor(),
+        b.as_tensor(),
+        s,
+    )
+    .unwrap();
+    let composed = (crate::model::fused::linear_composed(x.as_tensor(), &w)
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap()
+        + crate::model::fused::linear_composed(
+            &crate::model::fused::linear_composed(x.as_tensor(), a.as_tensor()).unwrap(),
+            b.as_tensor(),
+        )
+        .unwrap()
+        .affine(s, 0.0)
+        .unwrap())
+    .unwrap();
+    assert!(max_diff(&fused, &composed) < 1e-5);
+    let gf = (&fused * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gc = (&composed * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &a, &b] {
+        let d = max_diff(
+            gf.get(v.as_tensor()).unwrap(),
+            gc.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-4, "gradient differs by {d}");
+    }
+    assert!(gf.get(&w).is_none() && gf.get(&bias).is_none());
+}

@@ -7,6 +7,65 @@ use candle_core::{CustomOp1, Device};
 
 use super::*;
 
+/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
+/// `model.lora.quantized_base`).
+#[derive(Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// The f32 values (of a quantized weight: a fresh dequantized copy).
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// (out, in).
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Weight::Dense(t) => t.dims2()?,
+            Weight::Quantized(q) => q.shape().dims2()?,
+        })
+    }
+
+    /// Whether the fused CPU kernels take it (quantized weights are dequantized on the CPU).
+    pub fn is_cpu_f32(&self) -> bool {
+        match self {
+            Weight::Dense(t) => fusable(&[t]),
+            Weight::Quantized(q) => q.device().is_cpu(),
+        }
+    }
+
+    /// A dense weight made contiguous (a quantized one as it is).
+    pub fn contiguous(&self) -> Result<Self> {
+        Ok(match self {
+            Weight::Dense(t) => Weight::Dense(t.contiguous()?),
+            Weight::Quantized(q) => Weight::Quantized(q.clone()),
+        })
+    }
+
+    /// `x · wᵀ (+ b)`.
+    pub fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => match b {
+                Some(b) => linear_bias(x, w, b),
+                None => linear(x, w),
+            },
+            Weight::Quantized(q) => {
+                let y = linear_quantized(x, q)?;
+                Ok(match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+}
+
 /// `x · wᵀ` for a weight kept in its ggml blocks, w (out, in): the forward and the backward
 /// each dequantize w into a transient f32 matrix for one GEMM and drop it, so the model never
 /// holds the base as f32 (one layer's matrix at a time). w is frozen: the backward gives
