@@ -35,7 +35,10 @@ const SOURCES: &[(&str, &str)] = &[
     ("src/env/mod.rs", include_str!("../env/mod.rs")),
     ("src/env/tools.rs", include_str!("../env/tools.rs")),
     ("src/model/lora.rs", include_str!("../model/lora.rs")),
-    ("src/reward/external.rs", include_str!("../reward/external.rs")),
+    (
+        "src/reward/external.rs",
+        include_str!("../reward/external.rs"),
+    ),
 ];
 
 /// The command that regenerates docs/configuration.md.

@@ -287,6 +287,8 @@ mod tests {
         let mut cfg = RunConfig::default();
         cfg.sync.buffer = Some("postgres://grove:hunter2@db/runs".into());
         cfg.sync.publish_dir = Some("pub".into());
+        // As a run records it: with the defaults derived at load (the buffer's max_staleness).
+        cfg.derive_defaults();
         let (_tmp, run, own) = saved_run(&cfg);
         let e = resume_config(&run, None, &[], false)
             .unwrap_err()

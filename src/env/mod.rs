@@ -89,6 +89,7 @@ pub enum EnvKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnvConfig {
+    /// Which environment: a built-in one or `program` (a user program speaking JSON lines).
     pub kind: EnvKind,
     /// Model turns per episode at most.
     pub max_turns: usize,

@@ -94,13 +94,17 @@ fn default_max_consecutive_failures() -> u64 {
 pub struct ExternalConfig {
     /// Program and arguments, e.g. `["python3", "examples/reward_length.py"]` (no shell).
     pub command: Vec<String>,
+    /// Seconds one response may take before the command is killed and restarted.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
+    /// What a failed response (crash, timeout, unreadable answer) does: stop the run, or
+    /// score that response with `failure_reward`.
     #[serde(default)]
     pub on_error: OnError,
     /// Reward of a failed response under `on_error = "fail-response"`.
     #[serde(default)]
     pub failure_reward: f64,
+    /// Failures in a row after which the run stops with the command's last error.
     #[serde(default = "default_max_consecutive_failures")]
     pub max_consecutive_failures: u64,
     /// Copies of the command scoring a batch at once (`reward::external_pool`; default: the

@@ -180,7 +180,7 @@ fn train_in(
         acc_after_warmup: start.acc_after_warmup,
         reporter,
         health: report::health::Monitor::default(),
-        plan,
+        plan: plan.clone(),
     };
     if ckpt.is_none() {
         run.save(&learner, 0, &explore_st, source.as_ref())?;
@@ -247,7 +247,7 @@ fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
             .config()
             .max_tokens
             .saturating_sub(cfg.rollout.max_new_tokens);
-        let mut plan = Plan::new(cfg, model.num_params(), prompt);
+        let mut plan = Plan::new(cfg, &model.cfg, model.num_params(), prompt)?;
         plan.warmup_max_steps = 0;
         plan.heldout_size = heldout(env).len();
         return Ok(plan);

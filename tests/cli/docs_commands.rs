@@ -128,7 +128,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
     (
         "README.md",
-        "data.jsonl",
+        "mydata.jsonl",
         "{\"question\": \"12+34=\", \"solution\": \"46\"}\n{\"question\": \"25+17=\", \"solution\": \"42\"}\n{\"question\": \"40+41=\", \"solution\": \"81\"}\n{\"question\": \"63+29=\", \"solution\": \"92\"}\n{\"question\": \"18+18=\", \"solution\": \"36\"}\n{\"question\": \"77+11=\", \"solution\": \"88\"}\n{\"question\": \"30+59=\", \"solution\": \"89\"}\n{\"question\": \"45+45=\", \"solution\": \"90\"}\n{\"question\": \"51+26=\", \"solution\": \"77\"}\n{\"question\": \"14+83=\", \"solution\": \"97\"}\n",
     ),
     (

@@ -346,7 +346,7 @@ fn grove_eval_and_train_run_on_a_q4_k_m_file() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("gsm8k: 3 questions x 2 samples (base prompts"),
+        out.contains("gsm8k: 3 questions x 2 samples, sampled at temperature 1 (base prompts"),
         "{out}"
     );
     let rows = std::fs::read_to_string(tmp.path().join("eval.jsonl")).unwrap();
