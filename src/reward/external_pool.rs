@@ -107,7 +107,7 @@ mod tests {
         }
     }
 
-    /// 8 slow requests on 4 copies: the command logs when each request starts and ends; at
+    /// 8 slow requests (1 s each) on 4 copies: the command logs when each request starts and ends; at
     /// most 4 and, at some moment, exactly 4 are in progress together; rewards are in order.
     #[test]
     fn a_batch_runs_on_width_copies_at_once_and_answers_in_order() {
@@ -115,7 +115,7 @@ mod tests {
         let log = dir.path().join("log");
         // Reward = the length of the request line, so each answer identifies its request.
         let script = format!(
-            "while read -r l; do echo \"start $(date +%s%N)\" >> {log}; sleep 0.4; \
+            "while read -r l; do echo \"start $(date +%s%N)\" >> {log}; sleep 1; \
              echo \"end $(date +%s%N)\" >> {log}; echo ${{#l}}; done",
             log = log.display()
         );

@@ -92,13 +92,8 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
             "give exactly one of --out FILE.jsonl or --buffer URL",
         ));
     }
-    if cfg.reward.pipeline.is_some() {
-        return Err(Error::config(
-            "grove explore",
-            "[reward.pipeline] is not supported by `grove explore` processes yet (they score with \
-             the task's verifier); it works with `grove train` in on-policy and lagged modes",
-        ));
-    }
+    // A [reward.pipeline] is not run here: explorers write the verifier's reward and the
+    // learner scores each batch with the pipeline as it takes it (train/run.rs).
     let env = Env::new(cfg)?;
     let mut version = 0u64;
     let sampler = match &env.cfg.remote {

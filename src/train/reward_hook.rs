@@ -211,9 +211,11 @@ mod tests {
     fn train_validation_names_what_is_not_supported() {
         assert!(load(&[TWO]).is_ok());
         assert!(load(&[TWO, "sync.mode=\"lagged\"", "sync.offset=1"]).is_ok());
-        // Every sync mode: async and offline groups are scored by the learner.
+        // Every sync mode takes a pipeline (async, buffer and offline groups are scored by the
+        // learner); only reward noise and injected answers are refused.
         assert!(load(&[TWO, "sync.mode=\"async\""]).is_ok());
         assert!(load(&[TWO, "sync.offline=\"x.jsonl\""]).is_ok());
+        assert!(load(&[TWO, "sync.buffer=\"sqlite:b.db\"", "sync.publish_dir=\"w\""]).is_ok());
         let cases = [
             ("reward.noise_rho1=0.2", "noise_rho1"),
             ("sampling.inject_ground_truth=true", "inject_ground_truth"),

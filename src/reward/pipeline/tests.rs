@@ -599,8 +599,10 @@ fn external_component_counts_failures() {
          print(1 if r['response'] == 'ok' else 'garbage', flush=True)\n",
     )
     .unwrap();
+    // A generous timeout: the copies of the pool start python at once on a loaded machine;
+    // the bad answer fails on its garbage line, not on the timeout.
     let ext = ExternalConfig {
-        timeout_s: 1.0,
+        timeout_s: 20.0,
         on_error: crate::reward::external::OnError::FailResponse,
         failure_reward: -1.0,
         ..ExternalConfig::new(vec!["python3".into(), script.display().to_string()])
