@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::{quiet, rl_lines};
 use candle_core::{Device, Tensor};
 use grove::config;
 use grove::model::lora::{self, LoraConfig};
@@ -127,26 +128,6 @@ fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     config::load(None, &sets).unwrap()
-}
-
-fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
-    grove::report::read_jsonl(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|v| v["phase"] == "rl")
-        .map(|mut v| {
-            let obj = v.as_object_mut().unwrap();
-            obj.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("throughput/"));
-            v
-        })
-        .collect()
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! pretrained folders, GGUF files, tokenizer parity.
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
+#[path = "../common/mod.rs"]
+mod common;
 mod gguf_quantized;
 mod lora;
 mod model;

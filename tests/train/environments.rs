@@ -3,6 +3,7 @@
 //! message lists; exact resume; programs from a run directory need --trust-commands.
 use std::path::Path;
 
+use crate::common::{quiet, rl_lines};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
@@ -21,26 +22,6 @@ fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     config::load(None, &sets).unwrap()
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
-
-fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
-    grove::report::read_jsonl(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|v| v["phase"] == "rl")
-        .map(|mut v| {
-            let obj = v.as_object_mut().unwrap();
-            obj.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("throughput/"));
-            v
-        })
-        .collect()
 }
 
 /// The first logged episode's messages.

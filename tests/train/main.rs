@@ -2,6 +2,8 @@
 //! remote rollouts, pretrained policies.
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
+#[path = "../common/mod.rs"]
+mod common;
 mod distributed;
 mod environments;
 mod pretrained_train;

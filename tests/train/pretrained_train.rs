@@ -3,11 +3,12 @@
 //! tokenizer and a chat template. 1–2 RL steps each.
 use std::path::Path;
 
+use crate::common::quiet;
 use grove::config;
 use grove::model::io::{load_pretrained, save_pretrained};
 use grove::model::{Config, Llama, Tokenizer};
 use grove::reward::math::MathVerifier;
-use grove::train::{run, TrainOptions};
+use grove::train::run;
 
 const GGUF: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -29,13 +30,6 @@ const GPT2_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../shared/data/models/gpt2-tiny-random/tokenizer.json"
 );
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
     grove::report::read_jsonl(path).unwrap()

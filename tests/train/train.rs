@@ -2,6 +2,7 @@
 //! contract, and exact resume.
 use std::path::Path;
 
+use crate::common::rl_lines;
 use grove::config;
 use grove::train::{run, TrainOptions};
 
@@ -21,20 +22,6 @@ fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     config::load(None, &sets).unwrap()
-}
-
-fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
-    grove::report::read_jsonl(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|v| v["phase"] == "rl")
-        .map(|mut v| {
-            // Wall-clock figures differ between any two runs; everything else must not.
-            let obj = v.as_object_mut().unwrap();
-            obj.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("throughput/"));
-            v
-        })
-        .collect()
 }
 
 #[test]

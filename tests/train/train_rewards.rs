@@ -2,6 +2,7 @@
 //! resume, and a trained reward model as the reward.
 use std::path::Path;
 
+use crate::common::{quiet, rl_lines};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
@@ -21,26 +22,6 @@ fn small(out: &Path, steps: usize, extra: &[String]) -> config::RunConfig {
     ];
     sets.extend(extra.iter().cloned());
     config::load(None, &sets).unwrap()
-}
-
-fn rl_lines(run_dir: &Path) -> Vec<serde_json::Value> {
-    grove::report::read_jsonl(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|v| v["phase"] == "rl")
-        .map(|mut v| {
-            let obj = v.as_object_mut().unwrap();
-            obj.retain(|k, _| !k.starts_with("timing/") && !k.starts_with("throughput/"));
-            v
-        })
-        .collect()
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
 }
 
 /// Runs `steps` steps straight, and again stopped after 3 and resumed from the saved config;
