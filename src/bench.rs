@@ -354,7 +354,7 @@ pub fn rl_step(
     let env = Env {
         task: Box::new(AnchorTask::new(partial_reward)),
         model_path: None,
-        cfg,
+        cfg: crate::config::validate(cfg, "bench", crate::config::Purpose::Inspect)?,
         tok: tokenizer,
         environment: None,
     };

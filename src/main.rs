@@ -199,7 +199,8 @@ fn print_config(
     }
     print!(
         "{}",
-        grove::config::load(config.as_deref(), &set)?.to_toml()?
+        grove::config::load_for(config.as_deref(), &set, grove::config::Purpose::Inspect)?
+            .to_toml()?
     );
     Ok(())
 }

@@ -56,7 +56,7 @@ pub fn run(args: ExploreArgs) -> Result<()> {
     if let Some(url) = remote {
         set.push(format!("remote.url={}", super::toml_string(&url)));
     }
-    let cfg = grove::config::load(config.as_deref(), &set)?;
+    let cfg = grove::config::load_for(config.as_deref(), &set, grove::config::Purpose::Explore)?;
     let opts = grove::train::explorer::ExploreOptions {
         out,
         buffer,

@@ -80,14 +80,17 @@ fn train(
     stop_after: Option<usize>,
     quiet: bool,
 ) -> Result<()> {
-    let cfg = match &resume {
+    use grove::config::{resume::resume_config, validate, Purpose};
+    let run = match &resume {
         Some(dir) => {
-            grove::config::resume::resume_config(dir, config.as_deref(), &set, trust_commands)?
+            let raw = resume_config(dir, config.as_deref(), &set, trust_commands)?;
+            let source = dir.join("config.toml").display().to_string();
+            validate(raw, &source, Purpose::Resume)?
         }
         None => grove::config::load(config.as_deref(), &set)?,
     };
     if !quiet {
-        for w in cfg.warnings() {
+        for w in run.warnings() {
             eprintln!("warning: {w}");
         }
     }
@@ -96,7 +99,7 @@ fn train(
         stop_after,
         quiet,
     };
-    let s = grove::train::run(cfg, &opts)?;
+    let s = grove::train::run(run, &opts)?;
     if !quiet && s.already_finished {
         println!(
             "the run had already finished: {} RL steps; held-out accuracy {:.1}% after warm-up \

@@ -1,7 +1,10 @@
-//! The lowest layer: the compute device, the optimizer, and process-wide tuning of the
-//! allocator and thread pools. Everything above (model, algorithms, rollout, training,
-//! serving, reward-model training) takes these from here.
+//! The lowest layer: the compute device, the optimizer, process-wide tuning of the
+//! allocator and thread pools, and the supervisor of user programs spoken to in JSON lines
+//! ([`process`]: reward commands, environment programs, command tools). Everything above
+//! (model, algorithms, rollout, training, serving, reward-model training) takes these from
+//! here.
 pub mod optim;
+pub mod process;
 pub mod tuning;
 
 use candle_core::Device;

@@ -1,6 +1,7 @@
 //! Configuration in two stages, ripgrep style: raw values (TOML file, recipe, `--set`
-//! overrides) deserialised into [`RunConfig`], then a validated [`Plan`] with the derived numbers
-//! that is printed at start-up and saved with the run.
+//! overrides) deserialised into [`RunConfig`] ([`parse`]), then one [`validate`] that checks
+//! everything once and returns the [`ValidatedRun`] the rest of the code takes; a run derives
+//! its [`Plan`] (the derived numbers, printed at start-up and saved with the run) from it.
 //!
 //! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
 //! the file's own values, then `--set section.key=value` overrides.
@@ -10,8 +11,10 @@ pub mod recipes;
 pub mod reference;
 pub mod resume;
 pub mod secrets;
+mod validated;
 
 pub use plan::{MemoryEstimate, Plan};
+pub use validated::{validate, Purpose, ValidatedRun};
 
 use std::path::Path;
 
@@ -451,8 +454,26 @@ fn check_numbers_finite(cfg: &RunConfig) -> std::result::Result<(), String> {
     walk("", &value)
 }
 
-/// Reads a run config: `file` (None = quickstart defaults), its recipe, then overrides.
-pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+/// Reads and validates a run config for `grove train` ([`Purpose::Train`]): `file` (None =
+/// quickstart defaults), its recipe, then overrides.
+pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<ValidatedRun> {
+    load_for(file, overrides, Purpose::Train)
+}
+
+/// Reads a run config ([`parse`]) and validates it for `purpose`.
+pub fn load_for(
+    file: Option<&Path>,
+    overrides: &[String],
+    purpose: Purpose,
+) -> Result<ValidatedRun> {
+    let (raw, source) = parse(file, overrides)?;
+    validate(raw, &source, purpose)
+}
+
+/// The first stage: `file` (None = quickstart defaults), its recipe, then overrides, read
+/// into a [`RunConfig`] that is not checked beyond its types. Returns it with the name of
+/// its source for error messages.
+pub fn parse(file: Option<&Path>, overrides: &[String]) -> Result<(RunConfig, String)> {
     let (source, file_table) = match file {
         Some(p) => {
             let name = p.display().to_string();
@@ -485,10 +506,8 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
     } else {
         format!("{source} with --set overrides")
     };
-    let mut cfg = deserialize(table, &src)?;
-    cfg.derive_defaults();
-    cfg.validate(&src)?;
-    Ok(cfg)
+    let cfg = deserialize(table, &src)?;
+    Ok((cfg, src))
 }
 
 impl RunConfig {
@@ -521,7 +540,7 @@ impl RunConfig {
     /// A shared buffer without `sync.max_staleness` (and without replay, which bounds reuse by
     /// itself) gets [`DEFAULT_BUFFER_MAX_STALENESS`] (at least `sync.interval`): unbounded,
     /// a learner behind fast explorers trained on data over 100 versions old.
-    pub fn derive_defaults(&mut self) {
+    pub(crate) fn derive_defaults(&mut self) {
         let sy = &mut self.sync;
         if sy.buffer.is_some() && sy.replay.is_none() && sy.max_staleness.is_none() {
             sy.max_staleness = Some(DEFAULT_BUFFER_MAX_STALENESS.max(sy.interval as u64));
@@ -541,8 +560,9 @@ impl RunConfig {
         }
     }
 
-    /// What is allowed but probably not meant, printed as warnings at start.
-    pub fn warnings(&self) -> Vec<String> {
+    /// What is allowed but probably not meant, printed as warnings at start
+    /// ([`ValidatedRun::warnings`]).
+    fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         let estimator = self.advantage.estimator;
         if self.rollout.group_size == 1 && estimator.group_relative() {
@@ -557,8 +577,9 @@ impl RunConfig {
         out
     }
 
-    /// Checks every section; messages name the field and what was expected.
-    pub fn validate(&self, source: &str) -> Result<()> {
+    /// Checks every section; messages name the field and what was expected. Called by
+    /// [`validate`] only: a [`ValidatedRun`] is the proof that it passed.
+    fn check(&self, source: &str) -> Result<()> {
         let err = |m: String| Err(Error::config(source, m));
         check_numbers_finite(self).map_err(|m| Error::config(source, m))?;
         if self.name.is_empty() || self.name.contains(['/', '\\']) {

@@ -2,7 +2,7 @@
 //! check that the run fits the machine before anything is written.
 use serde::{Deserialize, Serialize};
 
-use super::{resume, RunConfig};
+use super::{resume, RunConfig, ValidatedRun};
 use crate::error::{Error, Result};
 
 /// Derived numbers of a run, printed at start and saved as plan.json.
@@ -91,8 +91,9 @@ fn product(a: usize, b: usize, what: &str) -> Result<usize> {
 impl Plan {
     /// The plan of `cfg` on a policy of shape `model` with `model_params` parameters whose
     /// longest prompt has `prompt_tokens` tokens. Counts that overflow are an error naming them.
+    /// Only a validated config has a plan.
     pub fn new(
-        cfg: &RunConfig,
+        cfg: &ValidatedRun,
         model: &crate::model::Config,
         model_params: usize,
         prompt_tokens: usize,
@@ -228,13 +229,17 @@ mod tests {
         .unwrap()
     }
 
+    fn validated(cfg: &RunConfig) -> ValidatedRun {
+        crate::config::validate(cfg.clone(), "test", crate::config::Purpose::Inspect).unwrap()
+    }
+
     #[test]
     fn memory_estimate_by_hand() {
         let mut cfg = RunConfig::default();
         cfg.rollout.prompts_per_step = 3;
         cfg.rollout.group_size = 2;
         cfg.rollout.max_new_tokens = 4;
-        let plan = Plan::new(&cfg, &shape(), 100, 6).unwrap();
+        let plan = Plan::new(&validated(&cfg), &shape(), 100, 6).unwrap();
         // 6 samples × 10 tokens: KV 6·10·2 layers·2·4·4 B = 3840; activations 6·10·8·2·4 = 3840.
         assert_eq!(
             plan.memory,
@@ -247,7 +252,7 @@ mod tests {
         assert_eq!(plan.memory.total(), 5440.0);
         // A micro-batch of 2 sequences keeps a third of the activations.
         cfg.train.micro_batch = 2;
-        let plan = Plan::new(&cfg, &shape(), 100, 6).unwrap();
+        let plan = Plan::new(&validated(&cfg), &shape(), 100, 6).unwrap();
         assert_eq!(plan.memory.activations, 1280.0);
         assert!(plan.check_memory(Some(5440)).is_ok());
         assert!(plan.check_memory(None).is_ok());
@@ -262,7 +267,7 @@ mod tests {
     fn impossible_sizes_are_refused_with_the_figures() {
         let mut cfg = RunConfig::default();
         cfg.rollout.group_size = 1_000_000_000;
-        let plan = Plan::new(&cfg, &shape(), 100, 6).unwrap();
+        let plan = Plan::new(&validated(&cfg), &shape(), 100, 6).unwrap();
         let e = plan
             .check_memory(Some(64_000_000_000))
             .unwrap_err()
@@ -274,7 +279,9 @@ mod tests {
         // Counts that would wrap around are errors naming them, not wrapped numbers.
         cfg.rollout.group_size = 8;
         cfg.train.steps = usize::MAX / 2;
-        let e = Plan::new(&cfg, &shape(), 100, 6).unwrap_err().to_string();
+        let e = Plan::new(&validated(&cfg), &shape(), 100, 6)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("train.steps") && e.contains("does not fit"),
             "{e}"

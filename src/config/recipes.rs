@@ -368,11 +368,12 @@ mod tests {
             .source
             .ends_with(crate::train::pretrained::SMOLLM2_GGUF));
         // Without the model the run stops before creating anything, naming the file.
-        let mut cfg = cfg;
+        let mut cfg = cfg.into_config();
         cfg.model.source = format!(
             "/nonexistent/models/{}",
             crate::train::pretrained::SMOLLM2_GGUF
         );
+        let cfg = crate::config::validate(cfg, "test", crate::config::Purpose::Inspect).unwrap();
         let e = crate::train::explore::Env::new(cfg)
             .err()
             .unwrap()

@@ -595,7 +595,7 @@ mod tests {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
-                crate::config::load(Some(&p), &[])
+                crate::config::load_for(Some(&p), &[], crate::config::Purpose::Inspect)
                     .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
             }

@@ -67,7 +67,8 @@ pub fn check_trust(dir: &Path, cfg: &RunConfig, trusted: bool) -> Result<()> {
     })
 }
 
-/// The config a `--resume DIR` continues with, from the run's recorded `DIR/config.toml`.
+/// The config a `--resume DIR` continues with, from the run's recorded `DIR/config.toml`, to
+/// be validated with [`super::Purpose::Resume`].
 ///
 /// With neither `given` (a config file) nor `overrides`, that is the recorded config. A config
 /// file or overrides may be passed again to supply what the run directory does not hold in
@@ -89,11 +90,18 @@ pub fn resume_config(
             msg: "not a run directory (no config.toml)".into(),
         });
     }
-    let recorded = super::load(Some(&recorded_path), &[])?;
+    // Compared as the runs record them: parsed, with the derived defaults filled in. The
+    // caller validates the result once, for the resume ([`super::Purpose::Resume`]).
+    let read = |file: &Path, overrides: &[String]| -> Result<RunConfig> {
+        let (mut cfg, _) = super::parse(Some(file), overrides)?;
+        cfg.derive_defaults();
+        Ok(cfg)
+    };
+    let recorded = read(&recorded_path, &[])?;
     let cfg = if given.is_none() && overrides.is_empty() {
         recorded.clone()
     } else {
-        let cfg = super::load(Some(given.unwrap_or(recorded_path.as_path())), overrides)?;
+        let cfg = read(given.unwrap_or(recorded_path.as_path()), overrides)?;
         let differ = differing_keys(
             &super::secrets::redacted(&cfg),
             &super::secrets::redacted(&recorded),

@@ -9,7 +9,6 @@
 //! programs speaking JSON lines, [`tools`] parses and answers tool calls.
 pub mod builtin;
 pub mod episode;
-pub mod process;
 pub mod program;
 pub mod rational;
 pub mod runner;

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::process::{quote, LineProcess};
 use super::{EnvConfig, Environment, Message, Reset, StepResult};
+use crate::compute::process::{quote, LineProcess};
 use crate::error::{Error, Result};
 
 struct Slot {

@@ -13,9 +13,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::process::{quote, LineProcess};
 use super::rational;
 use super::Message;
+use crate::compute::process::{quote, LineProcess};
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";

@@ -250,7 +250,11 @@ fn run_task_config(ckpt: &Path) -> Result<Option<ArithmeticConfig>> {
         .and_then(|p| p.parent())
         .map(|run| run.join("config.toml"));
     match run_cfg {
-        Some(p) if p.is_file() => Ok(Some(crate::config::load(Some(&p), &[])?.task.arithmetic())),
+        Some(p) if p.is_file() => Ok(Some(
+            crate::config::load_for(Some(&p), &[], crate::config::Purpose::Inspect)?
+                .task
+                .arithmetic(),
+        )),
         _ => Ok(None),
     }
 }

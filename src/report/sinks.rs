@@ -132,6 +132,15 @@ impl Tail {
         }
     }
 
+    /// Starts at the beginning: every line of the file.
+    pub fn at_start(path: &Path) -> Self {
+        Tail {
+            path: path.to_path_buf(),
+            offset: 0,
+            line_no: 0,
+        }
+    }
+
     pub fn read_new(&mut self) -> Result<Vec<(String, serde_json::Value)>> {
         let mut f = match File::open(&self.path) {
             Ok(f) => f,
@@ -248,6 +257,67 @@ impl Sink for TensorBoardSink {
     }
 }
 
+/// The TensorBoard sink of a run, in a new event file. A resumed run's metrics.jsonl and
+/// samples.jsonl were cut back to its checkpoint, but its earlier event files also hold the
+/// steps logged after that checkpoint before the run stopped; TensorBoard would show those
+/// steps twice. So the new file is filled from the cut-back files, and the earlier event files
+/// are removed once it holds everything (a crash in between leaves both, and the next resume
+/// rebuilds again).
+fn tensorboard_sink(
+    cfg: &ReportConfig,
+    run_dir: &Path,
+    config_toml: &str,
+) -> Result<Box<dyn Sink>> {
+    let dir = run_dir.join("tb");
+    let earlier = crate::report::tensorboard::event_files(&dir)?;
+    let mut sink: Vec<Box<dyn Sink>> = vec![Box::new(TensorBoardSink::create(
+        &dir,
+        config_toml,
+        cfg.text_samples,
+    )?)];
+    if !earlier.is_empty() {
+        let metrics = Tail::at_start(&run_dir.join("metrics.jsonl")).read_new()?;
+        let samples = Tail::at_start(&run_dir.join("samples.jsonl")).read_new()?;
+        forward(&mut sink, &metrics, &samples)?;
+        for p in earlier {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(sink.remove(0))
+}
+
+/// Hands metrics.jsonl and samples.jsonl lines (`(file:line, value)`) to every sink.
+fn forward(
+    sinks: &mut [Box<dyn Sink>],
+    metrics: &[(String, serde_json::Value)],
+    samples: &[(String, serde_json::Value)],
+) -> Result<()> {
+    if sinks.is_empty() {
+        return Ok(());
+    }
+    for (at, v) in metrics {
+        let line = MetricsLine::parse(v, at)?;
+        for s in sinks.iter_mut() {
+            s.metrics(&line)?;
+        }
+    }
+    // samples.jsonl holds several lines per step; hand them over step by step.
+    let mut i = 0;
+    while i < samples.len() {
+        let step = samples[i].1["step"].as_u64().unwrap_or(0);
+        let mut j = i;
+        while j < samples.len() && samples[j].1["step"].as_u64().unwrap_or(0) == step {
+            j += 1;
+        }
+        let lines: Vec<serde_json::Value> = samples[i..j].iter().map(|(_, v)| v.clone()).collect();
+        for s in sinks.iter_mut() {
+            s.samples(step as usize, &lines)?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
 /// Tails the run's JSON lines into every configured sink.
 pub struct Reporter {
     run_dir: PathBuf,
@@ -269,11 +339,7 @@ impl Reporter {
     ) -> Result<Self> {
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         if cfg.tensorboard {
-            sinks.push(Box::new(TensorBoardSink::create(
-                &run_dir.join("tb"),
-                config_toml,
-                cfg.text_samples,
-            )?));
+            sinks.push(tensorboard_sink(cfg, run_dir, config_toml)?);
         }
         if let Some(url) = &cfg.mlflow {
             let run_name = run_dir
@@ -304,31 +370,7 @@ impl Reporter {
     pub fn sync(&mut self) -> Result<()> {
         let metrics = self.metrics.read_new()?;
         let samples = self.samples.read_new()?;
-        if self.sinks.is_empty() {
-            return Ok(());
-        }
-        for (at, v) in &metrics {
-            let line = MetricsLine::parse(v, at)?;
-            for s in &mut self.sinks {
-                s.metrics(&line)?;
-            }
-        }
-        // samples.jsonl holds several lines per step; hand them over step by step.
-        let mut i = 0;
-        while i < samples.len() {
-            let step = samples[i].1["step"].as_u64().unwrap_or(0);
-            let mut j = i;
-            while j < samples.len() && samples[j].1["step"].as_u64().unwrap_or(0) == step {
-                j += 1;
-            }
-            let lines: Vec<serde_json::Value> =
-                samples[i..j].iter().map(|(_, v)| v.clone()).collect();
-            for s in &mut self.sinks {
-                s.samples(step as usize, &lines)?;
-            }
-            i = j;
-        }
-        Ok(())
+        forward(&mut self.sinks, &metrics, &samples)
     }
 
     /// Last sync, then each sink's end of run (MLflow: plots as artifacts, run finished).

@@ -155,12 +155,19 @@ impl EventWriter {
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let now = now_s();
-        // A resumed run opens a new file; the pid keeps two opens in one second apart.
-        let path = dir.join(format!(
+        // A resumed run opens a new file; the pid keeps two processes in one second apart,
+        // the suffix two opens of one process.
+        let stem = format!(
             "events.out.tfevents.{}.grove.{}",
             now as u64,
             std::process::id()
-        ));
+        );
+        let mut path = dir.join(&stem);
+        let mut n = 1;
+        while path.exists() {
+            path = dir.join(format!("{stem}.{n}"));
+            n += 1;
+        }
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = EventWriter {
             path,
@@ -185,6 +192,25 @@ impl EventWriter {
     pub fn write(&mut self, step: i64, values: &[(&str, Value)]) -> Result<()> {
         self.record(&encode_event(now_s(), step, values))
     }
+}
+
+/// The event files in `dir` (none when it does not exist).
+pub fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        if p.is_file()
+            && p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".tfevents."))
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -18,17 +18,13 @@
 //!   no longer be matched to requests. After `max_consecutive_failures` failures in a row the
 //!   call errors anyway: a command that never answers is a broken setup, not a noisy reward.
 //!
-//! Writes and reads happen on threads that talk to the trainer over channels, so
-//! `timeout_s` covers the whole exchange: a command that never reads its input (the pipe
-//! fills, the write blocks) times out like one that never answers. The command runs in its
-//! own process group, and a timeout or shutdown kills the whole group, so the children of a
-//! `sh -c` wrapper do not outlive it.
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+//! The command runs under the one child-process supervisor (`compute::process`): `timeout_s`
+//! covers the whole exchange (a command that never reads its input times out like one that
+//! never answers), and a timeout or shutdown kills its whole process group, so the children of
+//! a `sh -c` wrapper do not outlive it.
+use std::time::{Duration, Instant};
+
+use crate::compute::process::{quote, Failure, LineProcess, SpawnError};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -37,10 +33,6 @@ use thiserror::Error;
 pub const DEFAULT_TIMEOUT_S: f64 = 30.0;
 /// Default number of failures in a row after which `fail-response` gives up.
 pub const DEFAULT_MAX_CONSECUTIVE_FAILURES: u64 = 20;
-/// Bytes of the command's stderr kept for error messages.
-const STDERR_TAIL_BYTES: usize = 2048;
-/// Characters of a malformed line quoted in an error.
-const QUOTE_CHARS: usize = 200;
 
 /// What one response is scored on; the JSON object sent to an external command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,56 +195,11 @@ impl From<ExternalError> for crate::Error {
     }
 }
 
-/// The running child with its reader threads.
-struct Running {
-    child: Child,
-    /// Lines for the writer thread, which owns the command's stdin; dropping it closes stdin.
-    stdin: Option<mpsc::Sender<Vec<u8>>>,
-    lines: Receiver<String>,
-    stderr_tail: Arc<Mutex<VecDeque<u8>>>,
-    /// Disconnects when the stderr reader reaches EOF.
-    stderr_done: Receiver<()>,
-}
-
-impl Running {
-    fn stderr_tail(&self) -> String {
-        let tail = self
-            .stderr_tail
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default();
-        let bytes: Vec<u8> = tail.into_iter().collect();
-        String::from_utf8_lossy(&bytes).trim().to_string()
-    }
-
-    /// Closes stdin, gives the command a moment to exit, then kills it. The reader threads are
-    /// not joined: they end at EOF, which a grandchild holding the pipe could delay.
-    fn shutdown(mut self) {
-        drop(self.stdin.take());
-        let deadline = std::time::Instant::now() + Duration::from_millis(200);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    kill_group(&mut self.child);
-                    let _ = self.child.wait();
-                    break;
-                }
-            }
-        }
-        // Whatever the command started and left behind goes with it.
-        kill_group(&mut self.child);
-    }
-}
-
 /// A reward computed by a long-running external command (see the module docs).
 pub struct ExternalCommandReward {
     cfg: ExternalConfig,
     display: String,
-    running: Option<Running>,
+    running: Option<LineProcess>,
     /// Requests sent so far, over all restarts; the next request's index.
     next_index: u64,
     failures: u64,
@@ -295,81 +242,13 @@ impl ExternalCommandReward {
         self.restarts
     }
 
-    fn spawn(&self) -> Result<Running, ExternalError> {
-        let mut command = Command::new(&self.cfg.command[0]);
-        command
-            .args(&self.cfg.command[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().map_err(|e| ExternalError::Spawn {
+    fn spawn(&self) -> Result<LineProcess, ExternalError> {
+        LineProcess::start(&self.cfg.command).map_err(|e| ExternalError::Spawn {
             command: self.display.clone(),
-            msg: e.to_string(),
-        })?;
-        let stdin = child.stdin.take().map(|mut pipe| {
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            // Blocks in write_all when the command does not read; the trainer does not wait
-            // for it, only for the answer. Ends when the sender is dropped or the pipe breaks.
-            std::thread::spawn(move || {
-                for line in rx {
-                    if pipe.write_all(&line).and_then(|_| pipe.flush()).is_err() {
-                        return;
-                    }
-                }
-            });
-            tx
-        });
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let (tx, rx) = mpsc::channel();
-        if let Some(out) = stdout {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    match line {
-                        Ok(l) => {
-                            if tx.send(l).is_err() {
-                                return;
-                            }
-                        }
-                        // Invalid UTF-8 or a read error: forward it as a line so the caller
-                        // reports it as malformed output instead of waiting for a timeout.
-                        Err(e) => {
-                            let _ = tx.send(format!("<unreadable output: {e}>"));
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_BYTES)));
-        let (done_tx, stderr_done) = mpsc::channel::<()>();
-        if let Some(mut err) = stderr {
-            let tail = Arc::clone(&tail);
-            std::thread::spawn(move || {
-                // Dropped (disconnecting `stderr_done`) when this thread ends.
-                let _done = done_tx;
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0 {
-                        return;
-                    }
-                    if let Ok(mut t) = tail.lock() {
-                        t.extend(&buf[..n]);
-                        while t.len() > STDERR_TAIL_BYTES {
-                            t.pop_front();
-                        }
-                    }
-                }
-            });
-        }
-        Ok(Running {
-            child,
-            stdin,
-            lines: rx,
-            stderr_tail: tail,
-            stderr_done,
+            msg: match e {
+                SpawnError::EmptyCommand => "empty command".into(),
+                SpawnError::Start(e) => e.to_string(),
+            },
         })
     }
 
@@ -380,50 +259,28 @@ impl ExternalCommandReward {
             self.restarts += 1;
         }
         let running = self.running.as_mut().expect("started above");
-        let mut line = serde_json::to_string(req).map_err(|e| ExternalError::Config {
+        let line = serde_json::to_string(req).map_err(|e| ExternalError::Config {
             command: self.display.clone(),
             msg: format!("request {index} cannot be encoded as JSON: {e}"),
         })?;
-        line.push('\n');
-        let write_ok = match running.stdin.as_ref() {
-            Some(stdin) => stdin.send(line.into_bytes()).is_ok(),
-            None => false,
-        };
-        // A failed send means the writer saw a broken pipe: the command has exited, and the
-        // channel then reports it as gone.
-        let answer = if write_ok {
-            running
-                .lines
-                .recv_timeout(Duration::from_secs_f64(self.cfg.timeout_s))
-        } else {
-            running
-                .lines
-                .recv_timeout(Duration::from_millis(100))
-                .map_err(|_| RecvTimeoutError::Disconnected)
-        };
-        match answer {
+        let deadline = Instant::now() + Duration::from_secs_f64(self.cfg.timeout_s);
+        match running.exchange_line(line, deadline) {
             Ok(text) => parse_reward(&text).ok_or_else(|| ExternalError::Malformed {
                 command: self.display.clone(),
                 index,
                 line: quote(&text),
             }),
-            Err(RecvTimeoutError::Timeout) => Err(ExternalError::Timeout {
+            Err(Failure::Timeout) => Err(ExternalError::Timeout {
                 command: self.display.clone(),
                 index,
                 timeout_s: self.cfg.timeout_s,
             }),
-            Err(RecvTimeoutError::Disconnected) => {
-                let status = wait_briefly(&mut running.child);
-                // Let the stderr reader drain what the command wrote before exiting (it ends at
-                // EOF; a grandchild holding the pipe open could delay that, hence the bound).
-                let _ = running.stderr_done.recv_timeout(Duration::from_millis(500));
-                Err(ExternalError::Crashed {
-                    command: self.display.clone(),
-                    index,
-                    status,
-                    stderr: running.stderr_tail(),
-                })
-            }
+            Err(Failure::Exited { status, stderr }) => Err(ExternalError::Crashed {
+                command: self.display.clone(),
+                index,
+                status,
+                stderr,
+            }),
         }
     }
 }
@@ -439,11 +296,9 @@ impl RewardFn for ExternalCommandReward {
             }
             Err(e @ (ExternalError::Spawn { .. } | ExternalError::Config { .. })) => Err(e.into()),
             Err(e) => {
-                // The command's state is unknown after any failure: stop it; under
-                // fail-response the next request starts a fresh one.
-                if let Some(r) = self.running.take() {
-                    r.shutdown();
-                }
+                // The command's state is unknown after any failure: stop it (dropping it
+                // kills its group); under fail-response the next request starts a fresh one.
+                self.running = None;
                 match self.cfg.on_error {
                     OnError::Stop => Err(e.into()),
                     OnError::FailResponse => {
@@ -469,14 +324,6 @@ impl RewardFn for ExternalCommandReward {
     }
 }
 
-impl Drop for ExternalCommandReward {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.shutdown();
-        }
-    }
-}
-
 /// `{"reward": x}` or a bare number, x finite; surrounding whitespace is allowed.
 pub fn parse_reward(line: &str) -> Option<f64> {
     let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
@@ -486,42 +333,6 @@ pub fn parse_reward(line: &str) -> Option<f64> {
         _ => return None,
     };
     x.is_finite().then_some(x)
-}
-
-fn quote(text: &str) -> String {
-    let mut s: String = text.chars().take(QUOTE_CHARS).collect();
-    if text.chars().count() > QUOTE_CHARS {
-        s.push('…');
-    }
-    s
-}
-
-/// Kills the child's process group (it leads one: see `spawn`), or the child alone elsewhere.
-fn kill_group(child: &mut Child) {
-    #[cfg(unix)]
-    {
-        // The child is a group leader, so its pid is the group id; a reaped child's group
-        // lives on as long as any process it started does.
-        if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill(2) with a negative pid signals that process group; no memory is
-            // touched.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-    }
-    let _ = child.kill();
-}
-
-/// Exit status if the child has exited (waiting up to 200 ms for it), else "still running".
-fn wait_briefly(child: &mut Child) -> String {
-    for _ in 0..40 {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.to_string();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    "stdout closed, process still running".into()
 }
 
 #[cfg(test)]
@@ -632,7 +443,7 @@ mod tests {
 
     /// Runs `f` on a thread; fails the test instead of hanging it when `f` takes over `limit`.
     fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(f());
         });

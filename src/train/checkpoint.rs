@@ -40,6 +40,10 @@ pub struct TrainState {
     /// `[reward.pipeline]` running state: shaper statistics, reference cache and RNG.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_pipeline: Option<crate::train::reward_hook::RewarderState>,
+    /// Updates skipped so far for a non-finite loss or gradient norm (`loss/skipped_steps`).
+    /// A checkpoint written before this field existed reads 0 (what it had counted is lost).
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,7 +186,7 @@ fn digest(path: &Path) -> Result<String> {
 }
 
 /// Writes `checksums.json` for every other file of `dir`.
-fn write_checksums(dir: &Path) -> Result<()> {
+pub fn write_checksums(dir: &Path) -> Result<()> {
     let mut sums = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -285,7 +289,12 @@ mod tests {
         let shape = crate::model::Config::builtin_tiny(tok.vocab_size());
         let model = Llama::init(&shape, 1, &Device::Cpu).unwrap();
         let opt = AdamW::new(model.params(), Default::default());
-        let cfg = crate::config::RunConfig::default();
+        let cfg = crate::config::validate(
+            crate::config::RunConfig::default(),
+            "test",
+            crate::config::Purpose::Inspect,
+        )
+        .unwrap();
         let plan = crate::config::Plan::new(&cfg, &shape, model.num_params(), 9).unwrap();
         let extras = Extras {
             plan: Some(&plan),
@@ -302,8 +311,22 @@ mod tests {
             adv_state: Default::default(),
             lagged: None,
             reward_pipeline: None,
+            skipped_steps: 2,
         };
         let dir = save(tmp.path(), &model, &opt, &tok, &state, &extras).unwrap();
+        // The skip counter travels with the checkpoint; a state.json written before it
+        // existed (no such key) still reads, as 0.
+        assert_eq!(read_state(&dir).unwrap().skipped_steps, 2);
+        let mut old: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap())
+                .unwrap();
+        assert!(old
+            .as_object_mut()
+            .unwrap()
+            .remove("skipped_steps")
+            .is_some());
+        let old: TrainState = serde_json::from_value(old).unwrap();
+        assert_eq!((old.step, old.skipped_steps), (3, 0));
         let saved: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
         assert_eq!(saved, serde_json::to_value(&plan).unwrap());

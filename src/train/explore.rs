@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::{Experience, ExperienceGroup};
-use crate::config::RunConfig;
+use crate::config::{RunConfig, ValidatedRun};
 use crate::env::runner::{EnvRunner, EnvTask};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
@@ -21,7 +21,8 @@ use crate::train::reward_hook::PipelineRewarder;
 
 /// What every stage reads and nobody changes: the config, tokenizer and task.
 pub struct Env {
-    pub cfg: RunConfig,
+    /// The run's validated config (read as a `RunConfig` through `Deref`).
+    pub cfg: ValidatedRun,
     pub tok: Tokenizer,
     pub task: Box<dyn Task>,
     /// Local path of the pretrained policy (`model.source`); None: the built-in model.
@@ -33,7 +34,7 @@ pub struct Env {
 impl Env {
     /// The built-in model's vocabulary, or the pretrained model's own tokenizer (and chat
     /// template, which renders the task's prompts).
-    pub fn new(cfg: RunConfig) -> Result<Self> {
+    pub fn new(cfg: ValidatedRun) -> Result<Self> {
         let (tok, model_path) = if cfg.model.source == "builtin" {
             // Environments talk in text: the built-in model then gets letters too.
             let tok = match cfg.env {

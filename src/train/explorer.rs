@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::buffer::{self, BufferError};
 use crate::compute::device;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, ValidatedRun};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::JsonlWriter;
@@ -85,7 +85,7 @@ fn local_policy(env: &Env, opts: &ExploreOptions) -> Result<(Llama, u64)> {
 }
 
 /// Runs an explorer until `groups` groups are written; returns how many were.
-pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
+pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
     if opts.out.is_some() == opts.buffer.is_some() {
         return Err(Error::config(
             "grove explore",

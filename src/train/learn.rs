@@ -39,7 +39,8 @@ pub struct Learner {
     pub run_dir: PathBuf,
     /// `[reward.pipeline]` scoring of freshly sampled groups (None: the verifier alone).
     pub rewards: Option<crate::train::reward_hook::PipelineRewarder>,
-    /// Updates skipped because the loss or gradient norm was not finite (this process).
+    /// Updates skipped because the loss or gradient norm was not finite (over the run:
+    /// checkpointed and restored on resume).
     pub skipped_steps: usize,
 }
 
@@ -662,6 +663,10 @@ mod tests {
     use crate::config::RunConfig;
     use crate::train::explore::{collect, ExploreState};
 
+    fn validated(cfg: RunConfig) -> crate::config::ValidatedRun {
+        crate::config::validate(cfg, "test", crate::config::Purpose::Inspect).unwrap()
+    }
+
     /// One update from the same groups, in one pass and in micro-batches of 5 (16 samples:
     /// passes of 5, 5, 5, 1, each padded differently): the same metrics and parameters.
     #[test]
@@ -672,7 +677,7 @@ mod tests {
         cfg.train.lr_warmup_steps = 0;
         cfg.train.log_samples = 0;
         cfg.loss.entropy_coef = 0.01;
-        let env = Env::new(cfg.clone()).unwrap();
+        let env = Env::new(validated(cfg.clone())).unwrap();
         let model = env.initial_policy(&Device::Cpu).unwrap();
         let mut st = ExploreState::new(&cfg, 0).unwrap();
         let mut groups = collect(&env, &model, 0, &mut st).unwrap();
@@ -691,7 +696,7 @@ mod tests {
         for mb in [0usize, 5] {
             let mut c = cfg.clone();
             c.train.micro_batch = mb;
-            let env = Env::new(c).unwrap();
+            let env = Env::new(validated(c)).unwrap();
             let m = model.deep_clone().unwrap();
             // A large ε makes the first AdamW step ≈ lr·g instead of lr·sign(g), so the
             // parameters compare gradients, not the signs of near-zero ones.
@@ -749,7 +754,7 @@ mod tests {
         cfg.train.lr_warmup_steps = 0;
         cfg.train.log_samples = 1;
         cfg.loss.entropy_coef = 0.01;
-        let env = Env::new(cfg.clone()).unwrap();
+        let env = Env::new(validated(cfg.clone())).unwrap();
         let model = env.initial_policy(&Device::Cpu).unwrap();
         let mut st = ExploreState::new(&cfg, 0).unwrap();
         let mut groups = collect(&env, &model, 0, &mut st).unwrap();

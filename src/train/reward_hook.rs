@@ -202,7 +202,8 @@ mod tests {
 
     fn load(sets: &[&str]) -> Result<RunConfig> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        config::load(None, &sets)
+        config::load_for(None, &sets, config::Purpose::Inspect)
+            .map(config::ValidatedRun::into_config)
     }
 
     const TWO: &str = r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", coef=0.5, free_len=1}]"#;

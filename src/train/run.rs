@@ -12,7 +12,7 @@ use super::{create_run_dir, evaluate_task, heldout, reward_hook, warmup, Summary
 use crate::buffer::{self, ExperienceGroup};
 use crate::compute::device;
 use crate::compute::optim::{AdamW, AdamWParams};
-use crate::config::{Plan, RunConfig};
+use crate::config::{Plan, Purpose, RunConfig, ValidatedRun};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::report::{self, Metrics};
@@ -20,11 +20,21 @@ use crate::report::{self, Metrics};
 /// Runs (or resumes) a training run to its end, or to `opts.stop_after`. Everything that can
 /// be checked before the warm-up is checked before the run directory is created, and a fresh
 /// run that fails before its first checkpoint removes its directory again.
-pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
+/// `run` was validated for [`Purpose::Train`], or [`Purpose::Resume`] with `opts.resume`.
+pub fn run(run: ValidatedRun, opts: &TrainOptions) -> Result<Summary> {
     crate::compute::tuning::allocator();
-    if opts.resume.is_some() {
-        crate::config::resume::refuse_inexact(&cfg)?;
+    let wanted = match opts.resume {
+        Some(_) => Purpose::Resume,
+        None => Purpose::Train,
+    };
+    if run.purpose() != wanted {
+        return Err(Error::Internal(format!(
+            "the run config was validated for {:?}, but this run is a {wanted:?}: validate \
+             it with config::Purpose::{wanted:?}",
+            run.purpose()
+        )));
     }
+    let cfg = run;
     let t0 = Instant::now();
     let dev = device();
     let env = Arc::new(Env::new(cfg)?);
@@ -42,7 +52,6 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         ),
         None => None,
     };
-    check_before_start(cfg)?;
     let mut plan = plan_for(&env, &model)?;
     if let Some(groups) = &offline {
         plan.limit_to_offline(groups.len());
@@ -57,42 +66,6 @@ pub fn run(cfg: RunConfig, opts: &TrainOptions) -> Result<Summary> {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     result
-}
-
-/// What can fail without a model step, checked before the run directory exists: the shared
-/// buffer is reachable, reward-model folders exist.
-fn check_before_start(cfg: &RunConfig) -> Result<()> {
-    if cfg.remote.is_some() && cfg.sync.buffer.is_none() {
-        // Only `grove explore` samples through a server; a trainer would silently ignore it.
-        return Err(Error::config(
-            "[remote]",
-            "`grove train` samples with its own weights and never reads [remote]; it is for \
-             `grove explore --buffer URL` processes feeding a trainer started with --buffer URL. \
-             Remove the [remote] section (or remote.* overrides) from the trainer's config",
-        ));
-    }
-    if let Some(url) = &cfg.sync.buffer {
-        buffer::open(url, 1).map_err(|e| {
-            Error::config(
-                "sync.buffer",
-                format!("{}: {e}", crate::error::redact_url(url)),
-            )
-        })?;
-    }
-    if let Some(p) = &cfg.reward.pipeline {
-        for dir in p.model_folders() {
-            if !Path::new(&dir).join("config.json").exists() {
-                return Err(Error::config(
-                    "reward.pipeline",
-                    format!(
-                        "reward model folder {dir} has no config.json (train one with \
-                         `grove rm-train --out {dir}`)"
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The run in its directory: warm-up or restore, the RL loop, plots and trackers.
@@ -147,6 +120,7 @@ fn train_in(
             learner.version = st.version;
             learner.learn_rng = st.learn_rng;
             learner.adv_state = st.adv_state;
+            learner.skipped_steps = st.skipped_steps;
             start
         }
         None => fresh_start(env, &mut learner, &pb)?,
@@ -424,6 +398,7 @@ impl RunState<'_> {
             adv_state: learner.adv_state.clone(),
             lagged,
             reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
+            skipped_steps: learner.skipped_steps,
         };
         checkpoint::save(
             self.run_dir,

@@ -33,6 +33,17 @@ fn python() -> PathBuf {
 
 /// A few seconds of training on the built-in task: 30 warm-up steps, `steps` RL steps.
 fn small_run(out: &Path, name: &str, steps: usize, extra: &[String]) -> Summary {
+    run(
+        small_cfg(out, name, steps, extra),
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn small_cfg(out: &Path, name: &str, steps: usize, extra: &[String]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         format!("name={name:?}"),
@@ -48,15 +59,7 @@ fn small_run(out: &Path, name: &str, steps: usize, extra: &[String]) -> Summary 
         "train.lr=1e-3".into(),
     ];
     sets.extend(extra.iter().cloned());
-    let cfg = config::load(None, &sets).unwrap();
-    run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    config::load(None, &sets).unwrap()
 }
 
 /// (tag, step) → value for every number in metrics.jsonl, tagged as the sinks tag it.
@@ -90,14 +93,12 @@ out = {"scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags[
 print(json.dumps(out))
 "#;
 
-#[test]
-fn tensorboard_reader_finds_every_metric_of_metrics_jsonl() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = small_run(tmp.path(), "tb", 3, &[]);
-    let tb = s.run_dir.join("tb");
+/// The run's event files as the `tensorboard` package's reader sees them: (tag, step) →
+/// value of every scalar (each at most once), and the reader's JSON (scalars and text).
+fn read_events(tb: &Path) -> (BTreeMap<(String, u64), f64>, serde_json::Value) {
     let out = Command::new(python())
         .args(["-c", READ_EVENTS])
-        .arg(&tb)
+        .arg(tb)
         .output()
         .unwrap();
     assert!(
@@ -116,6 +117,84 @@ fn tensorboard_reader_finds_every_metric_of_metrics_jsonl() {
             assert!(prev.is_none(), "{tag} twice at step {}", e[0]);
         }
     }
+    (tb_values, got)
+}
+
+/// Every value of metrics.jsonl is in the event files as the f32 TensorBoard keeps, and
+/// nothing else is.
+fn assert_events_mirror_metrics(run_dir: &Path, tb_values: &BTreeMap<(String, u64), f64>) {
+    let want = jsonl_metrics(run_dir);
+    for ((tag, step), v) in &want {
+        let tbv = tb_values
+            .get(&(tag.clone(), *step))
+            .unwrap_or_else(|| panic!("{tag} at step {step} missing from the event files"));
+        assert_eq!(*tbv, (*v as f32) as f64, "{tag} at step {step}");
+    }
+    assert_eq!(
+        tb_values.len(),
+        want.len(),
+        "event files hold extra scalars"
+    );
+}
+
+/// A run stopped after step 3 whose step-3 checkpoint never made it to disk (a crash) resumes
+/// from step 2: its metrics.jsonl is cut back to step 2, and TensorBoard, read by the real
+/// reader, shows every step exactly once (step 3 is the resumed run's, not both).
+#[test]
+fn a_resumed_run_shows_each_step_once_in_tensorboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["train.checkpoint_every=2".to_string()];
+    let s = run(
+        small_cfg(tmp.path(), "tb-resume", 4, &extra),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (before, _) = read_events(&s.run_dir.join("tb"));
+    assert!(before.contains_key(&("reward/mean".to_string(), 3)));
+    std::fs::remove_dir_all(s.run_dir.join("checkpoints/step-3")).unwrap();
+    let cfg = config::load_for(
+        Some(&s.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
+    let r = run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(s.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.rl_steps_done, 4);
+    let tb = s.run_dir.join("tb");
+    let (after, got) = read_events(&tb);
+    assert_events_mirror_metrics(&s.run_dir, &after);
+    assert!(after.contains_key(&("warmup/loss/sft".to_string(), 30)));
+    assert!(after.contains_key(&("reward/mean".to_string(), 4)));
+    assert_eq!(got["text"]["config"].as_array().unwrap().len(), 1);
+    let steps: Vec<u64> = got["text"]["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4], "one samples event per RL step");
+    let files = grove::report::tensorboard::event_files(&tb).unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+#[test]
+fn tensorboard_reader_finds_every_metric_of_metrics_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = small_run(tmp.path(), "tb", 3, &[]);
+    let tb = s.run_dir.join("tb");
+    let (tb_values, got) = read_events(&tb);
     let want = jsonl_metrics(&s.run_dir);
     assert!(want.len() > 75, "only {} metric values", want.len());
     for ((tag, step), v) in &want {

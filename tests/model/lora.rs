@@ -108,7 +108,7 @@ fn a_peft_adapter_loads_with_pytorch_logits_and_merges() {
     );
 }
 
-fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
+fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         "warmup.max_steps=20".into(),
@@ -143,7 +143,12 @@ fn a_lora_run_checkpoints_peft_files_and_resumes_exactly() {
     )
     .unwrap();
     assert_eq!(b.rl_steps_done, 2);
-    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
     assert_eq!(cfg.model.lora.as_ref().unwrap().rank, 4);
     let b2 = run(
         cfg,

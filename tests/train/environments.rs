@@ -7,7 +7,7 @@ use crate::common::{quiet, rl_lines};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
-fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
+fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         "rollout.prompts_per_step=4".into(),
@@ -69,7 +69,12 @@ fn guess_trains_end_to_end_and_resumes_exactly() {
         },
     )
     .unwrap();
-    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
     let b2 = run(
         cfg,
         &TrainOptions {

@@ -42,7 +42,7 @@ fn without_timing(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
-fn gsm8k_cfg(out: &Path, name: &str) -> config::RunConfig {
+fn gsm8k_cfg(out: &Path, name: &str) -> config::ValidatedRun {
     config::load(
         None,
         &[

@@ -6,7 +6,7 @@ use crate::common::rl_lines;
 use grove::config;
 use grove::train::{run, TrainOptions};
 
-fn small(out: &Path, steps: usize, extra: &[&str]) -> config::RunConfig {
+fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         "warmup.max_steps=30".into(),
@@ -135,7 +135,12 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     .unwrap();
     assert_eq!(b.rl_steps_done, 3);
     // Resume reads the run's saved config, as `grove train --resume` does.
-    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
     let b2 = run(
         cfg,
         &TrainOptions {
@@ -155,6 +160,63 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     let wa = std::fs::read(a.run_dir.join("checkpoints/step-5/model.safetensors")).unwrap();
     let wb = std::fs::read(b.run_dir.join("checkpoints/step-5/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ");
+    // The checkpointed counters agree too (loss/skipped_steps is in the metrics compared above).
+    let state = |dir: &Path| grove::train::checkpoint::read_state(&dir.join("checkpoints/step-5"));
+    let (sa, sb) = (state(&a.run_dir).unwrap(), state(&b.run_dir).unwrap());
+    assert_eq!(
+        (sa.version, sa.optimizer_t, sa.skipped_steps),
+        (sb.version, sb.optimizer_t, sb.skipped_steps)
+    );
+}
+
+/// `loss/skipped_steps` counts over the run, not the process: a resume continues from the
+/// checkpoint's count (here set to 2 in the step-3 checkpoint, as if two updates had been
+/// skipped before it).
+#[test]
+fn a_resumed_run_continues_the_skipped_step_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = run(
+        small(tmp.path(), 5, &[]),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ckpt = b.run_dir.join("checkpoints/step-3");
+    let path = ckpt.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(state["skipped_steps"], 0);
+    state["skipped_steps"] = 2.into();
+    std::fs::write(&path, state.to_string()).unwrap();
+    grove::train::checkpoint::write_checksums(&ckpt).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
+    run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(b.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let skipped: Vec<(u64, f64)> = rl_lines(&b.run_dir)
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss/skipped_steps"].as_f64()?)))
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![(1, 0.0), (2, 0.0), (3, 0.0), (4, 2.0), (5, 2.0)]
+    );
+    let last = grove::train::checkpoint::read_state(&b.run_dir.join("checkpoints/step-5"));
+    assert_eq!(last.unwrap().skipped_steps, 2);
 }
 
 #[test]
@@ -309,7 +371,12 @@ fn lagged_mode_resumes_exactly() {
         },
     )
     .unwrap();
-    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
     run(
         cfg,
         &TrainOptions {

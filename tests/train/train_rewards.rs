@@ -6,7 +6,7 @@ use crate::common::{quiet, rl_lines};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
-fn small(out: &Path, steps: usize, extra: &[String]) -> config::RunConfig {
+fn small(out: &Path, steps: usize, extra: &[String]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
         format!("output_dir={:?}", out.display().to_string()),
         "warmup.max_steps=30".into(),
@@ -38,7 +38,12 @@ fn assert_resumes_exactly(root: &Path, steps: usize, extra: &[String]) -> Vec<se
     )
     .unwrap();
     assert_eq!(b.rl_steps_done, 3);
-    let cfg = config::load(Some(&b.run_dir.join("config.toml")), &[]).unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
     assert_eq!(
         cfg.reward.pipeline,
         small(root, steps, extra).reward.pipeline
