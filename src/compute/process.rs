@@ -198,7 +198,7 @@ impl LineProcess {
 }
 
 impl Drop for LineProcess {
-    /// Closes stdin, gives the program [`EXIT_GRACE`] to exit, then kills what is left of its
+    /// Closes stdin, gives the program 200 ms to exit, then kills what is left of its
     /// group. The reader threads are not joined: they end at EOF, which a grandchild holding
     /// the pipe could delay.
     fn drop(&mut self) {

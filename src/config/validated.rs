@@ -63,7 +63,7 @@ impl Deref for ValidatedRun {
 }
 
 /// Checks `raw` (read from `source`, named in every error) for `purpose` and returns it
-/// validated, with the derived defaults ([`RunConfig::derive_defaults`]) filled in.
+/// validated, with the derived defaults (`RunConfig::derive_defaults`) filled in.
 pub fn validate(mut raw: RunConfig, source: &str, purpose: Purpose) -> Result<ValidatedRun> {
     raw.derive_defaults();
     raw.check(source)?;

@@ -11,7 +11,7 @@ pub const ENTROPY_COLLAPSE_FRACTION: f64 = 0.1;
 pub const ZERO_STD_FRACTION: f64 = 0.6;
 /// Fraction of responses cut by `max_new_tokens` above which lengths are being clipped.
 pub const TRUNCATED_FRACTION: f64 = 0.2;
-/// The batch fractions ([`SMOOTHED`]) are judged on their mean over this many steps, and not
+/// The batch fractions (`reward/frac_zero_std`, `len/truncated_frac`) are judged on their mean over this many steps, and not
 /// before that many steps: one step of 32 prompts measures a fraction only to about ±0.09, so
 /// a healthy run flickers across a threshold that its average stays under.
 pub const WINDOW_STEPS: usize = 10;
