@@ -69,12 +69,14 @@ fn env_rules(
             None => Ok(()),
         };
     };
-    let single = |k: &ComponentKind| match k {
+    let single = |k: &ComponentKind| {
+        match k {
         ComponentKind::Verifier { .. } | ComponentKind::Consistency { .. } => Some(
             "an episode has no reference answer; use kind \"success\" for the environment's verdict",
         ),
         ComponentKind::Sar {} => Some("SAR's perplexities are of a single answer to a prompt"),
         _ => None,
+    }
     };
     if let Some((c, why)) = p
         .components
@@ -127,9 +129,13 @@ mod tests {
             e.contains("cannot score [env] episodes") && e.contains("kind \"success\""),
             "{e}"
         );
-        let par = r#"reward.pipeline.components=[{name="s", kind="success", shaping={kind="par"}}]"#;
+        let par =
+            r#"reward.pipeline.components=[{name="s", kind="success", shaping={kind="par"}}]"#;
         let e = load(&[env, par]).unwrap_err();
-        assert!(e.contains("Par of s compares with reference responses"), "{e}");
+        assert!(
+            e.contains("Par of s compares with reference responses"),
+            "{e}"
+        );
     }
 
     #[test]

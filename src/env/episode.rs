@@ -34,6 +34,37 @@ impl Transcript {
         }
     }
 
+    /// Renders through the chat template. A template that ignores `tools` (the same text
+    /// with and without them, e.g. SmolLM2's) would never show the model what it may call:
+    /// the tools then go into the system message in the Hermes form that Qwen2.5's template
+    /// writes ([`hermes_tool_prompt`]).
+    fn render(
+        t: &ChatTemplate,
+        messages: &[Message],
+        tools: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let with = t.render_with_tools(messages, tools, add_generation_prompt)?;
+        if tools.is_empty() || with != t.render_with_tools(messages, &[], add_generation_prompt)? {
+            return Ok(with);
+        }
+        let mut msgs = messages.to_vec();
+        let instructions = hermes_tool_prompt(tools);
+        match msgs.first_mut() {
+            Some(m) if m.role == "system" => {
+                m.content = format!("{}\n\n{instructions}", m.content);
+            }
+            _ => msgs.insert(
+                0,
+                Message {
+                    role: "system".into(),
+                    content: instructions,
+                },
+            ),
+        }
+        t.render_with_tools(&msgs, tools, add_generation_prompt)
+    }
+
     fn plain_text(messages: &[Message]) -> String {
         messages
             .iter()
@@ -51,7 +82,7 @@ impl Transcript {
                 Ok((text, ids))
             }
             Transcript::Chat(t) => {
-                let text = t.render_with_tools(&reset.messages, &reset.tools, true)?;
+                let text = Self::render(t, &reset.messages, &reset.tools, true)?;
                 let ids = tok.encode(&text)?;
                 Ok((text, ids))
             }
@@ -75,7 +106,7 @@ impl Transcript {
             Transcript::Chat(t) => {
                 let mut all = history.to_vec();
                 all.extend_from_slice(new);
-                let full = t.render_with_tools(&all, tools, true)?;
+                let full = Self::render(t, &all, tools, true)?;
                 let Some(delta) = full.strip_prefix(held.as_str()) else {
                     return Ok(None);
                 };
@@ -85,6 +116,21 @@ impl Transcript {
             }
         }
     }
+}
+
+/// Tool instructions in the Hermes form (the text Qwen2.5's chat template writes for its
+/// `tools`): the schemas inside `<tools>`, one JSON object per line, and the call format.
+pub fn hermes_tool_prompt(tools: &[Value]) -> String {
+    let schemas: Vec<String> = tools.iter().map(Value::to_string).collect();
+    format!(
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+         You are provided with function signatures within <tools></tools> XML tags:\n\
+         <tools>\n{}\n</tools>\n\n\
+         For each function call, return a json object with function name and arguments within \
+         <tool_call></tool_call> XML tags:\n<tool_call>\n\
+         {{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+        schemas.join("\n")
+    )
 }
 
 /// One finished episode.
@@ -173,7 +219,12 @@ pub fn pipeline_view(
             milestones.push(m.to_string());
         }
         let listed = info.get("milestones").and_then(Value::as_array);
-        milestones.extend(listed.into_iter().flatten().filter_map(|m| m.as_str().map(String::from)));
+        milestones.extend(
+            listed
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.as_str().map(String::from)),
+        );
     }
     let turns = crate::reward::pipeline::EpisodeTurns {
         discounted: crate::reward::gates::discount_turns(&rewards, discount),
@@ -269,12 +320,14 @@ impl Rollout<'_> {
         let mut envs: Vec<Box<dyn Environment>> = (0..starts.len())
             .map(|i| self.factory.make(first_id + i as u64))
             .collect();
-        let resets = par_map(envs.iter_mut().zip(starts).collect(), width, |(e, s)| {
-            match &s.row {
+        let resets = par_map(
+            envs.iter_mut().zip(starts).collect(),
+            width,
+            |(e, s)| match &s.row {
                 Some(row) => e.reset_row(s.seed, &row.fields),
                 None => e.reset(s.seed),
-            }
-        });
+            },
+        );
         let mut eps = Vec::with_capacity(starts.len());
         let mut held = Vec::with_capacity(starts.len());
         for (reset, start) in resets.into_iter().zip(starts) {
@@ -448,7 +501,7 @@ impl Rollout<'_> {
 mod tests {
     use super::*;
     use crate::env::builtin::CalculatorArithmetic;
-    use crate::env::tools::{Calculator, CommandTool, CommandToolConfig, Toolbox};
+    use crate::env::tools::{Calculator, CommandTool, CommandToolConfig, Tool, Toolbox};
     use crate::env::{EnvConfig, EnvKind};
     use crate::model::{Config, Llama};
     use candle_core::Device;
@@ -597,14 +650,20 @@ mod tests {
         let (back, r) = timed_step(Box::new(Stuck), "4".into(), timeout);
         let took = t0.elapsed();
         let r = r.unwrap();
-        assert!(back.is_none(), "an abandoned step's environment is not reused");
+        assert!(
+            back.is_none(),
+            "an abandoned step's environment is not reused"
+        );
         assert!(r.done && r.reward == 0.0);
         let why = r.info["error"].as_str().unwrap();
         assert!(
             why.starts_with("the step did not return within env.step_timeout_s = 0.3"),
             "{why}"
         );
-        assert!(took < timeout + STEP_GRACE + Duration::from_secs(1), "{took:?}");
+        assert!(
+            took < timeout + STEP_GRACE + Duration::from_secs(1),
+            "{took:?}"
+        );
     }
 
     /// The pipeline reads back what an episode saved: per-turn rewards discounted, success,
@@ -620,5 +679,42 @@ mod tests {
         let e = pipeline_view(&json!({"rewards": [1, "x"]}), true, 1.0).unwrap_err();
         assert_eq!(e, "`rewards`: \"x\" is not a number");
         assert!(pipeline_view(&json!({}), true, 1.0).is_err());
+    }
+
+    /// A chat template that ignores `tools` gets them as a Hermes system message; one that
+    /// renders them is left alone.
+    #[test]
+    fn tools_reach_templates_that_ignore_them_through_the_system_message() {
+        let mut tok = chat_tokenizer();
+        tok.chat_template = Some(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}\
+             {% if add_generation_prompt %}<|assistant|>{% endif %}"
+                .into(),
+        );
+        let Transcript::Chat(t) = Transcript::for_tokenizer(&tok, "gpt2").unwrap() else {
+            panic!("a chat transcript")
+        };
+        let tools = vec![Calculator.schema()];
+        let msgs = vec![Message {
+            role: "user".into(),
+            content: "what is 2 * 3?".into(),
+        }];
+        let text = Transcript::render(&t, &msgs, &tools, true).unwrap();
+        let want = format!(
+            "<|system|>{}\n<|user|>what is 2 * 3?\n<|assistant|>",
+            hermes_tool_prompt(&tools)
+        );
+        assert_eq!(text, want);
+        assert!(
+            text.contains("<tools>\n{\"") && text.contains("\"name\":\"calculator\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("<tool_call>\n{\"name\": <function-name>"),
+            "{text}"
+        );
+        // Without tools, nothing is added.
+        let plain = Transcript::render(&t, &msgs, &[], true).unwrap();
+        assert_eq!(plain, "<|user|>what is 2 * 3?\n<|assistant|>");
     }
 }

@@ -123,7 +123,10 @@ impl ComponentKind {
 
     /// Whether the component reads an `[env]` episode (per-turn rewards, success).
     pub fn needs_episode(&self) -> bool {
-        matches!(self, ComponentKind::Turns { .. } | ComponentKind::Success {})
+        matches!(
+            self,
+            ComponentKind::Turns { .. } | ComponentKind::Success {}
+        )
     }
 
     /// Weight when the config gives none: α = 0.2 for SAR, 1 otherwise.

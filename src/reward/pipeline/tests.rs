@@ -752,8 +752,8 @@ fn per_turn_rewards_accumulate_gated_and_ungated() {
     );
     crate::testing::assert_close(&s.rewards, &[1.0, 0.0, 0.0], 0.0);
     // A single response has no turns: the component says so.
-    let mut p = RewardPipeline::new(PipelineConfig::new(vec![turns("ret", TurnPart::Return)]))
-        .unwrap();
+    let mut p =
+        RewardPipeline::new(PipelineConfig::new(vec![turns("ret", TurnPart::Return)])).unwrap();
     let e = p
         .score_group(&GroupContext::default(), &[resp("4", true, 2)])
         .unwrap_err()
