@@ -118,17 +118,16 @@ impl Transcript {
     }
 }
 
+/// The Hermes tool instructions around the schemas (Qwen2.5's chat template's text).
+const HERMES_TOOLS_INTRO: &str = "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n";
+const HERMES_TOOLS_CALL: &str = "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
 /// Tool instructions in the Hermes form (the text Qwen2.5's chat template writes for its
 /// `tools`): the schemas inside `<tools>`, one JSON object per line, and the call format.
 pub fn hermes_tool_prompt(tools: &[Value]) -> String {
     let schemas: Vec<String> = tools.iter().map(Value::to_string).collect();
     format!(
-        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
-         You are provided with function signatures within <tools></tools> XML tags:\n\
-         <tools>\n{}\n</tools>\n\n\
-         For each function call, return a json object with function name and arguments within \
-         <tool_call></tool_call> XML tags:\n<tool_call>\n\
-         {{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+        "{HERMES_TOOLS_INTRO}{}{HERMES_TOOLS_CALL}",
         schemas.join("\n")
     )
 }
