@@ -7,6 +7,7 @@ on stdout. One process may hold many episodes at once, keyed by "episode".
 
   {"op": "reset", "episode": 7, "seed": 42}
       -> {"messages": [{"role": "user", "content": "..."}]}
+  (with env.data = "words.jsonl", the reset also carries the row: "row": {"word": "kiwi"})
   {"op": "step", "episode": 7, "message": {"role": "assistant", "content": "e"}}
       -> {"messages": [...], "reward": 0.0, "done": false, "info": {...}}
   {"op": "close", "episode": 7}
@@ -34,8 +35,13 @@ def pattern(word, guessed):
 
 
 def reset(req):
-    # The same seed must give the same episode: grove's runs are reproducible from their seed.
-    word = random.Random(req["seed"]).choice(WORDS)
+    # A dataset row (env.data) names the word; otherwise the same seed must give the same
+    # episode: grove's runs are reproducible from their seed.
+    row = req.get("row")
+    if row is not None:
+        word = str(row["word"]).lower()
+    else:
+        word = random.Random(req["seed"]).choice(WORDS)
     episodes[req["episode"]] = {"word": word, "guessed": set(), "misses": 0}
     return {"messages": [user(f"hangman: {pattern(word, set())}. guess one letter.")]}
 

@@ -17,9 +17,37 @@ pub struct Variant {
 pub struct Experiment {
     pub name: &'static str,
     pub claim: &'static str,
+    /// What the runs train on, as the page says it.
+    pub setting: &'static str,
     /// Settings shared by every variant.
     pub common: &'static [&'static str],
     pub variants: &'static [Variant],
+    /// Training metrics reported beside held-out accuracy: each run's mean over its last
+    /// [`TAIL_STEPS`] RL steps, then mean ± sd over seeds; each gets its own plot.
+    pub tail_metrics: &'static [&'static str],
+}
+
+/// RL steps at the end of a run over which a tail metric is averaged.
+pub const TAIL_STEPS: usize = 10;
+
+/// The `gated-reward` pipeline: `outcome` (the last turn when the game ended it), `steps`
+/// (the other turns) and their G-RA gate, weighted (outcome, steps, gate) as given.
+macro_rules! gra_components {
+    ($outcome:literal, $steps:literal, $gate:literal) => {
+        concat!(
+            "reward.pipeline.components=[",
+            "{name=\"outcome\", kind=\"turns\", part=\"outcome\", weight=",
+            $outcome,
+            "}, ",
+            "{name=\"steps\", kind=\"turns\", part=\"steps\", weight=",
+            $steps,
+            "}, ",
+            "{name=\"gra\", kind=\"gated\", weight=",
+            $gate,
+            ", channels=[",
+            "{component=\"outcome\", threshold=1.0}, {component=\"steps\"}]}]"
+        )
+    };
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[Experiment {
@@ -27,6 +55,7 @@ pub const EXPERIMENTS: &[Experiment] = &[Experiment {
     claim: "REC (Yao et al. 2025): with stale data (rollout weights synced every 8 steps), REC-OneSide \
             without importance sampling is about as good as GRPO; unclipped REINFORCE degrades; loose \
             clipping (0.6, 2.0) learns faster.",
+    setting: "the quickstart task",
     common: &["sync.mode=\"lagged\"", "sync.interval=8"],
     variants: &[
         Variant { label: "grpo", sets: &["recipe=\"grpo\""] },
@@ -41,6 +70,26 @@ pub const EXPERIMENTS: &[Experiment] = &[Experiment {
             sets: &["advantage.estimator=\"group-mean\"", "loss.loss=\"rec\"", "loss.rec_weight=\"none\"", "loss.rec_mask=\"none\""],
         },
     ],
+    tail_metrics: &[],
+}, Experiment {
+    name: "gated-reward",
+    claim: "G-RA (gated reward accumulation, multi-turn): step rewards that count only when the \
+            outcome passes a threshold, R = r_outcome + 1[r_outcome >= delta]·Σ_t r_step,t, keep the \
+            policy from farming step rewards without solving the task; ungated accumulation \
+            (r_outcome + Σ_t r_step,t) pays for the farming and solves less.",
+    setting: "the built-in `guess` environment (secret in 1..8, 4 turns, reward 1 for the find and \
+              0.25 for each wrong guess in range), the built-in model from random weights",
+    common: &[
+        "env.kind=\"guess\"", "env.guess_max=8", "env.max_turns=4", "env.guess_valid_reward=0.25",
+        "env.heldout_size=128", "rollout.prompts_per_step=16", "rollout.group_size=8",
+        "rollout.max_new_tokens=2", "train.steps=120", "train.eval_every=20",
+        "train.checkpoint_every=120", "train.lr=3e-3",
+    ],
+    variants: &[
+        Variant { label: "ungated", sets: &[gra_components!("1", "1", "0")] },
+        Variant { label: "g-ra", sets: &[gra_components!("0", "0", "1")] },
+    ],
+    tail_metrics: &["acc/train", "reward/steps/mean", "reward/outcome/mean"],
 }];
 
 pub fn find(name: &str) -> Result<&'static Experiment> {
@@ -77,10 +126,14 @@ pub fn run_experiment(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rows = Vec::new();
     let mut series = Vec::new();
+    // Per tail metric: one mean curve per variant, and each variant's per-seed tail means.
+    let mut tail_series: Vec<Vec<Series>> = vec![Vec::new(); exp.tail_metrics.len()];
+    let mut tails: Vec<Vec<Vec<f64>>> = Vec::new();
     for v in exp.variants {
         let mut finals = Vec::new();
         let mut curves: Vec<Vec<(f64, f64)>> = Vec::new();
         let mut t0s = Vec::new();
+        let mut tail_curves: Vec<Vec<Vec<(f64, f64)>>> = vec![Vec::new(); exp.tail_metrics.len()];
         for &seed in seeds {
             let mut sets: Vec<String> = exp
                 .common
@@ -104,24 +157,35 @@ pub fn run_experiment(
             finals.push(s.acc_final);
             t0s.push(s.acc_after_warmup);
             curves.push(load_rl_metric(&s.run_dir, "acc/eval")?);
+            for (k, metric) in exp.tail_metrics.iter().enumerate() {
+                tail_curves[k].push(load_rl_metric(&s.run_dir, metric)?);
+            }
         }
-        // Mean curve over seeds (the eval steps are the same for every seed).
-        let n = curves.iter().map(|c| c.len()).min().unwrap_or(0);
-        let mean_curve: Vec<(f64, f64)> = (0..n)
-            .map(|k| {
-                (
-                    curves[0][k].0,
-                    curves.iter().map(|c| c[k].1).sum::<f64>() / curves.len() as f64,
-                )
-            })
-            .collect();
         let (m, sd) = mean_sd(&finals);
         let (m0, _) = mean_sd(&t0s);
         rows.push((v.label, m0, m, sd, finals.clone()));
         series.push(Series {
             label: v.label.to_string(),
-            points: mean_curve,
+            points: mean_curve(&curves),
         });
+        let mut variant_tails = Vec::new();
+        for (k, per_seed) in tail_curves.iter().enumerate() {
+            variant_tails.push(per_seed.iter().map(|c| tail_mean(c)).collect());
+            tail_series[k].push(Series {
+                label: v.label.to_string(),
+                points: mean_curve(per_seed),
+            });
+        }
+        tails.push(variant_tails);
+    }
+    for (metric, s) in exp.tail_metrics.iter().zip(&tail_series) {
+        line_chart(
+            &out.join(tail_png(exp.name, metric)),
+            &format!("{}: {metric} (mean over {} seeds)", exp.name, seeds.len()),
+            "RL step",
+            metric,
+            s,
+        )?;
     }
     let png = out.join(format!("{}.png", exp.name));
     line_chart(
@@ -140,8 +204,9 @@ pub fn run_experiment(
     let _ = writeln!(md, "Command:\n\n```sh\n{command}\n```\n");
     let _ = writeln!(
         md,
-        "Shared settings: `{}` on the quickstart task; seeds {:?}; extra: `{}`.\n",
+        "Shared settings: `{}` on {}; seeds {:?}; extra: `{}`.\n",
         exp.common.join(" "),
+        exp.setting,
         seeds,
         extra.join(" ")
     );
@@ -162,6 +227,28 @@ pub fn run_experiment(
         );
     }
     let _ = writeln!(md, "\n![accuracy]({}.png)", exp.name);
+    if !exp.tail_metrics.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nTraining metrics, each run's mean over its last {TAIL_STEPS} RL steps (mean ± sd \
+             over seeds):\n"
+        );
+        let _ = writeln!(md, "| variant | {} |", exp.tail_metrics.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(exp.tail_metrics.len()));
+        for (v, per_metric) in exp.variants.iter().zip(&tails) {
+            let cells: Vec<String> = per_metric
+                .iter()
+                .map(|xs| {
+                    let (m, sd) = mean_sd(xs);
+                    format!("{m:.3} ± {sd:.3}")
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", v.label, cells.join(" | "));
+        }
+        for metric in exp.tail_metrics {
+            let _ = writeln!(md, "\n![{metric}]({})", tail_png(exp.name, metric));
+        }
+    }
     let path = out.join(format!("{}.md", exp.name));
     let md = match std::fs::read_to_string(&path) {
         Ok(old) => keep_reading(&old, md),
@@ -169,6 +256,33 @@ pub fn run_experiment(
     };
     std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+/// Mean curve over seeds (the steps are the same for every seed; the shortest run bounds it).
+fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
+    let n = curves.iter().map(|c| c.len()).min().unwrap_or(0);
+    (0..n)
+        .map(|k| {
+            (
+                curves[0][k].0,
+                curves.iter().map(|c| c[k].1).sum::<f64>() / curves.len() as f64,
+            )
+        })
+        .collect()
+}
+
+/// Mean of the last [`TAIL_STEPS`] points of a curve (all when fewer; 0 when empty).
+fn tail_mean(curve: &[(f64, f64)]) -> f64 {
+    let tail = &curve[curve.len().saturating_sub(TAIL_STEPS)..];
+    if tail.is_empty() {
+        return 0.0;
+    }
+    tail.iter().map(|p| p.1).sum::<f64>() / tail.len() as f64
+}
+
+/// The plot file of a tail metric: `gated-reward-reward-steps-mean.png`.
+fn tail_png(experiment: &str, metric: &str) -> String {
+    format!("{experiment}-{}.png", metric.replace(['/', '_'], "-"))
 }
 
 /// The folder where the command writes the table and plot: `--out`, docs/experiments with
@@ -219,6 +333,34 @@ mod tests {
             output_dir(runs, "x", Some(Path::new("elsewhere")), false),
             Path::new("elsewhere")
         );
+    }
+
+    #[test]
+    fn tail_metrics_average_the_last_steps() {
+        let curve: Vec<(f64, f64)> = (1..=12).map(|s| (s as f64, s as f64)).collect();
+        // Steps 3..=12: (3 + 12) / 2 = 7.5.
+        assert_eq!(tail_mean(&curve), 7.5);
+        assert_eq!(tail_mean(&curve[..2]), 1.5);
+        assert_eq!(tail_mean(&[]), 0.0);
+        let mean = mean_curve(&[vec![(1.0, 0.0), (2.0, 1.0)], vec![(1.0, 1.0)]]);
+        assert_eq!(mean, vec![(1.0, 0.5)]);
+        assert_eq!(
+            tail_png("gated-reward", "reward/steps/mean"),
+            "gated-reward-reward-steps-mean.png"
+        );
+        // Every experiment's settings load as a run config.
+        for exp in EXPERIMENTS {
+            for v in exp.variants {
+                let sets: Vec<String> = exp
+                    .common
+                    .iter()
+                    .chain(v.sets)
+                    .map(|s| s.to_string())
+                    .collect();
+                config::load(None, &sets)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", exp.name, v.label));
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ExperimentArgs {
-    /// The experiment: rec-offpolicy.
+    /// The experiment: rec-offpolicy or gated-reward (docs/experiments/).
     pub name: String,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0,1,2")]

@@ -520,10 +520,6 @@ impl RunConfig {
                 "sampling.inject_ground_truth (an episode has no reference solution)",
             ),
             (
-                self.reward.pipeline.is_some(),
-                "[reward.pipeline] (the environment gives the rewards)",
-            ),
-            (
                 self.reward.noise_rho0 > 0.0 || self.reward.noise_rho1 > 0.0,
                 "reward.noise_rho0/1",
             ),

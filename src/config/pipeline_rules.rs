@@ -33,6 +33,7 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
             c.kind.label().replace('-', "_")
         ));
     }
+    env_rules(cfg, p)?;
     let rw = &cfg.reward;
     if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
         return Err(format!(
@@ -51,9 +52,91 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Episode components need an `[env]`; with one, the components that compare a single
+/// response with a reference answer or a reference policy's responses do not apply.
+fn env_rules(
+    cfg: &RunConfig,
+    p: &crate::reward::pipeline::PipelineConfig,
+) -> std::result::Result<(), String> {
+    let Some(_) = &cfg.env else {
+        return match p.components.iter().find(|c| c.kind.needs_episode()) {
+            Some(c) => Err(format!(
+                "reward.pipeline component `{}` (kind {}) reads a multi-turn episode's rewards: \
+                 it needs an [env] section (docs/environments.md)",
+                c.name,
+                c.kind.label()
+            )),
+            None => Ok(()),
+        };
+    };
+    let single = |k: &ComponentKind| {
+        match k {
+        ComponentKind::Verifier { .. } | ComponentKind::Consistency { .. } => Some(
+            "an episode has no reference answer; use kind \"success\" for the environment's verdict",
+        ),
+        ComponentKind::Sar {} => Some("SAR's perplexities are of a single answer to a prompt"),
+        _ => None,
+    }
+    };
+    if let Some((c, why)) = p
+        .components
+        .iter()
+        .find_map(|c| single(&c.kind).map(|why| (c, why)))
+    {
+        return Err(format!(
+            "reward.pipeline component `{}` (kind {}) cannot score [env] episodes: {why}",
+            c.name,
+            c.kind.label()
+        ));
+    }
+    let shaped = std::iter::once(("the pipeline", &p.shaping))
+        .chain(p.components.iter().map(|c| (c.name.as_str(), &c.shaping)));
+    for (at, s) in shaped {
+        if crate::reward::pipeline::needs_refs(s) {
+            return Err(format!(
+                "reward.pipeline shaping {s:?} of {at} compares with reference responses to a \
+                 prompt, which [env] episodes do not have; use a running shaping instead"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::reward::shaping::ShapingConfig;
+
+    fn load(sets: &[&str]) -> std::result::Result<crate::config::RunConfig, String> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        crate::config::load(None, &sets).map_err(|e| e.to_string())
+    }
+
+    /// `[env]` + `[reward.pipeline]`: episode components work, single-response ones are
+    /// refused with the reason, and episode components need an `[env]`.
+    #[test]
+    fn env_runs_take_episode_components() {
+        let env = "env.kind=\"guess\"";
+        let gra = r#"reward.pipeline.components=[{name="outcome", kind="turns", part="outcome", weight=0}, {name="steps", kind="turns", part="steps", weight=0}, {name="gra", kind="gated", channels=[{component="outcome", threshold=1.0}, {component="steps"}]}]"#;
+        assert!(load(&[env, gra]).is_ok());
+        let e = load(&[gra]).unwrap_err();
+        assert!(
+            e.contains("component `outcome` (kind turns)") && e.contains("needs an [env]"),
+            "{e}"
+        );
+        let verifier = r#"reward.pipeline.components=[{name="correct", kind="verifier"}]"#;
+        let e = load(&[env, verifier]).unwrap_err();
+        assert!(
+            e.contains("cannot score [env] episodes") && e.contains("kind \"success\""),
+            "{e}"
+        );
+        let par =
+            r#"reward.pipeline.components=[{name="s", kind="success", shaping={kind="par"}}]"#;
+        let e = load(&[env, par]).unwrap_err();
+        assert!(
+            e.contains("Par of s compares with reference responses"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn run_config_section_loads_validates_and_round_trips() {

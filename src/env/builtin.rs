@@ -26,7 +26,9 @@ pub fn make(
             Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)))
         }
         EnvKind::Bandit => Box::new(Bandit::default()),
-        EnvKind::Guess | EnvKind::Program => Box::new(Guess::new(cfg.guess_max)),
+        EnvKind::Guess | EnvKind::Program => {
+            Box::new(Guess::new(cfg.guess_max, cfg.guess_valid_reward))
+        }
     }
 }
 
@@ -70,15 +72,21 @@ fn integers(text: &str) -> Vec<i128> {
 }
 
 /// Number guessing: a secret in 1..=max; each guess is answered "higher", "lower" or
-/// "correct". Reward 1 when found.
+/// "correct". Reward 1 when found, `valid_reward` for a wrong guess inside 1..=max (a
+/// per-turn format reward), 0 otherwise; info `valid` says whether the guess was in range.
 pub struct Guess {
     max: u64,
+    valid_reward: f64,
     secret: u64,
 }
 
 impl Guess {
-    pub fn new(max: u64) -> Self {
-        Guess { max, secret: 1 }
+    pub fn new(max: u64, valid_reward: f64) -> Self {
+        Guess {
+            max,
+            valid_reward,
+            secret: 1,
+        }
     }
 }
 
@@ -95,11 +103,18 @@ impl Environment for Guess {
     }
 
     fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {
-        let (reply, done) = match first_integer(message) {
+        let guess = first_integer(message);
+        let (reply, done) = match guess {
             None => ("reply with a number.", false),
             Some(g) if g == self.secret as i128 => ("correct", true),
             Some(g) if g < self.secret as i128 => ("higher", false),
             Some(_) => ("lower", false),
+        };
+        let valid = guess.is_some_and(|g| (1..=self.max as i128).contains(&g));
+        let reward = match (done, valid) {
+            (true, _) => 1.0,
+            (false, true) => self.valid_reward,
+            (false, false) => 0.0,
         };
         Ok(StepResult {
             messages: if done {
@@ -107,9 +122,9 @@ impl Environment for Guess {
             } else {
                 vec![user(reply.into())]
             },
-            reward: if done { 1.0 } else { 0.0 },
+            reward,
             done,
-            info: json!({"success": done, "reply": reply}),
+            info: json!({"success": done, "reply": reply, "valid": valid}),
         })
     }
 }
@@ -347,7 +362,7 @@ mod tests {
 
     #[test]
     fn guess_answers_higher_lower_and_correct() {
-        let mut g = Guess::new(16);
+        let mut g = Guess::new(16, 0.25);
         let r = g.reset(5).unwrap();
         assert_eq!(
             r.messages[0].content,
@@ -363,10 +378,16 @@ mod tests {
             (s.messages[0].content.as_str(), s.done),
             ("reply with a number.", false)
         );
+        assert_eq!((s.reward, s.info["valid"].clone()), (0.0, json!(false)));
         if secret > 1 {
             let s = g.step(&format!("{}", secret - 1), soon()).unwrap();
             assert_eq!(s.messages[0].content, "higher");
+            // A wrong guess in range earns the format reward.
+            assert_eq!((s.reward, s.info["valid"].clone()), (0.25, json!(true)));
         }
+        // Out of range: "lower", but no format reward.
+        let s = g.step("17", soon()).unwrap();
+        assert_eq!((s.messages[0].content.as_str(), s.reward), ("lower", 0.0));
         if secret < 16 {
             let s = g.step(&format!("maybe {}?", secret + 1), soon()).unwrap();
             assert_eq!(s.messages[0].content, "lower");

@@ -4,12 +4,13 @@
 //! the answer's tokens are appended to the cache behind the model's own: nothing already
 //! cached is read again. The response of an episode is everything after its first prompt;
 //! `trainable` marks the tokens the model sampled, the only ones the learner trains on.
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::{EnvConfig, Environment, Factory, Message, Reset, StepResult};
+use super::{EnvConfig, Environment, Factory, Message, Reset, Start, StepResult};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, ChatTemplate, Tokenizer};
 use crate::rollout::session::Session;
@@ -33,6 +34,37 @@ impl Transcript {
         }
     }
 
+    /// Renders through the chat template. A template that ignores `tools` (the same text
+    /// with and without them, e.g. SmolLM2's) would never show the model what it may call:
+    /// the tools then go into the system message in the Hermes form that Qwen2.5's template
+    /// writes ([`hermes_tool_prompt`]).
+    fn render(
+        t: &ChatTemplate,
+        messages: &[Message],
+        tools: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let with = t.render_with_tools(messages, tools, add_generation_prompt)?;
+        if tools.is_empty() || with != t.render_with_tools(messages, &[], add_generation_prompt)? {
+            return Ok(with);
+        }
+        let mut msgs = messages.to_vec();
+        let instructions = hermes_tool_prompt(tools);
+        match msgs.first_mut() {
+            Some(m) if m.role == "system" => {
+                m.content = format!("{}\n\n{instructions}", m.content);
+            }
+            _ => msgs.insert(
+                0,
+                Message {
+                    role: "system".into(),
+                    content: instructions,
+                },
+            ),
+        }
+        t.render_with_tools(&msgs, tools, add_generation_prompt)
+    }
+
     fn plain_text(messages: &[Message]) -> String {
         messages
             .iter()
@@ -50,7 +82,7 @@ impl Transcript {
                 Ok((text, ids))
             }
             Transcript::Chat(t) => {
-                let text = t.render_with_tools(&reset.messages, &reset.tools, true)?;
+                let text = Self::render(t, &reset.messages, &reset.tools, true)?;
                 let ids = tok.encode(&text)?;
                 Ok((text, ids))
             }
@@ -74,7 +106,7 @@ impl Transcript {
             Transcript::Chat(t) => {
                 let mut all = history.to_vec();
                 all.extend_from_slice(new);
-                let full = t.render_with_tools(&all, tools, true)?;
+                let full = Self::render(t, &all, tools, true)?;
                 let Some(delta) = full.strip_prefix(held.as_str()) else {
                     return Ok(None);
                 };
@@ -86,10 +118,26 @@ impl Transcript {
     }
 }
 
+/// The Hermes tool instructions around the schemas (Qwen2.5's chat template's text).
+const HERMES_TOOLS_INTRO: &str = "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n";
+const HERMES_TOOLS_CALL: &str = "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
+/// Tool instructions in the Hermes form (the text Qwen2.5's chat template writes for its
+/// `tools`): the schemas inside `<tools>`, one JSON object per line, and the call format.
+pub fn hermes_tool_prompt(tools: &[Value]) -> String {
+    let schemas: Vec<String> = tools.iter().map(Value::to_string).collect();
+    format!(
+        "{HERMES_TOOLS_INTRO}{}{HERMES_TOOLS_CALL}",
+        schemas.join("\n")
+    )
+}
+
 /// One finished episode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Episode {
     pub seed: u64,
+    /// The dataset row it started from (`file: line 3`), with `env.data`.
+    pub row: Option<String>,
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
     /// Everything after the prompt: model turns and environment messages.
@@ -115,19 +163,21 @@ pub struct Episode {
 
 impl Episode {
     /// Σ_t γ^t r_t over the turns.
-    pub fn discounted_return(&self, gamma: f64) -> f64 {
-        self.rewards
+    pub fn discounted_return(&self, discount: f64) -> f64 {
+        crate::reward::gates::discount_turns(&self.rewards, discount)
             .iter()
-            .enumerate()
-            .map(|(t, r)| gamma.powi(t as i32) * r)
             .sum()
     }
 
-    /// The transcript as saved in samples.jsonl.
+    /// The transcript as saved in samples.jsonl (and read back by the reward pipeline).
     pub fn to_json(&self) -> Value {
-        json!({"seed": self.seed, "messages": self.messages, "tools": self.tools,
+        let mut v = json!({"seed": self.seed, "messages": self.messages, "tools": self.tools,
                "rewards": self.rewards, "infos": self.infos, "stop": self.stop,
-               "success": self.success})
+               "success": self.success});
+        if let Some(row) = &self.row {
+            v["row"] = json!(row);
+        }
+        v
     }
 
     fn push(&mut self, tokens: &[u32], logprobs: Option<&[f32]>) {
@@ -139,6 +189,48 @@ impl Episode {
         self.trainable
             .extend(std::iter::repeat_n(logprobs.is_some(), tokens.len()));
     }
+}
+
+/// What the reward pipeline sees of an episode saved by [`Episode::to_json`]: its per-turn
+/// rewards discounted by `discount`, whether the environment ended it (`ended_by_env`, the
+/// experience's `finished`), its success, and the milestones its steps reported (each info's
+/// `milestones`, a list of names, or `milestone`, one name).
+pub fn pipeline_view(
+    episode: &Value,
+    ended_by_env: bool,
+    discount: f64,
+) -> std::result::Result<(crate::reward::pipeline::EpisodeTurns, Vec<String>), String> {
+    let rewards: Vec<f64> = episode
+        .get("rewards")
+        .and_then(Value::as_array)
+        .ok_or("the episode has no `rewards` list")?
+        .iter()
+        .map(|r| r.as_f64().ok_or(format!("`rewards`: {r} is not a number")))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut milestones = Vec::new();
+    for info in episode
+        .get("infos")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(m) = info.get("milestone").and_then(Value::as_str) {
+            milestones.push(m.to_string());
+        }
+        let listed = info.get("milestones").and_then(Value::as_array);
+        milestones.extend(
+            listed
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.as_str().map(String::from)),
+        );
+    }
+    let turns = crate::reward::pipeline::EpisodeTurns {
+        discounted: crate::reward::gates::discount_turns(&rewards, discount),
+        ended_by_env,
+        success: episode.get("success") == Some(&Value::Bool(true)),
+    };
+    Ok((turns, milestones))
 }
 
 /// Maps `f` over `items` on up to `width` threads, in order.
@@ -167,20 +259,38 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, width: usize, f: impl Fn(T) -> R + S
     })
 }
 
-/// One step with the time limit enforced on its result: a step that returns late ends the
-/// episode like one that never returned.
-fn timed_step(env: &mut dyn Environment, text: &str, timeout: Duration) -> Result<StepResult> {
+/// How long past its deadline a step may take to come back: a tool or program killed at the
+/// deadline needs a moment to report it (as an error observation or a failed episode).
+pub const STEP_GRACE: Duration = Duration::from_millis(500);
+
+/// One step under the time limit, counted while it runs: the step runs on its own thread
+/// with the deadline `timeout` from now (tools and programs stop at it), and one that has
+/// not returned by the deadline plus [`STEP_GRACE`] is abandoned: the episode ends with the
+/// reason and the environment instance is not used again (None).
+pub fn timed_step(
+    mut env: Box<dyn Environment>,
+    text: String,
+    timeout: Duration,
+) -> (Option<Box<dyn Environment>>, Result<StepResult>) {
     let t0 = Instant::now();
-    let r = env.step(text, t0 + timeout)?;
-    let took = t0.elapsed();
-    if took > timeout {
-        return Ok(StepResult::failed(format!(
-            "the step took {:.3} s, over env.step_timeout_s = {}",
-            took.as_secs_f64(),
-            timeout.as_secs_f64()
-        )));
+    let deadline = t0 + timeout;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = env.step(&text, deadline);
+        // The receiver is gone when the step was abandoned: nothing to do then.
+        let _ = tx.send((env, r));
+    });
+    match rx.recv_timeout(timeout + STEP_GRACE) {
+        Ok((env, r)) => (Some(env), r),
+        Err(_) => (
+            None,
+            Ok(StepResult::failed(format!(
+                "the step did not return within env.step_timeout_s = {} (abandoned after {:.3} s)",
+                timeout.as_secs_f64(),
+                t0.elapsed().as_secs_f64()
+            ))),
+        ),
     }
-    Ok(r)
 }
 
 /// What an episode rollout needs besides the model.
@@ -196,25 +306,31 @@ impl Rollout<'_> {
         self.factory.config()
     }
 
-    /// Environments reset for `seeds`, their episodes with first prompts, and the text of
+    /// Environments reset for `starts`, their episodes with first prompts, and the text of
     /// each prompt (what a chat transcript's cache holds).
     #[allow(clippy::type_complexity)]
     fn start(
         &self,
-        seeds: &[u64],
+        starts: &[Start],
         first_id: u64,
         width: usize,
-    ) -> Result<(Vec<Box<dyn Environment>>, Vec<Episode>, Vec<String>)> {
+    ) -> Result<(Vec<Option<Box<dyn Environment>>>, Vec<Episode>, Vec<String>)> {
         let cfg = self.cfg();
-        let mut envs: Vec<Box<dyn Environment>> = (0..seeds.len())
+        let mut envs: Vec<Box<dyn Environment>> = (0..starts.len())
             .map(|i| self.factory.make(first_id + i as u64))
             .collect();
-        let resets = par_map(envs.iter_mut().zip(seeds).collect(), width, |(e, &s)| {
-            e.reset(s)
-        });
-        let mut eps = Vec::with_capacity(seeds.len());
-        let mut held = Vec::with_capacity(seeds.len());
-        for (reset, &seed) in resets.into_iter().zip(seeds) {
+        let resets = par_map(
+            envs.iter_mut().zip(starts).collect(),
+            width,
+            |(e, s)| match &s.row {
+                Some(row) => e.reset_row(s.seed, &row.fields),
+                None => e.reset(s.seed),
+            },
+        );
+        let mut eps = Vec::with_capacity(starts.len());
+        let mut held = Vec::with_capacity(starts.len());
+        for (reset, start) in resets.into_iter().zip(starts) {
+            let seed = start.seed;
             let reset = reset?;
             let (text, ids) = self.transcript.prompt(self.tok, &reset)?;
             if ids.len() + self.params.max_new_tokens > cfg.max_tokens {
@@ -232,6 +348,7 @@ impl Rollout<'_> {
             held.push(text.clone());
             eps.push(Episode {
                 seed,
+                row: start.row.as_ref().map(|r| r.at.clone()),
                 prompt: text,
                 prompt_ids: ids,
                 response_ids: vec![],
@@ -246,15 +363,15 @@ impl Rollout<'_> {
                 success: false,
             });
         }
-        Ok((envs, eps, held))
+        Ok((envs.into_iter().map(Some).collect(), eps, held))
     }
 
-    /// Plays one episode per seed, all at once; episode `i` is numbered `first_id + i` (for
+    /// Plays one episode per start, all at once; episode `i` is numbered `first_id + i` (for
     /// program environments). Draws from `rng` as [`Session::sample`] does.
     pub fn run<M: CausalLm + ?Sized, R: Rng>(
         &self,
         model: &M,
-        seeds: &[u64],
+        starts: &[Start],
         first_id: u64,
         rng: &mut R,
     ) -> Result<Vec<Episode>> {
@@ -273,7 +390,7 @@ impl Rollout<'_> {
             super::EnvKind::Program => cfg.pool,
             _ => 1,
         };
-        let (mut envs, mut eps, mut held) = self.start(seeds, first_id, width)?;
+        let (mut envs, mut eps, mut held) = self.start(starts, first_id, width)?;
         let prompts: Vec<Vec<u32>> = eps.iter().map(|e| e.prompt_ids.clone()).collect();
         let mut session = Session::new(model, &prompts, self.tok.pad)?;
         let mut turns = vec![0usize; eps.len()];
@@ -315,19 +432,24 @@ impl Rollout<'_> {
                 to_step.push((i, text));
             }
             let timeout = Duration::from_secs_f64(cfg.step_timeout_s);
-            let jobs: Vec<(usize, &mut Box<dyn Environment>, String)> = {
-                let mut by_index: Vec<Option<&mut Box<dyn Environment>>> =
-                    envs.iter_mut().map(Some).collect();
-                to_step
-                    .into_iter()
-                    .map(|(i, text)| (i, by_index[i].take().expect("one step per episode"), text))
-                    .collect()
-            };
+            let mut jobs = Vec::with_capacity(to_step.len());
+            for (i, text) in to_step {
+                match envs[i].take() {
+                    Some(e) => jobs.push((i, e, text)),
+                    None => {
+                        return Err(Error::Internal(format!(
+                            "episode {i} stepped after its environment was abandoned"
+                        )))
+                    }
+                }
+            }
             let results = par_map(jobs, width, |(i, e, text)| {
-                (i, timed_step(e.as_mut(), &text, timeout))
+                let (back, r) = timed_step(e, text, timeout);
+                (i, back, r)
             });
             let mut appends = closing;
-            for (i, r) in results {
+            for (i, back, r) in results {
+                envs[i] = back;
                 let r = r?;
                 let ep = &mut eps[i];
                 ep.rewards.push(r.reward);
@@ -367,7 +489,7 @@ impl Rollout<'_> {
             }
             session.append(&appends)?;
         }
-        for e in &mut envs {
+        for e in envs.iter_mut().flatten() {
             e.close();
         }
         Ok(eps)
@@ -377,6 +499,8 @@ impl Rollout<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::builtin::CalculatorArithmetic;
+    use crate::env::tools::{Calculator, CommandTool, CommandToolConfig, Tool, Toolbox};
     use crate::env::{EnvConfig, EnvKind};
     use crate::model::{Config, Llama};
     use candle_core::Device;
@@ -431,7 +555,8 @@ mod tests {
                 },
             };
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-            let eps = rollout.run(&model, &[3, 3, 8], 0, &mut rng).unwrap();
+            let starts: Vec<Start> = [3, 3, 8].into_iter().map(Start::seed).collect();
+            let eps = rollout.run(&model, &starts, 0, &mut rng).unwrap();
             let Transcript::Chat(t) = &transcript else {
                 panic!("a chat transcript")
             };
@@ -466,5 +591,129 @@ mod tests {
                 assert!(eps.iter().all(|e| e.success || e.stop == "max_turns"));
             }
         }
+    }
+
+    /// An environment whose step never looks at its deadline.
+    struct Stuck;
+
+    impl Environment for Stuck {
+        fn reset(&mut self, _seed: u64) -> Result<Reset> {
+            Ok(Reset::default())
+        }
+        fn step(&mut self, _message: &str, _deadline: Instant) -> Result<StepResult> {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(StepResult::failed("never seen"))
+        }
+    }
+
+    /// Step time counts while the step runs: a tool command that sleeps is killed at the
+    /// deadline and the model gets an error observation (the episode goes on); a step that
+    /// ignores its deadline is abandoned at the deadline plus the grace.
+    #[test]
+    fn step_time_counts_while_the_step_runs() {
+        let sleeper = CommandToolConfig {
+            name: "slow".into(),
+            command: vec![
+                "python3".into(),
+                "-c".into(),
+                "import time; time.sleep(60)".into(),
+            ],
+            description: String::new(),
+            parameters: None,
+        };
+        let tools = Toolbox::new(vec![
+            Box::new(Calculator),
+            Box::new(CommandTool::new(sleeper)),
+        ]);
+        let mut env = CalculatorArithmetic::new(2, tools);
+        env.reset(1).unwrap();
+        let timeout = Duration::from_millis(1000);
+        let t0 = Instant::now();
+        let call = "<tool_call>{\"name\": \"slow\", \"arguments\": {}}</tool_call>";
+        let (back, r) = timed_step(Box::new(env), call.into(), timeout);
+        let took = t0.elapsed();
+        let r = r.unwrap();
+        assert!(back.is_some(), "the environment stays usable");
+        assert!(!r.done, "{r:?}");
+        assert_eq!(r.messages[0].role, "tool");
+        let obs = &r.messages[0].content;
+        assert!(
+            obs.starts_with("error: tool command `python3 -c")
+                && obs.contains("no answer line before the deadline"),
+            "{obs}"
+        );
+        assert!(took >= timeout && took < timeout + STEP_GRACE, "{took:?}");
+
+        let timeout = Duration::from_millis(300);
+        let t0 = Instant::now();
+        let (back, r) = timed_step(Box::new(Stuck), "4".into(), timeout);
+        let took = t0.elapsed();
+        let r = r.unwrap();
+        assert!(
+            back.is_none(),
+            "an abandoned step's environment is not reused"
+        );
+        assert!(r.done && r.reward == 0.0);
+        let why = r.info["error"].as_str().unwrap();
+        assert!(
+            why.starts_with("the step did not return within env.step_timeout_s = 0.3"),
+            "{why}"
+        );
+        assert!(
+            took < timeout + STEP_GRACE + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    /// The pipeline reads back what an episode saved: per-turn rewards discounted, success,
+    /// and the milestones of every step's info.
+    #[test]
+    fn the_pipeline_view_of_a_saved_episode() {
+        let ep = json!({"seed": 1, "rewards": [0.5, 0.0, 1.0], "success": true,
+            "infos": [{"milestone": "found-door"}, {"milestones": ["key", "found-door"]}, {}]});
+        let (t, m) = pipeline_view(&ep, true, 0.5).unwrap();
+        assert_eq!(t.discounted, vec![0.5, 0.0, 0.25]);
+        assert!(t.ended_by_env && t.success);
+        assert_eq!(m, vec!["found-door", "key", "found-door"]);
+        let e = pipeline_view(&json!({"rewards": [1, "x"]}), true, 1.0).unwrap_err();
+        assert_eq!(e, "`rewards`: \"x\" is not a number");
+        assert!(pipeline_view(&json!({}), true, 1.0).is_err());
+    }
+
+    /// A chat template that ignores `tools` gets them as a Hermes system message; one that
+    /// renders them is left alone.
+    #[test]
+    fn tools_reach_templates_that_ignore_them_through_the_system_message() {
+        let mut tok = chat_tokenizer();
+        tok.chat_template = Some(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}\
+             {% if add_generation_prompt %}<|assistant|>{% endif %}"
+                .into(),
+        );
+        let Transcript::Chat(t) = Transcript::for_tokenizer(&tok, "gpt2").unwrap() else {
+            panic!("a chat transcript")
+        };
+        let tools = vec![Calculator.schema()];
+        let msgs = vec![Message {
+            role: "user".into(),
+            content: "what is 2 * 3?".into(),
+        }];
+        let text = Transcript::render(&t, &msgs, &tools, true).unwrap();
+        let want = format!(
+            "<|system|>{}\n<|user|>what is 2 * 3?\n<|assistant|>",
+            hermes_tool_prompt(&tools)
+        );
+        assert_eq!(text, want);
+        assert!(
+            text.contains("<tools>\n{\"") && text.contains("\"name\":\"calculator\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("<tool_call>\n{\"name\": <function-name>"),
+            "{text}"
+        );
+        // Without tools, nothing is added.
+        let plain = Transcript::render(&t, &msgs, &[], true).unwrap();
+        assert_eq!(plain, "<|user|>what is 2 * 3?\n<|assistant|>");
     }
 }

@@ -1,8 +1,8 @@
 //! Environments: multi-turn episodes in which the policy talks with something that answers
 //! back (docs/environments.md).
 //!
-//! An [`Environment`] is reset with a seed to its first messages (and the tools the model
-//! may call), then stepped on each model message to new `user`/`tool` messages, a per-turn
+//! An [`Environment`] is reset with a seed (and, with `env.data`, a dataset row) to its first
+//! messages (and the tools the model may call), then stepped on each model message to new `user`/`tool` messages, a per-turn
 //! reward, whether the episode is done, and free-form info. [`episode`] rolls episodes out
 //! turn by turn on a kept KV cache and marks which response tokens the model wrote (the
 //! only ones trained); [`builtin`] holds the built-in environments, [`program`] runs user
@@ -14,6 +14,7 @@ pub mod rational;
 pub mod runner;
 pub mod tools;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +60,16 @@ impl StepResult {
 pub trait Environment: Send {
     /// Starts an episode; the same seed gives the same episode.
     fn reset(&mut self, seed: u64) -> Result<Reset>;
+    /// Starts an episode from a dataset row (`env.data`): the row's fields decide the
+    /// episode, the seed anything left to chance. Environments that do not read rows refuse
+    /// (config validation keeps `env.data` to those that do).
+    fn reset_row(&mut self, seed: u64, row: &Value) -> Result<Reset> {
+        let _ = (seed, row);
+        Err(Error::config(
+            "env.data",
+            "this environment draws its episodes from the seed and does not read dataset rows",
+        ))
+    }
     /// Answers the model's message (its text, EOS removed) before `deadline`. Failures the
     /// episode can absorb are a [`StepResult::failed`] or an error observation; `Err` stops
     /// the run (an environment program that keeps failing).
@@ -97,12 +108,16 @@ pub struct EnvConfig {
     /// Seconds an environment step (tool calls included) may take; a slower step ends the
     /// episode with an error in its info.
     pub step_timeout_s: f64,
-    /// Discount over turns: the return is Σ_t γ^t r_t.
-    pub gamma: f64,
+    /// Discount γ over turns: the return is Σ_t γ^t r_t (turn t from 0), and the reward
+    /// pipeline's `turns` components see γ^t r_t.
+    pub discount: f64,
     /// Held-out episodes (seeds 0..n of the held-out stream).
     pub heldout_size: usize,
     /// `guess`: the secret is drawn from 1..=guess_max.
     pub guess_max: u64,
+    /// `guess`: reward of a turn whose guess is a number in 1..=guess_max but not the secret
+    /// (a per-turn format reward; 0: only finding the secret pays).
+    pub guess_valid_reward: f64,
     /// `calculator-arithmetic`: digits of each operand.
     pub digits: u32,
     /// `program`: the program and its arguments.
@@ -112,6 +127,14 @@ pub struct EnvConfig {
     pub pool: usize,
     /// `program`: failures in a row (crash, hang, garbage) after which the run stops.
     pub max_consecutive_failures: usize,
+    /// `program`: a dataset file (JSONL, JSON array, CSV or Parquet, by extension) whose rows
+    /// start the training episodes: each group draws a row, sent as `row` with the reset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// With `env.data`: the file whose rows start the held-out episodes (the first
+    /// `heldout_size` rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_data: Option<String>,
     /// User commands offered to the model as tools (`calculator-arithmetic` adds the
     /// calculator).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -125,13 +148,16 @@ impl Default for EnvConfig {
             max_turns: 6,
             max_tokens: 256,
             step_timeout_s: 10.0,
-            gamma: 1.0,
+            discount: 1.0,
             heldout_size: 64,
             guess_max: 16,
+            guess_valid_reward: 0.0,
             digits: 9,
             program: vec![],
             pool: 4,
             max_consecutive_failures: 5,
+            data: None,
+            heldout_data: None,
             tools: vec![],
         }
     }
@@ -155,8 +181,33 @@ impl EnvConfig {
                 self.step_timeout_s
             ));
         }
-        if !(0.0..=1.0).contains(&self.gamma) {
-            return Err(format!("env.gamma must be in [0, 1], found {}", self.gamma));
+        if !(0.0..=1.0).contains(&self.discount) {
+            return Err(format!(
+                "env.discount must be in [0, 1], found {}",
+                self.discount
+            ));
+        }
+        if !self.guess_valid_reward.is_finite() {
+            return Err(format!(
+                "env.guess_valid_reward must be a finite number, found {}",
+                self.guess_valid_reward
+            ));
+        }
+        match (&self.data, &self.heldout_data) {
+            (Some(_), _) if self.kind != EnvKind::Program => {
+                return Err(
+                    "env.data applies to env.kind = \"program\" (its reset receives the row); \
+                     built-in environments draw their episodes from the seed"
+                        .into(),
+                )
+            }
+            (Some(_), None) => {
+                return Err(
+                    "env.data needs env.heldout_data: the rows of the held-out episodes".into(),
+                )
+            }
+            (None, Some(_)) => return Err("env.heldout_data applies with env.data only".into()),
+            _ => {}
         }
         if self.guess_max < 2 {
             return Err(format!(
@@ -213,27 +264,94 @@ impl EnvConfig {
     }
 }
 
+/// A dataset row that starts an episode: its fields and where it is (`file: line 3`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataRow {
+    pub at: String,
+    pub fields: Value,
+}
+
+/// How an episode starts: its seed and, with `env.data`, the row handed to `reset`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    pub seed: u64,
+    pub row: Option<Arc<DataRow>>,
+}
+
+impl Start {
+    pub fn seed(seed: u64) -> Self {
+        Start { seed, row: None }
+    }
+
+    /// How samples and experiences name the episode: `seed N` (and the row's place).
+    pub fn describe(&self) -> String {
+        match &self.row {
+            Some(r) => format!("seed {}, {}", self.seed, r.at),
+            None => format!("seed {}", self.seed),
+        }
+    }
+}
+
+/// Every row of a dataset file (errors name the file and the row).
+pub fn read_data_rows(path: &str) -> Result<Vec<Arc<DataRow>>> {
+    let rows = crate::task::rows::read_rows(Path::new(path))
+        .map_err(|e| Error::config("env.data", e.to_string()))?;
+    rows.into_iter()
+        .map(|r| match r.value {
+            fields @ Value::Object(_) => Ok(Arc::new(DataRow {
+                at: r.at.to_string(),
+                fields,
+            })),
+            other => Err(Error::config(
+                "env.data",
+                format!(
+                    "{}: expected an object of fields, found {}",
+                    r.at,
+                    crate::task::rows::json_type_name(&other)
+                ),
+            )),
+        })
+        .collect()
+}
+
 /// Makes one environment instance per episode.
 pub struct Factory {
     cfg: EnvConfig,
     pool: Option<Arc<program::Pool>>,
+    /// `env.data` and `env.heldout_data` rows (empty without them).
+    rows: Vec<Arc<DataRow>>,
+    heldout_rows: Vec<Arc<DataRow>>,
 }
 
 impl Factory {
+    /// Reads `env.data` / `env.heldout_data` when set; a file with no rows is an error here,
+    /// before any episode.
     pub fn new(cfg: &EnvConfig) -> Result<Self> {
         cfg.validate().map_err(|m| Error::config("env", m))?;
         let pool = match cfg.kind {
             EnvKind::Program => Some(Arc::new(program::Pool::new(cfg))),
             _ => None,
         };
+        let read = |p: &Option<String>| p.as_deref().map_or(Ok(vec![]), read_data_rows);
         Ok(Factory {
             cfg: cfg.clone(),
             pool,
+            rows: read(&cfg.data)?,
+            heldout_rows: read(&cfg.heldout_data)?,
         })
     }
 
     pub fn config(&self) -> &EnvConfig {
         &self.cfg
+    }
+
+    /// Training rows (empty: episodes start from seeds alone).
+    pub fn rows(&self) -> &[Arc<DataRow>] {
+        &self.rows
+    }
+
+    pub fn heldout_rows(&self) -> &[Arc<DataRow>] {
+        &self.heldout_rows
     }
 
     /// A fresh instance for episode number `episode` (spreads program episodes over the pool).

@@ -5,7 +5,7 @@
 //! answer line:
 //!
 //! ```text
-//! → {"op": "reset", "episode": 7, "seed": 42}
+//! → {"op": "reset", "episode": 7, "seed": 42}          (with env.data: and "row": {...})
 //! ← {"messages": [{"role": "user", "content": "..."}], "tools": []}
 //! → {"op": "step", "episode": 7, "message": {"role": "assistant", "content": "..."}}
 //! ← {"messages": [...], "reward": 0.0, "done": false, "info": {}}
@@ -206,9 +206,13 @@ fn parse_step(v: &Value) -> std::result::Result<StepResult, String> {
     })
 }
 
-impl Environment for ProgramEnv {
-    fn reset(&mut self, seed: u64) -> Result<Reset> {
-        let req = json!({"op": "reset", "episode": self.episode, "seed": seed});
+impl ProgramEnv {
+    /// The reset request, with the dataset row's fields as `row` when there is one.
+    fn reset_with(&mut self, seed: u64, row: Option<&Value>) -> Result<Reset> {
+        let mut req = json!({"op": "reset", "episode": self.episode, "seed": seed});
+        if let Some(row) = row {
+            req["row"] = row.clone();
+        }
         // A reset has no episode to end: retry on a fresh process until it works or the
         // failure limit stops the run.
         loop {
@@ -236,6 +240,16 @@ impl Environment for ProgramEnv {
                 }
             }
         }
+    }
+}
+
+impl Environment for ProgramEnv {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        self.reset_with(seed, None)
+    }
+
+    fn reset_row(&mut self, seed: u64, row: &Value) -> Result<Reset> {
+        self.reset_with(seed, Some(row))
     }
 
     fn step(&mut self, message: &str, deadline: Instant) -> Result<StepResult> {
@@ -325,6 +339,40 @@ mod tests {
         for e in &mut envs {
             e.close();
         }
+    }
+
+    /// With `env.data` the reset carries the row's fields: the example plays the row's word.
+    #[test]
+    fn the_hangman_example_plays_the_word_of_a_dataset_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("words.jsonl");
+        std::fs::write(&data, "{\"word\": \"ox\"}\n{\"word\": \"kiwi\"}\n").unwrap();
+        let mut c = cfg(hangman(), 10.0, 3);
+        c.data = Some(data.display().to_string());
+        c.heldout_data = Some(data.display().to_string());
+        let f = Factory::new(&c).unwrap();
+        assert_eq!(f.rows().len(), 2);
+        assert_eq!(f.rows()[1].at, format!("{}: line 2", data.display()));
+        let mut e = f.make(0);
+        let r = e.reset_row(7, &f.rows()[0].fields).unwrap();
+        assert_eq!(r.messages[0].content, "hangman: _ _. guess one letter.");
+        let s = e.step("o", soon()).unwrap();
+        assert_eq!(s.messages[0].content, "yes: o _");
+        let s = e.step("x", soon()).unwrap();
+        assert_eq!((s.reward, s.done), (1.0, true));
+        e.close();
+        // A row that is not an object is named with its file and line.
+        std::fs::write(&data, "{\"word\": \"ox\"}\n[1, 2]\n").unwrap();
+        let err = Factory::new(&c).err().unwrap().to_string();
+        assert!(
+            err.contains("words.jsonl: line 2") && err.contains("expected an object"),
+            "{err}"
+        );
+        // Built-in environments draw from their seed and refuse rows.
+        let mut g = c.clone();
+        g.kind = EnvKind::Guess;
+        g.program = vec![];
+        assert!(g.validate().unwrap_err().contains("env.data applies to"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! An environment as the source of a training run: groups of episodes from one seed (GRPO
-//! compares the group's returns), episodes turned into experiences with their trainable
-//! masks, and greedy held-out success.
+//! An environment as the source of a training run: groups of episodes from one seed (and,
+//! with `env.data`, one dataset row; GRPO compares the group's returns), episodes turned into
+//! experiences with their trainable masks, and greedy held-out success.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -8,7 +8,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::episode::{Episode, Rollout, Transcript};
-use super::{EnvConfig, Factory};
+use super::{EnvConfig, Factory, Start};
 use crate::buffer::{Experience, ExperienceGroup};
 use crate::error::Result;
 use crate::model::{CausalLm, Tokenizer};
@@ -45,9 +45,21 @@ impl EnvRunner {
         matches!(self.transcript, Transcript::Plain)
     }
 
-    pub fn heldout_seeds(&self) -> Vec<u64> {
-        (0..self.config().heldout_size as u64)
-            .map(|i| i | HELDOUT_BIT)
+    /// The held-out episodes: seeds 0..heldout_size of the held-out stream, each with its
+    /// row of `env.heldout_data` when set (then at most as many as it has rows).
+    pub fn heldout_starts(&self) -> Vec<Start> {
+        let n = self.config().heldout_size;
+        let rows = self.factory.heldout_rows();
+        let seeds = (0..n as u64).map(|i| i | HELDOUT_BIT);
+        if rows.is_empty() {
+            return seeds.map(Start::seed).collect();
+        }
+        seeds
+            .zip(rows)
+            .map(|(seed, row)| Start {
+                seed,
+                row: Some(row.clone()),
+            })
             .collect()
     }
 
@@ -56,22 +68,31 @@ impl EnvRunner {
         model: &M,
         tok: &Tokenizer,
         params: SamplingParams,
-        seeds: &[u64],
+        starts: &[Start],
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<Episode>> {
         let first = self
             .next_episode
-            .fetch_add(seeds.len() as u64, Ordering::SeqCst);
+            .fetch_add(starts.len() as u64, Ordering::SeqCst);
         let rollout = Rollout {
             tok,
             transcript: &self.transcript,
             factory: &self.factory,
             params,
         };
-        rollout.run(model, seeds, first, rng)
+        rollout.run(model, starts, first, rng)
     }
 
-    /// `prompts` groups of `group` episodes, each group from one training seed drawn from
+    /// The start of one training group: a seed drawn from `prompt_rng`, then (with
+    /// `env.data`) a row drawn uniformly.
+    fn draw_start(&self, prompt_rng: &mut ChaCha8Rng) -> Start {
+        let seed = prompt_rng.gen::<u64>() & !HELDOUT_BIT;
+        let rows = self.factory.rows();
+        let row = (!rows.is_empty()).then(|| rows[prompt_rng.gen_range(0..rows.len())].clone());
+        Start { seed, row }
+    }
+
+    /// `prompts` groups of `group` episodes, each group from one training start drawn from
     /// `prompt_rng`; token draws from `sample_rng`.
     #[allow(clippy::too_many_arguments)]
     pub fn collect<M: CausalLm + ?Sized>(
@@ -85,21 +106,18 @@ impl EnvRunner {
         sample_rng: &mut ChaCha8Rng,
         next_group_id: &mut u64,
     ) -> Result<Vec<ExperienceGroup>> {
-        let seeds: Vec<u64> = (0..prompts)
-            .flat_map(|_| {
-                let s = prompt_rng.gen::<u64>() & !HELDOUT_BIT;
-                std::iter::repeat_n(s, group)
-            })
+        let starts: Vec<Start> = (0..prompts)
+            .flat_map(|_| std::iter::repeat_n(self.draw_start(prompt_rng), group))
             .collect();
-        let eps = self.episodes(model, tok, params, &seeds, sample_rng)?;
-        let gamma = self.config().gamma;
+        let eps = self.episodes(model, tok, params, &starts, sample_rng)?;
+        let discount = self.config().discount;
         let mut out = Vec::with_capacity(prompts);
         for chunk in eps.chunks(group) {
             let group_id = *next_group_id;
             *next_group_id += 1;
             let experiences = chunk
                 .iter()
-                .map(|e| experience(e, gamma, group_id, version))
+                .map(|e| experience(e, discount, group_id, version))
                 .collect();
             out.push(ExperienceGroup {
                 group_id,
@@ -118,11 +136,11 @@ impl EnvRunner {
         n: usize,
         max_new_tokens: usize,
     ) -> Result<f64> {
-        let mut seeds = self.heldout_seeds();
+        let mut starts = self.heldout_starts();
         if n > 0 {
-            seeds.truncate(n);
+            starts.truncate(n);
         }
-        if seeds.is_empty() {
+        if starts.is_empty() {
             return Ok(0.0);
         }
         // Greedy decoding draws nothing; a fixed RNG keeps the signature simple.
@@ -131,7 +149,7 @@ impl EnvRunner {
             model,
             tok,
             SamplingParams::greedy(max_new_tokens),
-            &seeds,
+            &starts,
             &mut rng,
         )?;
         Ok(eps.iter().filter(|e| e.success).count() as f64 / eps.len() as f64)
@@ -140,8 +158,8 @@ impl EnvRunner {
 
 /// An episode as the learner stores it: the return as reward, `correct` = solved, the
 /// transcript in `episode`.
-pub fn experience(e: &Episode, gamma: f64, group_id: u64, version: u64) -> Experience {
-    let ret = e.discounted_return(gamma);
+pub fn experience(e: &Episode, discount: f64, group_id: u64, version: u64) -> Experience {
+    let ret = e.discounted_return(discount);
     let components = BTreeMap::from([
         ("correct".to_string(), if e.success { 1.0 } else { 0.0 }),
         ("turns".to_string(), e.rewards.len() as f64),
@@ -154,7 +172,10 @@ pub fn experience(e: &Episode, gamma: f64, group_id: u64, version: u64) -> Exper
         logprobs: e.logprobs.clone(),
         reward: ret,
         components,
-        answer: format!("seed {}", e.seed),
+        answer: match &e.row {
+            Some(at) => format!("seed {}, {at}", e.seed),
+            None => format!("seed {}", e.seed),
+        },
         finished: e.ended_by_env,
         policy_version: version,
         use_count: 0,
@@ -175,11 +196,11 @@ impl EnvTask {
         let kind = serde_json::to_value(runner.config().kind).unwrap_or_default();
         EnvTask {
             heldout: runner
-                .heldout_seeds()
+                .heldout_starts()
                 .into_iter()
                 .map(|s| Problem {
                     prompt: format!("{} episode", kind.as_str().unwrap_or("env")),
-                    answer: format!("seed {s}"),
+                    answer: s.describe(),
                 })
                 .collect(),
             prompt_bos: runner.prompt_bos(),

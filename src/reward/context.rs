@@ -36,6 +36,21 @@ pub struct ResponseContext {
     /// Milestones an instrumented environment observed during this response.
     #[serde(default)]
     pub milestones: Vec<String>,
+    /// A multi-turn episode's per-turn rewards (`[env]`); None for a single response.
+    #[serde(default)]
+    pub turns: Option<EpisodeTurns>,
+}
+
+/// What the reward pipeline sees of an episode's turns.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EpisodeTurns {
+    /// γ^t·r_t of each turn t, in turn order (`env.discount`).
+    pub discounted: Vec<f64>,
+    /// The environment ended the episode (its last turn is the outcome); false when a limit
+    /// (max turns, max tokens, a failure) did.
+    pub ended_by_env: bool,
+    /// The environment marked the episode solved (`"success": true`).
+    pub success: bool,
 }
 
 /// One log-prob request: the response's tokens (plus EOS when `finished`) after `prompt`.

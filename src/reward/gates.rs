@@ -6,6 +6,9 @@
 //!   channel; channels after it do not count. **Decision:** the failing channel's own value
 //!   counts, so a failed outcome still contributes its (low) score. G-RA is the two-channel case
 //!   [outcome with threshold δ, Σ steps with threshold −∞].
+//! - Per-turn rewards of a multi-turn episode: discounted by γ^t ([`discount_turns`]) and split
+//!   into the outcome (the last turn, when the environment ended the episode) and the steps
+//!   (every other turn) by [`split_turns`], so that G-RA can gate the steps on the outcome.
 //! - Partial credit: [`MilestoneTracker`], +0.1 per distinct milestone, each counted once.
 //! - Consistency reward (StableReinforce): R = 0.5·format + acc·(1 + 0.5·cons), cons ∈ {−1,0,1},
 //!   with cons from a [`ConsistencyJudge`].
@@ -35,6 +38,30 @@ pub fn gated_reward(r_outcome: f64, step_rewards: &[f64], delta: f64) -> f64 {
         r_outcome + step_rewards.iter().sum::<f64>()
     } else {
         r_outcome
+    }
+}
+
+/// γ^t·r_t for each turn t (from 0).
+pub fn discount_turns(rewards: &[f64], discount: f64) -> Vec<f64> {
+    let mut weight = 1.0;
+    rewards
+        .iter()
+        .map(|r| {
+            let v = weight * r;
+            weight *= discount;
+            v
+        })
+        .collect()
+}
+
+/// An episode's (discounted) per-turn rewards as (outcome, steps): the outcome is the last
+/// turn's reward when the environment ended the episode (`ended_by_env`) and 0 when a limit
+/// did (no outcome was reached); the steps are the sum of the other turns. outcome + steps is
+/// the return.
+pub fn split_turns(turns: &[f64], ended_by_env: bool) -> (f64, f64) {
+    match turns.split_last() {
+        Some((last, before)) if ended_by_env => (*last, before.iter().sum()),
+        _ => (0.0, turns.iter().sum()),
     }
 }
 
@@ -250,6 +277,29 @@ mod tests {
         assert_eq!(gated_reward(0.7, &[], 0.5), 0.7);
         // negative step rewards are accumulated too: 1 + (−0.25) = 0.75
         assert_eq!(gated_reward(1.0, &[-0.25], 0.0), 0.75);
+    }
+
+    #[test]
+    fn turns_are_discounted_and_split_into_outcome_and_steps() {
+        // γ = 0.5: [0.2, 0.2, 1] → [0.2, 0.1, 0.25].
+        assert_eq!(discount_turns(&[0.2, 0.2, 1.0], 0.5), vec![0.2, 0.1, 0.25]);
+        // γ = 1 is the plain list; γ = 0 keeps the first turn only.
+        assert_eq!(discount_turns(&[0.2, 0.2, 1.0], 1.0), vec![0.2, 0.2, 1.0]);
+        assert_eq!(discount_turns(&[3.0, 2.0], 0.0), vec![3.0, 0.0]);
+        // Ended by the environment: the last turn is the outcome.
+        let (o, s) = split_turns(&[0.2, 0.1, 0.25], true);
+        assert_eq!(o, 0.25);
+        assert!((s - 0.3).abs() < 1e-12);
+        // Ended by a limit: no outcome; every turn is a step.
+        let (o, s) = split_turns(&[0.2, 0.1], false);
+        assert_eq!(o, 0.0);
+        assert!((s - 0.3).abs() < 1e-12);
+        assert_eq!(split_turns(&[], true), (0.0, 0.0));
+        // G-RA over turns: steps count only when the outcome passes δ = 1.
+        let won = split_turns(&discount_turns(&[0.2, 0.2, 1.0], 1.0), true);
+        assert!((gated_reward(won.0, &[won.1], 1.0) - 1.4).abs() < 1e-12);
+        let lost = split_turns(&discount_turns(&[0.2, 0.2, 0.2], 1.0), false);
+        assert_eq!(gated_reward(lost.0, &[lost.1], 1.0), 0.0);
     }
 
     #[test]

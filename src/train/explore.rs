@@ -196,7 +196,7 @@ pub fn collect_rewarded(
 ) -> Result<Vec<ExperienceGroup>> {
     if let Some(runner) = &env.environment {
         let r = &env.cfg.rollout;
-        return runner.collect(
+        let mut groups = runner.collect(
             model,
             &env.tok,
             r.sampling(),
@@ -205,7 +205,14 @@ pub fn collect_rewarded(
             &mut st.prompt_rng,
             &mut st.sample_rng,
             &mut st.next_group_id,
-        );
+        )?;
+        // [reward.pipeline] over episodes: the per-turn rewards become its `turns` components.
+        if let Some(rewarder) = rewarder {
+            for g in &mut groups {
+                rewarder.score_group(&env.tok, model, &mut g.experiences)?;
+            }
+        }
+        return Ok(groups);
     }
     let hook = rewarder.map(|r| (r, model));
     let engine = LocalEngine::new(model, &env.tok);

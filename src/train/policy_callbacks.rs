@@ -87,7 +87,7 @@ impl ReferenceProvider for PolicyReferenceSampler<'_> {
                     finished: g.finished,
                     num_tokens: g.tokens.len(),
                     token_logprobs: Some(g.logprobs.iter().map(|&x| x as f64).collect()),
-                    milestones: vec![],
+                    ..Default::default()
                 })
             })
             .collect()

@@ -57,6 +57,8 @@ pub struct PipelineRewarder {
     params: SamplingParams,
     /// Temperature of SAR's answer-only pass: the rollout's (1 when sampling greedily).
     temperature: f64,
+    /// `env.discount` of an `[env]` run: the γ of the `turns` components.
+    discount: f64,
 }
 
 impl PipelineRewarder {
@@ -74,6 +76,7 @@ impl PipelineRewarder {
             reference_rng: rng_stream(cfg.seed, STREAM_REWARD_REFERENCE),
             params: cfg.rollout.sampling(),
             temperature: if t > 0.0 { t } else { 1.0 },
+            discount: cfg.env.as_ref().map_or(1.0, |e| e.discount),
         })
     }
 
@@ -147,15 +150,8 @@ impl PipelineRewarder {
         };
         let responses = experiences
             .iter()
-            .map(|e| {
-                Ok(ResponseContext {
-                    text: response_text(tok, &e.response_ids)?,
-                    finished: e.finished,
-                    num_tokens: e.response_ids.len(),
-                    token_logprobs: Some(e.logprobs.iter().map(|&x| x as f64).collect()),
-                    milestones: vec![],
-                })
-            })
+            .enumerate()
+            .map(|(i, e)| response_context(tok, e, self.discount, i))
             .collect::<Result<Vec<_>>>()?;
         let mut logprobs = PolicyLogProbs {
             model: policy,
@@ -190,6 +186,42 @@ impl PipelineRewarder {
         }
         Ok(())
     }
+}
+
+/// What the pipeline is given of experience `i`. An `[env]` episode brings its per-turn
+/// rewards and milestones; its length is the model's own tokens (environment tokens are not
+/// the policy's), and it has no single-response log-probs.
+fn response_context(
+    tok: &Tokenizer,
+    e: &Experience,
+    discount: f64,
+    i: usize,
+) -> Result<ResponseContext> {
+    let text = response_text(tok, &e.response_ids)?;
+    let Some(ep) = &e.episode else {
+        return Ok(ResponseContext {
+            text,
+            finished: e.finished,
+            num_tokens: e.response_ids.len(),
+            token_logprobs: Some(e.logprobs.iter().map(|&x| x as f64).collect()),
+            ..Default::default()
+        });
+    };
+    let (turns, milestones) = crate::env::episode::pipeline_view(ep, e.finished, discount)
+        .map_err(|m| {
+            Error::Reward(format!(
+                "group {} experience {i}: its saved episode cannot be scored: {m}",
+                e.group_id
+            ))
+        })?;
+    Ok(ResponseContext {
+        text,
+        finished: e.finished,
+        num_tokens: e.trainable.iter().filter(|t| **t).count(),
+        token_logprobs: None,
+        milestones,
+        turns: Some(turns),
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,20 @@ pub enum VerifierCheck {
     Math,
 }
 
+/// Which part of an episode's discounted per-turn rewards a `turns` component takes
+/// ([`crate::reward::gates::split_turns`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TurnPart {
+    /// Σ_t γ^t r_t: the trajectory-level return (what an `[env]` run uses without a pipeline).
+    #[default]
+    Return,
+    /// The last turn's reward when the environment ended the episode, else 0.
+    Outcome,
+    /// Every other turn's reward, summed (return − outcome).
+    Steps,
+}
+
 /// One channel of a `gated` component: a component name and its pass threshold (none: the
 /// channel always passes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +94,13 @@ pub enum ComponentKind {
         /// Name of a [`RewardFn`] registered in [`Registry`].
         function: String,
     },
+    /// An `[env]` episode's per-turn rewards, discounted by `env.discount`.
+    Turns {
+        #[serde(default)]
+        part: TurnPart,
+    },
+    /// 1 when the `[env]` episode was solved (`"success": true`), else 0.
+    Success {},
 }
 
 impl ComponentKind {
@@ -95,7 +116,17 @@ impl ComponentKind {
             ComponentKind::Gated { .. } => "gated",
             ComponentKind::Milestones { .. } => "milestones",
             ComponentKind::Function { .. } => "function",
+            ComponentKind::Turns { .. } => "turns",
+            ComponentKind::Success {} => "success",
         }
+    }
+
+    /// Whether the component reads an `[env]` episode (per-turn rewards, success).
+    pub fn needs_episode(&self) -> bool {
+        matches!(
+            self,
+            ComponentKind::Turns { .. } | ComponentKind::Success {}
+        )
     }
 
     /// Weight when the config gives none: α = 0.2 for SAR, 1 otherwise.
@@ -161,8 +192,8 @@ fn default_cache_size() -> usize {
 pub struct PipelineConfig {
     /// The reward components, each a `[[reward.pipeline.components]]` table with `name`,
     /// `kind` (verifier, length-penalty, external, reward-model, sar, consistency, gated,
-    /// milestones, function), optional `weight` and `shaping`, and the kind's own keys
-    /// (docs/rewards.md).
+    /// milestones, function, and for `[env]` episodes turns and success), optional `weight`
+    /// and `shaping`, and the kind's own keys (docs/rewards.md).
     pub components: Vec<ComponentConfig>,
     /// Shaping of the weighted sum.
     #[serde(default, skip_serializing_if = "is_no_shaping")]

@@ -29,6 +29,9 @@
 //! - `gated`: [`gated_channels`] over other components' raw values in priority order.
 //! - `milestones`: credit × distinct milestones the environment reported for the response.
 //! - `function`: a Rust [`RewardFn`] registered under a name in [`Registry`].
+//! - `turns`: an `[env]` episode's discounted per-turn rewards: the return, the outcome or the
+//!   steps ([`TurnPart`]); with `gated` over [outcome ≥ δ, steps] this is G-RA over turns.
+//! - `success`: 1 when the `[env]` episode was solved.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -38,7 +41,7 @@ use crate::reward::exact::exact_answer;
 use crate::reward::external::{ExternalConfig, RewardFn, RewardRequest};
 use crate::reward::external_pool::ExternalPool;
 use crate::reward::gates::{
-    consistency_reward, gated_channels, Channel, ConsistencyJudge, LastNumberJudge,
+    consistency_reward, gated_channels, split_turns, Channel, ConsistencyJudge, LastNumberJudge,
     MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
 };
 use crate::reward::math::MathVerifier;
@@ -82,6 +85,8 @@ enum Scorer {
     Gated(Vec<(usize, Option<f64>)>),
     Milestones(f64),
     Function(Box<dyn RewardFn>),
+    Turns(TurnPart),
+    Success,
 }
 
 struct Component {
@@ -203,6 +208,8 @@ impl RewardPipeline {
                         .collect(),
                 ),
                 ComponentKind::Milestones { credit } => Scorer::Milestones(*credit),
+                ComponentKind::Turns { part } => Scorer::Turns(*part),
+                ComponentKind::Success {} => Scorer::Success,
                 ComponentKind::Function { function } => match registry.functions.remove(function) {
                     Some(f) => Scorer::Function(f),
                     None => {
@@ -625,11 +632,47 @@ impl RewardPipeline {
                     Ok(t.total())
                 })
                 .collect(),
+            Scorer::Turns(part) => responses
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let t = episode_turns(r, i, &name, "turns")?;
+                    let (outcome, steps) = split_turns(&t.discounted, t.ended_by_env);
+                    Ok(match part {
+                        TurnPart::Return => outcome + steps,
+                        TurnPart::Outcome => outcome,
+                        TurnPart::Steps => steps,
+                    })
+                })
+                .collect(),
+            Scorer::Success => responses
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let t = episode_turns(r, i, &name, "success")?;
+                    Ok(if t.success { 1.0 } else { 0.0 })
+                })
+                .collect(),
             Scorer::Verifier(_) | Scorer::Gated(_) => {
                 unreachable!("verifiers and gates are scored in their own passes")
             }
         }
     }
+}
+
+/// The episode of response `i`, or an error naming the component that needs one.
+fn episode_turns<'a>(
+    r: &'a ResponseContext,
+    i: usize,
+    component: &str,
+    kind: &str,
+) -> Result<&'a EpisodeTurns> {
+    r.turns.as_ref().ok_or_else(|| {
+        Error::Reward(format!(
+            "component `{component}` ({kind}) reads a multi-turn episode, but response {i} is a \
+             single response (use it with an [env] section)"
+        ))
+    })
 }
 
 fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {

@@ -654,3 +654,126 @@ fn unknown_function_and_non_finite_values_are_errors() {
         "{err}"
     );
 }
+
+/// An episode with raw per-turn rewards, discounted by `discount`.
+fn episode(rewards: &[f64], ended_by_env: bool, success: bool, discount: f64) -> ResponseContext {
+    ResponseContext {
+        turns: Some(EpisodeTurns {
+            discounted: crate::reward::gates::discount_turns(rewards, discount),
+            ended_by_env,
+            success,
+        }),
+        ..resp("", ended_by_env, 4)
+    }
+}
+
+fn turns(name: &str, part: TurnPart) -> ComponentConfig {
+    ComponentConfig::new(name, ComponentKind::Turns { part })
+}
+
+/// Per-turn rewards through the pipeline, by hand. Episodes (format reward 0.2 per wrong
+/// guess, 1 for the find): A solved on turn 3 [0.2, 0.2, 1]; B cut at max_turns
+/// [0.2, 0.2, 0.2, 0.2]; C ended by a failure [0, 0].
+#[test]
+fn per_turn_rewards_accumulate_gated_and_ungated() {
+    let eps = |discount: f64| {
+        vec![
+            episode(&[0.2, 0.2, 1.0], true, true, discount),
+            episode(&[0.2, 0.2, 0.2, 0.2], false, false, discount),
+            episode(&[0.0, 0.0], false, false, discount),
+        ]
+    };
+    let score = |components: Vec<ComponentConfig>, discount: f64| {
+        let mut p = RewardPipeline::new(PipelineConfig::new(components)).unwrap();
+        p.score_group(&GroupContext::default(), &eps(discount))
+            .unwrap()
+    };
+    // Ungated, γ = 1: the return, A 1.4, B 0.8, C 0 (the trajectory sum of an [env] run
+    // without a pipeline).
+    let ungated = score(vec![turns("ret", TurnPart::Return)], 1.0);
+    crate::testing::assert_close(&ungated.rewards, &[1.4, 0.8, 0.0], 1e-12);
+    // The same as outcome + steps with weight 1 each.
+    let split = score(
+        vec![
+            turns("outcome", TurnPart::Outcome),
+            turns("steps", TurnPart::Steps),
+        ],
+        1.0,
+    );
+    crate::testing::assert_close(&split.rewards, &[1.4, 0.8, 0.0], 1e-12);
+    crate::testing::assert_close(
+        &split
+            .components
+            .iter()
+            .map(|c| c["outcome"])
+            .collect::<Vec<_>>(),
+        &[1.0, 0.0, 0.0],
+        1e-12,
+    );
+    // G-RA: R = outcome + 1[outcome ≥ 1]·steps. A keeps its 0.4 of steps; B's 0.8 is gated
+    // off (no outcome); C stays 0.
+    let gra = |discount| {
+        score(
+            vec![
+                turns("outcome", TurnPart::Outcome).weighted(0.0),
+                turns("steps", TurnPart::Steps).weighted(0.0),
+                ComponentConfig::new(
+                    "gra",
+                    ComponentKind::Gated {
+                        channels: vec![
+                            GateChannel {
+                                component: "outcome".into(),
+                                threshold: Some(1.0),
+                            },
+                            GateChannel {
+                                component: "steps".into(),
+                                threshold: None,
+                            },
+                        ],
+                    },
+                ),
+            ],
+            discount,
+        )
+    };
+    crate::testing::assert_close(&gra(1.0).rewards, &[1.4, 0.0, 0.0], 1e-12);
+    // γ = 0.5: A = 0.2 + 0.5·0.2 + 0.25·1 = 0.55 (outcome 0.25 < δ = 1: gated to 0.25);
+    // B = 0.2 + 0.1 + 0.05 + 0.025 = 0.375 ungated.
+    crate::testing::assert_close(
+        &score(vec![turns("ret", TurnPart::Return)], 0.5).rewards,
+        &[0.55, 0.375, 0.0],
+        1e-12,
+    );
+    crate::testing::assert_close(&gra(0.5).rewards, &[0.25, 0.0, 0.0], 1e-12);
+    // success: 1 for the solved episode only.
+    let s = score(
+        vec![ComponentConfig::new("solved", ComponentKind::Success {})],
+        1.0,
+    );
+    crate::testing::assert_close(&s.rewards, &[1.0, 0.0, 0.0], 0.0);
+    // A single response has no turns: the component says so.
+    let mut p =
+        RewardPipeline::new(PipelineConfig::new(vec![turns("ret", TurnPart::Return)])).unwrap();
+    let e = p
+        .score_group(&GroupContext::default(), &[resp("4", true, 2)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("component `ret` (turns) reads a multi-turn episode"),
+        "{e}"
+    );
+    // The kinds parse from TOML, `part` defaulting to the return.
+    let cfg: PipelineConfig = toml::from_str(
+        "[[components]]\nname = \"r\"\nkind = \"turns\"\n\
+         [[components]]\nname = \"o\"\nkind = \"turns\"\npart = \"outcome\"\n\
+         [[components]]\nname = \"s\"\nkind = \"success\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.components[0].kind,
+        ComponentKind::Turns {
+            part: TurnPart::Return
+        }
+    );
+    assert!(cfg.components[2].kind.needs_episode());
+}
