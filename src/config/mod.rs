@@ -535,6 +535,14 @@ impl RunConfig {
                 None => self.rollout.max_new_tokens,
             });
         }
+        // DAPO's overlong budget is the generation budget unless given.
+        let overlong = &mut self.advantage.overlong;
+        if overlong.enabled && overlong.max_len.is_none() {
+            overlong.max_len = Some(match &self.env {
+                Some(e) => e.max_tokens,
+                None => self.rollout.max_new_tokens,
+            });
+        }
         // A dataset's held-out fraction is drawn with the run seed unless given its own.
         if self.task.kind == TaskKind::Dataset && self.task.split_seed.is_none() {
             self.task.split_seed = Some(self.seed);
@@ -600,6 +608,12 @@ impl RunConfig {
         if let Some(e) = &self.env {
             self.validate_env(e).map_err(|m| Error::config(source, m))?;
         }
+        let on_policy_rollouts = self.sync.mode == SyncMode::OnPolicy
+            && self.sync.buffer.is_none()
+            && self.sync.offline.is_none();
+        self.sampling
+            .validate(on_policy_rollouts)
+            .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }
