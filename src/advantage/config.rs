@@ -364,7 +364,7 @@ impl Default for DurationConfig {
 /// DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): with L the length budget and C the
 /// cache, a response of |y| tokens gets 0 when |y| ≤ L − C, ((L − C) − |y|)/C up to L, and −1
 /// beyond, added to its reward before the estimator (docs/algorithms.md#adjustments-after-the-estimator).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlongConfig {
     /// Turn the punishment on (needs `lengths`). Default false.
@@ -375,16 +375,6 @@ pub struct OverlongConfig {
     /// Soft-punishment cache C in tokens, 1 ≤ C ≤ L. Default unset: L/5 rounded down, at
     /// least 1 (DAPO's 4,096 of 20,480).
     pub cache: Option<usize>,
-}
-
-impl Default for OverlongConfig {
-    fn default() -> Self {
-        OverlongConfig {
-            enabled: false,
-            max_len: None,
-            cache: None,
-        }
-    }
 }
 
 impl OverlongConfig {

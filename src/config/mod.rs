@@ -492,6 +492,14 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
 }
 
 impl RunConfig {
+    /// `[sampling]`: refill needs batches sampled here by the current weights.
+    fn validate_sampling(&self) -> std::result::Result<(), String> {
+        let on_policy_rollouts = self.sync.mode == SyncMode::OnPolicy
+            && self.sync.buffer.is_none()
+            && self.sync.offline.is_none();
+        self.sampling.validate(on_policy_rollouts)
+    }
+
     /// An `[env]` section and what it cannot be combined with.
     fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
         e.validate()?;
@@ -608,11 +616,7 @@ impl RunConfig {
         if let Some(e) = &self.env {
             self.validate_env(e).map_err(|m| Error::config(source, m))?;
         }
-        let on_policy_rollouts = self.sync.mode == SyncMode::OnPolicy
-            && self.sync.buffer.is_none()
-            && self.sync.offline.is_none();
-        self.sampling
-            .validate(on_policy_rollouts)
+        self.validate_sampling()
             .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());

@@ -77,18 +77,21 @@ pub struct SectionDoc {
     pub keys: Vec<KeyDoc>,
 }
 
-/// A struct as declared in the source: its doc and its fields (name, Rust type, doc).
+/// One field as declared in the source: (name, Rust type, doc).
+type FieldSrc = (String, String, String);
+
+/// A struct as declared in the source: its doc and its fields.
 struct StructSrc {
     file: &'static str,
     doc: String,
-    fields: Vec<(String, String, String)>,
+    fields: Vec<FieldSrc>,
 }
 
 /// `pub struct NAME {` blocks at the top level of each source file; a `#[serde(flatten)]`
 /// field is replaced by the fields of its struct (its keys sit in the same table).
 fn parse_structs() -> BTreeMap<String, StructSrc> {
     let mut structs = parse_struct_blocks();
-    let flattened: Vec<(String, Vec<(String, String, String)>)> = structs
+    let flattened: Vec<(String, Vec<FieldSrc>)> = structs
         .iter()
         .map(|(name, src)| {
             let fields = src
