@@ -37,6 +37,20 @@ pub fn stcr(advantages: &[f64], correct: &[bool], lengths: &[usize], base: f64) 
 
 /// TempSamp soft shaping of one reward, applied before the estimator:
 /// r ≥ τ ⇒ τ + a1·ln(r − τ + 1); r < τ ⇒ τ − (exp(a2(τ − r)) − 1)/(exp(a2) − 1).
+/// DAPO's soft overlong punishment of a response of `len` tokens with budget `max_len` (L) and
+/// cache `cache` (C): 0 up to L − C, then ((L − C) − len)/C falling linearly to −1 at L, and −1
+/// beyond L.
+pub fn overlong_penalty(len: usize, max_len: usize, cache: usize) -> f64 {
+    let free = max_len.saturating_sub(cache);
+    if len <= free {
+        0.0
+    } else if len <= max_len {
+        (free as f64 - len as f64) / cache as f64
+    } else {
+        -1.0
+    }
+}
+
 pub fn soft_shape(reward: f64, tau: f64, a1: f64, a2: f64) -> f64 {
     if reward >= tau {
         tau + a1 * (reward - tau + 1.0).ln()
@@ -288,5 +302,17 @@ mod tests {
         assert!((effective_duration(0.001, 0.5, 0.1, 9.0) - 0.501).abs() < 1e-12);
         assert_eq!(effective_duration(0.0, 0.0, 0.1, 9.0), 0.1);
         assert_eq!(effective_duration(f64::INFINITY, 0.0, 0.1, 9.0), 9.0);
+    }
+
+    #[test]
+    fn overlong_penalty_by_hand() {
+        // L = 20, C = 4: free up to 16; 17 ⇒ (16 − 17)/4 = −0.25; 18 ⇒ −0.5; 20 ⇒ −1; 21 ⇒ −1
+        let p = |len| overlong_penalty(len, 20, 4);
+        assert_eq!(
+            [p(0), p(16), p(17), p(18), p(20), p(21)],
+            [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+        );
+        // C = L: the whole budget is soft
+        assert_eq!(overlong_penalty(5, 10, 10), -0.5);
     }
 }

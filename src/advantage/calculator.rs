@@ -341,8 +341,8 @@ mod tests {
             ("grpo", vec![]),
             ("grpo", params(&["std=population", "eps=1e-8"])),
             ("rloo", vec![]),
-            ("opmd", params(&["opmd_tau=0.5"])),
-            ("w-reinforce", params(&["w_lambda=1"])),
+            ("opmd", params(&["opmd.tau=0.5"])),
+            ("w-reinforce", params(&["w_reinforce.lambda=1"])),
             ("bnpo", vec![]),
             (
                 "group-mean",
@@ -405,12 +405,15 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!((cfg.bnpo.alpha, cfg.bnpo.beta), (Some(1.0), Some(1.5)));
+        assert_eq!(
+            (cfg.params.bnpo.alpha, cfg.params.bnpo.beta),
+            (Some(1.0), Some(1.5))
+        );
         assert_eq!(cfg.std, super::super::StdKind::Population);
         assert!(cfg.stcr.enabled);
         assert_eq!(cfg.estimator, Estimator::Bnpo);
         let cfg = config_from_params(Estimator::Bnpo, &params(&["bnpo.alpha=null"])).unwrap();
-        assert_eq!(cfg.bnpo.alpha, None);
+        assert_eq!(cfg.params.bnpo.alpha, None);
     }
 
     #[test]
@@ -419,7 +422,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("`lambda`"), "{msg}");
         for key in [
-            "w_lambda",
+            "w_reinforce.lambda",
             "eps",
             "bnpo.alpha",
             "noisy.rho0",

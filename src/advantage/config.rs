@@ -5,8 +5,11 @@
 //! default. [`AdvantageConfig::validate`] rejects values and combinations that cannot mean what
 //! the user intended, with a message that says why.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{Error as _, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::estimators::EstimatorParams;
 use super::{AdvantageError, Estimator, StdKind};
 
 /// Estimator and adjustment settings for [`super::compute`].
@@ -21,17 +24,9 @@ pub struct AdvantageConfig {
     /// Std guard ε of `grpo` and of the StableReinforce z-score; also the floor of 1 − ρ₀ − ρ₁.
     /// Default 1e-6.
     pub eps: f64,
-    /// Baseline shift c of `asymre`: A = r − (r̄ − c). Default 0.1 (AsymRE).
-    pub asymre_c: f64,
-    /// Temperature τ of `opmd`: A = r − τ·log mean exp(r/τ). Default 1.0 (OPMD).
-    pub opmd_tau: f64,
-    /// Weight λ of correct responses in `w-reinforce`. Default 0.1 (NSR paper, W-REINFORCE).
-    pub w_lambda: f64,
     /// A response counts as correct when its reward is > this, if the group gives no `correct`
     /// flags (`w-reinforce`, `psr`, `nsr`, STCR). Default 0.5 (grove choice for 0/1 rewards).
     pub positive_threshold: f64,
-    /// BNPO options (docs/algorithms.md#bnpo).
-    pub bnpo: BnpoConfig,
     /// Noise model and scale of `noisy-backward`, `noisy-forward` and `reward_correction`
     /// (docs/algorithms.md#noisy-verifiers).
     pub noisy: NoisyConfig,
@@ -50,6 +45,88 @@ pub struct AdvantageConfig {
     pub red_weight: RedWeightConfig,
     /// Duration weights for asynchronous agents. Off by default.
     pub duration: DurationConfig,
+    /// DAPO's soft overlong punishment, added to the reward before the estimator. Off by default.
+    pub overlong: OverlongConfig,
+    /// The estimators' own parameters, each in its sub-table `[advantage.NAME]`, declared with
+    /// the estimators in `src/advantage/estimators.rs`.
+    #[serde(flatten)]
+    pub params: EstimatorParams,
+    /// Rejects a key nothing above took, listing the known ones.
+    #[serde(flatten)]
+    pub unknown_keys: RejectUnknownKeys,
+}
+
+/// Keys that moved into an estimator's own table: (old key, new place).
+const MOVED_KEYS: [(&str, &str); 3] = [
+    ("asymre_c", "`c` in `[advantage.asymre]`"),
+    ("opmd_tau", "`tau` in `[advantage.opmd]`"),
+    ("w_lambda", "`lambda` in `[advantage.w_reinforce]`"),
+];
+
+/// Takes whatever keys of `[advantage]` the fields and the estimators' parameters left and
+/// rejects the first with the list of known keys. Needed because serde's own
+/// `deny_unknown_fields` message loses that list once a struct flattens another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RejectUnknownKeys;
+
+impl Serialize for RejectUnknownKeys {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_map(Some(0))?.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RejectUnknownKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Leftovers;
+        impl<'de> Visitor<'de> for Leftovers {
+            type Value = RejectUnknownKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("the [advantage] table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                match map.next_key::<String>()? {
+                    None => Ok(RejectUnknownKeys),
+                    Some(key) => Err(A::Error::custom(unknown_key_message(&key))),
+                }
+            }
+        }
+        deserializer.deserialize_map(Leftovers)
+    }
+}
+
+/// serde's wording ("unknown field `k`, expected one of `a`, `b`"), which
+/// `grove config --reference` reads, or where a moved key went.
+fn unknown_key_message(key: &str) -> String {
+    if let Some((_, to)) = MOVED_KEYS.iter().find(|(from, _)| *from == key) {
+        return format!("unknown field `{key}`: it moved to {to}");
+    }
+    let known: Vec<String> = advantage_keys().iter().map(|k| format!("`{k}`")).collect();
+    format!(
+        "unknown field `{key}`, expected one of {}",
+        known.join(", ")
+    )
+}
+
+/// The top-level keys of `[advantage]` in declaration order: those of the default config
+/// written as TOML (plain keys first, then the tables, as TOML writes them).
+pub fn advantage_keys() -> Vec<String> {
+    let text = toml::to_string(&AdvantageConfig::default()).unwrap_or_default();
+    let mut keys: Vec<String> = Vec::new();
+    let mut in_table = false;
+    for line in text.lines().map(str::trim) {
+        let key = match line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            Some(table) => {
+                in_table = true;
+                table.split('.').next().map(String::from)
+            }
+            None if in_table => None,
+            None => line.split_once(" = ").map(|(k, _)| k.to_string()),
+        };
+        if let Some(key) = key.filter(|k| !keys.contains(k)) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 impl Default for AdvantageConfig {
@@ -58,11 +135,7 @@ impl Default for AdvantageConfig {
             estimator: Estimator::Grpo,
             std: StdKind::Sample,
             eps: 1e-6,
-            asymre_c: 0.1,
-            opmd_tau: 1.0,
-            w_lambda: 0.1,
             positive_threshold: 0.5,
-            bnpo: BnpoConfig::default(),
             noisy: NoisyConfig::default(),
             reward_correction: RewardCorrection::None,
             stcr: StcrConfig::default(),
@@ -71,6 +144,9 @@ impl Default for AdvantageConfig {
             stable_filter: StableFilterConfig::default(),
             red_weight: RedWeightConfig::default(),
             duration: DurationConfig::default(),
+            overlong: OverlongConfig::default(),
+            params: EstimatorParams::default(),
+            unknown_keys: RejectUnknownKeys,
         }
     }
 }
@@ -285,14 +361,38 @@ impl Default for DurationConfig {
     }
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> AdvantageError {
+/// DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): with L the length budget and C the
+/// cache, a response of |y| tokens gets 0 when |y| ≤ L − C, ((L − C) − |y|)/C up to L, and −1
+/// beyond, added to its reward before the estimator (docs/algorithms.md#adjustments-after-the-estimator).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlongConfig {
+    /// Turn the punishment on (needs `lengths`). Default false.
+    pub enabled: bool,
+    /// Length budget L in tokens. Default unset: a run uses `rollout.max_new_tokens`
+    /// (`grove advantage` needs it set).
+    pub max_len: Option<usize>,
+    /// Soft-punishment cache C in tokens, 1 ≤ C ≤ L. Default unset: L/5 rounded down, at
+    /// least 1 (DAPO's 4,096 of 20,480).
+    pub cache: Option<usize>,
+}
+
+impl OverlongConfig {
+    /// (L, C) when enabled and L is known.
+    pub fn budget(&self) -> Option<(usize, usize)> {
+        let max_len = self.max_len.filter(|_| self.enabled)?;
+        Some((max_len, self.cache.unwrap_or((max_len / 5).max(1))))
+    }
+}
+
+pub(super) fn invalid(field: &str, message: impl Into<String>) -> AdvantageError {
     AdvantageError::InvalidConfig {
         field: field.to_string(),
         message: message.into(),
     }
 }
 
-fn positive(field: &str, value: f64) -> Result<(), AdvantageError> {
+pub(super) fn positive(field: &str, value: f64) -> Result<(), AdvantageError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {
@@ -303,7 +403,7 @@ fn positive(field: &str, value: f64) -> Result<(), AdvantageError> {
     }
 }
 
-fn non_negative(field: &str, value: f64) -> Result<(), AdvantageError> {
+pub(super) fn non_negative(field: &str, value: f64) -> Result<(), AdvantageError> {
     if value.is_finite() && value >= 0.0 {
         Ok(())
     } else {
@@ -314,7 +414,7 @@ fn non_negative(field: &str, value: f64) -> Result<(), AdvantageError> {
     }
 }
 
-fn finite(field: &str, value: f64) -> Result<(), AdvantageError> {
+pub(super) fn finite(field: &str, value: f64) -> Result<(), AdvantageError> {
     if value.is_finite() {
         Ok(())
     } else {
@@ -326,41 +426,11 @@ impl AdvantageConfig {
     /// Rejects out-of-range values and meaningless combinations; the message says why.
     pub fn validate(&self) -> Result<(), AdvantageError> {
         positive("eps", self.eps)?;
-        finite("asymre_c", self.asymre_c)?;
-        positive("opmd_tau", self.opmd_tau)?;
-        non_negative("w_lambda", self.w_lambda)?;
         finite("positive_threshold", self.positive_threshold)?;
-        self.validate_bnpo()?;
+        self.params.validate()?;
         self.validate_noisy()?;
         self.validate_adjustments()?;
         self.validate_combinations()
-    }
-
-    fn validate_bnpo(&self) -> Result<(), AdvantageError> {
-        let b = &self.bnpo;
-        match (b.alpha, b.beta) {
-            (Some(a), Some(be)) => {
-                positive("bnpo.alpha", a)?;
-                positive("bnpo.beta", be)?;
-            }
-            (None, None) => {}
-            _ => return Err(invalid(
-                "bnpo.alpha",
-                "set bnpo.alpha and bnpo.beta together (or neither, to estimate both per batch)",
-            )),
-        }
-        finite("bnpo.reward_min", b.reward_min)?;
-        finite("bnpo.reward_max", b.reward_max)?;
-        if b.reward_min >= b.reward_max {
-            return Err(invalid(
-                "bnpo.reward_max",
-                format!(
-                    "must be greater than bnpo.reward_min ({} ≥ {})",
-                    b.reward_min, b.reward_max
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn validate_noisy(&self) -> Result<(), AdvantageError> {
@@ -417,7 +487,47 @@ impl AdvantageConfig {
         positive("red_weight.tau", self.red_weight.tau)?;
         non_negative("duration.t_min", self.duration.t_min)?;
         positive("duration.t_floor", self.duration.t_floor)?;
-        positive("duration.unparsable", self.duration.unparsable)
+        positive("duration.unparsable", self.duration.unparsable)?;
+        self.validate_overlong()
+    }
+
+    fn validate_overlong(&self) -> Result<(), AdvantageError> {
+        let o = &self.overlong;
+        if !o.enabled {
+            return Ok(());
+        }
+        let Some((max_len, cache)) = o.budget() else {
+            return Err(invalid(
+                "overlong.max_len",
+                "must be set when overlong.enabled (a run derives it from rollout.max_new_tokens)",
+            ));
+        };
+        if max_len == 0 || cache == 0 || cache > max_len {
+            return Err(invalid(
+                "overlong.cache",
+                format!("must satisfy 1 ≤ cache ≤ max_len, found cache {cache}, max_len {max_len}"),
+            ));
+        }
+        let est = self.estimator;
+        if est.uses_only_correctness()
+            || matches!(
+                est,
+                Estimator::NoisyBackward | Estimator::NoisyForward | Estimator::Bnpo
+            )
+            || self.reward_correction != RewardCorrection::None
+        {
+            return Err(invalid(
+                "overlong.enabled",
+                format!(
+                    "overlong shaping with estimator = \"{}\", reward_correction = \"{}\": it \
+                     makes rewards non-binary and out of [0, 1] (or has no effect on a \
+                     correctness-only estimator)",
+                    est.name(),
+                    self.reward_correction.name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_combinations(&self) -> Result<(), AdvantageError> {
@@ -483,6 +593,35 @@ impl AdvantageConfig {
     }
 }
 
+impl super::estimators::EstimatorParamsTable for BnpoConfig {
+    fn check(&self, _table: &str) -> Result<(), AdvantageError> {
+        let b = self;
+        match (b.alpha, b.beta) {
+            (Some(a), Some(be)) => {
+                positive("bnpo.alpha", a)?;
+                positive("bnpo.beta", be)?;
+            }
+            (None, None) => {}
+            _ => return Err(invalid(
+                "bnpo.alpha",
+                "set bnpo.alpha and bnpo.beta together (or neither, to estimate both per batch)",
+            )),
+        }
+        finite("bnpo.reward_min", b.reward_min)?;
+        finite("bnpo.reward_max", b.reward_max)?;
+        if b.reward_min >= b.reward_max {
+            return Err(invalid(
+                "bnpo.reward_max",
+                format!(
+                    "must be greater than bnpo.reward_min ({} ≥ {})",
+                    b.reward_min, b.reward_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,9 +641,9 @@ mod tests {
         assert_eq!(
             (
                 c.eps,
-                c.asymre_c,
-                c.opmd_tau,
-                c.w_lambda,
+                c.params.asymre.c,
+                c.params.opmd.tau,
+                c.params.w_reinforce.lambda,
                 c.positive_threshold
             ),
             (1e-6, 0.1, 1.0, 0.1, 0.5)
@@ -540,6 +679,42 @@ mod tests {
         assert_eq!(c.stcr.base, 1.00001);
         let err = serde_json::from_str::<AdvantageConfig>(r#"{"estmator": "grpo"}"#).unwrap_err();
         assert!(err.to_string().contains("estmator"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_lists_every_known_key_and_moved_keys_say_where() {
+        let err = toml::from_str::<AdvantageConfig>("estmator = \"grpo\"").unwrap_err();
+        let msg = err.message();
+        assert!(
+            msg.starts_with("unknown field `estmator`, expected one of `estimator`, `std`"),
+            "{msg}"
+        );
+        for key in [
+            "`noisy`",
+            "`asymre`",
+            "`opmd`",
+            "`bnpo`",
+            "`w_reinforce`",
+            "`duration`",
+        ] {
+            assert!(msg.contains(key), "{msg} lacks {key}");
+        }
+        assert!(
+            !msg.contains("unknown_keys") && !msg.contains("params"),
+            "{msg}"
+        );
+        let err = toml::from_str::<AdvantageConfig>("asymre_c = 0.2").unwrap_err();
+        assert!(
+            err.message()
+                .contains("it moved to `c` in `[advantage.asymre]`"),
+            "{err}"
+        );
+        // a default config written out reads back equal (the flattened tables round-trip)
+        let text = toml::to_string(&AdvantageConfig::default()).unwrap();
+        assert_eq!(
+            toml::from_str::<AdvantageConfig>(&text).unwrap(),
+            AdvantageConfig::default()
+        );
     }
 
     #[test]
@@ -604,9 +779,12 @@ mod tests {
         type Setter = Box<dyn Fn(&mut AdvantageConfig)>;
         let cases: Vec<(&str, Setter)> = vec![
             ("eps", Box::new(|c| c.eps = 0.0)),
-            ("opmd_tau", Box::new(|c| c.opmd_tau = -1.0)),
-            ("asymre_c", Box::new(|c| c.asymre_c = f64::NAN)),
-            ("w_lambda", Box::new(|c| c.w_lambda = -0.1)),
+            ("opmd.tau", Box::new(|c| c.params.opmd.tau = -1.0)),
+            ("asymre.c", Box::new(|c| c.params.asymre.c = f64::NAN)),
+            (
+                "w_reinforce.lambda",
+                Box::new(|c| c.params.w_reinforce.lambda = -0.1),
+            ),
             (
                 "tempsamp_shaping.tau",
                 Box::new(|c| c.tempsamp_shaping.tau = 0.0),
@@ -635,8 +813,11 @@ mod tests {
                 "noisy.ema_decay",
                 Box::new(|c| c.noisy.ema_decay = Some(1.0)),
             ),
-            ("bnpo.alpha", Box::new(|c| c.bnpo.alpha = Some(1.0))),
-            ("bnpo.reward_max", Box::new(|c| c.bnpo.reward_max = 0.0)),
+            ("bnpo.alpha", Box::new(|c| c.params.bnpo.alpha = Some(1.0))),
+            (
+                "bnpo.reward_max",
+                Box::new(|c| c.params.bnpo.reward_max = 0.0),
+            ),
         ];
         for (field, set) in cases {
             let mut c = AdvantageConfig::default();

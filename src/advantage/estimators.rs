@@ -8,11 +8,13 @@
 //! The functions are small and pure (verl `core_algos` style): one group in, one advantage per
 //! response out. The baselined ones apply the degenerate-group rules through
 //! [`with_degenerate_rules`]: one sample ⇒ A = r (mean 0, std 1); all rewards equal ⇒ A = 0
-//! (docs/algorithms.md#degenerate-groups).
+//! (docs/algorithms.md#degenerate-groups), except `asymre`, whose all-equal groups keep +c as
+//! in the paper. An estimator's own parameters (`[advantage.asymre] c`, ...) are declared here
+//! too, in [`EstimatorParams`].
 
 use serde::{Deserialize, Serialize};
 
-use super::config::AdvantageConfig;
+use super::config::{finite, non_negative, positive, AdvantageConfig, BnpoConfig};
 use super::pipeline::AdvantageState;
 use super::{bnpo, noisy, AdvantageError, StdKind};
 
@@ -60,8 +62,10 @@ pub fn batch_rewards(batch: &[Prepared]) -> Vec<Vec<f64>> {
 }
 
 /// Declares every estimator once. Each entry is
-/// `doc; Variant => "config-name", reads Reads::X, group_relative BOOL, |cfg, batch, state|
-/// advantages;` where the
+/// `doc; Variant => "config-name", reads Reads::X, group_relative BOOL, [params FIELD,]
+/// |cfg, batch, state| advantages;` where the optional `params FIELD` names the estimator's own
+/// parameters: a field of [`EstimatorParams`] (its sub-table `[advantage.FIELD]`), validated
+/// through [`EstimatorParamsTable::check`] by the generated [`EstimatorParams::validate`]; the
 /// closure-like body sees the [`AdvantageConfig`] (`cfg`), the prepared groups of the batch
 /// (`batch: &[Prepared]`) and the state carried between batches (`state: &mut AdvantageState`),
 /// and returns `Result<Vec<Vec<f64>>, AdvantageError>` with the members' advantages per group
@@ -73,6 +77,7 @@ macro_rules! estimators {
         $(
             $(#[$meta:meta])*
             $variant:ident => $name:literal, reads $reads:expr, group_relative $relative:literal,
+            $(params $params:ident,)?
             |$cfg:ident, $batch:ident, $state:ident| $body:expr;
         )+
     ) => {
@@ -113,6 +118,13 @@ macro_rules! estimators {
                 }
             }
 
+            /// The sub-table `[advantage.NAME]` of the estimator's own parameters, if it has any.
+            pub fn params_table(&self) -> Option<&'static str> {
+                match self {
+                    $( Estimator::$variant => params_name!($($params)?) ),+
+                }
+            }
+
             /// The members' advantages of every prepared group of a batch.
             pub fn estimate(
                 &self,
@@ -130,7 +142,109 @@ macro_rules! estimators {
                 }
             }
         }
+
+        impl EstimatorParams {
+            /// Checks the parameters of every estimator that declares some; an error names the
+            /// key as `TABLE.KEY`.
+            pub fn validate(&self) -> Result<(), AdvantageError> {
+                $( $( self.$params.check(stringify!($params))?; )? )+
+                Ok(())
+            }
+        }
     };
+}
+
+/// `Some("field")` for an entry with `params field`, else `None`.
+macro_rules! params_name {
+    () => {
+        None
+    };
+    ($params:ident) => {
+        Some(stringify!($params))
+    };
+}
+
+/// The parameters of the estimators that have their own, each in its sub-table
+/// `[advantage.FIELD]` (flattened into [`AdvantageConfig`], so the TOML path is
+/// `advantage.asymre.c`). A new estimator's parameters are one struct and one field here, named
+/// by the `params` clause of its table entry.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EstimatorParams {
+    /// Parameters of `asymre` (AsymRE, Arnal et al. 2025).
+    pub asymre: AsymreParams,
+    /// Parameters of `opmd` (OPMD).
+    pub opmd: OpmdParams,
+    /// BNPO options (docs/algorithms.md#bnpo).
+    pub bnpo: BnpoConfig,
+    /// Parameters of `w-reinforce` (NSR paper, W-REINFORCE).
+    pub w_reinforce: WReinforceParams,
+}
+
+/// One estimator's parameter table: its range checks, the error naming `table.key`.
+pub trait EstimatorParamsTable {
+    /// Rejects out-of-range values; `table` is the sub-table's name.
+    fn check(&self, table: &str) -> Result<(), AdvantageError>;
+}
+
+/// `asymre`: A = r − (r̄ − c).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsymreParams {
+    /// Baseline shift c: A = r − (r̄ − c), also in groups whose rewards are all equal. Default 0.1 (AsymRE).
+    pub c: f64,
+}
+
+impl Default for AsymreParams {
+    fn default() -> Self {
+        AsymreParams { c: 0.1 }
+    }
+}
+
+impl EstimatorParamsTable for AsymreParams {
+    fn check(&self, table: &str) -> Result<(), AdvantageError> {
+        finite(&format!("{table}.c"), self.c)
+    }
+}
+
+/// `opmd`: A = r − τ·log mean exp(r/τ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpmdParams {
+    /// Temperature τ: A = r − τ·log mean exp(r/τ). Default 1.0 (OPMD).
+    pub tau: f64,
+}
+
+impl Default for OpmdParams {
+    fn default() -> Self {
+        OpmdParams { tau: 1.0 }
+    }
+}
+
+impl EstimatorParamsTable for OpmdParams {
+    fn check(&self, table: &str) -> Result<(), AdvantageError> {
+        positive(&format!("{table}.tau"), self.tau)
+    }
+}
+
+/// `w-reinforce`: λ for a correct response, −1 for an incorrect one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WReinforceParams {
+    /// Weight λ of correct responses. Default 0.1 (NSR paper, W-REINFORCE).
+    pub lambda: f64,
+}
+
+impl Default for WReinforceParams {
+    fn default() -> Self {
+        WReinforceParams { lambda: 0.1 }
+    }
+}
+
+impl EstimatorParamsTable for WReinforceParams {
+    fn check(&self, table: &str) -> Result<(), AdvantageError> {
+        non_negative(&format!("{table}.lambda"), self.lambda)
+    }
 }
 
 estimators! {
@@ -147,18 +261,23 @@ estimators! {
     /// A_i = r_i − mean_{j≠i} r_j (RLOO, Ahmadian et al. 2024).
     Rloo => "rloo", reads Reads::Rewards, group_relative true,
         |_cfg, batch, _state| per_group(batch, |g| rloo(&g.rewards));
-    /// A_i = r_i − (r̄ − c), c = `asymre_c` (AsymRE, Arnal et al. 2025).
-    Asymre => "asymre", reads Reads::Rewards, group_relative true,
-        |cfg, batch, _state| per_group(batch, |g| asymre(&g.rewards, cfg.asymre_c));
-    /// A_i = r_i − τ·log mean_j exp(r_j/τ), τ = `opmd_tau` (OPMD).
-    Opmd => "opmd", reads Reads::Rewards, group_relative true,
-        |cfg, batch, _state| per_group(batch, |g| opmd(&g.rewards, cfg.opmd_tau));
+    /// A_i = r_i − (r̄ − c), c = `[advantage.asymre] c` (AsymRE, Arnal et al. 2025); all-equal
+    /// groups keep the +c.
+    Asymre => "asymre", reads Reads::Rewards, group_relative true, params asymre,
+        |cfg, batch, _state| per_group(batch, |g| asymre(&g.rewards, cfg.params.asymre.c));
+    /// A_i = r_i − τ·log mean_j exp(r_j/τ), τ = `[advantage.opmd] tau` (OPMD).
+    Opmd => "opmd", reads Reads::Rewards, group_relative true, params opmd,
+        |cfg, batch, _state| per_group(batch, |g| opmd(&g.rewards, cfg.params.opmd.tau));
     /// Beta-normalised advantage with batch-level Beta parameters (BNPO; `[advantage.bnpo]`).
-    Bnpo => "bnpo", reads Reads::Rewards, group_relative false,
-        |cfg, batch, _state| bnpo::estimate_batch(&cfg.bnpo, batch);
-    /// λ if correct, −1 if not, λ = `w_lambda` (W-REINFORCE, NSR paper, Zhu et al. 2025).
+    Bnpo => "bnpo", reads Reads::Rewards, group_relative false, params bnpo,
+        |cfg, batch, _state| bnpo::estimate_batch(&cfg.params.bnpo, batch);
+    /// λ if correct, −1 if not, λ = `[advantage.w_reinforce] lambda` (W-REINFORCE, NSR paper,
+    /// Zhu et al. 2025).
     WReinforce => "w-reinforce", reads Reads::Correctness, group_relative false,
-        |cfg, batch, _state| per_group(batch, |g| w_reinforce(&g.correct, cfg.w_lambda));
+        params w_reinforce,
+        |cfg, batch, _state| {
+            per_group(batch, |g| w_reinforce(&g.correct, cfg.params.w_reinforce.lambda))
+        };
     /// +1 if correct, 0 otherwise (positive-sample reinforcement, NSR paper).
     Psr => "psr", reads Reads::Correctness, group_relative false,
         |_cfg, batch, _state| per_group(batch, |g| psr(&g.correct));
@@ -177,6 +296,11 @@ estimators! {
         |cfg, batch, _state| per_group(batch, |g| {
             noisy::noisy_forward(&g.rewards, cfg.noisy.rho1, cfg.noisy.scale)
         });
+    /// A_i = (r_i − μ_B)/(σ_B + ε) with the mean and std (`std`) of every reward of the batch,
+    /// not of the group (REINFORCE++, Hu et al. 2025, arXiv 2501.03262); the KL penalty enters
+    /// the reward with `loss.kl_in_reward` (docs/algorithms.md#reinforce).
+    ReinforcePp => "reinforce++", reads Reads::Rewards, group_relative false,
+        |cfg, batch, _state| Ok(reinforce_pp(&batch_rewards(batch), cfg.std, cfg.eps));
 }
 
 impl Estimator {
@@ -287,11 +411,17 @@ pub fn rloo(rewards: &[f64]) -> Vec<f64> {
 }
 
 /// `asymre`: A_i = r_i − (r̄ − c); the lowered baseline tilts the update toward positives (AsymRE).
+/// The paper's estimator has no all-equal special case, so such a group gets +c for every member
+/// (exactly c, not r − r̄ + c, which could be off in the last bit); a single sample keeps A = r.
 pub fn asymre(rewards: &[f64], c: f64) -> Vec<f64> {
-    with_degenerate_rules(rewards, |r| {
-        let baseline = mean(r) - c;
-        r.iter().map(|x| x - baseline).collect()
-    })
+    match rewards.len() {
+        0 | 1 => rewards.to_vec(),
+        n if all_equal(rewards) => vec![c; n],
+        _ => {
+            let baseline = mean(rewards) - c;
+            rewards.iter().map(|x| x - baseline).collect()
+        }
+    }
 }
 
 /// `opmd`: A_i = r_i − τ·log mean_j exp(r_j/τ) (OPMD), computed as a stable log-sum-exp.
@@ -328,6 +458,21 @@ pub fn nsr(correct: &[bool]) -> Vec<f64> {
     correct
         .iter()
         .map(|&c| if c { 0.0 } else { -1.0 })
+        .collect()
+}
+
+/// `reinforce++`: every reward of the batch z-scored with the batch mean and std (REINFORCE++'s
+/// global advantage normalisation). A batch whose rewards are all equal gives 0 (as a
+/// degenerate group does; σ would be 0), one sample alone gives 0 too (its own mean).
+pub fn reinforce_pp(groups: &[Vec<f64>], std: StdKind, eps: f64) -> Vec<Vec<f64>> {
+    let all: Vec<f64> = groups.iter().flatten().copied().collect();
+    if all_equal(&all) {
+        return groups.iter().map(|g| vec![0.0; g.len()]).collect();
+    }
+    let (m, s) = (mean(&all), std_dev(&all, std));
+    groups
+        .iter()
+        .map(|g| g.iter().map(|r| (r - m) / (s + eps)).collect())
         .collect()
 }
 
@@ -391,7 +536,6 @@ mod tests {
         assert_eq!(grpo(&r, StdKind::Sample, EPS), zeros);
         assert_eq!(group_mean(&r), zeros);
         assert_eq!(rloo(&r), zeros);
-        assert_eq!(asymre(&r, 0.1), zeros);
         assert_eq!(opmd(&r, 1.0), zeros);
         assert_eq!(global_mean(&r, &r), zeros);
     }
@@ -447,6 +591,88 @@ mod tests {
         let g = r.len() as f64;
         let scaled: Vec<f64> = group_mean(&r).iter().map(|a| g / (g - 1.0) * a).collect();
         assert_close(&rloo(&r), &scaled, 1e-12);
+    }
+
+    #[test]
+    fn asymre_keeps_its_shift_in_all_equal_groups() {
+        // r = [0.7, 0.7, 0.7]: r̄ = 0.7, baseline 0.7 − 0.1 = 0.6 ⇒ A = 0.1 for everyone
+        assert_eq!(asymre(&[0.7, 0.7, 0.7], 0.1), vec![0.1; 3]);
+        // all wrong: r = [0, 0] ⇒ baseline −0.25 ⇒ A = 0.25
+        assert_eq!(asymre(&[0.0, 0.0], 0.25), vec![0.25, 0.25]);
+        // reduction: c = 0 is group-mean, all-equal groups included
+        assert_eq!(asymre(&[0.7, 0.7, 0.7], 0.0), group_mean(&[0.7, 0.7, 0.7]));
+        assert_close(
+            &asymre(&[1.0, 0.0, 0.5], 0.0),
+            &group_mean(&[1.0, 0.0, 0.5]),
+            1e-15,
+        );
+    }
+
+    #[test]
+    fn estimator_params_are_read_from_their_own_tables() {
+        let cfg: AdvantageConfig = toml::from_str(
+            "estimator = \"asymre\"\n[asymre]\nc = 0.25\n[opmd]\ntau = 0.5\n[w_reinforce]\nlambda = 1\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.params.asymre.c, 0.25);
+        assert_eq!(cfg.params.opmd.tau, 0.5);
+        assert_eq!(cfg.params.w_reinforce.lambda, 1.0);
+        assert_eq!(Estimator::Asymre.params_table(), Some("asymre"));
+        assert_eq!(Estimator::WReinforce.params_table(), Some("w_reinforce"));
+        assert_eq!(Estimator::Grpo.params_table(), None);
+        // an unknown key inside an estimator's table lists that table's keys
+        let err = toml::from_str::<AdvantageConfig>("[asymre]\nk = 1\n").unwrap_err();
+        assert!(
+            err.message().contains("unknown field `k`, expected `c`"),
+            "{err}"
+        );
+        // validation names the key by its table
+        let mut bad = AdvantageConfig::default();
+        bad.params.opmd.tau = 0.0;
+        match bad.validate().unwrap_err() {
+            AdvantageError::InvalidConfig { field, .. } => assert_eq!(field, "opmd.tau"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reinforce_pp_normalises_over_the_batch() {
+        // batch [1, 0] + [1, 1, 0]: mean 3/5 = 0.6, sample var = (0.16·3 + 0.36·2)/4 = 0.3,
+        // std = 0.5477226 ⇒ (1 − 0.6)/0.5477226 = 0.7302967, (0 − 0.6)/0.5477226 = −1.0954451
+        let a = reinforce_pp(&[vec![1.0, 0.0], vec![1.0, 1.0, 0.0]], StdKind::Sample, 0.0);
+        assert_close(&a[0], &[0.730_296_7, -1.095_445_1], 1e-7);
+        assert_close(&a[1], &[0.730_296_7, 0.730_296_7, -1.095_445_1], 1e-7);
+        // an all-equal group is not zero here: the batch mean is its baseline
+        let a = reinforce_pp(&[vec![1.0, 1.0], vec![0.0, 0.0]], StdKind::Population, 0.0);
+        assert_eq!(a, vec![vec![1.0, 1.0], vec![-1.0, -1.0]]);
+        assert_eq!(
+            reinforce_pp(&[vec![0.5, 0.5]], StdKind::Sample, EPS),
+            vec![vec![0.0, 0.0]]
+        );
+    }
+
+    #[test]
+    fn reduction_reinforce_pp_with_one_group_is_grpo() {
+        for r in [
+            vec![1.0, 0.0, 0.0],
+            vec![0.2, 0.9, 0.4, 0.0, 1.0],
+            vec![0.3, 0.3],
+        ] {
+            for std in [StdKind::Sample, StdKind::Population] {
+                assert_eq!(
+                    reinforce_pp(std::slice::from_ref(&r), std, EPS)[0],
+                    grpo(&r, std, EPS)
+                );
+            }
+        }
+        // and through the config name, as the trainer calls it
+        let cfg = AdvantageConfig {
+            estimator: Estimator::from_name("reinforce++").unwrap(),
+            ..AdvantageConfig::default()
+        };
+        let groups = [super::super::Group::from_rewards(vec![1.0, 0.0])];
+        let out = super::super::compute(&cfg, &groups).unwrap();
+        assert_close(&out.advantages[0], &[0.707_105_8, -0.707_105_8], 1e-6);
     }
 
     #[test]

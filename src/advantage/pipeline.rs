@@ -121,10 +121,17 @@ fn prepare(cfg: &AdvantageConfig, g: &Group) -> Prepared {
             .map(|&r| r > cfg.positive_threshold)
             .collect(),
     };
+    let overlong = |i: usize| match (cfg.overlong.budget(), &g.lengths) {
+        (Some((max_len, cache)), Some(l)) => {
+            adjust::overlong_penalty(l.get(i).copied().unwrap_or(0), max_len, cache)
+        }
+        _ => 0.0,
+    };
     let transformed: Vec<f64> = g
         .rewards
         .iter()
-        .map(|&r| transform_reward(cfg, r))
+        .enumerate()
+        .map(|(i, &r)| transform_reward(cfg, r + overlong(i)))
         .collect();
     let rewards = pick(&transformed, &members);
     let all_rewards = match &g.all_rewards {
@@ -313,6 +320,13 @@ fn check_groups(cfg: &AdvantageConfig, groups: &[Group]) -> Result<(), Advantage
                 needed_by: "stcr",
             });
         }
+        if cfg.overlong.enabled && g.lengths.is_none() {
+            return Err(AdvantageError::MissingField {
+                group: gi,
+                field: "lengths",
+                needed_by: "overlong shaping",
+            });
+        }
         if cfg.duration.enabled && g.durations.is_none() {
             return Err(AdvantageError::MissingField {
                 group: gi,
@@ -393,8 +407,8 @@ mod tests {
     #[test]
     fn bnpo_with_alpha_beta_one_equals_group_mean_through_compute() {
         let mut cfg = with(Estimator::Bnpo);
-        cfg.bnpo.alpha = Some(1.0);
-        cfg.bnpo.beta = Some(1.0);
+        cfg.params.bnpo.alpha = Some(1.0);
+        cfg.params.bnpo.beta = Some(1.0);
         let g = groups(&[&[1.0, 0.0, 0.0], &[0.5, 1.0, 0.25, 0.0]]);
         let a = run(&cfg, &g);
         let b = run(&with(Estimator::GroupMean), &g);
@@ -426,8 +440,8 @@ mod tests {
     fn bnpo_decomposition_through_compute() {
         // fixed α = β = 1; components c0 = [1, 0], c1 = [1, 1] ⇒ [0.5, −0.5] and [0, 0] ⇒ [0.25, −0.25]
         let mut cfg = with(Estimator::Bnpo);
-        cfg.bnpo.alpha = Some(1.0);
-        cfg.bnpo.beta = Some(1.0);
+        cfg.params.bnpo.alpha = Some(1.0);
+        cfg.params.bnpo.beta = Some(1.0);
         let g = vec![Group {
             components: Some(vec![vec![1.0, 1.0], vec![0.0, 1.0]]),
             ..Group::from_rewards(vec![2.0 / 2.0, 1.0 / 2.0])
@@ -452,7 +466,7 @@ mod tests {
         );
         // a wider range scales 2.0 into [0, 1]: min 0, max 2 ⇒ [0.25, 1] ⇒ fine
         let mut cfg = with(Estimator::Bnpo);
-        cfg.bnpo.reward_max = 2.0;
+        cfg.params.bnpo.reward_max = 2.0;
         assert!(compute(&cfg, &g).is_ok());
     }
 
@@ -481,7 +495,7 @@ mod tests {
     #[test]
     fn w_reinforce_lambda_one_equals_reinforce_through_compute() {
         let mut cfg = with(Estimator::WReinforce);
-        cfg.w_lambda = 1.0;
+        cfg.params.w_reinforce.lambda = 1.0;
         cfg.positive_threshold = 0.0; // correct = reward > 0
         let g = groups(&[&[1.0, -1.0, -1.0], &[-1.0], &[1.0, 1.0]]);
         assert_eq!(run(&cfg, &g), run(&with(Estimator::Reinforce), &g));
@@ -503,6 +517,44 @@ mod tests {
             run(&with(Estimator::WReinforce), &flagged),
             vec![vec![-1.0, 0.1]]
         );
+    }
+
+    #[test]
+    fn overlong_shaping_enters_the_reward_before_the_estimator() {
+        // L = 10, C = 2 (free up to 8). Rewards [1, 1, 0] with lengths [4, 9, 12] become
+        // [1 + 0, 1 − 0.5, 0 − 1] = [1, 0.5, −1]; group-mean: mean 1/6 ⇒ [5/6, 1/3, −7/6]
+        let mut cfg = with(Estimator::GroupMean);
+        cfg.overlong = super::super::config::OverlongConfig {
+            enabled: true,
+            max_len: Some(10),
+            cache: Some(2),
+        };
+        let mut g = groups(&[&[1.0, 1.0, 0.0]]);
+        g[0].lengths = Some(vec![4, 9, 12]);
+        assert_close(
+            &run(&cfg, &g)[0],
+            &[5.0 / 6.0, 1.0 / 3.0, -7.0 / 6.0],
+            1e-12,
+        );
+        // the all-equal raw group still counts as zero-variance (measured on raw rewards)
+        g[0].rewards = vec![1.0, 1.0, 1.0];
+        assert_eq!(compute(&cfg, &g).unwrap().frac_zero_std, 1.0);
+        g[0].lengths = None;
+        assert!(matches!(
+            compute(&cfg, &g),
+            Err(AdvantageError::MissingField {
+                field: "lengths",
+                ..
+            })
+        ));
+        // default cache L/5: L = 10 ⇒ C = 2; no max_len is an error naming it
+        cfg.overlong.cache = None;
+        assert_eq!(cfg.overlong.budget(), Some((10, 2)));
+        cfg.overlong.max_len = None;
+        match cfg.validate().unwrap_err() {
+            AdvantageError::InvalidConfig { field, .. } => assert_eq!(field, "overlong.max_len"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

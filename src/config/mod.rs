@@ -511,6 +511,14 @@ pub fn parse(file: Option<&Path>, overrides: &[String]) -> Result<(RunConfig, St
 }
 
 impl RunConfig {
+    /// `[sampling]`: refill needs batches sampled here by the current weights.
+    fn validate_sampling(&self) -> std::result::Result<(), String> {
+        let on_policy_rollouts = self.sync.mode == SyncMode::OnPolicy
+            && self.sync.buffer.is_none()
+            && self.sync.offline.is_none();
+        self.sampling.validate(on_policy_rollouts)
+    }
+
     /// An `[env]` section and what it cannot be combined with.
     fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
         e.validate()?;
@@ -546,6 +554,14 @@ impl RunConfig {
         {
             // An episode's response spans every turn: its budget is env.max_tokens.
             self.loss.max_len = Some(match &self.env {
+                Some(e) => e.max_tokens,
+                None => self.rollout.max_new_tokens,
+            });
+        }
+        // DAPO's overlong budget is the generation budget unless given.
+        let overlong = &mut self.advantage.overlong;
+        if overlong.enabled && overlong.max_len.is_none() {
+            overlong.max_len = Some(match &self.env {
                 Some(e) => e.max_tokens,
                 None => self.rollout.max_new_tokens,
             });
@@ -617,6 +633,8 @@ impl RunConfig {
         if let Some(e) = &self.env {
             self.validate_env(e).map_err(|m| Error::config(source, m))?;
         }
+        self.validate_sampling()
+            .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

@@ -208,7 +208,8 @@ loss = "reinforce"
         source: "Zhu et al. 2025 (W-REINFORCE)",
         toml: r#"[advantage]
 estimator = "w-reinforce"
-w_lambda = 0.1
+[advantage.w_reinforce]
+lambda = 0.1
 [loss]
 loss = "reinforce"
 "#,
@@ -276,6 +277,64 @@ rho0 = 0.1
 rho1 = 0.2
 [loss]
 loss = "reinforce"
+"#,
+    },
+    Recipe {
+        name: "gspo",
+        description: "sequence-level ratio exp(mean_t Δ) clipped with ε = 3e-4/4e-4, sequence-mean aggregation",
+        source: "Zheng et al. 2025, Group Sequence Policy Optimization (GSPO, arXiv 2507.18071)",
+        toml: r#"[advantage]
+estimator = "grpo"
+[loss]
+loss = "gspo"
+agg = "seq-mean-token-mean"
+seq_eps_low = 3e-4
+seq_eps_high = 4e-4
+"#,
+    },
+    Recipe {
+        name: "cispo",
+        description: "REINFORCE with the clipped, detached IS weight (no lower bound, ε_high 0.28); no token dropped",
+        source: "MiniMax-M1 2025 (CISPO, arXiv 2506.13585); ε_high unverified (Trinity-RFT default)",
+        toml: r#"[advantage]
+estimator = "grpo"
+[loss]
+loss = "cispo"
+agg = "token-mean"
+eps_low = 1.0
+eps_high = 0.28
+"#,
+    },
+    Recipe {
+        name: "reinforce++",
+        description: "batch-normalised advantages, k1 KL to the reference folded into the reward (β = 0.01), PPO clip",
+        source: "Hu et al. 2025, REINFORCE++ (arXiv 2501.03262); β unverified — docs/algorithms.md#reinforce",
+        toml: r#"[advantage]
+estimator = "reinforce++"
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+kl_coef = 0.01
+kl_estimator = "k1"
+kl_in_reward = true
+"#,
+    },
+    Recipe {
+        name: "dapo",
+        description: "clip-higher (0.2/0.28), token-mean, dynamic sampling with refill (≤ 3 extra rounds), overlong shaping",
+        source: "Yu et al. 2025, DAPO (arXiv 2503.14476); refill cap is grove's",
+        toml: r#"[advantage]
+estimator = "grpo"
+[advantage.overlong]
+enabled = true
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+eps_low = 0.2
+eps_high = 0.28
+[sampling]
+filter_zero_std = true
+refill_max_rounds = 3
 "#,
     },
     Recipe {

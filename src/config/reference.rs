@@ -21,6 +21,10 @@ const SOURCES: &[(&str, &str)] = &[
         "src/advantage/config.rs",
         include_str!("../advantage/config.rs"),
     ),
+    (
+        "src/advantage/estimators.rs",
+        include_str!("../advantage/estimators.rs"),
+    ),
     ("src/loss/config.rs", include_str!("../loss/config.rs")),
     (
         "src/reward/pipeline/config.rs",
@@ -73,15 +77,49 @@ pub struct SectionDoc {
     pub keys: Vec<KeyDoc>,
 }
 
-/// A struct as declared in the source: its doc and its fields (name, Rust type, doc).
+/// One field as declared in the source: (name, Rust type, doc).
+type FieldSrc = (String, String, String);
+
+/// A struct as declared in the source: its doc and its fields.
 struct StructSrc {
     file: &'static str,
     doc: String,
-    fields: Vec<(String, String, String)>,
+    fields: Vec<FieldSrc>,
 }
 
-/// `pub struct NAME {` blocks at the top level of each source file.
+/// `pub struct NAME {` blocks at the top level of each source file; a `#[serde(flatten)]`
+/// field is replaced by the fields of its struct (its keys sit in the same table).
 fn parse_structs() -> BTreeMap<String, StructSrc> {
+    let mut structs = parse_struct_blocks();
+    let flattened: Vec<(String, Vec<FieldSrc>)> = structs
+        .iter()
+        .map(|(name, src)| {
+            let fields = src
+                .fields
+                .iter()
+                .flat_map(|f| match f.0.strip_prefix(FLATTEN) {
+                    Some(_) => structs
+                        .get(&f.1)
+                        .map(|s| s.fields.clone())
+                        .unwrap_or_default(),
+                    None => vec![f.clone()],
+                })
+                .collect();
+            (name.clone(), fields)
+        })
+        .collect();
+    for (name, fields) in flattened {
+        if let Some(src) = structs.get_mut(&name) {
+            src.fields = fields;
+        }
+    }
+    structs
+}
+
+/// Marks a parsed field declared with `#[serde(flatten)]` (its name is kept after it).
+const FLATTEN: &str = "flatten:";
+
+fn parse_struct_blocks() -> BTreeMap<String, StructSrc> {
     let mut out = BTreeMap::new();
     for (file, text) in SOURCES {
         let lines: Vec<&str> = text.lines().collect();
@@ -95,19 +133,28 @@ fn parse_structs() -> BTreeMap<String, StructSrc> {
             {
                 let mut fields = vec![];
                 let mut fdoc: Vec<&str> = vec![];
+                let mut flatten = false;
                 i += 1;
                 while i < lines.len() && !lines[i].starts_with('}') {
                     let f = lines[i].trim();
                     if let Some(d) = f.strip_prefix("///") {
                         fdoc.push(d.trim());
+                    } else if f.starts_with("#[serde(flatten") {
+                        flatten = true;
                     } else if !(f.starts_with("#[") || f.starts_with("//") || f.is_empty()) {
                         if let Some((n, ty)) =
                             f.strip_prefix("pub ").and_then(|r| r.split_once(": "))
                         {
                             let ty = ty.trim_end_matches(',').to_string();
-                            fields.push((n.to_string(), ty, fdoc.join(" ")));
+                            let n = if flatten {
+                                format!("{FLATTEN}{n}")
+                            } else {
+                                n.to_string()
+                            };
+                            fields.push((n, ty, fdoc.join(" ")));
                         }
                         fdoc.clear();
+                        flatten = false;
                     }
                     i += 1;
                 }

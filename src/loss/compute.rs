@@ -15,8 +15,8 @@ use super::aggregate::token_weights;
 use super::config::{KlEstimator, LossConfig, PolicyLoss, RatioLevel};
 use super::kl::kl_per_token;
 use super::policy::{
-    ppo_clip_token, rec_keeps_token, rec_token, rec_weight_value, reinforce_token,
-    stable_reinforce_token, topr_token, TokenLoss,
+    cispo_token, gspo_token, ppo_clip_token, rec_keeps_token, rec_token, rec_weight_value,
+    reinforce_token, stable_reinforce_token, topr_token, TokenLoss,
 };
 use super::LossError;
 
@@ -280,7 +280,7 @@ fn sequence_terms(
             continue;
         }
         let lr = ref_row.and_then(|r| r.get(t)).copied();
-        let policy = policy_token(cfg, l, lo, a, (ld - lo).exp(), seq_ratio);
+        let policy = policy_token(cfg, (l, ld), lo, a, (ld - lo).exp(), seq_ratio);
         let (kl, kl_grad) = match (loss_kl, lr) {
             (Some((beta, est)), Some(lr)) => {
                 let (k, dk) = kl_per_token(est, l, lr);
@@ -320,10 +320,11 @@ fn sequence_ratio(logp: &[f64], logp_old: &[f64], mask: &[f64]) -> f64 {
 }
 
 /// Dispatches to the configured per-token loss. `ratio` and `seq_ratio` are the detached token
-/// and sequence ratios used by REC's W/M and TOPR's α.
+/// and sequence ratios used by REC's W/M, TOPR's α, CISPO's weight and GSPO's sg(s);
+/// `logp_detached` is ℓ where the detached quantities were evaluated.
 fn policy_token(
     cfg: &LossConfig,
-    logp: f64,
+    (logp, logp_detached): (f64, f64),
     logp_old: f64,
     adv: f64,
     ratio: f64,
@@ -366,6 +367,15 @@ fn policy_token(
             };
             topr_token(logp, adv, r)
         }
+        PolicyLoss::Gspo => gspo_token(
+            logp,
+            logp_detached,
+            seq_ratio.ln(),
+            adv,
+            cfg.seq_eps_low,
+            cfg.seq_eps_high,
+        ),
+        PolicyLoss::Cispo => cispo_token(logp, adv, ratio, cfg.eps_low, cfg.eps_high),
     }
 }
 
@@ -686,7 +696,7 @@ mod tests {
         s.logp[1] = f64::NAN; // padding may hold anything
         for agg in Aggregation::ALL {
             for loss in PolicyLoss::ALL {
-                let agg = if *loss == PolicyLoss::Topr {
+                let agg = if loss.needs_seq_mean_token_mean() {
                     Aggregation::SeqMeanTokenMean
                 } else {
                     *agg
@@ -782,6 +792,117 @@ mod tests {
             &off,
         );
         assert!((r.grad_logp[1][0] - t.grad_logp[1][0]).abs() > 1e-3);
+    }
+
+    /// Sequences whose behaviour log-probs equal the current ones (ρ = 1 everywhere), one
+    /// advantage per sequence as the trainer broadcasts it.
+    fn on_policy_batch() -> Vec<SeqInput> {
+        vec![
+            SeqInput::new(
+                vec![-0.5, -1.5],
+                vec![-0.5, -1.5],
+                vec![1.0, 1.0],
+                vec![0.8; 2],
+            ),
+            SeqInput::new(
+                vec![-0.2, -2.0, -0.9],
+                vec![-0.2, -2.0, -0.9],
+                vec![1.0, 1.0, 0.0],
+                vec![-1.3; 3],
+            ),
+        ]
+    }
+
+    #[test]
+    fn reduction_gspo_on_policy_is_ppo_clip_with_sequence_mean() {
+        let seqs = on_policy_batch();
+        let agg = Aggregation::SeqMeanTokenMean;
+        let grpo = run(
+            &LossConfig {
+                agg,
+                ..Default::default()
+            },
+            &seqs,
+        );
+        let gspo = run(
+            &LossConfig {
+                loss: PolicyLoss::Gspo,
+                agg,
+                ..Default::default()
+            },
+            &seqs,
+        );
+        assert_eq!(gspo.grad_logp, grpo.grad_logp);
+        assert!(close(gspo.loss, grpo.loss));
+        // by hand: seq 0 has A = 0.8, L = 2, B = 2 ⇒ −0.8/(2·2) = −0.2 per token; seq 1 has
+        // A = −1.3, L = 2 ⇒ 1.3/4 = 0.325 per valid token; loss (−0.8 + 1.3)/2 = 0.25
+        assert_grads(
+            &gspo.grad_logp,
+            &[vec![-0.2, -0.2], vec![0.325, 0.325, 0.0]],
+        );
+        assert!(close(gspo.loss, 0.25));
+    }
+
+    #[test]
+    fn gspo_clips_whole_sequences_by_hand() {
+        // seq 0: Δ = (0.1, −0.3), mean −0.1, s = 0.9048374, A = −1 ⇒ below 1 − 3e-4 with A < 0:
+        // clipped, loss 0.9997, both tokens' gradients 0. seq 1: Δ = (0.0002, 0.0), mean 1e-4,
+        // s = 1.0001 inside [0.9997, 1.0004], A = 2 ⇒ loss −2·1.0001 = −2.0002, per-token
+        // gradient −A·s/(L·B) = −2.0002/4. Total loss (0.9997 − 2.0002)/2 = −0.50025.
+        let seqs = vec![
+            SeqInput::new(
+                vec![-0.9, -1.3],
+                vec![-1.0, -1.0],
+                vec![1.0, 1.0],
+                vec![-1.0; 2],
+            ),
+            SeqInput::new(
+                vec![-0.9998, -1.0],
+                vec![-1.0, -1.0],
+                vec![1.0, 1.0],
+                vec![2.0; 2],
+            ),
+        ];
+        let cfg = LossConfig {
+            loss: PolicyLoss::Gspo,
+            agg: Aggregation::SeqMeanTokenMean,
+            ..Default::default()
+        };
+        let out = run(&cfg, &seqs);
+        let s1 = 1e-4_f64.exp();
+        assert!(close(out.loss, (0.9997 - 2.0 * s1) / 2.0), "{}", out.loss);
+        assert_grads(&out.grad_logp, &[vec![0.0, 0.0], vec![-2.0 * s1 / 4.0; 2]]);
+        assert!(close(out.metrics.clipfrac, 0.5));
+    }
+
+    #[test]
+    fn reduction_cispo_on_policy_is_reinforce() {
+        let seqs = on_policy_batch();
+        for agg in Aggregation::ALL {
+            let base = LossConfig {
+                agg: *agg,
+                max_len: Some(3),
+                ..Default::default()
+            };
+            let reinforce = run(
+                &LossConfig {
+                    loss: PolicyLoss::Reinforce,
+                    ..base.clone()
+                },
+                &seqs,
+            );
+            let cispo = run(
+                &LossConfig {
+                    loss: PolicyLoss::Cispo,
+                    eps_low: 1.0,
+                    eps_high: 0.28,
+                    ..base
+                },
+                &seqs,
+            );
+            assert_eq!(cispo.grad_logp, reinforce.grad_logp, "{agg}");
+            assert_eq!(cispo.loss, reinforce.loss, "{agg}");
+        }
     }
 
     #[test]
@@ -923,6 +1044,23 @@ mod tests {
                 ..Default::default()
             },
         ];
+        for (seq_eps_low, seq_eps_high) in [(3e-4, 4e-4), (0.9, 5.0)] {
+            out.push(LossConfig {
+                loss: PolicyLoss::Gspo,
+                agg: Aggregation::SeqMeanTokenMean,
+                seq_eps_low,
+                seq_eps_high,
+                ..Default::default()
+            });
+        }
+        for (eps_low, eps_high) in [(1.0, 0.28), (0.2, 0.2)] {
+            out.push(LossConfig {
+                loss: PolicyLoss::Cispo,
+                eps_low,
+                eps_high,
+                ..Default::default()
+            });
+        }
         for topr_ratio in RatioLevel::ALL {
             out.push(LossConfig {
                 loss: PolicyLoss::Topr,
@@ -952,7 +1090,7 @@ mod tests {
         let h = 1e-5;
         let mut checked = 0;
         for base in all_policy_configs() {
-            let aggs: &[Aggregation] = if base.loss == PolicyLoss::Topr {
+            let aggs: &[Aggregation] = if base.loss.needs_seq_mean_token_mean() {
                 &[Aggregation::SeqMeanTokenMean]
             } else {
                 Aggregation::ALL

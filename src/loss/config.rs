@@ -77,6 +77,20 @@ named_enum! {
         /// PPO-clip with the log-ratio clamped before exponentiation (StableReinforce,
         /// R1-Reward, 2025).
         StableReinforce => "stable-reinforce",
+        /// PPO-clip on the sequence ratio s = exp(mean_t Δ) with the sequence-level ε (GSPO,
+        /// Zheng et al. 2025, arXiv 2507.18071; the GSPO-token form). Normalised per sequence:
+        /// requires `agg = seq-mean-token-mean`.
+        Gspo => "gspo",
+        /// −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·ℓ: the IS weight is clipped and detached, no token
+        /// loses its gradient (CISPO, MiniMax-M1 2025, arXiv 2506.13585).
+        Cispo => "cispo",
+    }
+}
+
+impl PolicyLoss {
+    /// Losses normalised per sequence, which only `agg = seq-mean-token-mean` expresses.
+    pub fn needs_seq_mean_token_mean(self) -> bool {
+        matches!(self, PolicyLoss::Topr | PolicyLoss::Gspo)
     }
 }
 
@@ -172,9 +186,10 @@ pub struct LossConfig {
     /// Per-token policy loss. Default `ppo-clip` (GRPO, Shao et al. 2024).
     pub loss: PolicyLoss,
     /// Batch aggregation of per-token losses (policy and KL terms). Default `token-mean`
-    /// (DAPO, Yu et al. 2025). `topr` requires `seq-mean-token-mean`.
+    /// (DAPO, Yu et al. 2025). `topr` and `gspo` require `seq-mean-token-mean`.
     pub agg: Aggregation,
-    /// Lower clip ε_low: ratios below 1−ε_low are clipped (PPO) or masked (REC). In (0, 1).
+    /// Lower clip ε_low: ratios below 1−ε_low are clipped (PPO) or masked (REC). In (0, 1);
+    /// `cispo` also takes 1 (no lower bound on its IS weight, as MiniMax-M1 sets it).
     /// Default 0.2 (PPO, Schulman et al. 2017).
     pub eps_low: f64,
     /// Upper clip ε_high: ratios above 1+ε_high are clipped/masked. > 0. Default 0.2 (PPO;
@@ -198,9 +213,9 @@ pub struct LossConfig {
     pub eps_prime_low: f64,
     /// Loose upper bound ε′_high for `truncated-is` and `ring`. > 0. Default 2.0 (REC).
     pub eps_prime_high: f64,
-    /// Sequence-level ε_low for `seq-one-side`. In (0, 1). Default 3e-4 (REC; GSPO-style).
+    /// Sequence-level ε_low for `seq-one-side` and `gspo`. In (0, 1). Default 3e-4 (GSPO).
     pub seq_eps_low: f64,
-    /// Sequence-level ε_high for `seq-one-side`. > 0. Default 4e-4 (REC; GSPO-style).
+    /// Sequence-level ε_high for `seq-one-side` and `gspo`. > 0. Default 4e-4 (GSPO).
     pub seq_eps_high: f64,
     /// Ratio used by TOPR's taper. Default `token` (docs/algorithms.md#policy-losses, **Decision**). topr only.
     pub topr_ratio: RatioLevel,
@@ -314,7 +329,18 @@ impl LossConfig {
     /// Checks ranges and combinations; the error names the field, what was expected and what
     /// was found.
     pub fn validate(&self) -> Result<(), LossError> {
-        check_open_unit("eps_low", self.eps_low)?;
+        if self.loss == PolicyLoss::Cispo {
+            // ε_low = 1 puts the lower clip at 0: no lower bound on CISPO's IS weight.
+            if !(self.eps_low.is_finite() && self.eps_low > 0.0 && self.eps_low <= 1.0) {
+                return Err(invalid(
+                    "eps_low",
+                    "in (0, 1] for loss = cispo",
+                    self.eps_low,
+                ));
+            }
+        } else {
+            check_open_unit("eps_low", self.eps_low)?;
+        }
         check_positive("eps_high", self.eps_high)?;
         check_open_unit("eps_prime_low", self.eps_prime_low)?;
         check_positive("eps_prime_high", self.eps_prime_high)?;
@@ -380,10 +406,10 @@ impl LossConfig {
                 self.topr_ratio,
             ));
         }
-        if loss == PolicyLoss::Topr && self.agg != Aggregation::SeqMeanTokenMean {
+        if loss.needs_seq_mean_token_mean() && self.agg != Aggregation::SeqMeanTokenMean {
             return Err(invalid(
                 "agg",
-                "seq-mean-token-mean for loss = topr (TOPR is normalised per sequence)",
+                format!("seq-mean-token-mean for loss = {loss} (it is normalised per sequence)"),
                 self.agg,
             ));
         }
@@ -467,6 +493,44 @@ mod tests {
     }
 
     #[test]
+    fn cispo_may_drop_the_lower_bound_and_gspo_needs_sequence_means() {
+        let cispo = LossConfig {
+            loss: PolicyLoss::Cispo,
+            eps_low: 1.0,
+            eps_high: 0.28,
+            ..Default::default()
+        };
+        assert_eq!(cispo.validate(), Ok(()));
+        rejects(
+            LossConfig {
+                eps_low: 1.0,
+                ..Default::default()
+            },
+            "eps_low",
+        );
+        rejects(
+            LossConfig {
+                eps_low: 1.5,
+                ..cispo
+            },
+            "eps_low",
+        );
+        rejects(
+            LossConfig {
+                loss: PolicyLoss::Gspo,
+                ..Default::default()
+            },
+            "agg",
+        );
+        let gspo = LossConfig {
+            loss: PolicyLoss::Gspo,
+            agg: Aggregation::SeqMeanTokenMean,
+            ..Default::default()
+        };
+        assert_eq!(gspo.validate(), Ok(()));
+    }
+
+    #[test]
     fn names_round_trip_and_match_serde() {
         fn check<T>(all: &[T], name: fn(T) -> &'static str, parse: fn(&str) -> Result<T, LossError>)
         where
@@ -486,7 +550,7 @@ mod tests {
         check(RecReg::ALL, RecReg::name, RecReg::from_name);
         check(RatioLevel::ALL, RatioLevel::name, RatioLevel::from_name);
         assert_eq!(KlEstimator::LowVarKl.name(), "low-var-kl");
-        assert_eq!(PolicyLoss::ALL.len(), 5);
+        assert_eq!(PolicyLoss::ALL.len(), 7);
         assert_eq!(RecMask::ALL.len(), 5);
     }
 
@@ -495,7 +559,8 @@ mod tests {
         let err = PolicyLoss::from_name("ppo").expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown policy loss 'ppo'; known names: reinforce, ppo-clip, rec, topr, stable-reinforce"
+            "unknown policy loss 'ppo'; known names: reinforce, ppo-clip, rec, topr, stable-reinforce, \
+             gspo, cispo"
         );
         let err = KlEstimator::from_name("k4").expect_err("unknown");
         assert!(err.to_string().contains("k1, k2, k3, low-var-kl"), "{err}");

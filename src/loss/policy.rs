@@ -185,6 +185,38 @@ pub fn rec_token(
     }
 }
 
+/// `gspo` (GSPO-token form): PPO-clip on s_t = sg(s)·exp(ℓ − sg(ℓ)), where s = exp(mean_t Δ)
+/// is the sequence ratio evaluated at the detached log-probs (`seq_log_ratio` = ln s) and
+/// `logp - logp_detached` is 0 in value, so s_t = s and ds_t/dℓ = s. The clip uses the sequence
+/// ε, so a sequence is clipped as a whole. Under `seq-mean-token-mean` and with one advantage
+/// per sequence this is GSPO's sequence objective −min(s·A, clip(s)·A) with its exact gradient
+/// (Zheng et al. 2025): d/dℓ_t of s is s/L, and the aggregation weight carries the 1/L.
+pub fn gspo_token(
+    logp: f64,
+    logp_detached: f64,
+    seq_log_ratio: f64,
+    adv: f64,
+    seq_eps_low: f64,
+    seq_eps_high: f64,
+) -> TokenLoss {
+    ppo_clip_from_logratio(
+        seq_log_ratio + (logp - logp_detached),
+        1.0,
+        adv,
+        seq_eps_low,
+        seq_eps_high,
+        None,
+    )
+}
+
+/// `cispo`: −w·A·ℓ with w = clip(ρ, 1−ε_low, 1+ε_high) detached (`ratio` is the detached token
+/// ratio). Unlike PPO no token loses its gradient: clipping bounds the weight, it never masks
+/// (CISPO, MiniMax-M1 2025).
+pub fn cispo_token(logp: f64, adv: f64, ratio: f64, eps_low: f64, eps_high: f64) -> TokenLoss {
+    let w = ratio.clamp(1.0 - eps_low, 1.0 + eps_high);
+    TokenLoss::plain(-w * adv * logp, -w * adv)
+}
+
 /// `topr`: −α·A·ℓ with α = 1 when A > 0, else clamp(ρ, 0, 1); `ratio` (token or sequence
 /// level) is detached. The per-sequence normalisation is the aggregation's job
 /// (`seq-mean-token-mean`, enforced by `LossConfig::validate`).
@@ -397,6 +429,48 @@ mod tests {
     }
 
     #[test]
+    fn gspo_clips_the_sequence_ratio_with_the_sequence_eps() {
+        // ln s = −0.1 ⇒ s = 0.9048374; A = 1: max(−0.9048374, −0.9997) = −0.9048374, unclipped,
+        // grad −A·s = −0.9048374 (a positive advantage below the range is never clipped)
+        assert_token(
+            gspo_token(-1.0, -1.0, -0.1, 1.0, 3e-4, 4e-4),
+            -0.904_837_418_035_959_6,
+            -0.904_837_418_035_959_6,
+            false,
+        );
+        // A = −1: max(0.9048374, 0.9997) = 0.9997 (clipped, grad 0)
+        assert_token(
+            gspo_token(-1.0, -1.0, -0.1, -1.0, 3e-4, 4e-4),
+            0.9997,
+            0.0,
+            true,
+        );
+        // on-policy (s = 1) it is −A with gradient −A, as PPO-clip at ρ = 1
+        assert_token(
+            gspo_token(-2.0, -2.0, 0.0, 0.7, 3e-4, 4e-4),
+            -0.7,
+            -0.7,
+            false,
+        );
+    }
+
+    #[test]
+    fn cispo_clips_and_detaches_the_weight_and_drops_nothing() {
+        // ρ = 1.5, A = 2, ε_high = 0.28: w = 1.28 ⇒ loss −1.28·2·(−1) = 2.56, grad −2.56
+        // (PPO-clip would zero this token's gradient)
+        assert_token(cispo_token(-1.0, 2.0, 1.5, 1.0, 0.28), 2.56, -2.56, false);
+        // ρ = 0.1 with ε_low = 1 (no lower bound): w = 0.1 ⇒ loss −0.1·2·(−1) = 0.2, grad −0.2
+        assert_token(cispo_token(-1.0, 2.0, 0.1, 1.0, 0.28), 0.2, -0.2, false);
+        // ε_low = 0.2: w = 0.8 ⇒ loss 1.6, grad −1.6
+        assert_token(cispo_token(-1.0, 2.0, 0.1, 0.2, 0.28), 1.6, -1.6, false);
+        // on-policy (ρ = 1) it is REINFORCE
+        assert_eq!(
+            cispo_token(-0.5, -3.0, 1.0, 1.0, 0.28),
+            reinforce_token(-0.5, -3.0)
+        );
+    }
+
+    #[test]
     fn per_token_gradients_match_central_differences() {
         // Away from clip and clamp boundaries each loss is smooth in ℓ (detached args fixed).
         let h = 1e-6;
@@ -429,6 +503,12 @@ mod tests {
                 Box::new(|l| rec_token(l, -1.2, -0.8, 0.7, false, RecReg::Asymre, 0.1)),
             ),
             ("topr", Box::new(|l| topr_token(l, -0.6, 0.4))),
+            ("cispo", Box::new(|l| cispo_token(l, -0.6, 1.7, 1.0, 0.28))),
+            // ℓ_detached fixed at −1: s_t = s·exp(ℓ + 1) carries the gradient
+            (
+                "gspo",
+                Box::new(|l| gspo_token(l, -1.0, -0.2, 0.6, 0.5, 0.5)),
+            ),
         ];
         for (name, f) in fns {
             let l = -1.0;

@@ -42,6 +42,9 @@ pub struct Learner {
     /// Updates skipped because the loss or gradient norm was not finite (over the run:
     /// checkpointed and restored on resume).
     pub skipped_steps: usize,
+    /// What refilling the batch about to be learned took (`sampling.refill_max_rounds`),
+    /// noted by the batch source and logged with that step.
+    refill: Option<sampling::RefillStats>,
 }
 
 /// Whether an update may be applied: loss and gradient norm both finite.
@@ -71,7 +74,13 @@ impl Learner {
             run_dir: run_dir.to_path_buf(),
             rewards: None,
             skipped_steps: 0,
+            refill: None,
         })
+    }
+
+    /// Records what refilling the next batch took, for that step's `sampling/refill_*` metrics.
+    pub fn note_refill(&mut self, stats: sampling::RefillStats) {
+        self.refill = Some(stats);
     }
 
     /// One update from `groups`. `generate_s` is the sampling time that produced them (0 when
@@ -108,6 +117,11 @@ impl Learner {
         // 6. Metrics (names: docs/metrics.md) and samples.
         let mut m = b.reward_metrics(kl_penalty_mean);
         self.learner_metrics(cfg, &b, &sel, &out.metrics, &upd, &mut m);
+        if let Some(r) = self.refill.take() {
+            m.insert("sampling/refill_rounds".into(), r.rounds as f64);
+            m.insert("sampling/refill_prompts".into(), r.prompts as f64);
+            m.insert("sampling/refill_short".into(), r.short as f64);
+        }
         let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
         let staleness: Vec<f64> = groups
             .iter()

@@ -220,6 +220,45 @@ fn a_resumed_run_continues_the_skipped_step_count() {
 }
 
 #[test]
+fn refill_samples_up_to_the_cap_when_every_group_is_all_equal() {
+    // rollout.group_size = 1: every group has one reward, so every group is all-equal
+    // whatever the policy does. Each step then draws its first round of 8 prompts plus the 2
+    // extra rounds the cap allows (16 prompts), and all 8 slots stay all-equal (short), which
+    // the filter drops.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small(
+        tmp.path(),
+        2,
+        &[
+            "rollout.group_size=1",
+            "advantage.estimator=\"reinforce\"",
+            "sampling.filter_zero_std=true",
+            "sampling.refill_max_rounds=2",
+        ],
+    );
+    let s = run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let lines = rl_lines(&s.run_dir);
+    let steps: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["loss/policy"].is_number())
+        .collect();
+    assert_eq!(steps.len(), 2, "{lines:?}");
+    for l in steps {
+        assert_eq!(l["sampling/refill_rounds"], 2.0, "{l}");
+        assert_eq!(l["sampling/refill_prompts"], 16.0, "{l}");
+        assert_eq!(l["sampling/refill_short"], 8.0, "{l}");
+        assert_eq!(l["sampling/dropped_frac"], 1.0, "{l}");
+    }
+}
+
+#[test]
 fn every_recipe_runs_three_rl_steps() {
     let tmp = tempfile::tempdir().unwrap();
     for r in grove::config::recipes::RECIPES {

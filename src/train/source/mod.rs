@@ -133,13 +133,32 @@ impl BatchSource for OnPolicy {
         _s: usize,
     ) -> Result<Option<Batch>> {
         let t = Instant::now();
-        let groups = collect_rewarded(
-            env,
-            &learner.model,
-            learner.version,
-            explore_st,
-            learner.rewards.as_mut(),
+        let sampling = &env.cfg.sampling;
+        let refill_rounds = if sampling.filter_zero_std {
+            sampling.refill_max_rounds
+        } else {
+            0
+        };
+        let (groups, refill) = crate::sampling::fill_batch(
+            env.cfg.rollout.prompts_per_step,
+            refill_rounds,
+            |g: &ExperienceGroup| {
+                let rewards: Vec<f64> = g.experiences.iter().map(|e| e.reward).collect();
+                !crate::sampling::is_zero_std(&rewards)
+            },
+            || {
+                collect_rewarded(
+                    env,
+                    &learner.model,
+                    learner.version,
+                    explore_st,
+                    learner.rewards.as_mut(),
+                )
+            },
         )?;
+        if refill_rounds > 0 {
+            learner.note_refill(refill);
+        }
         Ok(Some(Batch {
             groups,
             generate_s: t.elapsed().as_secs_f64(),
