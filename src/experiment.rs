@@ -22,7 +22,9 @@ pub struct Experiment {
     pub variants: &'static [Variant],
 }
 
-pub const EXPERIMENTS: &[Experiment] = &[Experiment {
+pub const EXPERIMENTS: &[Experiment] = &[REC_OFFPOLICY, NOISY_REWARDS];
+
+const REC_OFFPOLICY: Experiment = Experiment {
     name: "rec-offpolicy",
     claim: "REC (Yao et al. 2025): with stale data (rollout weights synced every 8 steps), REC-OneSide \
             without importance sampling is about as good as GRPO; unclipped REINFORCE degrades; loose \
@@ -41,7 +43,43 @@ pub const EXPERIMENTS: &[Experiment] = &[Experiment {
             sets: &["advantage.estimator=\"group-mean\"", "loss.loss=\"rec\"", "loss.rec_weight=\"none\"", "loss.rec_mask=\"none\""],
         },
     ],
-}];
+};
+
+/// The verifier's noise as in the noisy-rewards paper's headline setting: 10% of wrong answers
+/// pass, 20% of right answers fail.
+const NOISE: [&str; 2] = ["reward.noise_rho0=0.1", "reward.noise_rho1=0.2"];
+
+const NOISY_REWARDS: Experiment = Experiment {
+    name: "noisy-rewards",
+    claim: "RL with verifiable yet noisy rewards (Cai et al. 2025): with a verifier that passes 10% of \
+            wrong answers (ρ₀ = 0.1) and fails 20% of right ones (ρ₁ = 0.2), uncorrected REINFORCE with a \
+            leave-one-out baseline learns less than on clean rewards; the backward (unbiased-reward) and \
+            forward (false-negative) corrections recover most of the gap. GRPO on the same noisy rewards is \
+            shown for reference: its per-group standardisation cancels any affine correction.",
+    common: &[],
+    variants: &[
+        Variant {
+            label: "clean",
+            sets: &["recipe=\"noisy-backward\"", "advantage.noisy.rho0=0.0", "advantage.noisy.rho1=0.0"],
+        },
+        Variant {
+            label: "uncorrected",
+            sets: &["recipe=\"noisy-backward\"", "advantage.noisy.rho0=0.0", "advantage.noisy.rho1=0.0", NOISE[0], NOISE[1]],
+        },
+        Variant {
+            label: "backward",
+            sets: &["recipe=\"noisy-backward\"", "advantage.noisy.rho0=0.1", "advantage.noisy.rho1=0.2", NOISE[0], NOISE[1]],
+        },
+        Variant {
+            label: "forward",
+            sets: &["recipe=\"noisy-forward\"", "advantage.noisy.rho0=0.1", "advantage.noisy.rho1=0.2", NOISE[0], NOISE[1]],
+        },
+        Variant {
+            label: "grpo-uncorrected",
+            sets: &["recipe=\"grpo\"", NOISE[0], NOISE[1]],
+        },
+    ],
+};
 
 pub fn find(name: &str) -> Result<&'static Experiment> {
     EXPERIMENTS.iter().find(|e| e.name == name).ok_or_else(|| {
