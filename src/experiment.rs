@@ -91,6 +91,15 @@ pub fn find(name: &str) -> Result<&'static Experiment> {
     })
 }
 
+/// `text` as inline code, or "none" (an empty code span renders as two backticks).
+fn code_or_none(text: &str) -> String {
+    if text.is_empty() {
+        "none".into()
+    } else {
+        format!("`{text}`")
+    }
+}
+
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
@@ -178,10 +187,10 @@ pub fn run_experiment(
     let _ = writeln!(md, "Command:\n\n```sh\n{command}\n```\n");
     let _ = writeln!(
         md,
-        "Shared settings: `{}` on the quickstart task; seeds {:?}; extra: `{}`.\n",
-        exp.common.join(" "),
+        "Shared settings: {} on the quickstart task; seeds {:?}; extra: {}.\n",
+        code_or_none(&exp.common.join(" ")),
         seeds,
-        extra.join(" ")
+        code_or_none(&extra.join(" "))
     );
     let _ = writeln!(
         md,
@@ -241,6 +250,23 @@ pub fn keep_reading(old: &str, generated: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_variant_of_every_experiment_is_a_valid_config() {
+        for exp in EXPERIMENTS {
+            for v in exp.variants {
+                let sets: Vec<String> = exp
+                    .common
+                    .iter()
+                    .chain(v.sets)
+                    .map(|s| s.to_string())
+                    .collect();
+                if let Err(e) = config::load(None, &sets) {
+                    panic!("{} / {}: {e}", exp.name, v.label);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_plain_run_writes_next_to_its_runs_and_only_publish_writes_docs() {

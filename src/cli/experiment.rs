@@ -6,7 +6,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ExperimentArgs {
-    /// The experiment: rec-offpolicy.
+    /// The experiment: rec-offpolicy or noisy-rewards (an unknown name lists the known ones).
     pub name: String,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0,1,2")]

@@ -31,6 +31,7 @@ const DOCS: &[&str] = &[
     "docs/rewards.md",
     "docs/verifier.md",
     "docs/experiments/rec-offpolicy.md",
+    "docs/experiments/noisy-rewards.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -104,6 +105,11 @@ const EXCLUDED: &[(&str, &str)] = &[
     (
         "grove experiment rec-offpolicy --seeds 0,1,2",
         "15 training runs, about 75 minutes; src/experiment.rs tests where it writes",
+    ),
+    (
+        "grove experiment noisy-rewards --seeds 0,1,2",
+        "15 training runs, about 13 minutes on an idle 2-core machine; src/experiment.rs tests \
+         its variants' configs",
     ),
 ];
 
