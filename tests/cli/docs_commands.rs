@@ -32,6 +32,7 @@ const DOCS: &[&str] = &[
     "docs/verifier.md",
     "docs/experiments/rec-offpolicy.md",
     "docs/experiments/gated-reward.md",
+    "docs/experiments/noisy-rewards.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -110,6 +111,9 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment gated-reward --seeds 0,1,2",
         "6 training runs, about 15 minutes; src/experiment.rs tests that its settings load, \
          src/reward/pipeline/tests.rs its reward by hand",
+        "grove experiment noisy-rewards --seeds 0,1,2",
+        "15 training runs, about 13 minutes on an idle 2-core machine; src/experiment.rs tests \
+         its variants' configs",
     ),
 ];
 
