@@ -34,6 +34,7 @@ pub mod admin;
 pub mod batcher;
 pub mod http;
 pub mod served;
+pub mod throughput;
 
 use std::io::Write;
 use std::net::{IpAddr, TcpListener, ToSocketAddrs};
