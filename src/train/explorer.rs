@@ -40,7 +40,7 @@ pub struct ExploreOptions {
 /// (`[remote]` / `--remote URL`).
 enum Sampler {
     Local(Box<Llama>),
-    Remote(RemoteEngine),
+    Remote(Box<RemoteEngine>),
 }
 
 /// The local policy: the learner's published weights, a checkpoint, or the deterministic
@@ -105,7 +105,7 @@ pub fn run_explorer(cfg: RunConfig, opts: &ExploreOptions) -> Result<usize> {
                      pushes the learner's published weights to the server)",
                 ));
             }
-            Sampler::Remote(RemoteEngine::new(rc.clone())?)
+            Sampler::Remote(Box::new(RemoteEngine::new(rc.clone())?))
         }
         None => {
             let (model, v) = local_policy(&env, opts)?;

@@ -288,7 +288,7 @@ fn training_through_grove_serve_pushes_every_update() {
         let want = &local(
             &pushed,
             &tok,
-            &[prompt.clone()],
+            std::slice::from_ref(&prompt),
             &SamplingParams::greedy(6),
             0,
         )[0];
@@ -355,7 +355,10 @@ fn a_server_killed_mid_run_stops_training_clearly() {
         "{} rl lines",
         lines.len()
     );
-    assert!(lines.iter().all(|l| l["step"].is_u64()), "metrics.jsonl intact");
+    assert!(
+        lines.iter().all(|l| l["step"].is_u64()),
+        "metrics.jsonl intact"
+    );
     assert!(step1.join("model.safetensors").exists());
 }
 
