@@ -53,9 +53,19 @@ enum Command {
         /// Deadline for receiving one request (headers and body), seconds.
         #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_REQUEST_TIMEOUT_S)]
         request_timeout_s: f64,
-        /// Requests answered at the same time.
+        /// Connections handled at the same time (each waits for its answer from the batch).
         #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_WORKERS)]
         workers: usize,
+        /// Sequences (prompts × n) decoded together at most; a larger request runs alone.
+        #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_MAX_BATCH)]
+        max_batch: usize,
+        /// Requests waiting for the batch at most; more are answered 503 with Retry-After.
+        #[arg(long, default_value_t = grove::rollout::serve::DEFAULT_MAX_QUEUE)]
+        max_queue: usize,
+        /// Enables POST /admin/load (new weights or an adapter from a folder) for clients
+        /// sending `Authorization: Bearer TOKEN` (default: env GROVE_ADMIN_TOKEN; none: off).
+        #[arg(long)]
+        admin_token: Option<String>,
     },
     /// Watch and compare runs in the browser: every metric's curve, samples (local page).
     View {
@@ -259,6 +269,9 @@ fn real_main() -> Result<()> {
             api_key,
             request_timeout_s,
             workers,
+            max_batch,
+            max_queue,
+            admin_token,
         } => {
             let opts = grove::rollout::serve::ServeOptions {
                 host,
@@ -268,6 +281,11 @@ fn real_main() -> Result<()> {
                 api_key,
                 request_timeout_s,
                 workers,
+                batch: grove::rollout::serve::BatchOptions {
+                    max_batch,
+                    max_queue,
+                },
+                admin_token,
             }
             .with_env_api_key();
             grove::rollout::serve::run(&model, &opts)?;

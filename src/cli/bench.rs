@@ -26,6 +26,14 @@ pub struct BenchArgs {
     /// Per-operation profile instead: fused vs composed ops and GEMM GFLOP/s.
     #[arg(long, conflicts_with = "rl_step")]
     pub ops: bool,
+    /// Throughput of `grove serve` instead: tokens/s with each of --clients concurrent
+    /// clients, batched and one request at a time (docs/performance.md); the tokenizer is
+    /// --tokenizer, or the built-in one for --model builtin.
+    #[arg(long, conflicts_with_all = ["rl_step", "ops"])]
+    pub serve: bool,
+    /// Concurrent clients for --serve.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 64])]
+    pub clients: Vec<usize>,
     /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
     /// (full log-softmax) or chunked.
     #[arg(long, default_value = "auto")]
@@ -62,6 +70,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         steps,
         reward,
         ops,
+        serve,
+        clients,
     } = args;
     let cfg = if let Some(c) = grove::bench::preset(&model) {
         c
@@ -97,6 +107,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
+    if serve {
+        return serve_throughput(&cfg, &model, tokenizer, &clients, new_tokens);
+    }
     if ops {
         grove::bench::check_positions(
             &cfg,
@@ -127,5 +140,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut v = serde_json::to_value(&r)?;
     v["model"] = serde_json::Value::String(model);
     println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+/// `grove bench --serve`: JSON lines per concurrency, then the markdown table.
+fn serve_throughput(
+    cfg: &grove::model::Config,
+    model: &str,
+    tokenizer: Option<PathBuf>,
+    clients: &[usize],
+    new_tokens: usize,
+) -> Result<()> {
+    use grove::rollout::serve::throughput;
+    if clients.is_empty() || clients.contains(&0) {
+        anyhow::bail!("--clients must be positive numbers, found {clients:?}");
+    }
+    let make_tok = || -> grove::error::Result<grove::model::Tokenizer> {
+        match &tokenizer {
+            Some(p) => {
+                grove::model::Tokenizer::from_file(p, None, "<|endoftext|>", Some("<|endoftext|>"))
+            }
+            None if model == "builtin" => Ok(grove::model::Tokenizer::builtin_arithmetic()),
+            None => Err(grove::error::Error::Usage {
+                option: "--tokenizer".into(),
+                msg: format!("--serve with --model {model} needs --tokenizer tokenizer.json"),
+            }),
+        }
+    };
+    let dev = candle_core::Device::Cpu;
+    let make_model = || grove::model::Llama::init(cfg, 0, &dev);
+    let rows = throughput::measure(&make_model, &make_tok, clients, new_tokens)?;
+    for r in &rows {
+        let mut v = serde_json::to_value(r)?;
+        v["model"] = serde_json::Value::String(model.to_string());
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    print!("{}", throughput::table(&rows, new_tokens));
     Ok(())
 }

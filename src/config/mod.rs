@@ -51,8 +51,10 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub sync: SyncConfig,
     /// `grove explore` samples through this OpenAI-compatible completions server instead of
-    /// its own weights (`--remote URL` sets `remote.url`). `grove train` refuses it unless the
-    /// config also names the `sync.buffer` its explorers fill.
+    /// its own weights (`--remote URL` sets `remote.url`). `grove train` samples through it
+    /// when `remote.admin_token` lets it push its weights to the server after every update
+    /// (docs/remote-rollouts.md); otherwise it refuses it unless the config also names the
+    /// `sync.buffer` its explorers fill.
     pub remote: Option<crate::rollout::remote::RemoteConfig>,
     /// Trackers besides metrics.jsonl: TensorBoard (on by default), MLflow (docs/metrics.md).
     pub report: crate::report::sinks::ReportConfig,
@@ -228,6 +230,9 @@ pub struct SyncConfig {
     /// `grove explore` processes, instead of sampling.
     pub buffer: Option<String>,
     /// With `buffer`: folder where the learner publishes versioned weights for explorers.
+    /// With `[remote]` and `remote.admin_token`: folder where the learner writes each policy
+    /// it pushes to the server (`vN/`), which the server reads (default: a folder under the
+    /// system's temporary directory; on two machines, a shared path).
     pub publish_dir: Option<String>,
     /// Train from an experience JSONL file (see docs/experience-schema.md); stops when the
     /// file is exhausted.

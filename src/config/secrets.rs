@@ -37,6 +37,9 @@ fn remote_url(c: &mut RunConfig) -> Option<&mut String> {
 fn remote_api_key(c: &mut RunConfig) -> Option<&mut String> {
     c.remote.as_mut().and_then(|r| r.api_key.as_mut())
 }
+fn remote_admin_token(c: &mut RunConfig) -> Option<&mut String> {
+    c.remote.as_mut().and_then(|r| r.admin_token.as_mut())
+}
 
 /// Every field that can hold a secret.
 const SECRET_FIELDS: &[SecretField] = &[
@@ -59,6 +62,11 @@ const SECRET_FIELDS: &[SecretField] = &[
         key: "remote.api_key",
         holds: Holds::Whole,
         value: remote_api_key,
+    },
+    SecretField {
+        key: "remote.admin_token",
+        holds: Holds::Whole,
+        value: remote_admin_token,
     },
 ];
 
@@ -110,6 +118,7 @@ mod tests {
         cfg.report.mlflow = Some("http://me:tok3n@127.0.0.1:5000".into());
         let mut remote = RemoteConfig::new("http://127.0.0.1:8000");
         remote.api_key = Some("sk-live-1234".into());
+        remote.admin_token = Some("adm-5678".into());
         cfg.remote = Some(remote);
         cfg
     }
@@ -118,7 +127,7 @@ mod tests {
     fn saved_config_holds_no_secret() {
         let cfg = with_secrets();
         let text = cfg.to_toml().unwrap();
-        for secret in ["hunter2", "tok3n", "sk-live-1234"] {
+        for secret in ["hunter2", "tok3n", "sk-live-1234", "adm-5678"] {
             assert!(!text.contains(secret), "{secret} written in clear:\n{text}");
         }
         assert!(
@@ -136,7 +145,12 @@ mod tests {
         assert!(missing(&cfg).is_empty());
         assert_eq!(
             missing(&redacted(&cfg)),
-            vec!["sync.buffer", "report.mlflow", "remote.api_key"]
+            vec![
+                "sync.buffer",
+                "report.mlflow",
+                "remote.api_key",
+                "remote.admin_token"
+            ]
         );
         // Redacting is idempotent: a config read back from a run redacts to itself.
         assert_eq!(redacted(&redacted(&cfg)), redacted(&cfg));

@@ -100,6 +100,11 @@ pub struct RemoteConfig {
     /// Append the EOS id (log-prob 0.0) to a `"stop"`-finished response that lacks it.
     #[serde(default = "yes")]
     pub append_eos: bool,
+    /// Bearer token of the server's `POST /admin/load` (`grove serve --admin-token`): with it
+    /// `grove train` and `grove explore --weights DIR` push each new policy to the server
+    /// (docs/remote-rollouts.md).
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 impl RemoteConfig {
@@ -117,6 +122,7 @@ impl RemoteConfig {
             split_n: false,
             concurrency: default_concurrency(),
             append_eos: true,
+            admin_token: None,
         }
     }
 
@@ -171,6 +177,9 @@ pub fn request_seed(seed: u64, prompt: usize, sample: Option<usize>) -> u64 {
     z ^= z >> 31;
     z & 0x7FFF_FFFF
 }
+
+/// Generations with the policy version the server reported for them.
+pub type Tagged = (Vec<Generation>, Option<u64>);
 
 /// What one HTTP attempt came to.
 enum Attempt {
@@ -277,9 +286,23 @@ impl RemoteEngine {
         params: &SamplingParams,
         seed: u64,
     ) -> Result<Vec<Generation>> {
+        Ok(self.generate_tagged(tok, prompts, n, params, seed)?.0)
+    }
+
+    /// [`RemoteEngine::generate`], with the policy version the server reported in its
+    /// answers (`grove_policy_version`; None when it reports none). Answers from different
+    /// versions in one batch are an error.
+    pub fn generate_tagged(
+        &self,
+        tok: &Tokenizer,
+        prompts: &[Vec<u32>],
+        n: usize,
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<(Vec<Generation>, Option<u64>)> {
         params.validate().map_err(Error::Model)?;
         if n == 0 || prompts.is_empty() {
-            return Ok(vec![]);
+            return Ok((vec![], None));
         }
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::Model(format!(
@@ -297,7 +320,7 @@ impl RemoteEngine {
         };
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        let slots: Mutex<Vec<Option<Result<Vec<Generation>>>>> =
+        let slots: Mutex<Vec<Option<Result<Tagged>>>> =
             Mutex::new((0..jobs.len()).map(|_| None).collect());
         let workers = self.cfg.concurrency.min(jobs.len());
         std::thread::scope(|s| {
@@ -310,7 +333,7 @@ impl RemoteEngine {
                     let Some(&(i, j)) = jobs.get(k) else { break };
                     let want = if j.is_some() { 1 } else { n };
                     let r = self
-                        .complete(tok, &prompts[i], want, params, request_seed(seed, i, j))
+                        .complete_tagged(tok, &prompts[i], want, params, request_seed(seed, i, j))
                         .map_err(|e| match e {
                             Error::Remote(m) => Error::Remote(format!("prompt {i}: {m}")),
                             e => e,
@@ -325,18 +348,29 @@ impl RemoteEngine {
         let slots = slots.into_inner().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(prompts.len() * n);
         let mut missing = None;
+        let mut versions = std::collections::BTreeSet::new();
         for (k, slot) in slots.into_iter().enumerate() {
             match slot {
-                Some(Ok(g)) => out.extend(g),
+                Some(Ok((g, v))) => {
+                    out.extend(g);
+                    versions.insert(v);
+                }
                 Some(Err(e)) => return Err(e),
                 // Skipped after another request failed; that error is returned above.
                 None => missing = missing.or(Some(k)),
             }
         }
-        match missing {
-            None => Ok(out),
-            Some(k) => Err(Error::Remote(format!("request {k} was not completed"))),
+        if let Some(k) = missing {
+            return Err(Error::Remote(format!("request {k} was not completed")));
         }
+        if versions.len() > 1 {
+            return Err(Error::Remote(format!(
+                "{}: one batch was answered by policy versions {versions:?}: the server's \
+                 weights changed while it was sampled",
+                self.base
+            )));
+        }
+        Ok((out, versions.into_iter().next().flatten()))
     }
 
     /// One completions request for `n` samples of one prompt.
@@ -348,6 +382,18 @@ impl RemoteEngine {
         params: &SamplingParams,
         seed: u64,
     ) -> Result<Vec<Generation>> {
+        Ok(self.complete_tagged(tok, prompt, n, params, seed)?.0)
+    }
+
+    /// [`RemoteEngine::complete`] with the answer's `grove_policy_version`.
+    pub fn complete_tagged(
+        &self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        n: usize,
+        params: &SamplingParams,
+        seed: u64,
+    ) -> Result<Tagged> {
         let prompt_value = if self.cfg.prompt_token_ids {
             json!(prompt)
         } else {
@@ -367,7 +413,43 @@ impl RemoteEngine {
             body["return_tokens_as_token_ids"] = Value::Bool(true);
         }
         let resp = self.request("/completions", Some(&body))?;
-        parse_completion(&resp, n, tok, self.cfg.append_eos)
+        let version = resp.get("grove_policy_version").and_then(Value::as_u64);
+        Ok((
+            parse_completion(&resp, n, tok, self.cfg.append_eos)?,
+            version,
+        ))
+    }
+
+    /// The server's root URL: the base without `/v1`.
+    pub fn root(&self) -> &str {
+        self.base.strip_suffix("/v1").unwrap_or(&self.base)
+    }
+
+    /// Has the server load the weights in `path` (a folder or file it can read: full
+    /// weights, or a PEFT adapter) as policy `version` (`POST /admin/load` with
+    /// `admin_token`, retried like any request), and checks that it then serves `version`.
+    /// Returns the server's answer.
+    pub fn push_weights(&self, path: &std::path::Path, version: u64) -> Result<Value> {
+        let token = self.cfg.admin_token.as_deref().ok_or_else(|| {
+            Error::config(
+                "remote.admin_token",
+                "pushing weights to the server needs the token it was started with \
+                 (grove serve --admin-token)",
+            )
+        })?;
+        let url = format!("{}/admin/load", self.root());
+        let body = json!({"path": path.display().to_string(), "version": version});
+        let v = self.request_url(&url, Some(&body), Some(token))?;
+        let served = v.get("grove_policy_version").and_then(Value::as_u64);
+        if served != Some(version) {
+            return Err(Error::Remote(format!(
+                "POST {url}: pushed policy version {version} ({}), but the server reports it \
+                 serves version {}",
+                path.display(),
+                served.map_or("none".to_string(), |s| s.to_string())
+            )));
+        }
+        Ok(v)
     }
 
     fn backoff(&self, retry: u32) -> Duration {
@@ -378,6 +460,11 @@ impl RemoteEngine {
     /// GET (no body) or POST (JSON body) `path` under `…/v1`, with retries.
     fn request(&self, path: &str, body: Option<&Value>) -> Result<Value> {
         let url = format!("{}{path}", self.base);
+        self.request_url(&url, body, None)
+    }
+
+    /// [`RemoteEngine::request`] to a whole URL; `token` replaces the API key.
+    fn request_url(&self, url: &str, body: Option<&Value>, token: Option<&str>) -> Result<Value> {
         let method = if body.is_some() { "POST" } else { "GET" };
         let attempts = self.cfg.retries + 1;
         let mut last = String::new();
@@ -385,7 +472,7 @@ impl RemoteEngine {
             if attempt > 0 {
                 std::thread::sleep(self.backoff(attempt - 1));
             }
-            match self.attempt(&url, body) {
+            match self.attempt(url, body, token) {
                 Attempt::Done(v) => return Ok(v),
                 Attempt::Retry(m) => last = m,
                 Attempt::Fail(e) => {
@@ -403,8 +490,10 @@ impl RemoteEngine {
         )))
     }
 
-    fn attempt(&self, url: &str, body: Option<&Value>) -> Attempt {
-        let auth = self.cfg.api_key.as_ref().map(|k| format!("Bearer {k}"));
+    fn attempt(&self, url: &str, body: Option<&Value>, token: Option<&str>) -> Attempt {
+        let auth = token
+            .or(self.cfg.api_key.as_deref())
+            .map(|k| format!("Bearer {k}"));
         let sent = match body {
             Some(b) => {
                 let mut r = self

@@ -40,7 +40,7 @@ pub struct ExploreOptions {
 /// (`[remote]` / `--remote URL`).
 enum Sampler {
     Local(Box<Llama>),
-    Remote(RemoteEngine),
+    Remote(Box<RemoteEngine>),
 }
 
 /// The local policy: the learner's published weights, a checkpoint, or the deterministic
@@ -98,13 +98,14 @@ pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
     let mut version = 0u64;
     let sampler = match &env.cfg.remote {
         Some(rc) => {
-            if opts.weights.is_some() || opts.policy.is_some() {
+            if opts.policy.is_some() {
                 return Err(Error::config(
                     "grove explore",
-                    "--remote samples through a server: leave out --weights and --policy",
+                    "--remote samples through a server: leave out --policy (--weights DIR \
+                     pushes the learner's published weights to the server)",
                 ));
             }
-            Sampler::Remote(RemoteEngine::new(rc.clone())?)
+            Sampler::Remote(Box::new(RemoteEngine::new(rc.clone())?))
         }
         None => {
             let (model, v) = local_policy(&env, opts)?;
@@ -128,6 +129,8 @@ pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
         None => None,
     };
     let mut written = 0usize;
+    // The newest published version pushed to the [remote] server (with --weights).
+    let mut pushed: Option<u64> = None;
     let say_stop = |why: String, written: usize| {
         if !opts.quiet {
             eprintln!(
@@ -160,11 +163,15 @@ pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
                 collect(&env, model, version, &mut st)?
             }
             Sampler::Remote(remote) => {
+                if let Some(dir) = &opts.weights {
+                    push_newest(remote, dir, &mut pushed, env.cfg.sync.wait_timeout_s)?;
+                }
                 let engine = RemoteRollouts {
                     engine: remote,
                     tok: &env.tok,
                 };
-                // `grove serve` reports its checkpoint's policy version; other servers: 0.
+                // `grove serve` reports its checkpoint's (or last push's) policy version;
+                // other servers: 0.
                 version = engine.policy_version()?.unwrap_or(0);
                 let params = env.cfg.rollout.sampling();
                 collect_with(&env, version, &mut st, |prompts, g, rng| {
@@ -195,6 +202,35 @@ pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
         }
     }
     Ok(written)
+}
+
+/// Pushes the learner's newest published weights in `dir` to the server when they are newer
+/// than `pushed` (waiting up to `wait_limit` seconds for the first).
+fn push_newest(
+    remote: &RemoteEngine,
+    dir: &std::path::Path,
+    pushed: &mut Option<u64>,
+    wait_limit: f64,
+) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if let Some((v, path)) = publish::latest(dir)? {
+            if *pushed != Some(v) {
+                let path = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+                remote.push_weights(&path, v)?;
+                *pushed = Some(v);
+            }
+            return Ok(());
+        }
+        if pushed.is_some() || t.elapsed().as_secs_f64() > wait_limit {
+            return Err(Error::Timeout {
+                what: format!("weights in {}", dir.display()),
+                waited_s: wait_limit,
+                hint: "is the learner running with this publish directory?".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The most groups an explorer lets a shared buffer hold before it waits for the learner:

@@ -263,7 +263,7 @@ fn failed_starts_are_caught_before_the_warm_up_and_leave_no_run_directory() {
         assert!(left.is_empty(), "{what}: left {left:?}");
     };
 
-    // [remote] is read by `grove explore` only: a trainer used to ignore it silently.
+    // [remote] without remote.admin_token: a trainer could not keep the server on its policy.
     let (code, _, err) = grove(
         &["train", "--set", "remote.url=\"http://127.0.0.1:9\""],
         dir,

@@ -8,5 +8,6 @@ mod distributed;
 mod environments;
 mod pretrained_train;
 mod remote;
+mod remote_sync;
 mod train;
 mod train_rewards;

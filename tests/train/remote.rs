@@ -15,7 +15,7 @@ use grove::train::{run, TrainOptions};
 use rand::SeedableRng;
 
 /// A checkpoint of a one-step run (short warm-up): runs/NAME/checkpoints/step-1.
-fn tiny_checkpoint(out: &Path) -> PathBuf {
+pub(crate) fn tiny_checkpoint(out: &Path) -> PathBuf {
     let sets: Vec<String> = [
         format!("output_dir={:?}", out.display().to_string()),
         "warmup.max_steps=20".into(),
@@ -42,9 +42,9 @@ fn tiny_checkpoint(out: &Path) -> PathBuf {
 }
 
 /// A `grove serve` child process, killed on drop.
-struct Served {
-    child: Child,
-    addr: String,
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Drop for Served {
@@ -55,8 +55,14 @@ impl Drop for Served {
 }
 
 fn serve(ckpt: &Path) -> Served {
+    serve_with(ckpt, &[])
+}
+
+/// `grove serve CKPT` with `extra` options.
+pub(crate) fn serve_with(ckpt: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_grove"))
         .args(["serve", "--port", "0", "--quiet"])
+        .args(extra)
         .arg(ckpt)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -75,7 +81,7 @@ fn serve(ckpt: &Path) -> Served {
     Served { child, addr }
 }
 
-fn local(
+pub(crate) fn local(
     model: &grove::model::Llama,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],

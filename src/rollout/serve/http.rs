@@ -8,10 +8,12 @@
 //!   [`MAX_HEADER_BYTES`] are 431, a `Content-Length` over `max_body_bytes` is 413 before any
 //!   of the body is read, a chunked body is 411 (grove's client always sends a length).
 //! - With an API key, `Authorization: Bearer KEY` is checked (in constant time) before the
-//!   body is read; only `GET /health` is open.
+//!   body is read; only `GET /health` is open. Paths under `/admin/` need the admin token
+//!   instead (403 when the server has none), also before the body is read.
 //! - Connections are handled by a fixed pool of `workers` threads fed from a bounded queue;
 //!   when every worker is busy and the queue is full, a new connection is answered 503 at
-//!   once instead of waiting. One request per connection (`Connection: close`), so an idle
+//!   once instead of waiting. Every 503 carries `Retry-After`. One request per connection
+//!   (`Connection: close`), so an idle
 //!   keep-alive client cannot hold a worker.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -38,7 +40,12 @@ pub struct HttpLimits {
     pub queue: usize,
     /// Required `Authorization: Bearer` token; None: no authentication.
     pub api_key: Option<String>,
+    /// The bearer token of `/admin/` paths; None: they are refused.
+    pub admin_token: Option<String>,
 }
+
+/// Seconds a client is asked to wait after a 503.
+pub const RETRY_AFTER_S: u32 = 1;
 
 /// One parsed request.
 #[derive(Debug, Clone)]
@@ -73,9 +80,11 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
@@ -87,7 +96,7 @@ fn reason(status: u16) -> &'static str {
 /// OpenAI's error body for a transport refusal.
 pub fn error_json(status: u16, message: &str) -> Value {
     let kind = match status {
-        401 => "authentication_error",
+        401 | 403 => "authentication_error",
         400..=499 => "invalid_request_error",
         _ => "server_error",
     };
@@ -210,12 +219,28 @@ fn read_request(stream: &mut TcpStream, limits: &HttpLimits) -> Result<Request, 
         .unwrap_or("")
         .trim_end_matches('/');
     let open = head.method == "GET" && path == "/health";
-    if let (Some(key), false) = (&limits.api_key, open) {
-        let given = head
-            .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !same_secret(given.trim().as_bytes(), key.as_bytes()) {
+    let given = head
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim();
+    if path.starts_with("/admin/") {
+        let Some(token) = &limits.admin_token else {
+            return Err(refuse(
+                403,
+                "admin endpoints are off: start grove serve with --admin-token TOKEN (or \
+                 GROVE_ADMIN_TOKEN) and send `Authorization: Bearer TOKEN`",
+            ));
+        };
+        if !same_secret(given.as_bytes(), token.as_bytes()) {
+            return Err(refuse(
+                401,
+                "missing or wrong admin token: send `Authorization: Bearer TOKEN` with the \
+                 token grove serve was started with (--admin-token or GROVE_ADMIN_TOKEN)",
+            ));
+        }
+    } else if let (Some(key), false) = (&limits.api_key, open) {
+        if !same_secret(given.as_bytes(), key.as_bytes()) {
             return Err(refuse(
                 401,
                 "missing or wrong API key: send `Authorization: Bearer KEY` with the key \
@@ -277,9 +302,14 @@ fn read_request(stream: &mut TcpStream, limits: &HttpLimits) -> Result<Request, 
 
 fn write_answer(stream: &mut TcpStream, status: u16, body: &Value, write_timeout: Duration) {
     let body = body.to_string();
+    let retry = if status == 503 {
+        format!("Retry-After: {RETRY_AFTER_S}\r\n")
+    } else {
+        String::new()
+    };
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         {retry}Connection: close\r\n\r\n",
         reason(status),
         body.len()
     );
@@ -417,6 +447,7 @@ mod tests {
             workers: 2,
             queue: 1,
             api_key: None,
+            admin_token: None,
         }
     }
 
@@ -553,8 +584,13 @@ mod tests {
         // next one is refused at once instead of waiting.
         let queued = std::thread::spawn(move || exchange(addr, b"GET /q HTTP/1.1\r\n\r\n").0);
         std::thread::sleep(Duration::from_millis(200));
-        let (s, v) = exchange(addr, b"GET /r HTTP/1.1\r\n\r\n");
-        assert_eq!(s, 503, "{v}");
+        let mut r = TcpStream::connect(addr).unwrap();
+        r.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        r.write_all(b"GET /r HTTP/1.1\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        r.read_to_string(&mut raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+        assert!(raw.contains("\r\nRetry-After: 1\r\n"), "{raw}");
         gate.state.lock().unwrap().1 = true;
         gate.cv.notify_all();
         for h in held {
@@ -584,5 +620,49 @@ mod tests {
         assert_eq!(exchange(addr, ok).0, 200);
         assert_eq!(exchange(addr, b"GET /health HTTP/1.1\r\n\r\n").0, 200);
         assert!(same_secret(b"abc", b"abc") && !same_secret(b"abc", b"abd"));
+    }
+
+    #[test]
+    fn admin_paths_need_the_admin_token_not_the_api_key() {
+        let (addr, _) = server(HttpLimits {
+            api_key: Some("k".into()),
+            admin_token: Some("adm".into()),
+            ..limits()
+        });
+        let post = |auth: &str| {
+            let raw = format!("POST /admin/load HTTP/1.1\r\n{auth}Content-Length: 900\r\n\r\n");
+            exchange(addr, raw.as_bytes())
+        };
+        for auth in [
+            "",
+            "Authorization: Bearer k\r\n",
+            "Authorization: Bearer adx\r\n",
+        ] {
+            let (s, v) = post(auth);
+            assert_eq!(s, 401, "{auth}: {v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("admin token"),
+                "{v}"
+            );
+        }
+        let ok = b"POST /admin/load HTTP/1.1\r\nAuthorization: Bearer adm\r\nContent-Length: 2\r\n\r\nhi";
+        assert_eq!(exchange(addr, ok).0, 200);
+        // The admin token is not an API key.
+        let raw = b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer adm\r\n\r\n";
+        assert_eq!(exchange(addr, raw).0, 401);
+        // Without an admin token the admin paths are off, whatever is sent.
+        let (addr, _) = server(limits());
+        let (s, v) = exchange(addr, ok);
+        assert_eq!(s, 403, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--admin-token"),
+            "{v}"
+        );
     }
 }

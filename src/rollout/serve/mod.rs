@@ -13,19 +13,32 @@
 //!   its `text` leaves it out. With a `seed` the answer is a function of the request alone.
 //!   `stream`, `echo`, `stop`, `suffix`, `logit_bias` and penalties are refused with HTTP 400;
 //!   other unknown fields are ignored, as OpenAI-compatible servers do.
-//! - `GET /v1/models`: the served model, with `max_model_len` and, for a grove checkpoint,
-//!   `grove_policy_version` (the policy version in its `state.json`).
+//!   The answer also carries `weights_version` and `grove_policy_version` (below) of the
+//!   weights that produced it.
+//! - `GET /v1/models`: the served model, with `max_model_len`, `weights_version` (0 at start,
+//!   +1 per load) and, when known, `grove_policy_version` (a grove checkpoint's `state.json`
+//!   version, or the version a load named).
+//! - `GET /metrics`: the batch counters (`forward_passes`, `decode_steps`, `requests`,
+//!   `tokens`, `max_batch_rows`, `refused`, ...), the queue length and the served versions.
+//! - `POST /admin/load` (bearer token `--admin-token`; off without one): new weights from a
+//!   folder ([`admin`]); requests already in the batch finish on the old weights.
 //! - `GET /health`: 200.
 //!
-//! The transport ([`http`]) gives every request a deadline, checks sizes and the API key
-//! before reading a body, and answers from a bounded pool of workers, so that one slow or
-//! hostile client cannot hold the others (docs/reliability.md). Each worker decodes its own
-//! request on the shared weights.
+//! Requests are decoded by continuous batching ([`batcher`]): one scheduler thread owns the
+//! weights and one KV cache, requests join the running batch at the next decode step and
+//! leave when done; at most `--max-queue` requests wait, more are answered 503 with
+//! `Retry-After`. The transport ([`http`]) gives every request a deadline, checks sizes and
+//! the keys before reading a body, and answers from a bounded pool of connection workers, so
+//! that one slow or hostile client cannot hold the others (docs/reliability.md).
+pub mod admin;
+pub mod batcher;
 pub mod http;
+pub mod served;
+pub mod throughput;
 
 use std::io::Write;
 use std::net::{IpAddr, TcpListener, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,9 +48,9 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::{Llama, Tokenizer};
-use crate::rollout::engine::{LocalEngine, RolloutEngine};
+use crate::model::{Config, Tokenizer};
 use crate::rollout::SamplingParams;
+pub use served::{checkpoint_version, ServedModel};
 
 /// Requests with more samples than this (prompts × n) are refused.
 pub const MAX_BATCH: usize = 4096;
@@ -45,10 +58,43 @@ pub const MAX_BATCH: usize = 4096;
 pub const MAX_BODY_BYTES: usize = 64 << 20;
 /// Default deadline for receiving one request (headers and body), seconds.
 pub const DEFAULT_REQUEST_TIMEOUT_S: f64 = 30.0;
-/// Default number of requests answered at the same time.
-pub const DEFAULT_WORKERS: usize = 4;
+/// Default number of connections handled at the same time (each waits for its answer from
+/// the batch, so they are cheap).
+pub const DEFAULT_WORKERS: usize = 128;
+/// Default number of sequences decoded together.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Default number of requests waiting for the batch before new ones are answered 503.
+pub const DEFAULT_MAX_QUEUE: usize = 256;
 /// The environment variable read for the API key when `--api-key` is not given.
 pub const API_KEY_ENV: &str = "GROVE_API_KEY";
+/// The environment variable read for the admin token when `--admin-token` is not given.
+pub const ADMIN_TOKEN_ENV: &str = "GROVE_ADMIN_TOKEN";
+/// The endpoints, (method, path): the 404 answer lists them.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/metrics"),
+    ("POST", "/admin/load"),
+    ("GET", "/health"),
+];
+
+/// The batch's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Sequences decoded together at most (a larger request runs alone).
+    pub max_batch: usize,
+    /// Requests waiting for the batch at most; more are answered 503 with `Retry-After`.
+    pub max_queue: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_batch: DEFAULT_MAX_BATCH,
+            max_queue: DEFAULT_MAX_QUEUE,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -63,8 +109,11 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Deadline for receiving one request, seconds.
     pub request_timeout_s: f64,
-    /// Requests answered at the same time (each decodes its own batch).
+    /// Connections handled at the same time.
     pub workers: usize,
+    pub batch: BatchOptions,
+    /// `POST /admin/load` needs `Authorization: Bearer TOKEN`; None: admin endpoints are off.
+    pub admin_token: Option<String>,
 }
 
 impl ServeOptions {
@@ -74,6 +123,10 @@ impl ServeOptions {
             self.api_key = std::env::var(API_KEY_ENV).ok();
         }
         self.api_key = self.api_key.filter(|k| !k.is_empty());
+        if self.admin_token.is_none() {
+            self.admin_token = std::env::var(ADMIN_TOKEN_ENV).ok();
+        }
+        self.admin_token = self.admin_token.filter(|k| !k.is_empty());
         self
     }
 
@@ -89,10 +142,25 @@ impl ServeOptions {
                 ),
             ));
         }
-        if self.workers == 0 || self.workers > 256 {
+        if self.workers == 0 || self.workers > 1024 {
             return Err(Error::config(
                 "grove serve",
-                format!("--workers must be in 1..=256, found {}", self.workers),
+                format!("--workers must be in 1..=1024, found {}", self.workers),
+            ));
+        }
+        if self.batch.max_batch == 0 || self.batch.max_batch > MAX_BATCH {
+            return Err(Error::config(
+                "grove serve",
+                format!(
+                    "--max-batch must be in 1..={MAX_BATCH}, found {}",
+                    self.batch.max_batch
+                ),
+            ));
+        }
+        if self.batch.max_queue == 0 {
+            return Err(Error::config(
+                "grove serve",
+                "--max-queue must be positive, found 0",
             ));
         }
         if self.api_key.is_none() && !is_loopback_host(&self.host) {
@@ -134,122 +202,9 @@ impl Default for ServeOptions {
             api_key: None,
             request_timeout_s: DEFAULT_REQUEST_TIMEOUT_S,
             workers: DEFAULT_WORKERS,
+            batch: BatchOptions::default(),
+            admin_token: None,
         }
-    }
-}
-
-/// A model with its tokenizer, as served.
-pub struct ServedModel {
-    pub model: Llama,
-    pub tok: Tokenizer,
-    pub name: String,
-    /// Policy version of a grove checkpoint (`state.json`), None for an HF folder.
-    pub version: Option<u64>,
-}
-
-/// A special token's content from `tokenizer_config.json` (a string or `{"content": ...}`).
-fn config_token(cfg: &Value, key: &str) -> Option<String> {
-    match cfg.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(String::from),
-        _ => None,
-    }
-}
-
-/// A token id from `config.json` (`eos_token_id` may be a number or a list of numbers).
-fn config_id(v: &Option<Value>) -> Option<u32> {
-    match v.as_ref()? {
-        Value::Number(n) => n.as_u64().map(|x| x as u32),
-        Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
-        _ => None,
-    }
-}
-
-impl ServedModel {
-    /// Loads a grove checkpoint (`runs/NAME/checkpoints/step-N`) or an HF model folder: both
-    /// hold `config.json`, `model.safetensors` (or shards) and `tokenizer.json`. Special tokens
-    /// come from `tokenizer_config.json`, else `config.json`'s `bos_token_id`/`eos_token_id`,
-    /// else the built-in vocabulary's `<bos>`, `<eos>`, `<pad>`.
-    pub fn load(dir: &Path, name: Option<String>, device: &candle_core::Device) -> Result<Self> {
-        if !dir.join("config.json").exists() {
-            return Err(Error::checkpoint(
-                dir,
-                "no config.json: expected a grove checkpoint (runs/NAME/checkpoints/step-N) \
-                 or an HF model folder",
-            ));
-        }
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.exists() {
-            return Err(Error::checkpoint(
-                dir,
-                "no tokenizer.json: grove serve needs the tokenizer to read text prompts and \
-                 name tokens",
-            ));
-        }
-        let model = crate::model::io::load_hf_folder(dir, device)?;
-        let json = std::fs::read_to_string(&tok_path).map_err(|e| Error::io(&tok_path, e))?;
-        let raw = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
-            Error::Tokenizer(format!(
-                "{}: not a valid tokenizer.json: {e}",
-                tok_path.display()
-            ))
-        })?;
-        let tc_path = dir.join("tokenizer_config.json");
-        let tc: Value = if tc_path.exists() {
-            let text = std::fs::read_to_string(&tc_path).map_err(|e| Error::io(&tc_path, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::checkpoint(&tc_path, format!("not valid JSON: {e}")))?
-        } else {
-            Value::Null
-        };
-        let by_id = |v: &Option<Value>| config_id(v).and_then(|id| raw.id_to_token(id));
-        let builtin = |s: &str| raw.token_to_id(s).map(|_| s.to_string());
-        let bos = config_token(&tc, "bos_token")
-            .or_else(|| by_id(&model.cfg.bos_token_id))
-            .or_else(|| builtin("<bos>"));
-        let eos = config_token(&tc, "eos_token")
-            .or_else(|| by_id(&model.cfg.eos_token_id))
-            .or_else(|| builtin("<eos>"))
-            .ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "{}: no EOS token: none in tokenizer_config.json (`eos_token`), config.json \
-                     (`eos_token_id`) or the vocabulary (`<eos>`)",
-                    dir.display()
-                ))
-            })?;
-        let pad = config_token(&tc, "pad_token").or_else(|| builtin("<pad>"));
-        let tok = Tokenizer::from_json(
-            json,
-            &tok_path.display().to_string(),
-            bos.as_deref(),
-            &eos,
-            pad.as_deref(),
-        )?;
-        if tok.vocab_size() > model.cfg.vocab_size {
-            return Err(Error::checkpoint(
-                dir,
-                format!(
-                    "tokenizer.json has {} tokens but config.json's vocab_size is {}",
-                    tok.vocab_size(),
-                    model.cfg.vocab_size
-                ),
-            ));
-        }
-        let state = dir.join("state.json");
-        let version = if state.exists() {
-            let text = std::fs::read_to_string(&state).map_err(|e| Error::io(&state, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::checkpoint(&state, format!("not valid JSON: {e}")))?;
-            v.get("version").and_then(|x| x.as_u64())
-        } else {
-            None
-        };
-        Ok(ServedModel {
-            model,
-            tok,
-            name: name.unwrap_or_else(|| dir.display().to_string()),
-            version,
-        })
     }
 }
 
@@ -301,9 +256,16 @@ pub struct CompletionRequest {
     pub token_ids: bool,
 }
 
-/// The request handler, without the HTTP transport (tested directly).
+/// The request handler, without the HTTP transport (tested directly). Completions go to the
+/// batch scheduler ([`batcher`]), which owns the weights.
 pub struct Handler {
-    pub served: ServedModel,
+    pub name: String,
+    pub tok: Tokenizer,
+    /// The served model's shape (fixed: a load must keep the vocabulary and context length).
+    pub cfg: Config,
+    /// The folder the server started from (the base of adapter loads).
+    pub dir: Option<PathBuf>,
+    pub scheduler: Arc<batcher::Scheduler>,
     /// Draws the seeds of requests that give none.
     rng: Mutex<ChaCha8Rng>,
     counter: AtomicU64,
@@ -311,6 +273,12 @@ pub struct Handler {
     /// UTF-8 bytes of the longest vocabulary entry: a text of B bytes encodes to at least
     /// B / this many tokens, which bounds its length before it is tokenized.
     max_token_bytes: usize,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        self.scheduler.close();
+    }
 }
 
 fn unix_now() -> u64 {
@@ -363,20 +331,50 @@ fn get_bool(req: &Value, key: &str) -> ApiResult<bool> {
 }
 
 impl Handler {
-    pub fn new(served: ServedModel) -> Self {
+    /// The handler for `served`, with its scheduler thread started.
+    pub fn new(served: ServedModel, limits: BatchOptions) -> Result<Self> {
         let max_token_bytes = (0..served.tok.vocab_size() as u32)
             .filter_map(|t| served.tok.id_to_token(t))
             .map(|s| s.len())
             .max()
             .unwrap_or(1)
             .max(1);
-        Handler {
-            served,
+        let weights = batcher::Weights {
+            version: batcher::VersionTag {
+                weights_version: 0,
+                policy_version: served.version,
+            },
+            source: served
+                .dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| served.name.clone()),
+            model: served.model,
+        };
+        let cfg = weights.model.cfg.clone();
+        let scheduler = batcher::Scheduler::new(
+            weights,
+            batcher::BatchLimits {
+                max_queue: limits.max_queue,
+                max_rows: limits.max_batch,
+                eos: served.tok.eos,
+                pad: served.tok.pad,
+            },
+        );
+        scheduler
+            .spawn()
+            .map_err(|e| Error::Remote(format!("cannot start the batch scheduler: {e}")))?;
+        Ok(Handler {
+            name: served.name,
+            tok: served.tok,
+            cfg,
+            dir: served.dir,
+            scheduler,
             rng: Mutex::new(ChaCha8Rng::from_entropy()),
             counter: AtomicU64::new(0),
             created: unix_now(),
             max_token_bytes,
-        }
+        })
     }
 
     /// Answers one HTTP request: (status, JSON body).
@@ -387,12 +385,22 @@ impl Handler {
             ("POST", "/v1/completions") => self.completions(body),
             ("GET", "/v1/models") => Ok(self.models()),
             ("GET", "/health") => Ok(json!({"status": "ok"})),
-            (_, "/v1/completions") | (_, "/v1/models") | (_, "/health") => Err(
-                ApiError::status(405, format!("method {method} is not allowed on {path}")),
-            ),
+            ("GET", "/metrics") => Ok(self.metrics()),
+            ("POST", "/admin/load") => admin::load(self, body),
+            (_, p) if ENDPOINTS.iter().any(|(_, e)| *e == p) => Err(ApiError::status(
+                405,
+                format!("method {method} is not allowed on {path}"),
+            )),
             _ => Err(ApiError::status(
                 404,
-                format!("no endpoint {path}: grove serve answers POST /v1/completions, GET /v1/models and GET /health"),
+                format!(
+                    "no endpoint {path}: grove serve answers {}",
+                    ENDPOINTS
+                        .iter()
+                        .map(|(m, e)| format!("{m} {e}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             )),
         };
         match r {
@@ -401,24 +409,36 @@ impl Handler {
         }
     }
 
+    /// `GET /metrics`: the batch counters, the queue and the served version.
+    pub fn metrics(&self) -> Value {
+        let mut m = self.scheduler.counters.to_json();
+        m["queued"] = json!(self.scheduler.queued());
+        let v = self.scheduler.current().version;
+        m["weights_version"] = json!(v.weights_version);
+        m["grove_policy_version"] = json!(v.policy_version);
+        m
+    }
+
     pub fn models(&self) -> Value {
+        let version = self.scheduler.current().version;
         let mut m = json!({
-            "id": self.served.name,
+            "id": self.name,
             "object": "model",
             "created": self.created,
             "owned_by": "grove",
-            "max_model_len": self.served.model.cfg.max_positions(),
+            "max_model_len": self.cfg.max_positions(),
         });
-        if let Some(v) = self.served.version {
+        if let Some(v) = version.policy_version {
             m["grove_policy_version"] = json!(v);
         }
+        m["weights_version"] = json!(version.weights_version);
         json!({"object": "list", "data": [m]})
     }
 
     fn encode_text(&self, text: &str, field: &str) -> ApiResult<Vec<u32>> {
-        let tok = &self.served.tok;
+        let tok = &self.tok;
         // Refused before tokenizing: a long text would hold this worker for nothing.
-        let max_pos = self.served.model.cfg.max_positions();
+        let max_pos = self.cfg.max_positions();
         let fewest = text.len() / self.max_token_bytes;
         if fewest >= max_pos {
             return Err(ApiError::field(
@@ -446,7 +466,7 @@ impl Handler {
     }
 
     fn ids(&self, v: &[Value], field: &str) -> ApiResult<Vec<u32>> {
-        let vocab = self.served.model.cfg.vocab_size;
+        let vocab = self.cfg.vocab_size;
         if v.is_empty() {
             return Err(ApiError::field(
                 "prompt",
@@ -516,12 +536,12 @@ impl Handler {
             ));
         }
         if let Some(m) = opt(&req, "model") {
-            if m.as_str() != Some(self.served.name.as_str()) {
+            if m.as_str() != Some(self.name.as_str()) {
                 return Err(ApiError {
                     status: 404,
                     message: format!(
                         "model {m} is not served here; this server serves {:?}",
-                        self.served.name
+                        self.name
                     ),
                     param: Some("model".into()),
                 });
@@ -560,7 +580,7 @@ impl Handler {
             unsupported(key, get_f64(&req, key, 0.0)? == 0.0)?;
         }
         let prompts = self.prompts(req.get("prompt"))?;
-        let max_pos = self.served.model.cfg.max_positions() as u64;
+        let max_pos = self.cfg.max_positions() as u64;
         let max_tokens = get_uint(&req, "max_tokens", 16, 1, u32::MAX as u64)? as usize;
         let temperature = get_f64(&req, "temperature", 1.0)?;
         let top_p = get_f64(&req, "top_p", 1.0)?;
@@ -644,11 +664,30 @@ impl Handler {
                 rand::Rng::gen(&mut *rng)
             }
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let tok = &self.served.tok;
-        let gens = LocalEngine::new(&self.served.model, tok)
-            .generate_n(&req.prompts, req.n, &req.params, &mut rng)
-            .map_err(|e| ApiError::status(500, format!("generation failed: {e}")))?;
+        // Every prompt repeated n times, prompt-major, from one generator: the answer is what
+        // `LocalEngine::generate_n` gives for the request alone.
+        let repeated: Vec<Vec<u32>> = req
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), req.n))
+            .collect();
+        let rx = self
+            .scheduler
+            .submit(
+                repeated,
+                req.params.clone(),
+                ChaCha8Rng::seed_from_u64(seed),
+            )
+            .map_err(|r| match r {
+                batcher::Refused::Invalid(m) => ApiError::status(400, m),
+                other => ApiError::status(503, other.to_string()),
+            })?;
+        let outcome = rx
+            .recv()
+            .map_err(|_| ApiError::status(500, "the batch scheduler stopped"))?;
+        let version = outcome.version;
+        let gens = outcome.result.map_err(|m| ApiError::status(500, m))?;
+        let tok = &self.tok;
         let mut choices = Vec::with_capacity(gens.len());
         let mut completion_tokens = 0;
         for (index, g) in gens.iter().enumerate() {
@@ -688,7 +727,7 @@ impl Handler {
             "id": format!("cmpl-grove-{id}"),
             "object": "text_completion",
             "created": unix_now(),
-            "model": self.served.name,
+            "model": self.name,
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -696,6 +735,8 @@ impl Handler {
                 "total_tokens": prompt_tokens + completion_tokens,
             },
             "grove_seed": seed,
+            "weights_version": version.weights_version,
+            "grove_policy_version": version.policy_version,
         }))
     }
 }
@@ -713,22 +754,28 @@ pub fn run(model_dir: &Path, opts: &ServeOptions) -> Result<()> {
         .map_err(|e| Error::Remote(format!("listening socket: {e}")))?;
     if !opts.quiet {
         eprintln!(
-            "serving {:?} ({} parameters{}) at http://{addr}/v1, {} workers, {}",
+            "serving {:?} ({} parameters{}) at http://{addr}/v1, batches of up to {} sequences, \
+             {}{}",
             served.name,
             served.model.num_params(),
             served
                 .version
                 .map(|v| format!(", policy version {v}"))
                 .unwrap_or_default(),
-            opts.workers,
+            opts.batch.max_batch,
             if opts.api_key.is_some() {
                 "API key required"
             } else {
                 "no API key (loopback only)"
+            },
+            if opts.admin_token.is_some() {
+                ", POST /admin/load enabled"
+            } else {
+                ""
             }
         );
     }
-    let server = start(listener, Handler::new(served), opts)?;
+    let server = start(listener, Handler::new(served, opts.batch)?, opts)?;
     let mut out = std::io::stdout();
     writeln!(out, "listening on {}", server.addr)
         .and_then(|_| out.flush())
@@ -748,6 +795,7 @@ pub fn start(listener: TcpListener, handler: Handler, opts: &ServeOptions) -> Re
         workers: opts.workers,
         queue: 4 * opts.workers,
         api_key: opts.api_key.clone(),
+        admin_token: opts.admin_token.clone(),
     };
     let handler = Arc::new(handler);
     let app: Arc<http::App> =
@@ -775,18 +823,23 @@ pub fn start(listener: TcpListener, handler: Handler, opts: &ServeOptions) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::Config;
+    use crate::model::Llama;
 
-    fn handler() -> Handler {
+    fn served() -> ServedModel {
         let tok = Tokenizer::builtin_arithmetic();
         let cfg = Config::builtin_tiny(tok.vocab_size());
         let model = Llama::init(&cfg, 3, &candle_core::Device::Cpu).unwrap();
-        Handler::new(ServedModel {
+        ServedModel {
             model,
             tok,
             name: "tiny".into(),
             version: Some(7),
-        })
+            dir: None,
+        }
+    }
+
+    fn handler() -> Handler {
+        Handler::new(served(), BatchOptions::default()).unwrap()
     }
 
     fn post(h: &Handler, body: &str) -> (u16, Value) {
@@ -795,8 +848,9 @@ mod tests {
 
     #[test]
     fn a_model_producing_nan_is_a_500_naming_it() {
-        let h = handler();
-        h.served.model.poison_with_nan();
+        let s = served();
+        s.model.poison_with_nan();
+        let h = Handler::new(s, BatchOptions::default()).unwrap();
         let (s, v) = post(&h, r#"{"prompt": "1+1=", "max_tokens": 2}"#);
         assert_eq!(s, 500, "{v}");
         let msg = v["error"]["message"].as_str().unwrap_or_default();
@@ -901,48 +955,6 @@ mod tests {
     }
 
     #[test]
-    fn special_tokens_come_from_the_folder() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let tok = Tokenizer::builtin_arithmetic();
-        let mut cfg = Config::builtin_tiny(tok.vocab_size());
-        let model = Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
-        let dev = candle_core::Device::Cpu;
-        let e = ServedModel::load(dir, None, &dev)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("no config.json"), "{e}");
-        crate::model::io::save_hf_folder(&model, dir).unwrap();
-        let e = ServedModel::load(dir, None, &dev)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("no tokenizer.json"), "{e}");
-        std::fs::write(dir.join("tokenizer.json"), tok.to_json()).unwrap();
-        // Built-in names: <bos> 1, <eos> 2, <pad> 0; no state.json, so no version.
-        let s = ServedModel::load(dir, Some("m".into()), &dev).unwrap();
-        assert_eq!((s.tok.bos, s.tok.eos, s.tok.pad), (Some(1), 2, 0));
-        assert_eq!((s.name.as_str(), s.version), ("m", None));
-        // config.json's eos_token_id (a list: its first) wins over the built-in name: '=' is 17.
-        cfg.eos_token_id = Some(serde_json::json!([17, 2]));
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string(&cfg).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(ServedModel::load(dir, None, &dev).unwrap().tok.eos, 17);
-        // tokenizer_config.json wins over both; tokens may be objects with "content".
-        std::fs::write(
-            dir.join("tokenizer_config.json"),
-            r#"{"eos_token": {"content": "+"}, "bos_token": null, "pad_token": "<unk>"}"#,
-        )
-        .unwrap();
-        let s = ServedModel::load(dir, None, &dev).unwrap();
-        assert_eq!((s.tok.bos, s.tok.eos, s.tok.pad), (Some(1), 14, 3));
-    }
-
-    #[test]
     fn a_public_bind_needs_an_api_key() {
         let opts = |host: &str, key: Option<&str>| ServeOptions {
             host: host.into(),
@@ -981,7 +993,7 @@ mod tests {
             "{m}"
         );
         // Just under the bound, the text is tokenized and refused by the exact count.
-        let max_pos = h.served.model.cfg.max_positions();
+        let max_pos = h.cfg.max_positions();
         let body = json!({"prompt": "1".repeat(5 * max_pos - 1)}).to_string();
         let (s, v) = post(&h, &body);
         assert_eq!(s, 400);
@@ -1025,5 +1037,16 @@ mod tests {
         assert_eq!(s, 200);
         assert_eq!(v["data"][0]["id"], "tiny");
         assert_eq!(v["data"][0]["grove_policy_version"], 7);
+        assert_eq!(v["data"][0]["weights_version"], 0);
+        let (s, a) = post(&h, r#"{"prompt": "1+2=", "max_tokens": 2}"#);
+        assert_eq!(s, 200);
+        assert_eq!(
+            (&a["weights_version"], &a["grove_policy_version"]),
+            (&json!(0), &json!(7))
+        );
+        let (s, m) = h.handle("GET", "/metrics", b"");
+        assert_eq!(s, 200);
+        assert_eq!(m["requests"], 1, "{m}");
+        assert!(m["forward_passes"].as_u64().unwrap() >= 1, "{m}");
     }
 }

@@ -7,10 +7,13 @@
 //! - [`asynchronous::AsyncExplorer`]: an explorer thread samples while the learner learns;
 //! - [`shared::SharedBuffer`]: `grove explore` processes fill a buffer (JSONL, SQLite,
 //!   PostgreSQL) and the learner publishes weights for them;
-//! - [`offline::Offline`]: groups read from an experience file, no sampling at all.
+//! - [`offline::Offline`]: groups read from an experience file, no sampling at all;
+//! - [`remote::RemoteSync`]: a `[remote]` server samples and the learner pushes its weights
+//!   to it after every `sync.interval` updates.
 pub mod asynchronous;
 pub mod lagged;
 pub mod offline;
+pub mod remote;
 pub mod shared;
 
 use std::collections::VecDeque;
@@ -86,6 +89,9 @@ pub fn open(
     let np = cfg.rollout.prompts_per_step;
     if let Some(url) = &cfg.sync.buffer {
         return Ok(Box::new(shared::SharedBuffer::open(cfg, url, learner)?));
+    }
+    if cfg.remote.is_some() {
+        return Ok(Box::new(remote::RemoteSync::open(cfg, learner)?));
     }
     if let Some(groups) = restored.offline {
         return Ok(Box::new(offline::Offline {
