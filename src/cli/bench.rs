@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Per-operation profile instead: fused vs composed ops and GEMM GFLOP/s.
     #[arg(long, conflicts_with = "rl_step")]
     pub ops: bool,
+    /// The linear layers' products in f32 and in bf16 instead (GFLOP/s of each, same run),
+    /// at train-batch × train-seq rows and at sample-batch rows (decoding).
+    #[arg(long, conflicts_with_all = ["rl_step", "ops"])]
+    pub gemm_bf16: bool,
     /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
     /// (full log-softmax) or chunked.
     #[arg(long, default_value = "auto")]
@@ -62,6 +66,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         steps,
         reward,
         ops,
+        gemm_bf16,
     } = args;
     let cfg = if let Some(c) = grove::bench::preset(&model) {
         c
@@ -95,6 +100,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         v["model"] = serde_json::Value::String(model);
         v["reward"] = serde_json::Value::String(reward);
         println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    if gemm_bf16 {
+        let rows = train_batch * train_seq;
+        for t in grove::bench::bf16_gemm_profile(&cfg, rows, sample_batch, reps)? {
+            println!("{}", serde_json::to_string(&t)?);
+        }
         return Ok(());
     }
     if ops {
