@@ -26,6 +26,10 @@ pub struct BenchOptions {
     pub reps: usize,
     /// How the training step computes token log-probs (chunked above 4096 tokens by default).
     pub logprobs: batch::LogprobImpl,
+    /// Precision of the matrix products (`model.dtype`).
+    pub dtype: crate::model::bf16::Dtype,
+    /// Train a LoRA adapter of this rank on all projections instead of every weight.
+    pub lora_rank: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -38,6 +42,8 @@ impl Default for BenchOptions {
             train_seq: 256,
             reps: 3,
             logprobs: batch::LogprobImpl::Auto,
+            dtype: Default::default(),
+            lora_rank: None,
         }
     }
 }
@@ -134,6 +140,17 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
     check_positions(cfg, opts)?;
     let dev = crate::compute::device();
     let model = Llama::init(cfg, 0, &dev)?;
+    let model = match opts.lora_rank {
+        Some(rank) => {
+            let lora = crate::model::lora::LoraConfig {
+                rank,
+                ..Default::default()
+            };
+            model.with_lora(&lora, 0, "bench")?
+        }
+        None => model,
+    }
+    .with_dtype(opts.dtype)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..opts.sample_batch)

@@ -47,6 +47,12 @@ pub struct BenchArgs {
     /// 64 for builtin); at most the model's positions.
     #[arg(long)]
     pub train_seq: Option<usize>,
+    /// Precision of the matrix products: f32 or bf16 (as `model.dtype`).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Train a LoRA adapter of this rank (all projections) instead of every weight.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
     /// Timed repetitions, after one untimed warm-up repetition.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -67,7 +73,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         reward,
         ops,
         gemm_bf16,
+        dtype,
+        lora_rank,
     } = args;
+    let dtype = grove::model::bf16::Dtype::from_name(&dtype)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let cfg = if let Some(c) = grove::bench::preset(&model) {
         c
     } else if model == "builtin" {
@@ -133,11 +143,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         train_seq,
         reps,
         logprobs: logprobs.parse().map_err(anyhow::Error::msg)?,
+        dtype,
+        lora_rank,
         ..Default::default()
     };
     let r = grove::bench::run(&cfg, &opts)?;
     let mut v = serde_json::to_value(&r)?;
     v["model"] = serde_json::Value::String(model);
+    v["dtype"] = serde_json::Value::String(dtype.name().into());
+    v["lora_rank"] = serde_json::json!(lora_rank);
     println!("{}", serde_json::to_string(&v)?);
     Ok(())
 }

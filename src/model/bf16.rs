@@ -22,8 +22,60 @@ use std::sync::OnceLock;
 
 use half::bf16;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::model::fused::{gemm_acc, output_buffer};
+
+/// `model.dtype`: the precision of the model's matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Dtype {
+    /// Every product in f32: the reference.
+    #[default]
+    F32,
+    /// Products on bf16 values with f32 accumulation (PyTorch's autocast to bf16).
+    Bf16,
+}
+
+impl Dtype {
+    /// Every dtype with its name in configs and on the command line.
+    pub const ALL: [(&'static str, Dtype); 2] = [("f32", Dtype::F32), ("bf16", Dtype::Bf16)];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, d)| *d == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// The dtype called `name`; an unknown one is an error listing the known ones.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| *d)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown dtype {name:?}: expected one of {}",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for Dtype {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        Dtype::from_name(&name)
+    }
+}
+
+impl From<Dtype> for String {
+    fn from(d: Dtype) -> String {
+        d.name().into()
+    }
+}
 
 /// One operand of [`gemm_bf16`]: f32 values (rounded to bf16 when read) or bf16 ones.
 #[derive(Clone, Copy)]
@@ -475,6 +527,10 @@ unsafe fn dots(a: &[u16], ka: usize, m: usize, w: &[bf16], sums: &mut [f32; SKIN
         *s = _mm512_reduce_add_ps(*acc);
     }
 }
+
+#[cfg(test)]
+#[path = "bf16_model_tests.rs"]
+mod model_tests;
 
 #[cfg(test)]
 mod tests {
