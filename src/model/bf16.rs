@@ -336,6 +336,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole Sync wrapper, not its field).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The blocked GEMM over packed A (m, 2·kp) and B panels.
 #[cfg(target_arch = "x86_64")]
 fn blocked(c: &mut [f32], accumulate: bool, m: usize, n: usize, kp: usize, a: &[u16], b: &[u16]) {
@@ -343,7 +350,6 @@ fn blocked(c: &mut [f32], accumulate: bool, m: usize, n: usize, kp: usize, a: &[
     let (mt, nt) = (m.div_ceil(MC), n.div_ceil(NC));
     let out = SharedOut(c.as_mut_ptr());
     (0..mt * nt).into_par_iter().for_each(|t| {
-        let out = out;
         let (i0, j0) = (t / nt * MC, t % nt * NC);
         let (i1, j1) = ((i0 + MC).min(m), (j0 + NC).min(n));
         for q0 in (0..kp).step_by(KC) {
@@ -368,7 +374,7 @@ fn blocked(c: &mut [f32], accumulate: bool, m: usize, n: usize, kp: usize, a: &[
                             lda,
                             bp.as_ptr(),
                             pairs,
-                            out.0.add(i * n + p * NR),
+                            out.ptr().add(i * n + p * NR),
                             n,
                             cols,
                             load_c,
@@ -480,7 +486,6 @@ fn skinny(
     let out = SharedOut(c.as_mut_ptr());
     let block = (16384 / k.max(1)).max(8);
     (0..n.div_ceil(block)).into_par_iter().for_each(|t| {
-        let out = out;
         for j in t * block..((t + 1) * block).min(n) {
             let wj = &w[j * w_stride..][..k];
             let mut sums = [0f32; SKINNY_ROWS];
@@ -490,7 +495,7 @@ fn skinny(
             for (i, s) in sums[..m].iter().enumerate() {
                 // SAFETY: (i, j) lies in C's m × n; column j belongs to this task only.
                 unsafe {
-                    let p = out.0.add(i * n + j);
+                    let p = out.ptr().add(i * n + j);
                     *p = if accumulate { *p + s } else { *s };
                 }
             }
@@ -574,11 +579,9 @@ mod tests {
     /// The three products of a linear layer, as (name, A strides, B strides) for A (m, k) and
     /// B (k, n) stored as the layer stores them: y = x·wᵀ reads w (n, k) through strides,
     /// ∂x = g·w reads w (k, n) row-major, ∂w = gᵀ·x reads g (k, m) through strides.
-    fn layouts(
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> [(&'static str, (usize, usize), (usize, usize)); 3] {
+    type Layout = (&'static str, (usize, usize), (usize, usize));
+
+    fn layouts(m: usize, k: usize, n: usize) -> [Layout; 3] {
         [
             ("x·wᵀ", (k, 1), (1, k)),
             ("g·w", (k, 1), (n, 1)),
