@@ -209,6 +209,11 @@ if os.path.exists(gpu_tsv):
         acc = [l.strip() for l in open(qs) if l.startswith("held-out accuracy")]
         if acc:
             print(f"The quickstart (`grove train`) on the same GPU: \"{acc[-1]}\".")
+# bf16 figures: bench/bf16.sh, its tables committed in bf16-results/bf16.md.
+bf16_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bf16-results", "bf16.md")
+if os.path.exists(bf16_md):
+    print("\n## bf16 (`model.dtype = \"bf16\"`)\n")
+    print(open(bf16_md).read().rstrip())
 notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "performance-notes.md")
 if os.path.exists(notes):
     print()

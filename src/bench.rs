@@ -26,6 +26,10 @@ pub struct BenchOptions {
     pub reps: usize,
     /// How the training step computes token log-probs (chunked above 4096 tokens by default).
     pub logprobs: batch::LogprobImpl,
+    /// Precision of the matrix products (`model.dtype`).
+    pub dtype: crate::model::bf16::Dtype,
+    /// Train a LoRA adapter of this rank on all projections instead of every weight.
+    pub lora_rank: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -38,6 +42,8 @@ impl Default for BenchOptions {
             train_seq: 256,
             reps: 3,
             logprobs: batch::LogprobImpl::Auto,
+            dtype: Default::default(),
+            lora_rank: None,
         }
     }
 }
@@ -134,6 +140,17 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
     check_positions(cfg, opts)?;
     let dev = crate::compute::device();
     let model = Llama::init(cfg, 0, &dev)?;
+    let model = match opts.lora_rank {
+        Some(rank) => {
+            let lora = crate::model::lora::LoraConfig {
+                rank,
+                ..Default::default()
+            };
+            model.with_lora(&lora, 0, "bench")?
+        }
+        None => model,
+    }
+    .with_dtype(opts.dtype)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..opts.sample_batch)
@@ -581,6 +598,165 @@ pub fn ops_profile(
         });
     }
     Ok((out, gemms))
+}
+
+/// One linear-layer product timed in f32 and in bf16 (same shape, same run).
+#[derive(Debug, Clone, Serialize)]
+pub struct Bf16GemmTiming {
+    pub what: String,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub f32_s: f64,
+    pub f32_gflops: f64,
+    pub bf16_s: f64,
+    pub bf16_gflops: f64,
+    /// f32 seconds / bf16 seconds.
+    pub speedup: f64,
+    /// The bf16 kernel that ran (`Avx512Bf16`, or `Widen`: the f32 fallback).
+    pub kernel: String,
+}
+
+/// The linear layers' products at a model's shapes, f32 against bf16 (weights stored in bf16,
+/// activations and gradients f32 and rounded inside the timed call, as the bf16 model runs
+/// them): the forward y = x·wᵀ of each projection at `tokens` rows and at `decode_rows`, and
+/// the backward ∂x = g·w and ∂w = gᵀ·x of the gate projection. The f32 forward runs through
+/// the fused linear layer (its decode path included); the backward through the f32 GEMM.
+pub fn bf16_gemm_profile(
+    cfg: &Config,
+    tokens: usize,
+    decode_rows: usize,
+    reps: usize,
+) -> Result<Vec<Bf16GemmTiming>> {
+    use crate::model::bf16::{self, Operand};
+    use crate::model::fused;
+    let dev = crate::compute::device();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q_out, kv_out) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.num_kv_heads() * cfg.head_dim(),
+    );
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    let mut out = vec![];
+    let forwards = [
+        ("q_proj", tokens, h, q_out),
+        ("k_proj", tokens, h, kv_out),
+        ("gate_proj", tokens, h, inter),
+        ("down_proj", tokens, inter, h),
+        ("gate_proj decode", decode_rows, h, inter),
+    ];
+    for (what, m, k, n) in forwards {
+        let x = rand_tensor(&[m, k], &mut rng, &dev)?;
+        let w = rand_tensor(&[n, k], &mut rng, &dev)?;
+        let (xv, wb) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            bf16::to_bf16(&w.flatten_all()?.to_vec1::<f32>()?),
+        );
+        let mut c = vec![0f32; m * n];
+        let f32_s = best_of(reps, || {
+            let _ = fused::linear(&x, &w)?;
+            Ok(())
+        })?;
+        let bf16_s = best_of(reps, || {
+            bf16::gemm_bf16(
+                &mut c,
+                false,
+                m,
+                n,
+                k,
+                Operand::F32(&xv),
+                (k, 1),
+                Operand::Bf16(&wb),
+                (1, k),
+            );
+            Ok(())
+        })?;
+        out.push(bf16_timing(what, (m, k, n), f32_s, bf16_s));
+    }
+    // ∂x (tokens, h) = g (tokens, inter) · w (inter, h); ∂w (inter, h) = gᵀ · x (tokens, h).
+    let g: Vec<f32> = (0..tokens * inter)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let x: Vec<f32> = (0..tokens * h)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let w: Vec<f32> = (0..inter * h)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let wb = bf16::to_bf16(&w);
+    let mut dx = vec![0f32; tokens * h];
+    let mut dw = vec![0f32; inter * h];
+    let f32_s = best_of(reps, || {
+        fused::gemm_into(&mut dx, tokens, h, inter, &g, (inter, 1), &w, (h, 1), par);
+        Ok(())
+    })?;
+    let bf16_s = best_of(reps, || {
+        bf16::gemm_bf16(
+            &mut dx,
+            false,
+            tokens,
+            h,
+            inter,
+            Operand::F32(&g),
+            (inter, 1),
+            Operand::Bf16(&wb),
+            (h, 1),
+        );
+        Ok(())
+    })?;
+    out.push(bf16_timing(
+        "gate_proj ∂x = g·w",
+        (tokens, inter, h),
+        f32_s,
+        bf16_s,
+    ));
+    let f32_s = best_of(reps, || {
+        fused::gemm_into(&mut dw, inter, h, tokens, &g, (1, inter), &x, (h, 1), par);
+        Ok(())
+    })?;
+    let bf16_s = best_of(reps, || {
+        bf16::gemm_bf16(
+            &mut dw,
+            false,
+            inter,
+            h,
+            tokens,
+            Operand::F32(&g),
+            (1, inter),
+            Operand::F32(&x),
+            (h, 1),
+        );
+        Ok(())
+    })?;
+    out.push(bf16_timing(
+        "gate_proj ∂w = gᵀ·x",
+        (inter, tokens, h),
+        f32_s,
+        bf16_s,
+    ));
+    Ok(out)
+}
+
+fn bf16_timing(
+    what: &str,
+    (m, k, n): (usize, usize, usize),
+    f32_s: f64,
+    bf16_s: f64,
+) -> Bf16GemmTiming {
+    let flops = 2.0 * (m * k * n) as f64;
+    Bf16GemmTiming {
+        what: what.into(),
+        m,
+        k,
+        n,
+        f32_s,
+        f32_gflops: flops / f32_s / 1e9,
+        bf16_s,
+        bf16_gflops: flops / bf16_s / 1e9,
+        speedup: f32_s / bf16_s,
+        kernel: format!("{:?}", crate::model::bf16::kernel()),
+    }
 }
 
 #[cfg(test)]

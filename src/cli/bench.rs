@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Concurrent clients for --serve.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 64])]
     pub clients: Vec<usize>,
+    /// The linear layers' products in f32 and in bf16 instead (GFLOP/s of each, same run),
+    /// at train-batch × train-seq rows and at sample-batch rows (decoding).
+    #[arg(long, conflicts_with_all = ["rl_step", "ops", "serve"])]
+    pub gemm_bf16: bool,
     /// Token log-probs of the training step: auto (chunked above 4096 tokens), composed
     /// (full log-softmax) or chunked.
     #[arg(long, default_value = "auto")]
@@ -51,6 +55,12 @@ pub struct BenchArgs {
     /// 64 for builtin); at most the model's positions.
     #[arg(long)]
     pub train_seq: Option<usize>,
+    /// Precision of the matrix products: f32 or bf16 (as `model.dtype`).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Train a LoRA adapter of this rank (all projections) instead of every weight.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
     /// Timed repetitions, after one untimed warm-up repetition.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -72,7 +82,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ops,
         serve,
         clients,
+        gemm_bf16,
+        dtype,
+        lora_rank,
     } = args;
+    let dtype = grove::model::bf16::Dtype::from_name(&dtype)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let cfg = if let Some(c) = grove::bench::preset(&model) {
         c
     } else if model == "builtin" {
@@ -110,6 +125,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if serve {
         return serve_throughput(&cfg, &model, tokenizer, &clients, new_tokens);
     }
+    if gemm_bf16 {
+        let rows = train_batch * train_seq;
+        for t in grove::bench::bf16_gemm_profile(&cfg, rows, sample_batch, reps)? {
+            println!("{}", serde_json::to_string(&t)?);
+        }
+        return Ok(());
+    }
     if ops {
         grove::bench::check_positions(
             &cfg,
@@ -134,11 +156,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         train_seq,
         reps,
         logprobs: logprobs.parse().map_err(anyhow::Error::msg)?,
+        dtype,
+        lora_rank,
         ..Default::default()
     };
     let r = grove::bench::run(&cfg, &opts)?;
     let mut v = serde_json::to_value(&r)?;
     v["model"] = serde_json::Value::String(model);
+    v["dtype"] = serde_json::Value::String(dtype.name().into());
+    v["lora_rank"] = serde_json::json!(lora_rank);
     println!("{}", serde_json::to_string(&v)?);
     Ok(())
 }

@@ -15,6 +15,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How many times weights have changed in this process: every optimizer step and every
+/// [`weights_changed`] call bumps it. Values derived from weights and kept between calls (the
+/// bf16 working copies of `model.dtype = "bf16"`) compare it to know they are stale; the CPU
+/// update runs in place, so the tensors themselves show no change.
+static WEIGHTS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The current weights generation (see [`weights_changed`]).
+pub fn weights_generation() -> u64 {
+    WEIGHTS_GENERATION.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Records that weights were written in place (an optimizer step, a load into existing Vars).
+pub fn weights_changed() {
+    WEIGHTS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {
     pub beta1: f64,
@@ -223,6 +239,7 @@ impl AdamW {
                 }
             }
         }
+        weights_changed();
         Ok(())
     }
 

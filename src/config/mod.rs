@@ -102,6 +102,11 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     /// Built-in model: width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Precision of the matrix products: "f32" (the reference) or "bf16": matmuls on bf16
+    /// values with f32 accumulation, on AVX-512-BF16 where the CPU has it; norms, softmax,
+    /// log-probs, losses, master weights and AdamW state stay f32; a LoRA run's frozen base is
+    /// kept in bf16 only (docs/performance.md).
+    pub dtype: crate::model::bf16::Dtype,
     /// `[model.lora]`: train a LoRA adapter on a frozen base instead of every weight
     /// (docs/lora.md).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,6 +122,7 @@ impl Default for ModelConfig {
             num_heads: 4,
             num_kv_heads: 4,
             intermediate_size: 352,
+            dtype: Default::default(),
             lora: None,
         }
     }

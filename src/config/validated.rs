@@ -157,7 +157,10 @@ mod tests {
         }
         for p in [Purpose::Train, Purpose::Resume] {
             let e = validate(raw.clone(), "test", p).unwrap_err().to_string();
-            assert!(e.contains("never reads [remote]"), "{p:?}: {e}");
+            assert!(
+                e.contains("only when it can push its weights"),
+                "{p:?}: {e}"
+            );
         }
     }
 

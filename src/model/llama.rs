@@ -15,6 +15,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
+
+use super::bf16::Dtype;
+use super::fused::Bf16Matrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -234,6 +237,21 @@ struct Layer {
 
 pub use super::fused::Weight;
 
+impl Layer {
+    /// The seven projections with their key suffixes.
+    fn projections_mut(&mut self) -> [(&'static str, &mut Weight); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q),
+            ("self_attn.k_proj", &mut self.k),
+            ("self_attn.v_proj", &mut self.v),
+            ("self_attn.o_proj", &mut self.o),
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
+    }
+}
+
 /// Per-layer key/value cache for incremental decoding: (b, n_kv, s, head_dim) each.
 #[derive(Default)]
 pub struct KvCache {
@@ -290,6 +308,10 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
+    /// With `model.dtype = "bf16"`: the output matrix the logits use (its bf16 values).
+    lm_head16: Option<Weight>,
+    /// The precision of the matrix products (`model.dtype`).
+    dtype: Dtype,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -379,17 +401,17 @@ impl Llama {
     }
 
     /// The model over named weights (checked by the caller: every key present), trainable
-    /// `params`; projections in `quantized` stay in their blocks.
+    /// `params`; projections in `special` (quantized, bf16) are taken as they are.
     fn assemble(
         cfg: &Config,
         by_name: &HashMap<String, Tensor>,
-        quantized: &HashMap<String, Arc<QTensor>>,
+        special: &HashMap<String, Weight>,
         params: Vec<(String, Var)>,
         device: &Device,
     ) -> Result<Self> {
         let take = |n: &str| by_name[n].clone();
-        let proj = |n: &str| match quantized.get(n) {
-            Some(q) => Weight::Quantized(q.clone()),
+        let proj = |n: &str| match special.get(n) {
+            Some(w) => w.clone(),
             None => Weight::Dense(by_name[n].clone()),
         };
         let mut layers = Vec::new();
@@ -438,6 +460,8 @@ impl Llama {
             layers,
             norm: take("model.norm.weight"),
             lm_head,
+            lm_head16: None,
+            dtype: Dtype::F32,
             cos,
             sin,
             device: device.clone(),
@@ -479,13 +503,18 @@ impl Llama {
     /// frozen base is shared, not copied.
     pub fn deep_clone(&self) -> Result<Self> {
         if let Some(a) = &self.adapter {
-            return self.frozen_view()?.with_adapter(a.deep_clone()?);
+            let mut m = self.frozen_view()?.with_adapter(a.deep_clone()?)?;
+            // The frozen base (bf16 or not) is shared; so is the bf16 output matrix.
+            m.dtype = self.dtype;
+            m.lm_head16 = self.lm_head16.clone();
+            return Ok(m);
         }
         let mut tensors = HashMap::new();
         for (n, v) in &self.params {
             tensors.insert(n.clone(), v.as_tensor().detach().copy()?);
         }
-        Self::from_tensors(&self.cfg, tensors, &self.device, "in-memory copy")
+        Self::from_tensors(&self.cfg, tensors, &self.device, "in-memory copy")?
+            .with_dtype(self.dtype)
     }
 
     /// Overwrites this model's weights with `other`'s (same config), keeping the Vars.
@@ -499,6 +528,8 @@ impl Llama {
             dst.set(&src.as_tensor().detach().copy()?)
                 .map_err(|e| Error::Model(format!("copy of `{n}`: {e}")))?;
         }
+        // Written in place: bf16 working copies must be made again.
+        crate::compute::optim::weights_changed();
         Ok(())
     }
 
@@ -518,7 +549,8 @@ impl Llama {
     /// rebuilt from them; a LoRA model shares this one's base).
     pub fn sibling_with(&self, tensors: HashMap<String, Tensor>, source: &str) -> Result<Self> {
         if self.adapter.is_none() {
-            return Self::from_tensors(&self.cfg, tensors, &self.device, source);
+            return Self::from_tensors(&self.cfg, tensors, &self.device, source)?
+                .with_dtype(self.dtype);
         }
         let m = self.deep_clone()?;
         m.set_trainable(tensors, source)?;
@@ -547,18 +579,18 @@ impl Llama {
     /// A model over frozen weights (no trainable parameters until an adapter is put on).
     fn frozen_from(cfg: &Config, weights: Vec<(String, Weight)>, device: &Device) -> Result<Self> {
         let mut dense = HashMap::new();
-        let mut quantized = HashMap::new();
+        let mut special = HashMap::new();
         for (n, w) in &weights {
             match w {
                 Weight::Dense(t) => {
                     dense.insert(n.clone(), t.clone());
                 }
-                Weight::Quantized(q) => {
-                    quantized.insert(n.clone(), q.clone());
+                other => {
+                    special.insert(n.clone(), other.clone());
                 }
             }
         }
-        let mut m = Self::assemble(cfg, &dense, &quantized, Vec::new(), device)?;
+        let mut m = Self::assemble(cfg, &dense, &special, Vec::new(), device)?;
         m.frozen = weights;
         Ok(m)
     }
@@ -822,7 +854,56 @@ impl Llama {
 
     /// Logits (…, vocab) from hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, &self.lm_head, None)
+        match &self.lm_head16 {
+            Some(w) => w.linear(hidden, None),
+            None => linear(hidden, &self.lm_head, None),
+        }
+    }
+
+    /// The precision of the matrix products.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// This model with its matrix products in `dtype` (`model.dtype`). For bf16 (PyTorch's
+    /// autocast): a trainable weight keeps its f32 master, which the optimizer updates, and
+    /// gets a bf16 working copy made again after every change; a frozen base projection (with
+    /// an adapter) is kept in bf16 only, half its f32 memory; a quantized one stays in its
+    /// blocks. Embeddings, norms and biases stay f32. Put the adapter on first: the base's
+    /// identity hash is of its f32 values.
+    pub fn with_dtype(mut self, dtype: Dtype) -> Result<Self> {
+        if dtype == self.dtype {
+            return Ok(self);
+        }
+        if self.dtype == Dtype::Bf16 {
+            return Err(Error::Model(
+                "a bf16 model cannot be turned back to f32: its frozen weights were rounded".into(),
+            ));
+        }
+        let frozen = self.adapter.is_some() || !self.frozen.is_empty();
+        let to_bf16 = |w: &Weight| -> Result<Weight> {
+            Ok(match w {
+                Weight::Dense(t) if frozen => Weight::Bf16(Bf16Matrix::from_tensor(t)?),
+                Weight::Dense(t) => Weight::Autocast(t.clone(), Arc::default()),
+                other => other.clone(),
+            })
+        };
+        // By key, so the frozen list shares the layers' bf16 matrices (the f32 ones are freed).
+        let mut converted = HashMap::new();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for (suffix, w) in layer.projections_mut() {
+                *w = to_bf16(w)?;
+                converted.insert(format!("model.layers.{li}.{suffix}.weight"), w.clone());
+            }
+        }
+        for (n, w) in self.frozen.iter_mut() {
+            if let Some(c) = converted.get(n.as_str()) {
+                *w = c.clone();
+            }
+        }
+        self.lm_head16 = Some(to_bf16(&Weight::Dense(self.lm_head.clone()))?);
+        self.dtype = dtype;
+        Ok(self)
     }
 }
 

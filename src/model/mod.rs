@@ -1,5 +1,6 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
 pub mod batch;
+pub mod bf16;
 pub mod causal_lm;
 pub mod chat;
 pub mod fused;

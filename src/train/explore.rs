@@ -108,11 +108,13 @@ impl Env {
             )?,
             Some(p) => crate::model::io::load_pretrained(p, dev)?.0,
         };
-        match &self.cfg.model.lora {
+        let policy = match &self.cfg.model.lora {
             // [model.lora]: only an adapter trains; the base stays frozen (docs/lora.md).
-            Some(l) => crate::model::lora::apply(base, l, self.cfg.seed, &self.cfg.model.source),
-            None => Ok(base),
-        }
+            Some(l) => crate::model::lora::apply(base, l, self.cfg.seed, &self.cfg.model.source)?,
+            None => base,
+        };
+        // Last: a LoRA base's identity hash is of its f32 values.
+        policy.with_dtype(self.cfg.model.dtype)
     }
 }
 

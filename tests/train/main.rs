@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod distributed;
+mod dtype;
 mod environments;
 mod pretrained_train;
 mod remote;

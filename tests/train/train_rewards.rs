@@ -26,7 +26,11 @@ fn small(out: &Path, steps: usize, extra: &[String]) -> config::ValidatedRun {
 
 /// Runs `steps` steps straight, and again stopped after 3 and resumed from the saved config;
 /// asserts identical metrics and final weights, returns the RL metric lines.
-fn assert_resumes_exactly(root: &Path, steps: usize, extra: &[String]) -> Vec<serde_json::Value> {
+pub(crate) fn assert_resumes_exactly(
+    root: &Path,
+    steps: usize,
+    extra: &[String],
+) -> Vec<serde_json::Value> {
     let a = run(small(&root.join("a"), steps, extra), &quiet()).unwrap();
     let b = run(
         small(&root.join("b"), steps, extra),

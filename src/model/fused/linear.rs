@@ -220,22 +220,29 @@ pub(super) fn linear_fwd(
         gemm_into(&mut y, n, out_f, in_f, x, (in_f, 1), w, (1, in_f), par);
     }
     if let Some(b) = bias {
-        if out_f > 0 {
-            y.par_chunks_mut(rows_per_task(out_f) * out_f)
-                .for_each(|rows| {
-                    for row in rows.chunks_mut(out_f) {
-                        for (v, &bv) in row.iter_mut().zip(b) {
-                            *v += bv;
-                        }
-                    }
-                });
-        }
+        add_bias(&mut y, b);
     }
     let mut dims = l1.shape().dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out_f;
     }
     Ok((CpuStorage::F32(y), Shape::from(dims)))
+}
+
+/// y += b on every row of y (rows of b.len()).
+pub(super) fn add_bias(y: &mut [f32], b: &[f32]) {
+    let out_f = b.len();
+    if out_f == 0 {
+        return;
+    }
+    y.par_chunks_mut(rows_per_task(out_f) * out_f)
+        .for_each(|rows| {
+            for row in rows.chunks_mut(out_f) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        });
 }
 
 /// Σ over the rows of g (rows of `width`): per-task partial sums added in task order, so the

@@ -73,20 +73,38 @@ impl CustomOp3 for LoraLinear {
         let (r, in_f) = l2.shape().dims2()?;
         let out_f = l3.shape().dims2()?.0;
         let n = x.len() / in_f.max(1);
-        let wd = self
-            .w
-            .to_dense(&candle_core::Device::Cpu)
-            .map_err(to_candle)?;
-        let (storage, out_shape) = with_cpu_f32([&wd], "lora linear", |[ws]| {
-            let bias = match &self.bias {
-                Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let wl = Layout::contiguous((out_f, in_f));
-            linear_fwd(x, l1, ws, &wl, bias.as_deref())
-        })?;
-        let CpuStorage::F32(mut y) = storage else {
-            candle_core::bail!("lora linear: expected f32 output")
+        let bias = match &self.bias {
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (mut y, out_shape) = match self.w.bf16_values().map_err(to_candle)? {
+            Some(w16) => {
+                // Written in full by the product.
+                let mut y = output_buffer(n * out_f);
+                bf16_product_t(&mut y, false, x, n, &w16, out_f, in_f);
+                if let Some(b) = &bias {
+                    add_bias(&mut y, b);
+                }
+                let mut dims = l1.shape().dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = out_f;
+                }
+                (y, Shape::from(dims))
+            }
+            None => {
+                let wd = self
+                    .w
+                    .to_dense(&candle_core::Device::Cpu)
+                    .map_err(to_candle)?;
+                let (storage, out_shape) = with_cpu_f32([&wd], "lora linear", |[ws]| {
+                    let wl = Layout::contiguous((out_f, in_f));
+                    linear_fwd(x, l1, ws, &wl, bias.as_deref())
+                })?;
+                let CpuStorage::F32(y) = storage else {
+                    candle_core::bail!("lora linear: expected f32 output")
+                };
+                (y, out_shape)
+            }
         };
         let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
         // h (n, r) = x·Aᵀ; y += (s·h)·Bᵀ. Both written in full by their GEMM.
@@ -117,7 +135,13 @@ impl CustomOp3 for LoraLinear {
         let s = self.scale;
         let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
         let want_dx = x.track_op();
-        let wd = self.w.to_dense(x.device()).map_err(to_candle)?;
+        let w16 = self.w.bf16_values().map_err(to_candle)?;
+        // The f32 base for ∂x = g·W unless the product runs on its bf16 values (a dummy
+        // otherwise, never read).
+        let wd = match (&w16, want_dx) {
+            (None, true) => self.w.to_dense(x.device()).map_err(to_candle)?,
+            _ => Tensor::zeros(0usize, DType::F32, x.device())?,
+        };
         // All written in full by their first GEMM.
         let mut gh = output_buffer(n * r);
         let mut db = output_buffer(out_f * r);
@@ -137,7 +161,12 @@ impl CustomOp3 for LoraLinear {
                 gemm_into(&mut da, r, in_f, n, &gh, (1, r), xs, (in_f, 1), par);
                 if want_dx {
                     // ∂x = g·W + ∂h·A
-                    gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par);
+                    match &w16 {
+                        Some(w16) => bf16_product_dx(&mut dx, false, gs, n, w16, out_f, in_f),
+                        None => {
+                            gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par)
+                        }
+                    }
                     gemm_acc(&mut dx, true, n, in_f, r, &gh, (r, 1), as_, (in_f, 1), par);
                 }
                 Ok(())

@@ -7,12 +7,15 @@ use candle_core::{CustomOp1, Device};
 
 use super::*;
 
-/// A projection's weight: f32, or kept in its ggml blocks (the frozen base of a LoRA run with
-/// `model.lora.quantized_base`).
+/// A projection's weight: f32, kept in its ggml blocks (the frozen base of a LoRA run with
+/// `model.lora.quantized_base`), or for `model.dtype = "bf16"` bf16 alone (a frozen base) or
+/// an f32 master with its bf16 working copy (full-parameter training).
 #[derive(Clone)]
 pub enum Weight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    Bf16(Bf16Matrix),
+    Autocast(Tensor, Arc<Bf16Copy>),
 }
 
 impl Weight {
@@ -21,7 +24,18 @@ impl Weight {
         match self {
             Weight::Dense(t) => Ok(t.clone()),
             Weight::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
+            Weight::Bf16(m) => m.to_tensor(device),
+            Weight::Autocast(t, _) => Ok(t.clone()),
         }
+    }
+
+    /// The bf16 values the products use (None: an f32 or quantized weight).
+    pub fn bf16_values(&self) -> Result<Option<Arc<Vec<half::bf16>>>> {
+        Ok(match self {
+            Weight::Bf16(m) => Some(m.data.clone()),
+            Weight::Autocast(t, copy) => Some(copy.of(t)?),
+            Weight::Dense(_) | Weight::Quantized(_) => None,
+        })
     }
 
     /// (out, in).
@@ -29,14 +43,17 @@ impl Weight {
         Ok(match self {
             Weight::Dense(t) => t.dims2()?,
             Weight::Quantized(q) => q.shape().dims2()?,
+            Weight::Bf16(m) => m.dims,
+            Weight::Autocast(t, _) => t.dims2()?,
         })
     }
 
     /// Whether the fused CPU kernels take it (quantized weights are dequantized on the CPU).
     pub fn is_cpu_f32(&self) -> bool {
         match self {
-            Weight::Dense(t) => fusable(&[t]),
+            Weight::Dense(t) | Weight::Autocast(t, _) => fusable(&[t]),
             Weight::Quantized(q) => q.device().is_cpu(),
+            Weight::Bf16(_) => true,
         }
     }
 
@@ -44,7 +61,8 @@ impl Weight {
     pub fn contiguous(&self) -> Result<Self> {
         Ok(match self {
             Weight::Dense(t) => Weight::Dense(t.contiguous()?),
-            Weight::Quantized(q) => Weight::Quantized(q.clone()),
+            Weight::Autocast(t, copy) => Weight::Autocast(t.contiguous()?, copy.clone()),
+            Weight::Quantized(_) | Weight::Bf16(_) => self.clone(),
         })
     }
 
@@ -62,6 +80,8 @@ impl Weight {
                     None => y,
                 })
             }
+            Weight::Bf16(m) => linear_bf16(x, m.data.clone(), m.dims, None, b),
+            Weight::Autocast(t, copy) => linear_bf16(x, copy.of(t)?, t.dims2()?, Some(t), b),
         }
     }
 }
