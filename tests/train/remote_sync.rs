@@ -377,3 +377,38 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `grove explore --remote URL --weights DIR` pushes the learner's newest published weights
+/// (a `.safetensors` file) to the server and tags its groups with the version served.
+#[test]
+fn explore_pushes_published_weights_to_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(tmp.path());
+    let model_b = other_weights(&ckpt, &tmp.path().join("other"));
+    let published = tmp.path().join("published");
+    grove::train::publish::publish(&published, 5, &model_b).unwrap();
+    let server = serve_with(&ckpt, &["--admin-token", ADMIN]);
+    let base = format!("http://{}", server.addr);
+    let out = tmp.path().join("groups.jsonl");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(["explore", "--quiet", "--remote", &base, "--weights"])
+        .arg(&published)
+        .arg("--out")
+        .arg(&out)
+        .args(["--groups", "2", "--set", "rollout.prompts_per_step=2"])
+        .args(["--set", &format!("remote.admin_token={ADMIN:?}")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let groups = grove::buffer::jsonl::read_groups(&out).unwrap();
+    assert_eq!(groups.len(), 2);
+    assert!(groups.iter().all(|g| g.policy_version == 5));
+    let models = get(&format!("{base}/v1/models"));
+    assert_eq!(models["data"][0]["grove_policy_version"], 5);
+    let tok = Tokenizer::builtin_arithmetic();
+    let prompt = encode_prompt(&tok, "3*4=").unwrap();
+    assert_eq!(
+        served_greedy(&base, &prompt).0,
+        greedy_local(&model_b, &prompt, 6)
+    );
+}
