@@ -25,7 +25,9 @@ pub struct ExploreArgs {
     pub policy: Option<PathBuf>,
     /// Sample through this OpenAI-compatible completions server (vLLM, SGLang, llama.cpp,
     /// `grove serve`) instead of local weights (sets remote.url; see [remote] in the README).
-    #[arg(long, value_name = "URL", conflicts_with_all = ["weights", "policy"])]
+    /// With --weights DIR the learner's published weights are pushed to the server
+    /// (remote.admin_token).
+    #[arg(long, value_name = "URL", conflicts_with = "policy")]
     pub remote: Option<String>,
     /// Stop after this many groups. Default: one step's worth with --out; with --buffer, until
     /// the learner finishes (its finished.json in --weights DIR) or the buffer stays full for

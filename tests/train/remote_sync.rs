@@ -377,3 +377,94 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `grove explore --remote URL --weights DIR` pushes the learner's newest published weights
+/// (a `.safetensors` file) to the server and tags its groups with the version served.
+#[test]
+fn explore_pushes_published_weights_to_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(tmp.path());
+    let model_b = other_weights(&ckpt, &tmp.path().join("other"));
+    let published = tmp.path().join("published");
+    grove::train::publish::publish(&published, 5, &model_b).unwrap();
+    let server = serve_with(&ckpt, &["--admin-token", ADMIN]);
+    let base = format!("http://{}", server.addr);
+    let out = tmp.path().join("groups.jsonl");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(["explore", "--quiet", "--remote", &base, "--weights"])
+        .arg(&published)
+        .arg("--out")
+        .arg(&out)
+        .args(["--groups", "2", "--set", "rollout.prompts_per_step=2"])
+        .args(["--set", &format!("remote.admin_token={ADMIN:?}")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let groups = grove::buffer::jsonl::read_groups(&out).unwrap();
+    assert_eq!(groups.len(), 2);
+    assert!(groups.iter().all(|g| g.policy_version == 5));
+    let models = get(&format!("{base}/v1/models"));
+    assert_eq!(models["data"][0]["grove_policy_version"], 5);
+    let tok = Tokenizer::builtin_arithmetic();
+    let prompt = encode_prompt(&tok, "3*4=").unwrap();
+    assert_eq!(
+        served_greedy(&base, &prompt).0,
+        greedy_local(&model_b, &prompt, 6)
+    );
+}
+
+/// An adapter push: the PEFT adapter written by the real `peft` package (tests/fixtures/peft)
+/// goes onto the weights the server started with, and the server then answers as grove's own
+/// forward pass of base + adapter, not as the base.
+#[test]
+fn an_adapter_load_serves_base_plus_adapter() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("base");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join("base").join(f), base_dir.join(f)).unwrap();
+    }
+    let tok = Tokenizer::builtin_arithmetic();
+    std::fs::write(base_dir.join("tokenizer.json"), tok.to_json()).unwrap();
+    let server = serve_with(&base_dir, &["--admin-token", ADMIN]);
+    let base = format!("http://{}", server.addr);
+    let prompt = vec![1u32, 5, 7, 2, 9];
+    let dev = candle_core::Device::Cpu;
+    let plain = load_hf_folder(&base_dir, &dev).unwrap();
+    let (before, before_lps) = served_greedy(&base, &prompt);
+    assert_eq!(before, greedy_local(&plain, &prompt, 6));
+    let adapter = fixture.join("adapter");
+    let (s, v) = post(
+        &format!("{base}/admin/load"),
+        &json!({"path": adapter, "version": 3}),
+        true,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (&v["kind"], &v["grove_policy_version"]),
+        (&json!("adapter"), &json!(3))
+    );
+    let with =
+        grove::model::lora::load_onto(plain, &adapter, &base_dir.display().to_string()).unwrap();
+    let want = &local(
+        &with,
+        &tok,
+        std::slice::from_ref(&prompt),
+        &SamplingParams::greedy(6),
+        0,
+    )[0];
+    let (got, lps) = served_greedy(&base, &prompt);
+    assert_eq!(got, want.tokens);
+    for (a, b) in lps.iter().zip(&want.logprobs) {
+        assert!((a - *b as f64).abs() < 1e-4, "log-prob {a} vs local {b}");
+    }
+    let moved = lps
+        .iter()
+        .zip(&before_lps)
+        .any(|(a, b)| (a - b).abs() > 1e-6);
+    assert!(
+        moved || got != before,
+        "the adapter changed nothing: {lps:?}"
+    );
+}
