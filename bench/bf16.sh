@@ -7,6 +7,7 @@
 #
 #   bash bench/bf16.sh
 #   SKIP_QUICKSTART=1 bash bench/bf16.sh   the speed tables only
+#   REPORT_ONLY=1 bash bench/bf16.sh       the tables from the results already in $OUT
 #
 # Raw JSON lines and logs go to $OUT (default target/bench-out/bf16).
 set -euo pipefail
@@ -14,10 +15,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${BENCH_OUT:-$root/target/bench-out/bf16}
 mkdir -p "$OUT"
 cd "$root"
-cargo build --release --quiet
 G="$root/target/release/grove"
 QWEN=(--model qwen2.5-0.5b --train-batch 2 --train-seq 128 --sample-batch 8 --new-tokens 32 --reps 2)
 
+if [ -z "${REPORT_ONLY:-}" ]; then
+cargo build --release --quiet
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16)$' | xargs || true)
 echo "cpu: $cpu, $(nproc) threads; bf16 features: ${flags:-none}" > "$OUT/machine.txt"
@@ -37,6 +39,7 @@ if [ -z "${SKIP_QUICKSTART:-}" ]; then
   done
 fi
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+fi
 
 mkdir -p "$root/bench/bf16-results"
 python3 - "$OUT" <<'PY' | tee "$root/bench/bf16-results/bf16.md"
@@ -65,7 +68,12 @@ print("| Qwen2.5-0.5B shapes | training step 2 × 128 (s) | forward (s) | backwa
 print("|---|---|---|---|---|---|")
 base = None
 for name, label in [("f32", "full f32"), ("bf16", "full bf16"), ("bf16lorarank16", "LoRA r=16, bf16 base")]:
-    r = json.loads(open(out / f"step_{name}.json").read())
+    p = out / f"step_{name}.json"
+    text = p.read_text().strip() if p.exists() else ""
+    if not text:
+        print(f"| {label} | not measured (the run did not finish) | | | | |")
+        continue
+    r = json.loads(text)
     base = base or r
     print(f"| {label} | {r['train_step_s']:.2f} ({base['train_step_s'] / r['train_step_s']:.2f}× f32) | "
           f"{r['train_forward_s']:.2f} | {r['train_backward_s']:.2f} | "
