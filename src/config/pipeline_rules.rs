@@ -108,7 +108,9 @@ mod tests {
 
     fn load(sets: &[&str]) -> std::result::Result<crate::config::RunConfig, String> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        crate::config::load(None, &sets).map_err(|e| e.to_string())
+        crate::config::load(None, &sets)
+            .map(|v| v.into_config())
+            .map_err(|e| e.to_string())
     }
 
     /// `[env]` + `[reward.pipeline]`: episode components work, single-response ones are
