@@ -111,6 +111,8 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment gated-reward --seeds 0,1,2",
         "6 training runs, about 15 minutes; src/experiment.rs tests that its settings load, \
          src/reward/pipeline/tests.rs its reward by hand",
+    ),
+    (
         "grove experiment noisy-rewards --seeds 0,1,2",
         "15 training runs, about 13 minutes on an idle 2-core machine; src/experiment.rs tests \
          its variants' configs",
