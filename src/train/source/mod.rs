@@ -145,26 +145,32 @@ impl BatchSource for OnPolicy {
         } else {
             0
         };
-        let (groups, refill) = crate::sampling::fill_batch(
-            env.cfg.rollout.prompts_per_step,
-            refill_rounds,
-            |g: &ExperienceGroup| {
-                let rewards: Vec<f64> = g.experiences.iter().map(|e| e.reward).collect();
-                !crate::sampling::is_zero_std(&rewards)
-            },
-            || {
-                collect_rewarded(
-                    env,
-                    &learner.model,
-                    learner.version,
-                    explore_st,
-                    learner.rewards.as_mut(),
-                )
-            },
-        )?;
-        if refill_rounds > 0 {
+        let mut collect = || {
+            collect_rewarded(
+                env,
+                &learner.model,
+                learner.version,
+                explore_st,
+                learner.rewards.as_mut(),
+            )
+        };
+        // Without refill the groups stay in the order they were sampled (fill_batch puts the
+        // informative ones first, which would change the float sums of every metric and loss).
+        let groups = if refill_rounds == 0 {
+            collect()?
+        } else {
+            let (groups, refill) = crate::sampling::fill_batch(
+                env.cfg.rollout.prompts_per_step,
+                refill_rounds,
+                |g: &ExperienceGroup| {
+                    let rewards: Vec<f64> = g.experiences.iter().map(|e| e.reward).collect();
+                    !crate::sampling::is_zero_std(&rewards)
+                },
+                collect,
+            )?;
             learner.note_refill(refill);
-        }
+            groups
+        };
         Ok(Some(Batch {
             groups,
             generate_s: t.elapsed().as_secs_f64(),
