@@ -304,7 +304,20 @@ pub(super) fn linear_bwd(
         }
         Ok(())
     })?;
-    let dev = w.device();
+    linear_grads(x, (out_f, in_f), (want_dx, dx), (want_dw, dw), db)
+}
+
+/// The linear layer's gradients as tensors: ∂x shaped like `x`, ∂w (out, in), ∂b (out); a
+/// gradient not wanted is `None` (its buffer is empty).
+#[allow(clippy::type_complexity)]
+pub(super) fn linear_grads(
+    x: &Tensor,
+    (out_f, in_f): (usize, usize),
+    (want_dx, dx): (bool, Vec<f32>),
+    (want_dw, dw): (bool, Vec<f32>),
+    db: Option<Vec<f32>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dev = x.device();
     Ok((
         want_dx
             .then(|| Tensor::from_vec(dx, x.shape(), dev))

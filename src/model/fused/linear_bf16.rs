@@ -171,16 +171,7 @@ impl LinearBf16 {
             }
             Ok(())
         })?;
-        let dev = x.device();
-        Ok((
-            want_dx
-                .then(|| Tensor::from_vec(dx, x.shape(), dev))
-                .transpose()?,
-            want_dw
-                .then(|| Tensor::from_vec(dw, (out_f, in_f), dev))
-                .transpose()?,
-            db.map(|v| Tensor::from_vec(v, out_f, dev)).transpose()?,
-        ))
+        super::linear::linear_grads(x, (out_f, in_f), (want_dx, dx), (want_dw, dw), db)
     }
 }
 
