@@ -2,15 +2,19 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    pub report: Option<EvalReport>,
     /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
-    pub model: PathBuf,
+    #[arg(required = true)]
+    pub model: Option<PathBuf>,
     /// gsm8k, math500 or builtin (the arithmetic task's held-out split).
-    #[arg(long)]
-    pub task: String,
+    #[arg(long, required = true)]
+    pub task: Option<String>,
     /// Samples per question (with n > 1 the default temperature is 1.0).
     #[arg(long, default_value_t = 1)]
     pub n: usize,
@@ -54,8 +58,52 @@ pub struct EvalArgs {
     pub adapter: Option<PathBuf>,
 }
 
+/// Reports over files that earlier `grove eval --out` runs (or other tools) wrote.
+#[derive(Subcommand)]
+pub enum EvalReport {
+    /// Weak-to-strong deception: among the questions the weak-supervised strong model gets
+    /// wrong and the strong ceiling gets right, the fraction the weak supervisor also gets
+    /// wrong (docs/algorithms.md#evaluation). Each file is JSONL keyed by `index` or `id`,
+    /// with a boolean `correct` or a `grove eval --out` record.
+    Deception {
+        /// Correctness of the strong model trained on the weak model's labels.
+        #[arg(long, value_name = "FILE.jsonl")]
+        weak_to_strong: PathBuf,
+        /// Correctness of the strong model trained on ground truth (the ceiling).
+        #[arg(long, value_name = "FILE.jsonl")]
+        ceiling: PathBuf,
+        /// Correctness of the weak supervisor.
+        #[arg(long, value_name = "FILE.jsonl")]
+        weak: PathBuf,
+        /// Also list the keys of the qualifying questions (weak also wrong first).
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+fn run_report(report: EvalReport) -> Result<()> {
+    match report {
+        EvalReport::Deception {
+            weak_to_strong,
+            ceiling,
+            weak,
+            list,
+        } => {
+            let r = grove::eval::deception::run([&weak_to_strong, &ceiling, &weak])?;
+            println!("{r}");
+            if list {
+                let (fooled, other) = r.qualifying_keys.split_at(r.weak_also_wrong);
+                println!("weak also wrong: {}", fooled.join(" "));
+                println!("weak right: {}", other.join(" "));
+            }
+            Ok(())
+        }
+    }
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
     let EvalArgs {
+        report,
         model,
         task,
         n,
@@ -72,6 +120,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         quiet,
         adapter,
     } = args;
+    if let Some(report) = report {
+        return run_report(report);
+    }
+    let (Some(model), Some(task)) = (model, task) else {
+        bail!("grove eval needs MODEL and --task (or a report: grove eval deception ...)");
+    };
     use grove::eval::runner::{parse_ks, run_eval, EvalOptions};
     use grove::task::datasets::PromptStyle;
     let ks = match k {

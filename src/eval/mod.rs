@@ -1,11 +1,12 @@
 //! Evaluation metrics (docs/algorithms.md#evaluation): unbiased pass@k, mean@n, maj@n, their average over
-//! prompts, and the weak-to-strong deception score.
+//! prompts, and the weak-to-strong deception score (its report over three models' files: [`deception`]).
 //!
 //! Conventions for degenerate input (all tested): an empty sample set scores 0; `c > n` is
 //! clamped to `n`; `k > n` is clamped to `n` (the unbiased estimator needs k ≤ n, and pass@n is
 //! the best estimate available); `k = 0` scores 0. Slices that should have equal lengths are
 //! zipped (the shorter decides) except in [`deception_score`], which returns `None`.
 
+pub mod deception;
 pub mod runner;
 pub mod verify;
 

@@ -202,6 +202,69 @@ fn eval_runs_on_the_tiny_gguf() {
     assert_eq!(samples.len(), 2);
     assert!(samples.iter().all(|s| s["tokens"].as_u64().unwrap() <= 4));
 
+    // The weak-to-strong deception report over this file and two hand-written ones: the
+    // ceiling gets both questions right, the weak model only question 1.
+    std::fs::write(
+        tmp.path().join("ceiling.jsonl"),
+        "{\"index\":0,\"correct\":true}\n{\"index\":1,\"correct\":true}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("weak.jsonl"),
+        "{\"index\":1,\"correct\":true}\n{\"index\":0,\"correct\":false}\n",
+    )
+    .unwrap();
+    let ws: Vec<bool> = lines.iter().map(|l| l["maj"] == 1.0).collect();
+    let (code, out, err) = grove(
+        &[
+            "eval",
+            "deception",
+            "--weak-to-strong",
+            "out/eval.jsonl",
+            "--ceiling",
+            "ceiling.jsonl",
+            "--weak",
+            "weak.jsonl",
+            "--list",
+        ],
+        tmp.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    // Qualifying = the questions the random model got wrong; the weak model is wrong on 0 only.
+    let expected = match (ws[0], ws[1]) {
+        (false, false) => "deception score: 0.5000",
+        (false, true) => "deception score: 1.0000",
+        (true, false) => "deception score: 0.0000",
+        (true, true) => "deception score: undefined",
+    };
+    assert!(out.contains(expected), "{out}");
+    assert!(out.contains("accuracy (ceiling): 1.0000"), "{out}");
+    assert!(out.contains("accuracy (weak): 0.5000"), "{out}");
+    // A file missing a question is refused, naming both files.
+    std::fs::write(
+        tmp.path().join("short.jsonl"),
+        "{\"index\":0,\"correct\":true}\n",
+    )
+    .unwrap();
+    let (code, _, err) = grove(
+        &[
+            "eval",
+            "deception",
+            "--weak-to-strong",
+            "out/eval.jsonl",
+            "--ceiling",
+            "short.jsonl",
+            "--weak",
+            "weak.jsonl",
+        ],
+        tmp.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("question 1 is in out/eval.jsonl (line 2) but not in short.jsonl"),
+        "{err}"
+    );
+
     // k larger than n is refused before any work.
     let (code, _, err) = grove(
         &[
