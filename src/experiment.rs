@@ -25,6 +25,18 @@ pub struct Experiment {
     /// Training metrics reported beside held-out accuracy: each run's mean over its last
     /// [`TAIL_STEPS`] RL steps, then mean ± sd over seeds; each gets its own plot.
     pub tail_metrics: &'static [&'static str],
+    /// Offline experiments: the data every variant of a seed trains from (`sync.offline`).
+    pub offline: Option<OfflineData>,
+}
+
+/// Offline data sampled once per seed, before the variants: a behaviour run (`common`, then
+/// the experiment's extra `--set`s, then `behaviour`) ends with a checkpoint whose policy
+/// samples `groups` groups into `<runs>/<experiment>-data-s<seed>.jsonl` (as `grove explore
+/// --policy CKPT --out FILE` does). The variants start from the same seed, so their own
+/// warm-up ends at the behaviour policy: the data is on-policy at RL step 0 and grows stale.
+pub struct OfflineData {
+    pub behaviour: &'static [&'static str],
+    pub groups: usize,
 }
 
 /// RL steps at the end of a run over which a tail metric is averaged.
@@ -50,7 +62,7 @@ macro_rules! gra_components {
     };
 }
 
-pub const EXPERIMENTS: &[Experiment] = &[REC_OFFPOLICY, GATED_REWARD, NOISY_REWARDS];
+pub const EXPERIMENTS: &[Experiment] = &[REC_OFFPOLICY, GATED_REWARD, NOISY_REWARDS, TOPR_OFFLINE];
 
 const REC_OFFPOLICY: Experiment = Experiment {
     name: "rec-offpolicy",
@@ -73,6 +85,7 @@ const REC_OFFPOLICY: Experiment = Experiment {
         },
     ],
     tail_metrics: &[],
+    offline: None,
 };
 
 const GATED_REWARD: Experiment = Experiment {
@@ -94,6 +107,7 @@ const GATED_REWARD: Experiment = Experiment {
         Variant { label: "g-ra", sets: &[gra_components!("0", "0", "1")] },
     ],
     tail_metrics: &["acc/train", "reward/steps/mean", "reward/outcome/mean"],
+    offline: None,
 };
 
 /// The verifier's noise as in the noisy-rewards paper's headline setting: 10% of wrong answers
@@ -132,6 +146,38 @@ const NOISY_REWARDS: Experiment = Experiment {
         },
     ],
     tail_metrics: &[],
+    offline: None,
+};
+
+/// Rewards ±1 (`w-reinforce` with λ = 1: +1 right, −1 wrong), as in the TOPR paper, so the
+/// variants differ only in how they weight the negatives.
+const PLUS_MINUS_ONE: [&str; 2] = [
+    "advantage.estimator=\"w-reinforce\"",
+    "advantage.w_reinforce.lambda=1.0",
+];
+
+const TOPR_OFFLINE: Experiment = Experiment {
+    name: "topr-offline",
+    claim: "TOPR (Le Roux et al. 2025): trained offline on data that is mostly negative, using the \
+            negatives with a truncated importance weight clamp(π/μ, 0, 1) beats training on the positives \
+            alone and beats untruncated importance sampling.",
+    setting: "the quickstart task, trained offline from 9,600 groups (300 steps' worth) sampled at \
+              temperature 1 by the warm-up policy (about 10% of the responses right)",
+    common: &["recipe=\"topr\"", "loss.agg=\"seq-mean-token-mean\""],
+    variants: &[
+        Variant { label: "topr", sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1]] },
+        Variant { label: "positives-only", sets: &["advantage.estimator=\"psr\""] },
+        Variant {
+            label: "is-untruncated",
+            sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1], "loss.loss=\"rec\"", "loss.rec_weight=\"is\"", "loss.rec_mask=\"none\""],
+        },
+        Variant {
+            label: "reinforce-no-is",
+            sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1], "loss.loss=\"reinforce\""],
+        },
+    ],
+    tail_metrics: &[],
+    offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),
 };
 
 pub fn find(name: &str) -> Result<&'static Experiment> {
@@ -180,18 +226,28 @@ pub fn run_experiment(
     // Per tail metric: one mean curve per variant, and each variant's per-seed tail means.
     let mut tail_series: Vec<Vec<Series>> = vec![Vec::new(); exp.tail_metrics.len()];
     let mut tails: Vec<Vec<Vec<f64>>> = Vec::new();
+    let data_files = match &exp.offline {
+        Some(data) => seeds
+            .iter()
+            .map(|&seed| sample_offline_data(exp.name, data, exp.common, seed, extra, runs_dir))
+            .collect::<Result<Vec<_>>>()?,
+        None => vec![],
+    };
     for v in exp.variants {
         let mut finals = Vec::new();
         let mut curves: Vec<Vec<(f64, f64)>> = Vec::new();
         let mut t0s = Vec::new();
         let mut tail_curves: Vec<Vec<Vec<(f64, f64)>>> = vec![Vec::new(); exp.tail_metrics.len()];
-        for &seed in seeds {
+        for (i, &seed) in seeds.iter().enumerate() {
             let mut sets: Vec<String> = exp
                 .common
                 .iter()
                 .chain(v.sets)
                 .map(|s| s.to_string())
                 .collect();
+            if let Some(file) = data_files.get(i) {
+                sets.push(format!("sync.offline={:?}", file.display().to_string()));
+            }
             sets.push(format!("seed={seed}"));
             sets.push(format!("name=\"{}-{}-s{seed}\"", exp.name, v.label));
             sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
@@ -261,6 +317,16 @@ pub fn run_experiment(
         seeds,
         code_or_none(&extra.join(" "))
     );
+    if let Some(data) = &exp.offline {
+        let _ = writeln!(
+            md,
+            "Offline data: per seed, {} groups sampled by the policy of a behaviour run ({}), \
+             written to `<runs>/{}-data-s<seed>.jsonl`; every variant trains from that file.\n",
+            data.groups,
+            code_or_none(&data.behaviour.join(" ")),
+            exp.name
+        );
+    }
     let _ = writeln!(
         md,
         "| variant | held-out acc after warm-up | final held-out acc (mean ± sd) | per seed |"
@@ -307,6 +373,82 @@ pub fn run_experiment(
     };
     std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+/// Runs the behaviour run of one seed and samples its offline data (see [`OfflineData`]);
+/// returns the data file. An existing file is replaced: `grove explore --out` appends.
+fn sample_offline_data(
+    name: &str,
+    data: &OfflineData,
+    common: &[&str],
+    seed: u64,
+    extra: &[String],
+    runs_dir: &Path,
+) -> Result<PathBuf> {
+    let mut sets: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    sets.extend(extra.iter().cloned());
+    sets.extend(data.behaviour.iter().map(|s| s.to_string()));
+    sets.push(format!("seed={seed}"));
+    sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
+    let run_name = format!("{name}-behaviour-s{seed}");
+    eprintln!("[{name}] behaviour policy, seed {seed}");
+    let summary = run(
+        config::load(
+            None,
+            &[sets.clone(), vec![format!("name={run_name:?}")]].concat(),
+        )?,
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    let policy = last_checkpoint(&summary.run_dir.join("checkpoints"))?;
+    let file = runs_dir.join(format!("{name}-data-s{seed}.jsonl"));
+    match std::fs::remove_file(&file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&file, e)),
+        _ => {}
+    }
+    eprintln!(
+        "[{name}] sampling {} groups into {}",
+        data.groups,
+        file.display()
+    );
+    let cfg = config::load_for(None, &sets, config::Purpose::Explore)?;
+    crate::train::explorer::run_explorer(
+        cfg,
+        &crate::train::explorer::ExploreOptions {
+            out: Some(file.clone()),
+            buffer: None,
+            weights: None,
+            policy: Some(policy),
+            groups: Some(data.groups),
+            explorer_id: 1,
+            quiet: true,
+        },
+    )?;
+    Ok(file)
+}
+
+/// The `step-N` folder with the largest N.
+fn last_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse::<u64>()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+        .ok_or_else(|| Error::RunDir {
+            path: dir.to_path_buf(),
+            msg: "no step-N checkpoint to sample offline data with".into(),
+        })
 }
 
 /// Mean curve over seeds (the steps are the same for every seed; the shortest run bounds it).
@@ -384,6 +526,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The offline stage end to end, shortened: one seed's behaviour run, its data file, and
+    /// two variants that train from it. The file holds two steps' worth of groups and the
+    /// variants ask for three steps, so a variant that stops after two read the file.
+    #[test]
+    fn offline_experiments_train_every_variant_from_each_seeds_sampled_data() {
+        const EXP: Experiment = Experiment {
+            name: "offline-test",
+            claim: "",
+            setting: "",
+            common: &["recipe=\"topr\"", "loss.agg=\"seq-mean-token-mean\""],
+            variants: &[
+                Variant {
+                    label: "topr",
+                    sets: &[],
+                },
+                Variant {
+                    label: "pos",
+                    sets: &["advantage.estimator=\"psr\""],
+                },
+            ],
+            tail_metrics: &[],
+            offline: Some(OfflineData {
+                behaviour: &["train.steps=0"],
+                groups: 8,
+            }),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let (runs, out) = (tmp.path().join("runs"), tmp.path().join("out"));
+        let extra: Vec<String> = [
+            "warmup.max_steps=20",
+            "warmup.eval_size=32",
+            "train.steps=3",
+            "train.eval_size=32",
+            "train.eval_every=1",
+            "rollout.prompts_per_step=4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd").unwrap();
+        let data = std::fs::read_to_string(runs.join("offline-test-data-s0.jsonl")).unwrap();
+        assert_eq!(data.lines().count(), 8);
+        for v in ["topr", "pos"] {
+            let acc =
+                load_rl_metric(&runs.join(format!("offline-test-{v}-s0")), "acc/eval").unwrap();
+            let steps: Vec<f64> = acc.iter().map(|p| p.0).collect();
+            assert_eq!(steps, [0.0, 1.0, 2.0], "{v}");
+        }
+        let md = std::fs::read_to_string(page).unwrap();
+        assert!(md.contains("Offline data: per seed, 8 groups"), "{md}");
     }
 
     #[test]
