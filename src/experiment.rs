@@ -149,8 +149,8 @@ const NOISY_REWARDS: Experiment = Experiment {
     offline: None,
 };
 
-/// Rewards ±1 (`w-reinforce` with λ = 1: +1 right, −1 wrong), as in the TOPR paper, so the
-/// variants differ only in how they weight the negatives.
+/// Rewards ±1 without a baseline (`w-reinforce` with λ = 1: +1 right, −1 wrong), the TOPR
+/// paper's plain setting.
 const PLUS_MINUS_ONE: [&str; 2] = [
     "advantage.estimator=\"w-reinforce\"",
     "advantage.w_reinforce.lambda=1.0",
@@ -162,19 +162,18 @@ const TOPR_OFFLINE: Experiment = Experiment {
             negatives with a truncated importance weight clamp(π/μ, 0, 1) beats training on the positives \
             alone and beats untruncated importance sampling.",
     setting: "the quickstart task, trained offline from 9,600 groups (300 steps' worth) sampled at \
-              temperature 1 by the warm-up policy (about 10% of the responses right)",
+              temperature 1 by the warm-up policy (about 10% of the responses right); advantages \
+              r − group mean (the `topr` recipe) unless the variant says otherwise",
     common: &["recipe=\"topr\"", "loss.agg=\"seq-mean-token-mean\""],
     variants: &[
-        Variant { label: "topr", sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1]] },
+        Variant { label: "topr", sets: &[] },
         Variant { label: "positives-only", sets: &["advantage.estimator=\"psr\""] },
         Variant {
             label: "is-untruncated",
-            sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1], "loss.loss=\"rec\"", "loss.rec_weight=\"is\"", "loss.rec_mask=\"none\""],
+            sets: &["loss.loss=\"rec\"", "loss.rec_weight=\"is\"", "loss.rec_mask=\"none\""],
         },
-        Variant {
-            label: "reinforce-no-is",
-            sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1], "loss.loss=\"reinforce\""],
-        },
+        Variant { label: "no-is", sets: &["loss.loss=\"reinforce\""] },
+        Variant { label: "topr-no-baseline", sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1]] },
     ],
     tail_metrics: &[],
     offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),

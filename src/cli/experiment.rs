@@ -4,10 +4,19 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+/// The NAME argument's help, listing the experiments from their table.
+fn name_help() -> String {
+    let names: Vec<&str> = grove::experiment::EXPERIMENTS
+        .iter()
+        .map(|e| e.name)
+        .collect();
+    format!("The experiment: {} (docs/experiments/)", names.join(", "))
+}
+
 #[derive(Args)]
 pub struct ExperimentArgs {
-    /// The experiment: rec-offpolicy, gated-reward or noisy-rewards (docs/experiments/; an
-    /// unknown name lists the known ones).
+    /// The experiment (docs/experiments/).
+    #[arg(help = name_help())]
     pub name: String,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0,1,2")]

@@ -33,6 +33,7 @@ const DOCS: &[&str] = &[
     "docs/experiments/rec-offpolicy.md",
     "docs/experiments/gated-reward.md",
     "docs/experiments/noisy-rewards.md",
+    "docs/experiments/topr-offline.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -111,6 +112,11 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment gated-reward --seeds 0,1,2",
         "6 training runs, about 15 minutes; src/experiment.rs tests that its settings load, \
          src/reward/pipeline/tests.rs its reward by hand",
+    ),
+    (
+        "grove experiment topr-offline --seeds 0,1,2",
+        "3 behaviour runs and 12 offline training runs, about 20 minutes; src/experiment.rs runs \
+         its offline stage shortened (offline_experiments_train_every_variant_from_each_seeds_sampled_data)",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
