@@ -237,6 +237,8 @@ impl Environment for Countdown {
 pub struct CalculatorArithmetic {
     digits: u32,
     tools: Toolbox,
+    /// The question's expression, e.g. `1234 * 5678`.
+    question: String,
     answer: i128,
     calls_ok: usize,
 }
@@ -246,6 +248,7 @@ impl CalculatorArithmetic {
         CalculatorArithmetic {
             digits,
             tools,
+            question: String::new(),
             answer: 0,
             calls_ok: 0,
         }
@@ -263,10 +266,12 @@ impl Environment for CalculatorArithmetic {
             _ => ('*', a * b),
         };
         self.answer = answer;
+        self.question = format!("{a} {op} {b}");
         self.calls_ok = 0;
         Ok(Reset {
             messages: vec![user(format!(
-                "what is {a} {op} {b}? call the calculator tool, then reply with the number only."
+                "what is {}? call the calculator tool, then reply with the number only.",
+                self.question
             ))],
             tools: self.tools.schemas(),
         })
@@ -291,6 +296,16 @@ impl Environment for CalculatorArithmetic {
             done: true,
             info: json!({"success": success, "answer_right": right, "used_calculator": self.calls_ok > 0}),
         })
+    }
+
+    /// Calls the calculator with the question (compact JSON, the shortest call), then replies
+    /// with the number.
+    fn demonstration(&self) -> Option<Vec<String>> {
+        let call = json!({"name": "calculator", "arguments": {"expression": self.question}});
+        Some(vec![
+            format!("<tool_call>{call}</tool_call>"),
+            self.answer.to_string(),
+        ])
     }
 }
 
@@ -491,6 +506,45 @@ mod tests {
         assert_eq!((s.reward, s.done), (1.0, true));
         assert_eq!(last_integer("it is 1,234 or -56"), Some(-56));
         assert_eq!(first_integer("it is 1,234 or -56"), Some(1234));
+    }
+
+    /// The reference play solves the episode: the call carries the question's expression and
+    /// the reply the calculator's result. Only the kinds that say so demonstrate.
+    #[test]
+    fn calculator_arithmetic_demonstrates_a_solved_episode() {
+        let mut env = CalculatorArithmetic::new(4, Toolbox::new(vec![Box::new(Calculator)]));
+        for seed in 0..20 {
+            let r = env.reset(seed).unwrap();
+            let expr = r.messages[0]
+                .content
+                .trim_start_matches("what is ")
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
+            let demo = env.demonstration().unwrap();
+            assert_eq!(
+                demo[0],
+                format!(
+                    "<tool_call>{{\"arguments\":{{\"expression\":\"{expr}\"}},\"name\":\"calculator\"}}</tool_call>"
+                )
+            );
+            let s = env.step(&demo[0], soon()).unwrap();
+            assert_eq!(s.messages[0].content, demo[1]);
+            let s = env.step(&demo[1], soon()).unwrap();
+            assert!(s.done && s.info["success"] == json!(true), "{:?}", s.info);
+        }
+        let cfg = EnvConfig::default();
+        for kind in [
+            EnvKind::Guess,
+            EnvKind::Countdown,
+            EnvKind::CalculatorArithmetic,
+            EnvKind::Bandit,
+        ] {
+            let mut e = make(kind, &cfg, vec![]);
+            e.reset(1).unwrap();
+            assert_eq!(e.demonstration().is_some(), kind.demonstrates(), "{kind:?}");
+        }
     }
 
     #[test]

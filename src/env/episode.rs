@@ -207,28 +207,35 @@ pub fn pipeline_view(
         .iter()
         .map(|r| r.as_f64().ok_or(format!("`rewards`: {r} is not a number")))
         .collect::<std::result::Result<_, _>>()?;
-    let mut milestones = Vec::new();
-    for info in episode
+    // Each turn's milestones (`milestone`: one name, `milestones`: a list).
+    let per_turn: Vec<Vec<String>> = episode
         .get("infos")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
-        if let Some(m) = info.get("milestone").and_then(Value::as_str) {
-            milestones.push(m.to_string());
-        }
-        let listed = info.get("milestones").and_then(Value::as_array);
-        milestones.extend(
-            listed
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m.as_str().map(String::from)),
-        );
-    }
+        .map(|info| {
+            let one = info
+                .get("milestone")
+                .and_then(Value::as_str)
+                .map(String::from);
+            let listed = info.get("milestones").and_then(Value::as_array);
+            one.into_iter()
+                .chain(
+                    listed
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| m.as_str().map(String::from)),
+                )
+                .collect()
+        })
+        .collect();
+    let milestones = per_turn.iter().flatten().cloned().collect();
     let turns = crate::reward::pipeline::EpisodeTurns {
         discounted: crate::reward::gates::discount_turns(&rewards, discount),
         ended_by_env,
         success: episode.get("success") == Some(&Value::Bool(true)),
+        rewards,
+        milestones: per_turn,
     };
     Ok((turns, milestones))
 }
@@ -494,6 +501,77 @@ impl Rollout<'_> {
         }
         Ok(eps)
     }
+
+    /// The reference play of each start ([`Environment::demonstration`]) as an episode, for a
+    /// supervised warm-up: the demonstrated messages are the model's turns (trainable, EOS
+    /// after each), the environment answers them as in [`Self::run`]. None when the
+    /// environment has no demonstration.
+    pub fn demonstrate(&self, starts: &[Start]) -> Result<Option<Vec<Episode>>> {
+        let cfg = self.cfg();
+        if !cfg.kind.demonstrates() {
+            return Ok(None);
+        }
+        // Built-in environments only (programs do not demonstrate): episode numbers unused.
+        let (mut envs, mut eps, mut held) = self.start(starts, 0, 1)?;
+        let timeout = Duration::from_secs_f64(cfg.step_timeout_s);
+        for ((env, ep), held) in envs.iter_mut().zip(&mut eps).zip(&mut held) {
+            let env = env
+                .as_mut()
+                .ok_or_else(|| Error::Internal("a fresh environment was missing".into()))?;
+            let Some(turns) = env.demonstration() else {
+                return Ok(None);
+            };
+            for text in turns {
+                let mut ids = self.tok.encode(&text)?;
+                ids.push(self.tok.eos);
+                let zeros = vec![0.0f32; ids.len()];
+                ep.push(&ids, Some(zeros.as_slice()));
+                if let Transcript::Chat(t) = self.transcript {
+                    held.push_str(&text);
+                    held.push_str(t.eos_token.as_deref().unwrap_or(""));
+                }
+                ep.messages.push(Message {
+                    role: "assistant".into(),
+                    content: text.clone(),
+                });
+                let r = env.step(&text, Instant::now() + timeout)?;
+                ep.rewards.push(r.reward);
+                ep.infos.push(r.info.clone());
+                if r.done {
+                    ep.ended_by_env = r.info.get("error").is_none();
+                    ep.success = r.info.get("success") == Some(&Value::Bool(true));
+                    ep.stop = "done".into();
+                    break;
+                }
+                let next = self.transcript.continuation(
+                    self.tok,
+                    held,
+                    &ep.messages,
+                    &ep.tools,
+                    &r.messages,
+                )?;
+                let Some(delta) = next else {
+                    ep.stop = "chat template rewrote earlier turns".into();
+                    break;
+                };
+                ep.messages.extend(r.messages);
+                ep.push(&delta, None);
+            }
+            env.close();
+            let len = ep.prompt_ids.len() + ep.response_ids.len();
+            if len > cfg.max_tokens {
+                return Err(Error::config(
+                    "env.max_tokens",
+                    format!(
+                        "the demonstration of episode seed {} has {len} tokens, more than \
+                         env.max_tokens = {}",
+                        ep.seed, cfg.max_tokens
+                    ),
+                ));
+            }
+        }
+        Ok(Some(eps))
+    }
 }
 
 #[cfg(test)]
@@ -593,6 +671,148 @@ mod tests {
         }
     }
 
+    /// A random tiny built-in model over `tok`'s vocabulary with `positions` positions.
+    fn tiny_model(tok: &Tokenizer, positions: usize) -> Llama {
+        let mut shape = Config::builtin_tiny(tok.vocab_size());
+        shape.hidden_size = 32;
+        shape.intermediate_size = 64;
+        shape.max_position_embeddings = Some(positions);
+        Llama::init(&shape, 1, &Device::Cpu).unwrap()
+    }
+
+    /// A reference play as the warm-up sees it: the demonstrated turns are the trainable
+    /// tokens (each followed by EOS), the prompt and the tool's answer are not, and the episode
+    /// is solved. An episode longer than env.max_tokens is an error naming the limit.
+    #[test]
+    fn demonstrations_train_only_the_demonstrated_turns() {
+        let tok = Tokenizer::builtin_tool_text();
+        let cfg = EnvConfig {
+            kind: EnvKind::CalculatorArithmetic,
+            digits: 4,
+            max_tokens: 256,
+            ..Default::default()
+        };
+        let factory = Factory::new(&cfg).unwrap();
+        let rollout = Rollout {
+            tok: &tok,
+            transcript: &Transcript::Plain,
+            factory: &factory,
+            params: SamplingParams::greedy(96),
+        };
+        let starts: Vec<Start> = (0..3).map(Start::seed).collect();
+        let eps = rollout.demonstrate(&starts).unwrap().unwrap();
+        for e in &eps {
+            assert!(e.success && e.ended_by_env && e.stop == "done", "{e:?}");
+            let model_turns: Vec<&str> = e
+                .messages
+                .iter()
+                .filter(|m| m.role == "assistant")
+                .map(|m| m.content.as_str())
+                .collect();
+            assert_eq!(model_turns.len(), 2);
+            assert!(model_turns[0].starts_with("<tool_call>{"));
+            // The trainable tokens spell the two turns, each closed by EOS.
+            let trained: Vec<u32> = e
+                .response_ids
+                .iter()
+                .zip(&e.trainable)
+                .filter(|(_, t)| **t)
+                .map(|(id, _)| *id)
+                .collect();
+            let mut want = tok.encode(model_turns[0]).unwrap();
+            want.push(tok.eos);
+            want.extend(tok.encode(model_turns[1]).unwrap());
+            want.push(tok.eos);
+            assert_eq!(trained, want);
+            // The rest is the calculator's answer line, which equals the reply.
+            let env_text: Vec<u32> = e
+                .response_ids
+                .iter()
+                .zip(&e.trainable)
+                .filter(|(_, t)| !**t)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(
+                tok.decode(&env_text).unwrap(),
+                format!("{}\n", model_turns[1])
+            );
+        }
+        // Guess has no reference play: no demonstration, no warm-up.
+        let guess = Factory::new(&EnvConfig::default()).unwrap();
+        let r = Rollout {
+            factory: &guess,
+            ..rollout
+        };
+        assert!(r.demonstrate(&starts).unwrap().is_none());
+        let short = Factory::new(&EnvConfig {
+            max_tokens: 120,
+            ..cfg
+        })
+        .unwrap();
+        let r = Rollout {
+            tok: &tok,
+            transcript: &Transcript::Plain,
+            factory: &short,
+            params: SamplingParams::greedy(8),
+        };
+        let e = r.demonstrate(&starts).unwrap_err().to_string();
+        assert!(
+            e.contains("env.max_tokens") && e.contains("more than env.max_tokens = 120"),
+            "{e}"
+        );
+    }
+
+    /// Program episodes step concurrently, one per process of `env.pool`: four steps that
+    /// each sleep 1 s overlap in time (each reports when it ran).
+    #[test]
+    fn program_episodes_step_concurrently_across_the_pool() {
+        let py = "import json, sys, time\nfor line in sys.stdin:\n    r = json.loads(line)\n    \
+                  if r['op'] == 'reset':\n        out = {'messages': [{'role': 'user', 'content': 'go.'}]}\n    \
+                  elif r['op'] == 'step':\n        t0 = time.time()\n        time.sleep(1.0)\n        \
+                  out = {'messages': [], 'reward': 0.0, 'done': True, 'info': {'t0': t0, 't1': time.time()}}\n    \
+                  else:\n        out = {}\n    print(json.dumps(out), flush=True)\n";
+        let cfg = EnvConfig {
+            kind: EnvKind::Program,
+            program: vec!["python3".into(), "-c".into(), py.into()],
+            pool: 4,
+            max_turns: 1,
+            max_tokens: 64,
+            ..Default::default()
+        };
+        let tok = Tokenizer::builtin_text();
+        let model = tiny_model(&tok, 64);
+        let factory = Factory::new(&cfg).unwrap();
+        let rollout = Rollout {
+            tok: &tok,
+            transcript: &Transcript::Plain,
+            factory: &factory,
+            params: SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                max_new_tokens: 2,
+            },
+        };
+        let starts: Vec<Start> = (0..4).map(Start::seed).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let eps = rollout.run(&model, &starts, 0, &mut rng).unwrap();
+        let at = |k: &str| -> Vec<f64> {
+            eps.iter()
+                .map(|e| {
+                    e.infos[0][k]
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{:?}", e.infos))
+                })
+                .collect()
+        };
+        let (starts_at, ends_at) = (at("t0"), at("t1"));
+        let last_start = starts_at.iter().cloned().fold(f64::MIN, f64::max);
+        let first_end = ends_at.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(
+            last_start < first_end,
+            "steps ran one after another: {starts_at:?} {ends_at:?}"
+        );
+    }
+
     /// An environment whose step never looks at its deadline.
     struct Stuck;
 
@@ -675,6 +895,12 @@ mod tests {
         assert_eq!(t.discounted, vec![0.5, 0.0, 0.25]);
         assert!(t.ended_by_env && t.success);
         assert_eq!(m, vec!["found-door", "key", "found-door"]);
+        // Per turn, for per-turn gates: the raw rewards and each step's milestones.
+        assert_eq!(t.rewards, vec![0.5, 0.0, 1.0]);
+        assert_eq!(
+            t.milestones,
+            vec![vec!["found-door"], vec!["key", "found-door"], vec![]]
+        );
         let e = pipeline_view(&json!({"rewards": [1, "x"]}), true, 1.0).unwrap_err();
         assert_eq!(e, "`rewards`: \"x\" is not a number");
         assert!(pipeline_view(&json!({}), true, 1.0).is_err());

@@ -76,6 +76,11 @@ pub trait Environment: Send {
     fn step(&mut self, message: &str, deadline: Instant) -> Result<StepResult>;
     /// Ends the episode (frees a program's state).
     fn close(&mut self) {}
+    /// The model's messages of a reference play of the episode just reset, for a supervised
+    /// warm-up (docs/environments.md#warm-up); None when the environment has none.
+    fn demonstration(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Which environment, by name (`[env] kind`); unknown names list these.
@@ -93,6 +98,20 @@ pub enum EnvKind {
     Bandit,
     /// A user program speaking the JSON-lines protocol (`env.program`).
     Program,
+}
+
+impl EnvKind {
+    /// Whether the environment writes reference plays ([`Environment::demonstration`]) that
+    /// a supervised warm-up can imitate.
+    pub fn demonstrates(self) -> bool {
+        matches!(self, EnvKind::CalculatorArithmetic)
+    }
+
+    /// Whether the model is offered tools (the built-in model then also needs `{`, `}`
+    /// and `"` to write a call).
+    pub fn offers_tools(self) -> bool {
+        matches!(self, EnvKind::CalculatorArithmetic)
+    }
 }
 
 /// The `[env]` section: an environment replaces the `[task]` of a run.

@@ -40,6 +40,16 @@ impl EnvRunner {
         self.factory.config()
     }
 
+    /// Episode numbers handed out so far (saved with checkpoints).
+    pub fn episodes_numbered(&self) -> u64 {
+        self.next_episode.load(Ordering::SeqCst)
+    }
+
+    /// Continues the numbering of a resumed run after its checkpoint's `n` episodes.
+    pub fn resume_episode_numbering(&self, n: u64) {
+        self.next_episode.store(n, Ordering::SeqCst);
+    }
+
     /// Whether prompts start with the tokenizer's BOS (plain transcripts).
     pub fn prompt_bos(&self) -> bool {
         matches!(self.transcript, Transcript::Plain)
@@ -81,6 +91,25 @@ impl EnvRunner {
             params,
         };
         rollout.run(model, starts, first, rng)
+    }
+
+    /// Reference plays of `n` training starts drawn from `rng` (a supervised warm-up's
+    /// batch, [`Rollout::demonstrate`]); None when the environment has none.
+    pub fn demonstrations(
+        &self,
+        tok: &Tokenizer,
+        n: usize,
+        max_new_tokens: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<Vec<Episode>>> {
+        let starts: Vec<Start> = (0..n).map(|_| self.draw_start(rng)).collect();
+        let rollout = Rollout {
+            tok,
+            transcript: &self.transcript,
+            factory: &self.factory,
+            params: SamplingParams::greedy(max_new_tokens),
+        };
+        rollout.demonstrate(&starts)
     }
 
     /// The start of one training group: a seed drawn from `prompt_rng`, then (with
@@ -160,10 +189,14 @@ impl EnvRunner {
 /// transcript in `episode`.
 pub fn experience(e: &Episode, discount: f64, group_id: u64, version: u64) -> Experience {
     let ret = e.discounted_return(discount);
-    let components = BTreeMap::from([
+    let mut components = BTreeMap::from([
         ("correct".to_string(), if e.success { 1.0 } else { 0.0 }),
         ("turns".to_string(), e.rewards.len() as f64),
     ]);
+    if !e.tools.is_empty() {
+        // Logged as reward/tool_call/mean: the fraction of episodes that used a tool.
+        components.insert("tool_call".into(), f64::from(u8::from(used_a_tool(e))));
+    }
     Experience {
         group_id,
         prompt: e.prompt.clone(),
@@ -182,6 +215,14 @@ pub fn experience(e: &Episode, discount: f64, group_id: u64, version: u64) -> Ex
         trainable: e.trainable.clone(),
         episode: Some(e.to_json()),
     }
+}
+
+/// Whether a step of the episode answered at least one tool call without an error (its info's
+/// `tool_calls_ok`, as the built-in tool environments report it).
+pub fn used_a_tool(e: &Episode) -> bool {
+    e.infos
+        .iter()
+        .any(|i| i.get("tool_calls_ok").and_then(|v| v.as_u64()).unwrap_or(0) > 0)
 }
 
 /// The task face of an environment run: held-out "problems" are the held-out seeds (the

@@ -10,6 +10,9 @@ pub const BUILTIN_SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
 /// Characters the built-in model gets besides [`BUILTIN_CHARS`] when it plays an environment
 /// (plain-text transcripts); the arithmetic vocabulary and its ids stay as they are.
 pub const BUILTIN_TEXT_CHARS: &str = "abcdefghijklmnopqrstuvwxyz.,:;?!()/<>_\n";
+/// Characters the built-in model gets besides [`BUILTIN_TEXT_CHARS`] in environments that
+/// offer tools: what a `<tool_call>{"name": ...}</tool_call>` needs (JSON).
+pub const BUILTIN_TOOL_CHARS: &str = "{}\"";
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -129,6 +132,14 @@ impl Tokenizer {
         Self::builtin_with(builtin_tokenizer_json_with(BUILTIN_TEXT_CHARS))
     }
 
+    /// [`Self::builtin_text`] plus the JSON characters of tool calls ([`BUILTIN_TOOL_CHARS`]),
+    /// for environments that offer tools; the text ids stay as they are.
+    pub fn builtin_tool_text() -> Self {
+        Self::builtin_with(builtin_tokenizer_json_with(&format!(
+            "{BUILTIN_TEXT_CHARS}{BUILTIN_TOOL_CHARS}"
+        )))
+    }
+
     fn builtin_with(json: String) -> Self {
         // The JSON is generated here and covered by tests; failure would be a programming error.
         Self::from_json(
@@ -232,6 +243,16 @@ mod tests {
         let ids = t.encode(text).unwrap();
         assert_eq!(ids.len(), text.len());
         assert_eq!(t.decode(&ids).unwrap(), text);
+        // Tool environments: the same ids plus `{`, `}` and `"`, one token each.
+        let j = Tokenizer::builtin_tool_text();
+        assert_eq!(j.vocab_size(), t.vocab_size() + 3);
+        assert_eq!(j.encode(text).unwrap(), ids);
+        let call =
+            r#"<tool_call>{"arguments":{"expression":"12 * 34"},"name":"calculator"}</tool_call>"#;
+        let ids = j.encode(call).unwrap();
+        assert_eq!(ids.len(), call.len());
+        assert!(!ids.contains(&j.token_to_id("<unk>").unwrap()));
+        assert_eq!(j.decode(&ids).unwrap(), call);
     }
 
     #[test]

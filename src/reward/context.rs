@@ -51,6 +51,12 @@ pub struct EpisodeTurns {
     pub ended_by_env: bool,
     /// The environment marked the episode solved (`"success": true`).
     pub success: bool,
+    /// r_t of each turn before discounting (what a `reward_at_least` gate reads).
+    #[serde(default)]
+    pub rewards: Vec<f64>,
+    /// The milestones each turn's step reported (what a `milestone` gate reads).
+    #[serde(default)]
+    pub milestones: Vec<Vec<String>>,
 }
 
 /// One log-prob request: the response's tokens (plus EOS when `finished`) after `prompt`.

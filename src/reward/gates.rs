@@ -9,6 +9,8 @@
 //! - Per-turn rewards of a multi-turn episode: discounted by γ^t ([`discount_turns`]) and split
 //!   into the outcome (the last turn, when the environment ended the episode) and the steps
 //!   (every other turn) by [`split_turns`], so that G-RA can gate the steps on the outcome.
+//! - Per-turn gates ([`gate_turns`]): turn t's reward counts only once the gate condition has
+//!   held at some turn s ≤ t (e.g. a milestone reached by turn t); earlier turns give 0.
 //! - Partial credit: [`MilestoneTracker`], +0.1 per distinct milestone, each counted once.
 //! - Consistency reward (StableReinforce): R = 0.5·format + acc·(1 + 0.5·cons), cons ∈ {−1,0,1},
 //!   with cons from a [`ConsistencyJudge`].
@@ -63,6 +65,25 @@ pub fn split_turns(turns: &[f64], ended_by_env: bool) -> (f64, f64) {
         Some((last, before)) if ended_by_env => (*last, before.iter().sum()),
         _ => (0.0, turns.iter().sum()),
     }
+}
+
+/// Per-turn gate: turn t keeps its reward `turns[t]` once the condition has held at some turn
+/// s ≤ t (`held[s]`, turn t itself included) and gives 0 before; a turn past the end of
+/// `held` did not hold it. A condition that holds at turn 0 leaves the turns unchanged.
+pub fn gate_turns(turns: &[f64], held: &[bool]) -> Vec<f64> {
+    let mut open = false;
+    turns
+        .iter()
+        .enumerate()
+        .map(|(t, &r)| {
+            open |= held.get(t).copied().unwrap_or(false);
+            if open {
+                r
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// One reward channel; passes when `value >= threshold`.
@@ -300,6 +321,36 @@ mod tests {
         assert!((gated_reward(won.0, &[won.1], 1.0) - 1.4).abs() < 1e-12);
         let lost = split_turns(&discount_turns(&[0.2, 0.2, 0.2], 1.0), false);
         assert_eq!(gated_reward(lost.0, &[lost.1], 1.0), 0.0);
+    }
+
+    #[test]
+    fn per_turn_gates_count_a_turn_once_the_condition_held_by_it() {
+        let turns = [0.1, 0.2, 0.3, 0.4];
+        // Held first at turn 1: turn 0 gives 0, turns 1.. keep theirs (turn 1 included).
+        assert_eq!(
+            gate_turns(&turns, &[false, true, false, false]),
+            vec![0.0, 0.2, 0.3, 0.4]
+        );
+        // Held only at the last turn: only it counts; never held: nothing counts.
+        assert_eq!(
+            gate_turns(&turns, &[false, false, false, true]),
+            vec![0.0, 0.0, 0.0, 0.4]
+        );
+        assert_eq!(gate_turns(&turns, &[false; 4]), vec![0.0; 4]);
+        // A shorter `held` list: the missing turns did not hold it (but an open gate stays open).
+        assert_eq!(gate_turns(&turns, &[false]), vec![0.0; 4]);
+        assert_eq!(gate_turns(&turns, &[true]), turns.to_vec());
+        // Reduction: a gate that always holds is no gate.
+        assert_eq!(gate_turns(&turns, &[true; 4]), turns.to_vec());
+        assert_eq!(gate_turns(&[], &[]), Vec::<f64>::new());
+        // With the split: steps = 0.2 + 0.3 (turn 0 gated off), outcome = 0.4.
+        let (o, s) = split_turns(&gate_turns(&turns, &[false, true, false, false]), true);
+        assert_eq!(o, 0.4);
+        assert!((s - 0.5).abs() < 1e-12);
+        // The trajectory-level gate differs: it counts turn 0 too once the condition held
+        // anywhere (0.1 + 0.2 + 0.3 = 0.6).
+        let (_, all_steps) = split_turns(&turns, true);
+        assert!((all_steps - 0.6).abs() < 1e-12);
     }
 
     #[test]

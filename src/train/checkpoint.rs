@@ -44,6 +44,10 @@ pub struct TrainState {
     /// A checkpoint written before this field existed reads 0 (what it had counted is lost).
     #[serde(default)]
     pub skipped_steps: usize,
+    /// `[env]` runs: episode numbers handed out so far (program environments see them as
+    /// `episode`). A checkpoint written before this field existed restarts the numbering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_episodes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +316,7 @@ mod tests {
             lagged: None,
             reward_pipeline: None,
             skipped_steps: 2,
+            env_episodes: None,
         };
         let dir = save(tmp.path(), &model, &opt, &tok, &state, &extras).unwrap();
         // The skip counter travels with the checkpoint; a state.json written before it

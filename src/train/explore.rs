@@ -37,7 +37,8 @@ impl Env {
     pub fn new(cfg: ValidatedRun) -> Result<Self> {
         let (tok, model_path) = if cfg.model.source == "builtin" {
             // Environments talk in text: the built-in model then gets letters too.
-            let tok = match cfg.env {
+            let tok = match &cfg.env {
+                Some(e) if e.kind.offers_tools() => Tokenizer::builtin_tool_text(),
                 Some(_) => Tokenizer::builtin_text(),
                 None => Tokenizer::builtin_arithmetic(),
             };

@@ -172,16 +172,19 @@ fn heldout(env: &Env) -> &[Problem] {
 }
 
 /// Supervised warm-up on generated solutions until greedy held-out accuracy reaches
-/// `warmup.target_acc`; returns the number of steps taken. A pretrained policy has none.
+/// `warmup.target_acc`; returns the number of steps taken. A pretrained policy has none; an
+/// environment's is [`warmup_env`].
 pub fn warmup(
     env: &Env,
     model: &Llama,
     metrics: &mut JsonlWriter,
     pb: &indicatif::ProgressBar,
 ) -> Result<usize> {
-    // Pretrained policies need none; environments have no single reference answer to imitate.
-    if env.model_path.is_some() || env.environment.is_some() {
+    if env.model_path.is_some() {
         return Ok(0);
+    }
+    if let Some(runner) = &env.environment {
+        return warmup_env(env, runner, model, metrics, pb);
     }
     let w = &env.cfg.warmup;
     let mut rng = rng_stream(env.cfg.seed, explore::STREAM_WARMUP);
@@ -206,31 +209,103 @@ pub fn warmup(
                 Ok(a)
             })
             .collect::<Result<Vec<_>>>()?;
-        let b = batch::build(&prompts, &answers, env.tok.pad, model.device())?;
-        let (lp, _) = batch::response_logprobs(model, &b, 1.0)?;
-        let flat: Vec<f32> = b.valid.iter().flatten().map(|&x| x as f32).collect();
-        let valid =
-            candle_core::Tensor::from_vec(flat, (b.valid.len(), b.resp_len), model.device())?;
-        let n: f64 = b.valid.iter().flatten().sum();
-        let loss = ((lp * &valid)?.sum_all()?.neg()? / n)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, w.lr, 1.0)?;
+        let pair = (prompts.as_slice(), answers.as_slice());
+        let loss = sft_step(model, &mut opt, w.lr, pair, None, env.tok.pad)?;
         pb.inc(1);
         if step % w.eval_every == 0 || step == w.max_steps {
             let acc = evaluate_task(env, model, eval_set, max_new)?;
-            let mut m = Metrics::new();
-            m.insert("loss/sft".into(), loss.to_scalar::<f32>()? as f64);
-            m.insert("acc/eval".into(), acc);
-            metrics.write(&report::metrics_line(step, "warmup", &m))?;
-            pb.set_message(format!(
-                "sft loss {:.3} | held-out acc {:.1}%",
-                m["loss/sft"],
-                acc * 100.0
-            ));
-            if acc >= w.target_acc {
+            if warmup_checkpoint(metrics, pb, step, loss, acc)? >= w.target_acc {
                 return Ok(step);
             }
         }
     }
     Ok(w.max_steps)
+}
+
+/// An environment's warm-up: supervised steps on the environment's reference plays (only the
+/// model's turns are trained, as in RL), stopped by the same held-out rule. Environments
+/// without reference plays ([`crate::env::EnvKind::demonstrates`]) have none.
+fn warmup_env(
+    env: &Env,
+    runner: &crate::env::runner::EnvRunner,
+    model: &Llama,
+    metrics: &mut JsonlWriter,
+    pb: &indicatif::ProgressBar,
+) -> Result<usize> {
+    let w = &env.cfg.warmup;
+    if !runner.config().kind.demonstrates() || w.max_steps == 0 {
+        return Ok(0);
+    }
+    let mut rng = rng_stream(env.cfg.seed, explore::STREAM_WARMUP);
+    let mut opt = AdamW::new(model.params(), AdamWParams::default());
+    let max_new = env.cfg.rollout.max_new_tokens;
+    pb.set_prefix("warm-up");
+    pb.set_length(w.max_steps as u64);
+    for step in 1..=w.max_steps {
+        let Some(demos) = runner.demonstrations(&env.tok, w.batch_size, max_new, &mut rng)? else {
+            return Ok(0);
+        };
+        let prompts: Vec<Vec<u32>> = demos.iter().map(|d| d.prompt_ids.clone()).collect();
+        let responses: Vec<Vec<u32>> = demos.iter().map(|d| d.response_ids.clone()).collect();
+        let trainable: Vec<Vec<bool>> = demos.iter().map(|d| d.trainable.clone()).collect();
+        let pair = (prompts.as_slice(), responses.as_slice());
+        let mask = Some(trainable.as_slice());
+        let loss = sft_step(model, &mut opt, w.lr, pair, mask, env.tok.pad)?;
+        pb.inc(1);
+        if step % w.eval_every == 0 || step == w.max_steps {
+            let acc = runner.evaluate(model, &env.tok, w.eval_size, max_new)?;
+            if warmup_checkpoint(metrics, pb, step, loss, acc)? >= w.target_acc {
+                return Ok(step);
+            }
+        }
+    }
+    Ok(w.max_steps)
+}
+
+/// One supervised step: the mean negative log-likelihood of the response tokens after their
+/// prompts, over the tokens `trainable` marks (all of them when None); returns the loss.
+fn sft_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    lr: f64,
+    (prompts, responses): (&[Vec<u32>], &[Vec<u32>]),
+    trainable: Option<&[Vec<bool>]>,
+    pad: u32,
+) -> Result<f64> {
+    let b = batch::build(prompts, responses, pad, model.device())?;
+    let (lp, _) = batch::response_logprobs(model, &b, 1.0)?;
+    let mut valid = b.valid.clone();
+    if let Some(mask) = trainable {
+        for (row, m) in valid.iter_mut().zip(mask) {
+            for (v, t) in row.iter_mut().zip(m) {
+                *v *= f64::from(u8::from(*t));
+            }
+        }
+    }
+    let n: f64 = valid.iter().flatten().sum();
+    let flat: Vec<f32> = valid.iter().flatten().map(|&x| x as f32).collect();
+    let valid = candle_core::Tensor::from_vec(flat, (valid.len(), b.resp_len), model.device())?;
+    let loss = ((lp * &valid)?.sum_all()?.neg()? / n.max(1.0))?;
+    let grads = loss.backward()?;
+    opt.step(&grads, lr, 1.0)?;
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// Logs a warm-up evaluation (metrics line and progress bar); returns the accuracy.
+fn warmup_checkpoint(
+    metrics: &mut JsonlWriter,
+    pb: &indicatif::ProgressBar,
+    step: usize,
+    loss: f64,
+    acc: f64,
+) -> Result<f64> {
+    let mut m = Metrics::new();
+    m.insert("loss/sft".into(), loss);
+    m.insert("acc/eval".into(), acc);
+    metrics.write(&report::metrics_line(step, "warmup", &m))?;
+    pb.set_message(format!(
+        "sft loss {loss:.3} | held-out acc {:.1}%",
+        acc * 100.0
+    ));
+    Ok(acc)
 }

@@ -216,13 +216,16 @@ fn last_heldout_accuracy(run_dir: &Path, fallback: f64) -> Result<f64> {
 fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
     let cfg = &env.cfg;
     if let Some(r) = &env.environment {
-        // An episode is at most env.max_tokens long; there is no warm-up.
+        // An episode is at most env.max_tokens long.
         let prompt = r
             .config()
             .max_tokens
             .saturating_sub(cfg.rollout.max_new_tokens);
         let mut plan = Plan::new(cfg, &model.cfg, model.num_params(), prompt)?;
-        plan.warmup_max_steps = 0;
+        // A warm-up only on reference plays, which only some environments write.
+        if !r.config().kind.demonstrates() {
+            plan.warmup_max_steps = 0;
+        }
         plan.heldout_size = heldout(env).len();
         return Ok(plan);
     }
@@ -322,6 +325,10 @@ fn restore(
     };
     report::truncate_after(&run_dir.join("metrics.jsonl"), "rl", st.step)?;
     report::truncate_after(&run_dir.join("samples.jsonl"), "rl", st.step)?;
+    if let (Some(runner), Some(n)) = (&env.environment, st.env_episodes) {
+        // Program environments see episode ids: the resumed run continues the numbering.
+        runner.resume_episode_numbering(n);
+    }
     let start = Start {
         step: st.step,
         warmup_steps: st.warmup_steps,
@@ -399,6 +406,7 @@ impl RunState<'_> {
             lagged,
             reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
             skipped_steps: learner.skipped_steps,
+            env_episodes: self.env.environment.as_ref().map(|r| r.episodes_numbered()),
         };
         checkpoint::save(
             self.run_dir,

@@ -68,6 +68,10 @@ fn wait_for_exit(child: &mut std::process::Child, limit_s: u64) -> std::process:
     }
 }
 
+/// A verifier and a length penalty that every answer longer than one token pays.
+const PIPELINE: &str = r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", coef=0.5, free_len=1}]"#;
+
+/// Also: the shared-buffer mode's groups are scored by the learner's reward pipeline.
 #[test]
 fn an_explorer_stops_when_its_learner_finishes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -107,6 +111,8 @@ fn an_explorer_stops_when_its_learner_finishes() {
         .arg(&weights)
         .args(small)
         .args(["--set", "train.steps=3"])
+        // The learner scores the explorer's groups with its [reward.pipeline].
+        .args(["--set", PIPELINE])
         .args([
             "--set",
             &format!(
@@ -122,6 +128,17 @@ fn an_explorer_stops_when_its_learner_finishes() {
         String::from_utf8_lossy(&learner.stderr)
     );
     assert!(weights.join("finished.json").exists());
+    let metrics =
+        grove::report::read_jsonl(&tmp.path().join("runs/quickstart/metrics.jsonl")).unwrap();
+    let rl: Vec<_> = metrics
+        .iter()
+        .filter(|m| m["phase"] == "rl" && m["step"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(rl.len(), 3);
+    for m in rl {
+        let len = m["reward/len/mean"].as_f64();
+        assert!(len.is_some_and(|l| l < 0.0), "no length penalty: {m}");
+    }
     let status = wait_for_exit(&mut explorer, 60);
     let err = reader.join().unwrap();
     assert!(status.success(), "{err}");

@@ -219,3 +219,182 @@ fn a_program_environment_plays_the_rows_of_a_dataset() {
         "{ep}"
     );
 }
+
+/// A one-turn program whose reward and info depend on the episode number grove hands it, so
+/// a resumed run that restarted the numbering would score differently.
+const NUMBERED_ENV: &str = r#"import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    if r["op"] == "reset":
+        out = {"messages": [{"role": "user", "content": "say a number."}]}
+    elif r["op"] == "step":
+        e = r["episode"]
+        out = {"messages": [], "reward": (e % 3) / 2, "done": True,
+               "info": {"episode": e, "success": e % 3 == 2}}
+    else:
+        out = {}
+    print(json.dumps(out), flush=True)
+"#;
+
+/// Program episode numbers are checkpointed: a program run stopped after one step and resumed
+/// equals the uninterrupted run, episode numbers included.
+#[test]
+fn a_program_environment_run_resumes_with_its_episode_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("numbered.py");
+    std::fs::write(&script, NUMBERED_ENV).unwrap();
+    let prog = format!(
+        "env.program=[\"python3\", {:?}]",
+        script.display().to_string()
+    );
+    let sets = ["env.kind=\"program\"", prog.as_str(), "env.pool=2"];
+    let whole = run(small(&tmp.path().join("whole"), 3, &sets), &quiet()).unwrap();
+    let b = run(
+        small(&tmp.path().join("cut"), 3, &sets),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let state = std::fs::read_to_string(b.run_dir.join("checkpoints/step-1/state.json")).unwrap();
+    // 16 training episodes and 8 held-out ones at step 0 and at step 1.
+    assert!(state.contains("\"env_episodes\": 32"), "{state}");
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
+    let b2 = run(
+        cfg,
+        &TrainOptions {
+            quiet: true,
+            resume: Some(b.run_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(b2.rl_steps_done, 3);
+    assert_eq!(
+        rl_lines(&whole.run_dir),
+        rl_lines(&b.run_dir),
+        "resumed run differs"
+    );
+    let numbers = |dir: &Path| -> Vec<serde_json::Value> {
+        grove::report::read_jsonl(&dir.join("samples.jsonl"))
+            .unwrap()
+            .iter()
+            .filter(|s| s["phase"] == "rl")
+            .flat_map(|s| s["responses"].as_array().unwrap().clone())
+            .map(|r| r["episode"]["infos"][0]["episode"].clone())
+            .collect()
+    };
+    let (a, c) = (numbers(&whole.run_dir), numbers(&b.run_dir));
+    assert!(
+        !a.is_empty() && a.iter().all(|n| n.as_u64().is_some()),
+        "{a:?}"
+    );
+    assert_eq!(a, c);
+}
+
+/// A one-turn program that crashes (exit status 3, a line on stderr) on the step of episode
+/// 10, and on every step from episode 40 on.
+const CRASHING_ENV: &str = r#"import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    e = r.get("episode", 0)
+    if r["op"] == "step" and (e == 10 or e >= 40):
+        sys.stderr.write("boom on episode %d\n" % e)
+        sys.exit(3)
+    if r["op"] == "reset":
+        out = {"messages": [{"role": "user", "content": "say a number."}]}
+    elif r["op"] == "step":
+        out = {"messages": [], "reward": 1.0, "done": True, "info": {"success": True}}
+    else:
+        out = {}
+    print(json.dumps(out), flush=True)
+"#;
+
+/// A program that crashes once: the episode ends with the reason and training goes on. One
+/// that keeps crashing: the run stops with an error naming the program, its exit status and
+/// its stderr, and what was already written (checkpoints, metrics) stays.
+#[test]
+fn a_crashing_program_environment_is_survived_then_stops_the_run_keeping_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("crashing.py");
+    std::fs::write(&script, CRASHING_ENV).unwrap();
+    let prog = format!(
+        "env.program=[\"python3\", {:?}]",
+        script.display().to_string()
+    );
+    let out = tmp.path().join("runs");
+    let cfg = small(
+        &out,
+        3,
+        &[
+            "env.kind=\"program\"",
+            prog.as_str(),
+            "env.pool=2",
+            "env.max_consecutive_failures=2",
+        ],
+    );
+    let e = run(cfg, &quiet()).unwrap_err().to_string();
+    assert!(
+        e.contains("crashing.py` failed 2 times in a row (env.max_consecutive_failures)"),
+        "{e}"
+    );
+    assert!(e.contains("boom on episode 4"), "{e}");
+    // Episodes 8..24 are step 1's: the crash on episode 10 did not stop it.
+    let dirs: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(dirs.len(), 1, "one run directory");
+    let run_dir = dirs[0].as_ref().unwrap().path();
+    assert!(run_dir.join("checkpoints/step-1/state.json").exists());
+    let lines = rl_lines(&run_dir);
+    assert_eq!(lines.last().unwrap()["step"], 1, "{lines:?}");
+    // The crashed episode and those that lost their process scored 0; the rest 1.
+    let r = lines[1]["reward/mean"].as_f64().unwrap();
+    assert!(r > 0.0 && r < 1.0, "{r}");
+}
+
+/// `calculator-arithmetic` through `grove::train::run`: a warm-up on reference plays (the
+/// tool call, then the result), stopped by `warmup.max_steps`, with a falling loss; the RL
+/// steps log the tool-call rate.
+#[test]
+fn calculator_arithmetic_warms_up_on_reference_plays_and_logs_the_tool_call_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small(
+        tmp.path(),
+        1,
+        &[
+            "env.kind=\"calculator-arithmetic\"",
+            "env.digits=2",
+            "env.max_tokens=200",
+            "env.heldout_size=4",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=72",
+            "warmup.max_steps=8",
+            "warmup.eval_every=4",
+            "warmup.batch_size=8",
+            "warmup.lr=1e-3",
+            "warmup.target_acc=1.0",
+        ],
+    );
+    let s = run(cfg, &quiet()).unwrap();
+    assert_eq!((s.warmup_steps, s.rl_steps_done), (8, 1));
+    let lines = grove::report::read_jsonl(&s.run_dir.join("metrics.jsonl")).unwrap();
+    let sft: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["phase"] == "warmup")
+        .map(|l| l["loss/sft"].as_f64().unwrap())
+        .collect();
+    assert_eq!(sft.len(), 2, "{lines:?}");
+    assert!(sft[1] < sft[0], "the warm-up loss did not fall: {sft:?}");
+    let rl = rl_lines(&s.run_dir);
+    let rate = rl[1]["reward/tool_call/mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate), "{}", rl[1]);
+    let plan = std::fs::read_to_string(s.run_dir.join("plan.json")).unwrap();
+    assert!(plan.contains("\"warmup_max_steps\": 8"), "{plan}");
+}

@@ -26,6 +26,43 @@ pub enum TurnPart {
     Steps,
 }
 
+/// A per-turn gate of a `turns` component: turn t's reward counts only once the condition has
+/// held at some turn s ≤ t ([`crate::reward::gates::gate_turns`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TurnGate {
+    /// The turn's step reported this milestone (`info.milestone` / `info.milestones`).
+    Milestone(String),
+    /// The turn's own reward r_t (before discounting) was at least this.
+    RewardAtLeast(f64),
+}
+
+impl TurnGate {
+    /// Whether the condition held at each turn of `turns`.
+    pub fn held(&self, turns: &EpisodeTurns) -> Vec<bool> {
+        match self {
+            TurnGate::Milestone(name) => turns
+                .milestones
+                .iter()
+                .map(|ms| ms.iter().any(|m| m == name))
+                .collect(),
+            TurnGate::RewardAtLeast(delta) => turns.rewards.iter().map(|r| r >= delta).collect(),
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            TurnGate::Milestone(m) if m.is_empty() => {
+                Err("gate.milestone: expected a milestone name, found \"\"".into())
+            }
+            TurnGate::RewardAtLeast(d) if !d.is_finite() => Err(format!(
+                "gate.reward_at_least: expected a finite number, found {d}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One channel of a `gated` component: a component name and its pass threshold (none: the
 /// channel always passes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +135,9 @@ pub enum ComponentKind {
     Turns {
         #[serde(default)]
         part: TurnPart,
+        /// Per-turn gate (none: every turn counts), applied before the split into parts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gate: Option<TurnGate>,
     },
     /// 1 when the `[env]` episode was solved (`"success": true`), else 0.
     Success {},
@@ -281,6 +321,9 @@ impl PipelineConfig {
                         "{at}.truncated_score: expected a finite number, found {v}"
                     )))
                 }
+                ComponentKind::Turns {
+                    gate: Some(gate), ..
+                } => gate.validate().map_err(|m| format!("{at}.{m}"))?,
                 ComponentKind::Milestones { credit } if !(credit.is_finite() && *credit >= 0.0) => {
                     return Err(verr(format!(
                         "{at}.credit: expected a finite number >= 0, found {credit}"

@@ -31,6 +31,7 @@
 //! - `function`: a Rust [`RewardFn`] registered under a name in [`Registry`].
 //! - `turns`: an `[env]` episode's discounted per-turn rewards: the return, the outcome or the
 //!   steps ([`TurnPart`]); with `gated` over [outcome ≥ δ, steps] this is G-RA over turns.
+//!   A per-turn `gate` ([`TurnGate`]) counts turn t only once its condition held by turn t.
 //! - `success`: 1 when the `[env]` episode was solved.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -41,8 +42,8 @@ use crate::reward::exact::exact_answer;
 use crate::reward::external::{ExternalConfig, RewardFn, RewardRequest};
 use crate::reward::external_pool::ExternalPool;
 use crate::reward::gates::{
-    consistency_reward, gated_channels, split_turns, Channel, ConsistencyJudge, LastNumberJudge,
-    MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
+    consistency_reward, gate_turns, gated_channels, split_turns, Channel, ConsistencyJudge,
+    LastNumberJudge, MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
 };
 use crate::reward::math::MathVerifier;
 use crate::reward::rm_scorer::RewardModelScorer;
@@ -85,7 +86,7 @@ enum Scorer {
     Gated(Vec<(usize, Option<f64>)>),
     Milestones(f64),
     Function(Box<dyn RewardFn>),
-    Turns(TurnPart),
+    Turns(TurnPart, Option<TurnGate>),
     Success,
 }
 
@@ -208,7 +209,7 @@ impl RewardPipeline {
                         .collect(),
                 ),
                 ComponentKind::Milestones { credit } => Scorer::Milestones(*credit),
-                ComponentKind::Turns { part } => Scorer::Turns(*part),
+                ComponentKind::Turns { part, gate } => Scorer::Turns(*part, gate.clone()),
                 ComponentKind::Success {} => Scorer::Success,
                 ComponentKind::Function { function } => match registry.functions.remove(function) {
                     Some(f) => Scorer::Function(f),
@@ -632,12 +633,16 @@ impl RewardPipeline {
                     Ok(t.total())
                 })
                 .collect(),
-            Scorer::Turns(part) => responses
+            Scorer::Turns(part, gate) => responses
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
                     let t = episode_turns(r, i, &name, "turns")?;
-                    let (outcome, steps) = split_turns(&t.discounted, t.ended_by_env);
+                    let gated = match gate {
+                        Some(g) => gate_turns(&t.discounted, &g.held(t)),
+                        None => t.discounted.clone(),
+                    };
+                    let (outcome, steps) = split_turns(&gated, t.ended_by_env);
                     Ok(match part {
                         TurnPart::Return => outcome + steps,
                         TurnPart::Outcome => outcome,

@@ -662,13 +662,110 @@ fn episode(rewards: &[f64], ended_by_env: bool, success: bool, discount: f64) ->
             discounted: crate::reward::gates::discount_turns(rewards, discount),
             ended_by_env,
             success,
+            rewards: rewards.to_vec(),
+            milestones: vec![vec![]; rewards.len()],
         }),
         ..resp("", ended_by_env, 4)
     }
 }
 
 fn turns(name: &str, part: TurnPart) -> ComponentConfig {
-    ComponentConfig::new(name, ComponentKind::Turns { part })
+    ComponentConfig::new(name, ComponentKind::Turns { part, gate: None })
+}
+
+fn gated_turns(name: &str, part: TurnPart, gate: TurnGate) -> ComponentConfig {
+    ComponentConfig::new(
+        name,
+        ComponentKind::Turns {
+            part,
+            gate: Some(gate),
+        },
+    )
+}
+
+/// Per-turn gates through the pipeline, by hand. A [0.1, 0.2, 0.3, 1] (solved on turn 3)
+/// reports the milestone `key` at turn 1; B [0.1, 0.2, 0.3] (cut) never reports it and
+/// reaches reward 0.3 at turn 2; C [0, 0] (failed) has nothing.
+#[test]
+fn per_turn_gates_count_turns_from_the_one_where_the_condition_held() {
+    let mut a = episode(&[0.1, 0.2, 0.3, 1.0], true, true, 1.0);
+    a.turns.as_mut().unwrap().milestones[1] = vec!["key".into()];
+    let eps = vec![
+        a,
+        episode(&[0.1, 0.2, 0.3], false, false, 1.0),
+        episode(&[0.0, 0.0], false, false, 1.0),
+    ];
+    let score = |components: Vec<ComponentConfig>| {
+        let mut p = RewardPipeline::new(PipelineConfig::new(components)).unwrap();
+        p.score_group(&GroupContext::default(), &eps).unwrap()
+    };
+    let key = || TurnGate::Milestone("key".into());
+    // Steps gated on `key` per turn: A = 0.2 + 0.3 (turn 0 before the key) = 0.5; B, C: 0.
+    // The trajectory-level gate (`gated` over a milestones channel) would give A 0.6.
+    let steps = score(vec![gated_turns("s", TurnPart::Steps, key())]);
+    crate::testing::assert_close(&steps.rewards, &[0.5, 0.0, 0.0], 1e-12);
+    // The return gated on `key`: A = 0.2 + 0.3 + 1 = 1.5.
+    let ret = score(vec![gated_turns("r", TurnPart::Return, key())]);
+    crate::testing::assert_close(&ret.rewards, &[1.5, 0.0, 0.0], 1e-12);
+    // Gate on a turn's own reward ≥ 0.2: A = 0.2 + 0.3 + 1 = 1.5, B = 0.2 + 0.3 = 0.5.
+    let by_reward = score(vec![gated_turns(
+        "r",
+        TurnPart::Return,
+        TurnGate::RewardAtLeast(0.2),
+    )]);
+    crate::testing::assert_close(&by_reward.rewards, &[1.5, 0.5, 0.0], 1e-12);
+    // Reduction: a gate that always holds (every reward ≥ 0) is the ungated component.
+    for part in [TurnPart::Return, TurnPart::Outcome, TurnPart::Steps] {
+        let always = score(vec![gated_turns("x", part, TurnGate::RewardAtLeast(0.0))]);
+        let ungated = score(vec![turns("x", part)]);
+        assert_eq!(always.rewards, ungated.rewards, "{part:?}");
+    }
+    // TOML spelling, and the checks on a gate's value.
+    let toml_text = r#"
+[[components]]
+name = "s"
+kind = "turns"
+part = "steps"
+gate = { milestone = "key" }
+"#;
+    let cfg: PipelineConfig = toml::from_str(toml_text).unwrap();
+    assert_eq!(
+        cfg.components[0].kind,
+        ComponentKind::Turns {
+            part: TurnPart::Steps,
+            gate: Some(key())
+        }
+    );
+    let bad = PipelineConfig::new(vec![gated_turns(
+        "s",
+        TurnPart::Steps,
+        TurnGate::Milestone(String::new()),
+    )]);
+    assert_eq!(
+        bad.validate().unwrap_err(),
+        "components[0] (`s`).gate.milestone: expected a milestone name, found \"\""
+    );
+    let bad = PipelineConfig::new(vec![gated_turns(
+        "s",
+        TurnPart::Steps,
+        TurnGate::RewardAtLeast(f64::NAN),
+    )]);
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .contains("gate.reward_at_least: expected a finite number, found NaN"),
+        "{:?}",
+        bad.validate()
+    );
+    let e = toml::from_str::<PipelineConfig>(
+        "[[components]]\nname = \"s\"\nkind = \"turns\"\ngate = { door = \"x\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("milestone") && e.contains("reward_at_least"),
+        "{e}"
+    );
 }
 
 /// Per-turn rewards through the pipeline, by hand. Episodes (format reward 0.2 per wrong
@@ -772,7 +869,8 @@ fn per_turn_rewards_accumulate_gated_and_ungated() {
     assert_eq!(
         cfg.components[0].kind,
         ComponentKind::Turns {
-            part: TurnPart::Return
+            part: TurnPart::Return,
+            gate: None
         }
     );
     assert!(cfg.components[2].kind.needs_episode());
