@@ -6,8 +6,8 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ExperimentArgs {
-    /// The experiment: rec-offpolicy, gated-reward or noisy-rewards (docs/experiments/; an
-    /// unknown name lists the known ones).
+    /// The experiment: rec-offpolicy, gated-reward, noisy-rewards, reinforce-ada or duration
+    /// (docs/experiments/; an unknown name lists the known ones).
     pub name: String,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0,1,2")]

@@ -123,6 +123,7 @@ impl EnvRunner {
                 group_id,
                 policy_version: version,
                 experiences,
+                drawn_rewards: vec![],
             });
         }
         Ok(out)
