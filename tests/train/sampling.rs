@@ -109,7 +109,7 @@ fn reinforce_ada_balances_groups_uses_every_draw_as_baseline_and_resumes_exactly
             .iter()
             .map(|r| r.as_f64().unwrap())
             .collect();
-        assert!(drawn.len() % 8 == 0 && (8..=32).contains(&drawn.len()));
+        assert!(drawn.len().is_multiple_of(8) && (8..=32).contains(&drawn.len()));
         let responses = g["responses"].as_array().unwrap();
         assert_eq!(responses.len(), 4);
         let mean = drawn.iter().sum::<f64>() / drawn.len() as f64;
