@@ -25,6 +25,10 @@ pub struct Experiment {
     /// Training metrics reported beside held-out accuracy: each run's mean over its last
     /// [`TAIL_STEPS`] RL steps, then mean ± sd over seeds; each gets its own plot.
     pub tail_metrics: &'static [&'static str],
+    /// The x-axis of every plot: `None` for the RL step, or a per-step metric whose running sum
+    /// is the x (e.g. `sampling/samples_drawn`, when variants draw different amounts per step);
+    /// its total per run is then reported too.
+    pub x_metric: Option<&'static str>,
     /// Offline experiments: the data every variant of a seed trains from (`sync.offline`).
     pub offline: Option<OfflineData>,
 }
@@ -62,7 +66,14 @@ macro_rules! gra_components {
     };
 }
 
-pub const EXPERIMENTS: &[Experiment] = &[REC_OFFPOLICY, GATED_REWARD, NOISY_REWARDS, TOPR_OFFLINE];
+pub const EXPERIMENTS: &[Experiment] = &[
+    REC_OFFPOLICY,
+    GATED_REWARD,
+    NOISY_REWARDS,
+    REINFORCE_ADA,
+    DURATION,
+    TOPR_OFFLINE,
+];
 
 const REC_OFFPOLICY: Experiment = Experiment {
     name: "rec-offpolicy",
@@ -86,6 +97,7 @@ const REC_OFFPOLICY: Experiment = Experiment {
     ],
     tail_metrics: &[],
     offline: None,
+    x_metric: None,
 };
 
 const GATED_REWARD: Experiment = Experiment {
@@ -108,6 +120,7 @@ const GATED_REWARD: Experiment = Experiment {
     ],
     tail_metrics: &["acc/train", "reward/steps/mean", "reward/outcome/mean"],
     offline: None,
+    x_metric: None,
 };
 
 /// The verifier's noise as in the noisy-rewards paper's headline setting: 10% of wrong answers
@@ -147,6 +160,7 @@ const NOISY_REWARDS: Experiment = Experiment {
     ],
     tail_metrics: &[],
     offline: None,
+    x_metric: None,
 };
 
 /// Rewards ±1 without a baseline (`w-reinforce` with λ = 1: +1 right, −1 wrong), the TOPR
@@ -176,7 +190,49 @@ const TOPR_OFFLINE: Experiment = Experiment {
         Variant { label: "topr-no-baseline", sets: &[PLUS_MINUS_ONE[0], PLUS_MINUS_ONE[1]] },
     ],
     tail_metrics: &[],
+    x_metric: None,
     offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),
+
+const REINFORCE_ADA: Experiment = Experiment {
+    name: "reinforce-ada",
+    claim: "Reinforce-Ada (Xiong et al. 2025): sampling each prompt in rounds until its group has both \
+            correct and wrong answers (balanced: ≥ n/2 of each, at most T = 4 rounds of M = 8) and using \
+            the mean over every drawn sample as the baseline leaves fewer zero-variance groups than GRPO \
+            at equal samples, and reward rises faster.",
+    setting: "the quickstart task with final groups of n = 4 responses for both (GRPO draws 4 per \
+              prompt; Reinforce-Ada draws 8 per round and keeps 4)",
+    common: &["rollout.group_size=4"],
+    variants: &[
+        Variant { label: "grpo", sets: &["recipe=\"grpo\""] },
+        Variant { label: "reinforce-ada", sets: &["recipe=\"reinforce-ada\""] },
+    ],
+    tail_metrics: &["reward/frac_zero_std", "reward/mean", "sampling/samples_drawn"],
+    x_metric: Some("sampling/samples_drawn"),
+    offline: None,
+};
+
+const DURATION: Experiment = Experiment {
+    name: "duration",
+    claim: "Duration-aware updates: in an asynchronous bandit where the slow arm pays more, unweighted \
+            policy gradient prefers the fast arm, and weighting each sample's loss by the time its \
+            action took (w_i = Δt_i / mean Δt) recovers the slow one.",
+    setting: "the built-in `bandit` environment (arm 1: 1 s, pays 1 on average; arm 2: 3 s, pays 4), \
+              one pull per episode (a sample is one action), asynchronous rollouts (an explorer \
+              thread one version ahead), the `group-mean` baseline, the built-in model from random \
+              weights",
+    common: &[
+        "env.kind=\"bandit\"", "env.max_turns=1", "env.heldout_size=16", "sync.mode=\"async\"",
+        "sync.interval=1", "sync.max_staleness=1", "advantage.estimator=\"group-mean\"",
+        "rollout.prompts_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=2",
+        "train.steps=100", "train.eval_every=20", "train.checkpoint_every=100", "train.lr=3e-3",
+    ],
+    variants: &[
+        Variant { label: "unweighted", sets: &[] },
+        Variant { label: "duration-weighted", sets: &["advantage.duration.enabled=true"] },
+    ],
+    tail_metrics: &["reward/mean"],
+    x_metric: None,
+    offline: None,
 };
 
 pub fn find(name: &str) -> Result<&'static Experiment> {
@@ -232,11 +288,18 @@ pub fn run_experiment(
             .collect::<Result<Vec<_>>>()?,
         None => vec![],
     };
+    // Per variant: each seed's total of the x metric.
+    let mut totals: Vec<Vec<f64>> = Vec::new();
+    let x_label = match exp.x_metric {
+        Some(m) => format!("{m} (running sum)"),
+        None => "RL step".to_string(),
+    };
     for v in exp.variants {
         let mut finals = Vec::new();
         let mut curves: Vec<Vec<(f64, f64)>> = Vec::new();
         let mut t0s = Vec::new();
         let mut tail_curves: Vec<Vec<Vec<(f64, f64)>>> = vec![Vec::new(); exp.tail_metrics.len()];
+        let mut x_totals = Vec::new();
         for (i, &seed) in seeds.iter().enumerate() {
             let mut sets: Vec<String> = exp
                 .common
@@ -262,14 +325,26 @@ pub fn run_experiment(
             )?;
             finals.push(s.acc_final);
             t0s.push(s.acc_after_warmup);
-            curves.push(load_rl_metric(&s.run_dir, "acc/eval")?);
+            let per_step = match exp.x_metric {
+                Some(m) => Some(load_rl_metric(&s.run_dir, m)?),
+                None => None,
+            };
+            let x_axis = |curve: Vec<(f64, f64)>| match &per_step {
+                Some(ps) => against_running_sum(&curve, ps),
+                None => curve,
+            };
+            curves.push(x_axis(load_rl_metric(&s.run_dir, "acc/eval")?));
             for (k, metric) in exp.tail_metrics.iter().enumerate() {
-                tail_curves[k].push(load_rl_metric(&s.run_dir, metric)?);
+                tail_curves[k].push(x_axis(load_rl_metric(&s.run_dir, metric)?));
+            }
+            if let Some(ps) = &per_step {
+                x_totals.push(ps.iter().map(|p| p.1).sum::<f64>());
             }
         }
         let (m, sd) = mean_sd(&finals);
         let (m0, _) = mean_sd(&t0s);
         rows.push((v.label, m0, m, sd, finals.clone()));
+        totals.push(x_totals);
         series.push(Series {
             label: v.label.to_string(),
             points: mean_curve(&curves),
@@ -288,7 +363,7 @@ pub fn run_experiment(
         line_chart(
             &out.join(tail_png(exp.name, metric)),
             &format!("{}: {metric} (mean over {} seeds)", exp.name, seeds.len()),
-            "RL step",
+            &x_label,
             metric,
             s,
         )?;
@@ -301,10 +376,53 @@ pub fn run_experiment(
             exp.name,
             seeds.len()
         ),
-        "RL step",
+        &x_label,
         "accuracy",
         &series,
     )?;
+    let md = page(
+        exp,
+        &Results {
+            seeds,
+            extra,
+            command,
+            rows: &rows,
+            tails: &tails,
+            totals: &totals,
+        },
+    );
+    let path = out.join(format!("{}.md", exp.name));
+    let md = match std::fs::read_to_string(&path) {
+        Ok(old) => keep_reading(&old, md),
+        Err(_) => md,
+    };
+    std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
+}
+
+/// What [`run_experiment`] measured, for its page.
+struct Results<'a> {
+    seeds: &'a [u64],
+    extra: &'a [String],
+    command: &'a str,
+    /// Per variant: label, held-out accuracy after warm-up (mean), final (mean, sd, per seed).
+    rows: &'a [(&'static str, f64, f64, f64, Vec<f64>)],
+    /// Per variant, per tail metric: each seed's tail mean.
+    tails: &'a [Vec<Vec<f64>>],
+    /// Per variant: each seed's total of the x metric (empty without one).
+    totals: &'a [Vec<f64>],
+}
+
+/// The generated part of the page: claim, command, settings, tables and plot links.
+fn page(exp: &Experiment, r: &Results<'_>) -> String {
+    let Results {
+        seeds,
+        extra,
+        command,
+        rows,
+        tails,
+        totals,
+    } = *r;
     let mut md = String::new();
     let _ = writeln!(md, "# Experiment `{}`\n\nClaim: {}\n", exp.name, exp.claim);
     let _ = writeln!(md, "Command:\n\n```sh\n{command}\n```\n");
@@ -331,7 +449,7 @@ pub fn run_experiment(
         "| variant | held-out acc after warm-up | final held-out acc (mean ± sd) | per seed |"
     );
     let _ = writeln!(md, "|---|---|---|---|");
-    for (label, m0, m, sd, finals) in &rows {
+    for (label, m0, m, sd, finals) in rows {
         let per: Vec<String> = finals.iter().map(|f| format!("{:.1}", f * 100.0)).collect();
         let _ = writeln!(
             md,
@@ -342,6 +460,23 @@ pub fn run_experiment(
             per.join(", ")
         );
     }
+    if let Some(m) = exp.x_metric {
+        let _ = writeln!(
+            md,
+            "\n| variant | total `{m}` over the run (mean ± sd) | per seed |\n|---|---|---|"
+        );
+        for (v, per_seed) in exp.variants.iter().zip(totals) {
+            let (m, sd) = mean_sd(per_seed);
+            let per: Vec<String> = per_seed.iter().map(|t| format!("{t:.0}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {m:.0} ± {sd:.0} | {} |",
+                v.label,
+                per.join(", ")
+            );
+        }
+        let _ = writeln!(md, "\nThe plots' x-axis is the running sum of `{m}`.");
+    }
     let _ = writeln!(md, "\n![accuracy]({}.png)", exp.name);
     if !exp.tail_metrics.is_empty() {
         let _ = writeln!(
@@ -351,7 +486,7 @@ pub fn run_experiment(
         );
         let _ = writeln!(md, "| variant | {} |", exp.tail_metrics.join(" | "));
         let _ = writeln!(md, "|---|{}", "---|".repeat(exp.tail_metrics.len()));
-        for (v, per_metric) in exp.variants.iter().zip(&tails) {
+        for (v, per_metric) in exp.variants.iter().zip(tails) {
             let cells: Vec<String> = per_metric
                 .iter()
                 .map(|xs| {
@@ -365,13 +500,7 @@ pub fn run_experiment(
             let _ = writeln!(md, "\n![{metric}]({})", tail_png(exp.name, metric));
         }
     }
-    let path = out.join(format!("{}.md", exp.name));
-    let md = match std::fs::read_to_string(&path) {
-        Ok(old) => keep_reading(&old, md),
-        Err(_) => md,
-    };
-    std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
-    Ok(path)
+    md
 }
 
 /// Runs the behaviour run of one seed and samples its offline data (see [`OfflineData`]);
@@ -450,15 +579,30 @@ fn last_checkpoint(dir: &Path) -> Result<PathBuf> {
         })
 }
 
-/// Mean curve over seeds (the steps are the same for every seed; the shortest run bounds it).
+/// Mean curve over seeds, point by point (the shortest run bounds it). Both coordinates are
+/// averaged: with RL steps on x every seed has the same x; with a running sum on x (samples
+/// drawn) the point is the seeds' mean position.
 fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
     let n = curves.iter().map(|c| c.len()).min().unwrap_or(0);
+    let k_seeds = curves.len() as f64;
     (0..n)
         .map(|k| {
             (
-                curves[0][k].0,
-                curves.iter().map(|c| c[k].1).sum::<f64>() / curves.len() as f64,
+                curves.iter().map(|c| c[k].0).sum::<f64>() / k_seeds,
+                curves.iter().map(|c| c[k].1).sum::<f64>() / k_seeds,
             )
+        })
+        .collect()
+}
+
+/// `curve` (step, value) with each step replaced by the sum of `per_step` (step, amount) over
+/// the steps up to and including it (0 before the first).
+fn against_running_sum(curve: &[(f64, f64)], per_step: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    curve
+        .iter()
+        .map(|&(step, v)| {
+            let x: f64 = per_step.iter().filter(|p| p.0 <= step).map(|p| p.1).sum();
+            (x, v)
         })
         .collect()
 }
@@ -548,6 +692,7 @@ mod tests {
                 },
             ],
             tail_metrics: &[],
+            x_metric: None,
             offline: Some(OfflineData {
                 behaviour: &["train.steps=0"],
                 groups: 8,
@@ -605,6 +750,15 @@ mod tests {
         assert_eq!(tail_mean(&[]), 0.0);
         let mean = mean_curve(&[vec![(1.0, 0.0), (2.0, 1.0)], vec![(1.0, 1.0)]]);
         assert_eq!(mean, vec![(1.0, 0.5)]);
+        // running sums of samples drawn: 10 at step 1, 30 at step 2; step 0 is before any
+        let per_step = [(1.0, 10.0), (2.0, 20.0)];
+        assert_eq!(
+            against_running_sum(&[(0.0, 0.3), (2.0, 0.5)], &per_step),
+            vec![(0.0, 0.3), (30.0, 0.5)]
+        );
+        // seeds at different positions: both coordinates averaged
+        let mean = mean_curve(&[vec![(10.0, 0.0)], vec![(30.0, 1.0)]]);
+        assert_eq!(mean, vec![(20.0, 0.5)]);
         assert_eq!(
             tail_png("gated-reward", "reward/steps/mean"),
             "gated-reward-reward-steps-mean.png"

@@ -831,6 +831,20 @@ mod tests {
     }
 
     #[test]
+    fn reduction_equal_durations_are_unweighted() {
+        // every Δt the same ⇒ every w_i = Δt / mean Δt = 1 ⇒ the estimator's advantages, bitwise
+        let plain = with(Estimator::Grpo);
+        let mut weighted = plain.clone();
+        weighted.duration.enabled = true;
+        let mut g = groups(&[&[1.0, 0.0, 0.5], &[0.2, 0.9]]);
+        let unweighted = run(&plain, &g);
+        for grp in &mut g {
+            grp.durations = Some(vec![2.5; grp.rewards.len()]);
+        }
+        assert_eq!(run(&weighted, &g), unweighted);
+    }
+
+    #[test]
     fn ragged_inputs_name_group_and_field() {
         let mut g = groups(&[&[1.0, 0.0], &[1.0, 0.0, 0.0]]);
         g[1].lengths = Some(vec![3, 4]);

@@ -57,6 +57,10 @@ pub struct ExperienceGroup {
     pub group_id: u64,
     pub policy_version: u64,
     pub experiences: Vec<Experience>,
+    /// Rewards of every response drawn for the prompt, the discarded ones included
+    /// (Reinforce-Ada's `global-mean` baseline); empty: the experiences are all that was drawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drawn_rewards: Vec<f64>,
 }
 
 /// Why a group is not fit to store: each message names the experience and field.
@@ -252,6 +256,7 @@ pub(super) mod tests {
             group_id,
             policy_version: version,
             experiences,
+            drawn_rewards: vec![],
         }
     }
 

@@ -522,16 +522,66 @@ pub fn parse(file: Option<&Path>, overrides: &[String]) -> Result<(RunConfig, St
 }
 
 impl RunConfig {
-    /// `[sampling]`: refill needs batches sampled here by the current weights.
+    /// `[sampling]`: refill and Reinforce-Ada need batches sampled here by the current weights.
     fn validate_sampling(&self) -> std::result::Result<(), String> {
         let on_policy_rollouts = self.sync.mode == SyncMode::OnPolicy
             && self.sync.buffer.is_none()
             && self.sync.offline.is_none();
-        self.sampling.validate(on_policy_rollouts)
+        self.sampling.validate(on_policy_rollouts)?;
+        let ada = &self.sampling.reinforce_ada;
+        ada.validate(self.rollout.group_size)?;
+        if !ada.enabled() {
+            return Ok(());
+        }
+        // Each round's rewards decide the next round, and the baseline needs every drawn
+        // reward: both exist only where the current weights sample and score the groups.
+        let clash = [
+            (
+                !on_policy_rollouts || self.remote.is_some(),
+                "lagged, async, shared-buffer, offline or [remote] rollouts (they hand the learner \
+                 finished groups, without the rounds' draws; use sync.mode = \"on-policy\")",
+            ),
+            (
+                self.env.is_some(),
+                "[env] episodes (a group's episodes are rolled out together from one seed)",
+            ),
+            (
+                self.reward.pipeline.is_some(),
+                "[reward.pipeline] (the stopping rule reads each round's task rewards; the \
+                 pipeline scores whole groups)",
+            ),
+            (
+                self.sampling.refill_max_rounds > 0,
+                "sampling.refill_max_rounds (both decide what is sampled again; choose one)",
+            ),
+            (
+                self.loss.kl_in_reward,
+                "loss.kl_in_reward (only the kept responses get the penalty, so the baseline \
+                 over every drawn reward would mix penalised and unpenalised rewards)",
+            ),
+        ];
+        match clash.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(format!(
+                "sampling.reinforce_ada.mode = \"{}\" cannot be combined with {what}",
+                ada.mode.name()
+            )),
+            None => Ok(()),
+        }
     }
 
-    /// An `[env]` section and what it cannot be combined with.
-    fn validate_env(&self, e: &crate::env::EnvConfig) -> std::result::Result<(), String> {
+    /// An `[env]` section and what it cannot be combined with; what needs one.
+    fn validate_env(&self) -> std::result::Result<(), String> {
+        let Some(e) = &self.env else {
+            if self.advantage.duration.enabled {
+                return Err(
+                    "advantage.duration.enabled needs an [env]: a sample's duration is \
+                            the time its episode's actions took (each step's info `duration_s`, \
+                            which the `bandit` environment records)"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
         e.validate()?;
         let clash = [
             (
@@ -641,9 +691,7 @@ impl RunConfig {
                 .map_err(|m| Error::config(source, format!("reward.pipeline.{m}")))?;
         }
         pipeline_rules::validate_for_train(self).map_err(|m| Error::config(source, m))?;
-        if let Some(e) = &self.env {
-            self.validate_env(e).map_err(|m| Error::config(source, m))?;
-        }
+        self.validate_env().map_err(|m| Error::config(source, m))?;
         self.validate_sampling()
             .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {

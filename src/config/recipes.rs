@@ -338,6 +338,25 @@ refill_max_rounds = 3
 "#,
     },
     Recipe {
+        name: "reinforce-ada",
+        description: "adaptive sampling: rounds of 8 responses per prompt (at most 4) until the group \
+                      is balanced, final groups of 4, baseline = mean over every drawn sample",
+        source: "Xiong et al. 2025, Reinforce-Ada; docs/algorithms.md#reinforce-ada",
+        toml: r#"[advantage]
+estimator = "global-mean"
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+[rollout]
+group_size = 4
+[sampling.reinforce_ada]
+mode = "balanced"
+rounds = 4
+samples_per_round = 8
+positive_threshold = 0.7
+"#,
+    },
+    Recipe {
         name: "gsm8k-smollm2",
         description: "a few GRPO steps of SmolLM2-135M-Instruct (GGUF, chat template) on GSM8K, on the CPU; \
                       get the model first (README, \"GSM8K with a real model\")",

@@ -18,6 +18,10 @@ const SOURCES: &[(&str, &str)] = &[
     ("src/task/kinds.rs", include_str!("../task/kinds.rs")),
     ("src/sampling/mod.rs", include_str!("../sampling/mod.rs")),
     (
+        "src/sampling/reinforce_ada.rs",
+        include_str!("../sampling/reinforce_ada.rs"),
+    ),
+    (
         "src/advantage/config.rs",
         include_str!("../advantage/config.rs"),
     ),

@@ -341,7 +341,9 @@ impl Environment for Bandit {
                 messages: vec![user("reply 1 or 2.".into())],
                 reward: 0.0,
                 done: false,
-                info: json!({"arm": null, "duration_s": 0.0, "elapsed_s": self.elapsed_s}),
+                // No action ran: its duration is unknown (duration-aware updates give it the
+                // fixed `advantage.duration.unparsable`).
+                info: json!({"arm": null, "duration_s": null, "elapsed_s": self.elapsed_s}),
             });
         };
         let (duration, mean) = BANDIT_ARMS[arm as usize - 1];
@@ -566,6 +568,8 @@ mod tests {
         assert!((0.5..1.5).contains(&s.reward));
         let mut b = Bandit::default();
         b.reset(9).unwrap();
-        assert!(!b.step("3", soon()).unwrap().done);
+        let s = b.step("3", soon()).unwrap();
+        assert!(!s.done);
+        assert_eq!(s.info["duration_s"], serde_json::Value::Null);
     }
 }

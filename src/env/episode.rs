@@ -240,6 +240,30 @@ pub fn pipeline_view(
     Ok((turns, milestones))
 }
 
+/// The time an episode's actions took (duration-aware updates): the sum of its steps'
+/// `info.duration_s`, where a step without a finite, non-negative `duration_s` (an unparsable
+/// action) counts `unparsable` seconds. NaN when no step has one (then the whole sample is
+/// unparsable and gets the fixed duration), or when `episode` is not an episode.
+pub fn episode_exec_time(episode: &Value, unparsable: f64) -> f64 {
+    let infos = episode
+        .get("infos")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let times: Vec<Option<f64>> = infos
+        .iter()
+        .map(|i| {
+            i.get("duration_s")
+                .and_then(Value::as_f64)
+                .filter(|d| d.is_finite() && *d >= 0.0)
+        })
+        .collect();
+    if times.iter().all(Option::is_none) {
+        return f64::NAN;
+    }
+    times.iter().map(|t| t.unwrap_or(unparsable)).sum()
+}
+
 /// Maps `f` over `items` on up to `width` threads, in order.
 fn par_map<T: Send, R: Send>(items: Vec<T>, width: usize, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     if width <= 1 || items.len() <= 1 {
@@ -604,6 +628,21 @@ mod tests {
     /// Through a chat template, turn by turn on the kept cache: the tokens of every episode
     /// spell exactly the template's rendering of its conversation, the tools reach the
     /// template, and only the sampled tokens are trainable.
+    #[test]
+    fn exec_time_sums_step_durations_and_prices_unparsable_actions() {
+        let ep = json!({"infos": [{"duration_s": 3.0}, {"duration_s": null}, {"duration_s": 1.0}]});
+        // 3 + 2 (the unparsable step's fixed duration) + 1
+        assert_eq!(episode_exec_time(&ep, 2.0), 6.0);
+        let ep = json!({"infos": [{"arm": null, "duration_s": null}]});
+        assert!(episode_exec_time(&ep, 2.0).is_nan());
+        assert!(episode_exec_time(&json!({"infos": []}), 2.0).is_nan());
+        assert!(episode_exec_time(&json!({"infos": [{"duration_s": -1.0}]}), 2.0).is_nan());
+        assert_eq!(
+            episode_exec_time(&json!({"infos": [{"duration_s": 1.5}]}), 2.0),
+            1.5
+        );
+    }
+
     #[test]
     fn chat_episodes_are_the_template_rendering_of_their_conversation() {
         let tok = chat_tokenizer();

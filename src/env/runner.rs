@@ -152,6 +152,7 @@ impl EnvRunner {
                 group_id,
                 policy_version: version,
                 experiences,
+                drawn_rewards: vec![],
             });
         }
         Ok(out)

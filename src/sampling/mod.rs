@@ -1,6 +1,8 @@
 //! Which samples a step trains on: group filters applied between reward and advantage
 //! (docs/algorithms.md#sampling-rules). Dropped samples keep their place in the batch with a zero mask, so
 //! they contribute nothing to the loss or its normaliser.
+pub mod reinforce_ada;
+
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,8 @@ pub struct SamplingConfig {
     /// TempSamp: replace the last of each group's G samples with the reference solution; its
     /// behaviour log-probs are the current policy's.
     pub inject_ground_truth: bool,
+    /// Reinforce-Ada: adaptive rounds of samples per prompt (docs/algorithms.md#reinforce-ada).
+    pub reinforce_ada: reinforce_ada::ReinforceAdaConfig,
 }
 
 impl SamplingConfig {

@@ -16,7 +16,7 @@ use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
 use crate::rollout::engine::{LocalEngine, RolloutEngine};
 use crate::rollout::Generation;
-use crate::task::Task;
+use crate::task::{Problem, Task};
 use crate::train::reward_hook::PipelineRewarder;
 
 /// What every stage reads and nobody changes: the config, tokenizer and task.
@@ -278,34 +278,14 @@ where
         st.next_group_id += 1;
         let mut experiences = Vec::with_capacity(g);
         for gen in &gens[p * g..(p + 1) * g] {
-            let text = response_text(&env.tok, &gen.tokens)?;
-            let clean = env
-                .task
-                .score(&prob.prompt, &text, gen.finished, &prob.answer)?
-                .score;
-            let observed = match st.noise.as_mut() {
-                Some(inj) => inj
-                    .flip(clean)
-                    .map_err(|e| Error::Reward(format!("noise injector: {e}")))?,
-                None => clean,
-            };
-            let mut components = BTreeMap::new();
-            components.insert("correct".to_string(), clean);
-            experiences.push(Experience {
-                group_id,
-                prompt: prob.prompt.clone(),
-                prompt_ids: prompt_ids[p].clone(),
-                response_ids: gen.tokens.clone(),
-                logprobs: gen.logprobs.clone(),
-                reward: observed,
-                components,
-                answer: prob.answer.clone(),
-                finished: gen.finished,
-                policy_version: version,
-                use_count: 0,
-                trainable: vec![],
-                episode: None,
-            });
+            experiences.push(scored_experience(
+                env,
+                st,
+                prob,
+                &prompt_ids[p],
+                gen,
+                (group_id, version),
+            )?);
         }
         // Reward-pipeline hook ([reward.pipeline], src/train/reward_hook.rs): the pipeline's
         // reward replaces the verifier's; components["correct"] stays the verified correctness.
@@ -316,7 +296,48 @@ where
             group_id,
             policy_version: version,
             experiences,
+            drawn_rewards: vec![],
         });
     }
     Ok(out)
+}
+
+/// One sampled response to `prob`, scored by the task (and flipped by the noise injector):
+/// an experience of group `ids.0`, sampled by policy version `ids.1`.
+pub fn scored_experience(
+    env: &Env,
+    st: &mut ExploreState,
+    prob: &Problem,
+    prompt_ids: &[u32],
+    gen: &Generation,
+    (group_id, version): (u64, u64),
+) -> Result<Experience> {
+    let text = response_text(&env.tok, &gen.tokens)?;
+    let clean = env
+        .task
+        .score(&prob.prompt, &text, gen.finished, &prob.answer)?
+        .score;
+    let observed = match st.noise.as_mut() {
+        Some(inj) => inj
+            .flip(clean)
+            .map_err(|e| Error::Reward(format!("noise injector: {e}")))?,
+        None => clean,
+    };
+    let mut components = BTreeMap::new();
+    components.insert("correct".to_string(), clean);
+    Ok(Experience {
+        group_id,
+        prompt: prob.prompt.clone(),
+        prompt_ids: prompt_ids.to_vec(),
+        response_ids: gen.tokens.clone(),
+        logprobs: gen.logprobs.clone(),
+        reward: observed,
+        components,
+        answer: prob.answer.clone(),
+        finished: gen.finished,
+        policy_version: version,
+        use_count: 0,
+        trainable: vec![],
+        episode: None,
+    })
 }

@@ -45,6 +45,19 @@ pub struct Learner {
     /// What refilling the batch about to be learned took (`sampling.refill_max_rounds`),
     /// noted by the batch source and logged with that step.
     refill: Option<sampling::RefillStats>,
+    /// What Reinforce-Ada's rounds took for that batch (`sampling/ada_*`).
+    ada: Option<sampling::reinforce_ada::AdaStats>,
+    /// Responses sampled for that batch, discarded ones included (`sampling/samples_drawn`).
+    drawn: Option<usize>,
+}
+
+/// The execution time of sample `e`'s actions (duration weights): its episode's step
+/// durations; NaN (an unparsable sample) for a sample without an episode.
+fn sample_exec_time(e: &Experience, unparsable: f64) -> f64 {
+    match &e.episode {
+        Some(ep) => crate::env::episode::episode_exec_time(ep, unparsable),
+        None => f64::NAN,
+    }
 }
 
 /// Whether an update may be applied: loss and gradient norm both finite.
@@ -75,12 +88,24 @@ impl Learner {
             rewards: None,
             skipped_steps: 0,
             refill: None,
+            ada: None,
+            drawn: None,
         })
     }
 
     /// Records what refilling the next batch took, for that step's `sampling/refill_*` metrics.
     pub fn note_refill(&mut self, stats: sampling::RefillStats) {
         self.refill = Some(stats);
+    }
+
+    /// Records what Reinforce-Ada's rounds took for the next batch (`sampling/ada_*`).
+    pub fn note_ada(&mut self, stats: sampling::reinforce_ada::AdaStats) {
+        self.ada = Some(stats);
+    }
+
+    /// Records how many responses were sampled for the next batch (`sampling/samples_drawn`).
+    pub fn note_drawn(&mut self, samples: usize) {
+        self.drawn = Some(samples);
     }
 
     /// One update from `groups`. `generate_s` is the sampling time that produced them (0 when
@@ -122,6 +147,23 @@ impl Learner {
             m.insert("sampling/refill_prompts".into(), r.prompts as f64);
             m.insert("sampling/refill_short".into(), r.short as f64);
         }
+        if let Some(a) = self.ada.take() {
+            m.insert(
+                "sampling/ada_samples_per_prompt".into(),
+                a.samples_per_prompt(),
+            );
+            m.insert("sampling/ada_rounds".into(), a.rounds_per_prompt());
+            m.insert("sampling/ada_finished_frac".into(), a.finished_frac());
+        }
+        // Noted by the on-policy source (refill's discarded rounds included); other sources:
+        // what the groups hold or drew.
+        let drawn = self.drawn.take().unwrap_or_else(|| {
+            groups
+                .iter()
+                .map(|g| g.experiences.len().max(g.drawn_rewards.len()))
+                .sum()
+        });
+        m.insert("sampling/samples_drawn".into(), drawn as f64);
         let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
         let staleness: Vec<f64> = groups
             .iter()
@@ -250,7 +292,19 @@ impl Learner {
                 let mut grp = Group::from_rewards(m.iter().map(|&i| rewards[i]).collect());
                 grp.correct = Some(m.iter().map(|&i| b.correct[i]).collect());
                 grp.lengths = Some(m.iter().map(|&i| b.len(i)).collect());
-                grp.all_rewards = Some(rewards[b.ranges[p].clone()].to_vec());
+                grp.all_rewards = Some(if b.drawn_rewards[p].is_empty() {
+                    rewards[b.ranges[p].clone()].to_vec()
+                } else {
+                    b.drawn_rewards[p].clone()
+                });
+                if cfg.advantage.duration.enabled {
+                    let d = &cfg.advantage.duration;
+                    grp.durations = Some(
+                        m.iter()
+                            .map(|&i| sample_exec_time(&b.exps[i], d.unparsable))
+                            .collect(),
+                    );
+                }
                 if cfg.sampling.inject_ground_truth {
                     grp.ground_truth = Some(m.iter().map(|&i| b.ground_truth[i]).collect());
                 }
@@ -442,10 +496,14 @@ impl Learner {
                 }
                 rs.push(r);
             }
-            self.samples.write(&serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": step, "phase": "rl", "policy_version": groups[p].policy_version,
                 "prompt": b.exps[r.start].prompt, "answer": b.exps[r.start].answer, "responses": rs
-            }))?;
+            });
+            if !b.drawn_rewards[p].is_empty() {
+                line["drawn_rewards"] = serde_json::json!(b.drawn_rewards[p]);
+            }
+            self.samples.write(&line)?;
         }
         Ok(())
     }
@@ -462,6 +520,9 @@ struct StepBatch {
     rewards: Vec<f64>,
     /// The mean reward as observed, before any penalty.
     observed_mean: f64,
+    /// Per group: the rewards of every response drawn for its prompt (Reinforce-Ada), or
+    /// empty when the group is all that was drawn.
+    drawn_rewards: Vec<Vec<f64>>,
 }
 
 impl StepBatch {
@@ -481,6 +542,7 @@ impl StepBatch {
             correct: vec![],
             rewards: vec![],
             observed_mean: 0.0,
+            drawn_rewards: groups.iter().map(|g| g.drawn_rewards.clone()).collect(),
         };
         b.score();
         b

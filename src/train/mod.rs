@@ -13,6 +13,7 @@ pub mod learn;
 pub mod policy_callbacks;
 pub mod pretrained;
 pub mod publish;
+pub mod reinforce_ada;
 pub mod reward_hook;
 mod run;
 pub mod source;

@@ -10,5 +10,6 @@ mod environments;
 mod pretrained_train;
 mod remote;
 mod remote_sync;
+mod sampling;
 mod train;
 mod train_rewards;

@@ -140,24 +140,43 @@ impl BatchSource for OnPolicy {
     ) -> Result<Option<Batch>> {
         let t = Instant::now();
         let sampling = &env.cfg.sampling;
+        if sampling.reinforce_ada.enabled() {
+            let (groups, stats) = crate::train::reinforce_ada::collect_adaptive(
+                env,
+                &learner.model,
+                learner.version,
+                explore_st,
+            )?;
+            learner.note_drawn(stats.samples);
+            learner.note_ada(stats);
+            return Ok(Some(Batch {
+                groups,
+                generate_s: t.elapsed().as_secs_f64(),
+                dropped: 0,
+            }));
+        }
         let refill_rounds = if sampling.filter_zero_std {
             sampling.refill_max_rounds
         } else {
             0
         };
+        // Every response sampled for this batch, kept or not (`sampling/samples_drawn`).
+        let mut drawn = 0usize;
         let mut collect = || {
-            collect_rewarded(
+            let groups = collect_rewarded(
                 env,
                 &learner.model,
                 learner.version,
                 explore_st,
                 learner.rewards.as_mut(),
-            )
+            )?;
+            drawn += groups.iter().map(|g| g.experiences.len()).sum::<usize>();
+            Ok::<_, crate::error::Error>(groups)
         };
         // Without refill the groups stay in the order they were sampled (fill_batch puts the
         // informative ones first, which would change the float sums of every metric and loss).
-        let groups = if refill_rounds == 0 {
-            collect()?
+        let (groups, refill) = if refill_rounds == 0 {
+            (collect()?, None)
         } else {
             let (groups, refill) = crate::sampling::fill_batch(
                 env.cfg.rollout.prompts_per_step,
@@ -168,9 +187,12 @@ impl BatchSource for OnPolicy {
                 },
                 collect,
             )?;
-            learner.note_refill(refill);
-            groups
+            (groups, Some(refill))
         };
+        if let Some(r) = refill {
+            learner.note_refill(r);
+        }
+        learner.note_drawn(drawn);
         Ok(Some(Batch {
             groups,
             generate_s: t.elapsed().as_secs_f64(),

@@ -1,0 +1,217 @@
+//! Sampling methods end to end: Reinforce-Ada (its reduction to GRPO sampling, its baseline
+//! over every drawn sample, exact resume) and duration-weighted updates on the `bandit`
+//! environment's asynchronous rollouts, checked against numbers recomputed from samples.jsonl.
+use std::path::Path;
+
+use crate::common::{quiet, rl_lines};
+use crate::train_rewards::assert_resumes_exactly;
+use grove::config;
+use grove::train::run;
+
+fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
+    let mut sets: Vec<String> = vec![
+        format!("output_dir={:?}", out.display().to_string()),
+        "warmup.max_steps=30".into(),
+        "warmup.eval_every=10".into(),
+        "warmup.target_acc=1.0".into(),
+        "rollout.prompts_per_step=6".into(),
+        "rollout.group_size=4".into(),
+        format!("train.steps={steps}"),
+        "train.eval_every=2".into(),
+        "train.eval_size=32".into(),
+        "train.checkpoint_every=2".into(),
+        "train.lr=1e-3".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    config::load(None, &sets).unwrap()
+}
+
+/// The RL lines without Reinforce-Ada's own metrics.
+fn without_ada_metrics(lines: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    lines
+        .into_iter()
+        .map(|mut l| {
+            l.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("sampling/ada_"));
+            l
+        })
+        .collect()
+}
+
+#[test]
+fn reinforce_ada_with_one_round_of_n_is_plain_grpo_sampling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run(small(&tmp.path().join("a"), 3, &[]), &quiet()).unwrap();
+    let b = run(
+        small(
+            &tmp.path().join("b"),
+            3,
+            &[
+                "sampling.reinforce_ada.mode=\"balanced\"",
+                "sampling.reinforce_ada.rounds=1",
+                "sampling.reinforce_ada.samples_per_round=4",
+            ],
+        ),
+        &quiet(),
+    )
+    .unwrap();
+    let lb = rl_lines(&b.run_dir);
+    for l in &lb[1..] {
+        assert_eq!(l["sampling/ada_rounds"], 1.0, "{l}");
+        assert_eq!(l["sampling/ada_samples_per_prompt"], 4.0, "{l}");
+        assert_eq!(l["sampling/samples_drawn"], 24.0, "{l}");
+    }
+    assert_eq!(rl_lines(&a.run_dir), without_ada_metrics(lb));
+    let last = "checkpoints/step-3/model.safetensors";
+    let (wa, wb) = (
+        std::fs::read(a.run_dir.join(last)).unwrap(),
+        std::fs::read(b.run_dir.join(last)).unwrap(),
+    );
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn reinforce_ada_balances_groups_uses_every_draw_as_baseline_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = assert_resumes_exactly(
+        tmp.path(),
+        4,
+        &[
+            "recipe=\"reinforce-ada\"".into(),
+            "rollout.group_size=4".into(),
+            "train.log_samples=6".into(),
+        ],
+    );
+    for l in &lines[1..] {
+        let per_prompt = l["sampling/ada_samples_per_prompt"].as_f64().unwrap();
+        assert_eq!(
+            l["sampling/samples_drawn"].as_f64().unwrap(),
+            per_prompt * 6.0
+        );
+        assert!((8.0..=32.0).contains(&per_prompt), "{l}");
+        let rounds = l["sampling/ada_rounds"].as_f64().unwrap();
+        assert!((per_prompt - rounds * 8.0).abs() < 1e-9, "{l}");
+    }
+    // The uninterrupted run's directory, the only entry under a/.
+    let run_dir = std::fs::read_dir(tmp.path().join("a"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let samples = grove::report::read_jsonl(&run_dir.join("samples.jsonl")).unwrap();
+    let mut checked = 0;
+    for g in samples.iter().filter(|s| s["phase"] == "rl") {
+        let drawn: Vec<f64> = g["drawn_rewards"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no drawn_rewards: {g}"))
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert!(drawn.len().is_multiple_of(8) && (8..=32).contains(&drawn.len()));
+        let responses = g["responses"].as_array().unwrap();
+        assert_eq!(responses.len(), 4);
+        let mean = drawn.iter().sum::<f64>() / drawn.len() as f64;
+        let all_equal = drawn.iter().all(|&r| r == drawn[0]);
+        let pos_drawn = drawn.iter().filter(|&&r| r > 0.7).count();
+        let pos_kept = responses
+            .iter()
+            .filter(|r| r["reward"].as_f64().unwrap() > 0.7)
+            .count();
+        // balanced: 2 positives and 2 negatives; a short kind is filled with the other
+        let neg_drawn = drawn.len() - pos_drawn;
+        let want_neg = (4 - pos_drawn.min(2)).min(neg_drawn);
+        assert_eq!(pos_kept, (4 - want_neg).min(pos_drawn), "{g}");
+        for r in responses {
+            let reward = r["reward"].as_f64().unwrap();
+            let want = if all_equal { 0.0 } else { reward - mean };
+            let got = r["advantage"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-9,
+                "advantage {got}, want {want}: {g}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4 * 6 * 4, "checked {checked} responses");
+}
+
+fn bandit(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
+    let mut sets: Vec<String> = vec![
+        format!("output_dir={:?}", out.display().to_string()),
+        "env.kind=\"bandit\"".into(),
+        "env.max_turns=1".into(),
+        "env.heldout_size=4".into(),
+        "rollout.prompts_per_step=8".into(),
+        "rollout.group_size=4".into(),
+        "rollout.max_new_tokens=2".into(),
+        "advantage.estimator=\"group-mean\"".into(),
+        format!("train.steps={steps}"),
+        "train.eval_every=2".into(),
+        "train.checkpoint_every=2".into(),
+        "train.log_samples=8".into(),
+        "train.lr=3e-3".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    config::load(None, &sets).unwrap()
+}
+
+#[test]
+fn duration_weights_scale_each_bandit_pull_by_its_time_in_async_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = run(
+        bandit(
+            tmp.path(),
+            3,
+            &[
+                "advantage.duration.enabled=true",
+                "sync.mode=\"async\"",
+                "sync.interval=1",
+                "sync.max_staleness=1",
+            ],
+        ),
+        &quiet(),
+    )
+    .unwrap();
+    let samples = grove::report::read_jsonl(&s.run_dir.join("samples.jsonl")).unwrap();
+    let mut timed = 0;
+    for step in 1..=3u64 {
+        let groups: Vec<&serde_json::Value> = samples
+            .iter()
+            .filter(|g| g["phase"] == "rl" && g["step"] == step)
+            .collect();
+        assert_eq!(groups.len(), 8, "every group of step {step} is logged");
+        // Δt per pull: the step's duration_s (1 or 3 s), or the fixed unparsable 1.0 s
+        // (defaults t_min = 0, t_floor = 0.001); w = Δt / mean Δt over the batch.
+        let dt = |r: &serde_json::Value| match r["episode"]["infos"][0]["duration_s"].as_f64() {
+            Some(d) => d.max(0.001),
+            None => 1.0,
+        };
+        let all: Vec<f64> = groups
+            .iter()
+            .flat_map(|g| g["responses"].as_array().unwrap().iter().map(dt))
+            .collect();
+        let mean_dt = all.iter().sum::<f64>() / all.len() as f64;
+        for g in &groups {
+            let rs = g["responses"].as_array().unwrap();
+            let rewards: Vec<f64> = rs.iter().map(|r| r["reward"].as_f64().unwrap()).collect();
+            let mean_r = rewards.iter().sum::<f64>() / rewards.len() as f64;
+            let all_equal = rewards.iter().all(|&r| r == rewards[0]);
+            for (r, &reward) in rs.iter().zip(&rewards) {
+                if r["episode"]["infos"][0]["duration_s"].is_number() {
+                    timed += 1;
+                }
+                let base = if all_equal { 0.0 } else { reward - mean_r };
+                let want = base * dt(r) / mean_dt;
+                let got = r["advantage"].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() < 1e-9,
+                    "step {step}: {got} vs {want}: {r}"
+                );
+            }
+        }
+    }
+    // some pulls parsed, so the weights were not all 1
+    assert!(timed > 0, "no parsable pull in 3 steps");
+}
