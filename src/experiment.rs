@@ -192,6 +192,7 @@ const TOPR_OFFLINE: Experiment = Experiment {
     tail_metrics: &[],
     x_metric: None,
     offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),
+};
 
 const REINFORCE_ADA: Experiment = Experiment {
     name: "reinforce-ada",
