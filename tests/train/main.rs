@@ -12,3 +12,4 @@ mod remote;
 mod remote_sync;
 mod train;
 mod train_rewards;
+mod vllm_sync;
