@@ -85,14 +85,18 @@ pub fn validate(mut raw: RunConfig, source: &str, purpose: Purpose) -> Result<Va
 /// exists: no `[remote]` it would ignore, the shared buffer reachable, reward-model folders
 /// present.
 fn check_train_preconditions(cfg: &RunConfig) -> Result<()> {
-    let pushes = cfg.remote.as_ref().is_some_and(|r| r.admin_token.is_some());
+    // vLLM's load endpoints need no admin token (its API key, if any, covers them).
+    let pushes = cfg.remote.as_ref().is_some_and(|r| {
+        r.admin_token.is_some() || r.engine == crate::rollout::remote::Engine::Vllm
+    });
     if cfg.remote.is_some() && cfg.sync.buffer.is_none() && !pushes {
         // A trainer samples through a server only when it can keep the server on its policy.
         return Err(Error::config(
             "[remote]",
             "`grove train` samples through [remote] only when it can push its weights to the \
              server after every update: set remote.admin_token to the token the server was \
-             started with (grove serve --admin-token). Without it [remote] is for `grove \
+             started with (grove serve --admin-token), or remote.engine = \"vllm\" for a \
+             vLLM server. Without it [remote] is for `grove \
              explore --buffer URL` processes feeding a trainer started with --buffer URL",
         ));
     }

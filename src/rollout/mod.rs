@@ -4,10 +4,12 @@
 //! every sequence's next token sits in the same column; positions count real tokens only and
 //! the attention mask hides the padding, so a padded prompt decodes exactly like an unpadded one.
 pub mod engine;
+pub mod launch;
 pub mod remote;
 pub mod sampler;
 pub mod serve;
 pub mod session;
+pub mod vllm;
 
 use candle_core::{Device, Tensor};
 use rand::Rng;

@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::model::Tokenizer;
+use crate::rollout::vllm::{self, Pushed};
 use crate::rollout::{Generation, SamplingParams};
 
 /// Largest response body read (a completion with many long samples is a few MB).
@@ -53,11 +54,48 @@ fn default_retries() -> u32 {
 fn default_backoff_s() -> f64 {
     0.5
 }
+fn default_launch_timeout_s() -> f64 {
+    600.0
+}
 fn default_concurrency() -> usize {
     8
 }
 fn yes() -> bool {
     true
+}
+
+/// The kind of server behind `[remote]`: it decides how `grove train` pushes its policy there
+/// and where an answer's policy version comes from (docs/remote-rollouts.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// `grove serve`: pushes by `POST /admin/load` (`admin_token`); every answer carries
+    /// `grove_policy_version`.
+    #[default]
+    Grove,
+    /// vLLM: an adapter by `POST /v1/load_lora_adapter` under a name carrying the version
+    /// (answers echo it in `model`); full weights by the `reload_weights` RPC of a server
+    /// started with `VLLM_SERVER_DEV_MODE=1` (its success confirms the version: grove has no
+    /// request in flight while it pushes).
+    Vllm,
+}
+
+/// A server grove starts and stops itself (`remote.launch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Launch {
+    /// vLLM's OpenAI server (`launch_command`), with the weight-reload RPC and runtime
+    /// adapter loading enabled.
+    Vllm,
+}
+
+/// What a push hands the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Every weight: an HF folder.
+    Full,
+    /// A LoRA adapter for the weights the server started with: a PEFT folder.
+    Adapter,
 }
 
 /// Where and how to reach a completions server (`[remote]` in a run config).
@@ -105,6 +143,24 @@ pub struct RemoteConfig {
     /// (docs/remote-rollouts.md).
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// The server's kind: "grove" (`grove serve`) or "vllm"; it decides how `grove train`
+    /// pushes its policy and how each answer's policy version is known
+    /// (docs/remote-rollouts.md).
+    #[serde(default)]
+    pub engine: Engine,
+    /// Start and stop the server itself: "vllm" runs `launch_command` with `--model FOLDER
+    /// --served-model-name NAME --host 127.0.0.1 --port PORT` added (PORT from `url`, which
+    /// must be `http://127.0.0.1:PORT`), and starts it again on each new folder when full
+    /// weights with tied embeddings are pushed. Unset: the server is run by someone else.
+    #[serde(default)]
+    pub launch: Option<Launch>,
+    /// With `launch`: the program that starts the server and its first arguments, e.g.
+    /// `["python", "-m", "vllm.entrypoints.openai.api_server", "--dtype", "float32"]`.
+    #[serde(default)]
+    pub launch_command: Vec<String>,
+    /// With `launch`: seconds a started server has to answer `GET /health`.
+    #[serde(default = "default_launch_timeout_s")]
+    pub launch_timeout_s: f64,
 }
 
 impl RemoteConfig {
@@ -123,6 +179,10 @@ impl RemoteConfig {
             concurrency: default_concurrency(),
             append_eos: true,
             admin_token: None,
+            engine: Engine::Grove,
+            launch: None,
+            launch_command: vec![],
+            launch_timeout_s: default_launch_timeout_s(),
         }
     }
 
@@ -150,7 +210,51 @@ impl RemoteConfig {
         if self.concurrency == 0 {
             return Err("concurrency must be positive, found 0".into());
         }
-        Ok(())
+        self.validate_launch()
+    }
+
+    fn validate_launch(&self) -> std::result::Result<(), String> {
+        let Some(launch) = self.launch else {
+            if !self.launch_command.is_empty() {
+                return Err(
+                    "launch_command is set but launch is not: set launch = \"vllm\" \
+                            to have grove start the server"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
+        if launch == Launch::Vllm && self.engine != Engine::Vllm {
+            return Err(format!(
+                "launch = \"vllm\" starts a vLLM server: set engine = \"vllm\" too (found \
+                 engine = {:?})",
+                self.engine
+            ));
+        }
+        if self
+            .launch_command
+            .first()
+            .is_none_or(|p| p.trim().is_empty())
+        {
+            return Err(
+                "launch needs launch_command, the program that starts the server and \
+                        its first arguments"
+                    .into(),
+            );
+        }
+        if !self.model.is_empty() {
+            return Err(format!(
+                "model = {:?}: grove names the model of a server it launches; leave model unset",
+                self.model
+            ));
+        }
+        if !(self.launch_timeout_s > 0.0 && self.launch_timeout_s.is_finite()) {
+            return Err(format!(
+                "launch_timeout_s must be a positive number of seconds, found {}",
+                self.launch_timeout_s
+            ));
+        }
+        super::launch::local_port(&self.url).map(|_| ())
     }
 
     /// `…/v1`, from a base URL given with or without it.
@@ -183,7 +287,8 @@ pub type Tagged = (Vec<Generation>, Option<u64>);
 
 /// What one HTTP attempt came to.
 enum Attempt {
-    Done(Value),
+    /// The answer's text (2xx).
+    Done(String),
     /// Worth retrying: connection error, timeout, 429, 5xx.
     Retry(String),
     Fail(Error),
@@ -195,6 +300,8 @@ pub struct RemoteEngine {
     base: String,
     agent: ureq::Agent,
     model: Mutex<Option<String>>,
+    /// vLLM: the policy the last confirmed push installed (grove serve reports its own).
+    pushed: Mutex<Option<Pushed>>,
 }
 
 impl RemoteEngine {
@@ -222,6 +329,7 @@ impl RemoteEngine {
             cfg,
             agent,
             model: Mutex::new(model),
+            pushed: Mutex::new(None),
         })
     }
 
@@ -399,8 +507,9 @@ impl RemoteEngine {
         } else {
             Value::String(tok.decode(prompt)?)
         };
+        let model = self.request_model()?;
         let mut body = json!({
-            "model": self.model_name()?,
+            "model": model,
             "prompt": prompt_value,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
@@ -413,11 +522,81 @@ impl RemoteEngine {
             body["return_tokens_as_token_ids"] = Value::Bool(true);
         }
         let resp = self.request("/completions", Some(&body))?;
-        let version = resp.get("grove_policy_version").and_then(Value::as_u64);
+        let version = self.reported_version(&resp);
         Ok((
             parse_completion(&resp, n, tok, self.cfg.append_eos)?,
             version,
         ))
+    }
+
+    /// The model name a completion request carries: the pushed adapter's (vLLM), else
+    /// [`RemoteEngine::model_name`].
+    fn request_model(&self) -> Result<String> {
+        match self.pushed().and_then(|p| p.adapter) {
+            Some(name) => Ok(name),
+            None => self.model_name(),
+        }
+    }
+
+    /// The policy version an answer came from: `grove_policy_version` from `grove serve`;
+    /// from vLLM, the version in the echoed `model` name, else the last full-weight push.
+    fn reported_version(&self, resp: &Value) -> Option<u64> {
+        match self.cfg.engine {
+            Engine::Grove => resp.get("grove_policy_version").and_then(Value::as_u64),
+            Engine::Vllm => vllm::reported_version(
+                resp.get("model").and_then(Value::as_str),
+                self.pushed().as_ref(),
+            ),
+        }
+    }
+
+    /// After grove (re)started the server: requests name `model`, and `pushed` is what the
+    /// server was started with (None: the base of the adapters to come).
+    pub fn serve_as(&self, model: String, pushed: Option<Pushed>) {
+        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model);
+        *self.pushed.lock().unwrap_or_else(|e| e.into_inner()) = pushed;
+    }
+
+    /// The policy the last confirmed push installed (vLLM).
+    pub fn pushed(&self) -> Option<Pushed> {
+        self.pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Has the server serve the policy in `path` (an HF folder, or a PEFT folder when
+    /// `payload` is an adapter) as `version`, and checks that it does: `grove serve` loads it
+    /// by [`RemoteEngine::push_weights`], vLLM as [`vllm::push`] describes. Retried like any
+    /// request.
+    pub fn push_policy(
+        &self,
+        path: &std::path::Path,
+        version: u64,
+        payload: Payload,
+    ) -> Result<()> {
+        match self.cfg.engine {
+            Engine::Grove => self.push_weights(path, version).map(|_| ()),
+            Engine::Vllm => {
+                let before = self.pushed();
+                let now = vllm::push(self, path, version, payload)?;
+                *self.pushed.lock().unwrap_or_else(|e| e.into_inner()) = Some(now.clone());
+                // The previous adapter's name is retired, so that nothing can sample it.
+                match before.and_then(|b| b.adapter) {
+                    Some(old) if Some(&old) != now.adapter.as_ref() => {
+                        vllm::unload_adapter(self, &old)
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// POST `body` to `path` under the server's root (not `/v1`), with retries; the answer's
+    /// text (vLLM's admin endpoints answer plain text).
+    pub(crate) fn post_root(&self, path: &str, body: &Value) -> Result<String> {
+        let url = format!("{}{path}", self.root());
+        self.request_text(&url, Some(body), None)
     }
 
     /// The server's root URL: the base without `/v1`.
@@ -465,6 +644,18 @@ impl RemoteEngine {
 
     /// [`RemoteEngine::request`] to a whole URL; `token` replaces the API key.
     fn request_url(&self, url: &str, body: Option<&Value>, token: Option<&str>) -> Result<Value> {
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let text = self.request_text(url, body, token)?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::Remote(format!(
+                "{method} {url}: the answer is not JSON ({e}): {}",
+                snippet(&text)
+            ))
+        })
+    }
+
+    /// [`RemoteEngine::request_url`], returning the answer's text.
+    fn request_text(&self, url: &str, body: Option<&Value>, token: Option<&str>) -> Result<String> {
         let method = if body.is_some() { "POST" } else { "GET" };
         let attempts = self.cfg.retries + 1;
         let mut last = String::new();
@@ -536,13 +727,7 @@ impl RemoteEngine {
                 error_message(&text)
             )));
         }
-        match serde_json::from_str(&text) {
-            Ok(v) => Attempt::Done(v),
-            Err(e) => Attempt::Fail(Error::Remote(format!(
-                "HTTP {status} answer is not JSON ({e}): {}",
-                snippet(&text)
-            ))),
-        }
+        Attempt::Done(text)
     }
 }
 

@@ -105,6 +105,23 @@ pub fn run_explorer(cfg: ValidatedRun, opts: &ExploreOptions) -> Result<usize> {
                      pushes the learner's published weights to the server)",
                 ));
             }
+            if rc.launch.is_some() {
+                return Err(Error::config(
+                    "remote.launch",
+                    "grove explore samples through a server someone else runs; `grove train` \
+                     is what starts one with remote.launch",
+                ));
+            }
+            if opts.weights.is_some() && rc.engine != crate::rollout::remote::Engine::Grove {
+                // A learner publishes one .safetensors file per version, which only grove
+                // serve's /admin/load takes; `grove train` with [remote] pushes folders to vLLM.
+                return Err(Error::config(
+                    "remote.engine",
+                    "--weights DIR pushes the learner's published .safetensors files, which \
+                     only grove serve loads: with vLLM, let `grove train` sample through it \
+                     ([remote] with engine = \"vllm\")",
+                ));
+            }
             Sampler::Remote(Box::new(RemoteEngine::new(rc.clone())?))
         }
         None => {

@@ -13,3 +13,4 @@ mod remote_sync;
 mod sampling;
 mod train;
 mod train_rewards;
+mod vllm_sync;

@@ -91,7 +91,7 @@ pub fn open(
         return Ok(Box::new(shared::SharedBuffer::open(cfg, url, learner)?));
     }
     if cfg.remote.is_some() {
-        return Ok(Box::new(remote::RemoteSync::open(cfg, learner)?));
+        return Ok(Box::new(remote::RemoteSync::open(env, learner)?));
     }
     if let Some(groups) = restored.offline {
         return Ok(Box::new(offline::Offline {
