@@ -1,44 +1,62 @@
 #!/usr/bin/env bash
-# bf16 against f32 on this CPU, every pair measured in the same run: the linear layers' products
-# at Qwen2.5-0.5B shapes (GFLOP/s), a Qwen2.5-0.5B-shaped training step and sampling in full f32,
-# full bf16 and LoRA bf16 (seconds, peak memory of each process), and the quickstart's held-out
-# accuracy with model.dtype = f32 and bf16. Prints the tables of docs/performance.md (section
-# "bf16"; bench/report.py includes bench/bf16-results/bf16.md, which this writes). Not part of CI; about 15 minutes on an idle 2-core machine, and it needs ~12 GB free.
+# bf16 against f32 on this CPU, every figure measured in the same run: the linear layers'
+# products at Qwen2.5-0.5B shapes on each bf16 kernel (GFLOP/s), GRPO steps of a
+# Qwen2.5-0.5B-shaped model in full f32, full bf16, LoRA on a bf16 base and LoRA on a Q4_0 base
+# (seconds per step, peak memory), the same work in PEFT + TRL, and the quickstart's held-out
+# accuracy and wall time with model.dtype = f32 and bf16. Writes bench/bf16-results/bf16.md,
+# which bench/report.py copies into docs/performance.md (section "bf16"). Not part of CI; about
+# 40 minutes on a 2-core machine, and it needs ~10 GB free.
 #
 #   bash bench/bf16.sh
-#   SKIP_QUICKSTART=1 bash bench/bf16.sh   the speed tables only
+#   SKIP_TRL=1 bash bench/bf16.sh          without the PEFT + TRL rows
+#   SKIP_QUICKSTART=1 bash bench/bf16.sh   without the quickstart runs
 #   REPORT_ONLY=1 bash bench/bf16.sh       the tables from the results already in $OUT
 #
-# Raw JSON lines and logs go to $OUT (default target/bench-out/bf16).
+# The PEFT + TRL rows run bench/trl_figures.py with $TRL_PYTHON (a Python with torch,
+# transformers, trl, peft and bitsandbytes; default: python3). Raw JSON lines and logs go to
+# $OUT (default target/bench-out/bf16).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${BENCH_OUT:-$root/target/bench-out/bf16}
 mkdir -p "$OUT"
 cd "$root"
 G="$root/target/release/grove"
-QWEN=(--model qwen2.5-0.5b --train-batch 2 --train-seq 128 --sample-batch 8 --new-tokens 32 --reps 2)
+# Qwen2's tokenizer (stored compressed in ../shared/data).
+TOK="$OUT/qwen2-tokenizer.json"
+QWEN=(--model qwen2.5-0.5b --train-batch 2 --train-seq 128 --sample-batch 8 --reps 2)
+# The RL-step work, the same for grove and TRL: 2 prompts × 4 samples, 16 new tokens, steps
+# 3.. timed.
+WORK=(--prompts 2 --group 4 --new-tokens 16 --steps 4)
+VARIANTS=("f32:--dtype f32" "bf16:--dtype bf16" "lora-bf16:--dtype bf16 --lora-rank 16"
+  "lora-q4:--dtype bf16 --lora-rank 16 --q4-base")
 
 if [ -z "${REPORT_ONLY:-}" ]; then
-cargo build --release --quiet
-cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
-flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16)$' | xargs || true)
-echo "cpu: $cpu, $(nproc) threads; bf16 features: ${flags:-none}" > "$OUT/machine.txt"
-echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+  CARGO_INCREMENTAL=1 cargo build --release --quiet
+  gunzip -c ../shared/data/tokenizers/qwen2/tokenizer.json.gz > "$TOK"
+  cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
+  flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16|amx_tile)$' | xargs || true)
+  echo "cpu: $cpu, $(nproc) threads; bf16 features: ${flags:-none}" > "$OUT/machine.txt"
+  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 
-"$G" bench "${QWEN[@]}" --gemm-bf16 > "$OUT/gemm.jsonl"
-for variant in "f32" "bf16" "bf16 --lora-rank 16"; do
-  name=$(echo "$variant" | tr -d ' -')
-  # shellcheck disable=SC2086
-  "$G" bench "${QWEN[@]}" --dtype $variant > "$OUT/step_$name.json"
-done
-if [ -z "${SKIP_QUICKSTART:-}" ]; then
-  for dtype in f32 bf16; do
-    rm -rf "$OUT/qs-$dtype"
-    "$G" train --set "model.dtype=$dtype" --set "output_dir=\"$OUT/qs-$dtype\"" \
-      > "$OUT/quickstart_$dtype.log" 2>&1
+  "$G" bench "${QWEN[@]}" --gemm-bf16 > "$OUT/gemm.jsonl"
+  for v in "${VARIANTS[@]}"; do
+    name=${v%%:*}
+    # shellcheck disable=SC2086
+    "$G" bench --rl-step --model qwen2.5-0.5b --tokenizer "$TOK" "${WORK[@]}" ${v#*:} \
+      > "$OUT/rl_$name.json" 2> "$OUT/rl_$name.log" || true
+    if [ -z "${SKIP_TRL:-}" ]; then
+      "${TRL_PYTHON:-python3}" bench/trl_figures.py --variant "$name" --tokenizer "$TOK" "${WORK[@]}" \
+        > "$OUT/trl_$name.json" 2> "$OUT/trl_$name.log" || true
+    fi
   done
-fi
-echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+  if [ -z "${SKIP_QUICKSTART:-}" ]; then
+    for dtype in f32 bf16; do
+      rm -rf "$OUT/qs-$dtype"
+      "$G" train --set "model.dtype=$dtype" --set "output_dir=\"$OUT/qs-$dtype\"" \
+        > "$OUT/quickstart_$dtype.log" 2>&1
+    done
+  fi
+  echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 fi
 
 mkdir -p "$root/bench/bf16-results"
@@ -48,41 +66,76 @@ out = pathlib.Path(sys.argv[1])
 print("""Generated by `bash bench/bf16.sh`; every ratio compares two figures measured in the same run on
 the same machine. `model.dtype = "bf16"` follows PyTorch's autocast (TRL's `bf16=True`): the
 decoder's linear layers and the output layer multiply bf16 values with f32 accumulation
-(`src/model/bf16.rs`: AVX-512-BF16 `vdpbf16ps` where the CPU has it, otherwise both operands
-widened to f32 and the f32 GEMM); attention's own products, norms, softmax, log-probs and losses
-stay f32; the optimizer updates f32 master weights with f32 AdamW moments, and each weight's
-bf16 working copy is made again after every update. A LoRA run's frozen base projections are kept
-in bf16 only. AMX tiles are not used yet.
+(`src/model/bf16.rs`, `src/model/amx.rs`: AMX tiles (`tdpbf16ps`) where the CPU has them,
+AVX-512-BF16 `vdpbf16ps` for few rows and on CPUs without AMX, otherwise both operands widened
+to f32 and the f32 GEMM; `GROVE_SIMD=avx512bf16` or `avx512` forces the lower ones); attention's
+own products, norms, softmax, log-probs and losses stay f32; the optimizer updates f32 master
+weights with f32 AdamW moments, and each weight's bf16 working copy (and its packed panels) is
+made again after every update. A LoRA run's frozen base projections are kept in bf16 only.
 """)
 print("Machine: " + open(out / "machine.txt").read().strip().replace("\n", "; ") + ".")
 print()
-print("| product | m × k × n | f32 GFLOP/s | bf16 GFLOP/s | bf16 speed-up |")
-print("|---|---|---|---|---|")
-for line in open(out / "gemm.jsonl"):
-    g = json.loads(line)
-    print(f"| {g['what']} | {g['m']} × {g['k']} × {g['n']} | {g['f32_gflops']:.0f} | "
-          f"{g['bf16_gflops']:.0f} | {g['speedup']:.2f}× ({g['kernel']}) |")
+print("Products at Qwen2.5-0.5B shapes (`grove bench --model qwen2.5-0.5b --gemm-bf16`), GFLOP/s; a "
+      "weight's packed panels made before the timing, as full-parameter bf16 training keeps them:")
 print()
-print("| Qwen2.5-0.5B shapes | training step 2 × 128 (s) | forward (s) | backward (s) | "
-      "sampling 8 × 32 (tokens/s) | peak memory (GB) |")
-print("|---|---|---|---|---|---|")
-base = None
-for name, label in [("f32", "full f32"), ("bf16", "full bf16"), ("bf16lorarank16", "LoRA r=16, bf16 base")]:
-    p = out / f"step_{name}.json"
+gemm = [json.loads(l) for l in open(out / "gemm.jsonl")]
+kernels = [k["kernel"] for k in gemm[0]["bf16"]]
+names = {"Widen": "bf16 widened to f32", "Avx512Bf16": "AVX-512-BF16", "Amx": "AMX"}
+print("| product | m × k × n | f32 | " + " | ".join(names.get(k, k) for k in kernels) + " | best bf16 / f32 |")
+print("|---|---|---|" + "---|" * len(kernels) + "---|")
+for g in gemm:
+    cells = []
+    for t in g["bf16"]:
+        ran = "" if t["kernel"] == kernels[len(cells)] else f" ({names.get(t['kernel'], t['kernel'])})"
+        cells.append(f"{t['gflops']:.0f}{ran}")
+    best = max(t["speedup"] for t in g["bf16"])
+    print(f"| {g['what']} | {g['m']} × {g['k']} × {g['n']} | {g['f32_gflops']:.0f} | " + " | ".join(cells) + f" | {best:.2f}× |")
+print()
+
+def load(p):
     text = p.read_text().strip() if p.exists() else ""
-    if not text:
-        print(f"| {label} | not measured (the run did not finish) | | | | |")
-        continue
-    r = json.loads(text)
-    base = base or r
-    print(f"| {label} | {r['train_step_s']:.2f} ({base['train_step_s'] / r['train_step_s']:.2f}× f32) | "
-          f"{r['train_forward_s']:.2f} | {r['train_backward_s']:.2f} | "
-          f"{r['sample_tokens_per_s']:.1f} ({r['sample_tokens_per_s'] / base['sample_tokens_per_s']:.2f}× f32) | "
-          f"{r['peak_rss_gb']:.2f} |")
+    try:
+        return json.loads(text.splitlines()[-1]) if text else None
+    except json.JSONDecodeError:
+        return None
+
+def why(log):
+    if not log.exists():
+        return "not run"
+    lines = [l.strip() for l in log.read_text().splitlines() if l.strip()]
+    err = [l for l in lines if "Error" in l or "error" in l]
+    return (err or lines or ["no output"])[-1][:160].replace("|", "/")
+
+print("GRPO steps of a Qwen2.5-0.5B-shaped model (random weights; 2 prompts × 4 samples, 16 new "
+      "tokens; median seconds per step over steps 3–4; peak resident memory of the steps, the model "
+      "built before the peak is reset). grove: `grove bench --rl-step --model qwen2.5-0.5b`; PEFT + TRL: "
+      "`bench/trl_figures.py` (GRPOTrainer, `bf16=True` autocast for the bf16 rows; its 4-bit base is "
+      "bitsandbytes NF4, grove's is Q4_0 quantized in process):")
+print()
+print("| configuration | grove s/step | grove generate / train (s) | grove peak GB | TRL s/step | TRL peak GB | grove speed-up |")
+print("|---|---|---|---|---|---|---|")
+labels = [("f32", "full f32"), ("bf16", "full bf16"), ("lora-bf16", "LoRA r=16, bf16 base"),
+          ("lora-q4", "LoRA r=16, Q4 base, bf16")]
+f32 = load(out / "rl_f32.json")
+for name, label in labels:
+    g, t = load(out / f"rl_{name}.json"), load(out / f"trl_{name}.json")
+    if g:
+        rel = f" ({f32['step_s'] / g['step_s']:.2f}× f32)" if f32 and name != "f32" else ""
+        gs = f"{g['step_s']:.1f}{rel} | {g['generate_s']:.1f} / {g['train_s']:.1f} | {g['peak_rss_gb']:.2f}"
+    else:
+        gs = f"not measured: {why(out / f'rl_{name}.log')} | | "
+    ts = f"{t['step_s']:.1f} | {t['peak_rss_gb']:.2f}" if t else f"not measured: {why(out / f'trl_{name}.log')} | "
+    sp = f"{t['step_s'] / g['step_s']:.2f}×" if g and t else ""
+    print(f"| {label} | {gs} | {ts} | {sp} |")
+t = load(out / "trl_f32.json")
+if t:
+    v = t["versions"]
+    print()
+    print("TRL side: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + f", {t['threads']} threads.")
 qs = [(d, out / f"quickstart_{d}.log") for d in ("f32", "bf16")]
 if all(p.exists() for _, p in qs):
     print()
-    print("| quickstart | held-out accuracy |")
+    print("| quickstart (`grove train`, built-in model) | held-out accuracy and wall time |")
     print("|---|---|")
     for d, p in qs:
         text = p.read_text()

@@ -30,6 +30,8 @@ pub struct BenchOptions {
     pub dtype: crate::model::bf16::Dtype,
     /// Train a LoRA adapter of this rank on all projections instead of every weight.
     pub lora_rank: Option<usize>,
+    /// Keep the LoRA run's frozen base projections in Q4_0 blocks (quantized in process).
+    pub q4_base: bool,
 }
 
 impl Default for BenchOptions {
@@ -44,6 +46,7 @@ impl Default for BenchOptions {
             logprobs: batch::LogprobImpl::Auto,
             dtype: Default::default(),
             lora_rank: None,
+            q4_base: false,
         }
     }
 }
@@ -136,21 +139,74 @@ pub fn check_positions(cfg: &Config, opts: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
-    check_positions(cfg, opts)?;
-    let dev = crate::compute::device();
-    let model = Llama::init(cfg, 0, &dev)?;
-    let model = match opts.lora_rank {
-        Some(rank) => {
+/// Which model a benchmark times: products at `dtype`; with `lora_rank` a fresh LoRA adapter
+/// on the frozen base, kept in Q4_0 blocks with `q4_base`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ModelVariant {
+    pub dtype: crate::model::bf16::Dtype,
+    pub lora_rank: Option<usize>,
+    pub q4_base: bool,
+}
+
+impl ModelVariant {
+    /// Random weights of `cfg` (seed 0) in this variant. A Q4_0 base is quantized here from the
+    /// random f32 weights (as a GGUF file would hold them): every projection's input size must
+    /// be a multiple of 32.
+    pub fn build(&self, cfg: &Config) -> Result<Llama> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = crate::compute::device();
+        let mut model = Llama::init(cfg, 0, &dev)?;
+        if self.q4_base {
+            if self.lora_rank.is_none() {
+                return Err(Error::Usage {
+                    option: "--q4-base".into(),
+                    msg: "needs --lora-rank: a quantized base is frozen, only an adapter trains"
+                        .into(),
+                });
+            }
+            let mut blocks = std::collections::HashMap::new();
+            for (name, t) in model.base_tensors()? {
+                let dtype = match name.ends_with("_proj.weight") {
+                    true => GgmlDType::Q4_0,
+                    false => GgmlDType::F32,
+                };
+                let q = QTensor::quantize(&t, dtype).map_err(|e| Error::Usage {
+                    option: "--q4-base".into(),
+                    msg: format!("cannot quantize `{name}` {:?} to Q4_0: {e}", t.dims()),
+                })?;
+                blocks.insert(name, q);
+            }
+            drop(model);
+            model = Llama::frozen_quantized(cfg, blocks, &dev, "bench (Q4_0)")?;
+        }
+        if let Some(rank) = self.lora_rank {
             let lora = crate::model::lora::LoraConfig {
                 rank,
                 ..Default::default()
             };
-            model.with_lora(&lora, 0, "bench")?
+            model = model.with_lora(&lora, 0, "bench")?;
         }
-        None => model,
+        model.with_dtype(self.dtype)
     }
-    .with_dtype(opts.dtype)?;
+}
+
+/// Sets this process's peak resident memory (VmHWM) back to its current size, so that
+/// [`peak_rss_gb`] reports the peak of what follows (a model's f32 initialisation before it
+/// is quantized or rounded is not part of training). Linux only; elsewhere nothing happens.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
+    check_positions(cfg, opts)?;
+    let dev = crate::compute::device();
+    let model = ModelVariant {
+        dtype: opts.dtype,
+        lora_rank: opts.lora_rank,
+        q4_base: opts.q4_base,
+    }
+    .build(cfg)?;
+    reset_peak_rss();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..opts.sample_batch)
@@ -337,10 +393,13 @@ fn median(xs: &mut [f64]) -> f64 {
 /// Full GRPO steps of grove's own learner on the TRL anchor work: `prompts` prompts
 /// "a+b=" (a, b < 100) × `group` samples, up to `new_tokens` tokens at temperature 1, the
 /// sum reward, GRPO advantages, PPO-clip with token-mean aggregation (TRL's `dapo`), lr 1e-5,
-/// no KL, AdamW with gradient clipping at 1. Steps 3..=`steps` are timed (TRL anchor: median
-/// of steps 3–10).
+/// no KL, AdamW with gradient clipping at 1, on the model `variant` of `model_cfg`. Steps
+/// 3..=`steps` are timed (TRL anchor: median of steps 3–10); the peak memory is that of the
+/// steps (and the model they hold), not of building the model.
+#[allow(clippy::too_many_arguments)]
 pub fn rl_step(
     model_cfg: &Config,
+    variant: &ModelVariant,
     tokenizer: crate::model::Tokenizer,
     steps: usize,
     prompts: usize,
@@ -351,8 +410,8 @@ pub fn rl_step(
     use crate::train::explore::{collect, Env, ExploreState};
     use crate::train::learn::Learner;
 
-    let dev = crate::compute::device();
-    let model = Llama::init(model_cfg, 0, &dev)?;
+    let model = variant.build(model_cfg)?;
+    reset_peak_rss();
     let params = model.num_params();
     let mut cfg = crate::config::RunConfig::default();
     cfg.rollout.prompts_per_step = prompts;
@@ -600,7 +659,8 @@ pub fn ops_profile(
     Ok((out, gemms))
 }
 
-/// One linear-layer product timed in f32 and in bf16 (same shape, same run).
+/// One linear-layer product timed in f32 and on every bf16 kernel the CPU has (same shape,
+/// same run).
 #[derive(Debug, Clone, Serialize)]
 pub struct Bf16GemmTiming {
     pub what: String,
@@ -609,26 +669,34 @@ pub struct Bf16GemmTiming {
     pub n: usize,
     pub f32_s: f64,
     pub f32_gflops: f64,
-    pub bf16_s: f64,
-    pub bf16_gflops: f64,
-    /// f32 seconds / bf16 seconds.
-    pub speedup: f64,
-    /// The bf16 kernel that ran (`Avx512Bf16`, or `Widen`: the f32 fallback).
-    pub kernel: String,
+    /// One entry per kernel, slowest kind first (`Widen`: the f32 fallback, `Avx512Bf16`,
+    /// `Amx`).
+    pub bf16: Vec<Bf16KernelTiming>,
 }
 
-/// The linear layers' products at a model's shapes, f32 against bf16 (weights stored in bf16,
-/// activations and gradients f32 and rounded inside the timed call, as the bf16 model runs
-/// them): the forward y = x·wᵀ of each projection at `tokens` rows and at `decode_rows`, and
-/// the backward ∂x = g·w and ∂w = gᵀ·x of the gate projection. The f32 forward runs through
-/// the fused linear layer (its decode path included); the backward through the f32 GEMM.
+/// One bf16 kernel's time for a [`Bf16GemmTiming`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Bf16KernelTiming {
+    pub kernel: String,
+    pub s: f64,
+    pub gflops: f64,
+    /// f32 seconds / these seconds.
+    pub speedup: f64,
+}
+
+/// The linear layers' products at a model's shapes, f32 against each bf16 kernel (weights
+/// stored in bf16, activations and gradients f32 and rounded inside the timed call, as the
+/// bf16 model runs them): the forward y = x·wᵀ of each projection at `tokens` rows and at
+/// `decode_rows`, and the backward ∂x = g·w and ∂w = gᵀ·x of the gate projection. A weight's
+/// packed panels are made before the timing, as full-parameter bf16 training keeps them per
+/// update. The f32 forward runs through the fused linear layer (its decode path included); the
+/// backward through the f32 GEMM.
 pub fn bf16_gemm_profile(
     cfg: &Config,
     tokens: usize,
     decode_rows: usize,
     reps: usize,
 ) -> Result<Vec<Bf16GemmTiming>> {
-    use crate::model::bf16::{self, Operand};
     use crate::model::fused;
     let dev = crate::compute::device();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -649,30 +717,16 @@ pub fn bf16_gemm_profile(
     for (what, m, k, n) in forwards {
         let x = rand_tensor(&[m, k], &mut rng, &dev)?;
         let w = rand_tensor(&[n, k], &mut rng, &dev)?;
-        let (xv, wb) = (
+        let (xv, wv) = (
             x.flatten_all()?.to_vec1::<f32>()?,
-            bf16::to_bf16(&w.flatten_all()?.to_vec1::<f32>()?),
+            w.flatten_all()?.to_vec1::<f32>()?,
         );
-        let mut c = vec![0f32; m * n];
         let f32_s = best_of(reps, || {
             let _ = fused::linear(&x, &w)?;
             Ok(())
         })?;
-        let bf16_s = best_of(reps, || {
-            bf16::gemm_bf16(
-                &mut c,
-                false,
-                m,
-                n,
-                k,
-                Operand::F32(&xv),
-                (k, 1),
-                Operand::Bf16(&wb),
-                (1, k),
-            );
-            Ok(())
-        })?;
-        out.push(bf16_timing(what, (m, k, n), f32_s, bf16_s));
+        let bf16 = bf16_kernel_timings((m, k, n), f32_s, reps, &xv, (k, 1), &wv, (1, k))?;
+        out.push(bf16_timing(what, (m, k, n), f32_s, bf16));
     }
     // ∂x (tokens, h) = g (tokens, inter) · w (inter, h); ∂w (inter, h) = gᵀ · x (tokens, h).
     let g: Vec<f32> = (0..tokens * inter)
@@ -684,57 +738,63 @@ pub fn bf16_gemm_profile(
     let w: Vec<f32> = (0..inter * h)
         .map(|_| rng.gen_range(-1.0f32..1.0))
         .collect();
-    let wb = bf16::to_bf16(&w);
     let mut dx = vec![0f32; tokens * h];
     let mut dw = vec![0f32; inter * h];
     let f32_s = best_of(reps, || {
         fused::gemm_into(&mut dx, tokens, h, inter, &g, (inter, 1), &w, (h, 1), par);
         Ok(())
     })?;
-    let bf16_s = best_of(reps, || {
-        bf16::gemm_bf16(
-            &mut dx,
-            false,
-            tokens,
-            h,
-            inter,
-            Operand::F32(&g),
-            (inter, 1),
-            Operand::Bf16(&wb),
-            (h, 1),
-        );
-        Ok(())
-    })?;
-    out.push(bf16_timing(
-        "gate_proj ∂x = g·w",
-        (tokens, inter, h),
-        f32_s,
-        bf16_s,
-    ));
+    let shape = (tokens, inter, h);
+    let bf16 = bf16_kernel_timings(shape, f32_s, reps, &g, (inter, 1), &w, (h, 1))?;
+    out.push(bf16_timing("gate_proj ∂x = g·w", shape, f32_s, bf16));
     let f32_s = best_of(reps, || {
         fused::gemm_into(&mut dw, inter, h, tokens, &g, (1, inter), &x, (h, 1), par);
         Ok(())
     })?;
-    let bf16_s = best_of(reps, || {
-        bf16::gemm_bf16(
-            &mut dw,
-            false,
-            inter,
-            h,
-            tokens,
-            Operand::F32(&g),
-            (1, inter),
-            Operand::F32(&x),
-            (h, 1),
-        );
-        Ok(())
-    })?;
-    out.push(bf16_timing(
-        "gate_proj ∂w = gᵀ·x",
-        (inter, tokens, h),
-        f32_s,
-        bf16_s,
-    ));
+    // Both operands are activations: nothing to keep packed, so the timing includes it.
+    let shape = (inter, tokens, h);
+    let bf16 = bf16_kernel_timings(shape, f32_s, reps, &g, (1, inter), &x, (h, 1))?;
+    out.push(bf16_timing("gate_proj ∂w = gᵀ·x", shape, f32_s, bf16));
+    Ok(out)
+}
+
+/// C (m, n) = A·B timed on every bf16 kernel the CPU has: A f32 (rounded in the call), B
+/// rounded to bf16 beforehand and its panels packed before the timing.
+#[allow(clippy::too_many_arguments)]
+fn bf16_kernel_timings(
+    (m, k, n): (usize, usize, usize),
+    f32_s: f64,
+    reps: usize,
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+) -> Result<Vec<Bf16KernelTiming>> {
+    use crate::model::bf16::{self, Bf16Kernel, Operand, PackedB};
+    let bb = bf16::to_bf16(b);
+    let (ao, bo) = (Operand::F32(a), Operand::Bf16(&bb));
+    let mut c = vec![0f32; m * n];
+    let mut out = vec![];
+    for kernel in Bf16Kernel::available() {
+        let packed = std::sync::OnceLock::new();
+        if kernel != Bf16Kernel::Widen {
+            let _ = packed.set(PackedB::new(bo, b_strides, k, n));
+        }
+        let mut ran = kernel;
+        let s = best_of(reps, || {
+            ran = bf16::gemm_bf16_cached(
+                kernel, &mut c, false, m, n, k, ao, a_strides, bo, b_strides, &packed,
+            );
+            Ok(())
+        })?;
+        let flops = 2.0 * (m * k * n) as f64;
+        out.push(Bf16KernelTiming {
+            kernel: format!("{ran:?}"),
+            s,
+            gflops: flops / s / 1e9,
+            speedup: f32_s / s,
+        });
+    }
     Ok(out)
 }
 
@@ -742,7 +802,7 @@ fn bf16_timing(
     what: &str,
     (m, k, n): (usize, usize, usize),
     f32_s: f64,
-    bf16_s: f64,
+    bf16: Vec<Bf16KernelTiming>,
 ) -> Bf16GemmTiming {
     let flops = 2.0 * (m * k * n) as f64;
     Bf16GemmTiming {
@@ -752,10 +812,7 @@ fn bf16_timing(
         n,
         f32_s,
         f32_gflops: flops / f32_s / 1e9,
-        bf16_s,
-        bf16_gflops: flops / bf16_s / 1e9,
-        speedup: f32_s / bf16_s,
-        kernel: format!("{:?}", crate::model::bf16::kernel()),
+        bf16,
     }
 }
 

@@ -61,6 +61,16 @@ pub struct BenchArgs {
     /// Train a LoRA adapter of this rank (all projections) instead of every weight.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// With --lora-rank: keep the frozen base projections in Q4_0 blocks (quantized from the
+    /// random weights in process), as a LoRA run on a Q4_0 GGUF base does.
+    #[arg(long, requires = "lora_rank")]
+    pub q4_base: bool,
+    /// Prompts per step for --rl-step.
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// Samples per prompt for --rl-step.
+    #[arg(long, default_value_t = 8)]
+    pub group: usize,
     /// Timed repetitions, after one untimed warm-up repetition.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -85,6 +95,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         gemm_bf16,
         dtype,
         lora_rank,
+        q4_base,
+        prompts,
+        group,
     } = args;
     let dtype = grove::model::bf16::Dtype::from_name(&dtype)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
@@ -115,9 +128,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "<|endoftext|>",
             Some("<|endoftext|>"),
         )?;
-        let r = grove::bench::rl_step(&cfg, tok, steps, 8, 8, new_tokens, partial)?;
+        let variant = grove::bench::ModelVariant {
+            dtype,
+            lora_rank,
+            q4_base,
+        };
+        let r = grove::bench::rl_step(
+            &cfg, &variant, tok, steps, prompts, group, new_tokens, partial,
+        )?;
         let mut v = serde_json::to_value(&r)?;
         v["model"] = serde_json::Value::String(model);
+        v["dtype"] = serde_json::Value::String(dtype.name().into());
+        v["lora_rank"] = serde_json::json!(lora_rank);
+        v["q4_base"] = serde_json::json!(q4_base);
+        v["prompts"] = serde_json::json!(prompts);
+        v["group"] = serde_json::json!(group);
+        v["new_tokens"] = serde_json::json!(new_tokens);
         v["reward"] = serde_json::Value::String(reward);
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
@@ -158,6 +184,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         logprobs: logprobs.parse().map_err(anyhow::Error::msg)?,
         dtype,
         lora_rank,
+        q4_base,
         ..Default::default()
     };
     let r = grove::bench::run(&cfg, &opts)?;
@@ -165,6 +192,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     v["model"] = serde_json::Value::String(model);
     v["dtype"] = serde_json::Value::String(dtype.name().into());
     v["lora_rank"] = serde_json::json!(lora_rank);
+    v["q4_base"] = serde_json::json!(q4_base);
     println!("{}", serde_json::to_string(&v)?);
     Ok(())
 }

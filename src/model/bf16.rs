@@ -2,28 +2,33 @@
 //! bf16, f32 accumulation and an f32 result. An f32 operand is rounded to bf16 once per call
 //! (round to nearest, ties to even), which is what PyTorch's autocast does to a matmul's inputs.
 //!
-//! On a CPU with AVX-512-BF16 (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and
-//! later) the product runs on `vdpbf16ps`: each 32-bit lane multiplies a pair of bf16 values
-//! along k and adds both products to its f32 accumulator, 32 multiply-adds per instruction
-//! against 16 for an f32 FMA, from half the bytes. Elsewhere (AVX2 machines such as Zen 3, or
-//! `GROVE_SIMD` capped below avx512) the fallback widens both bf16 operands to f32 (exact: a
-//! bf16 is the high half of an f32) and runs the f32 GEMM, so the two paths see the same
-//! numbers and differ only in the order of the f32 sums. `vdpbf16ps` treats denormal inputs as
-//! zero; bf16 shares f32's exponent range, so that concerns values below 1.2e-38 only.
+//! Three kernels, the fastest the CPU has chosen once ([`detected`]), `GROVE_SIMD` able to
+//! force each lower one ([`kernel`]):
+//! - [`Bf16Kernel::Amx`]: Intel AMX tiles (`tdpbf16ps`, Sapphire Rapids and later), in
+//!   [`crate::model::amx`]: 16 × 16 f32 tiles of C from 16 × 32 bf16 tiles, 8192
+//!   multiply-adds per instruction.
+//! - [`Bf16Kernel::Avx512Bf16`]: `vdpbf16ps` (Cooper Lake, Sapphire Rapids, AMD Zen 4 and
+//!   later): each 32-bit lane multiplies a pair of bf16 values along k and adds both products
+//!   to its f32 accumulator. A 12 × 32 tile of C lives in 24 registers while k runs.
+//! - [`Bf16Kernel::Widen`] (AVX2 machines such as Zen 3, or `GROVE_SIMD` capped below
+//!   `avx512bf16`): both bf16 operands widened to f32 (exact: a bf16 is the high half of an f32)
+//!   and the f32 GEMM, so every path sees the same numbers and they differ only in the order of
+//!   the f32 sums. The bf16 instructions treat denormal inputs as zero; bf16 shares f32's
+//!   exponent range, so that concerns values below 1.2e-38 only.
 //!
-//! The kernel is the textbook blocked GEMM: B is packed into panels of 32 columns whose k-pairs
-//! are interleaved (the layout `vdpbf16ps` multiplies against a broadcast pair of A), A is
-//! rounded into a row-major bf16 copy, and a 12 × 32 tile of C lives in 24 registers while
-//! k runs. Few rows (decoding: one token per sequence) take row-by-row dot products instead,
+//! Both native kernels read the same packed operands: B in panels of 32 columns whose k-pairs
+//! are interleaved (what `vdpbf16ps` multiplies against a broadcast pair of A, and AMX's
+//! "VNNI" B tile), k padded to a multiple of 32; A rounded into a row-major bf16 copy. A
+//! weight's packed panels are made once per bf16 working copy ([`WeightPacks`]), not per
+//! product. Few rows (decoding: one token per sequence) take row-by-row dot products instead,
 //! reading each weight row once without packing.
-//!
-//! AMX tiles (`tdpbf16ps`) are not used: their intrinsics are unstable in this toolchain.
 use std::sync::OnceLock;
 
 use half::bf16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::model::amx::{self, SharedOut};
 use crate::model::fused::{gemm_acc, output_buffer};
 
 /// `model.dtype`: the precision of the model's matrix products.
@@ -149,27 +154,28 @@ pub fn to_f32(v: &[bf16]) -> Vec<f32> {
     out
 }
 
-/// The implementations of [`gemm_bf16`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The implementations of [`gemm_bf16`], slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Bf16Kernel {
     /// Widen to f32 and run the f32 GEMM: every machine.
     Widen,
     /// `vdpbf16ps` (AVX-512-BF16).
     Avx512Bf16,
+    /// `tdpbf16ps` on AMX tiles (AMX-BF16), with the AVX-512-BF16 dot products for few rows.
+    Amx,
 }
 
 impl Bf16Kernel {
     /// Every kernel this CPU can run (tests compare them).
     pub fn available() -> Vec<Bf16Kernel> {
-        let mut v = vec![Bf16Kernel::Widen];
-        if detected() == Bf16Kernel::Avx512Bf16 {
-            v.push(Bf16Kernel::Avx512Bf16);
-        }
-        v
+        [Bf16Kernel::Widen, Bf16Kernel::Avx512Bf16, Bf16Kernel::Amx]
+            .into_iter()
+            .filter(|k| *k <= detected())
+            .collect()
     }
 }
 
-/// The fastest kernel the CPU has.
+/// The fastest kernel the CPU (and, for AMX, the OS) allows.
 pub fn detected() -> Bf16Kernel {
     static DETECTED: OnceLock<Bf16Kernel> = OnceLock::new();
     *DETECTED.get_or_init(|| {
@@ -178,26 +184,34 @@ pub fn detected() -> Bf16Kernel {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512bf16")
         {
-            return Bf16Kernel::Avx512Bf16;
+            // AMX leaves few-row products to `vdpbf16ps`, so it needs AVX-512-BF16 as well.
+            return if amx::available() {
+                Bf16Kernel::Amx
+            } else {
+                Bf16Kernel::Avx512Bf16
+            };
         }
         Bf16Kernel::Widen
     })
 }
 
-/// The kernel products run on: [`detected`], or the fallback when `GROVE_SIMD` caps the
-/// vector width below AVX-512.
+/// The kernel products run on: [`detected`], capped by `GROVE_SIMD`
+/// ([`crate::model::simd::Cap`]): `amx` or unset allows all, `avx512bf16` rules out AMX,
+/// `avx512`, `avx2` and `baseline` leave the f32 fallback.
 pub fn kernel() -> Bf16Kernel {
-    use crate::model::simd::{level, Level};
-    if level() < Level::Avx512 {
-        Bf16Kernel::Widen
-    } else {
-        detected()
-    }
+    use crate::model::simd::{cap, Cap};
+    let cap = match cap() {
+        Cap::Amx => Bf16Kernel::Amx,
+        Cap::Avx512Bf16 => Bf16Kernel::Avx512Bf16,
+        Cap::Avx512 | Cap::Avx2 | Cap::Baseline => Bf16Kernel::Widen,
+    };
+    detected().min(cap)
 }
 
 /// C (m, n) = A·B, or C += A·B with `accumulate`, at [`kernel`]. A is (m, k) and B (k, n), each
 /// addressed through (row stride, column stride) as in the f32 `gemm_acc`, so transposed
 /// operands (wᵀ for the forward, gᵀ for ∂w) need no copy by the caller. C is row-major.
+/// Returns the kernel that ran.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
     c: &mut [f32],
@@ -209,11 +223,13 @@ pub fn gemm_bf16(
     a_strides: (usize, usize),
     b: Operand,
     b_strides: (usize, usize),
-) {
+) -> Bf16Kernel {
     gemm_bf16_at(kernel(), c, accumulate, m, n, k, a, a_strides, b, b_strides)
 }
 
-/// [`gemm_bf16`] on a given kernel (one the CPU lacks falls back to [`Bf16Kernel::Widen`]).
+/// [`gemm_bf16`] on a given kernel, capped at [`detected`] (one the CPU lacks runs the next
+/// one down). Returns the kernel that ran: few rows against a bf16 weight read along k take
+/// the AVX-512-BF16 dot products also when AMX was asked for.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_at(
     kernel: Bf16Kernel,
@@ -226,37 +242,199 @@ pub fn gemm_bf16_at(
     a_strides: (usize, usize),
     b: Operand,
     b_strides: (usize, usize),
-) {
+) -> Bf16Kernel {
+    let product = Product {
+        m,
+        n,
+        k,
+        a,
+        a_strides,
+        b,
+        b_strides,
+    };
+    run(kernel, c, accumulate, &product, None)
+}
+
+/// [`gemm_bf16_at`] with B a weight whose packed panels are kept in `packed` (made there on
+/// the first product that needs them, reused after). `packed` must belong to this B and
+/// layout (a product of another shape panics).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_cached(
+    kernel: Bf16Kernel,
+    c: &mut [f32],
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    a_strides: (usize, usize),
+    b: Operand,
+    b_strides: (usize, usize),
+    packed: &OnceLock<PackedB>,
+) -> Bf16Kernel {
+    let product = Product {
+        m,
+        n,
+        k,
+        a,
+        a_strides,
+        b,
+        b_strides,
+    };
+    run(kernel, c, accumulate, &product, Some(packed))
+}
+
+/// One product's operands: A (m, k) and B (k, n) with their (row, column) strides.
+#[derive(Clone, Copy)]
+struct Product<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand<'a>,
+    a_strides: (usize, usize),
+    b: Operand<'a>,
+    b_strides: (usize, usize),
+}
+
+/// B (k, n) packed for the native kernels: panels of [`NR`] columns, `kp` k-pairs each (k
+/// padded with zeros to a multiple of [`amx::K_STEP`]), pair q of panel p at `(p·kp + q)·2·NR`.
+pub struct PackedB {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
+    kp: usize,
+}
+
+impl PackedB {
+    /// B (k, n) read through (row, column) strides.
+    pub fn new(b: Operand, strides: (usize, usize), k: usize, n: usize) -> Self {
+        let kp = padded_pairs(k);
+        PackedB {
+            data: pack_b(b, strides, k, n, kp),
+            k,
+            n,
+            kp,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// The packed forms of one bf16 weight w (out, in), each made on first use: `t` for the
+/// forward x·wᵀ (B = wᵀ), `dx` for the backward g·w (B = w). Dropped with the working copy
+/// they were made from.
+#[derive(Default)]
+pub struct WeightPacks {
+    pub t: OnceLock<PackedB>,
+    pub dx: OnceLock<PackedB>,
+}
+
+/// k-pairs of the packed operands: k rounded up to a whole AMX tile step (32 values).
+fn padded_pairs(k: usize) -> usize {
+    k.div_ceil(amx::K_STEP) * amx::K_STEP / 2
+}
+
+/// Runs `p` on `kernel` capped at [`detected`]; returns the kernel that ran.
+fn run(
+    kernel: Bf16Kernel,
+    c: &mut [f32],
+    accumulate: bool,
+    p: &Product,
+    packed: Option<&OnceLock<PackedB>>,
+) -> Bf16Kernel {
+    let Product {
+        m,
+        n,
+        k,
+        a,
+        a_strides,
+        b,
+        b_strides,
+    } = *p;
     assert!(c.len() >= m * n, "gemm_bf16: C holds {} < {m}×{n}", c.len());
+    let kernel = kernel.min(detected());
     if m == 0 || n == 0 {
-        return;
+        return kernel;
     }
     if k == 0 {
         if !accumulate {
             c[..m * n].fill(0.0);
         }
-        return;
+        return kernel;
     }
     let reach =
         |(rs, cs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(a.len() > reach(a_strides, m, k), "gemm_bf16: A too short");
     assert!(b.len() > reach(b_strides, k, n), "gemm_bf16: B too short");
-    let fast = kernel == Bf16Kernel::Avx512Bf16 && detected() == Bf16Kernel::Avx512Bf16;
-    if !fast {
-        return widen_gemm(c, accumulate, m, n, k, a, a_strides, b, b_strides);
+    if kernel == Bf16Kernel::Widen {
+        widen_gemm(c, accumulate, m, n, k, a, a_strides, b, b_strides);
+        return kernel;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 kernel {kernel:?} on a CPU other than x86-64");
     #[cfg(target_arch = "x86_64")]
-    {
-        let ka = k.div_ceil(2) * 2;
-        let ap = pack_a(a, a_strides, m, k, ka);
-        if m <= SKINNY_ROWS && b_strides.0 == 1 {
-            if let Operand::Bf16(bv) = b {
-                return skinny(c, accumulate, m, n, ka, &ap, bv, k, b_strides.1);
-            }
+    native(kernel, c, accumulate, p, packed)
+}
+
+/// [`run`] on a native kernel (AVX-512-BF16 or AMX, which the CPU has).
+#[cfg(target_arch = "x86_64")]
+fn native(
+    kernel: Bf16Kernel,
+    c: &mut [f32],
+    accumulate: bool,
+    p: &Product,
+    packed: Option<&OnceLock<PackedB>>,
+) -> Bf16Kernel {
+    let Product {
+        m,
+        n,
+        k,
+        a,
+        a_strides,
+        b,
+        b_strides,
+    } = *p;
+    let kp = padded_pairs(k);
+    if m <= SKINNY_ROWS && b_strides.0 == 1 {
+        if let Operand::Bf16(bv) = b {
+            let ap = pack_a(a, a_strides, m, m, k, 2 * kp);
+            skinny(c, accumulate, m, n, 2 * kp, &ap, bv, k, b_strides.1);
+            return Bf16Kernel::Avx512Bf16;
         }
-        let bp = pack_b(b, b_strides, k, n);
-        blocked(c, accumulate, m, n, ka / 2, &ap, &bp);
     }
+    let here;
+    let bp = match packed {
+        Some(cell) => cell.get_or_init(|| PackedB::new(b, b_strides, k, n)),
+        None => {
+            here = PackedB::new(b, b_strides, k, n);
+            &here
+        }
+    };
+    assert!(
+        (bp.k, bp.n, bp.kp) == (k, n, kp),
+        "gemm_bf16: packed B is {}×{}, the product needs {k}×{n}",
+        bp.k,
+        bp.n
+    );
+    if kernel == Bf16Kernel::Amx {
+        // AMX reads whole 32-row blocks of A: the rows past m are zeros.
+        let ap = pack_a(
+            a,
+            a_strides,
+            m,
+            m.div_ceil(amx::BLOCK) * amx::BLOCK,
+            k,
+            2 * kp,
+        );
+        amx::gemm(c, accumulate, m, n, kp, &ap, &bp.data);
+    } else {
+        let ap = pack_a(a, a_strides, m, m, k, 2 * kp);
+        blocked(c, accumulate, m, n, kp, &ap, &bp.data);
+    }
+    kernel
 }
 
 /// The fallback: both operands as f32 (rounded through bf16), then the f32 GEMM.
@@ -299,21 +477,30 @@ const NC: usize = 8 * NR;
 /// Up to this many rows, and with B a weight read along k, dot products replace the GEMM.
 const SKINNY_ROWS: usize = 16;
 
-/// A as row-major bf16 bits, rows padded with zeros to `ka` (even) so pairs never straddle.
-fn pack_a(a: Operand, (rs, cs): (usize, usize), m: usize, k: usize, ka: usize) -> Vec<u16> {
-    let mut out = vec![0u16; m * ka];
-    out.par_chunks_mut(ka).enumerate().for_each(|(i, row)| {
-        for (kk, v) in row[..k].iter_mut().enumerate() {
-            *v = a.bits(i * rs + kk * cs);
-        }
-    });
+/// A (m, k) as row-major bf16 bits in `rows` ≥ m rows of `ka` values, zero past k and past m.
+fn pack_a(
+    a: Operand,
+    (rs, cs): (usize, usize),
+    m: usize,
+    rows: usize,
+    k: usize,
+    ka: usize,
+) -> Vec<u16> {
+    let mut out = vec![0u16; rows * ka];
+    out.par_chunks_mut(ka)
+        .take(m)
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (kk, v) in row[..k].iter_mut().enumerate() {
+                *v = a.bits(i * rs + kk * cs);
+            }
+        });
     out
 }
 
-/// B (k, n) as panels of NR columns: panel p, pair q holds (B[2q][j], B[2q+1][j]) for its
-/// columns j side by side, zero past n and past k.
-fn pack_b(b: Operand, (rs, cs): (usize, usize), k: usize, n: usize) -> Vec<u16> {
-    let kp = k.div_ceil(2);
+/// B (k, n) as panels of NR columns and `kp` ≥ k/2 pairs: panel p, pair q holds
+/// (B[2q][j], B[2q+1][j]) for its columns j side by side, zero past n and past k.
+fn pack_b(b: Operand, (rs, cs): (usize, usize), k: usize, n: usize, kp: usize) -> Vec<u16> {
     let panels = n.div_ceil(NR);
     let mut out = vec![0u16; panels * kp * 2 * NR];
     out.par_chunks_mut(kp * 2 * NR)
@@ -327,20 +514,6 @@ fn pack_b(b: Operand, (rs, cs): (usize, usize), k: usize, n: usize) -> Vec<u16> 
             }
         });
     out
-}
-
-/// A raw pointer to C shared by tasks that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task writes a tile of C no other task touches (see `blocked`, `skinny`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the whole Sync wrapper, not its field).
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The blocked GEMM over packed A (m, 2·kp) and B panels.
@@ -622,9 +795,10 @@ mod tests {
         (c, mag)
     }
 
-    /// Every kernel, every layout, awkward shapes (m = 1, 3, 17 and past a task's 96 rows;
-    /// k odd, not a multiple of 32, and past a 512-value block; n past a 256-column task and
-    /// not a multiple of 32), with and without accumulation, against two bounds:
+    /// Every kernel (AMX where the CPU has it), every layout, awkward shapes (m = 1, 3, 17, 20,
+    /// 33 and past a task's 96 rows, none a multiple of AMX's 32-row blocks; k = 1, odd, not a
+    /// multiple of 32, and past a 512-value block; n past a 256-column task and not a multiple
+    /// of 32), with and without accumulation, against two bounds:
     ///
     /// - against the exact product of the unrounded f32 inputs: bf16 keeps 8 significant bits,
     ///   so rounding to nearest has relative error ≤ 2⁻⁸ (half of the 2⁻⁷ spacing above 1; a
@@ -643,6 +817,8 @@ mod tests {
             (17, 100, 33),
             (16, 64, 40),
             (5, 1, 3),
+            (20, 1, 33),
+            (33, 65, 47),
             (100, 1100, 300),
         ];
         for kernel in Bf16Kernel::available() {
@@ -735,6 +911,142 @@ mod tests {
             }
         }
         assert!(Bf16Kernel::available().contains(&kernel()));
+    }
+
+    /// Each kernel the CPU has really runs when asked for: the call reports it, and an AMX
+    /// product adds to the count of AMX blocks (so a silent fallback fails). Few rows against
+    /// a weight take the dot products, whatever was asked.
+    #[test]
+    fn the_kernel_asked_for_is_the_kernel_that_runs() {
+        let (m, k, n) = (40, 70, 50);
+        let a = vec![0.5f32; m * k];
+        let w = to_bf16(&vec![0.25f32; n * k]);
+        for kernel in Bf16Kernel::available() {
+            let before = amx::blocks_run();
+            let mut c = vec![0f32; m * n];
+            let ran = gemm_bf16_at(
+                kernel,
+                &mut c,
+                false,
+                m,
+                n,
+                k,
+                Operand::F32(&a),
+                (k, 1),
+                Operand::Bf16(&w),
+                (1, k),
+            );
+            assert_eq!(ran, kernel);
+            assert!(c.iter().all(|&v| v == 0.125 * k as f32), "{kernel:?}");
+            // 40 × 50 is 2 × 2 blocks of 32; other tests may add blocks meanwhile.
+            if kernel == Bf16Kernel::Amx {
+                assert!(amx::blocks_run() >= before + 4);
+            }
+            let mut c = vec![0f32; 3 * n];
+            let ran = gemm_bf16_at(
+                kernel,
+                &mut c,
+                false,
+                3,
+                n,
+                k,
+                Operand::F32(&a),
+                (k, 1),
+                Operand::Bf16(&w),
+                (1, k),
+            );
+            let few = kernel.min(Bf16Kernel::Avx512Bf16);
+            assert_eq!(ran, few);
+        }
+        // Asking for more than the CPU has runs the best it has.
+        let mut c = vec![0f32; m * n];
+        let ran = gemm_bf16_at(
+            Bf16Kernel::Amx,
+            &mut c,
+            false,
+            m,
+            n,
+            k,
+            Operand::F32(&a),
+            (k, 1),
+            Operand::Bf16(&w),
+            (1, k),
+        );
+        assert_eq!(ran, detected());
+    }
+
+    /// The detected kernel follows the CPU's flags as Linux lists them in /proc/cpuinfo (an
+    /// independent reading of CPUID): AMX tiles (and the permission to use them) where
+    /// `amx_bf16` and `amx_tile` are listed, `vdpbf16ps` where `avx512_bf16` is.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn detection_follows_the_cpu_flags() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let flags: Vec<&str> = info
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let has = |f: &str| flags.contains(&f);
+        let bf16 = has("avx512_bf16") && has("avx512f") && has("avx512bw");
+        let expected = if bf16 && has("amx_bf16") && has("amx_tile") {
+            Bf16Kernel::Amx
+        } else if bf16 {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Widen
+        };
+        assert_eq!(detected(), expected, "flags: {flags:?}");
+        assert_eq!(amx::cpu_has_amx_bf16(), has("amx_bf16") && has("amx_tile"));
+    }
+
+    /// A weight's packed panels, kept between products, give the same result as packing per
+    /// product, are made once, and are refused for a product of another shape.
+    #[test]
+    fn kept_panels_give_the_same_products() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (m, k, n) = (45, 90, 70);
+        let x = random(m * k, &mut rng);
+        let w = to_bf16(&random(n * k, &mut rng));
+        let packs = WeightPacks::default();
+        let product = |cache: Option<&OnceLock<PackedB>>| {
+            let mut y = vec![0f32; m * n];
+            let (a, b) = (Operand::F32(&x), Operand::Bf16(&w));
+            match cache {
+                Some(p) => {
+                    gemm_bf16_cached(kernel(), &mut y, false, m, n, k, a, (k, 1), b, (1, k), p)
+                }
+                None => gemm_bf16(&mut y, false, m, n, k, a, (k, 1), b, (1, k)),
+            };
+            y
+        };
+        let fresh = product(None);
+        assert_eq!(product(Some(&packs.t)), fresh);
+        let made = packs.t.get().map(|p| p.data.as_ptr());
+        assert_eq!(product(Some(&packs.t)), fresh);
+        if kernel() != Bf16Kernel::Widen {
+            assert!(made.is_some());
+            assert_eq!(packs.t.get().map(|p| p.data.as_ptr()), made, "packed again");
+            let wrong = std::panic::catch_unwind(|| {
+                let mut y = vec![0f32; m * k];
+                let (a, b) = (Operand::F32(&x), Operand::Bf16(&w));
+                gemm_bf16_cached(
+                    kernel(),
+                    &mut y,
+                    false,
+                    m,
+                    k,
+                    n,
+                    a,
+                    (k, 1),
+                    b,
+                    (k, 1),
+                    &packs.t,
+                );
+            });
+            assert!(wrong.is_err(), "panels of another shape were used");
+        }
     }
 
     #[test]

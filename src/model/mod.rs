@@ -1,4 +1,5 @@
 //! The policy network (Llama/Qwen2 family), its tokenizer and checkpoint IO.
+pub mod amx;
 pub mod batch;
 pub mod bf16;
 pub mod causal_lm;

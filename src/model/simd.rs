@@ -9,7 +9,8 @@
 //!
 //! `GROVE_SIMD=avx2` or `GROVE_SIMD=baseline` caps the level (to compare, or to rule the wide
 //! kernels out; `baseline` also turns off the fused linear layer's AVX2 decode path); a level
-//! above what the CPU has is never used.
+//! above what the CPU has is never used. The bf16 products read the same variable, with two
+//! more values ([`Cap::NAMES`]): `avx512bf16` (no AMX tiles) and `amx` (no cap).
 //!
 //! [`fast_exp`]: super::fused::fast_exp
 use std::sync::OnceLock;
@@ -55,17 +56,70 @@ pub fn detected() -> Level {
     })
 }
 
+/// What `GROVE_SIMD` allows, narrowest first: the element-wise kernels' [`Level`], and for the
+/// bf16 products also whether `vdpbf16ps` (AVX-512-BF16) and AMX tiles may run
+/// (`crate::model::bf16::kernel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cap {
+    Baseline,
+    Avx2,
+    /// AVX-512 without the bf16 instructions (bf16 products widen to f32).
+    Avx512,
+    /// AVX-512 with `vdpbf16ps`, no AMX tiles.
+    Avx512Bf16,
+    /// Everything the CPU has (the default).
+    Amx,
+}
+
+impl Cap {
+    /// Every `GROVE_SIMD` value with its cap.
+    pub const NAMES: [(&'static str, Cap); 5] = [
+        ("baseline", Cap::Baseline),
+        ("avx2", Cap::Avx2),
+        ("avx512", Cap::Avx512),
+        ("avx512bf16", Cap::Avx512Bf16),
+        ("amx", Cap::Amx),
+    ];
+
+    /// The cap called `name` (None: not a known name).
+    pub fn named(name: &str) -> Option<Cap> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+    }
+
+    /// The widest element-wise level it allows.
+    pub fn level(self) -> Level {
+        match self {
+            Cap::Baseline => Level::Baseline,
+            Cap::Avx2 => Level::Avx2,
+            Cap::Avx512 | Cap::Avx512Bf16 | Cap::Amx => Level::Avx512,
+        }
+    }
+}
+
+/// `GROVE_SIMD` read once: unset allows everything; an unknown value is reported on stderr
+/// with the known ones and caps nothing (a kernel choice must not stop a run).
+pub fn cap() -> Cap {
+    static CAP: OnceLock<Cap> = OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("GROVE_SIMD") {
+        Ok(name) => Cap::named(&name).unwrap_or_else(|| {
+            let known: Vec<&str> = Cap::NAMES.iter().map(|(n, _)| *n).collect();
+            eprintln!(
+                "warning: GROVE_SIMD={name:?} is not one of {}; no cap applied",
+                known.join(", ")
+            );
+            Cap::Amx
+        }),
+        Err(_) => Cap::Amx,
+    })
+}
+
 /// The level kernels run at: [`detected`], capped by `GROVE_SIMD` when set.
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let cap = match std::env::var("GROVE_SIMD").ok().as_deref() {
-            Some("baseline") => Level::Baseline,
-            Some("avx2") => Level::Avx2,
-            _ => Level::Avx512,
-        };
-        detected().min(cap)
-    })
+    *LEVEL.get_or_init(|| detected().min(cap().level()))
 }
 
 /// Defines `$name(args)`, which runs `$body` at [`level`], and `$at(level, args)`, which runs it

@@ -6,7 +6,9 @@ use candle_core::CustomOp1;
 use half::bf16;
 
 use super::*;
-use crate::model::bf16::{gemm_bf16, to_bf16, to_f32, Operand};
+use crate::model::bf16::{
+    gemm_bf16, gemm_bf16_cached, kernel, to_bf16, to_f32, Operand, WeightPacks,
+};
 
 /// A frozen weight kept in bf16 only (the base of a LoRA run in bf16): half the memory of f32.
 #[derive(Clone)]
@@ -36,37 +38,47 @@ impl Bf16Matrix {
 /// The bf16 working copy of a trainable f32 weight (full-parameter training in bf16): made
 /// from the f32 master on first use and again whenever the weights have changed since (an
 /// optimizer step or a load bumps [`crate::compute::optim::weights_generation`]), so sampling
-/// reuses one copy for every token and the optimizer keeps updating f32 values.
+/// reuses one copy for every token and the optimizer keeps updating f32 values. The copy's
+/// packed panels for the bf16 kernels ([`WeightPacks`]) live and die with it, so a weight is
+/// packed once per update rather than once per product.
 #[derive(Default)]
 pub struct Bf16Copy {
-    cell: Mutex<Option<(u64, Arc<Vec<bf16>>)>>,
+    cell: Mutex<Option<(u64, Arc<Vec<bf16>>, Arc<WeightPacks>)>>,
 }
 
 impl Bf16Copy {
     /// The copy of `master`, converted again if the weights changed.
     pub fn of(&self, master: &Tensor) -> Result<Arc<Vec<bf16>>> {
+        Ok(self.of_packed(master)?.0)
+    }
+
+    /// The copy of `master` and its packed panels (fresh, made when first needed, after a
+    /// change of the weights).
+    pub fn of_packed(&self, master: &Tensor) -> Result<(Arc<Vec<bf16>>, Arc<WeightPacks>)> {
         // Read before converting: a change during the conversion leaves an older generation
         // recorded, so the next call converts again.
         let generation = crate::compute::optim::weights_generation();
         let mut cell = self.cell.lock().expect("bf16 copy poisoned");
-        if let Some((g, v)) = cell.as_ref() {
+        if let Some((g, v, packs)) = cell.as_ref() {
             if *g == generation {
-                return Ok(v.clone());
+                return Ok((v.clone(), packs.clone()));
             }
         }
         let v = Arc::new(with_cpu_f32([&master.contiguous()?], "bf16 copy", |[s]| {
             Ok(to_bf16(s))
         })?);
-        *cell = Some((generation, v.clone()));
-        Ok(v)
+        let packs = Arc::new(WeightPacks::default());
+        *cell = Some((generation, v.clone(), packs.clone()));
+        Ok((v, packs))
     }
 }
 
 /// `x · wᵀ (+ b)` with w's bf16 values `w16` (out, in). `master` is the f32 weight the
 /// gradient ∂w goes to (full-parameter training); without one, w is frozen and only ∂x flows.
+/// `packs` keeps w's packed panels between products (None: packed per product).
 pub fn linear_bf16(
     x: &Tensor,
-    w16: Arc<Vec<bf16>>,
+    (w16, packs): (Arc<Vec<bf16>>, Option<Arc<WeightPacks>>),
     dims: (usize, usize),
     master: Option<&Tensor>,
     b: Option<&Tensor>,
@@ -77,7 +89,12 @@ pub fn linear_bf16(
         && x.dim(D::Minus1)? == in_f
         && master.is_none_or(|m| fusable(&[m]) && m.dims() == [out_f, in_f])
         && b.is_none_or(|t| fusable(&[t]) && t.dims() == [out_f]);
-    let op = LinearBf16 { w16, out_f, in_f };
+    let op = LinearBf16 {
+        w16,
+        packs,
+        out_f,
+        in_f,
+    };
     if !ok {
         // Another device or dtype: the f32 product of the same bf16 values.
         let w = Tensor::from_vec(to_f32(&op.w16), dims, x.device())?.to_dtype(x.dtype())?;
@@ -103,6 +120,7 @@ pub fn linear_bf16(
 
 struct LinearBf16 {
     w16: Arc<Vec<bf16>>,
+    packs: Option<Arc<WeightPacks>>,
     out_f: usize,
     in_f: usize,
 }
@@ -118,7 +136,8 @@ impl LinearBf16 {
         let n = x.len() / in_f.max(1);
         // Written in full by the product.
         let mut y = output_buffer(n * out_f);
-        bf16_product_t(&mut y, false, x, n, &self.w16, out_f, in_f);
+        let packs = self.packs.as_deref();
+        bf16_product_t(&mut y, false, x, n, (&self.w16[..], packs), out_f, in_f);
         if let Some(b) = bias {
             add_bias(&mut y, b);
         }
@@ -150,7 +169,8 @@ impl LinearBf16 {
         let mut db = None;
         with_cpu_f32([x, &g], "bf16 linear backward", |[xs, gs]| {
             if want_dx {
-                bf16_product_dx(&mut dx, false, gs, n, &self.w16, out_f, in_f);
+                let w = (&self.w16[..], self.packs.as_deref());
+                bf16_product_dx(&mut dx, false, gs, n, w, out_f, in_f);
             }
             if want_dw {
                 // ∂w (out, in) = gᵀ · x, gᵀ read through strides.
@@ -175,50 +195,56 @@ impl LinearBf16 {
     }
 }
 
-/// y (n, out) (+)= x (n, in) · wᵀ with w (out, in) in bf16.
+/// y (n, out) (+)= x (n, in) · wᵀ with w (out, in) in bf16 (and its packed panels, if kept).
 pub(super) fn bf16_product_t(
     y: &mut [f32],
     acc: bool,
     x: &[f32],
     n: usize,
-    w: &[bf16],
+    (w, packs): (&[bf16], Option<&WeightPacks>),
     out_f: usize,
     in_f: usize,
 ) {
-    gemm_bf16(
-        y,
-        acc,
-        n,
-        out_f,
-        in_f,
-        Operand::F32(x),
-        (in_f, 1),
-        Operand::Bf16(w),
-        (1, in_f),
-    );
+    let (a, b) = (Operand::F32(x), Operand::Bf16(w));
+    match packs {
+        Some(p) => {
+            let k = kernel();
+            gemm_bf16_cached(k, y, acc, n, out_f, in_f, a, (in_f, 1), b, (1, in_f), &p.t)
+        }
+        None => gemm_bf16(y, acc, n, out_f, in_f, a, (in_f, 1), b, (1, in_f)),
+    };
 }
 
-/// ∂x (n, in) (+)= g (n, out) · w with w (out, in) in bf16.
+/// ∂x (n, in) (+)= g (n, out) · w with w (out, in) in bf16 (and its packed panels, if kept).
 pub(super) fn bf16_product_dx(
     dx: &mut [f32],
     acc: bool,
     g: &[f32],
     n: usize,
-    w: &[bf16],
+    (w, packs): (&[bf16], Option<&WeightPacks>),
     out_f: usize,
     in_f: usize,
 ) {
-    gemm_bf16(
-        dx,
-        acc,
-        n,
-        in_f,
-        out_f,
-        Operand::F32(g),
-        (out_f, 1),
-        Operand::Bf16(w),
-        (in_f, 1),
-    );
+    let (a, b) = (Operand::F32(g), Operand::Bf16(w));
+    match packs {
+        Some(p) => {
+            let k = kernel();
+            gemm_bf16_cached(
+                k,
+                dx,
+                acc,
+                n,
+                in_f,
+                out_f,
+                a,
+                (out_f, 1),
+                b,
+                (in_f, 1),
+                &p.dx,
+            )
+        }
+        None => gemm_bf16(dx, acc, n, in_f, out_f, a, (out_f, 1), b, (in_f, 1)),
+    };
 }
 
 impl CustomOp1 for LinearBf16 {

@@ -81,7 +81,7 @@ impl CustomOp3 for LoraLinear {
             Some(w16) => {
                 // Written in full by the product.
                 let mut y = output_buffer(n * out_f);
-                bf16_product_t(&mut y, false, x, n, &w16, out_f, in_f);
+                bf16_product_t(&mut y, false, x, n, (&w16[..], None), out_f, in_f);
                 if let Some(b) = &bias {
                     add_bias(&mut y, b);
                 }
@@ -162,7 +162,9 @@ impl CustomOp3 for LoraLinear {
                 if want_dx {
                     // ∂x = g·W + ∂h·A
                     match &w16 {
-                        Some(w16) => bf16_product_dx(&mut dx, false, gs, n, w16, out_f, in_f),
+                        Some(w16) => {
+                            bf16_product_dx(&mut dx, false, gs, n, (&w16[..], None), out_f, in_f)
+                        }
                         None => {
                             gemm_into(&mut dx, n, in_f, out_f, gs, (out_f, 1), ws, (in_f, 1), par)
                         }

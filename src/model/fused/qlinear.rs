@@ -80,8 +80,13 @@ impl Weight {
                     None => y,
                 })
             }
-            Weight::Bf16(m) => linear_bf16(x, m.data.clone(), m.dims, None, b),
-            Weight::Autocast(t, copy) => linear_bf16(x, copy.of(t)?, t.dims2()?, Some(t), b),
+            // A frozen bf16 base is packed per product: keeping its panels would double its
+            // memory, which is what a bf16 base is for.
+            Weight::Bf16(m) => linear_bf16(x, (m.data.clone(), None), m.dims, None, b),
+            Weight::Autocast(t, copy) => {
+                let (w16, packs) = copy.of_packed(t)?;
+                linear_bf16(x, (w16, Some(packs)), t.dims2()?, Some(t), b)
+            }
         }
     }
 }
