@@ -174,7 +174,7 @@ fn heldout(env: &Env) -> &[Problem] {
 
 /// Supervised warm-up on generated solutions until greedy held-out accuracy reaches
 /// `warmup.target_acc`; returns the number of steps taken. A pretrained policy has none; an
-/// environment's is [`warmup_env`].
+/// environment's is `warmup_env`.
 pub fn warmup(
     env: &Env,
     model: &Llama,
