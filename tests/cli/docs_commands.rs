@@ -33,6 +33,8 @@ const DOCS: &[&str] = &[
     "docs/experiments/rec-offpolicy.md",
     "docs/experiments/gated-reward.md",
     "docs/experiments/noisy-rewards.md",
+    "docs/experiments/reinforce-ada.md",
+    "docs/experiments/duration.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -111,6 +113,16 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment gated-reward --seeds 0,1,2",
         "6 training runs, about 15 minutes; src/experiment.rs tests that its settings load, \
          src/reward/pipeline/tests.rs its reward by hand",
+    ),
+    (
+        "grove experiment reinforce-ada --seeds 0,1,2",
+        "6 training runs (Reinforce-Ada draws up to 8 × GRPO's samples); src/experiment.rs tests \
+         its variants' configs, tests/train/sampling.rs the method end to end",
+    ),
+    (
+        "grove experiment duration --seeds 0,1,2",
+        "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
+         tests/train/sampling.rs the weights end to end",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
