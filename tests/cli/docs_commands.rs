@@ -34,6 +34,8 @@ const DOCS: &[&str] = &[
     "docs/experiments/gated-reward.md",
     "docs/experiments/noisy-rewards.md",
     "docs/experiments/topr-offline.md",
+    "docs/experiments/reinforce-ada.md",
+    "docs/experiments/duration.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -115,8 +117,18 @@ const EXCLUDED: &[(&str, &str)] = &[
     ),
     (
         "grove experiment topr-offline --seeds 0,1,2",
-        "3 behaviour runs and 12 offline training runs, about 20 minutes; src/experiment.rs runs \
+        "3 behaviour runs and 15 offline training runs, about 22 minutes under load; src/experiment.rs runs \
          its offline stage shortened (offline_experiments_train_every_variant_from_each_seeds_sampled_data)",
+    ),
+    (
+        "grove experiment reinforce-ada --seeds 0,1,2",
+        "6 training runs (Reinforce-Ada draws up to 8 × GRPO's samples); src/experiment.rs tests \
+         its variants' configs, tests/train/sampling.rs the method end to end",
+    ),
+    (
+        "grove experiment duration --seeds 0,1,2",
+        "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
+         tests/train/sampling.rs the weights end to end",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
