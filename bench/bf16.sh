@@ -8,13 +8,13 @@
 # 40 minutes on a 2-core machine, and it needs ~10 GB free.
 #
 #   bash bench/bf16.sh
-#   SKIP_TRL=1 bash bench/bf16.sh          without the PEFT + TRL rows
-#   SKIP_QUICKSTART=1 bash bench/bf16.sh   without the quickstart runs
-#   REPORT_ONLY=1 bash bench/bf16.sh       the tables from the results already in $OUT
+#   PARTS="gemm grove" bash bench/bf16.sh   some parts only (default: gemm anchor grove trl quickstart)
+#   REPORT_ONLY=1 bash bench/bf16.sh        the tables from the results already in $OUT
 #
 # The PEFT + TRL rows run bench/trl_figures.py with $TRL_PYTHON (a Python with torch,
 # transformers, trl, peft and bitsandbytes; default: python3). Raw JSON lines and logs go to
-# $OUT (default target/bench-out/bf16).
+# $OUT (default target/bench-out/bf16); a notes.txt there, written by hand, is printed under
+# the RL-step table (what could not be measured, and why).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${BENCH_OUT:-$root/target/bench-out/bf16}
@@ -27,36 +27,47 @@ QWEN=(--model qwen2.5-0.5b --train-batch 2 --train-seq 128 --sample-batch 8 --re
 # The RL-step work, the same for grove and TRL: 2 prompts × 4 samples, 16 new tokens, steps
 # 3.. timed.
 WORK=(--prompts 2 --group 4 --new-tokens 16 --steps 4)
+PARTS=${PARTS:-gemm anchor grove trl quickstart}
 VARIANTS=("f32:--dtype f32" "bf16:--dtype bf16" "lora-bf16:--dtype bf16 --lora-rank 16"
   "lora-q4:--dtype bf16 --lora-rank 16 --q4-base")
 
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 if [ -z "${REPORT_ONLY:-}" ]; then
-  CARGO_INCREMENTAL=1 cargo build --release --quiet
+  has gemm || has anchor || has grove || has quickstart && CARGO_INCREMENTAL=1 cargo build --release --quiet
   gunzip -c ../shared/data/tokenizers/qwen2/tokenizer.json.gz > "$TOK"
   cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16|amx_tile)$' | xargs || true)
-  echo "cpu: $cpu, $(nproc) threads; bf16 features: ${flags:-none}" > "$OUT/machine.txt"
-  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+  [ -s "$OUT/machine.txt" ] || echo "cpu: $cpu, $(nproc) threads; bf16 features: ${flags:-none}" > "$OUT/machine.txt"
+  echo "load before ($PARTS): $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 
-  "$G" bench "${QWEN[@]}" --gemm-bf16 > "$OUT/gemm.jsonl"
+  has gemm && "$G" bench "${QWEN[@]}" --gemm-bf16 > "$OUT/gemm.jsonl"
+  if has anchor; then
+    # TRL's anchor work (8 prompts × 8 samples × 32 tokens) on its small model, f32 then bf16.
+    for d in f32 bf16; do
+      "$G" bench --rl-step --model anchor --tokenizer ../shared/data/tokenizers/gpt2/tokenizer.json \
+        --steps 4 --dtype "$d" > "$OUT/anchor_rl_$d.json"
+    done
+  fi
   for v in "${VARIANTS[@]}"; do
     name=${v%%:*}
-    # shellcheck disable=SC2086
-    "$G" bench --rl-step --model qwen2.5-0.5b --tokenizer "$TOK" "${WORK[@]}" ${v#*:} \
-      > "$OUT/rl_$name.json" 2> "$OUT/rl_$name.log" || true
-    if [ -z "${SKIP_TRL:-}" ]; then
+    if has grove; then
+      # shellcheck disable=SC2086
+      "$G" bench --rl-step --model qwen2.5-0.5b --tokenizer "$TOK" "${WORK[@]}" ${v#*:} \
+        > "$OUT/rl_$name.json" 2> "$OUT/rl_$name.log" || true
+    fi
+    if has trl; then
       "${TRL_PYTHON:-python3}" bench/trl_figures.py --variant "$name" --tokenizer "$TOK" "${WORK[@]}" \
         > "$OUT/trl_$name.json" 2> "$OUT/trl_$name.log" || true
     fi
   done
-  if [ -z "${SKIP_QUICKSTART:-}" ]; then
+  if has quickstart; then
     for dtype in f32 bf16; do
       rm -rf "$OUT/qs-$dtype"
       "$G" train --set "model.dtype=$dtype" --set "output_dir=\"$OUT/qs-$dtype\"" \
         > "$OUT/quickstart_$dtype.log" 2>&1
     done
   fi
-  echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+  echo "load after ($PARTS): $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 fi
 
 mkdir -p "$root/bench/bf16-results"
@@ -106,6 +117,14 @@ def why(log):
     err = [l for l in lines if "Error" in l or "error" in l]
     return (err or lines or ["no output"])[-1][:160].replace("|", "/")
 
+a32, a16 = load(out / "anchor_rl_f32.json"), load(out / "anchor_rl_bf16.json")
+if a32 and a16:
+    print("| TRL anchor model (16M parameters), 8 prompts × 8 samples × 32 tokens | s/step | generate (s) | train (s) |")
+    print("|---|---|---|---|")
+    for d, r in (("f32", a32), ("bf16", a16)):
+        print(f"| grove, `--dtype {d}` | {r['step_s']:.2f} ({a32['step_s'] / r['step_s']:.2f}× f32) | "
+              f"{r['generate_s']:.2f} | {r['train_s']:.2f} |")
+    print()
 print("GRPO steps of a Qwen2.5-0.5B-shaped model (random weights; 2 prompts × 4 samples, 16 new "
       "tokens; median seconds per step over steps 3–4; peak resident memory of the steps, the model "
       "built before the peak is reset). grove: `grove bench --rl-step --model qwen2.5-0.5b`; PEFT + TRL: "
@@ -124,9 +143,14 @@ for name, label in labels:
         gs = f"{g['step_s']:.1f}{rel} | {g['generate_s']:.1f} / {g['train_s']:.1f} | {g['peak_rss_gb']:.2f}"
     else:
         gs = f"not measured: {why(out / f'rl_{name}.log')} | | "
-    ts = f"{t['step_s']:.1f} | {t['peak_rss_gb']:.2f}" if t else f"not measured: {why(out / f'trl_{name}.log')} | "
+    missing = "not measured (below)" if (out / "notes.txt").exists() else f"not measured: {why(out / f'trl_{name}.log')}"
+    ts = f"{t['step_s']:.1f} | {t['peak_rss_gb']:.2f}" if t else f"{missing} | "
     sp = f"{t['step_s'] / g['step_s']:.2f}×" if g and t else ""
     print(f"| {label} | {gs} | {ts} | {sp} |")
+notes = out / "notes.txt"
+if notes.exists():
+    print()
+    print(notes.read_text().strip())
 t = load(out / "trl_f32.json")
 if t:
     v = t["versions"]

@@ -123,7 +123,10 @@ impl SharedOut {
 /// Panics when [`available`] is false or the buffers are shorter than that.
 pub fn gemm(c: &mut [f32], accumulate: bool, m: usize, n: usize, kp: usize, a: &[u16], b: &[u16]) {
     assert!(available(), "amx::gemm on a CPU or OS without AMX");
-    assert!(kp % TILE_ROWS == 0 && kp > 0, "amx::gemm: kp = {kp}");
+    assert!(
+        kp.is_multiple_of(TILE_ROWS) && kp > 0,
+        "amx::gemm: kp = {kp}"
+    );
     assert!(c.len() >= m * n, "amx::gemm: C holds {} < {m}×{n}", c.len());
     assert!(
         a.len() >= m.div_ceil(BLOCK) * BLOCK * 2 * kp,

@@ -43,8 +43,11 @@ impl Bf16Matrix {
 /// packed once per update rather than once per product.
 #[derive(Default)]
 pub struct Bf16Copy {
-    cell: Mutex<Option<(u64, Arc<Vec<bf16>>, Arc<WeightPacks>)>>,
+    cell: Mutex<Option<CopyOf>>,
 }
+
+/// A working copy: the weights generation it was made at, the bf16 values, their panels.
+type CopyOf = (u64, Arc<Vec<bf16>>, Arc<WeightPacks>);
 
 impl Bf16Copy {
     /// The copy of `master`, converted again if the weights changed.

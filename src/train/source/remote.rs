@@ -64,6 +64,8 @@ pub fn write_policy(model: &Llama, tok: Option<&Tokenizer>, folder: &Path) -> Re
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
+    // `Adapter::save` writes into an existing folder.
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     match (model.adapter(), tok) {
         (Some(a), _) => a.save(&tmp)?,
         (None, Some(tok)) => save_pretrained(model, tok, &tmp)?,
