@@ -296,7 +296,7 @@ struct Product<'a> {
     b_strides: (usize, usize),
 }
 
-/// B (k, n) packed for the native kernels: panels of [`NR`] columns, `kp` k-pairs each (k
+/// B (k, n) packed for the native kernels: panels of NR = 32 columns, `kp` k-pairs each (k
 /// padded with zeros to a multiple of [`amx::K_STEP`]), pair q of panel p at `(p·kp + q)·2·NR`.
 pub struct PackedB {
     data: Vec<u16>,
