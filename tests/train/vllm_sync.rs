@@ -483,15 +483,16 @@ fn glob_step1(out: &Path) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// The processes whose command line has `arg` as one argument.
-fn pids_with_arg(arg: &str) -> Vec<i32> {
+/// The processes whose command line has each of `args` as one of its arguments.
+fn pids_with_args(args: &[&str]) -> Vec<i32> {
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if cmdline.split(|&b| b == 0).any(|a| a == arg.as_bytes()) {
+        let has = |a: &str| cmdline.split(|&b| b == 0).any(|x| x == a.as_bytes());
+        if args.iter().all(|a| has(a)) {
             out.push(pid);
         }
     }
@@ -544,8 +545,9 @@ fn grove_launches_vllm_and_restarts_it_for_tied_embeddings() {
     ]);
     let cfg = grove::config::load(None, &sets).unwrap();
     let run = std::thread::spawn(move || grove::train::run(cfg, &super::common::quiet()));
-    // v0's server samples step 1, v1's (restarted) step 2; kill the server once step 2's
-    // samples are written (grove is then restarting it on v2).
+    // v0's server samples step 1, v1's (restarted) step 2. Then kill the server grove starts
+    // for v0 + 2, as soon as it appears: killing an older one could race with grove's own
+    // stop before a restart, and the run would go on.
     let t = Instant::now();
     let limit = Duration::from_secs(900);
     let run_dir = loop {
@@ -565,13 +567,16 @@ fn grove_launches_vllm_and_restarts_it_for_tied_embeddings() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let port_arg = port.to_string();
+    let third = format!("grove-policy-v{}", rl_sample_steps(&run_dir)[0].1 + 2);
     let pids = loop {
-        // Between two starts no process holds the port for a moment.
-        let pids = pids_with_arg(&port_arg);
+        let pids = pids_with_args(&[&port_arg, &third]);
         if !pids.is_empty() {
             break pids;
         }
-        assert!(t.elapsed() < limit, "no process serves port {port}");
+        if run.is_finished() {
+            panic!("the run ended early: {:?}", run.join().unwrap().err());
+        }
+        assert!(t.elapsed() < limit, "grove started no server for {third}");
         std::thread::sleep(Duration::from_millis(5));
     };
     for pid in &pids {
@@ -604,7 +609,7 @@ fn grove_launches_vllm_and_restarts_it_for_tied_embeddings() {
         );
     }
     assert!(
-        pids_with_arg(&port_arg).is_empty(),
+        pids_with_args(&[&port_arg]).is_empty(),
         "a server process outlived the run"
     );
 }
