@@ -506,10 +506,23 @@ fn pack_b(b: Operand, (rs, cs): (usize, usize), k: usize, n: usize, kp: usize) -
     out.par_chunks_mut(kp * 2 * NR)
         .enumerate()
         .for_each(|(p, panel)| {
-            for l in 0..NR.min(n - p * NR) {
-                let j = p * NR + l;
+            let width = NR.min(n - p * NR);
+            // Walk B along its contiguous dimension: a column at a time when its rows are
+            // adjacent (B = wᵀ, the forward), a row at a time otherwise (B = w, ∂x), so every
+            // read of a large weight is sequential rather than one cache line per value.
+            if rs <= cs {
+                for l in 0..width {
+                    let j = p * NR + l;
+                    for kk in 0..k {
+                        panel[(kk / 2) * 2 * NR + l * 2 + kk % 2] = b.bits(kk * rs + j * cs);
+                    }
+                }
+            } else {
                 for kk in 0..k {
-                    panel[(kk / 2) * 2 * NR + l * 2 + kk % 2] = b.bits(kk * rs + j * cs);
+                    let dst = &mut panel[(kk / 2) * 2 * NR + kk % 2..];
+                    for l in 0..width {
+                        dst[l * 2] = b.bits(kk * rs + (p * NR + l) * cs);
+                    }
                 }
             }
         });

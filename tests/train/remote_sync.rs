@@ -12,6 +12,7 @@ use grove::rollout::SamplingParams;
 use grove::train::explore::encode_prompt;
 use serde_json::{json, Value};
 
+use super::killed_server::{assert_stopped_by_dead_server, wait_for_step1_checkpoint};
 use super::remote::{local, serve_with, tiny_checkpoint};
 
 const ADMIN: &str = "adm-token";
@@ -330,52 +331,11 @@ fn a_server_killed_mid_run_stops_training_clearly() {
     let cfg = grove::config::load(None, &sets).unwrap();
     let run = std::thread::spawn(move || grove::train::run(cfg, &super::common::quiet()));
     // Kill the server once the run has checkpointed its first step.
-    let t = Instant::now();
-    let step1 = loop {
-        let found = walk(&out)
-            .into_iter()
-            .find(|p| p.ends_with("checkpoints/step-1"));
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no checkpoint of step 1"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let step1 = wait_for_step1_checkpoint(&out);
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     let e = run.join().unwrap().unwrap_err().to_string();
-    assert!(e.contains(&base) && e.contains("2 attempt(s)"), "{e}");
-    let run_dir = step1.parent().unwrap().parent().unwrap();
-    let lines = super::common::rl_lines(run_dir);
-    assert!(
-        !lines.is_empty() && lines.len() < 500,
-        "{} rl lines",
-        lines.len()
-    );
-    assert!(
-        lines.iter().all(|l| l["step"].is_u64()),
-        "metrics.jsonl intact"
-    );
-    assert!(step1.join("model.safetensors").exists());
-}
-
-/// Every path under `dir` (folders included).
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
+    assert_stopped_by_dead_server(&e, &base, &step1, 500);
 }
 
 /// `grove explore --remote URL --weights DIR` pushes the learner's newest published weights
@@ -466,5 +426,46 @@ fn an_adapter_load_serves_base_plus_adapter() {
     assert!(
         moved || got != before,
         "the adapter changed nothing: {lps:?}"
+    );
+}
+
+/// `sync.interval = 4` with `sync.max_staleness = 1`: the learner pushes on its own only every
+/// 4 updates, so the staleness bound forces the pushes in between. No sample is more than one
+/// version behind the learner that trains on it, some are exactly one behind (the run does
+/// not simply push after every update), and the server loaded fewer versions than updates.
+#[test]
+fn max_staleness_forces_a_push_between_interval_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(tmp.path());
+    let server = serve_with(&ckpt, &["--admin-token", ADMIN]);
+    let base = format!("http://{}", server.addr);
+    let out = tmp.path().join("remote-run");
+    let steps = 8;
+    let mut sets = remote_run_sets(&out, &base, &tmp.path().join("sync"), steps);
+    sets.extend(["sync.interval=4".to_string(), "sync.max_staleness=1".into()]);
+    let cfg = grove::config::load(None, &sets).unwrap();
+    let summary = grove::train::run(cfg, &super::common::quiet()).unwrap();
+    assert_eq!(summary.rl_steps_done, steps);
+
+    let samples = grove::report::read_jsonl(&summary.run_dir.join("samples.jsonl")).unwrap();
+    let rl: Vec<&Value> = samples.iter().filter(|v| v["phase"] == "rl").collect();
+    assert_eq!(rl.len(), steps * 4);
+    // The learner's version at step s is v0 + (s - s0): one update per step.
+    let (v0, s0) = (rl[0]["policy_version"].as_u64().unwrap(), rl[0]["step"].as_u64().unwrap());
+    let mut lags = vec![];
+    for s in &rl {
+        let learner = v0 + s["step"].as_u64().unwrap() - s0;
+        let served = s["policy_version"].as_u64().unwrap();
+        assert!(served <= learner, "{s}");
+        lags.push(learner - served);
+    }
+    assert!(lags.iter().all(|&l| l <= 1), "staleness above 1: {lags:?}");
+    assert!(lags.contains(&1), "no sample was one version behind: {lags:?}");
+    // The pushes: about one every second update (the bound forces them), fewer than the
+    // 1 + steps that pushing after every update makes.
+    let loads = get(&format!("{base}/metrics"))["loads"].as_u64().unwrap();
+    assert!(
+        (steps as u64 / 2..=steps as u64).contains(&loads),
+        "{loads} loads for {steps} updates"
     );
 }

@@ -17,6 +17,7 @@ use grove::model::{Llama, Tokenizer};
 use grove::rollout::SamplingParams;
 use serde_json::{json, Value};
 
+use super::killed_server::{assert_stopped_by_dead_server, wait_for_step1_checkpoint};
 use super::remote::local;
 
 const SERVED_NAME: &str = "base";
@@ -437,50 +438,10 @@ fn vllm_follows_the_policy_and_a_killed_server_stops_the_run() {
     ]);
     let cfg = grove::config::load(None, &sets).unwrap();
     let run = std::thread::spawn(move || grove::train::run(cfg, &super::common::quiet()));
-    let t = Instant::now();
-    let step1 = loop {
-        let found = glob_step1(&out);
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no checkpoint of step 1"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let step1 = wait_for_step1_checkpoint(&out);
     server.kill();
     let e = run.join().unwrap().unwrap_err().to_string();
-    assert!(e.contains(&url) && e.contains("2 attempt(s)"), "{e}");
-    let run_dir = step1.parent().unwrap().parent().unwrap();
-    let lines = super::common::rl_lines(run_dir);
-    assert!(
-        !lines.is_empty() && lines.len() < 500,
-        "{} rl lines",
-        lines.len()
-    );
-    assert!(
-        lines.iter().all(|l| l["step"].is_u64()),
-        "metrics.jsonl intact"
-    );
-    let samples = grove::report::read_jsonl(&run_dir.join("samples.jsonl")).unwrap();
-    assert!(
-        samples.iter().all(|s| s["policy_version"].is_u64()),
-        "samples.jsonl intact"
-    );
-    assert!(
-        step1.join("adapter_model.safetensors").exists()
-            || step1.join("model.safetensors").exists()
-    );
-}
-
-/// `OUT/RUN/checkpoints/step-1`, once it exists.
-fn glob_step1(out: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(out)
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("checkpoints/step-1"))
-        .find(|p| p.exists())
+    assert_stopped_by_dead_server(&e, &url, &step1, 500);
 }
 
 /// The processes whose command line has each of `args` as one of its arguments.
