@@ -103,7 +103,11 @@ fn render(a: u64, b: u64, op: char) -> Problem {
 /// The operands and operator of a rendered prompt `"a<op>b="`.
 fn parse_prompt(prompt: &str) -> Option<(u64, u64, char)> {
     let body = prompt.strip_suffix('=')?;
-    let at = body.char_indices().skip(1).find(|(_, c)| matches!(c, '+' | '-' | '*'))?.0;
+    let at = body
+        .char_indices()
+        .skip(1)
+        .find(|(_, c)| matches!(c, '+' | '-' | '*'))?
+        .0;
     let op = body[at..].chars().next()?;
     let (a, b) = (body[..at].parse().ok()?, body[at + 1..].parse().ok()?);
     Some((a, b, op))
@@ -158,7 +162,12 @@ impl ArithmeticTask {
     /// another operator. Operands keep the configured digits; a child is never the parent, a
     /// held-out problem or another child; its answer is recomputed exactly. Fewer than `n`
     /// come back only when 64·n tries found no more.
-    pub fn mutate<R: Rng>(&self, parent: &str, n: usize, rng: &mut R) -> Result<Vec<Problem>, String> {
+    pub fn mutate<R: Rng>(
+        &self,
+        parent: &str,
+        n: usize,
+        rng: &mut R,
+    ) -> Result<Vec<Problem>, String> {
         let (a, b, op) = parse_prompt(parent)
             .ok_or_else(|| format!("not an arithmetic prompt of this task: {parent:?}"))?;
         let mut seen: HashSet<(u64, u64, char)> = HashSet::from([(a, b, op)]);
@@ -168,7 +177,11 @@ impl ArithmeticTask {
                 break;
             }
             let mut key = (a, b, op);
-            let operand = if rng.gen_bool(0.5) { &mut key.0 } else { &mut key.1 };
+            let operand = if rng.gen_bool(0.5) {
+                &mut key.0
+            } else {
+                &mut key.1
+            };
             *operand = self.change_one_digit(*operand, rng);
             if self.cfg.ops.len() > 1 && rng.gen_bool(0.5) {
                 let others: Vec<char> = self
@@ -305,8 +318,13 @@ mod tests {
                 assert!((10..=99).contains(&x) && (10..=99).contains(&y), "{k:?}");
                 let want = if o == '+' { x + y } else { x * y };
                 assert_eq!(k.answer, want.to_string());
-                let digit_diffs = |p: u64, q: u64| usize::from(p / 10 != q / 10) + usize::from(p % 10 != q % 10);
-                assert_eq!(digit_diffs(a, x) + digit_diffs(b, y), 1, "{parent:?} -> {k:?}");
+                let digit_diffs =
+                    |p: u64, q: u64| usize::from(p / 10 != q / 10) + usize::from(p % 10 != q % 10);
+                assert_eq!(
+                    digit_diffs(a, x) + digit_diffs(b, y),
+                    1,
+                    "{parent:?} -> {k:?}"
+                );
                 op_changed += usize::from(o != op);
             }
         }
@@ -314,10 +332,17 @@ mod tests {
         assert!((300..500).contains(&op_changed), "{op_changed}");
         // reproducible from the rng
         let p = "37+48=";
-        let a = task.mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
-        let b = task.mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let a = task
+            .mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1))
+            .unwrap();
+        let b = task
+            .mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1))
+            .unwrap();
         assert_eq!(a, b);
-        assert!(task.mutate("hello", 4, &mut rng).unwrap_err().contains("hello"));
+        assert!(task
+            .mutate("hello", 4, &mut rng)
+            .unwrap_err()
+            .contains("hello"));
     }
 
     #[test]

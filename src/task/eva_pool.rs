@@ -136,7 +136,8 @@ impl PromptPool {
     /// weighted by min-max normalised informativeness, evolve each into `cfg.children` new
     /// problems and add those not in the pool yet. Returns how many were added.
     pub fn evolve_round(&mut self, task: &dyn Task, cfg: &EvaConfig) -> Result<usize> {
-        let (ids, values): (Vec<usize>, Vec<f64>) = std::mem::take(&mut self.seen).into_iter().unzip();
+        let (ids, values): (Vec<usize>, Vec<f64>) =
+            std::mem::take(&mut self.seen).into_iter().unzip();
         let weights = min_max_normalise(&values);
         let k = select_count(ids.len(), cfg.select_fraction);
         let picks = weighted_sample(&weights, k, &mut self.rng);
@@ -152,7 +153,10 @@ impl PromptPool {
                 ));
             };
             let round = self.rounds;
-            children.extend(kids.into_iter().map(|problem| PoolPrompt { problem, round }));
+            children.extend(
+                kids.into_iter()
+                    .map(|problem| PoolPrompt { problem, round }),
+            );
         }
         let added = mix_into(&mut self.prompts, children, |p| p.problem.prompt.clone());
         self.batch.added += added;
@@ -269,7 +273,8 @@ mod tests {
         }
         pool.evolve_round(&t, &c).unwrap();
         pool.take_stats();
-        let saved: PromptPool = serde_json::from_str(&serde_json::to_string(&pool).unwrap()).unwrap();
+        let saved: PromptPool =
+            serde_json::from_str(&serde_json::to_string(&pool).unwrap()).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let ids = pool.draw(200, &mut rng.clone());
         let evolved = ids.iter().filter(|&&i| pool.prompts()[i].round > 0).count();

@@ -329,7 +329,11 @@ where
 
 /// The batch's `np` problems: from eva's prompt pool (with their pool indices) when the run
 /// has one, else fresh from the task; either way drawn from the prompt stream.
-fn draw_problems(env: &Env, st: &mut ExploreState, np: usize) -> (Vec<Problem>, Option<Vec<usize>>) {
+fn draw_problems(
+    env: &Env,
+    st: &mut ExploreState,
+    np: usize,
+) -> (Vec<Problem>, Option<Vec<usize>>) {
     match st.eva.as_mut() {
         Some(pool) => {
             let ids = pool.draw(np, &mut st.prompt_rng);
