@@ -234,21 +234,26 @@ fn eva_grows_its_pool_saves_it_with_checkpoints_and_resumes_exactly() {
             "train.log_samples=6".into(),
         ],
     );
-    let metric = |s: usize, k: &str| lines[s][k].as_f64().unwrap_or_else(|| panic!("{k} at {s}"));
+    let metric = |s: usize, k: &str| {
+        lines[s][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} at step {s}"))
+    };
     let mut pool = 8.0;
     let mut evolved_seen = 0.0;
-    for s in 1..=5 {
-        let added = metric(s, "eva/added");
-        assert_eq!(added > 0.0, s % 2 == 0, "step {s}: {}", lines[s]);
+    for (s, line) in lines.iter().enumerate().skip(1) {
+        let m = |k: &str| metric(s, k);
+        let added = m("eva/added");
+        assert_eq!(added > 0.0, s % 2 == 0, "step {s}: {line}");
         pool += added;
-        assert_eq!(metric(s, "eva/pool_size"), pool);
-        assert_eq!(metric(s, "eva/evolved"), pool - 8.0);
-        let frac = metric(s, "eva/frac_evolved_in_batch");
+        assert_eq!(m("eva/pool_size"), pool);
+        assert_eq!(m("eva/evolved"), pool - 8.0);
+        let frac = m("eva/frac_evolved_in_batch");
         if s <= 2 {
             assert_eq!(frac, 0.0, "no evolved prompt exists before the first round");
         }
         evolved_seen += frac;
-        assert!((0.0..=1.0).contains(&metric(s, "eva/informativeness_mean")));
+        assert!((0.0..=1.0).contains(&m("eva/informativeness_mean")));
     }
     assert!(evolved_seen > 0.0, "no evolved prompt was ever drawn");
     let run_dir = std::fs::read_dir(tmp.path().join("a"))
