@@ -73,6 +73,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     REINFORCE_ADA,
     DURATION,
     TOPR_OFFLINE,
+    EVA,
 ];
 
 const REC_OFFPOLICY: Experiment = Experiment {
@@ -209,6 +210,30 @@ const REINFORCE_ADA: Experiment = Experiment {
     ],
     tail_metrics: &["reward/frac_zero_std", "reward/mean", "sampling/samples_drawn"],
     x_metric: Some("sampling/samples_drawn"),
+    offline: None,
+};
+
+const EVA: Experiment = Experiment {
+    name: "eva",
+    claim: "eva (Ye et al. 2024, Evolving Alignment via Asymmetric Self-Play): a creator that keeps \
+            evolving the prompts the solver's rewards say most about (informativeness max − min of \
+            its group, min-max normalised; 25% of the prompts drawn weighted by it, each evolved into \
+            4 new ones mixed with the originals) trains a better solver than the fixed prompt set it \
+            started from, at equal samples.",
+    setting: "the quickstart task (2-digit additions) with groups of 6 responses, prompts drawn from a \
+              pool of 64 fixed at the start by the seed; `eva` evolves it every 10 steps with the \
+              arithmetic mutator (one digit of one operand changed, answer recomputed, never a \
+              held-out problem); `fixed-pool` trains on the 64 prompts throughout; `fresh-prompts` \
+              draws every prompt new from the task (unlimited data, a reference, not a baseline). All \
+              three draw 32 prompts × 6 responses per step",
+    common: &["recipe=\"eva\""],
+    variants: &[
+        Variant { label: "fixed-pool", sets: &["sampling.eva.every=0"] },
+        Variant { label: "eva", sets: &[] },
+        Variant { label: "fresh-prompts", sets: &["sampling.eva.pool_size=0"] },
+    ],
+    tail_metrics: &["reward/mean", "reward/frac_zero_std", "eva/pool_size"],
+    x_metric: None,
     offline: None,
 };
 

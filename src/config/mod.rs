@@ -528,6 +528,7 @@ impl RunConfig {
             && self.sync.buffer.is_none()
             && self.sync.offline.is_none();
         self.sampling.validate(on_policy_rollouts)?;
+        self.validate_eva(on_policy_rollouts)?;
         let ada = &self.sampling.reinforce_ada;
         ada.validate(self.rollout.group_size)?;
         if !ada.enabled() {
@@ -567,6 +568,48 @@ impl RunConfig {
             )),
             None => Ok(()),
         }
+    }
+
+    /// `[sampling.eva]`: its rounds run where batches are sampled by the current weights, and
+    /// it needs a task with a mutator.
+    fn validate_eva(&self, on_policy_rollouts: bool) -> std::result::Result<(), String> {
+        let eva = &self.sampling.eva;
+        eva.validate()?;
+        if !eva.enabled() {
+            return Ok(());
+        }
+        let clash = [
+            (
+                !on_policy_rollouts || self.remote.is_some(),
+                "lagged, async, shared-buffer, offline or [remote] rollouts (the creator's rounds \
+                 run in the on-policy source; use sync.mode = \"on-policy\")",
+            ),
+            (
+                self.env.is_some(),
+                "[env] episodes (environments draw their own tasks; no mutator for them yet)",
+            ),
+            (
+                self.sampling.reinforce_ada.enabled(),
+                "sampling.reinforce_ada (it draws its prompts from the task, not the pool)",
+            ),
+        ];
+        if let Some((_, what)) = clash.iter().find(|(on, _)| *on) {
+            return Err(format!(
+                "sampling.eva.pool_size = {} cannot be combined with {what}",
+                eva.pool_size
+            ));
+        }
+        if !self.task.kind.is_arithmetic() && eva.every > 0 {
+            return Err(format!(
+                "sampling.eva evolves prompts with a task-specific mutator, which only \
+                 task.kind = \"arithmetic\" has so far; found task.kind = \"{}\" (a generator \
+                 model for text datasets is not implemented; sampling.eva.every = 0 gives a \
+                 fixed pool of {} prompts)",
+                self.task.kind.name(),
+                eva.pool_size
+            ));
+        }
+        Ok(())
     }
 
     /// An `[env]` section and what it cannot be combined with; what needs one.

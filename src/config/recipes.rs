@@ -357,6 +357,26 @@ positive_threshold = 0.7
 "#,
     },
     Recipe {
+        name: "eva",
+        description: "eva's creator loop on GRPO: a pool of 64 prompts; every 10 steps the 25% most \
+                      informative (max − min of 6 rewards, weighted draw) each evolve into 4 new ones",
+        source: "Ye et al. 2024, Evolving Alignment via Asymmetric Self-Play (eva); docs/algorithms.md#sampling-rules",
+        toml: r#"[advantage]
+estimator = "grpo"
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+[rollout]
+group_size = 6
+[sampling.eva]
+pool_size = 64
+every = 10
+informativeness = "max-min"
+select_fraction = 0.25
+children = 4
+"#,
+    },
+    Recipe {
         name: "gsm8k-smollm2",
         description: "a few GRPO steps of SmolLM2-135M-Instruct (GGUF, chat template) on GSM8K, on the CPU; \
                       get the model first (README, \"GSM8K with a real model\")",

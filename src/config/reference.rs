@@ -21,6 +21,7 @@ const SOURCES: &[(&str, &str)] = &[
         "src/sampling/reinforce_ada.rs",
         include_str!("../sampling/reinforce_ada.rs"),
     ),
+    ("src/sampling/eva.rs", include_str!("../sampling/eva.rs")),
     (
         "src/advantage/config.rs",
         include_str!("../advantage/config.rs"),

@@ -1,6 +1,7 @@
 //! Which samples a step trains on: group filters applied between reward and advantage
 //! (docs/algorithms.md#sampling-rules). Dropped samples keep their place in the batch with a zero mask, so
 //! they contribute nothing to the loss or its normaliser.
+pub mod eva;
 pub mod reinforce_ada;
 
 use rand::seq::SliceRandom;
@@ -29,6 +30,9 @@ pub struct SamplingConfig {
     pub inject_ground_truth: bool,
     /// Reinforce-Ada: adaptive rounds of samples per prompt (docs/algorithms.md#reinforce-ada).
     pub reinforce_ada: reinforce_ada::ReinforceAdaConfig,
+    /// eva's creator loop: a prompt pool grown from its most informative prompts
+    /// (docs/algorithms.md#sampling-rules).
+    pub eva: eva::EvaConfig,
 }
 
 impl SamplingConfig {

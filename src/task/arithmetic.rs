@@ -100,6 +100,19 @@ fn render(a: u64, b: u64, op: char) -> Problem {
     }
 }
 
+/// The operands and operator of a rendered prompt `"a<op>b="`.
+fn parse_prompt(prompt: &str) -> Option<(u64, u64, char)> {
+    let body = prompt.strip_suffix('=')?;
+    let at = body
+        .char_indices()
+        .skip(1)
+        .find(|(_, c)| matches!(c, '+' | '-' | '*'))?
+        .0;
+    let op = body[at..].chars().next()?;
+    let (a, b) = (body[..at].parse().ok()?, body[at + 1..].parse().ok()?);
+    Some((a, b, op))
+}
+
 impl ArithmeticTask {
     pub fn new(cfg: ArithmeticConfig) -> Result<Self, String> {
         cfg.validate()?;
@@ -141,6 +154,65 @@ impl ArithmeticTask {
 
     pub fn heldout(&self) -> &[Problem] {
         &self.heldout
+    }
+
+    /// eva's mutator: up to `n` distinct problems near `parent` (a prompt this task rendered,
+    /// `"37+48="`), each with one digit of one operand changed to another digit (a leading
+    /// digit stays non-zero) and, when several operators are configured, with probability ½
+    /// another operator. Operands keep the configured digits; a child is never the parent, a
+    /// held-out problem or another child; its answer is recomputed exactly. Fewer than `n`
+    /// come back only when 64·n tries found no more.
+    pub fn mutate<R: Rng>(
+        &self,
+        parent: &str,
+        n: usize,
+        rng: &mut R,
+    ) -> Result<Vec<Problem>, String> {
+        let (a, b, op) = parse_prompt(parent)
+            .ok_or_else(|| format!("not an arithmetic prompt of this task: {parent:?}"))?;
+        let mut seen: HashSet<(u64, u64, char)> = HashSet::from([(a, b, op)]);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..64 * n {
+            if out.len() == n {
+                break;
+            }
+            let mut key = (a, b, op);
+            let operand = if rng.gen_bool(0.5) {
+                &mut key.0
+            } else {
+                &mut key.1
+            };
+            *operand = self.change_one_digit(*operand, rng);
+            if self.cfg.ops.len() > 1 && rng.gen_bool(0.5) {
+                let others: Vec<char> = self
+                    .cfg
+                    .ops
+                    .iter()
+                    .filter_map(|o| o.chars().next())
+                    .filter(|&c| c != op)
+                    .collect();
+                if !others.is_empty() {
+                    key.2 = others[rng.gen_range(0..others.len())];
+                }
+            }
+            if !self.heldout_keys.contains(&key) && seen.insert(key) {
+                out.push(render(key.0, key.1, key.2));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `x` with one of its `digits` decimal digits replaced by a different one, staying in
+    /// the operand range (no leading zero when there is more than one digit).
+    fn change_one_digit<R: Rng>(&self, x: u64, rng: &mut R) -> u64 {
+        let d = self.cfg.digits;
+        let pos = rng.gen_range(0..d);
+        let place = 10u64.pow(pos);
+        let old = (x / place) % 10;
+        let lowest = if pos == d - 1 && d > 1 { 1 } else { 0 };
+        let choices: Vec<u64> = (lowest..10).filter(|&v| v != old).collect();
+        let new = choices[rng.gen_range(0..choices.len())];
+        x - old * place + new * place
     }
 
     /// Longest answer in characters, which bounds the tokens a response needs (plus EOS).
@@ -210,6 +282,87 @@ mod tests {
         for _ in 0..5000 {
             assert!(!held.contains(&t1.sample_train(&mut rng).prompt));
         }
+    }
+
+    #[test]
+    fn prompts_parse_back_to_their_operands() {
+        assert_eq!(parse_prompt("37+48="), Some((37, 48, '+')));
+        assert_eq!(parse_prompt("12-30="), Some((12, 30, '-')));
+        assert_eq!(parse_prompt("5*7="), Some((5, 7, '*')));
+        assert_eq!(parse_prompt("37+48"), None);
+        assert_eq!(parse_prompt("what is 2+2?"), None);
+    }
+
+    /// Every child differs from the parent in exactly one digit of one operand (and possibly
+    /// the operator), keeps two-digit operands, is not held out, and has the exact answer.
+    #[test]
+    fn mutations_change_one_digit_and_keep_answers_exact() {
+        let task = ArithmeticTask::new(ArithmeticConfig {
+            ops: vec!["+".into(), "*".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let held: HashSet<String> = task.heldout().iter().map(|p| p.prompt.clone()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut op_changed = 0;
+        for _ in 0..200 {
+            let parent = task.sample_train(&mut rng);
+            let kids = task.mutate(&parent.prompt, 4, &mut rng).unwrap();
+            assert_eq!(kids.len(), 4);
+            let (a, b, op) = parse_prompt(&parent.prompt).unwrap();
+            let mut prompts = HashSet::new();
+            for k in &kids {
+                assert!(prompts.insert(k.prompt.clone()), "duplicate child {k:?}");
+                assert!(!held.contains(&k.prompt) && k.prompt != parent.prompt);
+                let (x, y, o) = parse_prompt(&k.prompt).unwrap();
+                assert!((10..=99).contains(&x) && (10..=99).contains(&y), "{k:?}");
+                let want = if o == '+' { x + y } else { x * y };
+                assert_eq!(k.answer, want.to_string());
+                let digit_diffs =
+                    |p: u64, q: u64| usize::from(p / 10 != q / 10) + usize::from(p % 10 != q % 10);
+                assert_eq!(
+                    digit_diffs(a, x) + digit_diffs(b, y),
+                    1,
+                    "{parent:?} -> {k:?}"
+                );
+                op_changed += usize::from(o != op);
+            }
+        }
+        // the operator changes in about half the children (800 of them)
+        assert!((300..500).contains(&op_changed), "{op_changed}");
+        // reproducible from the rng
+        let p = "37+48=";
+        let a = task
+            .mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1))
+            .unwrap();
+        let b = task
+            .mutate(p, 4, &mut ChaCha8Rng::seed_from_u64(1))
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(task
+            .mutate("hello", 4, &mut rng)
+            .unwrap_err()
+            .contains("hello"));
+    }
+
+    #[test]
+    fn one_digit_operands_may_become_zero() {
+        let task = ArithmeticTask::new(ArithmeticConfig {
+            digits: 1,
+            heldout_size: 10,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut values = HashSet::new();
+        for _ in 0..200 {
+            for k in task.mutate("5+7=", 3, &mut rng).unwrap() {
+                let (x, y, _) = parse_prompt(&k.prompt).unwrap();
+                assert!(x <= 9 && y <= 9 && (x == 5) != (y == 7), "{k:?}");
+                values.insert(x.min(y));
+            }
+        }
+        assert!(values.contains(&0));
     }
 
     #[test]

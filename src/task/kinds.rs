@@ -289,6 +289,16 @@ pub trait Task: Send + Sync {
     fn reference_response(&self, _prompt: &str, answer: &str) -> String {
         answer.to_string()
     }
+    /// eva's mutator: up to `n` new training problems evolved from `parent`, never held-out
+    /// ones (`Ok(None)`: the task has none; config validation refuses eva then).
+    fn evolve(
+        &self,
+        _parent: &Problem,
+        _n: usize,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<Option<Vec<Problem>>> {
+        Ok(None)
+    }
 }
 
 impl Task for ArithmeticTask {
@@ -300,6 +310,16 @@ impl Task for ArithmeticTask {
     }
     fn verify(&self, response: &str, finished: bool, reference: &str) -> Verdict {
         exact_answer(response, finished, reference)
+    }
+    fn evolve(
+        &self,
+        parent: &Problem,
+        n: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<Vec<Problem>>> {
+        self.mutate(&parent.prompt, n, rng)
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("eva's arithmetic mutator: {e}")))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod arithmetic;
 pub mod dataset;
 pub mod datasets;
+pub mod eva_pool;
 pub mod fields;
 pub mod kinds;
 pub mod rows;

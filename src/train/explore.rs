@@ -16,6 +16,7 @@ use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
 use crate::rollout::engine::{LocalEngine, RolloutEngine};
 use crate::rollout::Generation;
+use crate::task::eva_pool::PromptPool;
 use crate::task::{Problem, Task};
 use crate::train::reward_hook::PipelineRewarder;
 
@@ -124,6 +125,8 @@ pub const STREAM_PROMPTS: u64 = 1;
 pub const STREAM_SAMPLES: u64 = 2;
 pub const STREAM_LEARN: u64 = 3;
 pub const STREAM_WARMUP: u64 = 4;
+/// eva's creator: the initial prompt pool, then its selections and mutations.
+pub const STREAM_EVA: u64 = 5;
 /// Explorer processes `k = 1, 2, ...` use streams offset by this much times k.
 pub const STREAM_EXPLORER_STRIDE: u64 = 16;
 
@@ -142,6 +145,10 @@ pub struct ExploreState {
     /// Reward-noise injector of noisy-verifier experiments (None when both rates are 0).
     pub noise: Option<NoiseInjector>,
     pub next_group_id: u64,
+    /// `[sampling.eva]`: the prompt pool the batches draw from, grown by eva's creator (the
+    /// evolved prompt set a checkpoint must keep). None: prompts come from the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eva: Option<PromptPool>,
 }
 
 impl ExploreState {
@@ -163,7 +170,23 @@ impl ExploreState {
             noise,
             // Explorer k numbers its groups from k·2⁴⁸ so ids never collide across processes.
             next_group_id: explorer << 48,
+            eva: None,
         })
+    }
+
+    /// The trainer's own explorer state: [`ExploreState::new`] plus eva's initial prompt pool,
+    /// drawn from `task` on its own stream when `[sampling.eva]` is on.
+    pub fn for_trainer(cfg: &RunConfig, task: &dyn Task) -> Result<Self> {
+        let mut st = Self::new(cfg, 0)?;
+        let eva = &cfg.sampling.eva;
+        if eva.enabled() {
+            st.eva = Some(PromptPool::new(
+                task,
+                eva,
+                rng_stream(cfg.seed, STREAM_EVA),
+            )?);
+        }
+        Ok(st)
     }
 }
 
@@ -258,9 +281,7 @@ where
 {
     let r = &env.cfg.rollout;
     let (np, g) = (r.prompts_per_step, r.group_size);
-    let problems: Vec<_> = (0..np)
-        .map(|_| env.task.sample_train(&mut st.prompt_rng))
-        .collect();
+    let (problems, pool_ids) = draw_problems(env, st, np);
     let mut prompt_ids = Vec::with_capacity(np);
     for p in &problems {
         prompt_ids.push(env.encode_prompt(&p.prompt)?);
@@ -292,6 +313,10 @@ where
         if let Some((rewarder, model)) = hook.as_mut() {
             rewarder.score_group(&env.tok, model, &mut experiences)?;
         }
+        if let (Some(pool), Some(ids)) = (st.eva.as_mut(), &pool_ids) {
+            let rewards: Vec<f64> = experiences.iter().map(|e| e.reward).collect();
+            pool.observe(ids[p], &rewards, &env.cfg.sampling.eva);
+        }
         out.push(ExperienceGroup {
             group_id,
             policy_version: version,
@@ -300,6 +325,28 @@ where
         });
     }
     Ok(out)
+}
+
+/// The batch's `np` problems: from eva's prompt pool (with their pool indices) when the run
+/// has one, else fresh from the task; either way drawn from the prompt stream.
+fn draw_problems(
+    env: &Env,
+    st: &mut ExploreState,
+    np: usize,
+) -> (Vec<Problem>, Option<Vec<usize>>) {
+    match st.eva.as_mut() {
+        Some(pool) => {
+            let ids = pool.draw(np, &mut st.prompt_rng);
+            let problems = ids.iter().map(|&i| pool.problem(i).clone()).collect();
+            (problems, Some(ids))
+        }
+        None => (
+            (0..np)
+                .map(|_| env.task.sample_train(&mut st.prompt_rng))
+                .collect(),
+            None,
+        ),
+    }
 }
 
 /// One sampled response to `prob`, scored by the task (and flipped by the noise injector):

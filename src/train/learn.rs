@@ -49,6 +49,8 @@ pub struct Learner {
     ada: Option<sampling::reinforce_ada::AdaStats>,
     /// Responses sampled for that batch, discarded ones included (`sampling/samples_drawn`).
     drawn: Option<usize>,
+    /// What eva's prompt pool did for that batch (`eva/*`).
+    eva: Option<crate::task::eva_pool::EvaStats>,
 }
 
 /// The execution time of sample `e`'s actions (duration weights): its episode's step
@@ -90,6 +92,7 @@ impl Learner {
             refill: None,
             ada: None,
             drawn: None,
+            eva: None,
         })
     }
 
@@ -101,6 +104,11 @@ impl Learner {
     /// Records what Reinforce-Ada's rounds took for the next batch (`sampling/ada_*`).
     pub fn note_ada(&mut self, stats: sampling::reinforce_ada::AdaStats) {
         self.ada = Some(stats);
+    }
+
+    /// Records what eva's prompt pool did for the next batch (`eva/*`).
+    pub fn note_eva(&mut self, stats: crate::task::eva_pool::EvaStats) {
+        self.eva = Some(stats);
     }
 
     /// Records how many responses were sampled for the next batch (`sampling/samples_drawn`).
@@ -154,6 +162,13 @@ impl Learner {
             );
             m.insert("sampling/ada_rounds".into(), a.rounds_per_prompt());
             m.insert("sampling/ada_finished_frac".into(), a.finished_frac());
+        }
+        if let Some(e) = self.eva.take() {
+            m.insert("eva/pool_size".into(), e.pool_size as f64);
+            m.insert("eva/evolved".into(), e.evolved as f64);
+            m.insert("eva/added".into(), e.added as f64);
+            m.insert("eva/informativeness_mean".into(), e.informativeness_mean);
+            m.insert("eva/frac_evolved_in_batch".into(), e.frac_evolved_in_batch);
         }
         // Noted by the on-policy source (refill's discarded rounds included); other sources:
         // what the groups hold or drew.

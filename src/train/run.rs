@@ -362,7 +362,7 @@ fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) ->
         step: 0,
         warmup_steps,
         acc_after_warmup: acc,
-        explore_st: ExploreState::new(cfg, 0)?,
+        explore_st: ExploreState::for_trainer(cfg, env.task.as_ref())?,
         reward_pipeline: None,
         lagged: None,
         pending: vec![],

@@ -36,6 +36,7 @@ const DOCS: &[&str] = &[
     "docs/experiments/topr-offline.md",
     "docs/experiments/reinforce-ada.md",
     "docs/experiments/duration.md",
+    "docs/experiments/eva.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -129,6 +130,12 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment duration --seeds 0,1,2",
         "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
          tests/train/sampling.rs the weights end to end",
+    ),
+    (
+        "grove experiment eva --seeds 0,1,2",
+        "9 training runs; src/experiment.rs tests its variants' configs, src/sampling/eva.rs and \
+         src/task/eva_pool.rs the creator's rules by hand, tests/train/sampling.rs the loop end to end \
+         with exact resume",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",

@@ -215,3 +215,95 @@ fn duration_weights_scale_each_bandit_pull_by_its_time_in_async_mode() {
     // some pulls parsed, so the weights were not all 1
     assert!(timed > 0, "no parsable pull in 3 steps");
 }
+
+/// eva's creator on a pool of 8 prompts, a round every 2 steps: the pool grows by exactly what
+/// each round adds, evolved prompts reach later batches, every prompt trained on is in the
+/// pool the checkpoint saved (the first rounds' prompts among the initial 8), each with its
+/// exact answer; a run stopped after 3 steps and resumed equals the uninterrupted one.
+#[test]
+fn eva_grows_its_pool_saves_it_with_checkpoints_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = assert_resumes_exactly(
+        tmp.path(),
+        5,
+        &[
+            "recipe=\"eva\"".into(),
+            "rollout.group_size=4".into(),
+            "sampling.eva.pool_size=8".into(),
+            "sampling.eva.every=2".into(),
+            "train.log_samples=6".into(),
+        ],
+    );
+    let metric = |s: usize, k: &str| {
+        lines[s][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} at step {s}"))
+    };
+    let mut pool = 8.0;
+    let mut evolved_seen = 0.0;
+    for (s, line) in lines.iter().enumerate().skip(1) {
+        let m = |k: &str| metric(s, k);
+        let added = m("eva/added");
+        assert_eq!(added > 0.0, s % 2 == 0, "step {s}: {line}");
+        pool += added;
+        assert_eq!(m("eva/pool_size"), pool);
+        assert_eq!(m("eva/evolved"), pool - 8.0);
+        let frac = m("eva/frac_evolved_in_batch");
+        if s <= 2 {
+            assert_eq!(frac, 0.0, "no evolved prompt exists before the first round");
+        }
+        evolved_seen += frac;
+        assert!((0.0..=1.0).contains(&m("eva/informativeness_mean")));
+    }
+    assert!(evolved_seen > 0.0, "no evolved prompt was ever drawn");
+    let run_dir = std::fs::read_dir(tmp.path().join("a"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // The evolved prompt set as the step-4 checkpoint saved it.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("checkpoints/step-4/state.json")).unwrap(),
+    )
+    .unwrap();
+    let saved = state["explore"]["eva"]["prompts"].as_array().unwrap();
+    assert_eq!(saved.len() as f64, metric(4, "eva/pool_size"));
+    let round_of = |prompt: &str| -> u64 {
+        let p = saved
+            .iter()
+            .find(|p| p["problem"]["prompt"] == prompt)
+            .unwrap_or_else(|| panic!("{prompt} is not in the saved pool"));
+        p["round"].as_u64().unwrap()
+    };
+    let samples = grove::report::read_jsonl(&run_dir.join("samples.jsonl")).unwrap();
+    for g in samples.iter().filter(|g| g["phase"] == "rl") {
+        let step = g["step"].as_u64().unwrap();
+        if step > 4 {
+            continue;
+        }
+        let prompt = g["prompt"].as_str().unwrap();
+        // rounds run after steps 2 and 4: steps 1-2 see round-0 prompts, 3-4 up to round 1
+        assert!(round_of(prompt) <= (step - 1) / 2, "{g}");
+        let (a, b) = prompt.trim_end_matches('=').split_once('+').unwrap();
+        let sum = a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap();
+        assert_eq!(g["answer"], sum.to_string(), "{g}");
+    }
+}
+
+#[test]
+fn eva_refuses_what_it_cannot_do_before_any_step() {
+    let refused = |extra: &[&str]| {
+        let mut sets: Vec<String> = vec!["recipe=\"eva\"".into()];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        config::load(None, &sets).unwrap_err().to_string()
+    };
+    let e = refused(&["sync.mode=\"lagged\""]);
+    assert!(e.contains("sampling.eva") && e.contains("on-policy"), "{e}");
+    let e = refused(&["sampling.eva.select_fraction=1.5"]);
+    assert!(e.contains("select_fraction") && e.contains("1.5"), "{e}");
+    let e = refused(&["sampling.eva.informativeness=\"entropy\""]);
+    assert!(e.contains("max-min") && e.contains("variance"), "{e}");
+    let e = refused(&["sampling.reinforce_ada.mode=\"balanced\""]);
+    assert!(e.contains("reinforce_ada"), "{e}");
+}

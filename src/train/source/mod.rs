@@ -136,7 +136,7 @@ impl BatchSource for OnPolicy {
         env: &Env,
         learner: &mut Learner,
         explore_st: &mut ExploreState,
-        _s: usize,
+        s: usize,
     ) -> Result<Option<Batch>> {
         let t = Instant::now();
         let sampling = &env.cfg.sampling;
@@ -193,6 +193,15 @@ impl BatchSource for OnPolicy {
             learner.note_refill(r);
         }
         learner.note_drawn(drawn);
+        // eva's creator: after every `every` steps, evolve the most informative prompts seen
+        // since the last round; the new ones are drawn from the next batch on.
+        if let Some(pool) = explore_st.eva.as_mut() {
+            let eva = &env.cfg.sampling.eva;
+            if eva.every > 0 && s.is_multiple_of(eva.every) {
+                pool.evolve_round(env.task.as_ref(), eva)?;
+            }
+            learner.note_eva(pool.take_stats());
+        }
         Ok(Some(Batch {
             groups,
             generate_s: t.elapsed().as_secs_f64(),
