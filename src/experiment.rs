@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::config;
 use crate::error::{Error, Result};
 use crate::eval::runner::{run_eval, EvalOptions, EvalTask};
-use crate::task::TaskKind;
 use crate::report::plot::{line_chart, load_rl_metric, Series};
+use crate::task::TaskKind;
 use crate::train::{run, TrainOptions};
 
 pub struct Variant {
@@ -108,24 +108,54 @@ const NSR_PASSK: Experiment = Experiment {
               plays) until greedy held-out success reaches 20%; every variant of a seed starts \
               from that checkpoint",
     common: &[
-        "env.kind=\"countdown\"", "env.countdown_numbers=3", "env.countdown_max_number=9",
-        "env.countdown_max_target=30", "env.countdown_prompt=\"short\"", "env.max_tokens=40",
-        "env.heldout_size=64", "rollout.max_new_tokens=12", "rollout.prompts_per_step=16",
-        "rollout.group_size=8", "warmup.target_acc=0.2", "warmup.eval_size=64",
-        "warmup.eval_every=25", "train.steps=100", "train.eval_every=20",
-        "train.checkpoint_every=100", "train.lr=5e-4",
+        "env.kind=\"countdown\"",
+        "env.countdown_numbers=3",
+        "env.countdown_max_number=9",
+        "env.countdown_max_target=30",
+        "env.countdown_prompt=\"short\"",
+        "env.max_tokens=40",
+        "env.heldout_size=64",
+        "rollout.max_new_tokens=12",
+        "rollout.prompts_per_step=16",
+        "rollout.group_size=8",
+        "warmup.target_acc=0.2",
+        "warmup.eval_size=64",
+        "warmup.eval_every=25",
+        "train.steps=100",
+        "train.eval_every=20",
+        "train.checkpoint_every=100",
+        "train.lr=5e-4",
     ],
     variants: &[
-        Variant { label: "warm-up-only", sets: &["train.steps=0"] },
-        Variant { label: "psr", sets: &["recipe=\"psr\""] },
-        Variant { label: "nsr", sets: &["recipe=\"nsr\""] },
-        Variant { label: "w-reinforce", sets: &["recipe=\"w-reinforce\""] },
-        Variant { label: "grpo", sets: &["recipe=\"grpo\""] },
+        Variant {
+            label: "warm-up-only",
+            sets: &["train.steps=0"],
+        },
+        Variant {
+            label: "psr",
+            sets: &["recipe=\"psr\""],
+        },
+        Variant {
+            label: "nsr",
+            sets: &["recipe=\"nsr\""],
+        },
+        Variant {
+            label: "w-reinforce",
+            sets: &["recipe=\"w-reinforce\""],
+        },
+        Variant {
+            label: "grpo",
+            sets: &["recipe=\"grpo\""],
+        },
     ],
     tail_metrics: &[],
     x_metric: None,
     offline: None,
-    pass_at_k: Some(PassAtK { samples: 64, ks: &[1, 2, 4, 8, 16, 32, 64], temperature: 1.0 }),
+    pass_at_k: Some(PassAtK {
+        samples: 64,
+        ks: &[1, 2, 4, 8, 16, 32, 64],
+        temperature: 1.0,
+    }),
     shared_warmup: true,
 };
 
@@ -706,7 +736,10 @@ fn plot_pass_at_k(
         .collect();
     line_chart(
         &out.join(pass_at_k_png(exp.name)),
-        &format!("{}: pass@k of the final policy (mean over {seeds} seeds)", exp.name),
+        &format!(
+            "{}: pass@k of the final policy (mean over {seeds} seeds)",
+            exp.name
+        ),
         "log2 k",
         "pass@k",
         &series,
@@ -972,19 +1005,35 @@ mod tests {
             claim: "",
             setting: "",
             common: &[
-                "env.kind=\"countdown\"", "env.countdown_numbers=3", "env.countdown_max_number=9",
-                "env.countdown_max_target=30", "env.countdown_prompt=\"short\"",
-                "env.max_tokens=40", "env.heldout_size=6",
-                "rollout.max_new_tokens=8", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                "env.kind=\"countdown\"",
+                "env.countdown_numbers=3",
+                "env.countdown_max_number=9",
+                "env.countdown_max_target=30",
+                "env.countdown_prompt=\"short\"",
+                "env.max_tokens=40",
+                "env.heldout_size=6",
+                "rollout.max_new_tokens=8",
+                "rollout.prompts_per_step=4",
+                "rollout.group_size=4",
             ],
             variants: &[
-                Variant { label: "warm-up-only", sets: &["train.steps=0"] },
-                Variant { label: "nsr", sets: &["recipe=\"nsr\""] },
+                Variant {
+                    label: "warm-up-only",
+                    sets: &["train.steps=0"],
+                },
+                Variant {
+                    label: "nsr",
+                    sets: &["recipe=\"nsr\""],
+                },
             ],
             tail_metrics: &[],
             x_metric: None,
             offline: None,
-            pass_at_k: Some(PassAtK { samples: 4, ks: &[1, 2, 4], temperature: 1.0 }),
+            pass_at_k: Some(PassAtK {
+                samples: 4,
+                ks: &[1, 2, 4],
+                temperature: 1.0,
+            }),
             shared_warmup: true,
         };
         let tmp = tempfile::tempdir().unwrap();
@@ -1007,10 +1056,16 @@ mod tests {
         }
         assert!(out.join("passk-test-pass-at-k.png").is_file());
         let md = std::fs::read_to_string(page).unwrap();
-        assert!(md.contains("| variant | pass@1 | pass@2 | pass@4 |"), "{md}");
+        assert!(
+            md.contains("| variant | pass@1 | pass@2 | pass@4 |"),
+            "{md}"
+        );
         for v in ["warm-up-only", "nsr"] {
             // The pass@k table comes after the accuracy table: its row is the last one.
-            let row = md.lines().filter(|l| l.starts_with(&format!("| {v} | "))).last();
+            let row = md
+                .lines()
+                .filter(|l| l.starts_with(&format!("| {v} | ")))
+                .last();
             let cells: Vec<f64> = row
                 .unwrap_or_else(|| panic!("no pass@k row for {v}: {md}"))
                 .split('|')

@@ -562,13 +562,25 @@ mod tests {
             let mut env = Countdown::new(3, 9, 30);
             let r = env.reset(seed).unwrap();
             assert_eq!(env.numbers.len(), 3);
-            assert!(env.numbers.iter().all(|n| (1..=9).contains(n)), "{:?}", env.numbers);
+            assert!(
+                env.numbers.iter().all(|n| (1..=9).contains(n)),
+                "{:?}",
+                env.numbers
+            );
             assert!((10..=30).contains(&env.target), "{}", env.target);
-            assert!(r.messages[0].content.contains(&format!("make {} ", env.target)));
+            assert!(r.messages[0]
+                .content
+                .contains(&format!("make {} ", env.target)));
             let demo = env.demonstration().unwrap();
             assert_eq!(demo.len(), 1);
             let s = env.step(&demo[0], soon()).unwrap();
-            assert_eq!(s.info["success"], json!(true), "seed {seed}: {} {:?}", demo[0], s.info);
+            assert_eq!(
+                s.info["success"],
+                json!(true),
+                "seed {seed}: {} {:?}",
+                demo[0],
+                s.info
+            );
             assert_eq!(small.draw(seed).2, demo[0]);
         }
         // Hand-made: 2+3 then ×4 needs parentheses, 2×3 then +4 does not.
@@ -577,7 +589,8 @@ mod tests {
         for seed in 0..400 {
             c.reset(seed).unwrap();
             found.0 |= c.solution.starts_with('(');
-            found.1 |= c.solution.contains('*') && c.solution.contains('+') && !c.solution.contains('(');
+            found.1 |=
+                c.solution.contains('*') && c.solution.contains('+') && !c.solution.contains('(');
         }
         assert!(found.0 && found.1, "{found:?}");
         // The short prompt asks the same puzzle in a few tokens.

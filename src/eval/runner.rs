@@ -16,9 +16,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
 use crate::env::runner::EnvRunner;
 use crate::env::{EnvConfig, EnvKind};
+use crate::error::{Error, Result};
 use crate::eval::{maj_at_n, mean_at_n, pass_at_k, summarize, EvalSummary, PromptSamples};
 use crate::model::quantized::load_for_sampling;
 use crate::model::{CausalLm, ChatTemplate, Tokenizer};
@@ -65,7 +65,13 @@ impl std::str::FromStr for EvalTask {
 }
 
 /// The environment kinds by name, as `--task` takes them.
-const ENV_KINDS: [&str; 5] = ["guess", "countdown", "calculator-arithmetic", "bandit", "program"];
+const ENV_KINDS: [&str; 5] = [
+    "guess",
+    "countdown",
+    "calculator-arithmetic",
+    "bandit",
+    "program",
+];
 
 impl EvalTask {
     fn name(self) -> String {
@@ -258,8 +264,14 @@ impl std::fmt::Display for EvalReport {
         for (k, v) in &self.summary.pass_at_k {
             writeln!(f, "pass@{k}: {v:.4}")?;
         }
-        writeln!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n)?;
-        write!(f, "maj@{}: {:.4}", self.n, self.summary.maj_at_n)
+        match self.task {
+            // Episodes have no answer to vote on: maj@n would print 0 whatever happened.
+            EvalTask::Env(_) => write!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n),
+            _ => {
+                writeln!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n)?;
+                write!(f, "maj@{}: {:.4}", self.n, self.summary.maj_at_n)
+            }
+        }
     }
 }
 
@@ -842,7 +854,10 @@ mod tests {
         let mut want_pass1 = 0.0;
         for (line, start) in lines.iter().zip(runner.heldout_starts()) {
             assert_eq!(line["reference"], start.describe().as_str());
-            assert!(line["question"].as_str().unwrap().starts_with("use the numbers"));
+            assert!(line["question"]
+                .as_str()
+                .unwrap()
+                .starts_with("use the numbers"));
             assert_eq!(line["samples"].as_array().unwrap().len(), 3);
             let c = line["correct"].as_u64().unwrap() as usize;
             want_pass1 += pass_at_k(3, c, 1) / 4.0;

@@ -82,7 +82,11 @@ mod tests {
         let sum: Vec<f64> = a0.iter().zip(&a1).map(|(x, y)| x + 0.5 * y).collect();
         assert_close(&a, &sum, 1e-12);
         // A shorter last group uses its own mean: (3) alone → 0.
-        assert_close(&group_mean_advantages(&[1.0, 3.0, 3.0], 2), &[-1.0, 1.0, 0.0], 1e-12);
+        assert_close(
+            &group_mean_advantages(&[1.0, 3.0, 3.0], 2),
+            &[-1.0, 1.0, 0.0],
+            1e-12,
+        );
         // α⟨∇J, g_k⟩: α = 0.5, ∇J = (1, 2), g_0 = (3, 4) → 0.5·11 = 5.5; g_1 = (−1, 0) → −0.5.
         let d = implicit_gradient(0.5, &[1.0, 2.0], &[vec![3.0, 4.0], vec![-1.0, 0.0]]);
         assert_close(&d, &[5.5, -0.5], 1e-12);
@@ -90,11 +94,7 @@ mod tests {
         outer_step(&mut w, &d, 0.1);
         assert_close(&w, &[1.55, 0.45], 1e-12);
         // Reduction: with the auxiliary weight at 0 the blend is the primary reward.
-        assert_close(
-            &blended_rewards(&[1.0, 0.0], &comps),
-            &comps[0],
-            1e-12,
-        );
+        assert_close(&blended_rewards(&[1.0, 0.0], &comps), &comps[0], 1e-12);
         assert!(near(group_mean_advantages(&[2.0], 1)[0], 0.0));
     }
 
@@ -176,7 +176,10 @@ mod tests {
             .map(|r| -(r.len() as f64) / 3.0)
             .collect();
         let heldout = Data {
-            prompts: ["40+11=", "40+11=", "33+33="].iter().map(|p| enc(p)).collect(),
+            prompts: ["40+11=", "40+11=", "33+33="]
+                .iter()
+                .map(|p| enc(p))
+                .collect(),
             responses: ["51", "15", "66"].iter().map(|r| enc(r)).collect(),
             pad: tok.pad,
         };

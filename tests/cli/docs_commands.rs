@@ -165,7 +165,11 @@ const SUBSTITUTE: &[(&str, &str, &str)] = &[
     ),
     ("docs/rewards.md", "/tmp/rm2", "rm2"),
     // The shortened countdown run's last checkpoint, and fewer samples.
-    ("docs/environments.md", "checkpoints/step-60", "checkpoints/step-2"),
+    (
+        "docs/environments.md",
+        "checkpoints/step-60",
+        "checkpoints/step-2",
+    ),
     ("docs/environments.md", "--n 64 --k 1,8,64", "--n 4 --k 1,4"),
 ];
 
