@@ -1062,10 +1062,7 @@ mod tests {
         );
         for v in ["warm-up-only", "nsr"] {
             // The pass@k table comes after the accuracy table: its row is the last one.
-            let row = md
-                .lines()
-                .filter(|l| l.starts_with(&format!("| {v} | ")))
-                .last();
+            let row = md.lines().rfind(|l| l.starts_with(&format!("| {v} | ")));
             let cells: Vec<f64> = row
                 .unwrap_or_else(|| panic!("no pass@k row for {v}: {md}"))
                 .split('|')

@@ -156,9 +156,8 @@ pub struct EnvConfig {
     pub countdown_max_number: i64,
     /// `countdown`: the target is drawn from 10..=countdown_max_target (>= 10).
     pub countdown_max_target: i64,
-    /// `countdown`: how the puzzle is asked: `full` ("use the numbers 3, 7, 2 to make 13 with
-    /// + - * / and parentheses, ...") or `short` ("make 13 from 3 7 2", a few tokens for
-    /// small models).
+    /// `countdown`: how the puzzle is asked: `full` (the whole instruction: numbers, target,
+    /// operators and rules) or `short` ("make 13 from 3 7 2", a few tokens for small models).
     pub countdown_prompt: CountdownPrompt,
     /// `program`: the program and its arguments.
     #[serde(skip_serializing_if = "Vec::is_empty")]
