@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config;
 use crate::error::{Error, Result};
+use crate::eval::runner::{run_eval, EvalOptions, EvalTask};
 use crate::report::plot::{line_chart, load_rl_metric, Series};
+use crate::task::TaskKind;
 use crate::train::{run, TrainOptions};
 
 pub struct Variant {
@@ -31,6 +33,23 @@ pub struct Experiment {
     pub x_metric: Option<&'static str>,
     /// Offline experiments: the data every variant of a seed trains from (`sync.offline`).
     pub offline: Option<OfflineData>,
+    /// Ends every run with a pass@k evaluation of its final policy on the held-out split.
+    pub pass_at_k: Option<PassAtK>,
+    /// Each seed's warm-up runs once (a run `<name>-warmup-s<seed>`: `common`, the extra
+    /// `--set`s, `train.steps=0`) and every variant of the seed starts from its checkpoint
+    /// (`model.source`, so no warm-up of its own): the variants share their starting policy
+    /// exactly, and the warm-up is paid once per seed instead of once per run.
+    pub shared_warmup: bool,
+}
+
+/// A pass@k evaluation of a run's final checkpoint, as `grove eval CKPT --task <task or env
+/// kind> --n samples --k ks --temperature temperature` runs it: `samples` per held-out
+/// prompt (or episode), the unbiased estimator per prompt, averaged; each run's per-prompt
+/// results go to `<run>/pass-at-k.jsonl`.
+pub struct PassAtK {
+    pub samples: usize,
+    pub ks: &'static [usize],
+    pub temperature: f64,
 }
 
 /// Offline data sampled once per seed, before the variants: a behaviour run (`common`, then
@@ -74,7 +93,72 @@ pub const EXPERIMENTS: &[Experiment] = &[
     DURATION,
     TOPR_OFFLINE,
     EVA,
+    NSR_PASSK,
 ];
+
+const NSR_PASSK: Experiment = Experiment {
+    name: "nsr-passk",
+    claim: "Negative sample reinforcement (Zhu et al. 2025): training only on the wrong samples \
+            (NSR, A = −1) keeps pass@k at large k; training only on the right ones (PSR, A = +1) \
+            raises pass@1 but lowers pass@k at large k; W-REINFORCE (+λ on right, −1 on wrong, \
+            λ = 0.1) is the best trade-off. GRPO is shown for reference, and the warm-up policy \
+            before any RL as the baseline every variant starts from.",
+    setting: "the built-in `countdown` environment with 3 numbers from 1..=9, targets 10..=30 \
+              and the short prompt (`make 13 from 3 7 2`), the built-in model from random \
+              weights warmed up once per seed on the generator's own expressions (reference \
+              plays) until greedy held-out success reaches 20%; every variant of a seed starts \
+              from that checkpoint",
+    common: &[
+        "env.kind=\"countdown\"",
+        "env.countdown_numbers=3",
+        "env.countdown_max_number=9",
+        "env.countdown_max_target=30",
+        "env.countdown_prompt=\"short\"",
+        "env.max_tokens=40",
+        "env.heldout_size=64",
+        "rollout.max_new_tokens=12",
+        "rollout.prompts_per_step=16",
+        "rollout.group_size=8",
+        "warmup.target_acc=0.2",
+        "warmup.eval_size=64",
+        "warmup.eval_every=25",
+        "train.steps=100",
+        "train.eval_every=20",
+        "train.checkpoint_every=100",
+        "train.lr=5e-4",
+    ],
+    variants: &[
+        Variant {
+            label: "warm-up-only",
+            sets: &["train.steps=0"],
+        },
+        Variant {
+            label: "psr",
+            sets: &["recipe=\"psr\""],
+        },
+        Variant {
+            label: "nsr",
+            sets: &["recipe=\"nsr\""],
+        },
+        Variant {
+            label: "w-reinforce",
+            sets: &["recipe=\"w-reinforce\""],
+        },
+        Variant {
+            label: "grpo",
+            sets: &["recipe=\"grpo\""],
+        },
+    ],
+    tail_metrics: &[],
+    x_metric: None,
+    offline: None,
+    pass_at_k: Some(PassAtK {
+        samples: 64,
+        ks: &[1, 2, 4, 8, 16, 32, 64],
+        temperature: 1.0,
+    }),
+    shared_warmup: true,
+};
 
 const REC_OFFPOLICY: Experiment = Experiment {
     name: "rec-offpolicy",
@@ -99,6 +183,8 @@ const REC_OFFPOLICY: Experiment = Experiment {
     tail_metrics: &[],
     offline: None,
     x_metric: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 const GATED_REWARD: Experiment = Experiment {
@@ -122,6 +208,8 @@ const GATED_REWARD: Experiment = Experiment {
     tail_metrics: &["acc/train", "reward/steps/mean", "reward/outcome/mean"],
     offline: None,
     x_metric: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 /// The verifier's noise as in the noisy-rewards paper's headline setting: 10% of wrong answers
@@ -162,6 +250,8 @@ const NOISY_REWARDS: Experiment = Experiment {
     tail_metrics: &[],
     offline: None,
     x_metric: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 /// Rewards ±1 without a baseline (`w-reinforce` with λ = 1: +1 right, −1 wrong), the TOPR
@@ -193,6 +283,8 @@ const TOPR_OFFLINE: Experiment = Experiment {
     tail_metrics: &[],
     x_metric: None,
     offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 const REINFORCE_ADA: Experiment = Experiment {
@@ -211,6 +303,8 @@ const REINFORCE_ADA: Experiment = Experiment {
     tail_metrics: &["reward/frac_zero_std", "reward/mean", "sampling/samples_drawn"],
     x_metric: Some("sampling/samples_drawn"),
     offline: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 const EVA: Experiment = Experiment {
@@ -235,6 +329,8 @@ const EVA: Experiment = Experiment {
     tail_metrics: &["reward/mean", "reward/frac_zero_std", "eva/pool_size"],
     x_metric: None,
     offline: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 const DURATION: Experiment = Experiment {
@@ -259,6 +355,8 @@ const DURATION: Experiment = Experiment {
     tail_metrics: &["reward/mean"],
     x_metric: None,
     offline: None,
+    pass_at_k: None,
+    shared_warmup: false,
 };
 
 pub fn find(name: &str) -> Result<&'static Experiment> {
@@ -307,12 +405,21 @@ pub fn run_experiment(
     // Per tail metric: one mean curve per variant, and each variant's per-seed tail means.
     let mut tail_series: Vec<Vec<Series>> = vec![Vec::new(); exp.tail_metrics.len()];
     let mut tails: Vec<Vec<Vec<f64>>> = Vec::new();
+    // Per variant, per seed: pass@k for each k (empty without a pass@k evaluation).
+    let mut pass: Vec<Vec<Vec<f64>>> = Vec::new();
     let data_files = match &exp.offline {
         Some(data) => seeds
             .iter()
             .map(|&seed| sample_offline_data(exp.name, data, exp.common, seed, extra, runs_dir))
             .collect::<Result<Vec<_>>>()?,
         None => vec![],
+    };
+    let warm_starts = match exp.shared_warmup {
+        true => seeds
+            .iter()
+            .map(|&seed| shared_warmup(exp.name, exp.common, seed, extra, runs_dir))
+            .collect::<Result<Vec<_>>>()?,
+        false => vec![],
     };
     // Per variant: each seed's total of the x metric.
     let mut totals: Vec<Vec<f64>> = Vec::new();
@@ -326,6 +433,8 @@ pub fn run_experiment(
         let mut t0s = Vec::new();
         let mut tail_curves: Vec<Vec<Vec<(f64, f64)>>> = vec![Vec::new(); exp.tail_metrics.len()];
         let mut x_totals = Vec::new();
+        // Per seed: pass@k for each k of the experiment's evaluation.
+        let mut seed_pass: Vec<Vec<f64>> = Vec::new();
         for (i, &seed) in seeds.iter().enumerate() {
             let mut sets: Vec<String> = exp
                 .common
@@ -336,11 +445,15 @@ pub fn run_experiment(
             if let Some(file) = data_files.get(i) {
                 sets.push(format!("sync.offline={:?}", file.display().to_string()));
             }
+            if let Some(ckpt) = warm_starts.get(i) {
+                sets.push(format!("model.source={:?}", ckpt.display().to_string()));
+            }
             sets.push(format!("seed={seed}"));
             sets.push(format!("name=\"{}-{}-s{seed}\"", exp.name, v.label));
             sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
             sets.extend(extra.iter().cloned());
             let cfg = config::load(None, &sets)?;
+            let task = pass_at_k_task(&cfg)?;
             eprintln!("[{}] {} seed {seed}", exp.name, v.label);
             let s = run(
                 cfg,
@@ -351,6 +464,9 @@ pub fn run_experiment(
             )?;
             finals.push(s.acc_final);
             t0s.push(s.acc_after_warmup);
+            if let Some(spec) = &exp.pass_at_k {
+                seed_pass.push(pass_at_k_of_run(spec, task, &s.run_dir, seed)?);
+            }
             let per_step = match exp.x_metric {
                 Some(m) => Some(load_rl_metric(&s.run_dir, m)?),
                 None => None,
@@ -384,6 +500,7 @@ pub fn run_experiment(
             });
         }
         tails.push(variant_tails);
+        pass.push(seed_pass);
     }
     for (metric, s) in exp.tail_metrics.iter().zip(&tail_series) {
         line_chart(
@@ -393,6 +510,9 @@ pub fn run_experiment(
             metric,
             s,
         )?;
+    }
+    if let Some(spec) = &exp.pass_at_k {
+        plot_pass_at_k(exp, spec, &pass, seeds.len(), out)?;
     }
     let png = out.join(format!("{}.png", exp.name));
     line_chart(
@@ -415,6 +535,7 @@ pub fn run_experiment(
             rows: &rows,
             tails: &tails,
             totals: &totals,
+            pass: &pass,
         },
     );
     let path = out.join(format!("{}.md", exp.name));
@@ -437,6 +558,8 @@ struct Results<'a> {
     tails: &'a [Vec<Vec<f64>>],
     /// Per variant: each seed's total of the x metric (empty without one).
     totals: &'a [Vec<f64>],
+    /// Per variant, per seed: pass@k for each k of the experiment's evaluation.
+    pass: &'a [Vec<Vec<f64>>],
 }
 
 /// The generated part of the page: claim, command, settings, tables and plot links.
@@ -448,6 +571,7 @@ fn page(exp: &Experiment, r: &Results<'_>) -> String {
         rows,
         tails,
         totals,
+        pass,
     } = *r;
     let mut md = String::new();
     let _ = writeln!(md, "# Experiment `{}`\n\nClaim: {}\n", exp.name, exp.claim);
@@ -504,6 +628,9 @@ fn page(exp: &Experiment, r: &Results<'_>) -> String {
         let _ = writeln!(md, "\nThe plots' x-axis is the running sum of `{m}`.");
     }
     let _ = writeln!(md, "\n![accuracy]({}.png)", exp.name);
+    if let Some(spec) = &exp.pass_at_k {
+        md.push_str(&pass_at_k_table(exp, spec, pass));
+    }
     if !exp.tail_metrics.is_empty() {
         let _ = writeln!(
             md,
@@ -527,6 +654,149 @@ fn page(exp: &Experiment, r: &Results<'_>) -> String {
         }
     }
     md
+}
+
+/// What a pass@k evaluation of the run samples: its environment's held-out episodes, or the
+/// built-in arithmetic task's held-out split.
+fn pass_at_k_task(cfg: &config::ValidatedRun) -> Result<EvalTask> {
+    match (&cfg.env, cfg.task.kind) {
+        (Some(env), _) => Ok(EvalTask::Env(env.kind)),
+        (None, TaskKind::Arithmetic) => Ok(EvalTask::Builtin),
+        (None, other) => Err(Error::config(
+            "grove experiment",
+            format!(
+                "a pass@k evaluation runs on an environment or the built-in arithmetic task, \
+                 not task.kind = {other:?}"
+            ),
+        )),
+    }
+}
+
+/// pass@k of a finished run's last checkpoint for each k of `spec` (see [`PassAtK`]).
+fn pass_at_k_of_run(spec: &PassAtK, task: EvalTask, run_dir: &Path, seed: u64) -> Result<Vec<f64>> {
+    let policy = last_checkpoint(&run_dir.join("checkpoints"))?;
+    let opts = EvalOptions {
+        task,
+        n: spec.samples,
+        ks: spec.ks.to_vec(),
+        temperature: spec.temperature,
+        out: Some(run_dir.join("pass-at-k.jsonl")),
+        batch_size: PASS_AT_K_BATCH,
+        seed,
+        ..Default::default()
+    };
+    let report = run_eval(&policy, &opts)?;
+    eprintln!(
+        "  pass@k of {}: {} ({:.0} s)",
+        policy.display(),
+        report
+            .summary
+            .pass_at_k
+            .iter()
+            .map(|(k, v)| format!("{k}: {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        report.wall_s
+    );
+    Ok(report.summary.pass_at_k.iter().map(|p| p.1).collect())
+}
+
+/// Episodes (or responses) a pass@k evaluation decodes together.
+const PASS_AT_K_BATCH: usize = 256;
+
+/// The page's pass@k table: one row per variant, mean ± sd over seeds for each k.
+fn pass_at_k_table(exp: &Experiment, spec: &PassAtK, pass: &[Vec<Vec<f64>>]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\npass@k of each run's final policy: {} samples per held-out prompt at temperature {}, \
+         the unbiased estimator per prompt, averaged over prompts; mean ± sd over seeds \
+         (each run's per-prompt counts: `<run>/pass-at-k.jsonl`).\n",
+        spec.samples, spec.temperature
+    );
+    let heads: Vec<String> = spec.ks.iter().map(|k| format!("pass@{k}")).collect();
+    let _ = writeln!(md, "| variant | {} |", heads.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(spec.ks.len()));
+    for (v, per_seed) in exp.variants.iter().zip(pass) {
+        let cells: Vec<String> = (0..spec.ks.len())
+            .map(|i| {
+                let xs: Vec<f64> = per_seed.iter().map(|p| p[i]).collect();
+                let (m, sd) = mean_sd(&xs);
+                format!("{:.1}% ± {:.1}", m * 100.0, sd * 100.0)
+            })
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", v.label, cells.join(" | "));
+    }
+    let _ = writeln!(md, "\n![pass@k]({})", pass_at_k_png(exp.name));
+    md
+}
+
+/// The pass@k plot file: `nsr-passk-pass-at-k.png`.
+fn pass_at_k_png(experiment: &str) -> String {
+    format!("{experiment}-pass-at-k.png")
+}
+
+/// pass@k against log2 k, one line per variant (the mean over seeds).
+fn plot_pass_at_k(
+    exp: &Experiment,
+    spec: &PassAtK,
+    pass: &[Vec<Vec<f64>>],
+    seeds: usize,
+    out: &Path,
+) -> Result<()> {
+    let series: Vec<Series> = exp
+        .variants
+        .iter()
+        .zip(pass)
+        .map(|(v, per_seed)| Series {
+            label: v.label.to_string(),
+            points: spec
+                .ks
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| {
+                    let xs: Vec<f64> = per_seed.iter().map(|p| p[i]).collect();
+                    ((k as f64).log2(), mean_sd(&xs).0)
+                })
+                .collect(),
+        })
+        .collect();
+    line_chart(
+        &out.join(pass_at_k_png(exp.name)),
+        &format!(
+            "{}: pass@k of the final policy (mean over {seeds} seeds)",
+            exp.name
+        ),
+        "log2 k",
+        "pass@k",
+        &series,
+    )?;
+    Ok(())
+}
+
+/// Runs the warm-up of one seed (see [`Experiment::shared_warmup`]); returns its checkpoint.
+fn shared_warmup(
+    name: &str,
+    common: &[&str],
+    seed: u64,
+    extra: &[String],
+    runs_dir: &Path,
+) -> Result<PathBuf> {
+    let mut sets: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    sets.extend(extra.iter().cloned());
+    sets.push("train.steps=0".into());
+    sets.push(format!("seed={seed}"));
+    sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
+    sets.push(format!("name=\"{name}-warmup-s{seed}\""));
+    eprintln!("[{name}] warm-up, seed {seed}");
+    let summary = run(
+        config::load(None, &sets)?,
+        &TrainOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    last_checkpoint(&summary.run_dir.join("checkpoints"))
 }
 
 /// Runs the behaviour run of one seed and samples its offline data (see [`OfflineData`]);
@@ -723,6 +993,8 @@ mod tests {
                 behaviour: &["train.steps=0"],
                 groups: 8,
             }),
+            pass_at_k: None,
+            shared_warmup: false,
         };
         let tmp = tempfile::tempdir().unwrap();
         let (runs, out) = (tmp.path().join("runs"), tmp.path().join("out"));
@@ -748,6 +1020,84 @@ mod tests {
         }
         let md = std::fs::read_to_string(page).unwrap();
         assert!(md.contains("Offline data: per seed, 8 groups"), "{md}");
+    }
+
+    /// The pass@k stage end to end, shortened: each run's final checkpoint sampled n times
+    /// per held-out countdown episode, the per-episode counts written next to the run, the
+    /// table and the plot on the page; pass@k never falls as k grows.
+    #[test]
+    fn pass_at_k_experiments_evaluate_each_runs_final_policy() {
+        const EXP: Experiment = Experiment {
+            name: "passk-test",
+            claim: "",
+            setting: "",
+            common: &[
+                "env.kind=\"countdown\"",
+                "env.countdown_numbers=3",
+                "env.countdown_max_number=9",
+                "env.countdown_max_target=30",
+                "env.countdown_prompt=\"short\"",
+                "env.max_tokens=40",
+                "env.heldout_size=6",
+                "rollout.max_new_tokens=8",
+                "rollout.prompts_per_step=4",
+                "rollout.group_size=4",
+            ],
+            variants: &[
+                Variant {
+                    label: "warm-up-only",
+                    sets: &["train.steps=0"],
+                },
+                Variant {
+                    label: "nsr",
+                    sets: &["recipe=\"nsr\""],
+                },
+            ],
+            tail_metrics: &[],
+            x_metric: None,
+            offline: None,
+            pass_at_k: Some(PassAtK {
+                samples: 4,
+                ks: &[1, 2, 4],
+                temperature: 1.0,
+            }),
+            shared_warmup: true,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let (runs, out) = (tmp.path().join("runs"), tmp.path().join("out"));
+        let extra: Vec<String> = [
+            "warmup.max_steps=10",
+            "warmup.eval_every=10",
+            "warmup.eval_size=6",
+            "train.steps=2",
+            "train.eval_every=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd").unwrap();
+        for v in ["warm-up-only", "nsr"] {
+            let file = runs.join(format!("passk-test-{v}-s0/pass-at-k.jsonl"));
+            let lines = std::fs::read_to_string(&file).unwrap();
+            assert_eq!(lines.lines().count(), 6, "{v}");
+        }
+        assert!(out.join("passk-test-pass-at-k.png").is_file());
+        let md = std::fs::read_to_string(page).unwrap();
+        assert!(
+            md.contains("| variant | pass@1 | pass@2 | pass@4 |"),
+            "{md}"
+        );
+        for v in ["warm-up-only", "nsr"] {
+            // The pass@k table comes after the accuracy table: its row is the last one.
+            let row = md.lines().rfind(|l| l.starts_with(&format!("| {v} | ")));
+            let cells: Vec<f64> = row
+                .unwrap_or_else(|| panic!("no pass@k row for {v}: {md}"))
+                .split('|')
+                .filter_map(|c| c.trim().split('%').next()?.parse().ok())
+                .collect();
+            assert_eq!(cells.len(), 3, "{v}: {cells:?}");
+            assert!(cells.windows(2).all(|w| w[0] <= w[1]), "{v}: {cells:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@ pub struct EvalArgs {
     /// An HF model folder, a .gguf file or a grove checkpoint (runs/NAME/checkpoints/step-N).
     #[arg(required = true)]
     pub model: Option<PathBuf>,
-    /// gsm8k, math500 or builtin (the arithmetic task's held-out split).
+    /// gsm8k, math500, builtin (the arithmetic task's held-out split) or an environment kind
+    /// (countdown, guess, ...: its held-out episodes, configured as in the checkpoint's run).
     #[arg(long, required = true)]
     pub task: Option<String>,
     /// Samples per question (with n > 1 the default temperature is 1.0).

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::rational::{self, Rational};
 use super::tools::{Calculator, Tool, Toolbox};
-use super::{EnvConfig, EnvKind, Environment, Message, Reset, StepResult};
+use super::{CountdownPrompt, EnvConfig, EnvKind, Environment, Message, Reset, StepResult};
 use crate::error::Result;
 
 /// The built-in environment `kind` (not `program`).
@@ -19,7 +19,14 @@ pub fn make(
     user_tools: Vec<Box<dyn Tool>>,
 ) -> Box<dyn Environment> {
     match kind {
-        EnvKind::Countdown => Box::new(Countdown::default()),
+        EnvKind::Countdown => Box::new(
+            Countdown::new(
+                cfg.countdown_numbers,
+                i128::from(cfg.countdown_max_number),
+                i128::from(cfg.countdown_max_target),
+            )
+            .with_prompt(cfg.countdown_prompt),
+        ),
         EnvKind::CalculatorArithmetic => {
             let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Calculator)];
             tools.extend(user_tools);
@@ -131,38 +138,93 @@ impl Environment for Guess {
 
 /// Countdown: make `target` from `numbers` with + − × ÷ and parentheses, each number at most
 /// once. One turn; checked by exact evaluation, so every correct expression counts.
-#[derive(Default)]
 pub struct Countdown {
     pub numbers: Vec<i128>,
     pub target: i128,
+    /// How the generator made the target from the numbers (the reference play).
+    pub solution: String,
+    /// Numbers per puzzle, the largest number of the pool, the largest target.
+    count: usize,
+    max_number: i128,
+    max_target: i128,
+    prompt: CountdownPrompt,
+}
+
+impl Default for Countdown {
+    /// The classic puzzle: 4 numbers from the whole pool, targets 10..=999.
+    fn default() -> Self {
+        Countdown::new(4, 100, 999)
+    }
 }
 
 const COUNTDOWN_POOL: [i128; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 25, 50, 75, 100];
 
+/// Precedence of an expression's outermost operator: 1 for + and −, 2 for × and ÷ or a
+/// single number.
+fn precedence(op: char) -> u8 {
+    match op {
+        '+' | '-' => 1,
+        _ => 2,
+    }
+}
+
 impl Countdown {
-    /// Draws 4 numbers and a reachable target (10..=999) made from 2 to 4 of them.
-    fn draw(seed: u64) -> (Vec<i128>, i128) {
+    pub fn new(count: usize, max_number: i128, max_target: i128) -> Self {
+        Countdown {
+            numbers: vec![],
+            target: 0,
+            solution: String::new(),
+            count,
+            max_number,
+            max_target,
+            prompt: CountdownPrompt::Full,
+        }
+    }
+
+    /// The same puzzles asked with `prompt`.
+    pub fn with_prompt(self, prompt: CountdownPrompt) -> Self {
+        Countdown { prompt, ..self }
+    }
+
+    /// Draws `count` numbers from the pool (those up to `max_number`) and a reachable target
+    /// (10..=max_target) made left to right from 2 to `count` of them; returns the numbers,
+    /// the target and the expression that makes it.
+    fn draw(&self, seed: u64) -> (Vec<i128>, i128, String) {
+        let pool: Vec<i128> = COUNTDOWN_POOL
+            .iter()
+            .copied()
+            .filter(|&n| n <= self.max_number)
+            .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         loop {
-            let numbers: Vec<i128> = (0..4)
-                .map(|_| *COUNTDOWN_POOL.choose(&mut rng).expect("non-empty pool"))
+            let numbers: Vec<i128> = (0..self.count)
+                .map(|_| *pool.choose(&mut rng).expect("non-empty pool"))
                 .collect();
             let mut order = numbers.clone();
             order.shuffle(&mut rng);
-            let k = rng.gen_range(2..=4);
+            let k = rng.gen_range(2..=self.count);
             let mut acc = Rational::integer(order[0]);
+            let mut text = order[0].to_string();
+            // The outermost operator of `text` (a lone number binds like × and ÷).
+            let mut outer = '*';
             for &n in &order[1..k] {
-                let n = Rational::integer(n);
-                acc = match rng.gen_range(0..4) {
-                    0 => acc.checked_add(n),
-                    1 => acc.checked_sub(n),
-                    2 => acc.checked_mul(n),
-                    _ => acc.checked_div(n),
+                let r = Rational::integer(n);
+                let (op, next) = match rng.gen_range(0..4) {
+                    0 => ('+', acc.checked_add(r)),
+                    1 => ('-', acc.checked_sub(r)),
+                    2 => ('*', acc.checked_mul(r)),
+                    _ => ('/', acc.checked_div(r)),
+                };
+                acc = next.unwrap_or(Rational::integer(0));
+                // Left to right: the left side needs parentheses only under a tighter operator.
+                if precedence(op) > precedence(outer) {
+                    text = format!("({text})");
                 }
-                .unwrap_or(Rational::integer(0));
+                text = format!("{text}{op}{n}");
+                outer = op;
             }
-            if acc.denom() == 1 && (10..=999).contains(&acc.numer()) {
-                return (numbers, acc.numer());
+            if acc.denom() == 1 && (10..=self.max_target).contains(&acc.numer()) {
+                return (numbers, acc.numer(), text);
             }
         }
     }
@@ -208,15 +270,19 @@ pub fn countdown_expression(message: &str) -> &str {
 
 impl Environment for Countdown {
     fn reset(&mut self, seed: u64) -> Result<Reset> {
-        (self.numbers, self.target) = Countdown::draw(seed);
+        (self.numbers, self.target, self.solution) = self.draw(seed);
         let list: Vec<String> = self.numbers.iter().map(|n| n.to_string()).collect();
-        Ok(Reset {
-            messages: vec![user(format!(
+        let text = match self.prompt {
+            CountdownPrompt::Full => format!(
                 "use the numbers {} to make {} with + - * / and parentheses, each number at \
                  most once. reply with the expression only.",
                 list.join(", "),
                 self.target
-            ))],
+            ),
+            CountdownPrompt::Short => format!("make {} from {}", self.target, list.join(" ")),
+        };
+        Ok(Reset {
+            messages: vec![user(text)],
             tools: vec![],
         })
     }
@@ -229,6 +295,11 @@ impl Environment for Countdown {
             done: true,
             info: json!({"success": verdict.is_ok(), "reason": verdict.err(), "target": self.target}),
         })
+    }
+
+    /// The expression the generator made the target with.
+    fn demonstration(&self) -> Option<Vec<String>> {
+        Some(vec![self.solution.clone()])
     }
 }
 
@@ -421,6 +492,7 @@ mod tests {
         let c = Countdown {
             numbers: vec![25, 4, 7, 3],
             target: 103,
+            ..Countdown::default()
         };
         // 25*4 + 3 = 103; (7-3)*25 + 4 - 1 is not allowed (1 is not given); 4*25+3 again.
         assert_eq!(c.check("25*4 + 3"), Ok(()));
@@ -448,13 +520,14 @@ mod tests {
         assert_eq!(countdown_expression("steps...\n25*4+3 = 103\n"), "25*4+3");
         // Drawn puzzles are reachable: the generator's own target is made from the numbers.
         for seed in 0..50 {
-            let (numbers, target) = Countdown::draw(seed);
+            let (numbers, target, _) = Countdown::default().draw(seed);
             assert_eq!(numbers.len(), 4);
             assert!((10..=999).contains(&target), "{target}");
         }
         let twice = Countdown {
             numbers: vec![4, 4, 7, 3],
             target: 12,
+            ..Countdown::default()
         };
         assert_eq!(twice.check("7 / (4 - 4)"), Err("division by zero".into()));
         assert_eq!(
@@ -476,6 +549,64 @@ mod tests {
             "{}",
             s.info
         );
+    }
+
+    /// The reference play is the generator's own expression: parenthesised where a tighter
+    /// operator follows, and it solves its puzzle (checked by the environment itself).
+    #[test]
+    fn countdown_demonstrates_the_expression_that_made_the_target() {
+        assert_eq!((precedence('+'), precedence('-')), (1, 1));
+        assert_eq!((precedence('*'), precedence('/')), (2, 2));
+        let small = Countdown::new(3, 9, 30);
+        for seed in 0..200 {
+            let mut env = Countdown::new(3, 9, 30);
+            let r = env.reset(seed).unwrap();
+            assert_eq!(env.numbers.len(), 3);
+            assert!(
+                env.numbers.iter().all(|n| (1..=9).contains(n)),
+                "{:?}",
+                env.numbers
+            );
+            assert!((10..=30).contains(&env.target), "{}", env.target);
+            assert!(r.messages[0]
+                .content
+                .contains(&format!("make {} ", env.target)));
+            let demo = env.demonstration().unwrap();
+            assert_eq!(demo.len(), 1);
+            let s = env.step(&demo[0], soon()).unwrap();
+            assert_eq!(
+                s.info["success"],
+                json!(true),
+                "seed {seed}: {} {:?}",
+                demo[0],
+                s.info
+            );
+            assert_eq!(small.draw(seed).2, demo[0]);
+        }
+        // Hand-made: 2+3 then ×4 needs parentheses, 2×3 then +4 does not.
+        let mut c = Countdown::new(3, 9, 30);
+        let mut found = (false, false);
+        for seed in 0..400 {
+            c.reset(seed).unwrap();
+            found.0 |= c.solution.starts_with('(');
+            found.1 |=
+                c.solution.contains('*') && c.solution.contains('+') && !c.solution.contains('(');
+        }
+        assert!(found.0 && found.1, "{found:?}");
+        // The short prompt asks the same puzzle in a few tokens.
+        let mut short = Countdown::new(3, 9, 30).with_prompt(CountdownPrompt::Short);
+        let r = short.reset(7).unwrap();
+        let mut full = Countdown::new(3, 9, 30);
+        full.reset(7).unwrap();
+        let list: Vec<String> = full.numbers.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            r.messages[0].content,
+            format!("make {} from {}", full.target, list.join(" "))
+        );
+        // Defaults: the classic puzzle (the whole pool, 4 numbers, the same draws as before).
+        let (numbers, target, _) = Countdown::default().draw(1);
+        assert_eq!(numbers.len(), 4);
+        assert!((10..=999).contains(&target));
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl EnvKind {
     /// Whether the environment writes reference plays ([`Environment::demonstration`]) that
     /// a supervised warm-up can imitate.
     pub fn demonstrates(self) -> bool {
-        matches!(self, EnvKind::CalculatorArithmetic)
+        matches!(self, EnvKind::CalculatorArithmetic | EnvKind::Countdown)
     }
 
     /// Whether the model is offered tools (the built-in model then also needs `{`, `}`
@@ -112,6 +112,17 @@ impl EnvKind {
     pub fn offers_tools(self) -> bool {
         matches!(self, EnvKind::CalculatorArithmetic)
     }
+}
+
+/// How `countdown` asks its puzzle (`env.countdown_prompt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CountdownPrompt {
+    /// The whole instruction: numbers, target, operators and the rules.
+    #[default]
+    Full,
+    /// `make <target> from <numbers>`.
+    Short,
 }
 
 /// The `[env]` section: an environment replaces the `[task]` of a run.
@@ -139,6 +150,15 @@ pub struct EnvConfig {
     pub guess_valid_reward: f64,
     /// `calculator-arithmetic`: digits of each operand.
     pub digits: u32,
+    /// `countdown`: numbers given per puzzle (2..=6).
+    pub countdown_numbers: usize,
+    /// `countdown`: the numbers are drawn from 1..=10, 25, 50, 75, 100 up to this one (>= 4).
+    pub countdown_max_number: i64,
+    /// `countdown`: the target is drawn from 10..=countdown_max_target (>= 10).
+    pub countdown_max_target: i64,
+    /// `countdown`: how the puzzle is asked: `full` (the whole instruction: numbers, target,
+    /// operators and rules) or `short` ("make 13 from 3 7 2", a few tokens for small models).
+    pub countdown_prompt: CountdownPrompt,
     /// `program`: the program and its arguments.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub program: Vec<String>,
@@ -172,6 +192,10 @@ impl Default for EnvConfig {
             guess_max: 16,
             guess_valid_reward: 0.0,
             digits: 9,
+            countdown_numbers: 4,
+            countdown_max_number: 100,
+            countdown_max_target: 999,
+            countdown_prompt: CountdownPrompt::Full,
             program: vec![],
             pool: 4,
             max_consecutive_failures: 5,
@@ -238,6 +262,25 @@ impl EnvConfig {
             return Err(format!(
                 "env.digits must be in 1..=18, found {}",
                 self.digits
+            ));
+        }
+        if !(2..=6).contains(&self.countdown_numbers) {
+            return Err(format!(
+                "env.countdown_numbers must be in 2..=6, found {}",
+                self.countdown_numbers
+            ));
+        }
+        if self.countdown_max_number < 4 {
+            return Err(format!(
+                "env.countdown_max_number must be >= 4 (smaller numbers cannot make a target of \
+                 10 or more reliably), found {}",
+                self.countdown_max_number
+            ));
+        }
+        if self.countdown_max_target < 10 {
+            return Err(format!(
+                "env.countdown_max_target must be >= 10 (targets are drawn from 10 up), found {}",
+                self.countdown_max_target
             ));
         }
         match (self.kind, self.program.first()) {

@@ -158,6 +158,42 @@ impl EnvRunner {
         Ok(out)
     }
 
+    /// `n` episodes of each of the first `limit` held-out starts (all when None), sampled with
+    /// `params` from `rng`, `batch` episodes rolled out together; one list per start, in
+    /// held-out order (pass@k evaluation, `grove eval --task <env kind>`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_heldout<M: CausalLm + ?Sized>(
+        &self,
+        model: &M,
+        tok: &Tokenizer,
+        params: SamplingParams,
+        (n, limit): (usize, Option<usize>),
+        batch: usize,
+        rng: &mut ChaCha8Rng,
+        mut progress: impl FnMut(&[Episode]),
+    ) -> Result<Vec<Vec<Episode>>> {
+        let mut starts = self.heldout_starts();
+        if let Some(l) = limit {
+            starts.truncate(l);
+        }
+        let jobs: Vec<Start> = starts
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.clone(), n))
+            .collect();
+        let mut eps = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(batch.max(1)) {
+            let done = self.episodes(model, tok, params.clone(), chunk, rng)?;
+            progress(&done);
+            eps.extend(done);
+        }
+        let mut per_start: Vec<Vec<Episode>> = Vec::with_capacity(starts.len());
+        let mut it = eps.into_iter();
+        for _ in &starts {
+            per_start.push(it.by_ref().take(n).collect());
+        }
+        Ok(per_start)
+    }
+
     /// Fraction of the first `n` held-out episodes (all when 0) the greedy policy solves.
     pub fn evaluate<M: CausalLm + ?Sized>(
         &self,

@@ -16,6 +16,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::env::runner::EnvRunner;
+use crate::env::{EnvConfig, EnvKind};
 use crate::error::{Error, Result};
 use crate::eval::{maj_at_n, mean_at_n, pass_at_k, summarize, EvalSummary, PromptSamples};
 use crate::model::quantized::load_for_sampling;
@@ -34,7 +36,14 @@ pub enum EvalTask {
     Math500,
     /// The built-in arithmetic task's held-out split.
     Builtin,
+    /// An environment's held-out episodes (the run's `[env]` section when the checkpoint
+    /// sits in a run directory of that kind, else the kind's defaults); a sample is an
+    /// episode, correct when solved.
+    Env(EnvKind),
 }
+
+/// The names `--task` takes besides the environment kinds.
+const TASK_NAMES: &str = "gsm8k, math500, builtin";
 
 impl std::str::FromStr for EvalTask {
     type Err = String;
@@ -43,26 +52,44 @@ impl std::str::FromStr for EvalTask {
             "gsm8k" => Ok(EvalTask::Gsm8k),
             "math500" | "math-500" => Ok(EvalTask::Math500),
             "builtin" | "arithmetic" => Ok(EvalTask::Builtin),
-            other => Err(format!(
-                "unknown task {other:?} (expected gsm8k, math500 or builtin)"
-            )),
+            other => serde_json::from_value::<EnvKind>(serde_json::json!(other))
+                .map(EvalTask::Env)
+                .map_err(|_| {
+                    format!(
+                        "unknown task {other:?} (expected {TASK_NAMES}, or an environment: {})",
+                        ENV_KINDS.join(", ")
+                    )
+                }),
         }
     }
 }
 
+/// The environment kinds by name, as `--task` takes them.
+const ENV_KINDS: [&str; 5] = [
+    "guess",
+    "countdown",
+    "calculator-arithmetic",
+    "bandit",
+    "program",
+];
+
 impl EvalTask {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            EvalTask::Gsm8k => "gsm8k",
-            EvalTask::Math500 => "math500",
-            EvalTask::Builtin => "builtin",
+            EvalTask::Gsm8k => "gsm8k".into(),
+            EvalTask::Math500 => "math500".into(),
+            EvalTask::Builtin => "builtin".into(),
+            EvalTask::Env(kind) => serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{kind:?}")),
         }
     }
     fn dataset(self) -> Option<DatasetKind> {
         match self {
             EvalTask::Gsm8k => Some(DatasetKind::Gsm8k),
             EvalTask::Math500 => Some(DatasetKind::Math500),
-            EvalTask::Builtin => None,
+            EvalTask::Builtin | EvalTask::Env(_) => None,
         }
     }
 }
@@ -237,26 +264,78 @@ impl std::fmt::Display for EvalReport {
         for (k, v) in &self.summary.pass_at_k {
             writeln!(f, "pass@{k}: {v:.4}")?;
         }
-        writeln!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n)?;
-        write!(f, "maj@{}: {:.4}", self.n, self.summary.maj_at_n)
+        match self.task {
+            // Episodes have no answer to vote on: maj@n would print 0 whatever happened.
+            EvalTask::Env(_) => write!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n),
+            _ => {
+                writeln!(f, "mean@{}: {:.4}", self.n, self.summary.mean_at_n)?;
+                write!(f, "maj@{}: {:.4}", self.n, self.summary.maj_at_n)
+            }
+        }
     }
 }
 
-/// The run's task config when `ckpt` is `<run>/checkpoints/step-N` with `<run>/config.toml`.
-fn run_task_config(ckpt: &Path) -> Result<Option<ArithmeticConfig>> {
+/// The run's config when `ckpt` is `<run>/checkpoints/step-N` with `<run>/config.toml`.
+fn run_config(ckpt: &Path) -> Result<Option<crate::config::ValidatedRun>> {
     let run_cfg = ckpt
         .parent()
         .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
         .and_then(|p| p.parent())
         .map(|run| run.join("config.toml"));
     match run_cfg {
-        Some(p) if p.is_file() => Ok(Some(
-            crate::config::load_for(Some(&p), &[], crate::config::Purpose::Inspect)?
-                .task
-                .arithmetic(),
-        )),
+        Some(p) if p.is_file() => Ok(Some(crate::config::load_for(
+            Some(&p),
+            &[],
+            crate::config::Purpose::Inspect,
+        )?)),
         _ => Ok(None),
     }
+}
+
+/// The run's task config when the checkpoint sits in a run directory.
+fn run_task_config(ckpt: &Path) -> Result<Option<ArithmeticConfig>> {
+    Ok(run_config(ckpt)?.map(|c| c.task.arithmetic()))
+}
+
+/// The environment to evaluate on and the response budget of a turn: the run's `[env]`
+/// (and `rollout.max_new_tokens`) when the checkpoint sits in a run directory of an
+/// environment of this kind, else the kind's defaults; `--max-new-tokens` wins.
+fn env_eval_config(
+    kind: EnvKind,
+    model_path: &Path,
+    opts: &EvalOptions,
+) -> Result<(EnvConfig, usize)> {
+    let (env, max_new) = match run_config(model_path)? {
+        Some(run) => match &run.env {
+            Some(e) if e.kind == kind => (e.clone(), run.rollout.max_new_tokens),
+            Some(e) => {
+                return Err(Error::Usage {
+                    option: format!("--task {}", EvalTask::Env(kind).name()),
+                    msg: format!(
+                        "{} was trained on the {} environment; evaluate it with --task {}",
+                        model_path.display(),
+                        EvalTask::Env(e.kind).name(),
+                        EvalTask::Env(e.kind).name()
+                    ),
+                })
+            }
+            None => (
+                EnvConfig {
+                    kind,
+                    ..Default::default()
+                },
+                run.rollout.max_new_tokens,
+            ),
+        },
+        None => (
+            EnvConfig {
+                kind,
+                ..Default::default()
+            },
+            crate::config::RolloutConfig::default().max_new_tokens,
+        ),
+    };
+    Ok((env, opts.max_new_tokens.unwrap_or(max_new)))
 }
 
 fn prompt_ids(tok: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>> {
@@ -405,6 +484,21 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
     let start = Instant::now();
     let template =
         ChatTemplate::from_tokenizer(tok, &model_path.display().to_string()).transpose()?;
+    if let EvalTask::Env(kind) = opts.task {
+        if opts.prompt_style.is_some() {
+            return Err(Error::Usage {
+                option: "--prompt-style".into(),
+                msg: "does not apply to environments: an episode is rendered with the model's \
+                      chat template when it has one, as in training"
+                    .into(),
+            });
+        }
+        let style = match template {
+            Some(_) => PromptStyle::Chat,
+            None => PromptStyle::Base,
+        };
+        return run_env_eval(model, tok, model_path, opts, kind, style, start);
+    }
     let style = match (opts.prompt_style, &template) {
         (Some(PromptStyle::Chat), None) => {
             return Err(Error::Usage {
@@ -517,6 +611,110 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
     })
 }
 
+/// [`run_eval_with`] on an environment: `opts.n` episodes of each held-out start, sampled
+/// as training samples them (the transcript, turn by turn); a sample's score is its return,
+/// correct when the episode is solved.
+fn run_env_eval<M: CausalLm + ?Sized>(
+    model: &M,
+    tok: &Tokenizer,
+    model_path: &Path,
+    opts: &EvalOptions,
+    kind: EnvKind,
+    style: PromptStyle,
+    start: Instant,
+) -> Result<EvalReport> {
+    let (env_cfg, max_new_tokens) = env_eval_config(kind, model_path, opts)?;
+    let params = SamplingParams {
+        temperature: opts.temperature,
+        top_p: opts.top_p,
+        max_new_tokens,
+    };
+    params.validate().map_err(|e| Error::Usage {
+        option: "eval".into(),
+        msg: e,
+    })?;
+    let runner = EnvRunner::new(&env_cfg, tok, &model_path.display().to_string())?;
+    let out = open_output(opts)?;
+    let pb = if opts.progress {
+        indicatif::ProgressBar::new((opts.limit.unwrap_or(env_cfg.heldout_size) * opts.n) as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let per_start = runner.sample_heldout(
+        model,
+        tok,
+        params,
+        (opts.n, opts.limit),
+        opts.batch_size,
+        &mut rng,
+        |done| pb.inc(done.len() as u64),
+    )?;
+    pb.finish_and_clear();
+    let mut generated = 0usize;
+    let mut items = Vec::with_capacity(per_start.len());
+    let mut per_question = Vec::with_capacity(per_start.len());
+    for (index, (eps, s)) in per_start.iter().zip(runner.heldout_starts()).enumerate() {
+        let first = eps.first();
+        let question = first
+            .and_then(|e| e.messages.first())
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        items.push(Item {
+            index,
+            question,
+            reference: s.describe(),
+            prompt: first.map(|e| e.prompt.clone()).unwrap_or_default(),
+            ids: vec![],
+        });
+        let samples = eps
+            .iter()
+            .map(|e| {
+                let model_turns: Vec<u32> = e
+                    .response_ids
+                    .iter()
+                    .zip(&e.trainable)
+                    .filter(|(_, t)| **t)
+                    .map(|(id, _)| *id)
+                    .collect();
+                generated += model_turns.len();
+                let last = e.infos.last();
+                let reason = last
+                    .and_then(|i| i.get("reason").or_else(|| i.get("error")))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(&e.stop)
+                    .to_string();
+                let response = tok.decode(&e.response_ids)?;
+                Ok((
+                    SampleRecord {
+                        response,
+                        score: if e.success { 1.0 } else { 0.0 },
+                        reason,
+                        extracted: None,
+                        finished: e.ended_by_env,
+                        tokens: model_turns.len(),
+                    },
+                    None,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        per_question.push(samples);
+    }
+    let all = summarize_questions(&items, per_question, opts, out)?;
+    Ok(EvalReport {
+        task: opts.task,
+        questions: items.len(),
+        n: opts.n,
+        prompt_style: style,
+        max_new_tokens,
+        temperature: opts.temperature,
+        top_p: opts.top_p,
+        summary: summarize(&all, &opts.ks),
+        generated_tokens: generated,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
 /// Parses `--k 1,4,16`.
 pub fn parse_ks(s: &str) -> Result<Vec<usize>> {
     s.split(',')
@@ -611,5 +809,68 @@ mod tests {
         assert_eq!(lines[2]["question"], held.heldout()[2].prompt.as_str());
         assert_eq!(lines[2]["samples"].as_array().unwrap().len(), 3);
         assert!(lines[0]["pass@k"]["3"].is_number());
+    }
+
+    /// `--task countdown`: each held-out episode sampled n times, grouped by episode in
+    /// held-out order, and the summary's pass@k is the estimator over the written per-episode
+    /// counts. A random model solves nothing, so the solved episodes are checked against the
+    /// file too.
+    #[test]
+    fn env_eval_samples_each_heldout_episode_n_times() {
+        let tok = Tokenizer::builtin_text();
+        let mut cfg = crate::model::Config::builtin_tiny(tok.vocab_size());
+        cfg.max_position_embeddings = Some(256);
+        let model = crate::model::Llama::init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env.jsonl");
+        let opts = EvalOptions {
+            task: "countdown".parse().unwrap(),
+            n: 3,
+            ks: vec![1, 3],
+            limit: Some(4),
+            temperature: 1.0,
+            max_new_tokens: Some(6),
+            out: Some(out.clone()),
+            batch_size: 5,
+            ..Default::default()
+        };
+        let r = run_eval_with(&model, &tok, dir.path(), &opts).unwrap();
+        assert_eq!((r.questions, r.n), (4, 3));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4);
+        let runner = EnvRunner::new(
+            &EnvConfig {
+                kind: EnvKind::Countdown,
+                ..Default::default()
+            },
+            &tok,
+            "test",
+        )
+        .unwrap();
+        let mut want_pass1 = 0.0;
+        for (line, start) in lines.iter().zip(runner.heldout_starts()) {
+            assert_eq!(line["reference"], start.describe().as_str());
+            assert!(line["question"]
+                .as_str()
+                .unwrap()
+                .starts_with("use the numbers"));
+            assert_eq!(line["samples"].as_array().unwrap().len(), 3);
+            let c = line["correct"].as_u64().unwrap() as usize;
+            want_pass1 += pass_at_k(3, c, 1) / 4.0;
+        }
+        assert!(crate::testing::near(r.summary.pass_at_k[0].1, want_pass1));
+        // An unknown task lists the tasks and the environments.
+        let e = "chess".parse::<EvalTask>().unwrap_err();
+        assert!(e.contains("countdown") && e.contains("gsm8k"), "{e}");
+        let style = EvalOptions {
+            prompt_style: Some(PromptStyle::Base),
+            ..opts
+        };
+        let e = run_eval_with(&model, &tok, dir.path(), &style).unwrap_err();
+        assert!(e.to_string().contains("--prompt-style"), "{e}");
     }
 }

@@ -1,5 +1,6 @@
 //! Verifiers, reward shaping and reward models: where a response's scalar reward comes from
 //! and how it is transformed before the advantage (docs/algorithms.md#reward-shaping, docs/rewards.md).
+pub mod blend;
 pub mod context;
 pub mod exact;
 pub mod external;

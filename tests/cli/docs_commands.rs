@@ -37,6 +37,8 @@ const DOCS: &[&str] = &[
     "docs/experiments/reinforce-ada.md",
     "docs/experiments/duration.md",
     "docs/experiments/eva.md",
+    "docs/experiments/nsr-passk.md",
+    "docs/environments.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -138,6 +140,12 @@ const EXCLUDED: &[(&str, &str)] = &[
          with exact resume",
     ),
     (
+        "grove experiment nsr-passk --seeds 0,1,2",
+        "15 training runs and 15 pass@k evaluations of 4,096 episodes each on countdown; \
+         src/experiment.rs runs its pass@k stage shortened \
+         (pass_at_k_experiments_evaluate_each_runs_final_policy)",
+    ),
+    (
         "grove experiment noisy-rewards --seeds 0,1,2",
         "15 training runs, about 13 minutes on an idle 2-core machine; src/experiment.rs tests \
          its variants' configs",
@@ -163,6 +171,13 @@ const SUBSTITUTE: &[(&str, &str, &str)] = &[
         "--steps 20 --eval-every 10",
     ),
     ("docs/rewards.md", "/tmp/rm2", "rm2"),
+    // The shortened countdown run's last checkpoint, and fewer samples.
+    (
+        "docs/environments.md",
+        "checkpoints/step-60",
+        "checkpoints/step-2",
+    ),
+    ("docs/environments.md", "--n 64 --k 1,8,64", "--n 4 --k 1,4"),
 ];
 
 /// Files the documents treat as the reader's own, written into the scratch folder first.
@@ -220,6 +235,7 @@ const EXPECT: &[(&str, &str, &str)] = &[
     ("README.md", "grove verify --pairs", "\"correct\":true"),
     ("docs/rewards.md", "grove rm-train --data pairs.jsonl", "held-out pairwise accuracy"),
     ("docs/verifier.md", "grove verify --pairs", "\"correct\":true"),
+    ("docs/environments.md", "grove eval runs/countdown", "countdown: 64 questions x 4 samples"),
 ];
 
 /// The `sh` blocks of a Markdown text, each as its lines.
