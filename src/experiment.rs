@@ -239,7 +239,8 @@ const DURATION: Experiment = Experiment {
 
 const CALCULATOR: Experiment = Experiment {
     name: "calculator",
-    claim: "Tool use learned by RL (issue 13): after a supervised warm-up on reference plays, GRPO \
+    claim:
+        "Tool use learned by RL (issue 13): after a supervised warm-up on reference plays, GRPO \
             raises the held-out success of `calculator-arithmetic` episodes (call the calculator \
             with the question's expression, then reply with its result) from an exact-match \
             reward alone.",
@@ -248,15 +249,30 @@ const CALCULATOR: Experiment = Experiment {
               terse question \"523 * 871=? use the calculator\", the built-in model from random \
               weights warmed up until greedy success reaches 20% on 64 held-out episodes",
     common: &[
-        "env.kind=\"calculator-arithmetic\"", "env.digits=3",
-        "env.calculator_prompt=\"{question}=? use the calculator\"", "env.max_turns=3",
-        "env.max_tokens=256", "env.heldout_size=256", "rollout.prompts_per_step=16",
-        "rollout.group_size=8", "rollout.max_new_tokens=96", "warmup.batch_size=32",
-        "warmup.lr=3e-3", "warmup.max_steps=800", "warmup.eval_every=25", "warmup.eval_size=64",
-        "warmup.target_acc=0.2", "train.steps=50", "train.eval_every=10",
-        "train.checkpoint_every=50", "train.lr=1e-3",
+        "env.kind=\"calculator-arithmetic\"",
+        "env.digits=3",
+        "env.calculator_prompt=\"{question}=? use the calculator\"",
+        "env.max_turns=3",
+        "env.max_tokens=256",
+        "env.heldout_size=256",
+        "rollout.prompts_per_step=16",
+        "rollout.group_size=8",
+        "rollout.max_new_tokens=96",
+        "warmup.batch_size=32",
+        "warmup.lr=3e-3",
+        "warmup.max_steps=800",
+        "warmup.eval_every=25",
+        "warmup.eval_size=64",
+        "warmup.target_acc=0.2",
+        "train.steps=50",
+        "train.eval_every=10",
+        "train.checkpoint_every=50",
+        "train.lr=1e-3",
     ],
-    variants: &[Variant { label: "grpo", sets: &[] }],
+    variants: &[Variant {
+        label: "grpo",
+        sets: &[],
+    }],
     tail_metrics: &["acc/train", "reward/tool_call/mean"],
     x_metric: None,
     offline: None,

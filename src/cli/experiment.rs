@@ -72,7 +72,8 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
         command.push_str(&format!(" --set {s}"));
     }
     let out = grove::experiment::output_dir(&runs_dir, &name, out.as_deref(), publish);
-    let path = grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command, reuse)?;
+    let path =
+        grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command, reuse)?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -23,7 +23,10 @@ pub fn make(
         EnvKind::CalculatorArithmetic => {
             let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Calculator)];
             tools.extend(user_tools);
-            let prompt = cfg.calculator_prompt.as_deref().unwrap_or(CALCULATOR_PROMPT);
+            let prompt = cfg
+                .calculator_prompt
+                .as_deref()
+                .unwrap_or(CALCULATOR_PROMPT);
             Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)).with_prompt(prompt))
         }
         EnvKind::Bandit => Box::new(Bandit::default()),
@@ -589,13 +592,19 @@ mod tests {
                 .next()
                 .unwrap()
                 .to_string();
-            assert_eq!(t.messages[0].content, format!("{expr}=? use the calculator"));
+            assert_eq!(
+                t.messages[0].content,
+                format!("{expr}=? use the calculator")
+            );
             assert_eq!(t.tools, w.tools);
             assert_eq!(terse.demonstration(), wordy.demonstration());
             // Still no success without a calculator call.
             let answer = terse.demonstration().unwrap()[1].clone();
             let s = terse.step(&answer, soon()).unwrap();
-            assert_eq!((s.reward, s.info["answer_right"].clone()), (0.0, json!(true)));
+            assert_eq!(
+                (s.reward, s.info["answer_right"].clone()),
+                (0.0, json!(true))
+            );
         }
     }
 

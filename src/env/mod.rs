@@ -250,7 +250,10 @@ impl EnvConfig {
         }
         if let Some(p) = &self.calculator_prompt {
             if self.kind != EnvKind::CalculatorArithmetic {
-                return Err("env.calculator_prompt applies to env.kind = \"calculator-arithmetic\" only".into());
+                return Err(
+                    "env.calculator_prompt applies to env.kind = \"calculator-arithmetic\" only"
+                        .into(),
+                );
             }
             if !p.contains(builtin::QUESTION) {
                 return Err(format!(
