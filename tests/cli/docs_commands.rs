@@ -36,6 +36,7 @@ const DOCS: &[&str] = &[
     "docs/experiments/topr-offline.md",
     "docs/experiments/reinforce-ada.md",
     "docs/experiments/duration.md",
+    "docs/experiments/calculator.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -129,6 +130,12 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment duration --seeds 0,1,2",
         "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
          tests/train/sampling.rs the weights end to end",
+    ),
+    (
+        "grove experiment calculator --seeds",
+        "3 training runs of a warm-up and 50 RL steps (not timed on an idle machine; about an \
+         hour each on the loaded shared one); src/experiment.rs tests its config and `--reuse`, \
+         src/env/builtin.rs the environment and its terse question",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
