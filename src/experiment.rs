@@ -310,7 +310,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 
 /// Runs every variant for every seed and writes `<out>/<name>.md` and `<out>/<name>.png`.
 /// `extra` are `--set` overrides applied to all runs (e.g. a shorter `train.steps`). With
-/// `reuse`, a run whose folder already exists is resumed instead ([`train_or_resume`]).
+/// `reuse`, a run whose folder already exists is resumed instead (see `train_or_resume`).
 #[allow(clippy::too_many_arguments)]
 pub fn run_experiment(
     exp: &Experiment,
