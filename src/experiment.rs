@@ -94,6 +94,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     TOPR_OFFLINE,
     EVA,
     NSR_PASSK,
+    CALCULATOR,
 ];
 
 const NSR_PASSK: Experiment = Experiment {
@@ -359,6 +360,49 @@ const DURATION: Experiment = Experiment {
     shared_warmup: false,
 };
 
+const CALCULATOR: Experiment = Experiment {
+    name: "calculator",
+    claim:
+        "Tool use learned by RL (issue 13): after a supervised warm-up on reference plays, GRPO \
+            raises the held-out success of `calculator-arithmetic` episodes (call the calculator \
+            with the question's expression, then reply with its result) from an exact-match \
+            reward alone.",
+    setting: "the built-in `calculator-arithmetic` environment (3-digit operands, + − × drawn \
+              uniformly, success = the right number after a calculator call that answered), the \
+              terse question \"523 * 871=? use the calculator\", the built-in model from random \
+              weights warmed up until greedy success reaches 20% on 64 held-out episodes",
+    common: &[
+        "env.kind=\"calculator-arithmetic\"",
+        "env.digits=3",
+        "env.calculator_prompt=\"{question}=? use the calculator\"",
+        "env.max_turns=3",
+        "env.max_tokens=256",
+        "env.heldout_size=256",
+        "rollout.prompts_per_step=16",
+        "rollout.group_size=8",
+        "rollout.max_new_tokens=96",
+        "warmup.batch_size=32",
+        "warmup.lr=3e-3",
+        "warmup.max_steps=800",
+        "warmup.eval_every=25",
+        "warmup.eval_size=64",
+        "warmup.target_acc=0.2",
+        "train.steps=50",
+        "train.eval_every=10",
+        "train.checkpoint_every=50",
+        "train.lr=1e-3",
+    ],
+    variants: &[Variant {
+        label: "grpo",
+        sets: &[],
+    }],
+    tail_metrics: &["acc/train", "reward/tool_call/mean"],
+    x_metric: None,
+    offline: None,
+    pass_at_k: None,
+    shared_warmup: false,
+};
+
 pub fn find(name: &str) -> Result<&'static Experiment> {
     EXPERIMENTS.iter().find(|e| e.name == name).ok_or_else(|| {
         let known: Vec<&str> = EXPERIMENTS.iter().map(|e| e.name).collect();
@@ -390,7 +434,9 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 }
 
 /// Runs every variant for every seed and writes `<out>/<name>.md` and `<out>/<name>.png`.
-/// `extra` are `--set` overrides applied to all runs (e.g. a shorter `train.steps`).
+/// `extra` are `--set` overrides applied to all runs (e.g. a shorter `train.steps`). With
+/// `reuse`, a run whose folder already exists is resumed instead (see `train_or_resume`).
+#[allow(clippy::too_many_arguments)]
 pub fn run_experiment(
     exp: &Experiment,
     seeds: &[u64],
@@ -398,6 +444,7 @@ pub fn run_experiment(
     runs_dir: &Path,
     out: &Path,
     command: &str,
+    reuse: bool,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rows = Vec::new();
@@ -452,16 +499,10 @@ pub fn run_experiment(
             sets.push(format!("name=\"{}-{}-s{seed}\"", exp.name, v.label));
             sets.push(format!("output_dir={:?}", runs_dir.display().to_string()));
             sets.extend(extra.iter().cloned());
-            let cfg = config::load(None, &sets)?;
-            let task = pass_at_k_task(&cfg)?;
+            let task = pass_at_k_task(&config::load(None, &sets)?)?;
             eprintln!("[{}] {} seed {seed}", exp.name, v.label);
-            let s = run(
-                cfg,
-                &TrainOptions {
-                    quiet: true,
-                    ..Default::default()
-                },
-            )?;
+            let dir = runs_dir.join(format!("{}-{}-s{seed}", exp.name, v.label));
+            let s = train_or_resume(&sets, &dir, reuse)?;
             finals.push(s.acc_final);
             t0s.push(s.acc_after_warmup);
             if let Some(spec) = &exp.pass_at_k {
@@ -545,6 +586,32 @@ pub fn run_experiment(
     };
     std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+/// Trains the run `sets` describe, whose folder is `dir`. With `reuse` and `dir` already
+/// there, resumes it as `grove train --resume` does: a finished run is read back, not trained
+/// again (so seeds run as separate processes can be gathered into one page, with the same
+/// numbers a single invocation writes: runs are deterministic), and an unfinished one goes on
+/// from its last checkpoint. Its recorded config must be the one `sets` give; the error names
+/// the keys that differ.
+fn train_or_resume(sets: &[String], dir: &Path, reuse: bool) -> Result<crate::train::Summary> {
+    let quiet = TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    if !(reuse && dir.exists()) {
+        return run(config::load(None, sets)?, &quiet);
+    }
+    let raw = config::resume::resume_config(dir, None, sets, false)?;
+    let source = dir.join("config.toml").display().to_string();
+    let cfg = config::validate(raw, &source, config::Purpose::Resume)?;
+    run(
+        cfg,
+        &TrainOptions {
+            resume: Some(dir.to_path_buf()),
+            ..quiet
+        },
+    )
 }
 
 /// What [`run_experiment`] measured, for its page.
@@ -1009,7 +1076,7 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd").unwrap();
+        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd", false).unwrap();
         let data = std::fs::read_to_string(runs.join("offline-test-data-s0.jsonl")).unwrap();
         assert_eq!(data.lines().count(), 8);
         for v in ["topr", "pos"] {
@@ -1075,7 +1142,7 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd").unwrap();
+        let page = run_experiment(&EXP, &[0], &extra, &runs, &out, "cmd", false).unwrap();
         for v in ["warm-up-only", "nsr"] {
             let file = runs.join(format!("passk-test-{v}-s0/pass-at-k.jsonl"));
             let lines = std::fs::read_to_string(&file).unwrap();
@@ -1098,6 +1165,57 @@ mod tests {
             assert_eq!(cells.len(), 3, "{v}: {cells:?}");
             assert!(cells.windows(2).all(|w| w[0] <= w[1]), "{v}: {cells:?}");
         }
+    }
+
+    /// Seeds run as separate processes, gathered with `reuse`: the finished runs are read
+    /// back (not trained again: their metrics files are untouched) into the page a single
+    /// invocation writes, and a run whose recorded config differs is refused by name.
+    #[test]
+    fn reuse_gathers_finished_runs_into_the_same_page() {
+        const EXP: Experiment = Experiment {
+            name: "reuse-test",
+            claim: "",
+            setting: "",
+            common: &["train.checkpoint_every=2"],
+            variants: &[Variant {
+                label: "grpo",
+                sets: &[],
+            }],
+            tail_metrics: &[],
+            x_metric: None,
+            offline: None,
+            pass_at_k: None,
+            shared_warmup: false,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let runs = tmp.path().join("runs");
+        let extra: Vec<String> = [
+            "warmup.max_steps=10",
+            "warmup.eval_size=16",
+            "train.steps=2",
+            "train.eval_size=16",
+            "train.eval_every=1",
+            "rollout.prompts_per_step=2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+        let page = run_experiment(&EXP, &[0], &extra, &runs, &one, "cmd", false).unwrap();
+        let metrics = runs.join("reuse-test-grpo-s0/metrics.jsonl");
+        let trained = std::fs::read_to_string(&metrics).unwrap();
+        let again = run_experiment(&EXP, &[0], &extra, &runs, &two, "cmd", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&metrics).unwrap(), trained);
+        assert_eq!(
+            std::fs::read_to_string(page).unwrap(),
+            std::fs::read_to_string(again).unwrap()
+        );
+        let mut other = extra.clone();
+        other.push("train.lr=1e-3".into());
+        let e = run_experiment(&EXP, &[0], &other, &runs, &two, "cmd", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.lr"), "{e}");
     }
 
     #[test]

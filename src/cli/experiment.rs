@@ -34,6 +34,11 @@ pub struct ExperimentArgs {
     /// hand-written "## Reading" section; run from the repository root.
     #[arg(long)]
     pub publish: bool,
+    /// Resume runs whose folder already exists under RUNS_DIR (a finished run is read back,
+    /// not trained again; its config must match): seeds run as separate processes, e.g.
+    /// `--seeds 1` in parallel, are then gathered into one page.
+    #[arg(long)]
+    pub reuse: bool,
 }
 
 pub fn run(args: ExperimentArgs) -> Result<()> {
@@ -44,6 +49,7 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
         runs_dir,
         out,
         publish,
+        reuse,
     } = args;
     let exp = grove::experiment::find(&name)?;
     let seeds: Vec<u64> = seeds
@@ -66,7 +72,8 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
         command.push_str(&format!(" --set {s}"));
     }
     let out = grove::experiment::output_dir(&runs_dir, &name, out.as_deref(), publish);
-    let path = grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command)?;
+    let path =
+        grove::experiment::run_experiment(exp, &seeds, &set, &runs_dir, &out, &command, reuse)?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -30,7 +30,11 @@ pub fn make(
         EnvKind::CalculatorArithmetic => {
             let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Calculator)];
             tools.extend(user_tools);
-            Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)))
+            let prompt = cfg
+                .calculator_prompt
+                .as_deref()
+                .unwrap_or(CALCULATOR_PROMPT);
+            Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)).with_prompt(prompt))
         }
         EnvKind::Bandit => Box::new(Bandit::default()),
         EnvKind::Guess | EnvKind::Program => {
@@ -303,11 +307,20 @@ impl Environment for Countdown {
     }
 }
 
+/// Where `env.calculator_prompt` puts the expression.
+pub const QUESTION: &str = "{question}";
+
+/// The default `calculator-arithmetic` question.
+pub const CALCULATOR_PROMPT: &str =
+    "what is {question}? call the calculator tool, then reply with the number only.";
+
 /// Arithmetic on large numbers; success needs the right number and at least one successful
 /// calculator call.
 pub struct CalculatorArithmetic {
     digits: u32,
     tools: Toolbox,
+    /// The question's wording, [`QUESTION`] standing for the expression.
+    prompt: String,
     /// The question's expression, e.g. `1234 * 5678`.
     question: String,
     answer: i128,
@@ -319,10 +332,17 @@ impl CalculatorArithmetic {
         CalculatorArithmetic {
             digits,
             tools,
+            prompt: CALCULATOR_PROMPT.into(),
             question: String::new(),
             answer: 0,
             calls_ok: 0,
         }
+    }
+
+    /// Asks with `prompt` ([`QUESTION`] replaced by the expression) instead of the default.
+    pub fn with_prompt(mut self, prompt: &str) -> Self {
+        self.prompt = prompt.into();
+        self
     }
 }
 
@@ -340,10 +360,7 @@ impl Environment for CalculatorArithmetic {
         self.question = format!("{a} {op} {b}");
         self.calls_ok = 0;
         Ok(Reset {
-            messages: vec![user(format!(
-                "what is {}? call the calculator tool, then reply with the number only.",
-                self.question
-            ))],
+            messages: vec![user(self.prompt.replace(QUESTION, &self.question))],
             tools: self.tools.schemas(),
         })
     }
@@ -677,6 +694,48 @@ mod tests {
             let mut e = make(kind, &cfg, vec![]);
             e.reset(1).unwrap();
             assert_eq!(e.demonstration().is_some(), kind.demonstrates(), "{kind:?}");
+        }
+    }
+
+    /// `env.calculator_prompt` rewords the question around the same expression; the episode
+    /// (answer, reference play, the calculator rule) is the seed's as before.
+    #[test]
+    fn calculator_prompt_rewords_the_question_only() {
+        let cfg = EnvConfig {
+            kind: EnvKind::CalculatorArithmetic,
+            digits: 3,
+            calculator_prompt: Some("{question}=? use the calculator".into()),
+            ..Default::default()
+        };
+        let mut terse = make(EnvKind::CalculatorArithmetic, &cfg, vec![]);
+        let mut wordy = make(
+            EnvKind::CalculatorArithmetic,
+            &EnvConfig {
+                calculator_prompt: None,
+                ..cfg.clone()
+            },
+            vec![],
+        );
+        for seed in 0..10 {
+            let (t, w) = (terse.reset(seed).unwrap(), wordy.reset(seed).unwrap());
+            let expr = w.messages[0].content["what is ".len()..]
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                t.messages[0].content,
+                format!("{expr}=? use the calculator")
+            );
+            assert_eq!(t.tools, w.tools);
+            assert_eq!(terse.demonstration(), wordy.demonstration());
+            // Still no success without a calculator call.
+            let answer = terse.demonstration().unwrap()[1].clone();
+            let s = terse.step(&answer, soon()).unwrap();
+            assert_eq!(
+                (s.reward, s.info["answer_right"].clone()),
+                (0.0, json!(true))
+            );
         }
     }
 

@@ -417,10 +417,9 @@ impl Rollout<'_> {
                 ),
             ));
         }
-        let width = match cfg.kind {
-            super::EnvKind::Program => cfg.pool,
-            _ => 1,
-        };
+        // Every kind steps its episodes concurrently, `env.pool` at a time; results come back
+        // in episode order, so the run does not depend on which step finished first.
+        let width = cfg.pool;
         let (mut envs, mut eps, mut held) = self.start(starts, first_id, width)?;
         let prompts: Vec<Vec<u32>> = eps.iter().map(|e| e.prompt_ids.clone()).collect();
         let mut session = Session::new(model, &prompts, self.tok.pad)?;
@@ -607,6 +606,7 @@ mod tests {
     use crate::model::{Config, Llama};
     use candle_core::Device;
     use rand::SeedableRng;
+    use std::sync::Arc;
 
     /// The real GPT-2 tokenizer with a ChatML-like template whose turns end in EOS.
     fn chat_tokenizer() -> Tokenizer {
@@ -850,6 +850,90 @@ mod tests {
             last_start < first_end,
             "steps ran one after another: {starts_at:?} {ends_at:?}"
         );
+    }
+
+    /// Steps in flight at once, counted by the steps themselves.
+    #[derive(Default)]
+    struct Overlap {
+        running: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    /// The built-in `guess` game, its steps counted in [`Overlap`]: a step waits (up to 5 s)
+    /// until `want` steps have been in flight at once, so a pool that steps concurrently
+    /// shows it whatever the machine's load, and the game's answers are unchanged.
+    struct CountedGuess {
+        game: crate::env::builtin::Guess,
+        overlap: Arc<Overlap>,
+        want: usize,
+    }
+
+    impl Environment for CountedGuess {
+        fn reset(&mut self, seed: u64) -> Result<Reset> {
+            self.game.reset(seed)
+        }
+        fn step(&mut self, message: &str, deadline: Instant) -> Result<StepResult> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.overlap.running.fetch_add(1, SeqCst) + 1;
+            self.overlap.most.fetch_max(now, SeqCst);
+            let give_up = Instant::now() + Duration::from_secs(5);
+            while self.overlap.most.load(SeqCst) < self.want && Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let r = self.game.step(message, deadline);
+            self.overlap.running.fetch_sub(1, SeqCst);
+            r
+        }
+    }
+
+    /// Built-in environments step concurrently through `env.pool` as programs do: with
+    /// pool = 4, four steps are in flight at once (with pool = 1, one), and the episodes
+    /// (tokens, log-probs, rewards, infos) are identical to pool = 1's, in episode order.
+    #[test]
+    fn every_environment_kind_steps_concurrently_and_the_pool_changes_no_result() {
+        let tok = Tokenizer::builtin_text();
+        let model = tiny_model(&tok, 96);
+        let play = |pool: usize| {
+            let cfg = EnvConfig {
+                kind: EnvKind::Guess,
+                guess_max: 4,
+                max_turns: 3,
+                max_tokens: 96,
+                pool,
+                ..Default::default()
+            };
+            let overlap = Arc::new(Overlap::default());
+            let counted = Arc::clone(&overlap);
+            let maker: crate::env::Maker = Arc::new(move |_episode| {
+                Box::new(CountedGuess {
+                    game: crate::env::builtin::Guess::new(4, 0.0),
+                    overlap: Arc::clone(&counted),
+                    want: pool,
+                }) as Box<dyn Environment>
+            });
+            let factory = Factory::with_maker(&cfg, maker).unwrap();
+            let rollout = Rollout {
+                tok: &tok,
+                transcript: &Transcript::Plain,
+                factory: &factory,
+                params: SamplingParams {
+                    temperature: 1.0,
+                    top_p: 1.0,
+                    max_new_tokens: 3,
+                },
+            };
+            let starts: Vec<Start> = (0..12).map(|i| Start::seed(i % 5)).collect();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+            let eps = rollout.run(&model, &starts, 0, &mut rng).unwrap();
+            (eps, overlap.most.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let (serial, one_at_a_time) = play(1);
+        let (pooled, at_once) = play(4);
+        assert_eq!((one_at_a_time, at_once), (1, 4));
+        assert_eq!(serial, pooled);
+        // The games were played: every episode stepped, and seeds repeat their secrets.
+        assert!(serial.iter().all(|e| !e.rewards.is_empty()));
+        assert_eq!(serial.len(), 12);
     }
 
     /// An environment whose step never looks at its deadline.

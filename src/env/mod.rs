@@ -159,10 +159,17 @@ pub struct EnvConfig {
     /// `countdown`: how the puzzle is asked: `full` (the whole instruction: numbers, target,
     /// operators and rules) or `short` ("make 13 from 3 7 2", a few tokens for small models).
     pub countdown_prompt: CountdownPrompt,
+    /// `calculator-arithmetic`: the question's wording, `{question}` standing for the
+    /// expression (`523 * 871`); unset: "what is {question}? call the calculator tool, then
+    /// reply with the number only." A terse one ("{question}=? use the calculator") puts the
+    /// operands closer to where a small model must copy them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calculator_prompt: Option<String>,
     /// `program`: the program and its arguments.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub program: Vec<String>,
-    /// `program`: processes started (episodes are spread over them).
+    /// Environment steps (and resets) run concurrently, on this many threads; `program`:
+    /// also the processes started (episodes are spread over them).
     pub pool: usize,
     /// `program`: failures in a row (crash, hang, garbage) after which the run stops.
     pub max_consecutive_failures: usize,
@@ -196,6 +203,7 @@ impl Default for EnvConfig {
             countdown_max_number: 100,
             countdown_max_target: 999,
             countdown_prompt: CountdownPrompt::Full,
+            calculator_prompt: None,
             program: vec![],
             pool: 4,
             max_consecutive_failures: 5,
@@ -282,6 +290,19 @@ impl EnvConfig {
                 "env.countdown_max_target must be >= 10 (targets are drawn from 10 up), found {}",
                 self.countdown_max_target
             ));
+        if let Some(p) = &self.calculator_prompt {
+            if self.kind != EnvKind::CalculatorArithmetic {
+                return Err(
+                    "env.calculator_prompt applies to env.kind = \"calculator-arithmetic\" only"
+                        .into(),
+                );
+            }
+            if !p.contains(builtin::QUESTION) {
+                return Err(format!(
+                    "env.calculator_prompt must contain {} (where the expression goes), found {p:?}",
+                    builtin::QUESTION
+                ));
+            }
         }
         match (self.kind, self.program.first()) {
             (EnvKind::Program, None) => {
@@ -383,7 +404,12 @@ pub struct Factory {
     /// `env.data` and `env.heldout_data` rows (empty without them).
     rows: Vec<Arc<DataRow>>,
     heldout_rows: Vec<Arc<DataRow>>,
+    /// Makes the instances instead of `kind` ([`Factory::with_maker`]).
+    maker: Option<Maker>,
 }
+
+/// Makes the environment instance of an episode, by episode number.
+pub type Maker = Arc<dyn Fn(u64) -> Box<dyn Environment> + Send + Sync>;
 
 impl Factory {
     /// Reads `env.data` / `env.heldout_data` when set; a file with no rows is an error here,
@@ -400,6 +426,17 @@ impl Factory {
             pool,
             rows: read(&cfg.data)?,
             heldout_rows: read(&cfg.heldout_data)?,
+            maker: None,
+        })
+    }
+
+    /// Episodes played by environments written in Rust outside the built-ins (tests use it
+    /// for instrumented environments): `maker` makes each instance; `cfg` still sets the
+    /// limits (`max_turns`, `max_tokens`, `pool`, ...).
+    pub fn with_maker(cfg: &EnvConfig, maker: Maker) -> Result<Self> {
+        Ok(Factory {
+            maker: Some(maker),
+            ..Factory::new(cfg)?
         })
     }
 
@@ -418,6 +455,9 @@ impl Factory {
 
     /// A fresh instance for episode number `episode` (spreads program episodes over the pool).
     pub fn make(&self, episode: u64) -> Box<dyn Environment> {
+        if let Some(maker) = &self.maker {
+            return maker(episode);
+        }
         let user_tools = || -> Vec<Box<dyn tools::Tool>> {
             self.cfg
                 .tools
@@ -466,6 +506,25 @@ mod tests {
         ] {
             assert!(e.contains(known), "{e}");
         }
+        let wording = |kind, prompt: &str| EnvConfig {
+            kind,
+            calculator_prompt: Some(prompt.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            wording(EnvKind::CalculatorArithmetic, "{question}=?").validate(),
+            Ok(())
+        );
+        assert_eq!(
+            wording(EnvKind::CalculatorArithmetic, "what is it?")
+                .validate()
+                .unwrap_err(),
+            "env.calculator_prompt must contain {question} (where the expression goes), found \"what is it?\""
+        );
+        assert!(wording(EnvKind::Guess, "{question}")
+            .validate()
+            .unwrap_err()
+            .contains("applies to env.kind = \"calculator-arithmetic\" only"));
         let p: EnvConfig =
             toml::from_str("kind = \"program\"\nprogram = [\"python3\", \"g.py\"]").unwrap();
         assert_eq!(p.external_programs(), vec!["env.program: python3 g.py"]);

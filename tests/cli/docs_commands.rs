@@ -39,6 +39,7 @@ const DOCS: &[&str] = &[
     "docs/experiments/eva.md",
     "docs/experiments/nsr-passk.md",
     "docs/environments.md",
+    "docs/experiments/calculator.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -144,6 +145,12 @@ const EXCLUDED: &[(&str, &str)] = &[
         "15 training runs and 15 pass@k evaluations of 4,096 episodes each on countdown; \
          src/experiment.rs runs its pass@k stage shortened \
          (pass_at_k_experiments_evaluate_each_runs_final_policy)",
+    ),
+    (
+        "grove experiment calculator --seeds",
+        "3 training runs of a warm-up and 50 RL steps (not timed on an idle machine; about an \
+         hour each on the loaded shared one); src/experiment.rs tests its config and `--reuse`, \
+         src/env/builtin.rs the environment and its terse question",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
