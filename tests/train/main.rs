@@ -7,6 +7,7 @@ mod common;
 mod distributed;
 mod dtype;
 mod environments;
+mod ppo;
 mod pretrained_train;
 mod remote;
 mod remote_sync;
