@@ -359,7 +359,7 @@ positive_threshold = 0.7
     Recipe {
         name: "ppo",
         description: "PPO with a critic: a separate value model from the warmed-up policy, GAE (γ = 1, \
-                      λ = 0.95) advantages whitened over the batch, clipped value loss (0.5), PPO clip",
+                      λ = 0.95) advantages whitened over the batch, clipped value loss (0.5), critic lr 10× the policy's, PPO clip",
         source: "Schulman et al. 2017 (PPO), 2016 (GAE); Ouyang et al. 2022; verl's PPO defaults",
         toml: r#"[advantage]
 estimator = "gae"
@@ -373,6 +373,7 @@ agg = "token-mean"
 [sampling]
 filter_zero_std = false
 [critic]
+lr = 1e-3
 cliprange_value = 0.5
 privileged = "none"
 "#,

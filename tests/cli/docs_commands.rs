@@ -36,6 +36,8 @@ const DOCS: &[&str] = &[
     "docs/experiments/topr-offline.md",
     "docs/experiments/reinforce-ada.md",
     "docs/experiments/duration.md",
+    "docs/experiments/ppo.md",
+    "docs/algorithms.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -129,6 +131,12 @@ const EXCLUDED: &[(&str, &str)] = &[
         "grove experiment duration --seeds 0,1,2",
         "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
          tests/train/sampling.rs the weights end to end",
+    ),
+    (
+        "grove experiment ppo --seeds 0,1,2",
+        "9 training runs, 6 of them training a critic beside the policy; src/experiment.rs tests \
+         its variants' configs, tests/train/ppo.rs the method end to end with exact resume, and \
+         docs/algorithms.md's ppo recipe command runs here shortened",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",
