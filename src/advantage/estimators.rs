@@ -15,8 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::config::{finite, non_negative, positive, AdvantageConfig, BnpoConfig};
-use super::pipeline::AdvantageState;
 use super::gae::GaeParams;
+use super::pipeline::AdvantageState;
 use super::{bnpo, noisy, AdvantageError, StdKind};
 
 /// What an estimator reads of a group.

@@ -101,7 +101,9 @@ pub fn gae_masked(
     lambda: f64,
 ) -> (Vec<f64>, Vec<f64>) {
     let n = rewards.len();
-    let idx: Vec<usize> = (0..n).filter(|&t| mask.get(t).is_some_and(|&m| m > 0.0)).collect();
+    let idx: Vec<usize> = (0..n)
+        .filter(|&t| mask.get(t).is_some_and(|&m| m > 0.0))
+        .collect();
     // A reward on a masked token (none by construction of `token_rewards` when the last token
     // is trainable) is credited to the action before it.
     let mut r = vec![0.0; idx.len()];
@@ -218,7 +220,10 @@ mod tests {
         let td = [0.1 + g * -0.4 - 0.3, 0.2 + g * 0.9 + 0.4, 1.0 - 0.9];
         assert!(all_near(&a, &td), "{a:?} vs {td:?}");
         // The return of λ = 0 is the one-step target r_t + γV_{t+1}.
-        assert!(all_near(&ret, &[0.1 + g * -0.4, 0.2 + g * 0.9, 1.0]), "{ret:?}");
+        assert!(
+            all_near(&ret, &[0.1 + g * -0.4, 0.2 + g * 0.9, 1.0]),
+            "{ret:?}"
+        );
     }
 
     #[test]

@@ -73,9 +73,11 @@ pub fn validate(cfg: &RunConfig) -> Result<(), String> {
     let gae = cfg.advantage.estimator == Estimator::Gae;
     let Some(c) = &cfg.critic else {
         if gae {
-            return Err("advantage.estimator = \"gae\" needs a [critic] section: the value \
+            return Err(
+                "advantage.estimator = \"gae\" needs a [critic] section: the value \
                         model whose V(s_t) GAE reads (add [critic], or use recipe = \"ppo\")"
-                .into());
+                    .into(),
+            );
         }
         return Ok(());
     };
@@ -113,26 +115,44 @@ pub fn validate(cfg: &RunConfig) -> Result<(), String> {
             "[critic] (PPO with GAE) supports sync.mode = \"on-policy\" with the trainer's own \
              rollouts only; found sync.mode = {:?}{}{}{}",
             serde_json::to_value(sy.mode).unwrap_or_default(),
-            if sy.buffer.is_some() { ", sync.buffer" } else { "" },
-            if sy.offline.is_some() { ", sync.offline" } else { "" },
-            if cfg.remote.is_some() { ", [remote]" } else { "" },
+            if sy.buffer.is_some() {
+                ", sync.buffer"
+            } else {
+                ""
+            },
+            if sy.offline.is_some() {
+                ", sync.offline"
+            } else {
+                ""
+            },
+            if cfg.remote.is_some() {
+                ", [remote]"
+            } else {
+                ""
+            },
         ));
     }
     if cfg.model.lora.is_some() {
-        return Err("[critic] with [model.lora] is not supported: the critic is a full copy \
+        return Err(
+            "[critic] with [model.lora] is not supported: the critic is a full copy \
                     of the policy's weights; train the policy without LoRA"
-            .into());
+                .into(),
+        );
     }
     if cfg.sampling.inject_ground_truth {
-        return Err("[critic] with sampling.inject_ground_truth is not supported: an injected \
+        return Err(
+            "[critic] with sampling.inject_ground_truth is not supported: an injected \
                     reference solution is off-policy, and GAE's returns assume the policy \
                     sampled every token"
-            .into());
+                .into(),
+        );
     }
     if c.privileged == Privileged::Answer && cfg.env.is_some() {
-        return Err("critic.privileged = \"answer\" reads the task's reference answer; an \
+        return Err(
+            "critic.privileged = \"answer\" reads the task's reference answer; an \
                     [env] run has none (use \"none\")"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }
@@ -160,7 +180,10 @@ mod tests {
         let mut grpo = ppo();
         grpo.advantage.estimator = Estimator::Grpo;
         let e = validate(&grpo).unwrap_err();
-        assert!(e.contains("[critic] is read only") && e.contains("grpo"), "{e}");
+        assert!(
+            e.contains("[critic] is read only") && e.contains("grpo"),
+            "{e}"
+        );
         assert_eq!(validate(&RunConfig::default()), Ok(()));
     }
 

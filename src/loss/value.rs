@@ -91,7 +91,11 @@ pub fn value_loss(
     Ok(ValueLoss {
         loss,
         grad,
-        clipfrac: if counted > 0.0 { clipped / counted } else { 0.0 },
+        clipfrac: if counted > 0.0 {
+            clipped / counted
+        } else {
+            0.0
+        },
     })
 }
 
@@ -160,13 +164,27 @@ mod tests {
         )
         .unwrap();
         assert!(near(out.loss, 0.5) && out.grad[0][1] == 0.0);
-        let e = value_loss(&[vec![1.0]], &[vec![1.0]], &[vec![1.0]], &[vec![1.0]], 0.0,
-            Aggregation::TokenMean, None)
+        let e = value_loss(
+            &[vec![1.0]],
+            &[vec![1.0]],
+            &[vec![1.0]],
+            &[vec![1.0]],
+            0.0,
+            Aggregation::TokenMean,
+            None,
+        )
         .unwrap_err()
         .to_string();
         assert!(e.contains("critic.cliprange_value"), "{e}");
-        let e = value_loss(&[vec![1.0]], &[vec![1.0]], &[vec![]], &[vec![1.0]], 0.5,
-            Aggregation::TokenMean, None)
+        let e = value_loss(
+            &[vec![1.0]],
+            &[vec![1.0]],
+            &[vec![]],
+            &[vec![1.0]],
+            0.5,
+            Aggregation::TokenMean,
+            None,
+        )
         .unwrap_err()
         .to_string();
         assert!(e.contains("returns"), "{e}");

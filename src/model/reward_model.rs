@@ -22,8 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
-use crate::model::io::{load_safetensors, save_safetensors};
 use crate::model::batch::SeqBatch;
+use crate::model::io::{load_safetensors, save_safetensors};
 use crate::model::{attention_mask, Config, Llama, Tokenizer};
 
 /// Checkpoint key of the scoring head (HF `LlamaForSequenceClassification`).

@@ -82,8 +82,12 @@ impl Critic {
         }
         let dev = self.model.body.device().clone();
         let tensors = load_safetensors(&p, &dev)?;
-        self.model =
-            RewardModel::from_tensors(&self.model.body.cfg, tensors, &dev, &p.display().to_string())?;
+        self.model = RewardModel::from_tensors(
+            &self.model.body.cfg,
+            tensors,
+            &dev,
+            &p.display().to_string(),
+        )?;
         let hp = self.opt.hp.clone();
         self.opt = AdamW::new(&self.model.params(), hp);
         let op = ckpt.join(CRITIC_OPTIMIZER_FILE);
@@ -134,7 +138,12 @@ impl Critic {
         Ok(rows)
     }
 
-    fn batch(&self, prompts: &[Vec<u32>], exps: &[Experience], pad: u32) -> Result<batch::SeqBatch> {
+    fn batch(
+        &self,
+        prompts: &[Vec<u32>],
+        exps: &[Experience],
+        pad: u32,
+    ) -> Result<batch::SeqBatch> {
         let responses: Vec<Vec<u32>> = exps.iter().map(|e| e.response_ids.clone()).collect();
         batch::build(prompts, &responses, pad, self.model.body.device())
     }
@@ -238,8 +247,7 @@ impl Critic {
                 Some(acc) => self.opt.add_grads(acc, &g)?,
             });
         }
-        let grads =
-            grads.ok_or_else(|| Error::Internal("a critic step without samples".into()))?;
+        let grads = grads.ok_or_else(|| Error::Internal("a critic step without samples".into()))?;
         let gnorm = self.opt.grad_norm(&grads)?;
         let scale = if critic.grad_clip > 0.0 && gnorm > critic.grad_clip {
             critic.grad_clip / gnorm
@@ -255,8 +263,14 @@ impl Critic {
         m.insert("critic/vf_clipfrac".into(), out.clipfrac);
         m.insert("critic/grad_norm".into(), gnorm);
         m.insert("critic/lr".into(), lr);
-        m.insert("critic/values_mean".into(), masked_mean(&est.values, &est.masks));
-        m.insert("critic/returns_mean".into(), masked_mean(&est.returns, &est.masks));
+        m.insert(
+            "critic/values_mean".into(),
+            masked_mean(&est.values, &est.masks),
+        );
+        m.insert(
+            "critic/returns_mean".into(),
+            masked_mean(&est.returns, &est.masks),
+        );
         m.insert(
             "critic/explained_variance".into(),
             gae::explained_variance(&est.values, &est.returns, &est.masks),
@@ -311,7 +325,8 @@ pub fn token_kl(
             (0..e.response_ids.len())
                 .map(|t| {
                     if e.is_trainable(t) {
-                        crate::loss::kl_per_token(cfg.loss.kl_estimator, behaviour[i][t], rr[i][t]).0
+                        crate::loss::kl_per_token(cfg.loss.kl_estimator, behaviour[i][t], rr[i][t])
+                            .0
                     } else {
                         0.0
                     }
@@ -380,7 +395,8 @@ mod tests {
             let dir = tmp.path().join(format!("run{k}"));
             std::fs::create_dir_all(&dir).unwrap();
             let mut learner = Learner::new(m, opt, &dir, 0).unwrap();
-            learner.critic = Some(Critic::from_policy(&model, &CriticConfig::default(), 0).unwrap());
+            learner.critic =
+                Some(Critic::from_policy(&model, &CriticConfig::default(), 0).unwrap());
             metrics.push(learner.learn(&env, &groups, 1, 0.0, 0).unwrap());
         }
         let (a, b) = (&metrics[0], &metrics[1]);
@@ -401,13 +417,22 @@ mod tests {
         learner.critic = Some(Critic::from_policy(&model, &CriticConfig::default(), 0).unwrap());
         // Copies: the optimizer updates the weights in place.
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let before: Vec<(String, Vec<f32>)> = learner.critic.as_ref().unwrap().model.named_tensors()
+        let before: Vec<(String, Vec<f32>)> = learner
+            .critic
+            .as_ref()
+            .unwrap()
+            .model
+            .named_tensors()
             .iter()
             .map(|(k, t)| (k.clone(), flat(t)))
             .collect();
         learner.learn(&env1, &groups, 1, 0.0, 0).unwrap();
         for (name, t) in model.named_tensors() {
-            assert_eq!(flat(&t), flat(&learner.model.named_tensors()[&name]), "{name}");
+            assert_eq!(
+                flat(&t),
+                flat(&learner.model.named_tensors()[&name]),
+                "{name}"
+            );
         }
         let after = learner.critic.as_ref().unwrap().model.named_tensors();
         assert!(before.iter().any(|(k, t)| t != &flat(&after[k])));
@@ -422,15 +447,18 @@ mod tests {
     #[test]
     fn a_critic_step_fits_the_returns_and_round_trips_through_a_checkpoint() {
         let cfg = ppo_config(Privileged::None);
-        let run = crate::config::validate(cfg.clone(), "test", crate::config::Purpose::Inspect)
-            .unwrap();
+        let run =
+            crate::config::validate(cfg.clone(), "test", crate::config::Purpose::Inspect).unwrap();
         let env = Env::new(run).unwrap();
         let model = env.initial_policy(&Device::Cpu).unwrap();
         let mut st = ExploreState::new(&cfg, 0).unwrap();
         let groups = collect(&env, &model, 0, &mut st).unwrap();
         let exps: Vec<Experience> = groups.iter().flat_map(|g| g.experiences.clone()).collect();
         let rewards: Vec<f64> = (0..exps.len()).map(|i| (i % 2) as f64).collect();
-        let masks: Vec<Vec<f64>> = exps.iter().map(|e| vec![1.0; e.response_ids.len()]).collect();
+        let masks: Vec<Vec<f64>> = exps
+            .iter()
+            .map(|e| vec![1.0; e.response_ids.len()])
+            .collect();
         let mut c = env.cfg.config().clone();
         c.critic.as_mut().unwrap().lr = 1e-3;
         let mut critic = Critic::from_policy(&model, c.critic.as_ref().unwrap(), 0).unwrap();
@@ -454,7 +482,14 @@ mod tests {
             back.values(&p, &exps, env.tok.pad, 0).unwrap()
         );
         assert_eq!(back.opt.t, 3);
-        let e = back.restore(&tmp.path().join("nowhere"), 0).err().unwrap().to_string();
-        assert!(e.contains("critic.safetensors") && e.contains("holds none"), "{e}");
+        let e = back
+            .restore(&tmp.path().join("nowhere"), 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("critic.safetensors") && e.contains("holds none"),
+            "{e}"
+        );
     }
 }

@@ -152,7 +152,14 @@ impl Learner {
         let out = loss::compute(&cfg.loss, &seqs)?;
         // 5. Backward, clip, update (the policy stays frozen during the critic's warm-up).
         let frozen = cfg.critic.as_ref().is_some_and(|c| step <= c.warmup_steps);
-        let upd = self.update(cfg, &lp, &out.grad_logp, out.metrics.policy_loss, step, frozen);
+        let upd = self.update(
+            cfg,
+            &lp,
+            &out.grad_logp,
+            out.metrics.policy_loss,
+            step,
+            frozen,
+        );
         self.model.set_dropout_step(None);
         let upd = upd?;
         // 5b. The critic's step on the clipped value loss.

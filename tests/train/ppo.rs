@@ -28,14 +28,24 @@ fn ppo_with_an_asymmetric_critic_resumes_exactly() {
     assert!(lines[1]["critic/value_loss"].as_f64().unwrap() > 0.0);
     let root = tmp.path();
     for run in ["a", "b"] {
-        let dir = std::fs::read_dir(root.join(run)).unwrap().next().unwrap().unwrap().path();
+        let dir = std::fs::read_dir(root.join(run))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let ckpt = dir.join("checkpoints/step-5");
         for f in ["critic.safetensors", "critic_optimizer.safetensors"] {
             assert!(ckpt.join(f).exists(), "{f} missing in {}", ckpt.display());
         }
     }
     let critic = |run: &str| {
-        let dir = std::fs::read_dir(root.join(run)).unwrap().next().unwrap().unwrap().path();
+        let dir = std::fs::read_dir(root.join(run))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         std::fs::read(dir.join("checkpoints/step-5/critic.safetensors")).unwrap()
     };
     assert!(critic("a") == critic("b"), "final critic weights differ");
