@@ -8,7 +8,7 @@
 //! ℓ_t    = ½·max((V − R)², (V_clip − R)²)
 //! ```
 //!
-//! aggregated over the batch like the policy loss (`loss.agg`, [`super::aggregate`]), as verl
+//! aggregated over the batch like the policy loss (`loss.agg`, [`super::aggregate::token_weights`]), as verl
 //! does. The gradient is ∂ℓ/∂V = V − R where the unclipped term is the larger one or V is
 //! inside the clip range, and 0 where the clipped term wins outside it (the clipped value does
 //! not move with V there). `vf_clipfrac` is the masked fraction of tokens where the clipped

@@ -223,8 +223,8 @@ impl RewardModel {
     }
 
     /// The critic's values (b, r) with gradient: V(s_t) = w · h at the position that predicts
-    /// response token t (column P − 1 + t of a [`batch::build`] batch), i.e. the state of the
-    /// context and the response before token t.
+    /// response token t (column P − 1 + t of a [`crate::model::batch::build`] batch), i.e. the
+    /// state of the context and the response before token t.
     pub fn token_values(&self, batch: &SeqBatch) -> Result<Tensor> {
         let hidden = self
             .body
