@@ -88,10 +88,10 @@ pub fn validate(cfg: &RunConfig) -> Result<(), String> {
             cfg.advantage.estimator.name()
         ));
     }
-    if !(c.lr > 0.0) {
+    if c.lr.is_nan() || c.lr <= 0.0 {
         return Err(format!("critic.lr must be positive, found {}", c.lr));
     }
-    if !(c.cliprange_value > 0.0) {
+    if c.cliprange_value.is_nan() || c.cliprange_value <= 0.0 {
         return Err(format!(
             "critic.cliprange_value must be positive, found {}",
             c.cliprange_value

@@ -88,7 +88,7 @@ impl Critic {
             &dev,
             &p.display().to_string(),
         )?;
-        let hp = self.opt.hp.clone();
+        let hp = self.opt.hp;
         self.opt = AdamW::new(&self.model.params(), hp);
         let op = ckpt.join(CRITIC_OPTIMIZER_FILE);
         let st = load_safetensors(&op, &Device::Cpu)?;
