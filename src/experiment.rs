@@ -95,6 +95,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     EVA,
     NSR_PASSK,
     CALCULATOR,
+    PPO,
 ];
 
 const NSR_PASSK: Experiment = Experiment {
@@ -286,6 +287,29 @@ const TOPR_OFFLINE: Experiment = Experiment {
     offline: Some(OfflineData { behaviour: &["train.steps=0"], groups: 9600 }),
     pass_at_k: None,
     shared_warmup: false,
+};
+
+const PPO: Experiment = Experiment {
+    name: "ppo",
+    claim: "PPO with a critic (a separate value model, GAE with γ = 1, λ = 0.95, verl's defaults) trains \
+            the quickstart policy about as well as GRPO; an asymmetric critic that also reads the \
+            reference answer (privileged input the policy never sees, as in asymmetric actor-critic \
+            and TacSL) predicts the returns better (higher explained variance) and so gives the \
+            policy a better baseline.",
+    setting: "the quickstart task, G = 8 samples per prompt for every variant (PPO does not use the \
+              groups: its baseline is the critic's value of every token)",
+    common: &[],
+    variants: &[
+        Variant { label: "grpo", sets: &["recipe=\"grpo\""] },
+        Variant { label: "ppo", sets: &["recipe=\"ppo\""] },
+        Variant {
+            label: "ppo-asymmetric",
+            sets: &["recipe=\"ppo\"", "critic.privileged=\"answer\""],
+        },
+    ],
+    tail_metrics: &["critic/explained_variance", "critic/value_loss", "acc/train"],
+    x_metric: None,
+    offline: None,
 };
 
 const REINFORCE_ADA: Experiment = Experiment {

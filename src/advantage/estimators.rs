@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::config::{finite, non_negative, positive, AdvantageConfig, BnpoConfig};
+use super::gae::GaeParams;
 use super::pipeline::AdvantageState;
 use super::{bnpo, noisy, AdvantageError, StdKind};
 
@@ -179,6 +180,8 @@ pub struct EstimatorParams {
     pub bnpo: BnpoConfig,
     /// Parameters of `w-reinforce` (NSR paper, W-REINFORCE).
     pub w_reinforce: WReinforceParams,
+    /// Parameters of `gae` (PPO with a critic).
+    pub gae: GaeParams,
 }
 
 /// One estimator's parameter table: its range checks, the error naming `table.key`.
@@ -301,6 +304,17 @@ estimators! {
     /// the reward with `loss.kl_in_reward` (docs/algorithms.md#reinforce).
     ReinforcePp => "reinforce++", reads Reads::Rewards, group_relative false,
         |cfg, batch, _state| Ok(reinforce_pp(&batch_rewards(batch), cfg.std, cfg.eps));
+    /// Generalized advantage estimation from a critic's per-token values (PPO, Schulman et al.
+    /// 2016/2017; `[advantage.gae]`, `[critic]`). It needs V(s_t) at every token, which only the
+    /// trainer has: it computes it through [`super::gae`], and group rewards alone (`grove
+    /// advantage`) are refused.
+    Gae => "gae", reads Reads::Rewards, group_relative false, params gae,
+        |_cfg, _batch, _state| Err(AdvantageError::InvalidConfig {
+            field: "estimator".into(),
+            message: "`gae` reads the critic's value of every token, which group rewards \
+                      alone do not give; train with `[critic]` (recipe = \"ppo\"), where the \
+                      trainer computes it per token".into(),
+        });
 }
 
 impl Estimator {

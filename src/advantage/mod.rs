@@ -29,6 +29,7 @@ pub mod bnpo;
 pub mod calculator;
 pub mod config;
 pub mod estimators;
+pub mod gae;
 pub mod noisy;
 pub mod pipeline;
 

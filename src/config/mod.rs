@@ -5,6 +5,7 @@
 //!
 //! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
 //! the file's own values, then `--set section.key=value` overrides.
+pub mod critic;
 pub mod pipeline_rules;
 mod plan;
 pub mod recipes;
@@ -48,6 +49,9 @@ pub struct RunConfig {
     pub reward: RewardConfig,
     pub advantage: AdvantageConfig,
     pub loss: LossConfig,
+    /// PPO's value model (`[critic]`, docs/algorithms.md#ppo-with-a-critic-gae): required by
+    /// and only read by `advantage.estimator = "gae"`.
+    pub critic: Option<critic::CriticConfig>,
     pub train: TrainConfig,
     pub sync: SyncConfig,
     /// `grove explore` samples through this OpenAI-compatible completions server instead of
@@ -76,6 +80,7 @@ impl Default for RunConfig {
             reward: RewardConfig::default(),
             advantage: AdvantageConfig::default(),
             loss: LossConfig::default(),
+            critic: None,
             train: TrainConfig::default(),
             sync: SyncConfig::default(),
             remote: None,
@@ -735,6 +740,7 @@ impl RunConfig {
         }
         pipeline_rules::validate_for_train(self).map_err(|m| Error::config(source, m))?;
         self.validate_env().map_err(|m| Error::config(source, m))?;
+        critic::validate(self).map_err(|m| Error::config(source, m))?;
         self.validate_sampling()
             .map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {

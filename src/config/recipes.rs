@@ -377,6 +377,28 @@ children = 4
 "#,
     },
     Recipe {
+        name: "ppo",
+        description: "PPO with a critic: a separate value model from the warmed-up policy, GAE (γ = 1, \
+                      λ = 0.95) advantages whitened over the batch, clipped value loss (0.5), critic lr 10× the policy's, PPO clip",
+        source: "Schulman et al. 2017 (PPO), 2016 (GAE); Ouyang et al. 2022; verl's PPO defaults",
+        toml: r#"[advantage]
+estimator = "gae"
+[advantage.gae]
+gamma = 1.0
+lambda = 0.95
+whiten = true
+[loss]
+loss = "ppo-clip"
+agg = "token-mean"
+[sampling]
+filter_zero_std = false
+[critic]
+lr = 1e-3
+cliprange_value = 0.5
+privileged = "none"
+"#,
+    },
+    Recipe {
         name: "gsm8k-smollm2",
         description: "a few GRPO steps of SmolLM2-135M-Instruct (GGUF, chat template) on GSM8K, on the CPU; \
                       get the model first (README, \"GSM8K with a real model\")",

@@ -31,6 +31,8 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../advantage/estimators.rs"),
     ),
     ("src/loss/config.rs", include_str!("../loss/config.rs")),
+    ("src/config/critic.rs", include_str!("critic.rs")),
+    ("src/advantage/gae.rs", include_str!("../advantage/gae.rs")),
     (
         "src/reward/pipeline/config.rs",
         include_str!("../reward/pipeline/config.rs"),

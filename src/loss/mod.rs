@@ -25,6 +25,7 @@ pub mod compute;
 pub mod config;
 pub mod kl;
 pub mod policy;
+pub mod value;
 
 pub use aggregate::{aggregate, token_weights};
 pub use calculator::run_calculator;

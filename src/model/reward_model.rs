@@ -4,6 +4,10 @@
 //! token of the sequence and w the (1 × hidden) head. The token sequence is
 //! `[BOS] prompt response [EOS if the response finished]`, see [`rm_tokens`].
 //!
+//! The same model is PPO's critic ([`RewardModel::token_values`]): the head applied to the
+//! hidden state of every response position instead of the last one (verl's and OpenRLHF's
+//! critic is such a token-classification head with one label on the policy's trunk).
+//!
 //! Checkpoints follow HF `LlamaForSequenceClassification`: the body's `model.*` tensors plus
 //! `score.weight` of shape (1, hidden), no `lm_head`, and a `config.json` with
 //! `architectures = ["LlamaForSequenceClassification"]`, `num_labels = 1`. The body keeps an
@@ -18,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
+use crate::model::batch::SeqBatch;
 use crate::model::io::{load_safetensors, save_safetensors};
 use crate::model::{attention_mask, Config, Llama, Tokenizer};
 
@@ -217,6 +222,19 @@ impl RewardModel {
         Ok((scores, hidden))
     }
 
+    /// The critic's values (b, r) with gradient: V(s_t) = w · h at the position that predicts
+    /// response token t (column P − 1 + t of a [`crate::model::batch::build`] batch), i.e. the
+    /// state of the context and the response before token t.
+    pub fn token_values(&self, batch: &SeqBatch) -> Result<Tensor> {
+        let hidden = self
+            .body
+            .forward_hidden(&batch.ids, &batch.pos, &batch.mask, None)?;
+        let h = hidden.narrow(1, batch.prompt_len - 1, batch.resp_len)?;
+        let (b, r, hs) = h.dims3()?;
+        let flat = h.contiguous()?.reshape((b * r, hs))?;
+        Ok(flat.matmul(&self.head.as_tensor().t()?)?.reshape((b, r))?)
+    }
+
     /// Scores of token sequences, no gradient kept.
     pub fn score_tokens(&self, seqs: &[Vec<u32>], pad: u32, padding: Padding) -> Result<Vec<f64>> {
         let b = score_batch(
@@ -341,6 +359,31 @@ mod tests {
                 continue;
             }
             assert!(grads.get(v.as_tensor()).is_some(), "no gradient for {name}");
+        }
+    }
+
+    #[test]
+    fn token_values_are_the_head_on_each_state_before_a_response_token() {
+        let m = tiny();
+        // Prompts of different lengths (left padding) and responses of different lengths.
+        let prompts = vec![vec![1u32, 5, 6], vec![1, 9]];
+        let responses = vec![vec![7u32, 8, 2], vec![4, 2]];
+        let b = crate::model::batch::build(&prompts, &responses, 0, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = m.token_values(&b).unwrap().to_vec2().unwrap();
+        assert_eq!((v.len(), v[0].len()), (2, 3));
+        // V(s_t) equals the score of the sequence prompt + response[..t] alone: its last
+        // token's hidden state is the state before response token t.
+        for (i, (p, r)) in prompts.iter().zip(&responses).enumerate() {
+            for t in 0..r.len() {
+                let mut seq = p.clone();
+                seq.extend_from_slice(&r[..t]);
+                let alone = m.score_tokens(&[seq], 0, Padding::Right).unwrap()[0];
+                assert!(
+                    (alone - v[i][t] as f64).abs() < 1e-4 * alone.abs().max(1.0),
+                    "row {i} token {t}: {alone} vs {}",
+                    v[i][t]
+                );
+            }
         }
     }
 

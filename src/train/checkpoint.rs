@@ -48,6 +48,10 @@ pub struct TrainState {
     /// `episode`). A checkpoint written before this field existed restarts the numbering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_episodes: Option<u64>,
+    /// `[critic]` runs: the critic's optimizer updates (its weights and moments are
+    /// `critic.safetensors` and `critic_optimizer.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critic_optimizer_t: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +68,8 @@ pub struct Extras<'a> {
     /// The run's validated plan, saved as the checkpoint's plan.json: what the weights were
     /// trained under travels with them.
     pub plan: Option<&'a crate::config::Plan>,
+    /// PPO's critic (`[critic]` runs).
+    pub critic: Option<&'a crate::train::critic::Critic>,
 }
 
 /// The checkpoint file of the policy's trainable weights: the whole model, or a LoRA run's
@@ -118,6 +124,9 @@ pub fn save(
     }
     if let Some(plan) = extras.plan {
         write("plan.json", &serde_json::to_string_pretty(plan)?)?;
+    }
+    if let Some(c) = extras.critic {
+        c.save(&tmp)?;
     }
     if let Some(b) = extras.behaviour {
         save_safetensors(&b.named_tensors(), &tmp.join("behaviour.safetensors"))?;
@@ -317,6 +326,7 @@ mod tests {
             reward_pipeline: None,
             skipped_steps: 2,
             env_episodes: None,
+            critic_optimizer_t: None,
         };
         let dir = save(tmp.path(), &model, &opt, &tok, &state, &extras).unwrap();
         // The skip counter travels with the checkpoint; a state.json written before it

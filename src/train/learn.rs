@@ -27,6 +27,8 @@ pub struct Learner {
     pub model: Llama,
     /// Frozen reference policy for KL terms (None when no KL is used).
     pub reference: Option<Llama>,
+    /// PPO's value model (`[critic]`, `advantage.estimator = "gae"`).
+    pub critic: Option<crate::train::critic::Critic>,
     pub opt: AdamW,
     /// Policy version: the number of updates taken.
     pub version: u64,
@@ -82,6 +84,7 @@ impl Learner {
             samples: JsonlWriter::open_append(&run_dir.join("samples.jsonl"))?,
             model,
             reference: None,
+            critic: None,
             opt,
             version: 0,
             learn_rng: crate::train::explore::rng_stream(seed, crate::train::explore::STREAM_LEARN),
@@ -136,20 +139,47 @@ impl Learner {
         self.model.set_dropout_step(Some(step as u64));
         let lp = self.logprobs(env, &b)?;
         let behaviour = b.behaviour(&lp.rows);
-        let kl_penalty_mean = b.kl_in_reward(cfg, &behaviour, lp.ref_rows.as_deref());
-        // 3. Which samples count (RED-Drop, zero-variance filter), then advantages per group.
-        let sel = self.select_and_advantage(cfg, &b)?;
+        // With a critic the KL penalty enters GAE's token rewards instead (below).
+        let mut kl_penalty_mean = match self.critic {
+            None => b.kl_in_reward(cfg, &behaviour, lp.ref_rows.as_deref()),
+            Some(_) => 0.0,
+        };
+        // 3. Which samples count (RED-Drop, zero-variance filter), then advantages per group,
+        // or per token from the critic's values (GAE).
+        let mut sel = self.select_and_advantage(cfg, &b)?;
+        let estimate = match &self.critic {
+            Some(c) => {
+                let (est, kl_mean) = b.gae_estimate(env, c, &behaviour, &lp, &mut sel)?;
+                kl_penalty_mean = kl_mean;
+                Some(est)
+            }
+            None => None,
+        };
         // 4. Loss and its gradient w.r.t. each response token's log-prob.
         let seqs = b.seq_inputs(cfg, &lp, &behaviour, &sel);
         let out = loss::compute(&cfg.loss, &seqs)?;
-        // 5. Backward, clip, update.
-        let upd = self.update(cfg, &lp, &out.grad_logp, out.metrics.policy_loss, step);
+        // 5. Backward, clip, update (the policy stays frozen during the critic's warm-up).
+        let frozen = cfg.critic.as_ref().is_some_and(|c| step <= c.warmup_steps);
+        let upd = self.update(
+            cfg,
+            &lp,
+            &out.grad_logp,
+            out.metrics.policy_loss,
+            step,
+            frozen,
+        );
         self.model.set_dropout_step(None);
         let upd = upd?;
+        // 5b. The critic's step on the clipped value loss.
+        let critic_metrics = match (self.critic.as_mut(), &estimate) {
+            (Some(c), Some(est)) => Some(c.update(cfg, env.tok.pad, &b.exps, est, step)?),
+            _ => None,
+        };
         let train_s = t_train.elapsed().as_secs_f64();
         // 6. Metrics (names: docs/metrics.md) and samples.
         let mut m = b.reward_metrics(kl_penalty_mean);
         self.learner_metrics(cfg, &b, &sel, &out.metrics, &upd, &mut m);
+        m.extend(critic_metrics.into_iter().flatten());
         if let Some(r) = self.refill.take() {
             m.insert("sampling/refill_rounds".into(), r.rounds as f64);
             m.insert("sampling/refill_prompts".into(), r.prompts as f64);
@@ -300,6 +330,16 @@ impl Learner {
         let live: Vec<usize> = (0..b.ranges.len())
             .filter(|&p| !members[p].is_empty())
             .collect();
+        if cfg.advantage.estimator == advantage::Estimator::Gae {
+            // Per token, from the critic's values: `StepBatch::gae_estimate`.
+            return Ok(Selection {
+                keep,
+                zero_std_groups,
+                adv: vec![0.0; n],
+                token_adv: None,
+                filtered: 0,
+            });
+        }
         let adv_groups: Vec<Group> = live
             .iter()
             .map(|&p| {
@@ -338,6 +378,7 @@ impl Learner {
             keep,
             zero_std_groups,
             adv,
+            token_adv: None,
             filtered: adv_out.filtered,
         })
     }
@@ -352,6 +393,7 @@ impl Learner {
         grad_logp: &[Vec<f64>],
         policy_loss: f64,
         step: usize,
+        frozen: bool,
     ) -> Result<Update> {
         let dev = self.model.device().clone();
         let valid_total: usize = lp
@@ -405,7 +447,9 @@ impl Learner {
         let lr = cfg.train.lr * (step as f64 / cfg.train.lr_warmup_steps.max(1) as f64).min(1.0);
         // A non-finite loss or gradient would poison every weight: skip the update and count
         // it (the version still advances so sync schedules keyed on it stay in step).
-        if update_is_finite(policy_loss, gnorm) {
+        if frozen {
+            // The critic's warm-up: the policy waits for a useful baseline.
+        } else if update_is_finite(policy_loss, gnorm) {
             self.opt.step(&grads, lr, scale)?;
         } else {
             self.skipped_steps += 1;
@@ -660,6 +704,41 @@ impl StepBatch {
         kl_penalty_mean
     }
 
+    /// GAE from the critic's values: per-token advantages into `sel` (their per-sample means
+    /// into `sel.adv`), and the estimate the critic's update needs. Returns it with the mean
+    /// KL penalty β·Σ_t kl_t per response when the KL enters the reward.
+    fn gae_estimate(
+        &self,
+        env: &Env,
+        critic: &crate::train::critic::Critic,
+        behaviour: &[Vec<f64>],
+        lp: &LogProbs,
+        sel: &mut Selection,
+    ) -> Result<(crate::train::critic::Estimate, f64)> {
+        let cfg = &env.cfg;
+        let kl = if cfg.loss.kl_in_reward && cfg.loss.kl_coef > 0.0 {
+            crate::train::critic::token_kl(cfg, behaviour, lp.ref_rows.as_deref(), &self.exps)
+        } else {
+            vec![vec![]; self.n()]
+        };
+        let kl_mean = kl
+            .iter()
+            .map(|r| cfg.loss.kl_coef * r.iter().sum::<f64>())
+            .sum::<f64>()
+            / self.n().max(1) as f64;
+        let masks: Vec<Vec<f64>> = (0..self.n())
+            .map(|i| self.trainable_mask(i, if sel.keep[i] { 1.0 } else { 0.0 }))
+            .collect();
+        let est = critic.estimate(cfg, &env.tok, &self.exps, &self.rewards, &kl, masks)?;
+        for (i, (a, m)) in est.advantages.iter().zip(&est.masks).enumerate() {
+            let count: f64 = m.iter().sum();
+            let sum: f64 = a.iter().zip(m).map(|(x, w)| x * w).sum();
+            sel.adv[i] = if count > 0.0 { sum / count } else { 0.0 };
+        }
+        sel.token_adv = Some(est.advantages.clone());
+        Ok((est, kl_mean))
+    }
+
     /// The loss's per-sequence inputs.
     fn seq_inputs(
         &self,
@@ -678,7 +757,10 @@ impl StepBatch {
                     logp_old: behaviour[i].clone(),
                     logp_ref: lp.ref_rows.as_ref().map(|rr| rr[i][..len].to_vec()),
                     mask: self.trainable_mask(i, if sel.keep[i] { 1.0 } else { 0.0 }),
-                    adv: vec![sel.adv[i]; len],
+                    adv: match &sel.token_adv {
+                        Some(t) => t[i].clone(),
+                        None => vec![sel.adv[i]; len],
+                    },
                     kl_weight: if cfg.loss.dads {
                         loss::dads_weight(sel.adv[i] > 0.0, n_correct, r.len())
                     } else {
@@ -736,7 +818,10 @@ struct LogProbs {
 struct Selection {
     keep: Vec<bool>,
     zero_std_groups: usize,
+    /// One advantage per sample (with GAE: the mean over its trainable tokens, for metrics).
     adv: Vec<f64>,
+    /// GAE's advantage of every token (None: `adv` broadcast to the tokens).
+    token_adv: Option<Vec<Vec<f64>>>,
     filtered: usize,
 }
 

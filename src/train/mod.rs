@@ -7,6 +7,7 @@
 //! ahead), async (an explorer thread and a bounded buffer), a shared buffer filled by
 //! `grove explore` processes, or an offline JSONL file.
 pub mod checkpoint;
+pub mod critic;
 pub mod explore;
 pub mod explorer;
 pub mod learn;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::checkpoint::{self, TrainState};
+use super::critic::Critic;
 use super::explore::{Env, ExploreState};
 use super::learn::Learner;
 use super::source::{self, BatchSource, Restored};
@@ -115,15 +116,23 @@ fn train_in(
         report::sinks::Reporter::start(&cfg.report, &run_dir, &config_toml, params, opts.quiet)?;
     let pb = report::progress_bar(cfg.warmup.max_steps as u64, opts.quiet);
     let start = match resumed {
-        Some((start, st, reference)) => {
+        Some((start, st, reference, critic)) => {
             learner.reference = reference;
             learner.version = st.version;
             learner.learn_rng = st.learn_rng;
             learner.adv_state = st.adv_state;
             learner.skipped_steps = st.skipped_steps;
+            learner.critic = critic;
             start
         }
-        None => fresh_start(env, &mut learner, &pb)?,
+        None => {
+            let start = fresh_start(env, &mut learner, &pb)?;
+            if let Some(cc) = &cfg.critic {
+                // The critic starts from the warmed-up policy (verl, OpenRLHF).
+                learner.critic = Some(Critic::from_policy(&learner.model, cc, cfg.seed)?);
+            }
+            start
+        }
     };
     // Reward-pipeline hook ([reward.pipeline], reward_hook.rs): its frozen reference policy is
     // the warm-up result (checkpoint step-0 on resume).
@@ -288,14 +297,14 @@ fn uses_reference(cfg: &RunConfig) -> bool {
 
 /// Resume: load and check everything from the checkpoint before touching any file of the run,
 /// so a corrupt checkpoint leaves the directory exactly as it was.
-/// Returns where the loop starts, the checkpoint's state and the reference policy.
+/// Returns where the loop starts, the checkpoint's state, the reference policy and the critic.
 fn restore(
     env: &Env,
     model: &Llama,
     opt: &mut AdamW,
     run_dir: &Path,
     c: &Path,
-) -> Result<(Start, TrainState, Option<Llama>)> {
+) -> Result<(Start, TrainState, Option<Llama>, Option<Critic>)> {
     let st = checkpoint::read_state(c)?;
     checkpoint::restore(c, model, opt, &st)?;
     let dev = model.device().clone();
@@ -315,6 +324,15 @@ fn restore(
         Some(load(c.join("behaviour.safetensors"))?)
     } else {
         None
+    };
+    let critic = match &env.cfg.critic {
+        Some(cc) => {
+            // Built on the restored policy for its shape; every weight is then replaced.
+            let mut critic = Critic::from_policy(model, cc, env.cfg.seed)?;
+            critic.restore(c, st.critic_optimizer_t.unwrap_or(0))?;
+            Some(critic)
+        }
+        None => None,
     };
     let pending_path = c.join("pending.jsonl");
     let pending = if pending_path.exists() {
@@ -338,7 +356,7 @@ fn restore(
         lagged: st.lagged.clone().zip(behaviour),
         pending,
     };
-    Ok((start, st, reference))
+    Ok((start, st, reference, critic))
 }
 
 /// Fresh start (or a resume before the first checkpoint): warm up, and evaluate the
@@ -394,6 +412,7 @@ impl RunState<'_> {
     ) -> Result<PathBuf> {
         let (lagged, mut extras) = source.checkpoint();
         extras.plan = Some(&self.plan);
+        extras.critic = learner.critic.as_ref();
         let st = TrainState {
             step,
             optimizer_t: learner.opt.t,
@@ -407,6 +426,7 @@ impl RunState<'_> {
             reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
             skipped_steps: learner.skipped_steps,
             env_episodes: self.env.environment.as_ref().map(|r| r.episodes_numbered()),
+            critic_optimizer_t: learner.critic.as_ref().map(|c| c.opt.t),
         };
         checkpoint::save(
             self.run_dir,

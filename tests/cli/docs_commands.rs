@@ -40,6 +40,8 @@ const DOCS: &[&str] = &[
     "docs/experiments/nsr-passk.md",
     "docs/environments.md",
     "docs/experiments/calculator.md",
+    "docs/experiments/ppo.md",
+    "docs/algorithms.md",
     "docs/configuration.md",
     "docs/tasks.md",
     "docs/lora.md",
@@ -151,6 +153,12 @@ const EXCLUDED: &[(&str, &str)] = &[
         "3 training runs of a warm-up and 50 RL steps (not timed on an idle machine; about an \
          hour each on the loaded shared one); src/experiment.rs tests its config and `--reuse`, \
          src/env/builtin.rs the environment and its terse question",
+    ),
+    (
+        "grove experiment ppo --seeds 0,1,2",
+        "9 training runs, 6 of them training a critic beside the policy; src/experiment.rs tests \
+         its variants' configs, tests/train/ppo.rs the method end to end with exact resume, and \
+         docs/algorithms.md's ppo recipe command runs here shortened",
     ),
     (
         "grove experiment noisy-rewards --seeds 0,1,2",

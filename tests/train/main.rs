@@ -8,6 +8,7 @@ mod distributed;
 mod dtype;
 mod environments;
 mod killed_server;
+mod ppo;
 mod pretrained_train;
 mod remote;
 mod remote_sync;

@@ -71,6 +71,7 @@ impl BatchSource for Lagged {
                 behaviour: Some(&self.behaviour),
                 pending: self.pending.iter().flatten().cloned().collect(),
                 plan: None,
+                critic: None,
             },
         )
     }
