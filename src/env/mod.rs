@@ -290,6 +290,7 @@ impl EnvConfig {
                 "env.countdown_max_target must be >= 10 (targets are drawn from 10 up), found {}",
                 self.countdown_max_target
             ));
+        }
         if let Some(p) = &self.calculator_prompt {
             if self.kind != EnvKind::CalculatorArithmetic {
                 return Err(
