@@ -451,7 +451,10 @@ fn max_staleness_forces_a_push_between_interval_pushes() {
     let rl: Vec<&Value> = samples.iter().filter(|v| v["phase"] == "rl").collect();
     assert_eq!(rl.len(), steps * 4);
     // The learner's version at step s is v0 + (s - s0): one update per step.
-    let (v0, s0) = (rl[0]["policy_version"].as_u64().unwrap(), rl[0]["step"].as_u64().unwrap());
+    let (v0, s0) = (
+        rl[0]["policy_version"].as_u64().unwrap(),
+        rl[0]["step"].as_u64().unwrap(),
+    );
     let mut lags = vec![];
     for s in &rl {
         let learner = v0 + s["step"].as_u64().unwrap() - s0;
@@ -460,7 +463,10 @@ fn max_staleness_forces_a_push_between_interval_pushes() {
         lags.push(learner - served);
     }
     assert!(lags.iter().all(|&l| l <= 1), "staleness above 1: {lags:?}");
-    assert!(lags.contains(&1), "no sample was one version behind: {lags:?}");
+    assert!(
+        lags.contains(&1),
+        "no sample was one version behind: {lags:?}"
+    );
     // The pushes: about one every second update (the bound forces them), fewer than the
     // 1 + steps that pushing after every update makes.
     let loads = get(&format!("{base}/metrics"))["loads"].as_u64().unwrap();
