@@ -17,7 +17,7 @@
 //! exact, with no second derivative. (GRPO's std division would make A non-linear in φ; the
 //! training step itself may use any estimator, the blend gradient does not.)
 
-/// The blended reward of each sample: r_φ,i = Σ_k weights[k] · components[k][i].
+/// The blended reward of each sample: r_φ,i = Σ_k `weights[k] · components[k][i]`.
 /// Every component has one value per sample (the shortest decides).
 pub fn blended_rewards(weights: &[f64], components: &[Vec<f64>]) -> Vec<f64> {
     let n = components.iter().map(Vec::len).min().unwrap_or(0);
