@@ -234,6 +234,33 @@ pub struct EvalReport {
     pub wall_s: f64,
 }
 
+impl EvalReport {
+    /// The report of `opts`' evaluation of `questions` questions, sampled in `style` with at
+    /// most `max_new_tokens` each, from their samples `all`; `start` is when it began.
+    fn new(
+        opts: &EvalOptions,
+        questions: usize,
+        style: PromptStyle,
+        max_new_tokens: usize,
+        all: &[PromptSamples],
+        generated_tokens: usize,
+        start: Instant,
+    ) -> Self {
+        EvalReport {
+            task: opts.task,
+            questions,
+            n: opts.n,
+            prompt_style: style,
+            max_new_tokens,
+            temperature: opts.temperature,
+            top_p: opts.top_p,
+            summary: summarize(all, &opts.ks),
+            generated_tokens,
+            wall_s: start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let style = match self.prompt_style {
@@ -597,18 +624,16 @@ pub fn run_eval_with<M: CausalLm + ?Sized>(
     pb.finish_and_clear();
 
     let all = summarize_questions(&items, per_question, opts, out)?;
-    Ok(EvalReport {
-        task: opts.task,
-        questions: items.len(),
-        n: opts.n,
-        prompt_style: style,
+    let questions = items.len();
+    Ok(EvalReport::new(
+        opts,
+        questions,
+        style,
         max_new_tokens,
-        temperature: opts.temperature,
-        top_p: opts.top_p,
-        summary: summarize(&all, &opts.ks),
-        generated_tokens: generated,
-        wall_s: start.elapsed().as_secs_f64(),
-    })
+        &all,
+        generated,
+        start,
+    ))
 }
 
 /// [`run_eval_with`] on an environment: `opts.n` episodes of each held-out start, sampled
@@ -701,18 +726,16 @@ fn run_env_eval<M: CausalLm + ?Sized>(
         per_question.push(samples);
     }
     let all = summarize_questions(&items, per_question, opts, out)?;
-    Ok(EvalReport {
-        task: opts.task,
-        questions: items.len(),
-        n: opts.n,
-        prompt_style: style,
+    let questions = items.len();
+    Ok(EvalReport::new(
+        opts,
+        questions,
+        style,
         max_new_tokens,
-        temperature: opts.temperature,
-        top_p: opts.top_p,
-        summary: summarize(&all, &opts.ks),
-        generated_tokens: generated,
-        wall_s: start.elapsed().as_secs_f64(),
-    })
+        &all,
+        generated,
+        start,
+    ))
 }
 
 /// Parses `--k 1,4,16`.
