@@ -8,7 +8,8 @@
 # 40 minutes on a 2-core machine, and it needs ~10 GB free.
 #
 #   bash bench/bf16.sh
-#   PARTS="gemm grove" bash bench/bf16.sh   some parts only (default: gemm anchor grove trl quickstart)
+#   PARTS="gemm grove" bash bench/bf16.sh   some parts only (default: gemm anchor grove trl quickstart
+#                                           large15 trl15; the last two: LoRA at Qwen2.5-1.5B's shapes)
 #   REPORT_ONLY=1 bash bench/bf16.sh        the tables from the results already in $OUT
 #
 # The PEFT + TRL rows run bench/trl_figures.py with $TRL_PYTHON (a Python with torch,
@@ -28,13 +29,13 @@ QWEN=(--model qwen2.5-0.5b --train-batch 2 --train-seq 128 --sample-batch 8 --re
 # 3.. timed (STEPS=3 times the third alone: TRL's steps take minutes on a loaded 2-core machine).
 STEPS=${STEPS:-4}
 WORK=(--prompts 2 --group 4 --new-tokens 16 --steps "$STEPS")
-PARTS=${PARTS:-gemm anchor grove trl quickstart}
+PARTS=${PARTS:-gemm anchor grove trl quickstart large15 trl15}
 VARIANTS=("f32:--dtype f32" "bf16:--dtype bf16" "lora-bf16:--dtype bf16 --lora-rank 16"
   "lora-q4:--dtype bf16 --lora-rank 16 --q4-base")
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if [ -z "${REPORT_ONLY:-}" ]; then
-  has gemm || has anchor || has grove || has quickstart && CARGO_INCREMENTAL=1 cargo build --release --quiet
+  has gemm || has anchor || has grove || has quickstart || has large15 && CARGO_INCREMENTAL=1 cargo build --release --quiet
   gunzip -c ../shared/data/tokenizers/qwen2/tokenizer.json.gz > "$TOK"
   cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16|amx_tile)$' | xargs || true)
@@ -59,6 +60,22 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     if has trl; then
       "${TRL_PYTHON:-python3}" bench/trl_figures.py --variant "$name" --tokenizer "$TOK" "${WORK[@]}" \
         > "$OUT/trl_$name.json" 2> "$OUT/trl_$name.log" || true
+    fi
+  done
+  # Qwen2.5-1.5B's shapes: the LoRA rows only. Full-parameter training needs 16 bytes per
+  # parameter before activations (f32 weights, gradients, two AdamW moments): 1.54 B × 16 B
+  # = 24.7 GB, more than this 24 GB machine has, for grove and TRL alike.
+  for name in lora-bf16 lora-q4; do
+    v=$(printf '%s\n' "${VARIANTS[@]}" | grep "^$name:")
+    if has large15; then
+      # shellcheck disable=SC2086
+      "$G" bench --rl-step --model qwen2.5-1.5b --tokenizer "$TOK" "${WORK[@]}" ${v#*:} \
+        > "$OUT/rl15_$name.json" 2> "$OUT/rl15_$name.log" || true
+    fi
+    # bitsandbytes' CPU 4-bit kernels are not reachable here (see notes.txt): LoRA on bf16 only.
+    if has trl15 && [ "$name" = lora-bf16 ]; then
+      "${TRL_PYTHON:-python3}" bench/trl_figures.py --variant "$name" --shape qwen2.5-1.5b --tokenizer "$TOK" \
+        "${WORK[@]}" > "$OUT/trl15_$name.json" 2> "$OUT/trl15_$name.log" || true
     fi
   done
   if has quickstart; then
@@ -150,6 +167,22 @@ for name, label in labels:
     ts = f"{t['step_s']:.1f} | {t['peak_rss_gb']:.2f}" if t else f"{missing} | "
     sp = f"{t['step_s'] / g['step_s']:.2f}×" if g and t else ""
     print(f"| {label} | {gs} | {ts} | {sp} |")
+big = [(label, load(out / f"rl15_{name}.json"), load(out / f"trl15_{name}.json"))
+       for name, label in labels if name.startswith("lora")]
+if any(g for _, g, _ in big):
+    print()
+    print("The same work at Qwen2.5-1.5B's shapes (hidden 1536, 28 layers, 12 / 2 heads, FFN 8960; "
+          "`grove bench --rl-step --model qwen2.5-1.5b`, `bench/trl_figures.py --shape qwen2.5-1.5b`). "
+          "Full-parameter rows are not run: f32 weights, gradients and two AdamW moments alone take "
+          "1.54 B × 16 bytes = 24.7 GB, more than this machine's memory, in grove and TRL alike:")
+    print()
+    print("| configuration, 1.5B shapes | grove s/step | grove generate / train (s) | grove peak GB | TRL s/step | TRL peak GB | grove speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for label, g, t in big:
+        gs = f"{g['step_s']:.1f} | {g['generate_s']:.1f} / {g['train_s']:.1f} | {g['peak_rss_gb']:.2f}" if g else "not measured | | "
+        ts = f"{t['step_s']:.1f} | {t['peak_rss_gb']:.2f}" if t else "not measured (below) | "
+        sp = f"{t['step_s'] / g['step_s']:.2f}×" if g and t else ""
+        print(f"| {label} | {gs} | {ts} | {sp} |")
 notes = out / "notes.txt"
 if notes.exists():
     print()

@@ -5,7 +5,7 @@
 # temperature 1, lr 1e-5, beta 0, loss dapo, AdamW, gradient clipping at 1 — TRL's defaults
 # otherwise (gradient checkpointing on), 2 threads, on the CPU.
 #
-#   python bench/trl_figures.py --variant f32|bf16|lora-bf16|lora-q4 --tokenizer TOKENIZER.json
+#   python bench/trl_figures.py --variant f32|bf16|lora-bf16|lora-q4 --tokenizer TOKENIZER.json [--shape qwen2.5-1.5b]
 #
 # bf16 is TRL's `bf16=True` (autocast, f32 master weights); lora-* add a PEFT LoRA adapter of
 # rank --lora-rank on every projection; lora-q4 loads the base 4-bit through bitsandbytes
@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ap = argparse.ArgumentParser()
 ap.add_argument("--variant", required=True, choices=["f32", "bf16", "lora-bf16", "lora-q4"])
 ap.add_argument("--tokenizer", required=True)
+ap.add_argument("--shape", default="qwen2.5-0.5b", choices=["qwen2.5-0.5b", "qwen2.5-1.5b"])
 ap.add_argument("--steps", type=int, default=4)
 ap.add_argument("--prompts", type=int, default=2)
 ap.add_argument("--group", type=int, default=4)
@@ -62,8 +63,10 @@ tok.eos_token = tok.bos_token = tok.unk_token = tok.pad_token = "<|endoftext|>"
 EOS = tok.eos_token_id
 torch.manual_seed(0)
 random.seed(0)
-cfg = Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
+# hidden, layers, heads, FFN: the shapes of `grove bench --model <shape>` (src/bench.rs).
+hidden, layers, heads, ffn = {"qwen2.5-0.5b": (896, 24, 14, 4864), "qwen2.5-1.5b": (1536, 28, 12, 8960)}[args.shape]
+cfg = Qwen2Config(vocab_size=151936, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=2, intermediate_size=ffn, tie_word_embeddings=True,
                   max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                   bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS, torch_dtype="float32")
 model = Qwen2ForCausalLM(cfg).float()
@@ -127,7 +130,7 @@ trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad
 reset_peak_rss()
 trainer.train()
 timed = timer.steps[2:] or timer.steps
-print(json.dumps(dict(variant=args.variant, step_s=statistics.median(timed), steps=timer.steps,
+print(json.dumps(dict(variant=args.variant, shape=args.shape, step_s=statistics.median(timed), steps=timer.steps,
                       steps_timed=len(timed), peak_rss_gb=peak_rss_gb(), trainable_params=trainable,
                       threads=torch.get_num_threads(), prompts=args.prompts, group=args.group,
                       new_tokens=args.new_tokens, versions=versions, python=sys.version.split()[0])))

@@ -278,11 +278,11 @@ pub fn run(cfg: &Config, opts: &BenchOptions) -> Result<BenchResult> {
 
 /// Named model shapes of the performance targets (docs/performance.md): random weights, HF
 /// config semantics.
-pub const PRESETS: &[&str] = &["anchor", "spike", "qwen2.5-0.5b"];
+pub const PRESETS: &[&str] = &["anchor", "spike", "qwen2.5-0.5b", "qwen2.5-1.5b"];
 
 /// `anchor`: the TRL GRPO anchor (Qwen2, hidden 256, 4 layers, 4/2 heads, FFN 704, tied,
 /// GPT-2 vocabulary 50257); `spike`: the same body over an 8192 vocabulary (the training-step
-/// target); `qwen2.5-0.5b`: Qwen2.5-0.5B's shapes.
+/// target); `qwen2.5-0.5b`, `qwen2.5-1.5b`: those models' shapes.
 pub fn preset(name: &str) -> Option<Config> {
     let qwen2 = |vocab, hidden, layers, heads, kv, ffn, max_pos| Config {
         model_type: Some("qwen2".into()),
@@ -309,6 +309,7 @@ pub fn preset(name: &str) -> Option<Config> {
         "anchor" => Some(qwen2(50257, 256, 4, 4, 2, 704, 512)),
         "spike" => Some(qwen2(8192, 256, 4, 4, 2, 704, 512)),
         "qwen2.5-0.5b" => Some(qwen2(151936, 896, 24, 14, 2, 4864, 32768)),
+        "qwen2.5-1.5b" => Some(qwen2(151936, 1536, 28, 12, 2, 8960, 32768)),
         _ => None,
     }
 }

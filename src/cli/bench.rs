@@ -8,7 +8,7 @@ use clap::Args;
 pub struct BenchArgs {
     /// An HF config.json, model folder or GGUF file giving the shape (weights are random),
     /// "builtin" for the quickstart policy, or a preset of docs/performance.md: anchor,
-    /// spike, qwen2.5-0.5b.
+    /// spike, qwen2.5-0.5b, qwen2.5-1.5b.
     #[arg(long, default_value = "builtin")]
     pub model: String,
     /// Time full GRPO steps of the TRL anchor work instead (needs --tokenizer).

@@ -41,6 +41,10 @@ pub struct Plan {
 pub struct MemoryEstimate {
     /// f32 weights, gradients and AdamW's two moments: 16 bytes per parameter.
     pub training_state: f64,
+    /// PPO's critic (`[critic]`): a second network of the policy's size with its own
+    /// gradients and AdamW moments, 16 bytes per parameter; 0 without a critic.
+    #[serde(default)]
+    pub critic_state: f64,
     /// Keys and values of every sequence of a step while it is sampled:
     /// samples × tokens × layers × 2 × kv width × 4 bytes.
     pub kv_cache: f64,
@@ -52,7 +56,7 @@ pub struct MemoryEstimate {
 impl MemoryEstimate {
     /// Sampling and learning take turns, so the larger of the two adds to the state.
     pub fn total(&self) -> f64 {
-        self.training_state + self.kv_cache.max(self.activations)
+        self.training_state + self.critic_state + self.kv_cache.max(self.activations)
     }
 
     fn new(cfg: &RunConfig, model: &crate::model::Config, params: usize, tokens: f64) -> Self {
@@ -65,6 +69,11 @@ impl MemoryEstimate {
         let kv_width = (model.num_kv_heads() * model.head_dim()) as f64;
         MemoryEstimate {
             training_state: 16.0 * params as f64,
+            critic_state: if cfg.critic.is_some() {
+                16.0 * params as f64
+            } else {
+                0.0
+            },
             kv_cache: samples * tokens * layers * 2.0 * kv_width * 4.0,
             activations: per_pass * tokens * (model.hidden_size as f64) * layers * 4.0,
         }
@@ -160,14 +169,19 @@ impl Plan {
             "plan",
             format!(
                 "the run needs at least {} of memory but {} is available: training state {} \
-                 ({} params × 16 bytes), then the larger of the KV cache while sampling {} \
+                 ({} params × 16 bytes{}), then the larger of the KV cache while sampling {} \
                  ({} samples/step) and the learner's activations {}; lower \
                  rollout.prompts_per_step × rollout.group_size or rollout.max_new_tokens, or set \
                  train.micro_batch",
                 gb(m.total()),
                 gb(available as f64),
-                gb(m.training_state),
+                gb(m.training_state + m.critic_state),
                 self.model_params,
+                if m.critic_state > 0.0 {
+                    ", twice: the policy and the critic"
+                } else {
+                    ""
+                },
                 gb(m.kv_cache),
                 self.samples_per_step,
                 gb(m.activations),
@@ -245,6 +259,7 @@ mod tests {
             plan.memory,
             MemoryEstimate {
                 training_state: 1600.0,
+                critic_state: 0.0,
                 kv_cache: 3840.0,
                 activations: 3840.0,
             }
@@ -261,6 +276,14 @@ mod tests {
             e.contains("needs at least") && e.contains("6 samples/step"),
             "{e}"
         );
+        // PPO's critic: a second 100-parameter network with its optimizer, 1600 bytes more.
+        cfg.critic = Some(Default::default());
+        cfg.advantage.estimator = crate::advantage::Estimator::Gae;
+        let plan = Plan::new(&validated(&cfg), &shape(), 100, 6).unwrap();
+        assert_eq!(plan.memory.critic_state, 1600.0);
+        assert_eq!(plan.memory.total(), 1600.0 + 1600.0 + 3840.0);
+        let e = plan.check_memory(Some(7039)).unwrap_err().to_string();
+        assert!(e.contains("the policy and the critic"), "{e}");
     }
 
     #[test]

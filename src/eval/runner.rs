@@ -695,14 +695,9 @@ fn run_env_eval<M: CausalLm + ?Sized>(
         let samples = eps
             .iter()
             .map(|e| {
-                let model_turns: Vec<u32> = e
-                    .response_ids
-                    .iter()
-                    .zip(&e.trainable)
-                    .filter(|(_, t)| **t)
-                    .map(|(id, _)| *id)
-                    .collect();
-                generated += model_turns.len();
+                // The model's own tokens; the environment's and tools' are not generated.
+                let model_tokens = e.trainable.iter().filter(|t| **t).count();
+                generated += model_tokens;
                 let last = e.infos.last();
                 let reason = last
                     .and_then(|i| i.get("reason").or_else(|| i.get("error")))
@@ -717,7 +712,7 @@ fn run_env_eval<M: CausalLm + ?Sized>(
                         reason,
                         extracted: None,
                         finished: e.ended_by_env,
-                        tokens: model_turns.len(),
+                        tokens: model_tokens,
                     },
                     None,
                 ))

@@ -372,13 +372,7 @@ fn page(exp: &Experiment, r: &Results<'_>) -> String {
         let _ = writeln!(md, "| variant | {} |", exp.tail_metrics.join(" | "));
         let _ = writeln!(md, "|---|{}", "---|".repeat(exp.tail_metrics.len()));
         for (v, per_metric) in exp.variants.iter().zip(tails) {
-            let cells: Vec<String> = per_metric
-                .iter()
-                .map(|xs| {
-                    let (m, sd) = mean_sd(xs);
-                    format!("{m:.3} ± {sd:.3}")
-                })
-                .collect();
+            let cells: Vec<String> = per_metric.iter().map(|xs| tail_cell(xs)).collect();
             let _ = writeln!(md, "| {} | {} |", v.label, cells.join(" | "));
         }
         for metric in exp.tail_metrics {
@@ -635,13 +629,24 @@ fn against_running_sum(curve: &[(f64, f64)], per_step: &[(f64, f64)]) -> Vec<(f6
         .collect()
 }
 
-/// Mean of the last [`TAIL_STEPS`] points of a curve (all when fewer; 0 when empty).
+/// Mean of the last [`TAIL_STEPS`] points of a curve (all when fewer; NaN when empty: a
+/// variant that does not log the metric, shown as "not logged" rather than as a 0).
 fn tail_mean(curve: &[(f64, f64)]) -> f64 {
     let tail = &curve[curve.len().saturating_sub(TAIL_STEPS)..];
     if tail.is_empty() {
-        return 0.0;
+        return f64::NAN;
     }
     tail.iter().map(|p| p.1).sum::<f64>() / tail.len() as f64
+}
+
+/// A tail-metric cell: mean ± sd over the seeds that logged the metric, or "not logged".
+fn tail_cell(per_seed: &[f64]) -> String {
+    let logged: Vec<f64> = per_seed.iter().copied().filter(|x| !x.is_nan()).collect();
+    if logged.is_empty() {
+        return "not logged".into();
+    }
+    let (m, sd) = mean_sd(&logged);
+    format!("{m:.3} ± {sd:.3}")
 }
 
 /// The plot file of a tail metric: `gated-reward-reward-steps-mean.png`.
@@ -906,7 +911,9 @@ mod tests {
         // Steps 3..=12: (3 + 12) / 2 = 7.5.
         assert_eq!(tail_mean(&curve), 7.5);
         assert_eq!(tail_mean(&curve[..2]), 1.5);
-        assert_eq!(tail_mean(&[]), 0.0);
+        assert!(tail_mean(&[]).is_nan());
+        assert_eq!(tail_cell(&[f64::NAN, f64::NAN]), "not logged");
+        assert_eq!(tail_cell(&[1.0, 3.0]), "2.000 ± 1.414");
         let mean = mean_curve(&[vec![(1.0, 0.0), (2.0, 1.0)], vec![(1.0, 1.0)]]);
         assert_eq!(mean, vec![(1.0, 0.5)]);
         // running sums of samples drawn: 10 at step 1, 30 at step 2; step 0 is before any

@@ -231,8 +231,9 @@ fn plan_for(env: &Env, model: &Llama) -> Result<Plan> {
             .max_tokens
             .saturating_sub(cfg.rollout.max_new_tokens);
         let mut plan = Plan::new(cfg, &model.cfg, model.num_params(), prompt)?;
-        // A warm-up only on reference plays, which only some environments write.
-        if !r.config().kind.demonstrates() {
+        // A warm-up only on reference plays, which only some environments write, and never
+        // for a policy loaded from model.source (train::warmup).
+        if !r.config().kind.demonstrates() || env.model_path.is_some() {
             plan.warmup_max_steps = 0;
         }
         plan.heldout_size = heldout(env).len();
