@@ -65,7 +65,7 @@ pub const GENERATOR_PROMPT: &str = "{prompt}";
 
 /// The default [`EvaConfig::generator_template`].
 pub const DEFAULT_GENERATOR_TEMPLATE: &str = "Write a new problem that is a harder variant of \
-     the following problem. Reply with the new problem only.\n\n{prompt}";
+     this one, and reply with the new problem only. The problem: {prompt}";
 
 impl Default for EvaConfig {
     fn default() -> Self {
