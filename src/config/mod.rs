@@ -22,6 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::AdvantageConfig;
+use crate::env::EnvKind;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::rollout::SamplingParams;
@@ -590,8 +591,11 @@ impl RunConfig {
                  run in the on-policy source; use sync.mode = \"on-policy\")",
             ),
             (
-                self.env.is_some(),
-                "[env] episodes (environments draw their own tasks; no mutator for them yet)",
+                self.env
+                    .as_ref()
+                    .is_some_and(|e| e.kind != EnvKind::Countdown),
+                "an [env] other than env.kind = \"countdown\" (the pool's prompts are countdown \
+                 puzzles; other environments draw their own episodes)",
             ),
             (
                 self.sampling.reinforce_ada.enabled(),
@@ -604,17 +608,55 @@ impl RunConfig {
                 eva.pool_size
             ));
         }
-        if !self.task.kind.is_arithmetic() && eva.every > 0 {
+        if self.env.is_none() && !self.task.kind.is_arithmetic() && eva.every > 0 {
+            self.validate_eva_text()?;
+        }
+        if eva.generator_model().is_some() && (self.env.is_some() || self.task.kind.is_arithmetic())
+        {
             return Err(format!(
-                "sampling.eva evolves prompts with a task-specific mutator, which only \
-                 task.kind = \"arithmetic\" has so far; found task.kind = \"{}\" (a generator \
-                 model for text datasets is not implemented; sampling.eva.every = 0 gives a \
-                 fixed pool of {} prompts)",
-                self.task.kind.name(),
-                eva.pool_size
+                "sampling.eva.generator = {:?} applies to text datasets (task.kind = \"dataset\", \
+                 \"gsm8k\" or \"math500\"); arithmetic and countdown have their own mutators",
+                eva.generator
             ));
         }
         Ok(())
+    }
+
+    /// eva on a text dataset: an evolved prompt has no reference answer, so the reward must
+    /// not need one.
+    fn validate_eva_text(&self) -> std::result::Result<(), String> {
+        use crate::reward::pipeline::ComponentKind;
+        use crate::task::scorers::RewardKind;
+        let check = self.task.check_kind()?;
+        let verifier = self.reward.pipeline.as_ref().and_then(|p| {
+            p.components
+                .iter()
+                .find(|c| matches!(c.kind, ComponentKind::Verifier { .. }))
+        });
+        if check == Some(RewardKind::External) && verifier.is_none() {
+            return Ok(());
+        }
+        let found = match verifier {
+            Some(v) => format!("[reward.pipeline] component {:?} of kind verifier", v.name),
+            None => format!(
+                "task.reward = {:?}{}",
+                self.task.reward.as_deref().unwrap_or("(unset)"),
+                self.task
+                    .check
+                    .as_deref()
+                    .map(|c| format!(", task.check = {c:?}"))
+                    .unwrap_or_default()
+            ),
+        };
+        Err(format!(
+            "sampling.eva.every = {} evolves new text prompts, which have no reference answer, \
+             so the reward must not need one: task.reward = \"external\" (a command that \
+             ignores the reference; evolved prompts send it an empty one), or task.reward = \
+             \"pipeline\" with task.check = \"external\" and no verifier component (e.g. a \
+             reward-model component); found {found} (sampling.eva.every = 0 gives a fixed pool \
+             of {} prompts with their references)",
+            self.sampling.eva.every, self.sampling.eva.pool_size
+        ))
     }
 
     /// An `[env]` section and what it cannot be combined with; what needs one.

@@ -83,7 +83,7 @@ pub fn validate(mut raw: RunConfig, source: &str, purpose: Purpose) -> Result<Va
 
 /// What a training run needs besides a valid config, checked before its run directory
 /// exists: no `[remote]` it would ignore, the shared buffer reachable, reward-model folders
-/// present.
+/// and eva's generator model present.
 fn check_train_preconditions(cfg: &RunConfig) -> Result<()> {
     // vLLM's load endpoints need no admin token (its API key, if any, covers them).
     let pushes = cfg.remote.as_ref().is_some_and(|r| {
@@ -119,6 +119,18 @@ fn check_train_preconditions(cfg: &RunConfig) -> Result<()> {
                     ),
                 ));
             }
+        }
+    }
+    if let Some(g) = cfg.sampling.eva.generator_model() {
+        let local = !g.starts_with("hf://");
+        if local && !Path::new(g).exists() {
+            return Err(Error::config(
+                "sampling.eva.generator",
+                format!(
+                    "model {g} does not exist (give \"policy\", an HF model folder, a .gguf \
+                     file, a grove checkpoint directory or hf://ORG/NAME)"
+                ),
+            ));
         }
     }
     Ok(())

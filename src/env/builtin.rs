@@ -172,6 +172,36 @@ fn precedence(op: char) -> u8 {
     }
 }
 
+/// A random expression over 2 or more of `numbers` (at least 2 of them), made left to right in a
+/// shuffled order with random operators: its exact value (0 after an overflow or a division
+/// by zero) and its text, parenthesised only where a tighter operator follows.
+pub fn random_expression<R: Rng>(numbers: &[i128], rng: &mut R) -> (Rational, String) {
+    let mut order = numbers.to_vec();
+    order.shuffle(rng);
+    let k = rng.gen_range(2..=order.len());
+    let mut acc = Rational::integer(order[0]);
+    let mut text = order[0].to_string();
+    // The outermost operator of `text` (a lone number binds like × and ÷).
+    let mut outer = '*';
+    for &n in &order[1..k] {
+        let r = Rational::integer(n);
+        let (op, next) = match rng.gen_range(0..4) {
+            0 => ('+', acc.checked_add(r)),
+            1 => ('-', acc.checked_sub(r)),
+            2 => ('*', acc.checked_mul(r)),
+            _ => ('/', acc.checked_div(r)),
+        };
+        acc = next.unwrap_or(Rational::integer(0));
+        // Left to right: the left side needs parentheses only under a tighter operator.
+        if precedence(op) > precedence(outer) {
+            text = format!("({text})");
+        }
+        text = format!("{text}{op}{n}");
+        outer = op;
+    }
+    (acc, text)
+}
+
 impl Countdown {
     pub fn new(count: usize, max_number: i128, max_target: i128) -> Self {
         Countdown {
@@ -190,45 +220,33 @@ impl Countdown {
         Countdown { prompt, ..self }
     }
 
-    /// Draws `count` numbers from the pool (those up to `max_number`) and a reachable target
-    /// (10..=max_target) made left to right from 2 to `count` of them; returns the numbers,
-    /// the target and the expression that makes it.
-    fn draw(&self, seed: u64) -> (Vec<i128>, i128, String) {
-        let pool: Vec<i128> = COUNTDOWN_POOL
+    /// The numbers puzzles draw from: 1..=10, 25, 50, 75, 100 up to `max_number`.
+    pub fn number_pool(&self) -> Vec<i128> {
+        COUNTDOWN_POOL
             .iter()
             .copied()
             .filter(|&n| n <= self.max_number)
-            .collect();
+            .collect()
+    }
+
+    /// Numbers per puzzle and the largest target.
+    pub fn shape(&self) -> (usize, i128) {
+        (self.count, self.max_target)
+    }
+
+    /// Draws `count` numbers from the pool (those up to `max_number`) and a reachable target
+    /// (10..=max_target) made left to right from 2 to `count` of them; returns the numbers,
+    /// the target and the expression that makes it.
+    pub fn draw(&self, seed: u64) -> (Vec<i128>, i128, String) {
+        let pool = self.number_pool();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         loop {
             let numbers: Vec<i128> = (0..self.count)
                 .map(|_| *pool.choose(&mut rng).expect("non-empty pool"))
                 .collect();
-            let mut order = numbers.clone();
-            order.shuffle(&mut rng);
-            let k = rng.gen_range(2..=self.count);
-            let mut acc = Rational::integer(order[0]);
-            let mut text = order[0].to_string();
-            // The outermost operator of `text` (a lone number binds like × and ÷).
-            let mut outer = '*';
-            for &n in &order[1..k] {
-                let r = Rational::integer(n);
-                let (op, next) = match rng.gen_range(0..4) {
-                    0 => ('+', acc.checked_add(r)),
-                    1 => ('-', acc.checked_sub(r)),
-                    2 => ('*', acc.checked_mul(r)),
-                    _ => ('/', acc.checked_div(r)),
-                };
-                acc = next.unwrap_or(Rational::integer(0));
-                // Left to right: the left side needs parentheses only under a tighter operator.
-                if precedence(op) > precedence(outer) {
-                    text = format!("({text})");
-                }
-                text = format!("{text}{op}{n}");
-                outer = op;
-            }
-            if acc.denom() == 1 && (10..=self.max_target).contains(&acc.numer()) {
-                return (numbers, acc.numer(), text);
+            let (value, text) = random_expression(&numbers, &mut rng);
+            if value.denom() == 1 && (10..=self.max_target).contains(&value.numer()) {
+                return (numbers, value.numer(), text);
             }
         }
     }
@@ -272,9 +290,9 @@ pub fn countdown_expression(message: &str) -> &str {
     inner.split('=').next().unwrap_or("").trim()
 }
 
-impl Environment for Countdown {
-    fn reset(&mut self, seed: u64) -> Result<Reset> {
-        (self.numbers, self.target, self.solution) = self.draw(seed);
+impl Countdown {
+    /// The first message of the puzzle in `numbers` and `target`.
+    fn ask(&self) -> Reset {
         let list: Vec<String> = self.numbers.iter().map(|n| n.to_string()).collect();
         let text = match self.prompt {
             CountdownPrompt::Full => format!(
@@ -285,10 +303,26 @@ impl Environment for Countdown {
             ),
             CountdownPrompt::Short => format!("make {} from {}", self.target, list.join(" ")),
         };
-        Ok(Reset {
+        Reset {
             messages: vec![user(text)],
             tools: vec![],
-        })
+        }
+    }
+}
+
+impl Environment for Countdown {
+    fn reset(&mut self, seed: u64) -> Result<Reset> {
+        (self.numbers, self.target, self.solution) = self.draw(seed);
+        Ok(self.ask())
+    }
+
+    /// A given puzzle (eva's evolved ones, `env::countdown_eva`): the row's `numbers`,
+    /// `target` and `solution` (its reference play); the seed is not used.
+    fn reset_row(&mut self, _seed: u64, row: &serde_json::Value) -> Result<Reset> {
+        let p = super::countdown_eva::Puzzle::from_row(row)
+            .map_err(|m| crate::error::Error::config("countdown puzzle", m))?;
+        (self.numbers, self.target, self.solution) = (p.numbers, p.target, p.solution);
+        Ok(self.ask())
     }
 
     fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {

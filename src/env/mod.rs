@@ -8,6 +8,7 @@
 //! only ones trained); [`builtin`] holds the built-in environments, [`program`] runs user
 //! programs speaking JSON lines, [`tools`] parses and answers tool calls.
 pub mod builtin;
+pub mod countdown_eva;
 pub mod episode;
 pub mod program;
 pub mod rational;

@@ -3,14 +3,16 @@
 //! experiences with their trainable masks, and greedy held-out success.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::countdown_eva::{CountdownPuzzles, Puzzle};
 use super::episode::{Episode, Rollout, Transcript};
-use super::{EnvConfig, Factory, Start};
+use super::{DataRow, EnvConfig, EnvKind, Factory, Start};
 use crate::buffer::{Experience, ExperienceGroup};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{CausalLm, Tokenizer};
 use crate::reward::Verdict;
 use crate::rollout::SamplingParams;
@@ -135,12 +137,37 @@ impl EnvRunner {
         sample_rng: &mut ChaCha8Rng,
         next_group_id: &mut u64,
     ) -> Result<Vec<ExperienceGroup>> {
-        let starts: Vec<Start> = (0..prompts)
-            .flat_map(|_| std::iter::repeat_n(self.draw_start(prompt_rng), group))
+        let starts: Vec<Start> = (0..prompts).map(|_| self.draw_start(prompt_rng)).collect();
+        self.collect_starts(
+            model,
+            tok,
+            params,
+            (&starts, group),
+            version,
+            sample_rng,
+            next_group_id,
+        )
+    }
+
+    /// One group of `group` episodes from each of `starts`; token draws from `sample_rng`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn collect_starts<M: CausalLm + ?Sized>(
+        &self,
+        model: &M,
+        tok: &Tokenizer,
+        params: SamplingParams,
+        (starts, group): (&[Start], usize),
+        version: u64,
+        sample_rng: &mut ChaCha8Rng,
+        next_group_id: &mut u64,
+    ) -> Result<Vec<ExperienceGroup>> {
+        let starts: Vec<Start> = starts
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.clone(), group))
             .collect();
         let eps = self.episodes(model, tok, params, &starts, sample_rng)?;
         let discount = self.config().discount;
-        let mut out = Vec::with_capacity(prompts);
+        let mut out = Vec::with_capacity(starts.len() / group.max(1));
         for chunk in eps.chunks(group) {
             let group_id = *next_group_id;
             *next_group_id += 1;
@@ -156,6 +183,19 @@ impl EnvRunner {
             });
         }
         Ok(out)
+    }
+
+    /// The start of a group that plays a prompt of eva's pool (a countdown puzzle,
+    /// [`Puzzle::from_problem`]): its row, and a training seed drawn from `prompt_rng`.
+    pub fn pool_start(&self, problem: &Problem, prompt_rng: &mut ChaCha8Rng) -> Result<Start> {
+        let puzzle = Puzzle::from_problem(problem).map_err(Error::Internal)?;
+        Ok(Start {
+            seed: prompt_rng.gen::<u64>() & !HELDOUT_BIT,
+            row: Some(Arc::new(DataRow {
+                at: puzzle.key(),
+                fields: puzzle.to_row(),
+            })),
+        })
     }
 
     /// `n` episodes of each of the first `limit` held-out starts (all when None), sampled with
@@ -263,18 +303,23 @@ pub fn used_a_tool(e: &Episode) -> bool {
 }
 
 /// The task face of an environment run: held-out "problems" are the held-out seeds (the
-/// prompt names the episode; the environment writes the real prompt at reset).
+/// prompt names the episode; the environment writes the real prompt at reset). On
+/// `countdown` it also draws and evolves puzzles for eva's pool ([`CountdownPuzzles`]).
 pub struct EnvTask {
     heldout: Vec<Problem>,
     prompt_bos: bool,
+    puzzles: Option<CountdownPuzzles>,
 }
 
 impl EnvTask {
     pub fn new(runner: &EnvRunner) -> Self {
-        let kind = serde_json::to_value(runner.config().kind).unwrap_or_default();
+        let cfg = runner.config();
+        let kind = serde_json::to_value(cfg.kind).unwrap_or_default();
+        let starts = runner.heldout_starts();
+        let puzzles = (cfg.kind == EnvKind::Countdown)
+            .then(|| CountdownPuzzles::new(cfg, starts.iter().map(|s| s.seed)));
         EnvTask {
-            heldout: runner
-                .heldout_starts()
+            heldout: starts
                 .into_iter()
                 .map(|s| Problem {
                     prompt: format!("{} episode", kind.as_str().unwrap_or("env")),
@@ -282,16 +327,21 @@ impl EnvTask {
                 })
                 .collect(),
             prompt_bos: runner.prompt_bos(),
+            puzzles,
         }
     }
 }
 
 impl Task for EnvTask {
+    /// A training episode's seed; on `countdown`, the puzzle that seed plays.
     fn sample_train(&self, rng: &mut ChaCha8Rng) -> Problem {
         let s = rng.gen::<u64>() & !HELDOUT_BIT;
-        Problem {
-            prompt: "episode".into(),
-            answer: format!("seed {s}"),
+        match &self.puzzles {
+            Some(p) => p.sample(s).to_problem(),
+            None => Problem {
+                prompt: "episode".into(),
+                answer: format!("seed {s}"),
+            },
         }
     }
     fn heldout(&self) -> &[Problem] {
@@ -306,5 +356,23 @@ impl Task for EnvTask {
     }
     fn prompt_bos(&self) -> bool {
         self.prompt_bos
+    }
+    /// eva's countdown mutator ([`CountdownPuzzles::mutate`]); other environments have none.
+    fn evolve(
+        &self,
+        parent: &Problem,
+        n: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<Vec<Problem>>> {
+        let Some(p) = &self.puzzles else {
+            return Ok(None);
+        };
+        let parent = Puzzle::from_problem(parent).map_err(Error::Internal)?;
+        Ok(Some(
+            p.mutate(&parent, n, rng)
+                .iter()
+                .map(Puzzle::to_problem)
+                .collect(),
+        ))
     }
 }

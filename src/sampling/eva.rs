@@ -49,7 +49,23 @@ pub struct EvaConfig {
     pub select_fraction: f64,
     /// New prompts evolved from each selected prompt. Default 4.
     pub children: usize,
+    /// Text datasets: the model that writes the evolved prompts: "policy" (default, the
+    /// current policy) or the path of a second model (anything `model.source` takes).
+    pub generator: String,
+    /// Text datasets: the instruction the generator gets, `{prompt}` standing for the
+    /// selected prompt's question; rendered with the generator's chat template when it has one.
+    pub generator_template: String,
+    /// Text datasets: tokens a generated prompt may have; a generation cut off here is
+    /// rejected as too long. Default 128.
+    pub generator_max_tokens: usize,
 }
+
+/// Where [`EvaConfig::generator_template`] puts the selected prompt's question.
+pub const GENERATOR_PROMPT: &str = "{prompt}";
+
+/// The default [`EvaConfig::generator_template`].
+pub const DEFAULT_GENERATOR_TEMPLATE: &str = "Write a new problem that is a harder variant of \
+     this one, and reply with the new problem only. The problem: {prompt}";
 
 impl Default for EvaConfig {
     fn default() -> Self {
@@ -59,6 +75,9 @@ impl Default for EvaConfig {
             informativeness: Informativeness::MaxMin,
             select_fraction: 0.25,
             children: 4,
+            generator: "policy".into(),
+            generator_template: DEFAULT_GENERATOR_TEMPLATE.into(),
+            generator_max_tokens: 128,
         }
     }
 }
@@ -86,7 +105,28 @@ impl EvaConfig {
                     .into(),
             );
         }
+        if !self.generator_template.contains(GENERATOR_PROMPT) {
+            return Err(format!(
+                "sampling.eva.generator_template must contain {GENERATOR_PROMPT} (where the \
+                 selected prompt goes), found {:?}",
+                self.generator_template
+            ));
+        }
+        if self.generator_max_tokens == 0 {
+            return Err("sampling.eva.generator_max_tokens must be positive, found 0".into());
+        }
+        if self.generator.trim().is_empty() {
+            return Err(
+                "sampling.eva.generator must be \"policy\" or the path of a model, found \"\""
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The second model that writes evolved text prompts; None: the policy writes them.
+    pub fn generator_model(&self) -> Option<&str> {
+        (self.generator != "policy").then_some(self.generator.as_str())
     }
 }
 

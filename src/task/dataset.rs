@@ -184,6 +184,8 @@ pub struct DatasetTask {
     base_stop: Option<&'static str>,
     /// Training prompt → its worked solution (presets).
     references: HashMap<String, String>,
+    /// Training prompt → its question before the chat template (eva's text generator).
+    questions: HashMap<String, String>,
 }
 
 fn cfg_err(m: impl Into<String>) -> Error {
@@ -239,8 +241,14 @@ impl DatasetTask {
             .zip(&train_items)
             .filter_map(|(p, it)| Some((p.prompt.clone(), it.solution.clone()?)))
             .collect();
+        let questions = train
+            .iter()
+            .zip(&train_items)
+            .filter_map(|(p, it)| Some((p.prompt.clone(), it.prompt.question()?)))
+            .collect();
         Ok(DatasetTask {
             style,
+            questions,
             train,
             heldout: render_all(heldout_items)?,
             scorer,
@@ -617,6 +625,25 @@ impl Task for DatasetTask {
             .get(prompt)
             .cloned()
             .unwrap_or_else(|| answer.to_string())
+    }
+    fn question(&self, prompt: &str) -> Option<String> {
+        self.questions.get(prompt).cloned()
+    }
+    /// The parent's prompt with its question (the last place it occurs: chat templates copy
+    /// the user message verbatim) replaced by `question`; no reference answer.
+    fn text_variant(
+        &self,
+        parent: &Problem,
+        parent_question: &str,
+        question: &str,
+    ) -> Option<Problem> {
+        let at = parent.prompt.rfind(parent_question)?;
+        let mut prompt = parent.prompt.clone();
+        prompt.replace_range(at..at + parent_question.len(), question);
+        Some(Problem {
+            prompt,
+            answer: String::new(),
+        })
     }
 }
 

@@ -22,6 +22,18 @@ pub struct PoolPrompt {
     pub problem: Problem,
     /// The creator round that evolved it (0: one of the initial prompts).
     pub round: u64,
+    /// Text datasets: the question as the user wrote it, before the prompt's chat template
+    /// (what the generator is asked to vary); None for built-in tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
+}
+
+/// What a mutator made of one selected prompt: its children, and how many of its attempts
+/// it rejected as degenerate (text generators: empty, too long, the parent again).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evolved {
+    pub children: Vec<(Problem, Option<String>)>,
+    pub rejected: usize,
 }
 
 /// What the pool did for one batch (`eva/*` metrics, docs/metrics.md).
@@ -37,6 +49,12 @@ pub struct EvaStats {
     pub informativeness_mean: f64,
     /// Fraction of the batch's prompts that were evolved ones.
     pub frac_evolved_in_batch: f64,
+    /// Children this step's round asked its mutator for (selected prompts × children).
+    pub mutations_attempted: usize,
+    /// Children the mutator made (before duplicates of pool prompts are dropped).
+    pub mutations_accepted: usize,
+    /// Generations a text generator rejected: empty, too long, or the parent again.
+    pub mutations_rejected: usize,
 }
 
 /// The prompt pool and the creator's state.
@@ -61,6 +79,12 @@ struct BatchCounts {
     observed: usize,
     informativeness_sum: f64,
     added: usize,
+    #[serde(default)]
+    attempted: usize,
+    #[serde(default)]
+    accepted: usize,
+    #[serde(default)]
+    rejected: usize,
 }
 
 impl PromptPool {
@@ -76,7 +100,12 @@ impl PromptPool {
             }
             let problem = task.sample_train(&mut rng);
             if keys.insert(problem.prompt.clone()) {
-                prompts.push(PoolPrompt { problem, round: 0 });
+                let question = task.question(&problem.prompt);
+                prompts.push(PoolPrompt {
+                    problem,
+                    round: 0,
+                    question,
+                });
             }
         }
         if prompts.len() < cfg.pool_size {
@@ -132,10 +161,31 @@ impl PromptPool {
         self.batch.informativeness_sum += x;
     }
 
+    /// One creator round with the task's own mutator ([`Task::evolve`]).
+    pub fn evolve_round(&mut self, task: &dyn Task, cfg: &EvaConfig) -> Result<usize> {
+        self.evolve_round_with(cfg, |parent, n, rng| {
+            let Some(kids) = task.evolve(&parent.problem, n, rng)? else {
+                return Err(Error::Internal(
+                    "sampling.eva: the task has no mutator (config validation should have \
+                     refused this run)"
+                        .into(),
+                ));
+            };
+            Ok(Evolved {
+                children: kids.into_iter().map(|p| (p, None)).collect(),
+                rejected: 0,
+            })
+        })
+    }
+
     /// One creator round: select ⌈fraction · seen⌉ of the prompts seen since the last round,
     /// weighted by min-max normalised informativeness, evolve each into `cfg.children` new
-    /// problems and add those not in the pool yet. Returns how many were added.
-    pub fn evolve_round(&mut self, task: &dyn Task, cfg: &EvaConfig) -> Result<usize> {
+    /// problems with `mutate(parent, children, creator_rng)` and add those not in the pool
+    /// yet. Returns how many were added.
+    pub fn evolve_round_with<F>(&mut self, cfg: &EvaConfig, mut mutate: F) -> Result<usize>
+    where
+        F: FnMut(&PoolPrompt, usize, &mut ChaCha8Rng) -> Result<Evolved>,
+    {
         let (ids, values): (Vec<usize>, Vec<f64>) =
             std::mem::take(&mut self.seen).into_iter().unzip();
         let weights = min_max_normalise(&values);
@@ -144,18 +194,20 @@ impl PromptPool {
         self.rounds += 1;
         let mut children = Vec::new();
         for p in picks {
-            let parent = &self.prompts[ids[p]].problem;
-            let Some(kids) = task.evolve(parent, cfg.children, &mut self.rng)? else {
-                return Err(Error::Internal(
-                    "sampling.eva: the task has no mutator (config validation should have \
-                     refused this run)"
-                        .into(),
-                ));
-            };
+            let parent = &self.prompts[ids[p]];
+            let kids = mutate(parent, cfg.children, &mut self.rng)?;
+            self.batch.attempted += cfg.children;
+            self.batch.accepted += kids.children.len();
+            self.batch.rejected += kids.rejected;
             let round = self.rounds;
             children.extend(
-                kids.into_iter()
-                    .map(|problem| PoolPrompt { problem, round }),
+                kids.children
+                    .into_iter()
+                    .map(|(problem, question)| PoolPrompt {
+                        problem,
+                        round,
+                        question,
+                    }),
             );
         }
         let added = mix_into(&mut self.prompts, children, |p| p.problem.prompt.clone());
@@ -172,6 +224,9 @@ impl PromptPool {
             added: b.added,
             informativeness_mean: b.informativeness_sum / b.observed.max(1) as f64,
             frac_evolved_in_batch: b.evolved_drawn as f64 / b.drawn.max(1) as f64,
+            mutations_attempted: b.attempted,
+            mutations_accepted: b.accepted,
+            mutations_rejected: b.rejected,
         }
     }
 }
@@ -256,6 +311,9 @@ mod tests {
                 added: 4,
                 informativeness_mean: 0.25,
                 frac_evolved_in_batch: 0.0,
+                mutations_attempted: 4,
+                mutations_accepted: 4,
+                mutations_rejected: 0,
             }
         );
         // the next round sees nothing yet: it adds nothing

@@ -51,6 +51,20 @@ pub enum PromptValue {
     Messages(Vec<Message>),
 }
 
+impl PromptValue {
+    /// The question the user asks: the text, or the last user message's content.
+    pub fn question(&self) -> Option<String> {
+        match self {
+            PromptValue::Text(t) => Some(t.clone()),
+            PromptValue::Messages(m) => m
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.clone()),
+        }
+    }
+}
+
 /// A prompt field's value: a string, or a non-empty list of `{"role", "content"}` objects with
 /// string values (other keys are ignored).
 pub fn prompt_value(v: &Value, field: &str) -> Result<PromptValue, String> {

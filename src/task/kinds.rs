@@ -289,6 +289,22 @@ pub trait Task: Send + Sync {
     fn reference_response(&self, _prompt: &str, answer: &str) -> String {
         answer.to_string()
     }
+    /// The question of a training prompt as the user wrote it, before any chat template
+    /// (text datasets: what eva's generator is asked to vary); None: the task has no such text.
+    fn question(&self, _prompt: &str) -> Option<String> {
+        None
+    }
+    /// The training prompt of a new `question` written after `parent` (whose question is
+    /// `parent_question`): the same system message and template, no reference answer. None:
+    /// the task cannot make one (the parent's prompt does not contain its question).
+    fn text_variant(
+        &self,
+        _parent: &Problem,
+        _parent_question: &str,
+        _question: &str,
+    ) -> Option<Problem> {
+        None
+    }
     /// eva's mutator: up to `n` new training problems evolved from `parent`, never held-out
     /// ones (`Ok(None)`: the task has none; config validation refuses eva then).
     fn evolve(

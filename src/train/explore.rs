@@ -222,20 +222,49 @@ pub fn collect_rewarded(
 ) -> Result<Vec<ExperienceGroup>> {
     if let Some(runner) = &env.environment {
         let r = &env.cfg.rollout;
-        let mut groups = runner.collect(
-            model,
-            &env.tok,
-            r.sampling(),
-            (r.prompts_per_step, r.group_size),
-            version,
-            &mut st.prompt_rng,
-            &mut st.sample_rng,
-            &mut st.next_group_id,
-        )?;
+        // eva on countdown: the groups play puzzles of the pool, not fresh seeds.
+        let pool_starts = match st.eva.as_mut() {
+            Some(pool) => {
+                let ids = pool.draw(r.prompts_per_step, &mut st.prompt_rng);
+                let starts = ids
+                    .iter()
+                    .map(|&i| runner.pool_start(pool.problem(i), &mut st.prompt_rng))
+                    .collect::<Result<Vec<_>>>()?;
+                Some((ids, starts))
+            }
+            None => None,
+        };
+        let mut groups = match &pool_starts {
+            Some((_, starts)) => runner.collect_starts(
+                model,
+                &env.tok,
+                r.sampling(),
+                (starts, r.group_size),
+                version,
+                &mut st.sample_rng,
+                &mut st.next_group_id,
+            )?,
+            None => runner.collect(
+                model,
+                &env.tok,
+                r.sampling(),
+                (r.prompts_per_step, r.group_size),
+                version,
+                &mut st.prompt_rng,
+                &mut st.sample_rng,
+                &mut st.next_group_id,
+            )?,
+        };
         // [reward.pipeline] over episodes: the per-turn rewards become its `turns` components.
         if let Some(rewarder) = rewarder {
             for g in &mut groups {
                 rewarder.score_group(&env.tok, model, &mut g.experiences)?;
+            }
+        }
+        if let (Some(pool), Some((ids, _))) = (st.eva.as_mut(), &pool_starts) {
+            for (g, &id) in groups.iter().zip(ids) {
+                let rewards: Vec<f64> = g.experiences.iter().map(|e| e.reward).collect();
+                pool.observe(id, &rewards, &env.cfg.sampling.eva);
             }
         }
         return Ok(groups);

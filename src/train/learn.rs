@@ -199,6 +199,12 @@ impl Learner {
             m.insert("eva/added".into(), e.added as f64);
             m.insert("eva/informativeness_mean".into(), e.informativeness_mean);
             m.insert("eva/frac_evolved_in_batch".into(), e.frac_evolved_in_batch);
+            m.insert(
+                "eva/mutations_attempted".into(),
+                e.mutations_attempted as f64,
+            );
+            m.insert("eva/mutations_accepted".into(), e.mutations_accepted as f64);
+            m.insert("eva/mutations_rejected".into(), e.mutations_rejected as f64);
         }
         // Noted by the on-policy source (refill's discarded rounds included); other sources:
         // what the groups hold or drew.

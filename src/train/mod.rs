@@ -8,6 +8,7 @@
 //! `grove explore` processes, or an offline JSONL file.
 pub mod checkpoint;
 pub mod critic;
+pub mod eva_generator;
 pub mod explore;
 pub mod explorer;
 pub mod learn;

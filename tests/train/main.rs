@@ -7,6 +7,7 @@ mod common;
 mod distributed;
 mod dtype;
 mod environments;
+mod eva;
 mod killed_server;
 mod ppo;
 mod pretrained_train;

@@ -99,7 +99,16 @@ pub fn open(
         }));
     }
     Ok(match cfg.sync.mode {
-        SyncMode::OnPolicy => Box::new(OnPolicy),
+        SyncMode::OnPolicy => Box::new(OnPolicy {
+            generator: match crate::train::eva_generator::needs_generator(env) {
+                true => Some(crate::train::eva_generator::TextGenerator::new(
+                    &cfg.sampling.eva,
+                    &env.tok,
+                    learner.model.device(),
+                )?),
+                false => None,
+            },
+        }),
         SyncMode::Lagged => Box::new(match restored.lagged {
             Some((ls, behaviour)) => lagged::Lagged {
                 behaviour,
@@ -125,7 +134,10 @@ pub fn open(
 }
 
 /// Each batch sampled by the current weights just before the update.
-pub struct OnPolicy;
+pub struct OnPolicy {
+    /// eva on a text dataset: the model that writes evolved prompts.
+    generator: Option<crate::train::eva_generator::TextGenerator>,
+}
 
 impl BatchSource for OnPolicy {
     fn scored_by_pipeline(&self) -> bool {
@@ -198,7 +210,12 @@ impl BatchSource for OnPolicy {
         if let Some(pool) = explore_st.eva.as_mut() {
             let eva = &env.cfg.sampling.eva;
             if eva.every > 0 && s.is_multiple_of(eva.every) {
-                pool.evolve_round(env.task.as_ref(), eva)?;
+                crate::train::eva_generator::evolve_round(
+                    env,
+                    &learner.model,
+                    self.generator.as_ref(),
+                    pool,
+                )?;
             }
             learner.note_eva(pool.take_stats());
         }
