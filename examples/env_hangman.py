@@ -6,7 +6,9 @@ and writes one JSON request per line on its stdin; the program answers each with
 on stdout. One process may hold many episodes at once, keyed by "episode".
 
   {"op": "reset", "episode": 7, "seed": 42}
-      -> {"messages": [{"role": "user", "content": "..."}]}
+      -> {"messages": [{"role": "user", "content": "..."}], "hidden": "word leaf"}
+  ("hidden", optional: the episode's hidden state as text, never shown to the policy; an
+  asymmetric PPO critic reads it with critic.privileged = "hidden")
   (with env.data = "words.jsonl", the reset also carries the row: "row": {"word": "kiwi"})
   {"op": "step", "episode": 7, "message": {"role": "assistant", "content": "e"}}
       -> {"messages": [...], "reward": 0.0, "done": false, "info": {...}}
@@ -43,7 +45,8 @@ def reset(req):
     else:
         word = random.Random(req["seed"]).choice(WORDS)
     episodes[req["episode"]] = {"word": word, "guessed": set(), "misses": 0}
-    return {"messages": [user(f"hangman: {pattern(word, set())}. guess one letter.")]}
+    return {"messages": [user(f"hangman: {pattern(word, set())}. guess one letter.")],
+            "hidden": f"word {word}"}
 
 
 def step(req):

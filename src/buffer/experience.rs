@@ -41,6 +41,11 @@ pub struct Experience {
     /// single response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub episode: Option<serde_json::Value>,
+    /// An environment episode's hidden state (`Reset::hidden`), read only by an asymmetric
+    /// critic (`critic.privileged = "hidden"`); None for a task or an environment that
+    /// exposes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<String>,
 }
 
 impl Experience {
@@ -250,6 +255,7 @@ pub(super) mod tests {
                 use_count: 0,
                 trainable: vec![],
                 episode: None,
+                hidden: None,
             })
             .collect();
         ExperienceGroup {

@@ -15,15 +15,20 @@ pub enum Privileged {
     None,
     /// The task's reference answer (tasks only; `[env]` runs have none to give).
     Answer,
+    /// The environment's hidden state at reset (`[env]` runs only): guess's secret number,
+    /// countdown's generated solution, calculator's result, bandit's mean payouts, or a
+    /// program's optional `hidden` reset field.
+    Hidden,
 }
 
 impl Privileged {
-    pub const ALL: [Privileged; 2] = [Privileged::None, Privileged::Answer];
+    pub const ALL: [Privileged; 3] = [Privileged::None, Privileged::Answer, Privileged::Hidden];
 
     pub fn name(&self) -> &'static str {
         match self {
             Privileged::None => "none",
             Privileged::Answer => "answer",
+            Privileged::Hidden => "hidden",
         }
     }
 }
@@ -48,8 +53,9 @@ pub struct CriticConfig {
     /// The first this many RL steps train only the critic; the policy is not updated
     /// (verl's `critic_warmup`).
     pub warmup_steps: usize,
-    /// Privileged input of an asymmetric critic: "none" (the policy's context) or "answer"
-    /// (the task's reference answer, which the policy never sees).
+    /// Privileged input of an asymmetric critic: "none" (the policy's context), "answer" (the
+    /// task's reference answer, which the policy never sees) or "hidden" (an environment's
+    /// hidden state at reset, e.g. guess's secret number; see docs/environments.md).
     pub privileged: Privileged,
 }
 
@@ -150,7 +156,16 @@ pub fn validate(cfg: &RunConfig) -> Result<(), String> {
     if c.privileged == Privileged::Answer && cfg.env.is_some() {
         return Err(
             "critic.privileged = \"answer\" reads the task's reference answer; an \
-                    [env] run has none (use \"none\")"
+                    [env] run has none (use \"hidden\" for the environment's hidden state, or \
+                    \"none\")"
+                .into(),
+        );
+    }
+    if c.privileged == Privileged::Hidden && cfg.env.is_none() {
+        return Err(
+            "critic.privileged = \"hidden\" reads an environment's hidden state; a task run \
+                    (no [env]) has none (use \"answer\" for the task's reference answer, or \
+                    \"none\")"
                 .into(),
         );
     }
@@ -208,6 +223,18 @@ mod tests {
             c.env = Some(Default::default());
             c.critic.as_mut().unwrap().privileged = Privileged::Answer;
         });
-        assert!(e.contains("critic.privileged"), "{e}");
+        assert!(
+            e.contains("critic.privileged") && e.contains("\"hidden\""),
+            "{e}"
+        );
+        let e = with(&|c| c.critic.as_mut().unwrap().privileged = Privileged::Hidden);
+        assert!(
+            e.contains("critic.privileged = \"hidden\"") && e.contains("no [env]"),
+            "{e}"
+        );
+        let mut env_run = ppo();
+        env_run.env = Some(Default::default());
+        env_run.critic.as_mut().unwrap().privileged = Privileged::Hidden;
+        assert_eq!(validate(&env_run), Ok(()));
     }
 }

@@ -110,6 +110,7 @@ impl Environment for Guess {
                 self.max
             ))],
             tools: vec![],
+            hidden: Some(format!("secret {}", self.secret)),
         })
     }
 
@@ -306,6 +307,7 @@ impl Countdown {
         Reset {
             messages: vec![user(text)],
             tools: vec![],
+            hidden: Some(format!("solution {}", self.solution)),
         }
     }
 }
@@ -396,6 +398,7 @@ impl Environment for CalculatorArithmetic {
         Ok(Reset {
             messages: vec![user(self.prompt.replace(QUESTION, &self.question))],
             tools: self.tools.schemas(),
+            hidden: Some(format!("result {answer}")),
         })
     }
 
@@ -453,6 +456,10 @@ impl Environment for Bandit {
                 "arm 1 takes 1s, arm 2 takes 3s. time left {BANDIT_BUDGET_S}s. reply 1 or 2."
             ))],
             tools: vec![],
+            hidden: Some(format!(
+                "arm 1 pays {} on average, arm 2 pays {}",
+                BANDIT_ARMS[0].1, BANDIT_ARMS[1].1
+            )),
         })
     }
 
@@ -795,5 +802,37 @@ mod tests {
         let s = b.step("3", soon()).unwrap();
         assert!(!s.done);
         assert_eq!(s.info["duration_s"], serde_json::Value::Null);
+    }
+
+    /// Each built-in environment exposes at reset what the policy's prompt hides (for an
+    /// asymmetric critic): guess's secret, countdown's generated solution, calculator's
+    /// result (checked against an independent evaluation of the question), bandit's payouts.
+    #[test]
+    fn every_builtin_exposes_the_state_its_prompt_hides() {
+        for seed in 0..20 {
+            let mut g = Guess::new(16, 0.0);
+            let r = g.reset(seed).unwrap();
+            let hidden = r.hidden.unwrap();
+            assert_eq!(hidden, format!("secret {}", g.secret));
+            assert!(!r.messages[0].content.contains(&hidden));
+
+            let mut c = Countdown::new(3, 9, 30);
+            let r = c.reset(seed).unwrap();
+            let solution = c.demonstration().unwrap().remove(0);
+            assert_eq!(r.hidden.unwrap(), format!("solution {solution}"));
+            assert!(c.step(&solution, soon()).unwrap().info["success"] == json!(true));
+
+            let tools = Toolbox::new(vec![Box::new(Calculator)]);
+            let mut a = CalculatorArithmetic::new(3, tools).with_prompt("{question}=?");
+            let r = a.reset(seed).unwrap();
+            let q = r.messages[0].content.trim_end_matches("=?").to_string();
+            let result = rational::evaluate(&q).unwrap().to_string();
+            assert_eq!(r.hidden.unwrap(), format!("result {result}"));
+        }
+        let r = Bandit::default().reset(0).unwrap();
+        assert_eq!(
+            r.hidden.as_deref(),
+            Some("arm 1 pays 1 on average, arm 2 pays 4")
+        );
     }
 }

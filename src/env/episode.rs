@@ -159,6 +159,9 @@ pub struct Episode {
     pub stop: String,
     /// The last step's info said `"success": true`.
     pub success: bool,
+    /// The environment's hidden state at reset ([`super::Reset::hidden`]), never in the
+    /// prompt.
+    pub hidden: Option<String>,
 }
 
 impl Episode {
@@ -392,6 +395,7 @@ impl Rollout<'_> {
                 ended_by_env: false,
                 stop: String::new(),
                 success: false,
+                hidden: reset.hidden,
             });
         }
         Ok((envs.into_iter().map(Some).collect(), eps, held))

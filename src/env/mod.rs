@@ -26,11 +26,15 @@ use crate::error::{Error, Result};
 pub use crate::model::chat::Message;
 
 /// What a reset gives the model: its first messages and the tool schemas (OpenAI style,
-/// passed to the chat template's `tools`).
+/// passed to the chat template's `tools`), and what it keeps from the model.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Reset {
     pub messages: Vec<Message>,
     pub tools: Vec<Value>,
+    /// The episode's hidden state as text (guess's secret, calculator's result): never shown
+    /// to the policy, read by an asymmetric critic (`critic.privileged = "hidden"`). None: the
+    /// environment exposes none.
+    pub hidden: Option<String>,
 }
 
 /// The environment's answer to one model message.

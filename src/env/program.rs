@@ -225,13 +225,22 @@ impl ProgramEnv {
                 Some(Value::Array(t)) => Ok(t.clone()),
                 Some(other) => Err(format!("`tools`: expected a list, found {other}")),
             };
-            match (messages(&v, "messages"), tools) {
-                (Ok(m), Ok(tools)) if !m.is_empty() => {
+            let hidden = match v.get("hidden") {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(h)) => Ok(Some(h.clone())),
+                Some(other) => Err(format!("`hidden`: expected a string, found {other}")),
+            };
+            match (messages(&v, "messages"), tools, hidden) {
+                (Ok(m), Ok(tools), Ok(hidden)) if !m.is_empty() => {
                     self.generation = Some(generation);
-                    return Ok(Reset { messages: m, tools });
+                    return Ok(Reset {
+                        messages: m,
+                        tools,
+                        hidden,
+                    });
                 }
-                (m, t) => {
-                    let why = m.err().or(t.err()).unwrap_or("no `messages`".into());
+                (m, t, h) => {
+                    let why = (m.err().or(t.err()).or(h.err())).unwrap_or("no `messages`".into());
                     self.pool.failure(format!(
                         "environment program `{}` answered reset with {}: {why}",
                         self.pool.display(),
@@ -322,6 +331,7 @@ mod tests {
         for e in &mut envs {
             let r = e.reset(42).unwrap();
             assert_eq!(r.messages[0].content, "hangman: _ _ _ _. guess one letter.");
+            assert_eq!(r.hidden.as_deref(), Some("word leaf"));
         }
         // random.Random(42).choice(WORDS) is "leaf" in CPython.
         let s = envs[0].step("e", soon()).unwrap();
@@ -356,6 +366,7 @@ mod tests {
         let mut e = f.make(0);
         let r = e.reset_row(7, &f.rows()[0].fields).unwrap();
         assert_eq!(r.messages[0].content, "hangman: _ _. guess one letter.");
+        assert_eq!(r.hidden.as_deref(), Some("word ox"));
         let s = e.step("o", soon()).unwrap();
         assert_eq!(s.messages[0].content, "yes: o _");
         let s = e.step("x", soon()).unwrap();
@@ -408,7 +419,8 @@ mod tests {
     fn garbage_and_crashes_are_observations_until_they_repeat() {
         let f = Factory::new(&cfg(faulty("print('hello there', flush=True)"), 30.0, 3)).unwrap();
         let mut e = f.make(0);
-        e.reset(1).unwrap();
+        // A reset reply without `hidden` exposes none.
+        assert_eq!(e.reset(1).unwrap().hidden, None);
         let s = e.step("hi", soon()).unwrap();
         let why = s.info["error"].as_str().unwrap();
         assert!(
@@ -434,6 +446,20 @@ mod tests {
         let err = f.make(0).reset(1).unwrap_err().to_string();
         assert!(
             err.contains("/nonexistent/env-program") && err.contains("cannot start"),
+            "{err}"
+        );
+    }
+
+    /// A reset reply's `hidden` must be a string; anything else is a failed reset, named.
+    #[test]
+    fn a_hidden_state_that_is_not_a_string_fails_the_reset() {
+        let py = "import sys, json\nfor line in sys.stdin:\n    print(json.dumps({'messages': \
+                  [{'role': 'user', 'content': 'go'}], 'hidden': 5}), flush=True)\n";
+        let argv = vec!["python3".into(), "-c".into(), py.into()];
+        let f = Factory::new(&cfg(argv, 30.0, 1)).unwrap();
+        let err = f.make(0).reset(1).unwrap_err().to_string();
+        assert!(
+            err.contains("`hidden`: expected a string, found 5"),
             "{err}"
         );
     }

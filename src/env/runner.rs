@@ -291,6 +291,7 @@ pub fn experience(e: &Episode, discount: f64, group_id: u64, version: u64) -> Ex
         use_count: 0,
         trainable: e.trainable.clone(),
         episode: Some(e.to_json()),
+        hidden: e.hidden.clone(),
     }
 }
 

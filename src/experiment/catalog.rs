@@ -334,7 +334,7 @@ const CALCULATOR: Experiment = Experiment {
     setting: "the built-in `calculator-arithmetic` environment (3-digit operands, + − × drawn \
               uniformly, success = the right number after a calculator call that answered), the \
               terse question \"523 * 871=? use the calculator\", the built-in model from random \
-              weights warmed up until greedy success reaches 20% on 64 held-out episodes",
+              weights warmed up for a fixed 600 supervised steps on reference plays",
     common: &[
         "env.kind=\"calculator-arithmetic\"",
         "env.digits=3",
@@ -347,14 +347,18 @@ const CALCULATOR: Experiment = Experiment {
         "rollout.max_new_tokens=96",
         "warmup.batch_size=32",
         "warmup.lr=3e-3",
-        "warmup.max_steps=800",
-        "warmup.eval_every=25",
+        // A fixed warm-up (a target no check reaches): success appears abruptly once the copy
+        // is found and swings between checks, so a stop at the first check past 20% stopped
+        // each seed at a different, partly lucky, point.
+        "warmup.max_steps=600",
+        "warmup.eval_every=50",
         "warmup.eval_size=64",
-        "warmup.target_acc=0.2",
-        "train.steps=50",
-        "train.eval_every=10",
-        "train.checkpoint_every=50",
-        "train.lr=1e-3",
+        "warmup.target_acc=1.0",
+        "train.steps=100",
+        "train.eval_every=20",
+        "train.checkpoint_every=100",
+        // lr 1e-3 moved the sampled policy off the call format (held-out fell on both seeds).
+        "train.lr=1e-4",
     ],
     variants: &[Variant {
         label: "grpo",

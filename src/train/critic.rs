@@ -4,9 +4,9 @@
 //! into advantages and returns (`advantage::gae`), and after the policy's update it takes one
 //! step on the clipped value loss (`loss::value`).
 //!
-//! An asymmetric critic (`critic.privileged = "answer"`) reads the policy's prompt followed by
-//! the task's reference answer: its copy of the prompt only, so the policy's inputs, and with
-//! them its log-probs, are untouched.
+//! An asymmetric critic (`critic.privileged = "answer"` or `"hidden"`) reads the policy's
+//! prompt followed by the task's reference answer or the environment's hidden state: its copy
+//! of the prompt only, so the policy's inputs, and with them its log-probs, are untouched.
 use std::ops::Range;
 use std::path::Path;
 
@@ -104,19 +104,32 @@ impl Critic {
         exps.iter()
             .map(|e| {
                 let mut ids = e.prompt_ids.clone();
-                if privileged == Privileged::Answer {
-                    let extra = tok.encode(&e.answer).map_err(|err| {
-                        Error::config(
-                            "critic.privileged",
-                            format!(
-                                "\"answer\": the reference answer {:?} cannot be encoded by \
-                                 the policy's tokenizer: {err}",
-                                e.answer
-                            ),
-                        )
-                    })?;
-                    ids.extend(extra);
-                }
+                let (what, text) = match privileged {
+                    Privileged::None => return Ok(ids),
+                    Privileged::Answer => ("the reference answer", e.answer.as_str()),
+                    Privileged::Hidden => match &e.hidden {
+                        Some(h) => ("the hidden state", h.as_str()),
+                        None => {
+                            return Err(Error::config(
+                                "critic.privileged",
+                                "\"hidden\": the environment exposed no hidden state at reset \
+                                 (a program's reset reply needs a `hidden` string, see \
+                                 docs/environments.md); use \"none\"",
+                            ))
+                        }
+                    },
+                };
+                let extra = tok.encode(text).map_err(|err| {
+                    Error::config(
+                        "critic.privileged",
+                        format!(
+                            "\"{}\": {what} {text:?} cannot be encoded by the policy's \
+                             tokenizer: {err}",
+                            privileged.name()
+                        ),
+                    )
+                })?;
+                ids.extend(extra);
                 Ok(ids)
             })
             .collect()
@@ -388,7 +401,10 @@ mod tests {
         }
         let tmp = tempfile::tempdir().unwrap();
         let mut metrics = vec![];
-        for (k, privileged) in Privileged::ALL.into_iter().enumerate() {
+        for (k, privileged) in [Privileged::None, Privileged::Answer]
+            .into_iter()
+            .enumerate()
+        {
             let env = Env::new(v(ppo_config(privileged)).unwrap()).unwrap();
             let m = model.deep_clone().unwrap();
             let opt = AdamW::new(m.params(), Default::default());
@@ -440,6 +456,57 @@ mod tests {
         let va = critic.values(&plain, &exps, env.tok.pad, 0).unwrap();
         let vb = critic.values(&with, &exps, env.tok.pad, 0).unwrap();
         assert!(va != vb);
+    }
+
+    /// With `"hidden"` on a `guess` run the critic reads the policy's prompt followed by the
+    /// episode's secret number; the policy's prompt (and so its pass) is unchanged, the
+    /// critic's values are not. An experience without hidden state is refused by name.
+    #[test]
+    fn privileged_hidden_changes_the_critic_not_the_policy() {
+        let mut base = ppo_config(Privileged::None);
+        base.env = Some(crate::env::EnvConfig {
+            max_turns: 2,
+            ..Default::default()
+        });
+        base.rollout.max_new_tokens = 4;
+        let v = |c: RunConfig| crate::config::validate(c, "test", crate::config::Purpose::Inspect);
+        let env = Env::new(v(base.clone()).unwrap()).unwrap();
+        let model = env.initial_policy(&Device::Cpu).unwrap();
+        let mut st = ExploreState::new(&base, 0).unwrap();
+        let groups = collect(&env, &model, 0, &mut st).unwrap();
+        let exps: Vec<Experience> = groups.iter().flat_map(|g| g.experiences.clone()).collect();
+        let plain = Critic::prompts(Privileged::None, &env.tok, &exps).unwrap();
+        let with = Critic::prompts(Privileged::Hidden, &env.tok, &exps).unwrap();
+        for ((p, w), e) in plain.iter().zip(&with).zip(&exps) {
+            assert_eq!(p, &e.prompt_ids);
+            // The secret is the environment's: reset again with the episode's seed.
+            let seed: u64 = e.answer.trim_start_matches("seed ").parse().unwrap();
+            let max = crate::env::EnvConfig::default().guess_max;
+            let mut game = crate::env::builtin::Guess::new(max, 0.0);
+            let secret = crate::env::Environment::reset(&mut game, seed)
+                .unwrap()
+                .hidden
+                .unwrap();
+            assert!(secret.starts_with("secret "), "{secret}");
+            assert!(!e.prompt.contains(&secret), "the policy must not see it");
+            let mut expected = e.prompt_ids.clone();
+            expected.extend(env.tok.encode(&secret).unwrap());
+            assert_eq!(w, &expected);
+        }
+        let critic = Critic::from_policy(&model, &CriticConfig::default(), 0).unwrap();
+        let va = critic.values(&plain, &exps, env.tok.pad, 0).unwrap();
+        let vb = critic.values(&with, &exps, env.tok.pad, 0).unwrap();
+        assert!(va != vb);
+        let mut bare = exps.clone();
+        bare[0].hidden = None;
+        let e = Critic::prompts(Privileged::Hidden, &env.tok, &bare)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("critic.privileged") && e.contains("no hidden state"),
+            "{e}"
+        );
     }
 
     /// Critic steps on one batch's fixed targets lower its value loss, and a resumed critic

@@ -415,5 +415,6 @@ pub fn scored_experience(
         use_count: 0,
         trainable: vec![],
         episode: None,
+        hidden: None,
     })
 }

@@ -314,6 +314,7 @@ mod tests {
             use_count: 0,
             trainable: vec![],
             episode: None,
+            hidden: None,
         }
     }
 
