@@ -34,6 +34,9 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
         ));
     }
     env_rules(cfg, p)?;
+    if let Some(b) = &p.blend {
+        blend_rules(cfg, b)?;
+    }
     let rw = &cfg.reward;
     if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
         return Err(format!(
@@ -48,6 +51,62 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
                     on the reward.pipeline's scale: not supported together"
                 .into(),
         );
+    }
+    Ok(())
+}
+
+/// `[reward.pipeline.blend]` needs what its gradient assumes: groups sampled by the current
+/// policy (the look-ahead and the held-out surrogate are on-policy policy gradients), a
+/// group baseline (more than one sample per group), and groups left over for the inner
+/// gradient once the held-out ones are taken.
+fn blend_rules(
+    cfg: &RunConfig,
+    b: &crate::reward::pipeline::BlendConfig,
+) -> std::result::Result<(), String> {
+    let off_policy = |what: &str| {
+        Err(format!(
+            "reward.pipeline.blend learns its weights from groups sampled by the current policy; \
+             {what} gives older policies' samples: use the default on-policy sampling \
+             (sync.mode = \"on-policy\", no sync.buffer, sync.offline or [remote])"
+        ))
+    };
+    let s = &cfg.sync;
+    match s.mode {
+        crate::config::SyncMode::OnPolicy => {}
+        crate::config::SyncMode::Lagged => return off_policy("sync.mode = \"lagged\""),
+        crate::config::SyncMode::Async => return off_policy("sync.mode = \"async\""),
+    }
+    if s.buffer.is_some() {
+        return off_policy("sync.buffer");
+    }
+    if s.offline.is_some() {
+        return off_policy("sync.offline");
+    }
+    if cfg.remote.is_some() {
+        return off_policy("[remote]");
+    }
+    if cfg.advantage.estimator == crate::advantage::Estimator::Gae {
+        return Err(
+            "reward.pipeline.blend: advantage.estimator = \"gae\" learns a critic on the \
+             reward, whose scale the blend changes every step, and has no groups for the \
+             blend's group-mean baseline; use a group estimator (grpo, group-mean, rloo, ...)"
+                .into(),
+        );
+    }
+    if cfg.rollout.group_size < 2 {
+        return Err(format!(
+            "reward.pipeline.blend: rollout.group_size = {} gives every group-mean advantage 0 \
+             (the blend gradient would vanish); expected >= 2",
+            cfg.rollout.group_size
+        ));
+    }
+    if cfg.rollout.prompts_per_step <= b.heldout_groups {
+        return Err(format!(
+            "reward.pipeline.blend.heldout_groups = {} leaves no group of the step's \
+             rollout.prompts_per_step = {} for the inner gradient; expected fewer held-out \
+             groups than prompts per step",
+            b.heldout_groups, cfg.rollout.prompts_per_step
+        ));
     }
     Ok(())
 }
