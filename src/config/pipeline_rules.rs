@@ -199,6 +199,80 @@ mod tests {
         );
     }
 
+    /// `[reward.pipeline.blend]`: every mistake is named before any step.
+    #[test]
+    fn blend_is_validated_against_the_pipeline_and_the_run() {
+        let comps = r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", weight=0.5}, {name="fmt", kind="length-penalty", weight=0}]"#;
+        let blend = |b: &str| format!("reward.pipeline.blend={{{b}}}");
+        let ok = blend(r#"primary="correct", auxiliary="len""#);
+        assert!(load(&[comps, &ok]).is_ok());
+        let cases: Vec<(Vec<String>, &[&str])> = vec![
+            (
+                vec![blend(r#"primary="correct", auxiliary="lenght""#)],
+                &["blend.auxiliary", "`lenght`", "known: correct, len, fmt"],
+            ),
+            (
+                vec![blend(r#"primary="len", auxiliary="len""#)],
+                &["blend.auxiliary", "`len` for both"],
+            ),
+            (
+                vec![
+                    ok.clone(),
+                    r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty"}, {name="fmt", kind="length-penalty", weight=0.2}]"#.into(),
+                ],
+                &["components[2] (`fmt`).weight", "weight 0", "found 0.2"],
+            ),
+            (
+                vec![ok.clone(), r#"reward.pipeline.shaping={kind="running-norm"}"#.into()],
+                &["shaping", "linear in the weights"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", outer_lr=-1.0"#)],
+                &["blend.outer_lr", "found -1"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", inner_lr=0.0"#)],
+                &["blend.inner_lr", "> 0"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", heldout_groups=0"#)],
+                &["blend.heldout_groups", ">= 1"],
+            ),
+            (
+                vec![ok.clone(), "sync.mode=\"lagged\"".into(), "sync.offset=1".into()],
+                &["reward.pipeline.blend", "sync.mode = \"lagged\""],
+            ),
+            (
+                vec![ok.clone(), "sync.mode=\"async\"".into()],
+                &["reward.pipeline.blend", "sync.mode = \"async\""],
+            ),
+            (
+                vec![ok.clone(), "sync.offline=\"x.jsonl\"".into()],
+                &["reward.pipeline.blend", "sync.offline"],
+            ),
+            (
+                vec![ok.clone(), "advantage.estimator=\"gae\"".into(), "critic={}".into()],
+                &["reward.pipeline.blend", "gae"],
+            ),
+            (
+                vec![ok.clone(), "rollout.group_size=1".into()],
+                &["rollout.group_size = 1", ">= 2"],
+            ),
+            (
+                vec![ok.clone(), "rollout.prompts_per_step=1".into()],
+                &["heldout_groups = 1", "rollout.prompts_per_step = 1"],
+            ),
+        ];
+        for (sets, needles) in cases {
+            let mut all = vec![comps];
+            all.extend(sets.iter().map(String::as_str));
+            let e = load(&all).expect_err(&format!("{sets:?}"));
+            for n in needles {
+                assert!(e.contains(n), "{sets:?}: `{n}` not in: {e}");
+            }
+        }
+    }
+
     #[test]
     fn run_config_section_loads_validates_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();

@@ -91,8 +91,13 @@ mod tests {
         );
         // Unequal lengths (or a weight per component missing) are errors, not truncations.
         let short = vec![vec![1.0, 0.0, 1.0, 0.0], vec![0.2, 0.4, 0.0]];
-        let e = blended_rewards(&[1.0, 0.5], &short).unwrap_err().to_string();
-        assert!(e.contains("component 1 has 3 values, component 0 has 4"), "{e}");
+        let e = blended_rewards(&[1.0, 0.5], &short)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("component 1 has 3 values, component 0 has 4"),
+            "{e}"
+        );
         let e = blended_rewards(&[1.0], &comps).unwrap_err().to_string();
         assert!(e.contains("1 weights for 2 components"), "{e}");
         // Groups of 2: means 0.65 and 0.75 → (0.45, −0.45, 0.25, −0.25).

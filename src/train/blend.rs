@@ -27,8 +27,9 @@ use crate::buffer::{Experience, ExperienceGroup};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::model::{batch, Llama};
-use crate::reward::blend::{blended_rewards, group_mean_advantages, implicit_gradient, outer_step};
 use crate::report::Metrics;
+use crate::reward::blend::{blended_rewards, group_mean_advantages, implicit_gradient, outer_step};
+use crate::reward::pipeline::DEFAULT_BLEND_OUTER_STEP;
 use crate::train::explore::Env;
 
 /// What a checkpoint keeps of the blend: component name → its current weight φ_k.
@@ -67,11 +68,12 @@ impl Blender {
                 .map_or(0.0, |c| c.weight())
         };
         let t = cfg.rollout.temperature;
+        let alpha = b.inner_lr.unwrap_or(cfg.train.lr);
         Some(Blender {
             weights: [weight(&b.primary), weight(&b.auxiliary)],
             names: [b.primary.clone(), b.auxiliary.clone()],
-            alpha: b.inner_lr.unwrap_or(cfg.train.lr),
-            beta: b.outer_lr,
+            alpha,
+            beta: b.outer_lr.unwrap_or(DEFAULT_BLEND_OUTER_STEP / alpha),
             heldout_groups: b.heldout_groups,
             temperature: if t > 0.0 { t } else { 1.0 },
             micro_batch: cfg.train.micro_batch,
@@ -146,7 +148,10 @@ impl Blender {
                 e.reward = r;
             }
         }
-        let split = groups.len().checked_sub(self.heldout_groups).filter(|&s| s > 0);
+        let split = groups
+            .len()
+            .checked_sub(self.heldout_groups)
+            .filter(|&s| s > 0);
         let Some(split) = split else {
             return Err(Error::Internal(format!(
                 "blend: a batch of {} groups has none left once {} are held out",
@@ -306,5 +311,219 @@ impl Blender {
                     .collect()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::optim::{AdamW, AdamWParams};
+    use crate::train::explore::{collect, ExploreState};
+    use crate::train::learn::Learner;
+    use candle_core::Device;
+
+    const BLEND: &str = r#"reward.pipeline={components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", coef=1.0, free_len=0, weight=-0.5}], blend={primary="correct", auxiliary="len", outer_lr=1000.0, inner_lr=0.01, heldout_groups=2}}"#;
+
+    fn env() -> Env {
+        let sets: Vec<String> = [
+            BLEND,
+            "rollout.prompts_per_step=4",
+            "rollout.group_size=4",
+            "train.lr_warmup_steps=0",
+            "train.log_samples=0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cfg = crate::config::load_for(None, &sets, crate::config::Purpose::Inspect).unwrap();
+        Env::new(cfg).unwrap()
+    }
+
+    /// A batch from the untrained policy with hand-set component values: `correct` alternates
+    /// 1, 0 and `len` is the penalty of each response's length.
+    fn batch(env: &Env, model: &Llama) -> Vec<ExperienceGroup> {
+        let mut st = ExploreState::new(&env.cfg, 0).unwrap();
+        let mut groups = collect(env, model, 0, &mut st).unwrap();
+        for (i, e) in groups
+            .iter_mut()
+            .flat_map(|g| &mut g.experiences)
+            .enumerate()
+        {
+            e.components.insert("correct".into(), (i % 2) as f64);
+            e.components
+                .insert("len".into(), -(e.response_ids.len() as f64));
+        }
+        groups
+    }
+
+    fn params(m: &Llama) -> Vec<Vec<f32>> {
+        m.params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    /// The blend's bookkeeping (the look-ahead copy, three backward passes) leaves the policy
+    /// and its optimizer exactly as a plain learner step on the same blended rewards does; the
+    /// rewards it sets are φ_p·correct + φ_a·len, and its weights step by β·dJ/dφ.
+    #[test]
+    fn a_blend_step_trains_the_policy_exactly_as_a_plain_step_on_the_blended_rewards() {
+        let env = env();
+        let model = env.initial_policy(&Device::Cpu).unwrap();
+        let groups = batch(&env, &model);
+        let tmp = tempfile::tempdir().unwrap();
+        let learner = |name: &str| {
+            let m = model.deep_clone().unwrap();
+            let opt = AdamW::new(m.params(), AdamWParams::default());
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            Learner::new(m, opt, &dir, 0).unwrap()
+        };
+        // With the blend's bookkeeping.
+        let mut a = learner("a");
+        let mut blender = Blender::new(&env.cfg).unwrap();
+        assert_eq!(blender.weights(), [1.0, -0.5]);
+        let mut ga = groups.clone();
+        let before = params(&a.model);
+        let m = blender.step(&env, &a.model, &mut ga).unwrap();
+        assert_eq!(
+            params(&a.model),
+            before,
+            "the blend step moved the live policy"
+        );
+        for e in ga.iter().flat_map(|g| &g.experiences) {
+            let want = e.components["correct"] - 0.5 * e.components["len"];
+            assert_eq!(e.reward, want);
+        }
+        let (dp, da) = (m["reward/blend_grad/correct"], m["reward/blend_grad/len"]);
+        assert!(
+            dp.abs() > 1e-9 && da.abs() > 1e-9,
+            "a vacuous gradient: {m:?}"
+        );
+        assert_eq!(
+            (m["reward/blend/correct"], m["reward/blend/len"]),
+            (1.0, -0.5)
+        );
+        let [wp, wa] = blender.weights();
+        assert!((wp - (1.0 + 1000.0 * dp)).abs() < 1e-12, "{wp} {dp}");
+        assert!((wa - (-0.5 + 1000.0 * da)).abs() < 1e-12, "{wa} {da}");
+        a.learn(&env, &ga, 1, 0.0, 0).unwrap();
+        // Without it, the same rewards set by hand.
+        let mut b = learner("b");
+        let mut gb = groups.clone();
+        for e in gb.iter_mut().flat_map(|g| &mut g.experiences) {
+            e.reward = e.components["correct"] - 0.5 * e.components["len"];
+        }
+        b.learn(&env, &gb, 1, 0.0, 0).unwrap();
+        assert_eq!(params(&a.model), params(&b.model));
+        assert_ne!(params(&a.model), before, "the step must move the policy");
+        assert_eq!(a.opt.t, b.opt.t);
+        let (sa, sb) = (
+            a.opt.state_tensors().unwrap(),
+            b.opt.state_tensors().unwrap(),
+        );
+        for (k, t) in &sa {
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                t.flatten_all().unwrap().to_vec1().unwrap(),
+                sb[k].flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(x, y, "optimizer state {k}");
+        }
+    }
+
+    /// dJ/dφ of the training glue against a central finite difference of J(θ + α·g(φ)):
+    /// J is the held-out surrogate with the primary's group-mean advantages, evaluated by an
+    /// independent forward pass here.
+    #[test]
+    fn the_outer_gradient_matches_a_finite_difference_of_the_held_out_surrogate() {
+        let env = env();
+        let model = env.initial_policy(&Device::Cpu).unwrap();
+        let mut groups = batch(&env, &model);
+        let mut blender = Blender::new(&env.cfg).unwrap();
+        blender.beta = 0.0;
+        let m = blender.step(&env, &model, &mut groups).unwrap();
+        let analytic = [m["reward/blend_grad/correct"], m["reward/blend_grad/len"]];
+        let split = groups.len() - blender.heldout_groups;
+        let train: Vec<&Experience> = groups[..split]
+            .iter()
+            .flat_map(|g| &g.experiences)
+            .collect();
+        let held = &groups[split..];
+        let adv = |gs: &[ExperienceGroup], name: &str| -> Vec<f64> {
+            gs.iter()
+                .flat_map(|g| {
+                    let r: Vec<f64> = g.experiences.iter().map(|e| e.components[name]).collect();
+                    group_mean_advantages(&r, r.len())
+                })
+                .collect()
+        };
+        let inner = blender
+            .surrogate_grads(
+                &env,
+                &model,
+                &train,
+                &[
+                    adv(&groups[..split], "correct"),
+                    adv(&groups[..split], "len"),
+                ],
+            )
+            .unwrap();
+        let held_adv = adv(held, "correct");
+        // J at θ + α·g(φ), by its own forward pass in f64.
+        let j_at = |phi: [f64; 2]| -> f64 {
+            let mut b = Blender::new(&env.cfg).unwrap();
+            b.weights = phi;
+            let ahead = b.look_ahead(&model, &inner).unwrap();
+            let exps: Vec<&Experience> = held.iter().flat_map(|g| &g.experiences).collect();
+            let prompts: Vec<Vec<u32>> = exps.iter().map(|e| e.prompt_ids.clone()).collect();
+            let resp: Vec<Vec<u32>> = exps.iter().map(|e| e.response_ids.clone()).collect();
+            let bt = batch::build(&prompts, &resp, env.tok.pad, &Device::Cpu).unwrap();
+            let (lp, _) = batch::response_logprobs(&ahead, &bt, b.temperature).unwrap();
+            let rows = batch::to_f64_rows(&lp.detach()).unwrap();
+            rows.iter()
+                .zip(&bt.valid)
+                .zip(&held_adv)
+                .map(|((row, v), a)| {
+                    a * row.iter().zip(v).map(|(l, m)| l * m).sum::<f64>() / exps.len() as f64
+                })
+                .sum()
+        };
+        let phi = [1.0, -0.5];
+        // Measured on this batch: the two agree to 0.1% at ε = 0.03 and drift apart above
+        // ε = 0.3 (J is curved in φ through θ').
+        let eps = 0.05;
+        for k in 0..2 {
+            let (mut up, mut down) = (phi, phi);
+            up[k] += eps;
+            down[k] -= eps;
+            let fd = (j_at(up) - j_at(down)) / (2.0 * eps);
+            assert!(
+                (analytic[k] - fd).abs() <= 0.01 * fd.abs().max(analytic[k].abs()),
+                "component {k}: analytic {} vs finite difference {fd}",
+                analytic[k]
+            );
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_a_mismatched_checkpoint_is_named() {
+        let env = env();
+        let mut b = Blender::new(&env.cfg).unwrap();
+        b.weights = [0.75, -0.125];
+        let text = serde_json::to_string(&b.state()).unwrap();
+        let mut c = Blender::new(&env.cfg).unwrap();
+        c.restore(serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.weights(), [0.75, -0.125]);
+        let other = BlendState {
+            weights: [("correct".to_string(), 1.0), ("format".to_string(), 0.5)].into(),
+        };
+        let e = c.restore(other).unwrap_err();
+        assert!(e.contains("\"format\"") && e.contains("`len`"), "{e}");
+        let dir = std::path::Path::new("ckpt");
+        let e = Blender::for_run(&env.cfg, Some((dir, None)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no blend weights"), "{e}");
     }
 }

@@ -251,15 +251,13 @@ pub struct PipelineConfig {
     pub blend: Option<BlendConfig>,
 }
 
-fn default_outer_lr() -> f64 {
-    DEFAULT_BLEND_OUTER_LR
-}
 fn default_heldout_groups() -> usize {
     1
 }
 
-/// Default β of `[reward.pipeline.blend]`.
-pub const DEFAULT_BLEND_OUTER_LR: f64 = 1.0;
+/// β·α when `blend.outer_lr` is unset: dJ/dφ is proportional to α, so β = this / α moves a
+/// weight by this times ⟨∇J(θ'), g_k⟩ per step whatever the policy's learning rate.
+pub const DEFAULT_BLEND_OUTER_STEP: f64 = 0.01;
 
 /// `[reward.pipeline.blend]`: the training reward is φ_p·primary + φ_a·auxiliary, starting
 /// from the two components' `weight`s, and φ steps by β·dJ(θ')/dφ ([`crate::reward::blend`]).
@@ -272,9 +270,10 @@ pub struct BlendConfig {
     /// The component whose weight is learned next to the primary's (initial φ_a: its
     /// `weight`). Every other component must have weight 0 (it is logged, not trained on).
     pub auxiliary: String,
-    /// β: the outer step size, φ ← φ + β·dJ(θ')/dφ.
-    #[serde(default = "default_outer_lr")]
-    pub outer_lr: f64,
+    /// β: the outer step size, φ ← φ + β·dJ(θ')/dφ (unset: 0.01/α; dJ/dφ is proportional
+    /// to α, so a step then moves a weight by 0.01·⟨∇J(θ'), g_k⟩).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_lr: Option<f64>,
     /// α: the inner step size of the look-ahead θ' = θ + α·g(φ) (unset: `train.lr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner_lr: Option<f64>,
@@ -313,9 +312,11 @@ impl BlendConfig {
                 self.primary
             )));
         }
-        if let Some((i, c)) = components.iter().enumerate().find(|(_, c)| {
-            c.name != self.primary && c.name != self.auxiliary && c.weight() != 0.0
-        }) {
+        if let Some((i, c)) = components
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name != self.primary && c.name != self.auxiliary && c.weight() != 0.0)
+        {
             return Err(verr(format!(
                 "components[{i}] (`{}`).weight: with blend the training reward is φ_p·{} + \
                  φ_a·{} alone, so every other component needs weight 0 (logged only), found {}",
@@ -331,10 +332,9 @@ impl BlendConfig {
                  only then); shape the components themselves, found pipeline shaping {shaping:?}"
             )));
         }
-        if !(self.outer_lr.is_finite() && self.outer_lr >= 0.0) {
+        if let Some(b) = self.outer_lr.filter(|b| !(b.is_finite() && *b >= 0.0)) {
             return Err(verr(format!(
-                "blend.outer_lr: expected a finite number >= 0, found {}",
-                self.outer_lr
+                "blend.outer_lr: expected a finite number >= 0, found {b}"
             )));
         }
         if let Some(a) = self.inner_lr.filter(|a| !(a.is_finite() && *a > 0.0)) {
