@@ -279,6 +279,7 @@ pub struct BlendConfig {
     pub inner_lr: Option<f64>,
     /// The last this many groups of each step form the held-out batch of the outer objective
     /// J (the inner gradient g does not see them; the policy's own step uses every group).
+    /// Default 1.
     #[serde(default = "default_heldout_groups")]
     pub heldout_groups: usize,
 }
