@@ -34,6 +34,9 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
         ));
     }
     env_rules(cfg, p)?;
+    if let Some(b) = &p.blend {
+        blend_rules(cfg, b)?;
+    }
     let rw = &cfg.reward;
     if rw.noise_rho0 > 0.0 || rw.noise_rho1 > 0.0 {
         return Err(format!(
@@ -48,6 +51,62 @@ pub fn validate_for_train(cfg: &RunConfig) -> std::result::Result<(), String> {
                     on the reward.pipeline's scale: not supported together"
                 .into(),
         );
+    }
+    Ok(())
+}
+
+/// `[reward.pipeline.blend]` needs what its gradient assumes: groups sampled by the current
+/// policy (the look-ahead and the held-out surrogate are on-policy policy gradients), a
+/// group baseline (more than one sample per group), and groups left over for the inner
+/// gradient once the held-out ones are taken.
+fn blend_rules(
+    cfg: &RunConfig,
+    b: &crate::reward::pipeline::BlendConfig,
+) -> std::result::Result<(), String> {
+    let off_policy = |what: &str| {
+        Err(format!(
+            "reward.pipeline.blend learns its weights from groups sampled by the current policy; \
+             {what} gives older policies' samples: use the default on-policy sampling \
+             (sync.mode = \"on-policy\", no sync.buffer, sync.offline or [remote])"
+        ))
+    };
+    let s = &cfg.sync;
+    match s.mode {
+        crate::config::SyncMode::OnPolicy => {}
+        crate::config::SyncMode::Lagged => return off_policy("sync.mode = \"lagged\""),
+        crate::config::SyncMode::Async => return off_policy("sync.mode = \"async\""),
+    }
+    if s.buffer.is_some() {
+        return off_policy("sync.buffer");
+    }
+    if s.offline.is_some() {
+        return off_policy("sync.offline");
+    }
+    if cfg.remote.is_some() {
+        return off_policy("[remote]");
+    }
+    if cfg.advantage.estimator == crate::advantage::Estimator::Gae {
+        return Err(
+            "reward.pipeline.blend: advantage.estimator = \"gae\" learns a critic on the \
+             reward, whose scale the blend changes every step, and has no groups for the \
+             blend's group-mean baseline; use a group estimator (grpo, group-mean, rloo, ...)"
+                .into(),
+        );
+    }
+    if cfg.rollout.group_size < 2 {
+        return Err(format!(
+            "reward.pipeline.blend: rollout.group_size = {} gives every group-mean advantage 0 \
+             (the blend gradient would vanish); expected >= 2",
+            cfg.rollout.group_size
+        ));
+    }
+    if cfg.rollout.prompts_per_step <= b.heldout_groups {
+        return Err(format!(
+            "reward.pipeline.blend.heldout_groups = {} leaves no group of the step's \
+             rollout.prompts_per_step = {} for the inner gradient; expected fewer held-out \
+             groups than prompts per step",
+            b.heldout_groups, cfg.rollout.prompts_per_step
+        ));
     }
     Ok(())
 }
@@ -138,6 +197,80 @@ mod tests {
             e.contains("Par of s compares with reference responses"),
             "{e}"
         );
+    }
+
+    /// `[reward.pipeline.blend]`: every mistake is named before any step.
+    #[test]
+    fn blend_is_validated_against_the_pipeline_and_the_run() {
+        let comps = r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty", weight=0.5}, {name="fmt", kind="length-penalty", weight=0}]"#;
+        let blend = |b: &str| format!("reward.pipeline.blend={{{b}}}");
+        let ok = blend(r#"primary="correct", auxiliary="len""#);
+        assert!(load(&[comps, &ok]).is_ok());
+        let cases: Vec<(Vec<String>, &[&str])> = vec![
+            (
+                vec![blend(r#"primary="correct", auxiliary="lenght""#)],
+                &["blend.auxiliary", "`lenght`", "known: correct, len, fmt"],
+            ),
+            (
+                vec![blend(r#"primary="len", auxiliary="len""#)],
+                &["blend.auxiliary", "`len` for both"],
+            ),
+            (
+                vec![
+                    ok.clone(),
+                    r#"reward.pipeline.components=[{name="correct", kind="verifier"}, {name="len", kind="length-penalty"}, {name="fmt", kind="length-penalty", weight=0.2}]"#.into(),
+                ],
+                &["components[2] (`fmt`).weight", "weight 0", "found 0.2"],
+            ),
+            (
+                vec![ok.clone(), r#"reward.pipeline.shaping={kind="running-norm"}"#.into()],
+                &["shaping", "linear in the weights"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", outer_lr=-1.0"#)],
+                &["blend.outer_lr", "found -1"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", inner_lr=0.0"#)],
+                &["blend.inner_lr", "> 0"],
+            ),
+            (
+                vec![blend(r#"primary="correct", auxiliary="len", heldout_groups=0"#)],
+                &["blend.heldout_groups", ">= 1"],
+            ),
+            (
+                vec![ok.clone(), "sync.mode=\"lagged\"".into(), "sync.offset=1".into()],
+                &["reward.pipeline.blend", "sync.mode = \"lagged\""],
+            ),
+            (
+                vec![ok.clone(), "sync.mode=\"async\"".into()],
+                &["reward.pipeline.blend", "sync.mode = \"async\""],
+            ),
+            (
+                vec![ok.clone(), "sync.offline=\"x.jsonl\"".into()],
+                &["reward.pipeline.blend", "sync.offline"],
+            ),
+            (
+                vec![ok.clone(), "advantage.estimator=\"gae\"".into(), "critic={}".into()],
+                &["reward.pipeline.blend", "gae"],
+            ),
+            (
+                vec![ok.clone(), "rollout.group_size=1".into()],
+                &["rollout.group_size = 1", ">= 2"],
+            ),
+            (
+                vec![ok.clone(), "rollout.prompts_per_step=1".into()],
+                &["heldout_groups = 1", "rollout.prompts_per_step = 1"],
+            ),
+        ];
+        for (sets, needles) in cases {
+            let mut all = vec![comps];
+            all.extend(sets.iter().map(String::as_str));
+            let e = load(&all).expect_err(&format!("{sets:?}"));
+            for n in needles {
+                assert!(e.contains(n), "{sets:?}: `{n}` not in: {e}");
+            }
+        }
     }
 
     #[test]

@@ -399,6 +399,26 @@ privileged = "none"
 "#,
     },
     Recipe {
+        name: "barfi",
+        description: "quickstart with a length penalty whose weight next to exact-match correctness is \
+                      learned each step from held-out groups (learned blend weights)",
+        source: "Gupta et al. 2023, Behavior Alignment via Reward Function Optimization (BARFI), one-step version",
+        toml: r#"[reward.pipeline]
+[[reward.pipeline.components]]
+name = "correct"
+kind = "verifier"
+[[reward.pipeline.components]]
+name = "length"
+kind = "length-penalty"
+coef = 0.1
+free_len = 3
+[reward.pipeline.blend]
+primary = "correct"
+auxiliary = "length"
+heldout_groups = 8
+"#,
+    },
+    Recipe {
         name: "gsm8k-smollm2",
         description: "a few GRPO steps of SmolLM2-135M-Instruct (GGUF, chat template) on GSM8K, on the CPU; \
                       get the model first (README, \"GSM8K with a real model\")",

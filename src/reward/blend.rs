@@ -17,13 +17,29 @@
 //! exact, with no second derivative. (GRPO's std division would make A non-linear in φ; the
 //! training step itself may use any estimator, the blend gradient does not.)
 
+use crate::error::{Error, Result};
+
 /// The blended reward of each sample: r_φ,i = Σ_k `weights[k] · components[k][i]`.
-/// Every component has one value per sample (the shortest decides).
-pub fn blended_rewards(weights: &[f64], components: &[Vec<f64>]) -> Vec<f64> {
-    let n = components.iter().map(Vec::len).min().unwrap_or(0);
-    (0..n)
+/// One weight per component and one value per sample in every component; anything else is
+/// an error (a caller's broken invariant, never a silent truncation).
+pub fn blended_rewards(weights: &[f64], components: &[Vec<f64>]) -> Result<Vec<f64>> {
+    if weights.len() != components.len() {
+        return Err(Error::Internal(format!(
+            "blended_rewards: {} weights for {} components",
+            weights.len(),
+            components.len()
+        )));
+    }
+    let n = components.first().map_or(0, Vec::len);
+    if let Some((k, c)) = components.iter().enumerate().find(|(_, c)| c.len() != n) {
+        return Err(Error::Internal(format!(
+            "blended_rewards: component {k} has {} values, component 0 has {n}",
+            c.len()
+        )));
+    }
+    Ok((0..n)
         .map(|i| weights.iter().zip(components).map(|(w, c)| w * c[i]).sum())
-        .collect()
+        .collect())
 }
 
 /// Group-mean baseline advantages: each sample's reward minus the mean of its group (groups
@@ -69,10 +85,21 @@ mod tests {
         // r = (1 + 0.5·0.2, 0 + 0.5·0.4, 1 + 0.5·0, 0 + 0.5·1) = (1.1, 0.2, 1.0, 0.5).
         let comps = vec![vec![1.0, 0.0, 1.0, 0.0], vec![0.2, 0.4, 0.0, 1.0]];
         assert_close(
-            &blended_rewards(&[1.0, 0.5], &comps),
+            &blended_rewards(&[1.0, 0.5], &comps).unwrap(),
             &[1.1, 0.2, 1.0, 0.5],
             1e-12,
         );
+        // Unequal lengths (or a weight per component missing) are errors, not truncations.
+        let short = vec![vec![1.0, 0.0, 1.0, 0.0], vec![0.2, 0.4, 0.0]];
+        let e = blended_rewards(&[1.0, 0.5], &short)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("component 1 has 3 values, component 0 has 4"),
+            "{e}"
+        );
+        let e = blended_rewards(&[1.0], &comps).unwrap_err().to_string();
+        assert!(e.contains("1 weights for 2 components"), "{e}");
         // Groups of 2: means 0.65 and 0.75 → (0.45, −0.45, 0.25, −0.25).
         let a = group_mean_advantages(&[1.1, 0.2, 1.0, 0.5], 2);
         assert_close(&a, &[0.45, -0.45, 0.25, -0.25], 1e-12);
@@ -94,7 +121,11 @@ mod tests {
         outer_step(&mut w, &d, 0.1);
         assert_close(&w, &[1.55, 0.45], 1e-12);
         // Reduction: with the auxiliary weight at 0 the blend is the primary reward.
-        assert_close(&blended_rewards(&[1.0, 0.0], &comps), &comps[0], 1e-12);
+        assert_close(
+            &blended_rewards(&[1.0, 0.0], &comps).unwrap(),
+            &comps[0],
+            1e-12,
+        );
         assert!(near(group_mean_advantages(&[2.0], 1)[0], 0.0));
     }
 
@@ -206,7 +237,10 @@ mod tests {
         let direct = surrogate(
             &model,
             &train,
-            &group_mean_advantages(&blended_rewards(&phi, &[primary.clone(), aux.clone()]), 3),
+            &group_mean_advantages(
+                &blended_rewards(&phi, &[primary.clone(), aux.clone()]).unwrap(),
+                3,
+            ),
         )
         .1;
         let composed: Vec<f64> = (0..direct.len())

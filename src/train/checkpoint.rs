@@ -40,6 +40,9 @@ pub struct TrainState {
     /// `[reward.pipeline]` running state: shaper statistics, reference cache and RNG.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_pipeline: Option<crate::train::reward_hook::RewarderState>,
+    /// `[reward.pipeline.blend]`: the current blend weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend: Option<crate::train::blend::BlendState>,
     /// Updates skipped so far for a non-finite loss or gradient norm (`loss/skipped_steps`).
     /// A checkpoint written before this field existed reads 0 (what it had counted is lost).
     #[serde(default)]
@@ -324,6 +327,7 @@ mod tests {
             adv_state: Default::default(),
             lagged: None,
             reward_pipeline: None,
+            blend: None,
             skipped_steps: 2,
             env_episodes: None,
             critic_optimizer_t: None,

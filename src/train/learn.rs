@@ -41,6 +41,8 @@ pub struct Learner {
     pub run_dir: PathBuf,
     /// `[reward.pipeline]` scoring of freshly sampled groups (None: the verifier alone).
     pub rewards: Option<crate::train::reward_hook::PipelineRewarder>,
+    /// `[reward.pipeline.blend]`: the learned weights of the training reward (None: fixed).
+    pub blend: Option<crate::train::blend::Blender>,
     /// Updates skipped because the loss or gradient norm was not finite (over the run:
     /// checkpointed and restored on resume).
     pub skipped_steps: usize,
@@ -91,6 +93,7 @@ impl Learner {
             adv_state: Default::default(),
             run_dir: run_dir.to_path_buf(),
             rewards: None,
+            blend: None,
             skipped_steps: 0,
             refill: None,
             ada: None,

@@ -6,6 +6,7 @@
 //! lagged (a separate older copy refreshed every `sync.interval` steps, `sync.offset` steps
 //! ahead), async (an explorer thread and a bounded buffer), a shared buffer filled by
 //! `grove explore` processes, or an offline JSONL file.
+pub mod blend;
 pub mod checkpoint;
 pub mod critic;
 pub mod eva_generator;

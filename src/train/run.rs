@@ -148,6 +148,13 @@ fn train_in(
                 .map(|s| (ckpt.as_deref().unwrap_or(run_dir.as_path()), s)),
         )?);
     }
+    learner.blend = super::blend::Blender::for_run(
+        cfg,
+        start
+            .blend
+            .clone()
+            .map(|s| (ckpt.as_deref().unwrap_or(run_dir.as_path()), s)),
+    )?;
     let restored = Restored {
         offline,
         lagged: start.lagged,
@@ -287,6 +294,8 @@ struct Start {
     explore_st: ExploreState,
     /// The checkpoint's rewarder state on resume (`Some(None)`: the checkpoint had none).
     reward_pipeline: Option<Option<reward_hook::RewarderState>>,
+    /// The checkpoint's blend weights on resume (`Some(None)`: the checkpoint had none).
+    blend: Option<Option<super::blend::BlendState>>,
     lagged: Option<(checkpoint::LaggedState, Llama)>,
     pending: Vec<ExperienceGroup>,
 }
@@ -354,6 +363,7 @@ fn restore(
         acc_after_warmup: st.acc_after_warmup,
         explore_st: st.explore.clone(),
         reward_pipeline: Some(st.reward_pipeline.clone()),
+        blend: Some(st.blend.clone()),
         lagged: st.lagged.clone().zip(behaviour),
         pending,
     };
@@ -383,6 +393,7 @@ fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) ->
         acc_after_warmup: acc,
         explore_st: ExploreState::for_trainer(cfg, env.task.as_ref())?,
         reward_pipeline: None,
+        blend: None,
         lagged: None,
         pending: vec![],
     })
@@ -425,6 +436,7 @@ impl RunState<'_> {
             adv_state: learner.adv_state.clone(),
             lagged,
             reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
+            blend: learner.blend.as_ref().map(|b| b.state()),
             skipped_steps: learner.skipped_steps,
             env_episodes: self.env.environment.as_ref().map(|r| r.episodes_numbered()),
             critic_optimizer_t: learner.critic.as_ref().map(|c| c.opt.t),
@@ -477,7 +489,14 @@ impl RunState<'_> {
                     }
                 }
             }
+            // [reward.pipeline.blend]: the rewards become the blend with the current weights,
+            // and the weights take their step, at the policy that sampled the batch.
+            let blend_m = match learner.blend.as_mut() {
+                Some(b) => Some(b.step(env, &learner.model, &mut batch.groups)?),
+                None => None,
+            };
             let mut m = learner.learn(env, &batch.groups, s, batch.generate_s, batch.dropped)?;
+            m.extend(blend_m.into_iter().flatten());
             source.after_update(env, learner)?;
             step = s;
             if step.is_multiple_of(cfg.train.eval_every) || step == steps {

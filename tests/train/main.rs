@@ -2,6 +2,7 @@
 //! remote rollouts, pretrained policies.
 //!
 //! One binary per group (each test binary links the whole crate), one module per topic.
+mod blend;
 #[path = "../common/mod.rs"]
 mod common;
 mod distributed;

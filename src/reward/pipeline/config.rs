@@ -244,6 +244,110 @@ pub struct PipelineConfig {
     /// Prompts whose reference rewards are kept for reuse (the oldest are evicted beyond it).
     #[serde(default = "default_cache_size")]
     pub reference_cache_size: usize,
+    /// Learned blend weights (BARFI, docs/rewards.md#learned-blend-weights): the weights of a
+    /// primary and an auxiliary component move each step to raise the primary's return after
+    /// the policy's step; unset: the components' weights stay as configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend: Option<BlendConfig>,
+}
+
+fn default_heldout_groups() -> usize {
+    1
+}
+
+/// β·α when `blend.outer_lr` is unset: dJ/dφ is proportional to α, so β = this / α moves a
+/// weight by this times ⟨∇J(θ'), g_k⟩ per step whatever the policy's learning rate.
+pub const DEFAULT_BLEND_OUTER_STEP: f64 = 0.01;
+
+/// `[reward.pipeline.blend]`: the training reward is φ_p·primary + φ_a·auxiliary, starting
+/// from the two components' `weight`s, and φ steps by β·dJ(θ')/dφ ([`crate::reward::blend`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlendConfig {
+    /// The component whose return the weights are learned to raise: the held-out groups are
+    /// scored by it alone. The initial weight φ_p is its `weight`.
+    pub primary: String,
+    /// The component whose weight is learned next to the primary's (initial φ_a: its
+    /// `weight`). Every other component must have weight 0 (it is logged, not trained on).
+    pub auxiliary: String,
+    /// β: the outer step size, φ ← φ + β·dJ(θ')/dφ (unset: 0.01/α; dJ/dφ is proportional
+    /// to α, so a step then moves a weight by 0.01·⟨∇J(θ'), g_k⟩).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_lr: Option<f64>,
+    /// α: the inner step size of the look-ahead θ' = θ + α·g(φ) (unset: `train.lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_lr: Option<f64>,
+    /// The last this many groups of each step form the held-out batch of the outer objective
+    /// J (the inner gradient g does not see them; the policy's own step uses every group).
+    /// Default 1.
+    #[serde(default = "default_heldout_groups")]
+    pub heldout_groups: usize,
+}
+
+impl BlendConfig {
+    /// Checks the blend against the pipeline's components (`known`: their names and weights)
+    /// and shaping; messages start with the key inside `[reward.pipeline]`.
+    fn validate(
+        &self,
+        components: &[ComponentConfig],
+        shaping: &ShapingConfig,
+    ) -> std::result::Result<(), String> {
+        let known = || {
+            components
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (key, name) in [("primary", &self.primary), ("auxiliary", &self.auxiliary)] {
+            if !components.iter().any(|c| &c.name == name) {
+                return Err(verr(format!(
+                    "blend.{key}: `{name}` is not a component (known: {})",
+                    known()
+                )));
+            }
+        }
+        if self.primary == self.auxiliary {
+            return Err(verr(format!(
+                "blend.auxiliary: expected a component other than the primary, found `{}` for both",
+                self.primary
+            )));
+        }
+        if let Some((i, c)) = components
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name != self.primary && c.name != self.auxiliary && c.weight() != 0.0)
+        {
+            return Err(verr(format!(
+                "components[{i}] (`{}`).weight: with blend the training reward is φ_p·{} + \
+                 φ_a·{} alone, so every other component needs weight 0 (logged only), found {}",
+                c.name,
+                self.primary,
+                self.auxiliary,
+                c.weight()
+            )));
+        }
+        if !is_no_shaping(shaping) {
+            return Err(verr(format!(
+                "shaping: blend needs the reward linear in the weights (its gradient is exact \
+                 only then); shape the components themselves, found pipeline shaping {shaping:?}"
+            )));
+        }
+        if let Some(b) = self.outer_lr.filter(|b| !(b.is_finite() && *b >= 0.0)) {
+            return Err(verr(format!(
+                "blend.outer_lr: expected a finite number >= 0, found {b}"
+            )));
+        }
+        if let Some(a) = self.inner_lr.filter(|a| !(a.is_finite() && *a > 0.0)) {
+            return Err(verr(format!(
+                "blend.inner_lr: expected a finite number > 0, found {a}"
+            )));
+        }
+        if self.heldout_groups == 0 {
+            return Err(verr("blend.heldout_groups: expected >= 1, found 0"));
+        }
+        Ok(())
+    }
 }
 
 impl PipelineConfig {
@@ -264,6 +368,7 @@ impl PipelineConfig {
             shaping: ShapingConfig::None,
             reference_samples: DEFAULT_REFERENCE_SAMPLES,
             reference_cache_size: DEFAULT_REFERENCE_CACHE_SIZE,
+            blend: None,
         }
     }
 
@@ -403,6 +508,9 @@ impl PipelineConfig {
         }
         if self.reference_cache_size == 0 {
             return Err(verr("reference_cache_size: expected >= 1, found 0"));
+        }
+        if let Some(b) = &self.blend {
+            b.validate(&self.components, &self.shaping)?;
         }
         Ok(())
     }
