@@ -58,7 +58,12 @@ fn shortest_bandit_dt(cfg: &RunConfig) -> f64 {
     let arm = cfg
         .env
         .as_ref()
-        .map(|e| e.bandit_arm_durations_s.iter().copied().fold(f64::INFINITY, f64::min))
+        .map(|e| {
+            e.bandit_arm_durations_s
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+        })
         .unwrap_or(f64::INFINITY);
     effective_duration(arm, d.t_min, d.t_floor, d.unparsable).min(d.unparsable)
 }

@@ -849,7 +849,10 @@ mod tests {
             (s.info["arm"].clone(), s.info["duration_s"].clone(), s.done),
             (json!(2), json!(3.0), false)
         );
-        assert_eq!(s.messages[0].content, format!("paid {:.1}. time left 1s.", s.reward));
+        assert_eq!(
+            s.messages[0].content,
+            format!("paid {:.1}. time left 1s.", s.reward)
+        );
         // 3 + 0.5 + 0.5 = 4 s: the budget is spent.
         assert!(!b.step("3", soon()).unwrap().done);
         let s = b.step("3", soon()).unwrap();

@@ -600,7 +600,10 @@ mod tests {
             bandit_budget_s: budget,
             ..Default::default()
         };
-        assert_eq!(bandit(vec![1.0, 3.0], vec![1.0, 2.0], 10.0).validate(), Ok(()));
+        assert_eq!(
+            bandit(vec![1.0, 3.0], vec![1.0, 2.0], 10.0).validate(),
+            Ok(())
+        );
         for (cfg, message) in [
             (
                 bandit(vec![1.0], vec![1.0], 10.0),

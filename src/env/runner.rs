@@ -173,7 +173,13 @@ impl EnvRunner {
                     let exec = super::episode::exec_time(&e.infos, d.unparsable);
                     effective_duration(exec, d.t_min, d.t_floor, d.unparsable)
                 };
-                fill_paced((prompts, group), (p.window_s, p.max_rounds), dt, p.rng, draw)?
+                fill_paced(
+                    (prompts, group),
+                    (p.window_s, p.max_rounds),
+                    dt,
+                    p.rng,
+                    draw,
+                )?
             }
         };
         let discount = self.config().discount;
@@ -190,7 +196,9 @@ impl EnvRunner {
             let drawn_rewards = if eps.iter().all(|(_, kept)| *kept) {
                 vec![]
             } else {
-                eps.iter().map(|(e, _)| e.discounted_return(discount)).collect()
+                eps.iter()
+                    .map(|(e, _)| e.discounted_return(discount))
+                    .collect()
             };
             out.push(ExperienceGroup {
                 group_id,

@@ -249,7 +249,10 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(asked, vec![vec![(0, 2), (1, 2)], vec![(1, 1)], vec![(1, 1)]]);
+        assert_eq!(
+            asked,
+            vec![vec![(0, 2), (1, 2)], vec![(1, 1)], vec![(1, 1)]]
+        );
         assert_eq!(out[0], vec![(1.0, true), (3.0, true)]);
         assert_eq!(
             out[1],
@@ -283,9 +286,13 @@ mod tests {
     fn the_round_cap_and_short_episodes_are_errors() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         // p = 1e-9: nothing is kept in 3 rounds.
-        let e = fill_paced::<f64, PaceError>((1, 2), (1.0, 3), |&d| d, &mut rng, |req| {
-            Ok(vec![1e9; req[0].1])
-        })
+        let e = fill_paced::<f64, PaceError>(
+            (1, 2),
+            (1.0, 3),
+            |&d| d,
+            &mut rng,
+            |req| Ok(vec![1e9; req[0].1]),
+        )
         .unwrap_err();
         assert_eq!(
             e,
@@ -298,9 +305,18 @@ mod tests {
         );
         let e: crate::error::Error = e.into();
         assert!(e.to_string().contains("sampling.pace_max_rounds"), "{e}");
-        let e = fill_paced::<f64, PaceError>((2, 1), (1.0, 3), |&d| d, &mut rng, |req| {
-            Ok(req.iter().map(|&(g, _)| if g == 1 { 0.5 } else { 1.0 }).collect())
-        })
+        let e = fill_paced::<f64, PaceError>(
+            (2, 1),
+            (1.0, 3),
+            |&d| d,
+            &mut rng,
+            |req| {
+                Ok(req
+                    .iter()
+                    .map(|&(g, _)| if g == 1 { 0.5 } else { 1.0 })
+                    .collect())
+            },
+        )
         .unwrap_err();
         assert_eq!(
             e,

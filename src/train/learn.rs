@@ -215,7 +215,10 @@ impl Learner {
                 (kept, g.drawn_rewards.as_slice())
             }));
             m.insert("sampling/pace_kept_frac".into(), s.kept_frac());
-            m.insert("sampling/pace_drawn_reward_mean".into(), s.drawn_reward_mean);
+            m.insert(
+                "sampling/pace_drawn_reward_mean".into(),
+                s.drawn_reward_mean,
+            );
         }
         let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
         let staleness: Vec<f64> = groups
