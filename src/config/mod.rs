@@ -6,6 +6,7 @@
 //! Layering, lowest first: built-in defaults (the quickstart), the recipe named by `recipe`,
 //! the file's own values, then `--set section.key=value` overrides.
 pub mod critic;
+pub mod pace_rules;
 pub mod pipeline_rules;
 mod plan;
 pub mod recipes;
@@ -785,6 +786,7 @@ impl RunConfig {
         critic::validate(self).map_err(|m| Error::config(source, m))?;
         self.validate_sampling()
             .map_err(|m| Error::config(source, m))?;
+        pace_rules::validate(self).map_err(|m| Error::config(source, m))?;
         if self.sampling.inject_ground_truth && self.rollout.group_size < 2 {
             return err("sampling.inject_ground_truth needs rollout.group_size >= 2".into());
         }

@@ -17,6 +17,10 @@ pub enum Purpose {
     Train,
     /// `grove train --resume`: the checks of `Train`, and a sync mode that resumes exactly.
     Resume,
+    /// Reading a finished run back (`grove experiment --reuse` of an async run): the checks
+    /// of `Train`; no step is trained, so the sync mode need not resume exactly
+    /// (`train::run` refuses such a run when it is not finished).
+    ReadBack,
     /// `grove explore`: the config's own checks (`[remote]` is what an explorer samples
     /// through; the buffer is the one given with `--buffer`).
     Explore,
@@ -70,7 +74,10 @@ pub fn validate(mut raw: RunConfig, source: &str, purpose: Purpose) -> Result<Va
     if purpose == Purpose::Resume {
         resume::refuse_inexact(&raw)?;
     }
-    if matches!(purpose, Purpose::Train | Purpose::Resume) {
+    if matches!(
+        purpose,
+        Purpose::Train | Purpose::Resume | Purpose::ReadBack
+    ) {
         check_train_preconditions(&raw)?;
     }
     let warnings = raw.warnings();
@@ -156,7 +163,14 @@ mod tests {
     fn each_purpose_adds_its_own_checks() {
         let mut raw = RunConfig::default();
         raw.sync.mode = SyncMode::Async;
-        for p in [Purpose::Train, Purpose::Explore, Purpose::Inspect] {
+        // ReadBack trains no step: an async run may be read back (train::run refuses it
+        // unless finished).
+        for p in [
+            Purpose::Train,
+            Purpose::Explore,
+            Purpose::Inspect,
+            Purpose::ReadBack,
+        ] {
             assert!(validate(raw.clone(), "test", p).is_ok(), "{p:?}");
         }
         let e = validate(raw, "test", Purpose::Resume)
@@ -171,7 +185,7 @@ mod tests {
         for p in [Purpose::Explore, Purpose::Inspect] {
             assert!(validate(raw.clone(), "test", p).is_ok(), "{p:?}");
         }
-        for p in [Purpose::Train, Purpose::Resume] {
+        for p in [Purpose::Train, Purpose::Resume, Purpose::ReadBack] {
             let e = validate(raw.clone(), "test", p).unwrap_err().to_string();
             assert!(
                 e.contains("only when it can push its weights"),

@@ -36,7 +36,14 @@ pub fn make(
                 .unwrap_or(CALCULATOR_PROMPT);
             Box::new(CalculatorArithmetic::new(cfg.digits, Toolbox::new(tools)).with_prompt(prompt))
         }
-        EnvKind::Bandit => Box::new(Bandit::default()),
+        EnvKind::Bandit => Box::new(Bandit::new(
+            cfg.bandit_arm_durations_s
+                .iter()
+                .copied()
+                .zip(cfg.bandit_arm_payoffs.iter().copied())
+                .collect(),
+            cfg.bandit_budget_s,
+        )),
         EnvKind::Guess | EnvKind::Program => {
             Box::new(Guess::new(cfg.guess_max, cfg.guess_valid_reward))
         }
@@ -434,40 +441,93 @@ impl Environment for CalculatorArithmetic {
     }
 }
 
-/// A timed bandit: arm 1 takes 1 simulated second and pays 1 on average, arm 2 takes 3 and
-/// pays 4 (more per pull and per second). Pulls go on until 10 simulated seconds are spent;
-/// each step's info records the arm and its duration.
-#[derive(Default)]
+/// A timed bandit: each arm takes its simulated seconds and pays its mean on average
+/// (`env.bandit_arm_durations_s`, `env.bandit_arm_payoffs`; by default arm 1 takes 1 s and pays
+/// 1, arm 2 takes 3 s and pays 4, more per pull and per second). Pulls go on until
+/// `env.bandit_budget_s` simulated seconds are spent; each step's info records the arm and its
+/// duration.
 pub struct Bandit {
+    /// (duration in simulated seconds, mean payout) of each arm, arm 1 first.
+    arms: Vec<(f64, f64)>,
+    budget_s: f64,
     rng: Option<ChaCha8Rng>,
     elapsed_s: f64,
 }
 
-/// (duration in simulated seconds, mean payout) of each arm.
-pub const BANDIT_ARMS: [(f64, f64); 2] = [(1.0, 1.0), (3.0, 4.0)];
+/// The default arms' durations (simulated seconds) and mean payouts, and the budget.
+pub const BANDIT_ARM_DURATIONS_S: [f64; 2] = [1.0, 3.0];
+pub const BANDIT_ARM_PAYOFFS: [f64; 2] = [1.0, 4.0];
 pub const BANDIT_BUDGET_S: f64 = 10.0;
+
+impl Default for Bandit {
+    fn default() -> Self {
+        Bandit::new(
+            BANDIT_ARM_DURATIONS_S
+                .into_iter()
+                .zip(BANDIT_ARM_PAYOFFS)
+                .collect(),
+            BANDIT_BUDGET_S,
+        )
+    }
+}
+
+impl Bandit {
+    /// `arms`: (duration, mean payout) of each arm, arm 1 first (validated by `EnvConfig`).
+    pub fn new(arms: Vec<(f64, f64)>, budget_s: f64) -> Self {
+        Bandit {
+            arms,
+            budget_s,
+            rng: None,
+            elapsed_s: 0.0,
+        }
+    }
+
+    /// "reply 1 or 2." / "reply 1, 2 or 3."
+    fn reply_hint(&self) -> String {
+        let n = self.arms.len();
+        let first: Vec<String> = (1..n).map(|a| a.to_string()).collect();
+        format!("reply {} or {n}.", first.join(", "))
+    }
+}
 
 impl Environment for Bandit {
     fn reset(&mut self, seed: u64) -> Result<Reset> {
         self.rng = Some(ChaCha8Rng::seed_from_u64(seed));
         self.elapsed_s = 0.0;
+        let arms: Vec<String> = self
+            .arms
+            .iter()
+            .enumerate()
+            .map(|(i, (d, _))| format!("arm {} takes {d}s", i + 1))
+            .collect();
         Ok(Reset {
             messages: vec![user(format!(
-                "arm 1 takes 1s, arm 2 takes 3s. time left {BANDIT_BUDGET_S}s. reply 1 or 2."
+                "{}. time left {}s. {}",
+                arms.join(", "),
+                self.budget_s,
+                self.reply_hint()
             ))],
             tools: vec![],
-            hidden: Some(format!(
-                "arm 1 pays {} on average, arm 2 pays {}",
-                BANDIT_ARMS[0].1, BANDIT_ARMS[1].1
-            )),
+            hidden: Some(
+                self.arms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, pays))| match i {
+                        0 => format!("arm 1 pays {pays} on average"),
+                        _ => format!("arm {} pays {pays}", i + 1),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
         })
     }
 
     fn step(&mut self, message: &str, _deadline: Instant) -> Result<StepResult> {
-        let arm = first_integer(message).filter(|a| (1..=2).contains(a));
+        let n = self.arms.len() as i128;
+        let arm = first_integer(message).filter(|a| (1..=n).contains(a));
         let Some(arm) = arm else {
             return Ok(StepResult {
-                messages: vec![user("reply 1 or 2.".into())],
+                messages: vec![user(self.reply_hint())],
                 reward: 0.0,
                 done: false,
                 // No action ran: its duration is unknown (duration-aware updates give it the
@@ -475,14 +535,14 @@ impl Environment for Bandit {
                 info: json!({"arm": null, "duration_s": null, "elapsed_s": self.elapsed_s}),
             });
         };
-        let (duration, mean) = BANDIT_ARMS[arm as usize - 1];
+        let (duration, mean) = self.arms[arm as usize - 1];
         let u: f64 = self
             .rng
             .get_or_insert_with(|| ChaCha8Rng::seed_from_u64(0))
             .gen();
         let payout = mean * (0.5 + u);
         self.elapsed_s += duration;
-        let left = BANDIT_BUDGET_S - self.elapsed_s;
+        let left = self.budget_s - self.elapsed_s;
         let done = left <= 0.0;
         Ok(StepResult {
             messages: if done {
@@ -798,9 +858,14 @@ mod tests {
         assert_eq!((s.done, s.info["elapsed_s"].clone()), (true, json!(10.0)));
         assert!((0.5..1.5).contains(&s.reward));
         let mut b = Bandit::default();
-        b.reset(9).unwrap();
+        let r = b.reset(9).unwrap();
+        assert_eq!(
+            r.messages[0].content,
+            "arm 1 takes 1s, arm 2 takes 3s. time left 10s. reply 1 or 2."
+        );
         let s = b.step("3", soon()).unwrap();
         assert!(!s.done);
+        assert_eq!(s.messages[0].content, "reply 1 or 2.");
         assert_eq!(s.info["duration_s"], serde_json::Value::Null);
     }
 
@@ -834,5 +899,51 @@ mod tests {
             r.hidden.as_deref(),
             Some("arm 1 pays 1 on average, arm 2 pays 4")
         );
+    }
+
+    /// `env.bandit_*` set the arms and the budget; the prompt lists them; the payout of a pull
+    /// is the arm's mean × (0.5 + u) with the same u as the default bandit's first pull.
+    #[test]
+    fn bandit_arms_follow_the_config() {
+        let cfg = EnvConfig {
+            kind: EnvKind::Bandit,
+            bandit_arm_durations_s: vec![1.0, 3.0, 0.5],
+            bandit_arm_payoffs: vec![1.0, 2.0, 0.25],
+            bandit_budget_s: 4.0,
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        let mut b = make(EnvKind::Bandit, &cfg, vec![]);
+        let r = b.reset(9).unwrap();
+        assert_eq!(
+            r.messages[0].content,
+            "arm 1 takes 1s, arm 2 takes 3s, arm 3 takes 0.5s. time left 4s. reply 1, 2 or 3."
+        );
+        assert_eq!(
+            r.hidden.as_deref(),
+            Some("arm 1 pays 1 on average, arm 2 pays 2, arm 3 pays 0.25")
+        );
+        let mut default = Bandit::default();
+        default.reset(9).unwrap();
+        // arm 1 pays mean 1 in both: the same u, so the same payout.
+        let u_payout = default.step("1", soon()).unwrap().reward;
+        let s = b.step("2", soon()).unwrap();
+        assert!((s.reward - 2.0 * u_payout).abs() < 1e-12, "{}", s.reward);
+        assert_eq!(
+            (s.info["arm"].clone(), s.info["duration_s"].clone(), s.done),
+            (json!(2), json!(3.0), false)
+        );
+        assert_eq!(
+            s.messages[0].content,
+            format!("paid {:.1}. time left 1s.", s.reward)
+        );
+        // 3 + 0.5 + 0.5 = 4 s: the budget is spent.
+        assert!(!b.step("3", soon()).unwrap().done);
+        let s = b.step("3", soon()).unwrap();
+        assert_eq!((s.done, s.info["elapsed_s"].clone()), (true, json!(4.0)));
+        b.reset(9).unwrap();
+        let s = b.step("4", soon()).unwrap();
+        assert_eq!(s.info["arm"], serde_json::Value::Null);
+        assert_eq!(s.messages[0].content, "reply 1, 2 or 3.");
     }
 }

@@ -253,6 +253,11 @@ pub fn episode_exec_time(episode: &Value, unparsable: f64) -> f64 {
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
+    exec_time(infos, unparsable)
+}
+
+/// [`episode_exec_time`] of an episode's step infos.
+pub fn exec_time(infos: &[Value], unparsable: f64) -> f64 {
     let times: Vec<Option<f64>> = infos
         .iter()
         .map(|i| {

@@ -170,6 +170,14 @@ pub struct EnvConfig {
     /// operands closer to where a small model must copy them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calculator_prompt: Option<String>,
+    /// `bandit`: simulated seconds each arm's pull takes, arm 1 first (at least two arms;
+    /// each > 0). The prompt names them.
+    pub bandit_arm_durations_s: Vec<f64>,
+    /// `bandit`: mean payout of each arm, in the order of `bandit_arm_durations_s` (one per
+    /// arm); a pull pays mean × (0.5 + u), u uniform in [0, 1) from the episode's seed.
+    pub bandit_arm_payoffs: Vec<f64>,
+    /// `bandit`: simulated seconds per episode: pulls go on until they are spent (> 0).
+    pub bandit_budget_s: f64,
     /// `program`: the program and its arguments.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub program: Vec<String>,
@@ -209,6 +217,9 @@ impl Default for EnvConfig {
             countdown_max_target: 999,
             countdown_prompt: CountdownPrompt::Full,
             calculator_prompt: None,
+            bandit_arm_durations_s: builtin::BANDIT_ARM_DURATIONS_S.to_vec(),
+            bandit_arm_payoffs: builtin::BANDIT_ARM_PAYOFFS.to_vec(),
+            bandit_budget_s: builtin::BANDIT_BUDGET_S,
             program: vec![],
             pool: 4,
             max_consecutive_failures: 5,
@@ -310,6 +321,7 @@ impl EnvConfig {
                 ));
             }
         }
+        self.validate_bandit()?;
         match (self.kind, self.program.first()) {
             (EnvKind::Program, None) => {
                 return Err(
@@ -336,6 +348,61 @@ impl EnvConfig {
                     "env.tools[{i}]: needs a name and command = [\"program\", \"args\"...]"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The `bandit_*` keys: one duration and one payoff per arm, at least two arms, durations
+    /// and budget finite and positive; set only with `kind = "bandit"`.
+    fn validate_bandit(&self) -> std::result::Result<(), String> {
+        let default = EnvConfig::default();
+        let changed = self.bandit_arm_durations_s != default.bandit_arm_durations_s
+            || self.bandit_arm_payoffs != default.bandit_arm_payoffs
+            || self.bandit_budget_s != default.bandit_budget_s;
+        if self.kind != EnvKind::Bandit {
+            if changed {
+                return Err("env.bandit_arm_durations_s, env.bandit_arm_payoffs and \
+                            env.bandit_budget_s apply to env.kind = \"bandit\" only"
+                    .into());
+            }
+            return Ok(());
+        }
+        let (durations, payoffs) = (&self.bandit_arm_durations_s, &self.bandit_arm_payoffs);
+        if durations.len() < 2 {
+            return Err(format!(
+                "env.bandit_arm_durations_s must list at least two arms, found {}",
+                durations.len()
+            ));
+        }
+        if payoffs.len() != durations.len() {
+            return Err(format!(
+                "env.bandit_arm_payoffs must have one entry per arm: env.bandit_arm_durations_s \
+                 lists {} arms, env.bandit_arm_payoffs has {}",
+                durations.len(),
+                payoffs.len()
+            ));
+        }
+        if let Some((i, d)) = durations
+            .iter()
+            .enumerate()
+            .find(|(_, d)| !(d.is_finite() && **d > 0.0))
+        {
+            return Err(format!(
+                "env.bandit_arm_durations_s[{i}] (arm {}) must be a finite number > 0, found {d}",
+                i + 1
+            ));
+        }
+        if let Some((i, m)) = payoffs.iter().enumerate().find(|(_, m)| !m.is_finite()) {
+            return Err(format!(
+                "env.bandit_arm_payoffs[{i}] (arm {}) must be a finite number, found {m}",
+                i + 1
+            ));
+        }
+        if !(self.bandit_budget_s.is_finite() && self.bandit_budget_s > 0.0) {
+            return Err(format!(
+                "env.bandit_budget_s must be a finite number > 0, found {}",
+                self.bandit_budget_s
+            ));
         }
         Ok(())
     }
@@ -531,6 +598,50 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("applies to env.kind = \"calculator-arithmetic\" only"));
+        let bandit = |durations: Vec<f64>, payoffs: Vec<f64>, budget: f64| EnvConfig {
+            kind: EnvKind::Bandit,
+            bandit_arm_durations_s: durations,
+            bandit_arm_payoffs: payoffs,
+            bandit_budget_s: budget,
+            ..Default::default()
+        };
+        assert_eq!(
+            bandit(vec![1.0, 3.0], vec![1.0, 2.0], 10.0).validate(),
+            Ok(())
+        );
+        for (cfg, message) in [
+            (
+                bandit(vec![1.0], vec![1.0], 10.0),
+                "env.bandit_arm_durations_s must list at least two arms, found 1",
+            ),
+            (
+                bandit(vec![1.0, 3.0], vec![1.0], 10.0),
+                "env.bandit_arm_payoffs must have one entry per arm: env.bandit_arm_durations_s \
+                 lists 2 arms, env.bandit_arm_payoffs has 1",
+            ),
+            (
+                bandit(vec![1.0, 0.0], vec![1.0, 2.0], 10.0),
+                "env.bandit_arm_durations_s[1] (arm 2) must be a finite number > 0, found 0",
+            ),
+            (
+                bandit(vec![1.0, 2.0], vec![f64::NAN, 2.0], 10.0),
+                "env.bandit_arm_payoffs[0] (arm 1) must be a finite number, found NaN",
+            ),
+            (
+                bandit(vec![1.0, 2.0], vec![1.0, 2.0], -1.0),
+                "env.bandit_budget_s must be a finite number > 0, found -1",
+            ),
+            (
+                EnvConfig {
+                    bandit_budget_s: 5.0,
+                    ..Default::default()
+                },
+                "env.bandit_arm_durations_s, env.bandit_arm_payoffs and env.bandit_budget_s \
+                 apply to env.kind = \"bandit\" only",
+            ),
+        ] {
+            assert_eq!(cfg.validate().unwrap_err(), message);
+        }
         let p: EnvConfig =
             toml::from_str("kind = \"program\"\nprogram = [\"python3\", \"g.py\"]").unwrap();
         assert_eq!(p.external_programs(), vec!["env.program: python3 g.py"]);

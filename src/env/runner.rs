@@ -11,12 +11,25 @@ use rand_chacha::ChaCha8Rng;
 use super::countdown_eva::{CountdownPuzzles, Puzzle};
 use super::episode::{Episode, Rollout, Transcript};
 use super::{DataRow, EnvConfig, EnvKind, Factory, Start};
+use crate::advantage::adjust::effective_duration;
+use crate::advantage::config::DurationConfig;
 use crate::buffer::{Experience, ExperienceGroup};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Tokenizer};
 use crate::reward::Verdict;
 use crate::rollout::SamplingParams;
+use crate::sampling::pace::fill_paced;
 use crate::task::{Problem, Task};
+
+/// Time pacing of a batch (`sampling.pace = "time"`): the window and round cap, how an
+/// episode's Δt is priced (`[advantage.duration]`, as the duration weights price it) and the
+/// run's pace stream.
+pub struct Pacing<'a> {
+    pub window_s: f64,
+    pub max_rounds: usize,
+    pub duration: &'a DurationConfig,
+    pub rng: &'a mut ChaCha8Rng,
+}
 
 /// Held-out seeds have the top bit set, training seeds do not: the splits never share one.
 const HELDOUT_BIT: u64 = 1 << 63;
@@ -124,7 +137,10 @@ impl EnvRunner {
     }
 
     /// `prompts` groups of `group` episodes, each group from one training start drawn from
-    /// `prompt_rng`; token draws from `sample_rng`.
+    /// `prompt_rng`; token draws from `sample_rng`. With `pacing` (`sampling.pace = "time"`)
+    /// each episode is kept with probability window/Δt and more episodes of the group's start
+    /// are drawn until it is full; the rewards of every episode drawn, kept or not, go to the
+    /// group's `drawn_rewards` when some were discarded.
     #[allow(clippy::too_many_arguments)]
     pub fn collect<M: CausalLm + ?Sized>(
         &self,
@@ -133,8 +149,8 @@ impl EnvRunner {
         params: SamplingParams,
         (prompts, group): (usize, usize),
         version: u64,
-        prompt_rng: &mut ChaCha8Rng,
-        sample_rng: &mut ChaCha8Rng,
+        (prompt_rng, sample_rng): (&mut ChaCha8Rng, &mut ChaCha8Rng),
+        pacing: Option<Pacing<'_>>,
         next_group_id: &mut u64,
     ) -> Result<Vec<ExperienceGroup>> {
         let starts: Vec<Start> = (0..prompts).map(|_| self.draw_start(prompt_rng)).collect();
@@ -145,11 +161,13 @@ impl EnvRunner {
             (&starts, group),
             version,
             sample_rng,
+            pacing,
             next_group_id,
         )
     }
 
-    /// One group of `group` episodes from each of `starts`; token draws from `sample_rng`.
+    /// One group of `group` episodes from each of `starts` (drawn training starts, or eva's
+    /// pool puzzles); token draws from `sample_rng`; `pacing` as in [`EnvRunner::collect`].
     #[allow(clippy::too_many_arguments)]
     pub fn collect_starts<M: CausalLm + ?Sized>(
         &self,
@@ -159,27 +177,63 @@ impl EnvRunner {
         (starts, group): (&[Start], usize),
         version: u64,
         sample_rng: &mut ChaCha8Rng,
+        pacing: Option<Pacing<'_>>,
         next_group_id: &mut u64,
     ) -> Result<Vec<ExperienceGroup>> {
-        let starts: Vec<Start> = starts
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(s.clone(), group))
-            .collect();
-        let eps = self.episodes(model, tok, params, &starts, sample_rng)?;
+        let prompts = starts.len();
+        let mut draw = |requests: &[(usize, usize)]| {
+            let jobs: Vec<Start> = requests
+                .iter()
+                .flat_map(|&(g, n)| std::iter::repeat_n(starts[g].clone(), n))
+                .collect();
+            self.episodes(model, tok, params.clone(), &jobs, sample_rng)
+        };
+        let drawn: Vec<Vec<(Episode, bool)>> = match pacing {
+            None => {
+                let all: Vec<(usize, usize)> = (0..prompts).map(|g| (g, group)).collect();
+                let mut eps = draw(&all)?.into_iter();
+                (0..prompts)
+                    .map(|_| eps.by_ref().take(group).map(|e| (e, true)).collect())
+                    .collect()
+            }
+            Some(p) => {
+                let d = p.duration;
+                let dt = |e: &Episode| {
+                    let exec = super::episode::exec_time(&e.infos, d.unparsable);
+                    effective_duration(exec, d.t_min, d.t_floor, d.unparsable)
+                };
+                fill_paced(
+                    (prompts, group),
+                    (p.window_s, p.max_rounds),
+                    dt,
+                    p.rng,
+                    draw,
+                )?
+            }
+        };
         let discount = self.config().discount;
-        let mut out = Vec::with_capacity(starts.len() / group.max(1));
-        for chunk in eps.chunks(group) {
+        let mut out = Vec::with_capacity(prompts);
+        for eps in drawn {
             let group_id = *next_group_id;
             *next_group_id += 1;
-            let experiences = chunk
+            let experiences = eps
                 .iter()
-                .map(|e| experience(e, discount, group_id, version))
+                .filter(|(_, kept)| *kept)
+                .map(|(e, _)| experience(e, discount, group_id, version))
                 .collect();
+            // Empty when every drawn episode was kept (the experiences are all that was drawn).
+            let drawn_rewards = if eps.iter().all(|(_, kept)| *kept) {
+                vec![]
+            } else {
+                eps.iter()
+                    .map(|(e, _)| e.discounted_return(discount))
+                    .collect()
+            };
             out.push(ExperienceGroup {
                 group_id,
                 policy_version: version,
                 experiences,
-                drawn_rewards: vec![],
+                drawn_rewards,
             });
         }
         Ok(out)

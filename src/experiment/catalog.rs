@@ -303,21 +303,33 @@ const DURATION: Experiment = Experiment {
     claim: "Duration-aware updates: in an asynchronous bandit where the slow arm pays more, unweighted \
             policy gradient prefers the fast arm, and weighting each sample's loss by the time its \
             action took (w_i = Δt_i / mean Δt) recovers the slow one.",
-    setting: "the built-in `bandit` environment (arm 1: 1 s, pays 1 on average; arm 2: 3 s, pays 4), \
-              one pull per episode (a sample is one action), asynchronous rollouts (an explorer \
-              thread one version ahead), the `group-mean` baseline, the built-in model from random \
-              weights",
+    setting: "the built-in `bandit` environment with arm 1 taking 1 s and paying 1 on average, arm 2 \
+              taking 3 s and paying 2 (more per pull, less per second), one pull per episode (a \
+              sample is one action), a time-paced sample stream (each episode reaches the learner \
+              with probability 1 s / its duration, so the stream holds arm a in proportion to \
+              π(a)/Δt_a), asynchronous rollouts (an explorer thread one version ahead), plain \
+              REINFORCE with A = r (no baseline), the built-in model from random weights; \
+              `group-mean` adds the batch's group-mean baseline to the unweighted stream (the \
+              analysis predicts it prefers the slow arm without any weighting)",
     common: &[
-        "env.kind=\"bandit\"", "env.max_turns=1", "env.heldout_size=16", "sync.mode=\"async\"",
-        "sync.interval=1", "sync.max_staleness=1", "advantage.estimator=\"group-mean\"",
+        "env.kind=\"bandit\"", "env.max_turns=1", "env.heldout_size=16",
+        "env.bandit_arm_durations_s=[1.0, 3.0]", "env.bandit_arm_payoffs=[1.0, 2.0]",
+        "sampling.pace=\"time\"", "sampling.pace_window_s=1.0",
+        "sync.mode=\"async\"", "sync.interval=1", "sync.max_staleness=1",
+        "advantage.estimator=\"reinforce\"",
         "rollout.prompts_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=2",
         "train.steps=100", "train.eval_every=20", "train.checkpoint_every=100", "train.lr=3e-3",
     ],
     variants: &[
         Variant { label: "unweighted", sets: &[] },
         Variant { label: "duration-weighted", sets: &["advantage.duration.enabled=true"] },
+        Variant { label: "group-mean", sets: &["advantage.estimator=\"group-mean\""] },
     ],
-    tail_metrics: &["reward/mean"],
+    tail_metrics: &[
+        "sampling/pace_kept_frac",
+        "sampling/pace_drawn_reward_mean",
+        "reward/mean",
+    ],
     x_metric: None,
     offline: None,
     pass_at_k: None,

@@ -257,7 +257,7 @@ pub fn run_experiment(
 /// there, resumes it as `grove train --resume` does: a finished run is read back, not trained
 /// again (so seeds run as separate processes can be gathered into one page, with the same
 /// numbers a single invocation writes: runs are deterministic), and an unfinished one goes on
-/// from its last checkpoint. Its recorded config must be the one `sets` give; the error names
+/// from its last checkpoint (an unfinished async run is an error: it cannot resume exactly). Its recorded config must be the one `sets` give; the error names
 /// the keys that differ.
 fn train_or_resume(sets: &[String], dir: &Path, reuse: bool) -> Result<crate::train::Summary> {
     let quiet = TrainOptions {
@@ -269,7 +269,12 @@ fn train_or_resume(sets: &[String], dir: &Path, reuse: bool) -> Result<crate::tr
     }
     let raw = config::resume::resume_config(dir, None, sets, false)?;
     let source = dir.join("config.toml").display().to_string();
-    let cfg = config::validate(raw, &source, config::Purpose::Resume)?;
+    // An async run cannot be resumed exactly: only a finished one is read back.
+    let purpose = match raw.sync.mode {
+        config::SyncMode::Async => config::Purpose::ReadBack,
+        _ => config::Purpose::Resume,
+    };
+    let cfg = config::validate(raw, &source, purpose)?;
     run(
         cfg,
         &TrainOptions {

@@ -2,6 +2,7 @@
 //! (docs/algorithms.md#sampling-rules). Dropped samples keep their place in the batch with a zero mask, so
 //! they contribute nothing to the loss or its normaliser.
 pub mod eva;
+pub mod pace;
 pub mod reinforce_ada;
 
 use rand::seq::SliceRandom;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which samples of a step reach the loss: group filters between reward and advantage, and
 /// reference solutions injected into groups (docs/algorithms.md#sampling-rules).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingConfig {
     /// RED-Drop: treat r ≥ r̄ as positive; when negatives outnumber positives, drop random
@@ -28,11 +29,40 @@ pub struct SamplingConfig {
     /// TempSamp: replace the last of each group's G samples with the reference solution; its
     /// behaviour log-probs are the current policy's.
     pub inject_ground_truth: bool,
+    /// What sets the composition of the sample stream: `compute` (every sampled episode
+    /// reaches the learner) or `time` (episodes reach it at the rate their simulated actions
+    /// finish: each is kept with probability `pace_window_s` / Δt and more are drawn until
+    /// every group is full; `[env]` runs whose steps record `duration_s`;
+    /// docs/algorithms.md#duration-aware-updates).
+    pub pace: pace::Pace,
+    /// With `pace = "time"`: the window in simulated seconds, at most the shortest episode's
+    /// Δt (Δt priced as `[advantage.duration]` prices it). Required with `time`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pace_window_s: Option<f64>,
+    /// With `pace = "time"`: rounds of draws per batch at most before a group still short is
+    /// an error. Default 50.
+    pub pace_max_rounds: usize,
     /// Reinforce-Ada: adaptive rounds of samples per prompt (docs/algorithms.md#reinforce-ada).
     pub reinforce_ada: reinforce_ada::ReinforceAdaConfig,
     /// eva's creator loop: a prompt pool grown from its most informative prompts
     /// (docs/algorithms.md#sampling-rules).
     pub eva: eva::EvaConfig,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            red_drop: false,
+            filter_zero_std: false,
+            refill_max_rounds: 0,
+            inject_ground_truth: false,
+            reinforce_ada: Default::default(),
+            eva: Default::default(),
+            pace: pace::Pace::Compute,
+            pace_window_s: None,
+            pace_max_rounds: 50,
+        }
+    }
 }
 
 impl SamplingConfig {
@@ -45,6 +75,7 @@ impl SamplingConfig {
                 self.refill_max_rounds
             ));
         }
+        self.validate_pace()?;
         if self.refill_max_rounds > 0 && !on_policy_rollouts {
             return Err(
                 "sampling.refill_max_rounds applies to on-policy rollouts (sync.mode =                  \"on-policy\", no sync.buffer or sync.offline)"
@@ -52,6 +83,30 @@ impl SamplingConfig {
             );
         }
         Ok(())
+    }
+}
+
+impl SamplingConfig {
+    /// `pace_window_s` is given exactly when `pace = "time"`, finite and > 0; at least one round.
+    fn validate_pace(&self) -> Result<(), String> {
+        match (self.pace, self.pace_window_s) {
+            (pace::Pace::Time, None) => Err(
+                "sampling.pace = \"time\" needs sampling.pace_window_s: the window in simulated \
+                 seconds, at most the shortest episode's duration (each episode is kept with \
+                 probability pace_window_s / its duration)"
+                    .into(),
+            ),
+            (pace::Pace::Compute, Some(_)) => {
+                Err("sampling.pace_window_s applies with sampling.pace = \"time\" only".into())
+            }
+            (pace::Pace::Time, Some(w)) if !(w.is_finite() && w > 0.0) => Err(format!(
+                "sampling.pace_window_s must be a finite number > 0, found {w}"
+            )),
+            (pace::Pace::Time, Some(_)) if self.pace_max_rounds == 0 => {
+                Err("sampling.pace_max_rounds must be positive, found 0".into())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -247,6 +302,38 @@ mod tests {
         };
         assert_eq!(c.validate(true), Ok(()));
         assert!(c.validate(false).unwrap_err().contains("on-policy"));
+    }
+
+    #[test]
+    fn time_pace_needs_a_window() {
+        let time = |w: Option<f64>, rounds: usize| SamplingConfig {
+            pace: pace::Pace::Time,
+            pace_window_s: w,
+            pace_max_rounds: rounds,
+            ..Default::default()
+        };
+        assert_eq!(time(Some(1.0), 50).validate(false), Ok(()));
+        assert!(time(None, 50)
+            .validate(true)
+            .unwrap_err()
+            .starts_with("sampling.pace = \"time\" needs sampling.pace_window_s"));
+        assert_eq!(
+            time(Some(0.0), 50).validate(true).unwrap_err(),
+            "sampling.pace_window_s must be a finite number > 0, found 0"
+        );
+        assert_eq!(
+            time(Some(1.0), 0).validate(true).unwrap_err(),
+            "sampling.pace_max_rounds must be positive, found 0"
+        );
+        let compute = SamplingConfig {
+            pace_window_s: Some(1.0),
+            ..Default::default()
+        };
+        assert!(compute.validate(true).unwrap_err().contains("applies with"));
+        let e = toml::from_str::<SamplingConfig>("pace = \"wall\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("compute") && e.contains("time"), "{e}");
     }
 
     #[test]

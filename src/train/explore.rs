@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::{Experience, ExperienceGroup};
 use crate::config::{RunConfig, ValidatedRun};
-use crate::env::runner::{EnvRunner, EnvTask};
+use crate::env::runner::{EnvRunner, EnvTask, Pacing};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::reward::noise::NoiseInjector;
 use crate::rollout::engine::{LocalEngine, RolloutEngine};
 use crate::rollout::Generation;
+use crate::sampling::pace::Pace;
 use crate::task::eva_pool::PromptPool;
 use crate::task::{Problem, Task};
 use crate::train::reward_hook::PipelineRewarder;
@@ -127,6 +128,8 @@ pub const STREAM_LEARN: u64 = 3;
 pub const STREAM_WARMUP: u64 = 4;
 /// eva's creator: the initial prompt pool, then its selections and mutations.
 pub const STREAM_EVA: u64 = 5;
+/// `sampling.pace = "time"`: the uniforms that decide which episodes reach the learner.
+pub const STREAM_PACE: u64 = 6;
 /// Explorer processes `k = 1, 2, ...` use streams offset by this much times k.
 pub const STREAM_EXPLORER_STRIDE: u64 = 16;
 
@@ -149,6 +152,9 @@ pub struct ExploreState {
     /// evolved prompt set a checkpoint must keep). None: prompts come from the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eva: Option<PromptPool>,
+    /// `sampling.pace = "time"`: the pace stream (None otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace_rng: Option<ChaCha8Rng>,
 }
 
 impl ExploreState {
@@ -171,6 +177,8 @@ impl ExploreState {
             // Explorer k numbers its groups from k·2⁴⁸ so ids never collide across processes.
             next_group_id: explorer << 48,
             eva: None,
+            pace_rng: (cfg.sampling.pace == Pace::Time)
+                .then(|| rng_stream(cfg.seed, STREAM_PACE + off)),
         })
     }
 
@@ -222,6 +230,16 @@ pub fn collect_rewarded(
 ) -> Result<Vec<ExperienceGroup>> {
     if let Some(runner) = &env.environment {
         let r = &env.cfg.rollout;
+        let sampling = &env.cfg.sampling;
+        let pacing = match (sampling.pace_window_s, st.pace_rng.as_mut()) {
+            (Some(window_s), Some(rng)) if sampling.pace == Pace::Time => Some(Pacing {
+                window_s,
+                max_rounds: sampling.pace_max_rounds,
+                duration: &env.cfg.advantage.duration,
+                rng,
+            }),
+            _ => None,
+        };
         // eva on countdown: the groups play puzzles of the pool, not fresh seeds.
         let pool_starts = match st.eva.as_mut() {
             Some(pool) => {
@@ -242,6 +260,7 @@ pub fn collect_rewarded(
                 (starts, r.group_size),
                 version,
                 &mut st.sample_rng,
+                pacing,
                 &mut st.next_group_id,
             )?,
             None => runner.collect(
@@ -250,8 +269,8 @@ pub fn collect_rewarded(
                 r.sampling(),
                 (r.prompts_per_step, r.group_size),
                 version,
-                &mut st.prompt_rng,
-                &mut st.sample_rng,
+                (&mut st.prompt_rng, &mut st.sample_rng),
+                pacing,
                 &mut st.next_group_id,
             )?,
         };

@@ -218,6 +218,17 @@ impl Learner {
                 .sum()
         });
         m.insert("sampling/samples_drawn".into(), drawn as f64);
+        if cfg.sampling.pace == sampling::pace::Pace::Time {
+            let s = sampling::pace::stream_stats(groups.iter().map(|g| {
+                let kept = g.experiences.iter().map(|e| e.reward).collect();
+                (kept, g.drawn_rewards.as_slice())
+            }));
+            m.insert("sampling/pace_kept_frac".into(), s.kept_frac());
+            m.insert(
+                "sampling/pace_drawn_reward_mean".into(),
+                s.drawn_reward_mean,
+            );
+        }
         let gen_tokens: usize = (0..b.n()).map(|i| b.len(i)).sum();
         let staleness: Vec<f64> = groups
             .iter()

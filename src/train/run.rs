@@ -25,6 +25,7 @@ use crate::report::{self, Metrics};
 pub fn run(run: ValidatedRun, opts: &TrainOptions) -> Result<Summary> {
     crate::compute::tuning::allocator();
     let wanted = match opts.resume {
+        Some(_) if run.purpose() == Purpose::ReadBack => Purpose::ReadBack,
         Some(_) => Purpose::Resume,
         None => Purpose::Train,
     };
@@ -160,6 +161,18 @@ fn train_in(
         lagged: start.lagged,
         pending: start.pending,
     };
+    if cfg.purpose() == Purpose::ReadBack && !(ckpt.is_some() && start.step >= plan.rl_steps) {
+        return Err(Error::config(
+            "--reuse",
+            format!(
+                "{} is not finished (step {} of {}) and its sync.mode cannot be resumed \
+                 exactly; remove it to train it again",
+                run_dir.display(),
+                start.step,
+                plan.rl_steps
+            ),
+        ));
+    }
     let mut explore_st = start.explore_st;
     let mut source = source::open(env, &learner, &explore_st, start.step, restored)?;
     let mut run = RunState {

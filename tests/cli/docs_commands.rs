@@ -133,8 +133,8 @@ const EXCLUDED: &[(&str, &str)] = &[
     ),
     (
         "grove experiment duration --seeds 0,1,2",
-        "6 training runs on the bandit; src/experiment.rs tests its variants' configs, \
-         tests/train/sampling.rs the weights end to end",
+        "9 training runs on the bandit (11 CPU-minutes); src/experiment.rs tests its variants' \
+         configs, tests/train/sampling.rs the weights and the paced stream end to end",
     ),
     (
         "grove experiment eva --seeds 0,1,2",

@@ -1,12 +1,13 @@
 //! Sampling methods end to end: Reinforce-Ada (its reduction to GRPO sampling, its baseline
-//! over every drawn sample, exact resume) and duration-weighted updates on the `bandit`
-//! environment's asynchronous rollouts, checked against numbers recomputed from samples.jsonl.
+//! over every drawn sample, exact resume), duration-weighted updates on the `bandit`
+//! environment's asynchronous rollouts and its time-paced stream (`sampling.pace = "time"`),
+//! checked against numbers recomputed from samples.jsonl.
 use std::path::Path;
 
 use crate::common::{quiet, rl_lines};
 use crate::train_rewards::assert_resumes_exactly;
 use grove::config;
-use grove::train::run;
+use grove::train::{run, TrainOptions};
 
 fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
@@ -214,6 +215,106 @@ fn duration_weights_scale_each_bandit_pull_by_its_time_in_async_mode() {
     }
     // some pulls parsed, so the weights were not all 1
     assert!(timed > 0, "no parsable pull in 3 steps");
+}
+
+const PACED: [&str; 5] = [
+    "sampling.pace=\"time\"",
+    "sampling.pace_window_s=1.0",
+    "env.bandit_arm_durations_s=[1.0, 3.0]",
+    "env.bandit_arm_payoffs=[1.0, 2.0]",
+    "advantage.estimator=\"reinforce\"",
+];
+
+/// The time-paced bandit: every batch holds 8 × 4 kept episodes drawn from more; each group
+/// that discarded some carries every drawn reward, its kept rewards a subsequence of them; the
+/// pace metrics are recomputed from samples.jsonl; a run stopped after 3 steps and resumed
+/// equals the uninterrupted one (the pace stream is saved with the checkpoint).
+#[test]
+fn the_time_paced_bandit_keeps_full_groups_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run(bandit(&tmp.path().join("a"), 5, &PACED), &quiet()).unwrap();
+    let b = run(
+        bandit(&tmp.path().join("b"), 5, &PACED),
+        &TrainOptions {
+            quiet: true,
+            stop_after: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = config::load_for(
+        Some(&b.run_dir.join("config.toml")),
+        &[],
+        config::Purpose::Resume,
+    )
+    .unwrap();
+    let resume = TrainOptions {
+        quiet: true,
+        resume: Some(b.run_dir.clone()),
+        ..Default::default()
+    };
+    run(cfg, &resume).unwrap();
+    let lines = rl_lines(&a.run_dir);
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines, rl_lines(&b.run_dir), "resumed run differs");
+    let samples = grove::report::read_jsonl(&a.run_dir.join("samples.jsonl")).unwrap();
+    let mut discarded = 0.0;
+    for (step, line) in lines.iter().enumerate().skip(1) {
+        let groups: Vec<&serde_json::Value> = samples
+            .iter()
+            .filter(|g| g["phase"] == "rl" && g["step"] == step as u64)
+            .collect();
+        assert_eq!(groups.len(), 8);
+        let (mut drawn, mut sum) = (0.0, 0.0);
+        for g in &groups {
+            let kept: Vec<f64> = g["responses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["reward"].as_f64().unwrap())
+                .collect();
+            assert_eq!(kept.len(), 4);
+            let all: Vec<f64> = match g["drawn_rewards"].as_array() {
+                Some(d) => d.iter().map(|r| r.as_f64().unwrap()).collect(),
+                None => kept.clone(),
+            };
+            assert!(all.len() >= 4, "{g}");
+            // The kept rewards appear among the drawn ones, in order.
+            let mut it = all.iter();
+            assert!(kept.iter().all(|k| it.any(|d| d == k)), "{g}");
+            drawn += all.len() as f64;
+            sum += all.iter().sum::<f64>();
+        }
+        let m = |k: &str| line[k].as_f64().unwrap_or_else(|| panic!("{k}: {line}"));
+        assert_eq!(m("sampling/samples_drawn"), drawn);
+        assert!((m("sampling/pace_kept_frac") - 32.0 / drawn).abs() < 1e-12);
+        assert!((m("sampling/pace_drawn_reward_mean") - sum / drawn).abs() < 1e-9);
+        discarded += drawn - 32.0;
+    }
+    assert!(discarded > 0.0, "no episode was thinned out in 5 steps");
+}
+
+/// Reduction: when every episode takes the window (both arms 1 s, an unparsable reply 1 s),
+/// every episode is kept and the paced run is the unpaced run, metric for metric, plus the
+/// pace metrics (kept fraction 1).
+#[test]
+fn a_pace_that_keeps_everything_is_the_unpaced_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let equal = ["env.bandit_arm_durations_s=[1.0, 1.0]"];
+    let a = run(bandit(&tmp.path().join("a"), 3, &equal), &quiet()).unwrap();
+    let paced: Vec<&str> = equal
+        .iter()
+        .chain(&["sampling.pace=\"time\"", "sampling.pace_window_s=1.0"])
+        .copied()
+        .collect();
+    let b = run(bandit(&tmp.path().join("b"), 3, &paced), &quiet()).unwrap();
+    let mut lb = rl_lines(&b.run_dir);
+    for l in &mut lb[1..] {
+        let obj = l.as_object_mut().unwrap();
+        assert_eq!(obj.remove("sampling/pace_kept_frac"), Some(1.0.into()));
+        assert!(obj.remove("sampling/pace_drawn_reward_mean").is_some());
+    }
+    assert_eq!(rl_lines(&a.run_dir), lb);
 }
 
 /// eva's creator on a pool of 8 prompts, a round every 2 steps: the pool grows by exactly what

@@ -182,7 +182,10 @@ impl BatchSource for OnPolicy {
                 explore_st,
                 learner.rewards.as_mut(),
             )?;
-            drawn += groups.iter().map(|g| g.experiences.len()).sum::<usize>();
+            drawn += groups
+                .iter()
+                .map(|g| g.experiences.len().max(g.drawn_rewards.len()))
+                .sum::<usize>();
             Ok::<_, crate::error::Error>(groups)
         };
         // Without refill the groups stay in the order they were sampled (fill_batch puts the
