@@ -161,18 +161,7 @@ fn train_in(
         lagged: start.lagged,
         pending: start.pending,
     };
-    if cfg.purpose() == Purpose::ReadBack && !(ckpt.is_some() && start.step >= plan.rl_steps) {
-        return Err(Error::config(
-            "--reuse",
-            format!(
-                "{} is not finished (step {} of {}) and its sync.mode cannot be resumed \
-                 exactly; remove it to train it again",
-                run_dir.display(),
-                start.step,
-                plan.rl_steps
-            ),
-        ));
-    }
+    check_read_back(cfg, ckpt.is_some(), start.step, plan.rl_steps, &run_dir)?;
     let mut explore_st = start.explore_st;
     let mut source = source::open(env, &learner, &explore_st, start.step, restored)?;
     let mut run = RunState {
@@ -223,6 +212,28 @@ fn train_in(
         wall_s: t0.elapsed().as_secs_f64(),
         already_finished,
     })
+}
+
+/// A run opened only to be read back (`grove experiment --reuse` of a sync mode that cannot
+/// resume exactly) must already be finished: it is never trained further.
+fn check_read_back(
+    cfg: &crate::config::ValidatedRun,
+    from_checkpoint: bool,
+    step: usize,
+    steps: usize,
+    run_dir: &Path,
+) -> Result<()> {
+    if cfg.purpose() == Purpose::ReadBack && !(from_checkpoint && step >= steps) {
+        return Err(Error::config(
+            "--reuse",
+            format!(
+                "{} is not finished (step {step} of {steps}) and its sync.mode cannot be \
+                 resumed exactly; remove it to train it again",
+                run_dir.display(),
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The last held-out accuracy metrics.jsonl records for the RL phase (a finished run that is
