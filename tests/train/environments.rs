@@ -3,9 +3,9 @@
 //! message lists; exact resume; programs from a run directory need --trust-commands.
 use std::path::Path;
 
-use crate::common::{quiet, rl_lines};
+use crate::common::{quiet, resume_saved, rl_lines, run_stopped_after};
 use grove::config;
-use grove::train::{run, TrainOptions};
+use grove::train::run;
 
 fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
@@ -60,30 +60,8 @@ fn guess_trains_end_to_end_and_resumes_exactly() {
         ep["infos"].as_array().unwrap().len()
     );
     // Stopped after one step and resumed from its saved config: the same run.
-    let b = run(
-        small(&tmp.path().join("b"), 2, &["env.kind=\"guess\""]),
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    let b2 = run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            resume: Some(b.run_dir.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = run_stopped_after(small(&tmp.path().join("b"), 2, &["env.kind=\"guess\""]), 1);
+    let b2 = resume_saved(&b.run_dir);
     assert_eq!(b2.rl_steps_done, 2);
     assert_eq!(lines, rl_lines(&b.run_dir), "resumed run differs");
 }
@@ -249,33 +227,11 @@ fn a_program_environment_run_resumes_with_its_episode_numbers() {
     );
     let sets = ["env.kind=\"program\"", prog.as_str(), "env.pool=2"];
     let whole = run(small(&tmp.path().join("whole"), 3, &sets), &quiet()).unwrap();
-    let b = run(
-        small(&tmp.path().join("cut"), 3, &sets),
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = run_stopped_after(small(&tmp.path().join("cut"), 3, &sets), 1);
     let state = std::fs::read_to_string(b.run_dir.join("checkpoints/step-1/state.json")).unwrap();
     // 16 training episodes and 8 held-out ones at step 0 and at step 1.
     assert!(state.contains("\"env_episodes\": 32"), "{state}");
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    let b2 = run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            resume: Some(b.run_dir.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b2 = resume_saved(&b.run_dir);
     assert_eq!(b2.rl_steps_done, 3);
     assert_eq!(
         rl_lines(&whole.run_dir),

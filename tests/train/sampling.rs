@@ -4,10 +4,10 @@
 //! checked against numbers recomputed from samples.jsonl.
 use std::path::Path;
 
-use crate::common::{quiet, rl_lines};
+use crate::common::{quiet, resume_saved, rl_lines, run_stopped_after};
 use crate::train_rewards::assert_resumes_exactly;
 use grove::config;
-use grove::train::{run, TrainOptions};
+use grove::train::run;
 
 fn small(out: &Path, steps: usize, extra: &[&str]) -> config::ValidatedRun {
     let mut sets: Vec<String> = vec![
@@ -233,27 +233,8 @@ const PACED: [&str; 5] = [
 fn the_time_paced_bandit_keeps_full_groups_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let a = run(bandit(&tmp.path().join("a"), 5, &PACED), &quiet()).unwrap();
-    let b = run(
-        bandit(&tmp.path().join("b"), 5, &PACED),
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(3),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    let resume = TrainOptions {
-        quiet: true,
-        resume: Some(b.run_dir.clone()),
-        ..Default::default()
-    };
-    run(cfg, &resume).unwrap();
+    let b = run_stopped_after(bandit(&tmp.path().join("b"), 5, &PACED), 3);
+    resume_saved(&b.run_dir);
     let lines = rl_lines(&a.run_dir);
     assert_eq!(lines.len(), 6);
     assert_eq!(lines, rl_lines(&b.run_dir), "resumed run differs");

@@ -2,7 +2,7 @@
 //! contract, and exact resume.
 use std::path::Path;
 
-use crate::common::rl_lines;
+use crate::common::{resume_saved, rl_lines, run_stopped_after};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
@@ -124,32 +124,10 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     )
     .unwrap();
     let b_cfg = small(&tmp.path().join("b"), 5, &[]);
-    let b = run(
-        b_cfg,
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(3),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = run_stopped_after(b_cfg, 3);
     assert_eq!(b.rl_steps_done, 3);
     // Resume reads the run's saved config, as `grove train --resume` does.
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    let b2 = run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            resume: Some(b.run_dir.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b2 = resume_saved(&b.run_dir);
     assert_eq!(b2.rl_steps_done, 5);
     let (la, lb) = (rl_lines(&a.run_dir), rl_lines(&b.run_dir));
     assert_eq!(la.len(), 6);
@@ -175,15 +153,7 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
 #[test]
 fn a_resumed_run_continues_the_skipped_step_count() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = run(
-        small(tmp.path(), 5, &[]),
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(3),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = run_stopped_after(small(tmp.path(), 5, &[]), 3);
     let ckpt = b.run_dir.join("checkpoints/step-3");
     let path = ckpt.join("state.json");
     let mut state: serde_json::Value =
@@ -192,21 +162,7 @@ fn a_resumed_run_continues_the_skipped_step_count() {
     state["skipped_steps"] = 2.into();
     std::fs::write(&path, state.to_string()).unwrap();
     grove::train::checkpoint::write_checksums(&ckpt).unwrap();
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            resume: Some(b.run_dir.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    resume_saved(&b.run_dir);
     let skipped: Vec<(u64, f64)> = rl_lines(&b.run_dir)
         .iter()
         .filter_map(|v| Some((v["step"].as_u64()?, v["loss/skipped_steps"].as_f64()?)))
@@ -403,29 +359,7 @@ fn lagged_mode_resumes_exactly() {
         },
     )
     .unwrap();
-    let b = run(
-        small(&tmp.path().join("b"), 5, &extra),
-        &TrainOptions {
-            quiet: true,
-            stop_after: Some(3),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = config::load_for(
-        Some(&b.run_dir.join("config.toml")),
-        &[],
-        config::Purpose::Resume,
-    )
-    .unwrap();
-    run(
-        cfg,
-        &TrainOptions {
-            quiet: true,
-            resume: Some(b.run_dir.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let b = run_stopped_after(small(&tmp.path().join("b"), 5, &extra), 3);
+    resume_saved(&b.run_dir);
     assert_eq!(rl_lines(&a.run_dir), rl_lines(&b.run_dir));
 }
