@@ -462,9 +462,12 @@ impl Rollout<'_> {
                     content: text.clone(),
                 });
                 turns[i] += 1;
-                if !g.finished {
+                let len = ep.prompt_ids.len() + ep.response_ids.len();
+                if !g.finished && len < cfg.max_tokens {
                     // A turn cut at rollout.max_new_tokens is closed by an EOS the model did
-                    // not sample (not trained), so the transcript stays well-formed.
+                    // not sample (not trained), so the transcript stays well-formed. A turn
+                    // that already filled env.max_tokens gets none: no turn can follow it, and
+                    // one more token would pass the limit (and the model's positions).
                     ep.push(&[self.tok.eos], None);
                     closing[i] = vec![self.tok.eos];
                 }
@@ -726,6 +729,58 @@ mod tests {
         shape.intermediate_size = 64;
         shape.max_position_embeddings = Some(positions);
         Llama::init(&shape, 1, &Device::Cpu).unwrap()
+    }
+
+    /// A turn cut at rollout.max_new_tokens that fills env.max_tokens exactly gets no closing
+    /// EOS: the episode ends within the limit, on a model with exactly that many positions.
+    /// (The closing EOS used to be fed anyway: "row 84: 257 tokens exceed
+    /// max_position_embeddings 256" stopped a calculator run.)
+    #[test]
+    fn a_cut_turn_that_fills_env_max_tokens_ends_within_it() {
+        let tok = Tokenizer::builtin_tool_text();
+        let m = 6;
+        let starts: Vec<Start> = (0..16).map(Start::seed).collect();
+        let probe_factory = Factory::new(&EnvConfig::default()).unwrap();
+        let probe = Rollout {
+            tok: &tok,
+            transcript: &Transcript::Plain,
+            factory: &probe_factory,
+            params: SamplingParams::greedy(m),
+        };
+        let (_, first, _) = probe.start(&starts, 0, 1).unwrap();
+        let prompt = first[0].prompt_ids.len();
+        assert!(first.iter().all(|e| e.prompt_ids.len() == prompt));
+        let limit = prompt + m;
+        let factory = Factory::new(&EnvConfig {
+            max_tokens: limit,
+            max_turns: 4,
+            ..Default::default()
+        })
+        .unwrap();
+        let rollout = Rollout {
+            factory: &factory,
+            params: SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                max_new_tokens: m,
+            },
+            ..probe
+        };
+        let model = tiny_model(&tok, limit);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let eps = rollout.run(&model, &starts, 0, &mut rng).unwrap();
+        let mut filled = 0;
+        for e in &eps {
+            let len = e.prompt_ids.len() + e.response_ids.len();
+            assert!(len <= limit, "{len} tokens, env.max_tokens = {limit}");
+            if len == limit {
+                // The cut turn: all sampled, none closing; no second turn fits.
+                filled += 1;
+                assert_eq!(e.trainable.iter().filter(|t| **t).count(), m);
+                assert!(e.stop == "max_tokens" || e.stop == "done", "{}", e.stop);
+            }
+        }
+        assert!(filled > 0, "no episode filled env.max_tokens");
     }
 
     /// A reference play as the warm-up sees it: the demonstrated turns are the trainable
