@@ -343,13 +343,16 @@ const CALCULATOR: Experiment = Experiment {
             raises the held-out success of `calculator-arithmetic` episodes (call the calculator \
             with the question's expression, then reply with its result) from an exact-match \
             reward alone.",
-    setting: "the built-in `calculator-arithmetic` environment (3-digit operands, + − × drawn \
+    setting: "the built-in `calculator-arithmetic` environment (2-digit operands, + − × drawn \
               uniformly, success = the right number after a calculator call that answered), the \
-              terse question \"523 * 871=? use the calculator\", the built-in model from random \
-              weights warmed up for a fixed 600 supervised steps on reference plays",
+              terse question \"52 * 87=? use the calculator\", the built-in model from random \
+              weights warmed up on reference plays until greedy success on 64 held-out episodes \
+              (checked every 10 steps) reaches 20%, then GRPO sampling at temperature 0.7",
     common: &[
         "env.kind=\"calculator-arithmetic\"",
-        "env.digits=3",
+        // With 3-digit operands the built-in model learned to copy results of one length only
+        // (products, or sums and differences), and RL got no signal on the others.
+        "env.digits=2",
         "env.calculator_prompt=\"{question}=? use the calculator\"",
         "env.max_turns=3",
         "env.max_tokens=256",
@@ -358,19 +361,25 @@ const CALCULATOR: Experiment = Experiment {
         "rollout.group_size=8",
         "rollout.max_new_tokens=96",
         "warmup.batch_size=32",
-        "warmup.lr=3e-3",
-        // A fixed warm-up (a target no check reaches): success appears abruptly once the copy
-        // is found and swings between checks, so a stop at the first check past 20% stopped
-        // each seed at a different, partly lucky, point.
-        "warmup.max_steps=600",
-        "warmup.eval_every=50",
+        // At 3e-3 the loss spiked and one seed had not found the copy after 1000 steps.
+        "warmup.lr=1e-3",
+        // Stop soon after the copy appears: once found it spreads to most episodes within tens
+        // of steps, leaving RL little to do. Stopping at its very first sign (10%) left a
+        // policy that, sampling at temperature 1, lost the copy under RL on all three seeds.
+        "warmup.max_steps=1000",
+        "warmup.eval_every=10",
         "warmup.eval_size=64",
-        "warmup.target_acc=1.0",
+        "warmup.target_acc=0.2",
         "train.steps=100",
         "train.eval_every=20",
         "train.checkpoint_every=100",
         // lr 1e-3 moved the sampled policy off the call format (held-out fell on both seeds).
         "train.lr=1e-4",
+        // At temperature 1 the just-warmed policy called the tool in only ~40% of its sampled
+        // turns and solved 1-5% of them: most groups were all-zero, and held-out success
+        // swung on one seed. At 0.7 (the learner's log-probs use the same temperature) ~95%
+        // call it and the groups carry signal.
+        "rollout.temperature=0.7",
     ],
     variants: &[Variant {
         label: "grpo",
