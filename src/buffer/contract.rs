@@ -57,14 +57,24 @@ pub(crate) fn drops_stale(buffer: &mut dyn Buffer) {
     // min_version 2 drops versions 0, 1, 1 (groups 10, 11, 14) = 3, then serves the oldest left.
     let taken = buffer.take(1, 2).unwrap();
     assert_eq!(taken.dropped, 3);
+    assert_eq!(taken.dropped_samples, 6, "3 groups of 2 responses");
     assert_eq!(ids(&taken), vec![12]);
     assert_eq!(buffer.len().unwrap(), 1); // group 13 (v3) remains
 
     // n = 0 still drops: v3 < 4.
     let taken = buffer.take(0, 4).unwrap();
     assert_eq!(taken.dropped, 1);
+    assert_eq!(taken.dropped_samples, 2);
     assert!(taken.groups.is_empty());
     assert_eq!(buffer.len().unwrap(), 0);
+
+    // A group that records more draws than it keeps (Reinforce-Ada, time pacing) counts them
+    // all: 3 kept of 5 drawn, dropped at min_version 6.
+    let mut g = sample_group(15, 5, 3);
+    g.drawn_rewards = vec![0.0, 1.0, 0.0, 1.0, 2.0];
+    buffer.put(g).unwrap();
+    let taken = buffer.take(1, 6).unwrap();
+    assert_eq!((taken.dropped, taken.dropped_samples), (1, 5));
 }
 
 /// Needs capacity == SMALL_CAPACITY (2), FIFO mode.

@@ -130,6 +130,12 @@ pub enum ExperienceError {
 }
 
 impl ExperienceGroup {
+    /// Responses sampled for this group: its experiences, or every draw when it records more
+    /// (`drawn_rewards`: Reinforce-Ada, time pacing). `sampling/samples_drawn` sums these.
+    pub fn samples_drawn(&self) -> usize {
+        self.experiences.len().max(self.drawn_rewards.len())
+    }
+
     /// How often this group has been handed out: the largest count among its experiences
     /// (they move together, so they agree unless edited by hand).
     pub fn use_count(&self) -> u32 {

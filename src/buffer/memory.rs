@@ -25,10 +25,18 @@ impl MemoryBuffer {
     }
 
     /// Removes groups older than `min_version` and says how many went.
-    fn drop_stale(&mut self, min_version: u64) -> usize {
-        let before = self.groups.len();
-        self.groups.retain(|g| g.policy_version >= min_version);
-        before - self.groups.len()
+    /// Removes the groups older than `min_version`: (groups, their responses).
+    fn drop_stale(&mut self, min_version: u64) -> (usize, usize) {
+        let (mut groups, mut samples) = (0, 0);
+        self.groups.retain(|g| {
+            let keep = g.policy_version >= min_version;
+            if !keep {
+                groups += 1;
+                samples += g.samples_drawn();
+            }
+            keep
+        });
+        (groups, samples)
     }
 
     fn take_fifo(&mut self, n: usize) -> Vec<ExperienceGroup> {
@@ -83,12 +91,16 @@ impl Buffer for MemoryBuffer {
     }
 
     fn take(&mut self, n: usize, min_version: u64) -> Result<Taken, BufferError> {
-        let dropped = self.drop_stale(min_version);
+        let (dropped, dropped_samples) = self.drop_stale(min_version);
         let groups = match self.mode {
             TakeMode::Fifo => self.take_fifo(n),
             TakeMode::PriorityReplay(replay) => self.take_replay(n, replay.decay, replay.max_uses),
         };
-        Ok(Taken { groups, dropped })
+        Ok(Taken {
+            groups,
+            dropped,
+            dropped_samples,
+        })
     }
 
     fn len(&self) -> Result<usize, BufferError> {

@@ -112,6 +112,9 @@ pub struct Taken {
     /// Groups removed because their policy version was below `min_version`
     /// (the `staleness/dropped` metric).
     pub dropped: usize,
+    /// Responses sampled for those dropped groups ([`ExperienceGroup::samples_drawn`] summed):
+    /// they count in `sampling/samples_drawn` like the ones trained on.
+    pub dropped_samples: usize,
 }
 
 /// A store of experience groups shared by explorers (`put`) and trainers (`take`).

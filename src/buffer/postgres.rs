@@ -257,15 +257,20 @@ impl PostgresBuffer {
             };
             let mut tx = client.transaction().map_err(error)?;
             // Stale rows another trainer has locked are left to that trainer, which drops them.
-            let dropped = tx
-                .execute(
+            // Each dropped row returns its responses (ExperienceGroup::samples_drawn in SQL),
+            // which count in `sampling/samples_drawn`.
+            let stale = tx
+                .query(
                     &format!(
                         "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table}
-                         WHERE policy_version < $1 FOR UPDATE SKIP LOCKED)"
+                         WHERE policy_version < $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING GREATEST(json_array_length(body::json -> 'experiences'),
+                             COALESCE(json_array_length(body::json -> 'drawn_rewards'), 0))"
                     ),
                     &[&min_version],
                 )
                 .map_err(error)?;
+            let dropped_samples: i64 = stale.iter().map(|r| i64::from(r.get::<_, i32>(0))).sum();
             let rows =
                 select_rows(&mut tx, &table, &mode, sql::limit(n), min_version).map_err(error)?;
             let mut groups = Vec::with_capacity(rows.len());
@@ -293,7 +298,8 @@ impl PostgresBuffer {
             tx.commit().map_err(error)?;
             Ok(Taken {
                 groups,
-                dropped: usize::try_from(dropped).unwrap_or(usize::MAX),
+                dropped: stale.len(),
+                dropped_samples: usize::try_from(dropped_samples).unwrap_or(0),
             })
         })
     }

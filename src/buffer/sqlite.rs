@@ -127,6 +127,17 @@ impl Buffer for SqliteBuffer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(error)?;
+        // The stale groups' responses, read from their bodies before they go (the
+        // `sampling/samples_drawn` count): ExperienceGroup::samples_drawn in SQL.
+        let dropped_samples: i64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(max(json_array_length(body, '$.experiences'),
+                                         COALESCE(json_array_length(body, '$.drawn_rewards'), 0))), 0)
+                 FROM experience_groups WHERE policy_version < ?1",
+                [min_version],
+                |row| row.get(0),
+            )
+            .map_err(error)?;
         let dropped = tx
             .execute(
                 "DELETE FROM experience_groups WHERE policy_version < ?1",
@@ -141,7 +152,11 @@ impl Buffer for SqliteBuffer {
             groups.push(group);
         }
         tx.commit().map_err(error)?;
-        Ok(Taken { groups, dropped })
+        Ok(Taken {
+            groups,
+            dropped,
+            dropped_samples: usize::try_from(dropped_samples).unwrap_or(0),
+        })
     }
 
     fn len(&self) -> Result<usize, BufferError> {

@@ -29,6 +29,18 @@ impl Puzzle {
         format!("make {} from {}", self.target, list.join(" "))
     }
 
+    /// The key of the puzzle with its numbers in increasing order: the same for every order
+    /// of the numbers (eva's pool holds one of them, [`crate::task::Task::pool_key`]).
+    pub fn canonical_key(&self) -> String {
+        let (numbers, target) = self.canonical();
+        Puzzle {
+            numbers,
+            target,
+            solution: String::new(),
+        }
+        .key()
+    }
+
     /// The same puzzle whatever the order of its numbers (held-out and sibling checks).
     fn canonical(&self) -> (Vec<i128>, i128) {
         let mut n = self.numbers.clone();

@@ -412,6 +412,14 @@ impl Task for EnvTask {
     fn prompt_bos(&self) -> bool {
         self.prompt_bos
     }
+    /// A countdown puzzle's key with its numbers sorted: `make 12 from 3 7 2` and
+    /// `make 12 from 7 2 3` are one puzzle in eva's pool.
+    fn pool_key(&self, problem: &Problem) -> String {
+        match (&self.puzzles, Puzzle::from_problem(problem)) {
+            (Some(_), Ok(p)) => p.canonical_key(),
+            _ => problem.prompt.clone(),
+        }
+    }
     /// eva's countdown mutator ([`CountdownPuzzles::mutate`]); other environments have none.
     fn evolve(
         &self,
@@ -429,5 +437,72 @@ impl Task for EnvTask {
                 .map(Puzzle::to_problem)
                 .collect(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::eva::EvaConfig;
+    use crate::task::eva_pool::{Evolved, PromptPool};
+    use rand::SeedableRng;
+
+    /// eva's pool on countdown: a puzzle with its numbers in another order is the same
+    /// puzzle, so a round adds the new child and not the reordered copy of a pool puzzle.
+    #[test]
+    fn eva_pool_holds_a_countdown_puzzle_once_whatever_the_order_of_its_numbers() {
+        let cfg = EnvConfig {
+            kind: EnvKind::Countdown,
+            ..Default::default()
+        };
+        let runner = EnvRunner::new(&cfg, &Tokenizer::builtin_arithmetic(), "test").unwrap();
+        let task = EnvTask::new(&runner);
+        let p = |prompt: &str| Problem {
+            prompt: prompt.into(),
+            answer: String::new(),
+        };
+        assert_eq!(
+            task.pool_key(&p("make 12 from 3 7 2")),
+            "make 12 from 2 3 7"
+        );
+        assert_eq!(
+            task.pool_key(&p("make 12 from 7 2 3")),
+            "make 12 from 2 3 7"
+        );
+        assert_eq!(
+            task.pool_key(&p("make 13 from 7 2 3")),
+            "make 13 from 2 3 7"
+        );
+        let eva = EvaConfig {
+            pool_size: 2,
+            children: 2,
+            select_fraction: 0.5,
+            ..Default::default()
+        };
+        let mut pool = PromptPool::new(&task, &eva, ChaCha8Rng::seed_from_u64(0)).unwrap();
+        // Prompt 0 is the informative one: the round's only parent.
+        pool.observe(0, &[0.0, 1.0], &eva);
+        pool.observe(1, &[1.0, 1.0], &eva);
+        let parent = Puzzle::from_problem(pool.problem(0)).unwrap();
+        let mut reordered = parent.clone();
+        reordered.numbers.rotate_left(1);
+        assert_ne!(reordered.key(), parent.key(), "{parent:?}");
+        let mut new = parent.clone();
+        new.target += 1;
+        let kids = [reordered.to_problem(), new.to_problem()];
+        let added = pool
+            .evolve_round_with(
+                &eva,
+                |q| task.pool_key(q),
+                |_, _, _| {
+                    Ok(Evolved {
+                        children: kids.iter().map(|k| (k.clone(), None)).collect(),
+                        rejected: 0,
+                    })
+                },
+            )
+            .unwrap();
+        assert_eq!(added, 1);
+        assert_eq!(pool.problem(2).prompt, new.key());
     }
 }

@@ -112,6 +112,22 @@ pub fn gated_channels(channels: &[Channel]) -> f64 {
     total
 }
 
+/// What each channel contributes to [`gated_channels`]: its value while every channel before
+/// it passed (the first failing channel's value still counts), 0 after. The contributions sum
+/// to `gated_channels(channels)`; `reward/<gated>/<channel>/mean` logs them, so G-RA's step
+/// reward is seen after the gate.
+pub fn gated_contributions(channels: &[Channel]) -> Vec<f64> {
+    let mut open = true;
+    channels
+        .iter()
+        .map(|c| {
+            let v = if open { c.value } else { 0.0 };
+            open = open && c.passes();
+            v
+        })
+        .collect()
+}
+
 /// Partial credit: each distinct milestone earns `credit` the first time it is observed.
 /// Serialisable so an episode's progress survives checkpoint/resume; `BTreeSet` keeps the
 /// serialised order stable.
@@ -378,6 +394,29 @@ mod tests {
                 expected,
                 "pattern ({p1}, {p2}, {p3})"
             );
+        }
+    }
+
+    #[test]
+    fn gated_contributions_are_the_channels_up_to_the_first_failure() {
+        // G-RA over turns, δ = 1: outcome 1 passes, so the steps 0.75 count; outcome 0 fails,
+        // its own 0 counts and the steps give 0.
+        let ch = |value: f64, threshold: f64| Channel { value, threshold };
+        let solved = [ch(1.0, 1.0), ch(0.75, f64::NEG_INFINITY)];
+        assert_eq!(gated_contributions(&solved), vec![1.0, 0.75]);
+        let unsolved = [ch(0.0, 1.0), ch(0.75, f64::NEG_INFINITY)];
+        assert_eq!(gated_contributions(&unsolved), vec![0.0, 0.0]);
+        // Three channels, the second fails: 1 and 10 count, 100 does not.
+        let three = [ch(1.0, 0.0), ch(10.0, 1000.0), ch(100.0, 0.0)];
+        assert_eq!(gated_contributions(&three), vec![1.0, 10.0, 0.0]);
+        assert!(gated_contributions(&[]).is_empty());
+        // They sum to the gated value (the truth table's patterns).
+        for pass in 0..8u32 {
+            let chs: Vec<Channel> = (0..3)
+                .map(|b| ch(10f64.powi(b), if pass >> b & 1 == 1 { 0.0 } else { 1e9 }))
+                .collect();
+            let sum: f64 = gated_contributions(&chs).iter().sum();
+            assert_eq!(sum, gated_channels(&chs), "pattern {pass:03b}");
         }
     }
 

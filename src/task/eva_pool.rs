@@ -99,7 +99,7 @@ impl PromptPool {
                 break;
             }
             let problem = task.sample_train(&mut rng);
-            if keys.insert(problem.prompt.clone()) {
+            if keys.insert(task.pool_key(&problem)) {
                 let question = task.question(&problem.prompt);
                 prompts.push(PoolPrompt {
                     problem,
@@ -163,26 +163,35 @@ impl PromptPool {
 
     /// One creator round with the task's own mutator ([`Task::evolve`]).
     pub fn evolve_round(&mut self, task: &dyn Task, cfg: &EvaConfig) -> Result<usize> {
-        self.evolve_round_with(cfg, |parent, n, rng| {
-            let Some(kids) = task.evolve(&parent.problem, n, rng)? else {
-                return Err(Error::Internal(
-                    "sampling.eva: the task has no mutator (config validation should have \
+        self.evolve_round_with(
+            cfg,
+            |p| task.pool_key(p),
+            |parent, n, rng| {
+                let Some(kids) = task.evolve(&parent.problem, n, rng)? else {
+                    return Err(Error::Internal(
+                        "sampling.eva: the task has no mutator (config validation should have \
                      refused this run)"
-                        .into(),
-                ));
-            };
-            Ok(Evolved {
-                children: kids.into_iter().map(|p| (p, None)).collect(),
-                rejected: 0,
-            })
-        })
+                            .into(),
+                    ));
+                };
+                Ok(Evolved {
+                    children: kids.into_iter().map(|p| (p, None)).collect(),
+                    rejected: 0,
+                })
+            },
+        )
     }
 
     /// One creator round: select ⌈fraction · seen⌉ of the prompts seen since the last round,
     /// weighted by min-max normalised informativeness, evolve each into `cfg.children` new
-    /// problems with `mutate(parent, children, creator_rng)` and add those not in the pool
-    /// yet. Returns how many were added.
-    pub fn evolve_round_with<F>(&mut self, cfg: &EvaConfig, mut mutate: F) -> Result<usize>
+    /// problems with `mutate(parent, children, creator_rng)` and add those whose `key`
+    /// ([`Task::pool_key`]) is not in the pool yet. Returns how many were added.
+    pub fn evolve_round_with<F>(
+        &mut self,
+        cfg: &EvaConfig,
+        key: impl Fn(&Problem) -> String,
+        mut mutate: F,
+    ) -> Result<usize>
     where
         F: FnMut(&PoolPrompt, usize, &mut ChaCha8Rng) -> Result<Evolved>,
     {
@@ -210,7 +219,7 @@ impl PromptPool {
                     }),
             );
         }
-        let added = mix_into(&mut self.prompts, children, |p| p.problem.prompt.clone());
+        let added = mix_into(&mut self.prompts, children, |p| key(&p.problem));
         self.batch.added += added;
         Ok(added)
     }

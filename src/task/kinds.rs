@@ -305,6 +305,12 @@ pub trait Task: Send + Sync {
     ) -> Option<Problem> {
         None
     }
+    /// What makes two problems the same for eva's pool, which holds one problem per key: the
+    /// prompt, unless the task writes one problem several ways (countdown's numbers in any
+    /// order).
+    fn pool_key(&self, problem: &Problem) -> String {
+        problem.prompt.clone()
+    }
     /// eva's mutator: up to `n` new training problems evolved from `parent`, never held-out
     /// ones (`Ok(None)`: the task has none; config validation refuses eva then).
     fn evolve(

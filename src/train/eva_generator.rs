@@ -119,7 +119,10 @@ pub fn evolve_round(
     let cfg = &env.cfg.sampling.eva;
     match generator {
         Some(g) => {
-            pool.evolve_round_with(cfg, |parent, n, rng| g.evolve(env, policy, parent, n, rng))
+            let key = |p: &crate::task::Problem| env.task.pool_key(p);
+            pool.evolve_round_with(cfg, key, |parent, n, rng| {
+                g.evolve(env, policy, parent, n, rng)
+            })
         }
         None => pool.evolve_round(env.task.as_ref(), cfg),
     }

@@ -209,14 +209,12 @@ impl Learner {
             m.insert("eva/mutations_accepted".into(), e.mutations_accepted as f64);
             m.insert("eva/mutations_rejected".into(), e.mutations_rejected as f64);
         }
-        // Noted by the on-policy source (refill's discarded rounds included); other sources:
-        // what the groups hold or drew.
-        let drawn = self.drawn.take().unwrap_or_else(|| {
-            groups
-                .iter()
-                .map(|g| g.experiences.len().max(g.drawn_rewards.len()))
-                .sum()
-        });
+        // Noted by the sources that discard (on-policy refill's rounds, buffer-reading sources'
+        // stale groups); the others: what the groups hold or drew.
+        let drawn = self
+            .drawn
+            .take()
+            .unwrap_or_else(|| groups.iter().map(|g| g.samples_drawn()).sum());
         m.insert("sampling/samples_drawn".into(), drawn as f64);
         if cfg.sampling.pace == sampling::pace::Pace::Time {
             let s = sampling::pace::stream_stats(groups.iter().map(|g| {

@@ -521,7 +521,6 @@ impl RunState<'_> {
             };
             let mut m = learner.learn(env, &batch.groups, s, batch.generate_s, batch.dropped)?;
             m.extend(blend_m.into_iter().flatten());
-            source.after_update(env, learner)?;
             step = s;
             if step.is_multiple_of(cfg.train.eval_every) || step == steps {
                 last_eval = evaluate_task(
@@ -536,6 +535,9 @@ impl RunState<'_> {
                 .metrics
                 .write(&report::metrics_line(step, "rl", &m))?;
             self.reporter.sync()?;
+            // Only now the weights leave (a push to a [remote] server, a publish, the async
+            // explorer's copy): a run that dies in that push keeps this step's metrics line.
+            source.after_update(env, learner)?;
             pb.set_message(report::health::progress_message(&m, last_eval));
             for w in self.health.check(step, &m) {
                 if !opts.quiet {

@@ -166,6 +166,13 @@ fn per_turn_rewards_feed_the_reward_pipeline() {
     );
     let r = l["reward/gra/mean"].as_f64().unwrap();
     assert!(r <= o + s + 1e-12 && r >= o - 1e-12, "{l}");
+    // What the gate paid of each channel: the channels sum to the gated reward, and the paid
+    // step reward is at most the steps component's own (ungated) value.
+    let paid = l["reward/gra/steps/mean"].as_f64().unwrap();
+    assert!(paid <= s + 1e-12, "{l}");
+    let gra_outcome = l["reward/gra/outcome/mean"].as_f64().unwrap();
+    assert!((gra_outcome - o).abs() < 1e-12, "{l}");
+    assert!((gra_outcome + paid - r).abs() < 1e-12, "{l}");
     assert_eq!(l["reward/mean"], l["reward/gra/mean"]);
 }
 

@@ -338,6 +338,41 @@ fn a_server_killed_mid_run_stops_training_clearly() {
     assert_stopped_by_dead_server(&e, &base, &step1, 500);
 }
 
+/// The push after step 2 fails (its folder cannot be written: a file sits where the
+/// half-written `v2.partial` goes): the run stops, and step 2's metrics line is in
+/// metrics.jsonl next to step 2's samples, because the line is written before the push.
+#[test]
+fn a_push_that_fails_after_a_step_keeps_that_steps_metrics_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(tmp.path());
+    let server = serve_with(&ckpt, &["--admin-token", ADMIN]);
+    let base = format!("http://{}", server.addr);
+    let out = tmp.path().join("remote-run");
+    let sync = tmp.path().join("sync");
+    std::fs::create_dir_all(&sync).unwrap();
+    std::fs::write(sync.join("v2.partial"), "not a folder").unwrap();
+    let sets = remote_run_sets(&out, &base, &sync, 5);
+    let cfg = grove::config::load(None, &sets).unwrap();
+    let e = grove::train::run(cfg, &super::common::quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("v2.partial"), "{e}");
+    let run_dir = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path())
+        .find(|p| p.join("metrics.jsonl").exists())
+        .expect("the run directory stays (it has checkpoints)");
+    let steps: Vec<u64> = super::common::rl_lines(&run_dir)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![0, 1, 2], "rl metrics lines");
+    let samples = grove::report::read_jsonl(&run_dir.join("samples.jsonl")).unwrap();
+    assert!(samples.iter().any(|s| s["step"] == 2), "step 2's samples");
+    assert!(run_dir.join("checkpoints/step-1").exists());
+}
+
 /// `grove explore --remote URL --weights DIR` pushes the learner's newest published weights
 /// (a `.safetensors` file) to the server and tags its groups with the version served.
 #[test]

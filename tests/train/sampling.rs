@@ -389,3 +389,72 @@ fn eva_refuses_what_it_cannot_do_before_any_step() {
     let e = refused(&["sampling.reinforce_ada.mode=\"balanced\""]);
     assert!(e.contains("reinforce_ada"), "{e}");
 }
+
+/// A group of `size` responses to `37+48=` (built-in vocabulary ids) sampled by `version`.
+fn buffered_group(group_id: u64, version: u64, size: usize) -> grove::buffer::ExperienceGroup {
+    let experiences = (0..size)
+        .map(|i| grove::buffer::Experience {
+            group_id,
+            prompt: "37+48=".into(),
+            prompt_ids: vec![3, 7, 11, 4, 8, 12],
+            response_ids: vec![8, 5, 1],
+            logprobs: vec![-0.25, -1.5, -0.125],
+            reward: (i % 2) as f64,
+            components: [("correct".to_string(), (i % 2) as f64)].into(),
+            answer: "85".into(),
+            finished: true,
+            policy_version: version,
+            use_count: 0,
+            trainable: vec![],
+            episode: None,
+            hidden: None,
+        })
+        .collect();
+    grove::buffer::ExperienceGroup {
+        group_id,
+        policy_version: version,
+        experiences,
+        drawn_rewards: vec![],
+    }
+}
+
+/// A learner on a shared buffer with `sync.max_staleness = 0`: step 1 (at version 0) takes two
+/// v0 groups; step 2 (at version 1) drops the three v0 groups left and takes the two v1 groups.
+/// `sampling/samples_drawn` counts every response read, the dropped ones included.
+#[test]
+fn a_shared_buffer_counts_the_stale_groups_it_dropped_as_drawn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", tmp.path().join("buffer.db").display());
+    let mut buffer = grove::buffer::open(&url, 100).unwrap();
+    for (id, version) in [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 1), (7, 1)] {
+        buffer.put(buffered_group(id, version, 4)).unwrap();
+    }
+    drop(buffer);
+    let publish = format!(
+        "sync.publish_dir={:?}",
+        tmp.path().join("weights").display().to_string()
+    );
+    let cfg = small(
+        &tmp.path().join("run"),
+        2,
+        &[
+            &format!("sync.buffer={url:?}"),
+            &publish,
+            "sync.max_staleness=0",
+            "rollout.prompts_per_step=2",
+        ],
+    );
+    let s = run(cfg, &quiet()).unwrap();
+    let lines = rl_lines(&s.run_dir);
+    let got: Vec<(f64, f64)> = lines[1..]
+        .iter()
+        .map(|l| {
+            (
+                l["sampling/samples_drawn"].as_f64().unwrap(),
+                l["staleness/dropped"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    // Step 1: 2 groups × 4; step 2: (3 dropped + 2 taken) × 4.
+    assert_eq!(got, vec![(8.0, 0.0), (20.0, 3.0)]);
+}

@@ -42,8 +42,8 @@ use crate::reward::exact::exact_answer;
 use crate::reward::external::{ExternalConfig, RewardFn, RewardRequest};
 use crate::reward::external_pool::ExternalPool;
 use crate::reward::gates::{
-    consistency_reward, gate_turns, gated_channels, split_turns, Channel, ConsistencyJudge,
-    LastNumberJudge, MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
+    consistency_reward, gate_turns, gated_channels, gated_contributions, split_turns, Channel,
+    ConsistencyJudge, LastNumberJudge, MilestoneTracker, DEFAULT_MILESTONE_CREDIT,
 };
 use crate::reward::math::MathVerifier;
 use crate::reward::rm_scorer::RewardModelScorer;
@@ -102,7 +102,9 @@ struct Component {
 pub struct ScoredGroup {
     /// Final reward per response.
     pub rewards: Vec<f64>,
-    /// Per response: component name → value after its own shaping, before its weight.
+    /// Per response: component name → value after its own shaping, before its weight; and
+    /// for each channel of a `gated` component, `<gated>/<channel>` → what that channel
+    /// contributed to the gate (its raw value, 0 once an earlier channel failed).
     pub components: Vec<BTreeMap<String, f64>>,
     /// Per response: the first verifier's verdict; without a verifier, the total with the
     /// component values as the reason.
@@ -411,11 +413,14 @@ impl RewardPipeline {
 
         let components: Vec<BTreeMap<String, f64>> = (0..n)
             .map(|i| {
-                self.components
+                let mut row: BTreeMap<String, f64> = self
+                    .components
                     .iter()
                     .zip(&shaped)
                     .map(|(c, s)| (c.name.clone(), s[i]))
-                    .collect()
+                    .collect();
+                row.extend(self.gate_contributions(&raw, i));
+                row
             })
             .collect();
         let verdicts = match verdicts {
@@ -441,6 +446,27 @@ impl RewardPipeline {
             external_failures: self.external_failures() - failures_before,
             reference_cache_hit: cache_hit,
         })
+    }
+
+    /// `<gated>/<channel>` → the channel's contribution to each `gated` component, for
+    /// response `i` (`raw` indexed like the config).
+    fn gate_contributions(&self, raw: &[Vec<f64>], i: usize) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for c in &self.components {
+            if let Scorer::Gated(chs) = &c.scorer {
+                let channels: Vec<Channel> = chs
+                    .iter()
+                    .map(|&(j, t)| Channel {
+                        value: raw[j][i],
+                        threshold: t.unwrap_or(f64::NEG_INFINITY),
+                    })
+                    .collect();
+                for (&(j, _), v) in chs.iter().zip(gated_contributions(&channels)) {
+                    out.push((format!("{}/{}", c.name, self.components[j].name), v));
+                }
+            }
+        }
+        out
     }
 
     fn reference_rewards(&self, raw: &[Vec<f64>]) -> ReferenceRewards {

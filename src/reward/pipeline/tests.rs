@@ -833,7 +833,22 @@ fn per_turn_rewards_accumulate_gated_and_ungated() {
             discount,
         )
     };
-    crate::testing::assert_close(&gra(1.0).rewards, &[1.4, 0.0, 0.0], 1e-12);
+    let g = gra(1.0);
+    crate::testing::assert_close(&g.rewards, &[1.4, 0.0, 0.0], 1e-12);
+    // Logged per response: `steps` is the component's own (ungated) value, A 0.4, B 0.8, C 0;
+    // `gra/steps` what the gate paid of it, A 0.4, B 0 (outcome 0 < δ), C 0; `gra/outcome`
+    // the outcome channel, A 1, B 0, C 0.
+    let col = |k: &str| g.components.iter().map(|c| c[k]).collect::<Vec<_>>();
+    crate::testing::assert_close(&col("steps"), &[0.4, 0.8, 0.0], 1e-12);
+    crate::testing::assert_close(&col("gra/steps"), &[0.4, 0.0, 0.0], 1e-12);
+    crate::testing::assert_close(&col("gra/outcome"), &[1.0, 0.0, 0.0], 1e-12);
+    // As metrics: reward/steps/mean = 1.2 / 3 = 0.4, reward/gra/steps/mean = 0.4 / 3, and the
+    // channels' means sum to reward/gra/mean = 1.4 / 3.
+    let means = component_means(std::slice::from_ref(&g));
+    assert!(near(means["reward/steps/mean"], 0.4));
+    assert!(near(means["reward/gra/steps/mean"], 0.4 / 3.0));
+    assert!(near(means["reward/gra/outcome/mean"], 1.0 / 3.0));
+    assert!(near(means["reward/gra/mean"], 1.4 / 3.0));
     // γ = 0.5: A = 0.2 + 0.5·0.2 + 0.25·1 = 0.55 (outcome 0.25 < δ = 1: gated to 0.25);
     // B = 0.2 + 0.1 + 0.05 + 0.025 = 0.375 ungated.
     crate::testing::assert_close(

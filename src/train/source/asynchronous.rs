@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use super::{Batch, BatchSource};
+use super::{Batch, BatchSource, Tally};
 use crate::buffer::{self, Buffer, MemoryBuffer, TakeMode};
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -159,7 +159,7 @@ impl BatchSource for AsyncExplorer {
             .map(|m| buffer::min_version(learner.version, m))
             .unwrap_or(0);
         let mut groups = Vec::with_capacity(np);
-        let mut dropped = 0;
+        let mut tally = Tally::default();
         let mut generate_s = 0.0;
         let mut s_guard = lock.lock().map_err(|_| Error::Thread {
             thread: "async explorer",
@@ -176,7 +176,7 @@ impl BatchSource for AsyncExplorer {
                 .queue
                 .take(np - groups.len(), min_version)
                 .map_err(Error::from)?;
-            dropped += taken.dropped;
+            tally.add(&taken);
             for g in taken.groups {
                 generate_s += s_guard.gen_s.remove(&g.group_id).unwrap_or(0.0);
                 groups.push(g);
@@ -189,10 +189,11 @@ impl BatchSource for AsyncExplorer {
                 })?;
             }
         }
+        learner.note_drawn(tally.drawn);
         Ok(Some(Batch {
             groups,
             generate_s,
-            dropped,
+            dropped: tally.dropped,
         }))
     }
 
@@ -215,5 +216,62 @@ impl BatchSource for AsyncExplorer {
         }
         cv.notify_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::optim::AdamW;
+    use crate::train::source::tests::group;
+
+    /// The learner at version 1 with `max_staleness = 0` drops the queue's two v0 groups and
+    /// takes two v1 groups: `sampling/samples_drawn` counts all 4 × 2 responses read.
+    #[test]
+    fn an_async_batch_counts_the_stale_groups_it_dropped_as_drawn() {
+        let sets: Vec<String> = [
+            "sync.mode=\"async\"",
+            "sync.max_staleness=0",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+        ]
+        .map(String::from)
+        .to_vec();
+        let env = Arc::new(Env::new(crate::config::load(None, &sets).unwrap()).unwrap());
+        let model = env.initial_policy(&crate::compute::device()).unwrap();
+        let opt = AdamW::new(model.params(), Default::default());
+        let tmp = tempfile::tempdir().unwrap();
+        let mut learner = Learner::new(model, opt, tmp.path(), 0).unwrap();
+        learner.version = 1;
+        let mut queue = MemoryBuffer::new(8, TakeMode::Fifo).unwrap();
+        for (id, version) in [(1, 0), (2, 0), (3, 1), (4, 1)] {
+            queue.put(group(id, version, 2)).unwrap();
+        }
+        let mut source = AsyncExplorer {
+            shared: Arc::new((
+                Mutex::new(AsyncShared {
+                    learner_version: 1,
+                    published: None,
+                    queue,
+                    gen_s: Default::default(),
+                    stop: false,
+                    error: None,
+                }),
+                Condvar::new(),
+            )),
+            handle: None,
+        };
+        let mut st = ExploreState::for_trainer(&env.cfg, env.task.as_ref()).unwrap();
+        let batch = source
+            .next_batch(&env, &mut learner, &mut st, 2)
+            .unwrap()
+            .unwrap();
+        let ids: Vec<u64> = batch.groups.iter().map(|g| g.group_id).collect();
+        assert_eq!((ids, batch.dropped), (vec![3, 4], 2));
+        let m = learner
+            .learn(&env, &batch.groups, 2, 0.0, batch.dropped)
+            .unwrap();
+        assert_eq!(m["sampling/samples_drawn"], 8.0);
+        assert_eq!(m["staleness/dropped"], 2.0);
     }
 }

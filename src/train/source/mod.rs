@@ -182,10 +182,7 @@ impl BatchSource for OnPolicy {
                 explore_st,
                 learner.rewards.as_mut(),
             )?;
-            drawn += groups
-                .iter()
-                .map(|g| g.experiences.len().max(g.drawn_rewards.len()))
-                .sum::<usize>();
+            drawn += groups.iter().map(|g| g.samples_drawn()).sum::<usize>();
             Ok::<_, crate::error::Error>(groups)
         };
         // Without refill the groups stay in the order they were sampled (fill_batch puts the
@@ -230,6 +227,28 @@ impl BatchSource for OnPolicy {
     }
 }
 
+/// What a buffer-reading source (async explorer, shared buffer) took for one batch: the stale
+/// groups it dropped, and every response it read, dropped ones included
+/// (`sampling/samples_drawn`).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Tally {
+    pub dropped: usize,
+    pub drawn: usize,
+}
+
+impl Tally {
+    /// Counts one take.
+    pub fn add(&mut self, taken: &crate::buffer::Taken) {
+        self.dropped += taken.dropped;
+        self.drawn += taken.dropped_samples
+            + taken
+                .groups
+                .iter()
+                .map(|g| g.samples_drawn())
+                .sum::<usize>();
+    }
+}
+
 /// Splits groups into batches of `np` (the last may be short).
 fn chunk_groups(groups: Vec<ExperienceGroup>, np: usize) -> VecDeque<Vec<ExperienceGroup>> {
     let mut out = VecDeque::new();
@@ -238,4 +257,64 @@ fn chunk_groups(groups: Vec<ExperienceGroup>, np: usize) -> VecDeque<Vec<Experie
         out.push_back(it.by_ref().take(np).collect());
     }
     out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::buffer::{Buffer, Experience, MemoryBuffer, TakeMode};
+
+    /// A group of `size` responses (built-in vocabulary ids) sampled by `version`.
+    pub(crate) fn group(group_id: u64, version: u64, size: usize) -> ExperienceGroup {
+        let experiences = (0..size)
+            .map(|i| Experience {
+                group_id,
+                prompt: "37+48=".into(),
+                prompt_ids: vec![3, 7, 11, 4, 8, 12],
+                response_ids: vec![8, 5, 1],
+                logprobs: vec![-0.25, -1.5, -0.125],
+                reward: (i % 2) as f64,
+                components: [("correct".to_string(), (i % 2) as f64)].into(),
+                answer: "85".into(),
+                finished: true,
+                policy_version: version,
+                use_count: 0,
+                trainable: vec![],
+                episode: None,
+                hidden: None,
+            })
+            .collect();
+        ExperienceGroup {
+            group_id,
+            policy_version: version,
+            experiences,
+            drawn_rewards: vec![],
+        }
+    }
+
+    #[test]
+    fn a_tally_counts_the_responses_of_dropped_and_taken_groups() {
+        let mut buf = MemoryBuffer::new(10, TakeMode::Fifo).unwrap();
+        // Stale at min_version 1: A (v0, 2 responses) and B (v0, 3 kept of 5 drawn).
+        buf.put(group(1, 0, 2)).unwrap();
+        let mut b = group(2, 0, 3);
+        b.drawn_rewards = vec![0.0; 5];
+        buf.put(b).unwrap();
+        // Fresh: C (v1, 2 responses), D (v1, 4 responses).
+        buf.put(group(3, 1, 2)).unwrap();
+        buf.put(group(4, 1, 4)).unwrap();
+        let mut tally = Tally::default();
+        let taken = buf.take(2, 1).unwrap();
+        assert_eq!(taken.groups.len(), 2);
+        tally.add(&taken);
+        tally.add(&buf.take(2, 1).unwrap()); // empty now: adds nothing
+                                             // Dropped A, B: 2 + 5 = 7 responses; taken C, D: 2 + 4 = 6.
+        assert_eq!(
+            tally,
+            Tally {
+                dropped: 2,
+                drawn: 13
+            }
+        );
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Batch, BatchSource};
+use super::{Batch, BatchSource, Tally};
 use crate::buffer::{self, Buffer, TakeMode};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
@@ -51,14 +51,14 @@ impl BatchSource for SharedBuffer {
             .map(|m| buffer::min_version(learner.version, m))
             .unwrap_or(0);
         let mut groups = Vec::with_capacity(np);
-        let mut dropped = 0;
+        let mut tally = Tally::default();
         let waited = Instant::now();
         while groups.len() < np {
             let taken = self
                 .buffer
                 .take(np - groups.len(), min_version)
                 .map_err(Error::from)?;
-            dropped += taken.dropped;
+            tally.add(&taken);
             groups.extend(taken.groups);
             if groups.len() < np {
                 if waited.elapsed().as_secs_f64() > cfg.sync.wait_timeout_s {
@@ -80,10 +80,11 @@ impl BatchSource for SharedBuffer {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        learner.note_drawn(tally.drawn);
         Ok(Some(Batch {
             groups,
             generate_s: 0.0,
-            dropped,
+            dropped: tally.dropped,
         }))
     }
 
