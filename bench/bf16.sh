@@ -35,7 +35,7 @@ VARIANTS=("f32:--dtype f32" "bf16:--dtype bf16" "lora-bf16:--dtype bf16 --lora-r
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 if [ -z "${REPORT_ONLY:-}" ]; then
-  has gemm || has anchor || has grove || has quickstart || has large15 && CARGO_INCREMENTAL=1 cargo build --release --quiet
+  has gemm || has anchor || has grove || has quickstart || has large15 && cargo build --release --quiet
   gunzip -c ../shared/data/tokenizers/qwen2/tokenizer.json.gz > "$TOK"
   cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_bf16|amx_tile)$' | xargs || true)

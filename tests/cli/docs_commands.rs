@@ -150,9 +150,9 @@ const EXCLUDED: &[(&str, &str)] = &[
     ),
     (
         "grove experiment calculator --seeds",
-        "3 training runs of a 600-step warm-up and 100 RL steps (5 to 6 minutes of CPU time each, \
-         an hour each on the loaded shared machine); src/experiment.rs tests its config and \
-         `--reuse`, src/env/builtin.rs the environment and its terse question",
+        "3 training runs of a 250-300-step warm-up and 100 RL steps (10.5 minutes for the \
+         three on an idle 2-core machine); src/experiment.rs tests its config and `--reuse`, src/env/builtin.rs the \
+         environment and its terse question",
     ),
     (
         "grove experiment ppo --seeds 0,1,2",
