@@ -241,7 +241,7 @@ pub fn min_version(current_version: u64, max_staleness: u64) -> u64 {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A valid group of `size` experiences; rewards 0, 1, 2, ... so members are distinguishable.

@@ -23,6 +23,9 @@ mod sqlite;
 #[cfg(test)]
 mod contract;
 
+/// A valid group of `size` responses (rewards 0, 1, 2, ...), for tests outside `buffer`.
+#[cfg(test)]
+pub(crate) use experience::tests::sample_group;
 pub use experience::{min_version, Experience, ExperienceError, ExperienceGroup};
 pub use memory::MemoryBuffer;
 pub use postgres::{PostgresBuffer, DEFAULT_TABLE};

@@ -216,7 +216,8 @@ pub enum SyncMode {
     /// generated `offset` steps ahead of the learner.
     Lagged,
     /// An explorer thread fills a bounded buffer while the learner consumes it; weights are
-    /// published every `interval` steps; the explorer runs at most `max_staleness` versions ahead.
+    /// published every `interval` steps. With `max_staleness` k, batch b is sampled by the
+    /// oldest published version at or after b − k (repeatable); without, by the newest one.
     Async,
 }
 
@@ -234,7 +235,8 @@ pub struct SyncConfig {
     pub offset: usize,
     /// Experiences more than this many versions older than the learner are dropped and
     /// counted in `staleness/dropped` (async and buffer modes; unset = keep everything, except
-    /// with `buffer`, where it defaults to 4 or `interval`, whichever is larger).
+    /// with `buffer`, where it defaults to 4 or `interval`, whichever is larger). In async mode
+    /// it also fixes which weights sample each batch, so that the run repeats exactly.
     pub max_staleness: Option<u64>,
     /// Async mode: buffer capacity in groups; also the most groups a `grove explore` process
     /// lets a shared buffer hold (0 = 4 steps' worth).

@@ -2,7 +2,7 @@
 //! contract, and exact resume.
 use std::path::Path;
 
-use crate::common::{resume_saved, rl_lines, run_stopped_after};
+use crate::common::{quiet, resume_saved, rl_lines, run_stopped_after};
 use grove::config;
 use grove::train::{run, TrainOptions};
 
@@ -282,6 +282,44 @@ fn async_with_zero_staleness_equals_on_policy() {
     )
     .unwrap();
     assert_eq!(rl_lines(&a.run_dir), rl_lines(&b.run_dir));
+}
+
+/// With a staleness bound the explorer samples batch b by a version fixed by b alone
+/// (`sampling_version`), so async runs repeat bit for bit: max_staleness = interval − 1 is
+/// lagged mode's schedule at offset 0, and with interval 1 max_staleness = k is lagged mode's at
+/// offset k, computed on another thread. Before, the explorer took the newest
+/// weights when it started a batch: here batch 2 by version 0 (the learner at version 1
+/// publishes nothing), a group the learner then dropped as stale, so the runs differed.
+#[test]
+fn async_with_bounded_staleness_equals_lagged_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (staleness, interval, offset) in [(1, 2, 0), (2, 1, 2)] {
+        let sets_lagged = [
+            "sync.mode=\"lagged\"".to_string(),
+            format!("sync.interval={interval}"),
+            format!("sync.offset={offset}"),
+        ];
+        let sets_async = [
+            "sync.mode=\"async\"".to_string(),
+            format!("sync.interval={interval}"),
+            format!("sync.max_staleness={staleness}"),
+        ];
+        let dir = tmp.path().join(format!("k{staleness}i{interval}"));
+        let run_with = |name: &str, sets: &[String]| {
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            run(small(&dir.join(name), 6, &sets), &quiet()).unwrap()
+        };
+        let lagged = rl_lines(&run_with("lagged", &sets_lagged).run_dir);
+        let asynchronous = rl_lines(&run_with("async", &sets_async).run_dir);
+        assert_eq!(lagged.len(), 7);
+        assert!(
+            lagged
+                .iter()
+                .any(|l| l["staleness/mean"].as_f64().is_some_and(|s| s > 0.0)),
+            "k = {staleness}: the schedule should train on older versions"
+        );
+        assert_eq!(lagged, asynchronous, "k = {staleness}, interval {interval}");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Async mode: an explorer thread samples with its own copy of the weights while the learner
-//! learns. Batch b (0-based) may only be sampled once the learner has taken
-//! b − `sync.max_staleness` updates, so with `max_staleness = 0` every batch is sampled by the
-//! current weights and the run equals the on-policy run.
+//! learns. With `sync.max_staleness = k`, batch b (0-based) is sampled by the weights of
+//! [`sampling_version`] (at most k versions old), so the run is repeatable and with k = 0
+//! equals the on-policy run; without a bound, by the newest weights when it starts.
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -16,13 +17,32 @@ use crate::train::learn::Learner;
 pub struct AsyncShared {
     /// Updates the learner has taken.
     learner_version: u64,
-    /// Newest published weights (deep copies) and their version.
-    published: Option<(u64, Llama)>,
+    /// Published weights (deep copies) by version that the explorer may still need: with a
+    /// staleness bound, every version from the one its next batch uses on; without, the
+    /// newest only.
+    published: BTreeMap<u64, Llama>,
     queue: MemoryBuffer,
     /// Sampling seconds of queued groups, by group id.
     gen_s: std::collections::HashMap<u64, f64>,
     stop: bool,
     error: Option<String>,
+}
+
+impl AsyncShared {
+    /// The state shared by the learner (at `learner_version`) and the explorer thread.
+    fn new(learner_version: u64, queue: MemoryBuffer) -> Arc<(Mutex<AsyncShared>, Condvar)> {
+        Arc::new((
+            Mutex::new(AsyncShared {
+                learner_version,
+                published: BTreeMap::new(),
+                queue,
+                gen_s: Default::default(),
+                stop: false,
+                error: None,
+            }),
+            Condvar::new(),
+        ))
+    }
 }
 
 pub struct AsyncExplorer {
@@ -45,9 +65,19 @@ impl Drop for AsyncExplorer {
     }
 }
 
-/// Starts the explorer thread. Batch b (0-based) may only be sampled once the learner has
-/// taken b − max_staleness updates, so with `max_staleness = 0` every batch is sampled by the
-/// current weights and the run equals the on-policy run.
+/// The weights version that samples batch b (0-based) under `max_staleness = k`: the oldest
+/// published version (a multiple of `interval`) no more than k versions behind b. The learner
+/// takes batch b at version b, so no group is ever too stale, and because the version depends
+/// on b alone the run is the same whatever the threads' timing. With k = 0 every batch is
+/// on-policy; k = interval − 1 is lagged mode's schedule at `sync.offset = 0`, and k with
+/// interval 1 its schedule at `sync.offset = k`.
+pub fn sampling_version(batch: u64, max_staleness: u64, interval: u64) -> u64 {
+    batch.saturating_sub(max_staleness).div_ceil(interval) * interval
+}
+
+/// Starts the explorer thread. With `sync.max_staleness` set, batch b waits until the learner
+/// has published [`sampling_version`] and is sampled by exactly those weights; without, it is
+/// sampled by the newest weights published when it starts (which depends on thread timing).
 pub fn spawn_explorer(
     env: Arc<Env>,
     model: Llama,
@@ -63,22 +93,13 @@ pub fn spawn_explorer(
         cfg.sync.capacity.max(np)
     };
     let queue = MemoryBuffer::new(capacity, TakeMode::Fifo)?;
-    let shared = Arc::new((
-        Mutex::new(AsyncShared {
-            learner_version: version,
-            published: None,
-            queue,
-            gen_s: Default::default(),
-            stop: false,
-            error: None,
-        }),
-        Condvar::new(),
-    ));
+    let shared = AsyncShared::new(version, queue);
     let sh = shared.clone();
     let handle = std::thread::spawn(move || {
         let (lock, cv) = &*sh;
         let mut my_version = version;
         let max_stale = env.cfg.sync.max_staleness;
+        let interval = env.cfg.sync.interval as u64;
         let mut b = first_batch as u64;
         loop {
             {
@@ -88,7 +109,7 @@ pub fn spawn_explorer(
                         return;
                     }
                     let gated = max_stale
-                        .map(|m| s.learner_version + m < b)
+                        .map(|m| s.learner_version < sampling_version(b, m, interval))
                         .unwrap_or(false);
                     let full = s.queue.len().unwrap_or(0) + np > capacity;
                     if !gated && !full {
@@ -99,16 +120,26 @@ pub fn spawn_explorer(
                         Err(_) => return,
                     };
                 }
-                if let Some((v, w)) = &s.published {
-                    if *v > my_version {
-                        if let Err(e) = model.copy_weights_from(w) {
-                            s.error =
-                                Some(format!("explorer: loading published weights v{v}: {e}"));
-                            cv.notify_all();
-                            return;
-                        }
-                        my_version = *v;
+                let want = match max_stale {
+                    Some(m) => sampling_version(b, m, interval).max(version),
+                    None => s.published.keys().next_back().copied().unwrap_or(version),
+                };
+                // Versions older than this batch's are never needed again.
+                s.published.retain(|&v, _| v >= want);
+                if want > my_version {
+                    let Some(w) = s.published.get(&want) else {
+                        s.error = Some(format!(
+                            "explorer: weights v{want} for batch {b} were not published"
+                        ));
+                        cv.notify_all();
+                        return;
+                    };
+                    if let Err(e) = model.copy_weights_from(w) {
+                        s.error = Some(format!("explorer: loading published weights v{want}: {e}"));
+                        cv.notify_all();
+                        return;
                     }
+                    my_version = want;
                 }
             }
             let t = Instant::now();
@@ -212,7 +243,10 @@ impl BatchSource for AsyncExplorer {
         })?;
         s.learner_version = learner.version;
         if let Some(c) = copy {
-            s.published = Some((learner.version, c));
+            if env.cfg.sync.max_staleness.is_none() {
+                s.published.clear();
+            }
+            s.published.insert(learner.version, c);
         }
         cv.notify_all();
         Ok(())
@@ -222,8 +256,27 @@ impl BatchSource for AsyncExplorer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::sample_group as group;
     use crate::compute::optim::AdamW;
-    use crate::train::source::tests::group;
+
+    #[test]
+    fn sampling_versions_by_hand() {
+        let versions = |k, i| {
+            (0..8)
+                .map(|b| sampling_version(b, k, i))
+                .collect::<Vec<_>>()
+        };
+        // k = 0: on-policy.
+        assert_eq!(versions(0, 1), [0, 1, 2, 3, 4, 5, 6, 7]);
+        // k = 2, every version published: two behind, none before 0.
+        assert_eq!(versions(2, 1), [0, 0, 0, 1, 2, 3, 4, 5]);
+        // k = 1, published every 2: lagged mode's floor(b / 2) * 2.
+        assert_eq!(versions(1, 2), [0, 0, 2, 2, 4, 4, 6, 6]);
+        // k = 2, every 2: the oldest multiple of 2 at or after b − 2.
+        assert_eq!(versions(2, 2), [0, 0, 0, 2, 2, 4, 4, 6]);
+        // k = 3, every 2 (k above interval − 1): staleness 2 or 3 once b ≥ 3.
+        assert_eq!(versions(3, 2), [0, 0, 0, 0, 2, 2, 4, 4]);
+    }
 
     /// The learner at version 1 with `max_staleness = 0` drops the queue's two v0 groups and
     /// takes two v1 groups: `sampling/samples_drawn` counts all 4 × 2 responses read.
@@ -248,17 +301,7 @@ mod tests {
             queue.put(group(id, version, 2)).unwrap();
         }
         let mut source = AsyncExplorer {
-            shared: Arc::new((
-                Mutex::new(AsyncShared {
-                    learner_version: 1,
-                    published: None,
-                    queue,
-                    gen_s: Default::default(),
-                    stop: false,
-                    error: None,
-                }),
-                Condvar::new(),
-            )),
+            shared: AsyncShared::new(1, queue),
             handle: None,
         };
         let mut st = ExploreState::for_trainer(&env.cfg, env.task.as_ref()).unwrap();

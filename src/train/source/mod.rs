@@ -260,37 +260,9 @@ fn chunk_groups(groups: Vec<ExperienceGroup>, np: usize) -> VecDeque<Vec<Experie
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::buffer::{Buffer, Experience, MemoryBuffer, TakeMode};
-
-    /// A group of `size` responses (built-in vocabulary ids) sampled by `version`.
-    pub(crate) fn group(group_id: u64, version: u64, size: usize) -> ExperienceGroup {
-        let experiences = (0..size)
-            .map(|i| Experience {
-                group_id,
-                prompt: "37+48=".into(),
-                prompt_ids: vec![3, 7, 11, 4, 8, 12],
-                response_ids: vec![8, 5, 1],
-                logprobs: vec![-0.25, -1.5, -0.125],
-                reward: (i % 2) as f64,
-                components: [("correct".to_string(), (i % 2) as f64)].into(),
-                answer: "85".into(),
-                finished: true,
-                policy_version: version,
-                use_count: 0,
-                trainable: vec![],
-                episode: None,
-                hidden: None,
-            })
-            .collect();
-        ExperienceGroup {
-            group_id,
-            policy_version: version,
-            experiences,
-            drawn_rewards: vec![],
-        }
-    }
+    use crate::buffer::{sample_group as group, Buffer, MemoryBuffer, TakeMode};
 
     #[test]
     fn a_tally_counts_the_responses_of_dropped_and_taken_groups() {
