@@ -189,14 +189,14 @@ pub fn is_bare_word(raw: &str) -> bool {
 
 /// Refuses to resume in a sync mode whose resume is not exact.
 pub fn refuse_inexact(cfg: &RunConfig) -> Result<()> {
-    if cfg.sync.mode == SyncMode::Async {
+    if cfg.sync.mode == SyncMode::Async && cfg.sync.max_staleness.is_none() {
         return Err(Error::config(
             "--resume",
-            "sync.mode = \"async\" cannot be resumed exactly (the explorer thread's sampling \
-             position and the groups it had buffered are not checkpointed), so grove refuses \
-             rather than continue a run that would silently differ from the uninterrupted one; \
-             start a new run, or train with sync.mode = \"on-policy\" or \"lagged\", which \
-             resume exactly",
+            "sync.mode = \"async\" without sync.max_staleness cannot be resumed exactly (which \
+             weights sampled each batch depended on thread timing), so grove refuses rather \
+             than continue a run that would silently differ from the uninterrupted one; start \
+             a new run with sync.max_staleness set (async then resumes exactly), or train with \
+             sync.mode = \"on-policy\" or \"lagged\"",
         ));
     }
     Ok(())
@@ -264,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn async_resume_is_refused_naming_the_mode() {
+    fn unbounded_async_resume_is_refused_naming_the_mode() {
         let mut cfg = RunConfig::default();
         for mode in [SyncMode::OnPolicy, SyncMode::Lagged] {
             cfg.sync.mode = mode;
@@ -273,9 +273,11 @@ mod tests {
         cfg.sync.mode = SyncMode::Async;
         let e = refuse_inexact(&cfg).unwrap_err().to_string();
         assert!(
-            e.contains("sync.mode = \"async\"") && e.contains("refuses"),
+            e.contains("sync.mode = \"async\" without sync.max_staleness") && e.contains("refuses"),
             "{e}"
         );
+        cfg.sync.max_staleness = Some(1);
+        assert!(refuse_inexact(&cfg).is_ok());
     }
 
     /// A run directory whose config.toml was saved from `cfg` (secrets hidden), and the

@@ -55,12 +55,25 @@ pub struct TrainState {
     /// `critic.safetensors` and `critic_optimizer.safetensors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub critic_optimizer_t: Option<u64>,
+    /// Async runs with a staleness bound: the versions of the older published weights the
+    /// explorer samples by from this step on, saved as `sampler-v<N>.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_sampler: Option<Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LaggedState {
     pub behaviour_version: u64,
     pub next_batch: usize,
+}
+
+/// What a checkpoint of a bounded-staleness async run keeps so that it resumes exactly: the
+/// explorer's state at the start of the learner's next batch, and the published weights older
+/// than the learner that the batches from there on are sampled by.
+pub struct AsyncSnapshot {
+    pub explore: ExploreState,
+    pub env_episodes: Option<u64>,
+    pub weights: Vec<(u64, Llama)>,
 }
 
 /// Mode-specific things a checkpoint carries besides the policy and optimizer.
@@ -73,6 +86,13 @@ pub struct Extras<'a> {
     pub plan: Option<&'a crate::config::Plan>,
     /// PPO's critic (`[critic]` runs).
     pub critic: Option<&'a crate::train::critic::Critic>,
+    /// Async runs with a staleness bound; its weights are `sampler-v<N>.safetensors`.
+    pub async_snapshot: Option<AsyncSnapshot>,
+}
+
+/// The file of an async checkpoint's published weights of version `v`.
+pub fn sampler_file(v: u64) -> String {
+    format!("sampler-v{v}.safetensors")
 }
 
 /// The checkpoint file of the policy's trainable weights: the whole model, or a LoRA run's
@@ -133,6 +153,11 @@ pub fn save(
     }
     if let Some(b) = extras.behaviour {
         save_safetensors(&b.named_tensors(), &tmp.join("behaviour.safetensors"))?;
+    }
+    if let Some(snap) = &extras.async_snapshot {
+        for (v, w) in &snap.weights {
+            save_safetensors(&w.named_tensors(), &tmp.join(sampler_file(*v)))?;
+        }
     }
     if !extras.pending.is_empty() {
         crate::buffer::jsonl::write_groups(&tmp.join("pending.jsonl"), &extras.pending)
@@ -331,6 +356,7 @@ mod tests {
             skipped_steps: 2,
             env_episodes: None,
             critic_optimizer_t: None,
+            async_sampler: None,
         };
         let dir = save(tmp.path(), &model, &opt, &tok, &state, &extras).unwrap();
         // The skip counter travels with the checkpoint; a state.json written before it

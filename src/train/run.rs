@@ -160,6 +160,7 @@ fn train_in(
         offline,
         lagged: start.lagged,
         pending: start.pending,
+        sampler: start.sampler,
     };
     check_read_back(cfg, ckpt.is_some(), start.step, plan.rl_steps, &run_dir)?;
     let mut explore_st = start.explore_st;
@@ -322,6 +323,8 @@ struct Start {
     blend: Option<Option<super::blend::BlendState>>,
     lagged: Option<(checkpoint::LaggedState, Llama)>,
     pending: Vec<ExperienceGroup>,
+    /// Async mode with a staleness bound: the checkpoint's older published weights.
+    sampler: Vec<(u64, Llama)>,
 }
 
 /// A reference policy is needed for a KL term in the loss (incl. DADS) or in the reward.
@@ -359,6 +362,10 @@ fn restore(
     } else {
         None
     };
+    let mut sampler = Vec::new();
+    for &v in st.async_sampler.iter().flatten() {
+        sampler.push((v, load(c.join(checkpoint::sampler_file(v)))?));
+    }
     let critic = match &env.cfg.critic {
         Some(cc) => {
             // Built on the restored policy for its shape; every weight is then replaced.
@@ -390,6 +397,7 @@ fn restore(
         blend: Some(st.blend.clone()),
         lagged: st.lagged.clone().zip(behaviour),
         pending,
+        sampler,
     };
     Ok((start, st, reference, critic))
 }
@@ -420,6 +428,7 @@ fn fresh_start(env: &Env, learner: &mut Learner, pb: &indicatif::ProgressBar) ->
         blend: None,
         lagged: None,
         pending: vec![],
+        sampler: vec![],
     })
 }
 
@@ -446,14 +455,17 @@ impl RunState<'_> {
         explore_st: &ExploreState,
         source: &dyn BatchSource,
     ) -> Result<PathBuf> {
-        let (lagged, mut extras) = source.checkpoint();
+        let (lagged, mut extras) = source.checkpoint()?;
         extras.plan = Some(&self.plan);
         extras.critic = learner.critic.as_ref();
+        // An async explorer runs ahead: its state at the learner's next batch stands in for the
+        // trainer's own (unused) one.
+        let snap = extras.async_snapshot.as_ref();
         let st = TrainState {
             step,
             optimizer_t: learner.opt.t,
             version: learner.version,
-            explore: explore_st.clone(),
+            explore: snap.map_or_else(|| explore_st.clone(), |a| a.explore.clone()),
             learn_rng: learner.learn_rng.clone(),
             warmup_steps: self.warmup_steps,
             acc_after_warmup: self.acc_after_warmup,
@@ -462,8 +474,12 @@ impl RunState<'_> {
             reward_pipeline: learner.rewards.as_ref().map(|r| r.state()),
             blend: learner.blend.as_ref().map(|b| b.state()),
             skipped_steps: learner.skipped_steps,
-            env_episodes: self.env.environment.as_ref().map(|r| r.episodes_numbered()),
+            env_episodes: match snap {
+                Some(a) => a.env_episodes,
+                None => self.env.environment.as_ref().map(|r| r.episodes_numbered()),
+            },
             critic_optimizer_t: learner.critic.as_ref().map(|c| c.opt.t),
+            async_sampler: snap.map(|a| a.weights.iter().map(|(v, _)| *v).collect()),
         };
         checkpoint::save(
             self.run_dir,

@@ -53,7 +53,7 @@ fn resume_never_starts_a_command_recorded_in_the_run_dir() {
 }
 
 #[test]
-fn async_resume_is_refused_naming_the_mode() {
+fn unbounded_async_resume_is_refused_naming_the_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("runs").join("a");
     std::fs::create_dir_all(run.join("checkpoints")).unwrap();
@@ -65,7 +65,7 @@ fn async_resume_is_refused_naming_the_mode() {
     let (code, _, err) = grove(&["train", "--resume", run.to_str().unwrap()], tmp.path());
     assert_ne!(code, 0);
     assert!(
-        err.contains("sync.mode = \"async\" cannot be resumed exactly"),
+        err.contains("sync.mode = \"async\" without sync.max_staleness cannot be resumed exactly"),
         "{err}"
     );
 }

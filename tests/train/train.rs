@@ -322,6 +322,44 @@ fn async_with_bounded_staleness_equals_lagged_mode() {
     }
 }
 
+/// A bounded async run stopped after 3 steps and resumed equals the uninterrupted run: the
+/// checkpoint keeps the explorer's state at the learner's next batch and the older published
+/// weights the following batches are sampled by (`sampler-v<N>.safetensors`).
+#[test]
+fn async_with_bounded_staleness_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (staleness, interval) in [(1, 2), (2, 1)] {
+        let sets = [
+            "sync.mode=\"async\"".to_string(),
+            format!("sync.interval={interval}"),
+            format!("sync.max_staleness={staleness}"),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let dir = tmp.path().join(format!("k{staleness}i{interval}"));
+        let whole = run(small(&dir.join("whole"), 6, &sets), &quiet()).unwrap();
+        let parts = run_stopped_after(small(&dir.join("parts"), 6, &sets), 3);
+        // Resuming at step 3 needs the older weights that sample batches 3, 4, ...: version 2
+        // (k = 1, interval 2), versions 1 and 2 (k = 2).
+        let mut saved: Vec<String> = std::fs::read_dir(parts.run_dir.join("checkpoints/step-3"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sampler-v"))
+            .collect();
+        saved.sort();
+        let want: &[&str] = match staleness {
+            1 => &["sampler-v2.safetensors"],
+            _ => &["sampler-v1.safetensors", "sampler-v2.safetensors"],
+        };
+        assert_eq!(saved, want, "k = {staleness}, interval {interval}");
+        resume_saved(&parts.run_dir);
+        assert_eq!(
+            rl_lines(&whole.run_dir),
+            rl_lines(&parts.run_dir),
+            "k = {staleness}, interval {interval}"
+        );
+    }
+}
+
 #[test]
 fn async_with_staleness_trains_on_older_versions() {
     let tmp = tempfile::tempdir().unwrap();

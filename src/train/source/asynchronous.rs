@@ -10,6 +10,7 @@ use super::{Batch, BatchSource, Tally};
 use crate::buffer::{self, Buffer, MemoryBuffer, TakeMode};
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::train::checkpoint::{AsyncSnapshot, Extras, LaggedState};
 use crate::train::explore::{collect, Env, ExploreState};
 use crate::train::learn::Learner;
 
@@ -26,19 +27,28 @@ pub struct AsyncShared {
     gen_s: std::collections::HashMap<u64, f64>,
     stop: bool,
     error: Option<String>,
+    /// The explorer's state at the start of each batch the learner has not taken yet, and the
+    /// environment's episode count then: a checkpoint at learner version v resumes the
+    /// explorer from batch v.
+    state_at: BTreeMap<u64, (ExploreState, Option<u64>)>,
 }
 
 impl AsyncShared {
     /// The state shared by the learner (at `learner_version`) and the explorer thread.
-    fn new(learner_version: u64, queue: MemoryBuffer) -> Arc<(Mutex<AsyncShared>, Condvar)> {
+    fn new(
+        learner_version: u64,
+        published: BTreeMap<u64, Llama>,
+        queue: MemoryBuffer,
+    ) -> Arc<(Mutex<AsyncShared>, Condvar)> {
         Arc::new((
             Mutex::new(AsyncShared {
                 learner_version,
-                published: BTreeMap::new(),
+                published,
                 queue,
                 gen_s: Default::default(),
                 stop: false,
                 error: None,
+                state_at: BTreeMap::new(),
             }),
             Condvar::new(),
         ))
@@ -48,6 +58,8 @@ impl AsyncShared {
 pub struct AsyncExplorer {
     shared: Arc<(Mutex<AsyncShared>, Condvar)>,
     handle: Option<std::thread::JoinHandle<()>>,
+    max_staleness: Option<u64>,
+    interval: u64,
 }
 
 impl Drop for AsyncExplorer {
@@ -80,12 +92,40 @@ pub fn sampling_version(batch: u64, max_staleness: u64, interval: u64) -> u64 {
 /// sampled by the newest weights published when it starts (which depends on thread timing).
 pub fn spawn_explorer(
     env: Arc<Env>,
-    model: Llama,
+    learner_model: &Llama,
     version: u64,
+    saved: Vec<(u64, Llama)>,
     mut st: ExploreState,
     first_batch: usize,
 ) -> Result<AsyncExplorer> {
     let cfg = &env.cfg;
+    let interval = cfg.sync.interval as u64;
+    let max_staleness = cfg.sync.max_staleness;
+    let mut published: BTreeMap<u64, Llama> = saved.into_iter().collect();
+    // The weights of the first batch: the learner's, or (resuming a bounded run) a saved older
+    // version.
+    let first_version = match cfg.sync.max_staleness {
+        Some(k) => sampling_version(first_batch as u64, k, interval),
+        None => version,
+    };
+    let model = if first_version == version {
+        learner_model.deep_clone()?
+    } else {
+        published
+            .get(&first_version)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "async resume: batch {first_batch} is sampled by weights v{first_version}, \
+                     and the checkpoint has no sampler-v{first_version}.safetensors (a \
+                     checkpoint of a grove that refused async resume?)"
+                ))
+            })?
+            .deep_clone()?
+    };
+    if cfg.sync.max_staleness.is_some_and(|k| k > 0) && version.is_multiple_of(interval) {
+        // A checkpoint may need the learner's current version until the explorer is past it.
+        published.insert(version, learner_model.deep_clone()?);
+    }
     let np = cfg.rollout.prompts_per_step;
     let capacity = if cfg.sync.capacity == 0 {
         4 * np
@@ -93,13 +133,17 @@ pub fn spawn_explorer(
         cfg.sync.capacity.max(np)
     };
     let queue = MemoryBuffer::new(capacity, TakeMode::Fifo)?;
-    let shared = AsyncShared::new(version, queue);
+    let shared = AsyncShared::new(version, published, queue);
+    let episodes = |env: &Env| env.environment.as_ref().map(|r| r.episodes_numbered());
+    if let Ok(mut s) = shared.0.lock() {
+        s.state_at
+            .insert(first_batch as u64, (st.clone(), episodes(&env)));
+    }
     let sh = shared.clone();
     let handle = std::thread::spawn(move || {
         let (lock, cv) = &*sh;
-        let mut my_version = version;
+        let mut my_version = first_version;
         let max_stale = env.cfg.sync.max_staleness;
-        let interval = env.cfg.sync.interval as u64;
         let mut b = first_batch as u64;
         loop {
             {
@@ -121,11 +165,12 @@ pub fn spawn_explorer(
                     };
                 }
                 let want = match max_stale {
-                    Some(m) => sampling_version(b, m, interval).max(version),
-                    None => s.published.keys().next_back().copied().unwrap_or(version),
+                    Some(m) => sampling_version(b, m, interval),
+                    None => {
+                        let newest = s.published.keys().next_back().copied();
+                        newest.unwrap_or(my_version).max(my_version)
+                    }
                 };
-                // Versions older than this batch's are never needed again.
-                s.published.retain(|&v, _| v >= want);
                 if want > my_version {
                     let Some(w) = s.published.get(&want) else {
                         s.error = Some(format!(
@@ -163,6 +208,7 @@ pub fn spawn_explorer(
                     return;
                 }
             }
+            s.state_at.insert(b + 1, (st.clone(), episodes(&env)));
             cv.notify_all();
             b += 1;
         }
@@ -170,10 +216,45 @@ pub fn spawn_explorer(
     Ok(AsyncExplorer {
         shared,
         handle: Some(handle),
+        max_staleness,
+        interval,
     })
 }
 
 impl BatchSource for AsyncExplorer {
+    /// With a staleness bound: the explorer's state at the learner's next batch and the saved
+    /// older weights it samples by (a [`AsyncSnapshot`]); without, nothing (resume is refused).
+    fn checkpoint(&self) -> Result<(Option<LaggedState>, Extras<'_>)> {
+        let Some(k) = self.max_staleness else {
+            return Ok((None, Extras::default()));
+        };
+        let (lock, _) = &*self.shared;
+        let s = lock.lock().map_err(|_| Error::Thread {
+            thread: "async explorer",
+            msg: "panicked".into(),
+        })?;
+        let v = s.learner_version;
+        let (explore, env_episodes) = s.state_at.get(&v).cloned().ok_or_else(|| {
+            Error::Internal(format!("async checkpoint: no explorer state for batch {v}"))
+        })?;
+        let oldest = sampling_version(v, k, self.interval);
+        let mut weights = Vec::new();
+        for (&w, model) in s.published.range(oldest..v) {
+            weights.push((w, model.deep_clone()?));
+        }
+        Ok((
+            None,
+            Extras {
+                async_snapshot: Some(AsyncSnapshot {
+                    explore,
+                    env_episodes,
+                    weights,
+                }),
+                ..Extras::default()
+            },
+        ))
+    }
+
     fn next_batch(
         &mut self,
         env: &Env,
@@ -248,6 +329,14 @@ impl BatchSource for AsyncExplorer {
             }
             s.published.insert(learner.version, c);
         }
+        if let Some(k) = env.cfg.sync.max_staleness {
+            // Neither the explorer (at batch ≥ the learner's version) nor a checkpoint needs
+            // versions older than the one that samples the learner's next batch.
+            let oldest = sampling_version(learner.version, k, interval);
+            s.published.retain(|&v, _| v >= oldest);
+        }
+        let taken = learner.version;
+        s.state_at.retain(|&b, _| b >= taken);
         cv.notify_all();
         Ok(())
     }
@@ -301,8 +390,10 @@ mod tests {
             queue.put(group(id, version, 2)).unwrap();
         }
         let mut source = AsyncExplorer {
-            shared: AsyncShared::new(1, queue),
+            shared: AsyncShared::new(1, BTreeMap::new(), queue),
             handle: None,
+            max_staleness: Some(0),
+            interval: 1,
         };
         let mut st = ExploreState::for_trainer(&env.cfg, env.task.as_ref()).unwrap();
         let batch = source

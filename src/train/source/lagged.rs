@@ -61,8 +61,8 @@ impl BatchSource for Lagged {
         }))
     }
 
-    fn checkpoint(&self) -> (Option<LaggedState>, Extras<'_>) {
-        (
+    fn checkpoint(&self) -> Result<(Option<LaggedState>, Extras<'_>)> {
+        Ok((
             Some(LaggedState {
                 behaviour_version: self.behaviour_version,
                 next_batch: self.next_batch,
@@ -70,9 +70,8 @@ impl BatchSource for Lagged {
             Extras {
                 behaviour: Some(&self.behaviour),
                 pending: self.pending.iter().flatten().cloned().collect(),
-                plan: None,
-                critic: None,
+                ..Extras::default()
             },
-        )
+        ))
     }
 }

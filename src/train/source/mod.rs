@@ -62,8 +62,8 @@ pub trait BatchSource {
     }
 
     /// What a checkpoint keeps of this source besides the policy and optimizer.
-    fn checkpoint(&self) -> (Option<LaggedState>, Extras<'_>) {
-        (None, Extras::default())
+    fn checkpoint(&self) -> Result<(Option<LaggedState>, Extras<'_>)> {
+        Ok((None, Extras::default()))
     }
 }
 
@@ -75,6 +75,8 @@ pub struct Restored {
     pub lagged: Option<(LaggedState, crate::model::Llama)>,
     /// Lagged mode's sampled-but-unused batches, from the checkpoint.
     pub pending: Vec<ExperienceGroup>,
+    /// Async mode with a staleness bound: the older published weights, from the checkpoint.
+    pub sampler: Vec<(u64, crate::model::Llama)>,
 }
 
 /// Chooses the run's source from its config, once.
@@ -125,8 +127,9 @@ pub fn open(
         }),
         SyncMode::Async => Box::new(asynchronous::spawn_explorer(
             env.clone(),
-            learner.model.deep_clone()?,
+            &learner.model,
             learner.version,
+            restored.sampler,
             explore_st.clone(),
             step,
         )?),
