@@ -104,7 +104,7 @@ pub fn spawn_explorer(
     let mut published: BTreeMap<u64, Llama> = saved.into_iter().collect();
     // The weights of the first batch: the learner's, or (resuming a bounded run) a saved older
     // version.
-    let first_version = match cfg.sync.max_staleness {
+    let first_version = match max_staleness {
         Some(k) => sampling_version(first_batch as u64, k, interval),
         None => version,
     };
@@ -122,7 +122,7 @@ pub fn spawn_explorer(
             })?
             .deep_clone()?
     };
-    if cfg.sync.max_staleness.is_some_and(|k| k > 0) && version.is_multiple_of(interval) {
+    if max_staleness.is_some_and(|k| k > 0) && version.is_multiple_of(interval) {
         // A checkpoint may need the learner's current version until the explorer is past it.
         published.insert(version, learner_model.deep_clone()?);
     }
@@ -143,7 +143,6 @@ pub fn spawn_explorer(
     let handle = std::thread::spawn(move || {
         let (lock, cv) = &*sh;
         let mut my_version = first_version;
-        let max_stale = env.cfg.sync.max_staleness;
         let mut b = first_batch as u64;
         loop {
             {
@@ -152,7 +151,7 @@ pub fn spawn_explorer(
                     if s.stop {
                         return;
                     }
-                    let gated = max_stale
+                    let gated = max_staleness
                         .map(|m| s.learner_version < sampling_version(b, m, interval))
                         .unwrap_or(false);
                     let full = s.queue.len().unwrap_or(0) + np > capacity;
@@ -164,7 +163,7 @@ pub fn spawn_explorer(
                         Err(_) => return,
                     };
                 }
-                let want = match max_stale {
+                let want = match max_staleness {
                     Some(m) => sampling_version(b, m, interval),
                     None => {
                         let newest = s.published.keys().next_back().copied();
