@@ -102,20 +102,14 @@ impl Channel {
 /// Sum of channel values, highest priority first, up to and including the first failing
 /// channel. No channels ⇒ 0.
 pub fn gated_channels(channels: &[Channel]) -> f64 {
-    let mut total = 0.0;
-    for channel in channels {
-        total += channel.value;
-        if !channel.passes() {
-            break;
-        }
-    }
-    total
+    gated_contributions(channels)
+        .iter()
+        .fold(0.0, |total, v| total + v)
 }
 
-/// What each channel contributes to [`gated_channels`]: its value while every channel before
-/// it passed (the first failing channel's value still counts), 0 after. The contributions sum
-/// to `gated_channels(channels)`; `reward/<gated>/<channel>/mean` logs them, so G-RA's step
-/// reward is seen after the gate.
+/// What each channel contributes to [`gated_channels`] (their sum): its value while every
+/// channel before it passed (the first failing channel's value still counts), 0 after.
+/// `reward/<gated>/<channel>/mean` logs them, so G-RA's step reward is seen after the gate.
 pub fn gated_contributions(channels: &[Channel]) -> Vec<f64> {
     let mut open = true;
     channels

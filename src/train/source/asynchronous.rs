@@ -18,18 +18,18 @@ use crate::train::learn::Learner;
 pub struct AsyncShared {
     /// Updates the learner has taken.
     learner_version: u64,
-    /// Published weights (deep copies) by version that the explorer may still need: with a
-    /// staleness bound, every version from the one its next batch uses on; without, the
-    /// newest only.
+    /// Published weights (deep copies) by version: with a staleness bound, every version from
+    /// the one that samples the learner's next batch on (what the explorer and a checkpoint
+    /// may still need); without, the newest only.
     published: BTreeMap<u64, Llama>,
     queue: MemoryBuffer,
     /// Sampling seconds of queued groups, by group id.
     gen_s: std::collections::HashMap<u64, f64>,
     stop: bool,
     error: Option<String>,
-    /// The explorer's state at the start of each batch the learner has not taken yet, and the
-    /// environment's episode count then: a checkpoint at learner version v resumes the
-    /// explorer from batch v.
+    /// With a staleness bound, the explorer's state at the start of each batch the learner has
+    /// not taken yet, and the environment's episode count then: a checkpoint at learner
+    /// version v resumes the explorer from batch v. Without, nothing (no exact resume).
     state_at: BTreeMap<u64, (ExploreState, Option<u64>)>,
 }
 
@@ -134,10 +134,17 @@ pub fn spawn_explorer(
     };
     let queue = MemoryBuffer::new(capacity, TakeMode::Fifo)?;
     let shared = AsyncShared::new(version, published, queue);
-    let episodes = |env: &Env| env.environment.as_ref().map(|r| r.episodes_numbered());
-    if let Ok(mut s) = shared.0.lock() {
-        s.state_at
-            .insert(first_batch as u64, (st.clone(), episodes(&env)));
+    // Snapshots for checkpoints, only where a resume can use them.
+    let snapshot = move |env: &Env, st: &ExploreState| {
+        max_staleness.map(|_| {
+            (
+                st.clone(),
+                env.environment.as_ref().map(|r| r.episodes_numbered()),
+            )
+        })
+    };
+    if let (Ok(mut s), Some(snap)) = (shared.0.lock(), snapshot(&env, &st)) {
+        s.state_at.insert(first_batch as u64, snap);
     }
     let sh = shared.clone();
     let handle = std::thread::spawn(move || {
@@ -207,7 +214,9 @@ pub fn spawn_explorer(
                     return;
                 }
             }
-            s.state_at.insert(b + 1, (st.clone(), episodes(&env)));
+            if let Some(snap) = snapshot(&env, &st) {
+                s.state_at.insert(b + 1, snap);
+            }
             cv.notify_all();
             b += 1;
         }
